@@ -1,0 +1,386 @@
+//! The host side: the [`Agent`] trait and [`KataAgent`], its ttRPC implementation.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+use tracing::{debug, instrument};
+
+use crate::convert;
+use crate::error::{Error, Result};
+use crate::protocols::{agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc};
+use crate::transport;
+use crate::types::{self, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo};
+use crate::url::AgentUrl;
+
+/// Default per-call timeout of [`KataAgent`].
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The host's view of a guest agent. Object-safe: VMs hold an `Arc<dyn Agent>`.
+///
+/// Calls on an agent that is not connected dial first.
+#[async_trait]
+pub trait Agent: Send + Sync + fmt::Debug {
+    /// Connects now if not connected (calls connect lazily anyway).
+    async fn connect(&self) -> Result<()>;
+    /// `grpc.Health.Check`.
+    async fn check(&self) -> Result<HealthStatus>;
+    /// `grpc.Health.Version`.
+    async fn version(&self) -> Result<VersionInfo>;
+    /// `OnlineCPUMem`: online `nb_cpus` newly hot-plugged CPUs, and memory unless `cpu_only`;
+    /// with `wait`, answer only when done.
+    async fn online_cpu_mem(&self, wait: bool, nb_cpus: u32, cpu_only: bool) -> Result<()>;
+    /// `ReseedRandomDev`: feed `data` to the guest RNG and reseed it.
+    async fn reseed_random_dev(&self, data: &[u8]) -> Result<()>;
+    /// `SetGuestDateTime`: set the guest wall clock (microsecond resolution).
+    async fn set_guest_date_time(&self, t: SystemTime) -> Result<()>;
+    /// `GetGuestDetails` (memory block size and agent details).
+    async fn get_guest_details(&self) -> Result<GuestDetails>;
+    /// Diagnostics: `len` bytes of guest randomness.
+    async fn random(&self, len: u32) -> Result<Vec<u8>>;
+    /// Diagnostics: the guest wall clock.
+    async fn guest_time(&self) -> Result<SystemTime>;
+    /// Diagnostics: online CPUs and memory.
+    async fn resources(&self) -> Result<Resources>;
+    /// Diagnostics: agent and system uptime.
+    async fn uptime(&self) -> Result<Uptime>;
+    /// Closes the connection; the next call dials again.
+    async fn disconnect(&self) -> Result<()>;
+    /// Shares `other`'s connection (the seed's `reuseAgent`): after this, calls on `self` go
+    /// over the connection `other` holds. Fails with [`Error::Unsupported`] for another
+    /// implementation.
+    async fn reuse_agent(&self, other: &dyn Agent) -> Result<()>;
+    /// The implementation, for [`Agent::reuse_agent`].
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Clients of the three services over one ttRPC connection.
+#[derive(Clone)]
+struct Clients {
+    health: health_ttrpc::HealthClient,
+    agent: agent_ttrpc::AgentServiceClient,
+    diag: diag_ttrpc::DiagnosticsClient,
+}
+
+impl Clients {
+    fn new(client: ttrpc::r#async::Client) -> Self {
+        Clients {
+            health: health_ttrpc::HealthClient::new(client.clone()),
+            agent: agent_ttrpc::AgentServiceClient::new(client.clone()),
+            diag: diag_ttrpc::DiagnosticsClient::new(client),
+        }
+    }
+}
+
+/// Connection state of a [`KataAgent`].
+#[derive(Clone)]
+enum Conn {
+    Disconnected,
+    Connected(Arc<Clients>),
+}
+
+/// Timeouts of a [`KataAgent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Bound on each RPC.
+    pub call_timeout: Duration,
+    /// How long dialing retries before giving up.
+    pub dial_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            dial_timeout: DEFAULT_CALL_TIMEOUT,
+        }
+    }
+}
+
+/// The Kata agent protocol over ttRPC, on any [`AgentUrl`] transport.
+pub struct KataAgent {
+    url: AgentUrl,
+    cfg: AgentConfig,
+    conn: Mutex<Conn>,
+}
+
+impl fmt::Debug for KataAgent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KataAgent")
+            .field("url", &self.url)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KataAgent {
+    /// An agent at `url` (a `&str` or an [`AgentUrl`]) whose calls and dials are bounded by
+    /// `timeout`. Does not connect.
+    pub fn new<U>(url: U, timeout: Duration) -> Result<Self>
+    where
+        U: TryInto<AgentUrl, Error = Error>,
+    {
+        Ok(Self::with_config(
+            url.try_into()?,
+            AgentConfig {
+                call_timeout: timeout,
+                dial_timeout: timeout,
+            },
+        ))
+    }
+
+    /// An agent at `url` with explicit timeouts. Does not connect.
+    pub fn with_config(url: AgentUrl, cfg: AgentConfig) -> Self {
+        KataAgent {
+            url,
+            cfg,
+            conn: Mutex::new(Conn::Disconnected),
+        }
+    }
+
+    /// An agent already connected over `stream` (a socketpair, a pty, an accepted socket).
+    /// After [`Agent::disconnect`] it dials `url` like any other agent. Must be called inside a
+    /// tokio runtime.
+    pub fn with_stream<S>(url: AgentUrl, cfg: AgentConfig, stream: S) -> Self
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + 'static,
+    {
+        let socket = ttrpc::asynchronous::transport::Socket::new(stream);
+        let clients = Arc::new(Clients::new(ttrpc::r#async::Client::new(socket)));
+        KataAgent {
+            url,
+            cfg,
+            conn: Mutex::new(Conn::Connected(clients)),
+        }
+    }
+
+    /// The agent's URL.
+    pub fn url(&self) -> &AgentUrl {
+        &self.url
+    }
+
+    /// The agent's timeouts.
+    pub fn config(&self) -> AgentConfig {
+        self.cfg
+    }
+
+    /// True when a connection is open.
+    pub async fn is_connected(&self) -> bool {
+        matches!(*self.conn.lock().await, Conn::Connected(_))
+    }
+
+    async fn clients(&self) -> Result<Arc<Clients>> {
+        let mut conn = self.conn.lock().await;
+        if let Conn::Connected(c) = &*conn {
+            return Ok(c.clone());
+        }
+        let socket = transport::dial(&self.url, self.cfg.dial_timeout).await?;
+        let clients = Arc::new(Clients::new(ttrpc::r#async::Client::new(socket)));
+        *conn = Conn::Connected(clients.clone());
+        debug!(url = %self.url, "agent connection open");
+        Ok(clients)
+    }
+
+    /// Runs one RPC with the per-call timeout; a broken connection is dropped so that the next
+    /// call dials again.
+    async fn call<T, F, Fut>(&self, method: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Clients>, ttrpc::context::Context) -> Fut,
+        Fut: Future<Output = ttrpc::Result<T>>,
+    {
+        let timeout = self.cfg.call_timeout;
+        let clients = self.clients().await?;
+        let nanos = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX);
+        let ctx = ttrpc::context::with_timeout(nanos);
+        let res = tokio::time::timeout(timeout, f(clients.clone(), ctx)).await;
+        match res {
+            Ok(Ok(v)) => Ok(v),
+            Err(_) => Err(Error::Timeout { method, timeout }),
+            Ok(Err(source)) => {
+                if is_deadline(&source) {
+                    return Err(Error::Timeout { method, timeout });
+                }
+                if is_connection_error(&source) {
+                    let mut conn = self.conn.lock().await;
+                    if matches!(&*conn, Conn::Connected(c) if Arc::ptr_eq(c, &clients)) {
+                        debug!(url = %self.url, error = %source, "agent connection lost");
+                        *conn = Conn::Disconnected;
+                    }
+                }
+                Err(Error::Rpc { method, source })
+            }
+        }
+    }
+}
+
+/// ttRPC's own client-side deadline (not a DEADLINE_EXCEEDED status sent by the guest, which
+/// stays an [`Error::Rpc`]).
+fn is_deadline(e: &ttrpc::Error) -> bool {
+    matches!(e, ttrpc::Error::Others(m) if m.contains("deadline elapsed"))
+}
+
+fn is_connection_error(e: &ttrpc::Error) -> bool {
+    matches!(
+        e,
+        ttrpc::Error::Socket(_)
+            | ttrpc::Error::LocalClosed
+            | ttrpc::Error::RemoteClosed
+            | ttrpc::Error::Eof
+            | ttrpc::Error::Nix(_)
+    )
+}
+
+#[async_trait]
+impl Agent for KataAgent {
+    async fn connect(&self) -> Result<()> {
+        self.clients().await.map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn check(&self) -> Result<HealthStatus> {
+        let req = health::CheckRequest::new();
+        let resp = self
+            .call("Check", |c, ctx| async move { c.health.check(ctx, &req).await })
+            .await?;
+        Ok(resp.status.into())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn version(&self) -> Result<VersionInfo> {
+        let req = health::CheckRequest::new();
+        let resp = self
+            .call("Version", |c, ctx| async move { c.health.version(ctx, &req).await })
+            .await?;
+        Ok(resp.into())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn online_cpu_mem(&self, wait: bool, nb_cpus: u32, cpu_only: bool) -> Result<()> {
+        let req: pb::OnlineCPUMemRequest = OnlineCpuMem {
+            wait,
+            nb_cpus,
+            cpu_only,
+        }
+        .into();
+        self.call("OnlineCPUMem", |c, ctx| async move {
+            c.agent.online_cpu_mem(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip_all, fields(url = %self.url, len = data.len()))]
+    async fn reseed_random_dev(&self, data: &[u8]) -> Result<()> {
+        let req = convert::reseed_request(data);
+        self.call("ReseedRandomDev", |c, ctx| async move {
+            c.agent.reseed_random_dev(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn set_guest_date_time(&self, t: SystemTime) -> Result<()> {
+        let (sec, usec) = types::to_sec_usec(t);
+        let req = convert::set_time_request(sec, usec);
+        self.call("SetGuestDateTime", |c, ctx| async move {
+            c.agent.set_guest_date_time(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn get_guest_details(&self) -> Result<GuestDetails> {
+        let req = pb::GuestDetailsRequest {
+            mem_block_size: true,
+            mem_hotplug_probe: true,
+            ..Default::default()
+        };
+        let resp = self
+            .call("GetGuestDetails", |c, ctx| async move {
+                c.agent.get_guest_details(ctx, &req).await
+            })
+            .await?;
+        Ok(resp.into())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn random(&self, len: u32) -> Result<Vec<u8>> {
+        let req = diag::RandomRequest {
+            len,
+            ..Default::default()
+        };
+        let resp = self
+            .call("GetRandom", |c, ctx| async move { c.diag.get_random(ctx, &req).await })
+            .await?;
+        if resp.data.len() != len as usize {
+            return Err(Error::InvalidResponse {
+                method: "GetRandom",
+                reason: format!("asked {len} bytes, got {}", resp.data.len()),
+            });
+        }
+        Ok(resp.data)
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn guest_time(&self) -> Result<SystemTime> {
+        let req = diag::TimeRequest::new();
+        let resp = self
+            .call("GetTime", |c, ctx| async move { c.diag.get_time(ctx, &req).await })
+            .await?;
+        types::from_sec_nsec(resp.sec, resp.nsec).ok_or_else(|| Error::InvalidResponse {
+            method: "GetTime",
+            reason: format!("time out of range: {}s {}ns", resp.sec, resp.nsec),
+        })
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn resources(&self) -> Result<Resources> {
+        let req = diag::ResourcesRequest::new();
+        let resp = self
+            .call("GetResources", |c, ctx| async move {
+                c.diag.get_resources(ctx, &req).await
+            })
+            .await?;
+        Ok(resp.into())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn uptime(&self) -> Result<Uptime> {
+        let req = diag::UptimeRequest::new();
+        let resp = self
+            .call("Uptime", |c, ctx| async move { c.diag.uptime(ctx, &req).await })
+            .await?;
+        Ok(resp.into())
+    }
+
+    async fn disconnect(&self) -> Result<()> {
+        let mut conn = self.conn.lock().await;
+        if let Conn::Connected(_) = std::mem::replace(&mut *conn, Conn::Disconnected) {
+            debug!(url = %self.url, "agent connection closed");
+        }
+        Ok(())
+    }
+
+    async fn reuse_agent(&self, other: &dyn Agent) -> Result<()> {
+        let other = other
+            .as_any()
+            .downcast_ref::<KataAgent>()
+            .ok_or(Error::Unsupported("reusing the connection of a non-ttRPC agent"))?;
+        if std::ptr::eq(self, other) {
+            return Ok(());
+        }
+        let theirs = other.conn.lock().await.clone();
+        *self.conn.lock().await = theirs;
+        Ok(())
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}

@@ -1,0 +1,261 @@
+//! The one place where the crate's own types ([`crate::types`]) meet the generated protobuf
+//! types ([`crate::protocols`]).
+
+use std::time::Duration;
+
+use protobuf::{EnumOrUnknown, MessageField};
+
+use crate::protocols::{agent as pb, diag, health};
+use crate::types::{
+    AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
+};
+
+use health::health_check_response::ServingStatus;
+
+impl From<EnumOrUnknown<ServingStatus>> for HealthStatus {
+    fn from(s: EnumOrUnknown<ServingStatus>) -> Self {
+        match s.enum_value() {
+            Ok(ServingStatus::SERVING) => HealthStatus::Serving,
+            Ok(ServingStatus::NOT_SERVING) => HealthStatus::NotServing,
+            Ok(ServingStatus::UNKNOWN) | Err(_) => HealthStatus::Unknown,
+        }
+    }
+}
+
+impl From<HealthStatus> for health::HealthCheckResponse {
+    fn from(s: HealthStatus) -> Self {
+        let status = match s {
+            HealthStatus::Unknown => ServingStatus::UNKNOWN,
+            HealthStatus::Serving => ServingStatus::SERVING,
+            HealthStatus::NotServing => ServingStatus::NOT_SERVING,
+        };
+        health::HealthCheckResponse {
+            status: status.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<health::VersionCheckResponse> for VersionInfo {
+    fn from(r: health::VersionCheckResponse) -> Self {
+        VersionInfo {
+            grpc_version: r.grpc_version,
+            agent_version: r.agent_version,
+        }
+    }
+}
+
+impl From<VersionInfo> for health::VersionCheckResponse {
+    fn from(v: VersionInfo) -> Self {
+        health::VersionCheckResponse {
+            grpc_version: v.grpc_version,
+            agent_version: v.agent_version,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<OnlineCpuMem> for pb::OnlineCPUMemRequest {
+    fn from(r: OnlineCpuMem) -> Self {
+        pb::OnlineCPUMemRequest {
+            wait: r.wait,
+            nb_cpus: r.nb_cpus,
+            cpu_only: r.cpu_only,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<pb::OnlineCPUMemRequest> for OnlineCpuMem {
+    fn from(r: pb::OnlineCPUMemRequest) -> Self {
+        OnlineCpuMem {
+            wait: r.wait,
+            nb_cpus: r.nb_cpus,
+            cpu_only: r.cpu_only,
+        }
+    }
+}
+
+impl From<pb::AgentDetails> for AgentDetails {
+    fn from(d: pb::AgentDetails) -> Self {
+        AgentDetails {
+            version: d.version,
+            init_daemon: d.init_daemon,
+            device_handlers: d.device_handlers,
+            storage_handlers: d.storage_handlers,
+            supports_seccomp: d.supports_seccomp,
+        }
+    }
+}
+
+impl From<AgentDetails> for pb::AgentDetails {
+    fn from(d: AgentDetails) -> Self {
+        pb::AgentDetails {
+            version: d.version,
+            init_daemon: d.init_daemon,
+            device_handlers: d.device_handlers,
+            storage_handlers: d.storage_handlers,
+            supports_seccomp: d.supports_seccomp,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<pb::GuestDetailsResponse> for GuestDetails {
+    fn from(r: pb::GuestDetailsResponse) -> Self {
+        GuestDetails {
+            mem_block_size_bytes: r.mem_block_size_bytes,
+            agent_details: r.agent_details.into_option().map(Into::into),
+            support_mem_hotplug_probe: r.support_mem_hotplug_probe,
+        }
+    }
+}
+
+impl From<GuestDetails> for pb::GuestDetailsResponse {
+    fn from(d: GuestDetails) -> Self {
+        pb::GuestDetailsResponse {
+            mem_block_size_bytes: d.mem_block_size_bytes,
+            agent_details: MessageField::from_option(d.agent_details.map(Into::into)),
+            support_mem_hotplug_probe: d.support_mem_hotplug_probe,
+            ..Default::default()
+        }
+    }
+}
+
+/// Builds a `SetGuestDateTimeRequest` from seconds and microseconds since the epoch.
+pub(crate) fn set_time_request(sec: i64, usec: i64) -> pb::SetGuestDateTimeRequest {
+    pb::SetGuestDateTimeRequest {
+        Sec: sec,
+        Usec: usec,
+        ..Default::default()
+    }
+}
+
+/// Builds a `ReseedRandomDevRequest`.
+pub(crate) fn reseed_request(data: &[u8]) -> pb::ReseedRandomDevRequest {
+    pb::ReseedRandomDevRequest {
+        data: data.to_vec(),
+        ..Default::default()
+    }
+}
+
+impl From<diag::ResourcesResponse> for Resources {
+    fn from(r: diag::ResourcesResponse) -> Self {
+        Resources {
+            online_cpus: r.online_cpus,
+            offline_cpus: r.offline_cpus,
+            mem_total_kb: r.mem_total_kb,
+            online_memory_blocks: r.online_memory_blocks,
+            offline_memory_blocks: r.offline_memory_blocks,
+            memory_block_size_bytes: r.memory_block_size_bytes,
+        }
+    }
+}
+
+impl From<Resources> for diag::ResourcesResponse {
+    fn from(r: Resources) -> Self {
+        diag::ResourcesResponse {
+            online_cpu_count: u32::try_from(r.online_cpus.len()).unwrap_or(u32::MAX),
+            online_cpus: r.online_cpus,
+            offline_cpus: r.offline_cpus,
+            mem_total_kb: r.mem_total_kb,
+            online_memory_blocks: r.online_memory_blocks,
+            offline_memory_blocks: r.offline_memory_blocks,
+            memory_block_size_bytes: r.memory_block_size_bytes,
+            ..Default::default()
+        }
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl From<diag::UptimeResponse> for Uptime {
+    fn from(r: diag::UptimeResponse) -> Self {
+        Uptime {
+            agent: Duration::from_nanos(r.agent_uptime_ns),
+            system: Duration::from_nanos(r.system_uptime_ns),
+        }
+    }
+}
+
+impl From<Uptime> for diag::UptimeResponse {
+    fn from(u: Uptime) -> Self {
+        diag::UptimeResponse {
+            agent_uptime_ns: nanos(u.agent),
+            system_uptime_ns: nanos(u.system),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protobuf::Message;
+
+    #[test]
+    fn health_status_round_trip() {
+        for s in [
+            HealthStatus::Unknown,
+            HealthStatus::Serving,
+            HealthStatus::NotServing,
+        ] {
+            let wire: health::HealthCheckResponse = s.into();
+            assert_eq!(HealthStatus::from(wire.status), s);
+        }
+        assert_eq!(
+            HealthStatus::from(EnumOrUnknown::<ServingStatus>::from_i32(7)),
+            HealthStatus::Unknown
+        );
+    }
+
+    #[test]
+    fn guest_details_round_trip() {
+        let d = GuestDetails {
+            mem_block_size_bytes: 128 << 20,
+            agent_details: Some(AgentDetails {
+                version: "1.2.3".into(),
+                init_daemon: true,
+                ..Default::default()
+            }),
+            support_mem_hotplug_probe: false,
+        };
+        let wire: pb::GuestDetailsResponse = d.clone().into();
+        assert_eq!(GuestDetails::from(wire), d);
+    }
+
+    #[test]
+    fn resources_round_trip() {
+        let r = Resources {
+            online_cpus: vec![0, 1],
+            offline_cpus: vec![2],
+            mem_total_kb: 1000,
+            online_memory_blocks: 3,
+            offline_memory_blocks: 1,
+            memory_block_size_bytes: 1 << 27,
+        };
+        let wire: diag::ResourcesResponse = r.clone().into();
+        assert_eq!(wire.online_cpu_count, 2);
+        assert_eq!(Resources::from(wire), r);
+    }
+
+    /// Field numbers must match Kata's agent.proto: `ReseedRandomDevRequest.data` is tag 2
+    /// (wire key 0x12), `SetGuestDateTimeRequest.Sec/Usec` tags 1 and 2.
+    #[test]
+    fn wire_tags_match_kata() {
+        let bytes = reseed_request(&[0xaa]).write_to_bytes().expect("encode");
+        assert_eq!(bytes, vec![0x12, 0x01, 0xaa]);
+        let bytes = set_time_request(1, 2).write_to_bytes().expect("encode");
+        assert_eq!(bytes, vec![0x08, 0x01, 0x10, 0x02]);
+        let req: pb::OnlineCPUMemRequest = OnlineCpuMem {
+            wait: true,
+            nb_cpus: 3,
+            cpu_only: true,
+        }
+        .into();
+        let bytes = req.write_to_bytes().expect("encode");
+        assert_eq!(bytes, vec![0x08, 0x01, 0x10, 0x03, 0x18, 0x01]);
+    }
+}

@@ -1,0 +1,237 @@
+//! The PID 1 duties of the guest agent: mount the pseudo file systems, load kernel modules, make
+//! sure the console is stdio, and reap orphaned children.
+//!
+//! Everything here is synchronous and runs before the tokio runtime starts, except
+//! [`reap_children`], which is an async task.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::{mount, MsFlags};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+
+/// Line printed on the console once the init duties are done.
+pub const READY_LINE: &str = "vmfactory-agent: ready";
+
+/// Where [`load_modules`] finds its modules by default.
+pub const MODULES_DIR: &str = "/lib/modules";
+
+/// Writes one line to the console (stdout), flushing it at once.
+///
+/// Console lines are the host's only view of the guest before the agent channel is up; write
+/// errors are ignored because there is nowhere else to report them.
+pub fn console_line(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Performs all PID 1 duties in order: mounts, console, modules. Failures are logged and do not
+/// stop the remaining steps; a guest with a partial init may still be able to serve.
+pub fn init_guest() {
+    for (source, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+    ] {
+        if let Err(e) = mount_fs(source, Path::new(target), fstype) {
+            warn!(error = %e, "mount failed");
+            console_line(&format!("vmfactory-agent: {e}: {}", source_chain(&e)));
+        }
+    }
+    if let Err(e) = ensure_console_stdio(Path::new("/dev/console")) {
+        warn!(error = %e, "no console");
+    }
+    let loaded = load_modules(Path::new(MODULES_DIR));
+    info!(loaded, "guest init done");
+}
+
+/// Mounts `fstype` at `target`, creating the directory first; an already mounted target
+/// (`EBUSY`) counts as success.
+pub fn mount_fs(source: &str, target: &Path, fstype: &str) -> Result<()> {
+    fs::create_dir_all(target).map_err(|e| Error::io("create", target.display(), e))?;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    let flags = if fstype == "devtmpfs" {
+        MsFlags::MS_NOSUID
+    } else {
+        flags
+    };
+    match mount(Some(source), target, Some(fstype), flags, None::<&str>) {
+        Ok(()) | Err(Errno::EBUSY) => Ok(()),
+        Err(e) => Err(Error::sys("mount", target.display(), e)),
+    }
+}
+
+/// Makes sure fds 0, 1 and 2 are open, pointing them at `console` if they are not (the kernel
+/// leaves them closed when the initramfs has no `/dev/console` node).
+pub fn ensure_console_stdio(console: &Path) -> Result<()> {
+    let closed: Vec<i32> = (0..3)
+        .filter(|fd| fcntl(*fd, FcntlArg::F_GETFD) == Err(Errno::EBADF))
+        .collect();
+    if closed.is_empty() {
+        return Ok(());
+    }
+    let fd = nix::fcntl::open(console, OFlag::O_RDWR | OFlag::O_NOCTTY, Mode::empty())
+        .map_err(|e| Error::sys("open", console.display(), e))?;
+    for target in &closed {
+        if *target != fd {
+            nix::unistd::dup2(fd, *target).map_err(|e| Error::sys("dup2", console.display(), e))?;
+        }
+    }
+    if fd > 2 {
+        let _ = nix::unistd::close(fd);
+    }
+    Ok(())
+}
+
+/// Reads `<dir>/load-order` (one module file name per line, `#` comments and blank lines
+/// ignored) and returns the module paths in order.
+pub fn module_load_order(dir: &Path) -> Result<Vec<PathBuf>> {
+    let list = dir.join("load-order");
+    let text = fs::read_to_string(&list).map_err(|e| Error::io("read", list.display(), e))?;
+    Ok(parse_load_order(dir, &text))
+}
+
+fn parse_load_order(dir: &Path, text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|name| {
+            let name = if name.ends_with(".ko") {
+                name.to_owned()
+            } else {
+                format!("{name}.ko")
+            };
+            dir.join(name)
+        })
+        .collect()
+}
+
+/// Loads the modules listed in `<dir>/load-order` with `finit_module`, in order. A module that
+/// is already loaded (`EEXIST`) is fine; any other failure is logged and the next module is
+/// tried. Returns how many modules were loaded (or already present).
+pub fn load_modules(dir: &Path) -> usize {
+    let paths = match module_load_order(dir) {
+        Ok(paths) => paths,
+        Err(e) => {
+            debug!(error = %e, "no module list");
+            return 0;
+        }
+    };
+    let mut loaded = 0;
+    for path in paths {
+        match load_module(&path) {
+            Ok(()) => loaded += 1,
+            Err(e) => {
+                warn!(error = %e, "module not loaded");
+                console_line(&format!("vmfactory-agent: {e}: {}", source_chain(&e)));
+            }
+        }
+    }
+    loaded
+}
+
+/// Loads one module file with `finit_module`; `EEXIST` counts as success.
+pub fn load_module(path: &Path) -> Result<()> {
+    let file = fs::File::open(path).map_err(|e| Error::io("open", path.display(), e))?;
+    match finit_module(&file, c"", ModuleInitFlags::empty()) {
+        Ok(()) => {
+            debug!(module = %path.display(), fd = file.as_raw_fd(), "module loaded");
+            Ok(())
+        }
+        Err(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(Error::sys("load module", path.display(), e)),
+    }
+}
+
+/// Reaps every exited child, forever: PID 1 inherits orphans and must wait for them.
+pub async fn reap_children() {
+    let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot watch SIGCHLD; children will not be reaped");
+            return;
+        }
+    };
+    loop {
+        reap_exited();
+        if sigchld.recv().await.is_none() {
+            return;
+        }
+    }
+}
+
+/// Reaps all children that have already exited, without blocking.
+pub fn reap_exited() {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(status) => debug!(?status, "reaped child"),
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                warn!(error = %e, "waitpid failed");
+                return;
+            }
+        }
+    }
+}
+
+/// Formats the source chain of an error (`a: b: c`) for console lines.
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_order_skips_comments_and_adds_suffix() {
+        let order = parse_load_order(
+            Path::new("/lib/modules"),
+            "# comment\nvirtio_ring.ko\n\n  virtio \nvsock.ko\n",
+        );
+        assert_eq!(
+            order,
+            vec![
+                PathBuf::from("/lib/modules/virtio_ring.ko"),
+                PathBuf::from("/lib/modules/virtio.ko"),
+                PathBuf::from("/lib/modules/vsock.ko"),
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_load_order_loads_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(load_modules(dir.path()), 0);
+        assert!(matches!(module_load_order(dir.path()), Err(Error::Io { .. })));
+    }
+
+    #[test]
+    fn failing_module_is_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("load-order"), "missing.ko\n").expect("write");
+        assert_eq!(load_modules(dir.path()), 0);
+    }
+
+    #[test]
+    fn reap_without_children_returns() {
+        reap_exited();
+    }
+}

@@ -1,0 +1,211 @@
+//! The guest agent's ttRPC server: `grpc.Health`, `grpc.AgentService` and
+//! `vmfactory.diag.Diagnostics`, served on the virtio-serial port `agent.channel.0`, on vsock
+//! port 1024, or on any [`Listener`] (tests use unix sockets, socketpairs and ptys).
+//!
+//! The services only touch the guest through [`GuestPaths`] and [`GuestClock`], so tests run them
+//! in-process against a fake sysfs tree and a fake clock.
+
+mod serial;
+mod service;
+pub mod sysfs;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::time::TimeSpec;
+use nix::time::{clock_settime, ClockId};
+use tracing::{info, warn};
+use ttrpc::asynchronous::transport::Listener;
+use ttrpc::r#async::{Server, Service};
+
+use crate::error::{Error, Result};
+use crate::init::console_line;
+
+pub use serial::{serial_listener, FdStream, PortOpener, SerialConn};
+pub use service::GuestAgent;
+pub use sysfs::GuestPaths;
+
+/// Name of the virtio-serial port the agent serves on.
+pub const AGENT_PORT_NAME: &str = "agent.channel.0";
+
+/// vsock port the agent serves on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The guest wall clock, injectable so tests never set the host's clock.
+pub trait GuestClock: Send + Sync + fmt::Debug {
+    /// Reads the wall clock.
+    fn now(&self) -> SystemTime;
+    /// Sets the wall clock.
+    fn set(&self, t: SystemTime) -> Result<()>;
+}
+
+/// The real `CLOCK_REALTIME`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl GuestClock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+
+    fn set(&self, t: SystemTime) -> Result<()> {
+        let d = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_err(|_| Error::Unsupported("setting the clock before 1970"))?;
+        clock_settime(ClockId::CLOCK_REALTIME, TimeSpec::from_duration(d))
+            .map_err(|e| Error::sys("set", "CLOCK_REALTIME", e))
+    }
+}
+
+/// Configuration of the guest server.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// Roots of sysfs, procfs and devtmpfs.
+    pub paths: GuestPaths,
+    /// The wall clock `SetGuestDateTime` sets and `GetTime` reads.
+    pub clock: Arc<dyn GuestClock>,
+    /// Name of the virtio-serial port to serve on.
+    pub port_name: String,
+    /// vsock port to serve on when the guest has vsock (`None`: do not).
+    pub vsock_port: Option<u32>,
+    /// How long `OnlineCPUMem` waits for hot-plugged CPUs to appear.
+    pub online_timeout: Duration,
+    /// How long [`serve_guest`] waits for the virtio port to appear.
+    pub port_timeout: Duration,
+    /// Reported as `AgentDetails.init_daemon`.
+    pub init_daemon: bool,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            paths: GuestPaths::default(),
+            clock: Arc::new(SystemClock),
+            port_name: AGENT_PORT_NAME.to_owned(),
+            vsock_port: Some(AGENT_VSOCK_PORT),
+            online_timeout: Duration::from_secs(5),
+            port_timeout: Duration::from_secs(10),
+            init_daemon: std::process::id() == 1,
+        }
+    }
+}
+
+/// The ttRPC service map of all three services, ready for [`Server::register_service`].
+pub fn services(agent: Arc<GuestAgent>) -> HashMap<String, Service> {
+    use crate::protocols::{agent_ttrpc, diag_ttrpc, health_ttrpc};
+    let mut map = health_ttrpc::create_health(agent.clone());
+    map.extend(agent_ttrpc::create_agent_service(agent.clone()));
+    map.extend(diag_ttrpc::create_diagnostics(agent));
+    map
+}
+
+/// A running ttRPC server; dropping it stops accepting and closes its connections.
+pub struct AgentServer {
+    server: Server,
+}
+
+impl fmt::Debug for AgentServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentServer").finish_non_exhaustive()
+    }
+}
+
+impl AgentServer {
+    /// Starts serving all three services on `listener` (in background tasks).
+    pub async fn start(agent: Arc<GuestAgent>, listener: Listener) -> Result<Self> {
+        let mut server = Server::new()
+            .add_listener(listener)
+            .register_service(services(agent));
+        server.start().await.map_err(|source| Error::Rpc {
+            method: "Server::start",
+            source,
+        })?;
+        Ok(AgentServer { server })
+    }
+
+    /// Starts serving on a new unix socket at `path`.
+    pub async fn bind_unix(agent: Arc<GuestAgent>, path: &Path) -> Result<Self> {
+        let listener = tokio::net::UnixListener::bind(path)
+            .map_err(|e| Error::io("bind", path.display(), e))?;
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            let res = l.accept().await.map(|(s, _)| s);
+            Some((res, l))
+        });
+        Self::start(agent, Listener::new(incoming)).await
+    }
+
+    /// Stops accepting and closes all connections.
+    pub async fn shutdown(mut self) {
+        let _ = self.server.shutdown().await;
+    }
+}
+
+/// Serves on a unix socket at `path` until the task is dropped (host testing).
+pub async fn serve_unix(cfg: GuestConfig, path: &Path) -> Result<()> {
+    let _server = AgentServer::bind_unix(Arc::new(GuestAgent::new(cfg)), path).await?;
+    info!(path = %path.display(), "serving on unix socket");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Serves inside the guest: on vsock (if the guest has it) and on the virtio-serial port, and
+/// never returns unless neither can be served.
+pub async fn serve_guest(cfg: GuestConfig) -> Result<()> {
+    let agent = Arc::new(GuestAgent::new(cfg.clone()));
+    let vsock = match cfg.vsock_port {
+        Some(port) => match vsock_listener(port) {
+            Ok(l) => {
+                let server = AgentServer::start(agent.clone(), l).await?;
+                console_line(&format!("vmfactory-agent: listening on vsock port {port}"));
+                Some(server)
+            }
+            Err(e) => {
+                info!(error = %e, "no vsock");
+                None
+            }
+        },
+        None => None,
+    };
+    let port = match wait_for_port(&cfg).await {
+        Ok(p) => p,
+        Err(e) if vsock.is_some() => {
+            warn!(error = %e, "serving on vsock only");
+            std::future::pending::<()>().await;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    info!(device = %port.display(), "found agent port");
+    let label = cfg.port_name.clone();
+    let listener = serial_listener(PortOpener::device(port), label);
+    let _serial = AgentServer::start(agent, Listener::new(listener)).await?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+fn vsock_listener(port: u32) -> std::io::Result<Listener> {
+    let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
+    let listener = tokio_vsock::VsockListener::bind(addr)?;
+    Ok(Listener::from(listener))
+}
+
+/// Polls sysfs for the agent port: the port's name arrives from the host some time after the
+/// virtio_console driver probed, and there is no udev here to tell us.
+async fn wait_for_port(cfg: &GuestConfig) -> Result<std::path::PathBuf> {
+    let deadline = tokio::time::Instant::now() + cfg.port_timeout;
+    loop {
+        let paths = cfg.paths.clone();
+        let name = cfg.port_name.clone();
+        let found = tokio::task::spawn_blocking(move || sysfs::find_virtio_port(&paths, &name))
+            .await
+            .map_err(|e| Error::io("scan", "virtio ports", std::io::Error::other(e)))?;
+        match found {
+            Ok(p) => return Ok(p),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}

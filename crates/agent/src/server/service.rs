@@ -1,0 +1,323 @@
+//! The three ttRPC services of the guest agent, on one [`GuestAgent`].
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use protobuf::well_known_types::empty::Empty;
+use tracing::{info, instrument, warn};
+use ttrpc::r#async::TtrpcContext;
+use ttrpc::{get_status, Code};
+
+use super::{sysfs, GuestConfig};
+use crate::error::{Error, Result};
+use crate::protocols::{agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc};
+use crate::types::{self, AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Uptime};
+
+/// Largest `GetRandom` request served.
+pub const MAX_RANDOM_LEN: u32 = 1 << 20;
+
+/// Protocol version reported as `grpc_version`.
+const GRPC_VERSION: &str = "ttrpc-0.10";
+
+nix::ioctl_write_ptr_bad!(
+    rnd_add_to_ent_cnt,
+    nix::request_code_write!(b'R', 0x01, std::mem::size_of::<libc::c_int>()),
+    libc::c_int
+);
+nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
+
+/// The guest agent: implements `grpc.Health`, `grpc.AgentService` and
+/// `vmfactory.diag.Diagnostics` over the guest described by a [`GuestConfig`].
+#[derive(Debug)]
+pub struct GuestAgent {
+    cfg: GuestConfig,
+    started: Instant,
+}
+
+impl GuestAgent {
+    /// An agent over `cfg`; its uptime starts now.
+    pub fn new(cfg: GuestConfig) -> Self {
+        GuestAgent {
+            cfg,
+            started: Instant::now(),
+        }
+    }
+
+    /// Onlines CPUs and memory as `OnlineCPUMem` asks, waiting up to the configured timeout for
+    /// hot-plugged CPUs to appear.
+    pub async fn online_cpu_mem(&self, req: OnlineCpuMem) -> Result<()> {
+        let paths = self.cfg.paths.clone();
+        let deadline = Instant::now() + self.cfg.online_timeout;
+        let mut onlined = 0;
+        while onlined < req.nb_cpus {
+            let p = paths.clone();
+            let want = req.nb_cpus - onlined;
+            onlined += blocking(move || sysfs::online_cpus(&p, want)).await?;
+            if onlined >= req.nb_cpus {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::WaitTimeout {
+                    what: format!("{} more CPUs to online", req.nb_cpus - onlined),
+                    timeout: self.cfg.online_timeout,
+                });
+            }
+            // Hot-plugged CPUs appear in sysfs asynchronously and nothing signals it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !req.cpu_only {
+            let mem = blocking(move || sysfs::online_memory(&paths)).await?;
+            info!(cpus = onlined, memory_blocks = mem, "resources onlined");
+        } else {
+            info!(cpus = onlined, "cpus onlined");
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to the random device, credits it and reseeds the CRNG.
+    pub async fn reseed(&self, data: Vec<u8>) -> Result<()> {
+        let dev = self.cfg.paths.dev.join("random");
+        blocking(move || {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .open(&dev)
+                .map_err(|e| Error::io("open", dev.display(), e))?;
+            f.write_all(&data)
+                .map_err(|e| Error::io("write", dev.display(), e))?;
+            let bits = libc::c_int::try_from(data.len().saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+            // SAFETY: the fd is open for the whole call and the ioctl reads one c_int from a
+            // valid pointer.
+            unsafe { rnd_add_to_ent_cnt(f.as_raw_fd(), &bits) }
+                .map_err(|e| Error::sys("RNDADDTOENTCNT", dev.display(), e))?;
+            // SAFETY: the fd is open for the whole call and RNDRESEEDCRNG takes no argument.
+            unsafe { rnd_reseed_crng(f.as_raw_fd()) }
+                .map_err(|e| Error::sys("RNDRESEEDCRNG", dev.display(), e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Reads `len` bytes from the guest's urandom.
+    pub async fn random(&self, len: u32) -> Result<Vec<u8>> {
+        if len > MAX_RANDOM_LEN {
+            return Err(Error::Unsupported("random reads over 1 MiB"));
+        }
+        let dev = self.cfg.paths.dev.join("urandom");
+        blocking(move || {
+            let mut buf = vec![0; len as usize];
+            std::fs::File::open(&dev)
+                .and_then(|mut f| f.read_exact(&mut buf))
+                .map_err(|e| Error::io("read", dev.display(), e))?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// The guest details `GetGuestDetails` answers.
+    pub async fn guest_details(&self, req: &pb::GuestDetailsRequest) -> Result<GuestDetails> {
+        let mem_block_size_bytes = if req.mem_block_size {
+            let paths = self.cfg.paths.clone();
+            blocking(move || sysfs::memory_block_size(&paths)).await?
+        } else {
+            0
+        };
+        Ok(GuestDetails {
+            mem_block_size_bytes,
+            agent_details: Some(AgentDetails {
+                version: crate::VERSION.to_owned(),
+                init_daemon: self.cfg.init_daemon,
+                ..Default::default()
+            }),
+            support_mem_hotplug_probe: false,
+        })
+    }
+}
+
+/// Runs a synchronous sysfs/devfs operation off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io("run", "blocking task", std::io::Error::other(e)))?
+}
+
+/// Maps a crate error to a ttRPC status.
+fn status(method: &str, e: Error) -> ttrpc::Error {
+    warn!(method, error = %e, "request failed");
+    let code = match &e {
+        Error::Unsupported(_) => Code::UNIMPLEMENTED,
+        Error::WaitTimeout { .. } => Code::DEADLINE_EXCEEDED,
+        _ => Code::INTERNAL,
+    };
+    let msg = match std::error::Error::source(&e) {
+        Some(s) => format!("{e}: {s}"),
+        None => e.to_string(),
+    };
+    ttrpc::Error::RpcStatus(get_status(code, msg))
+}
+
+#[async_trait]
+impl health_ttrpc::Health for GuestAgent {
+    async fn check(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: health::CheckRequest,
+    ) -> ttrpc::Result<health::HealthCheckResponse> {
+        Ok(HealthStatus::Serving.into())
+    }
+
+    async fn version(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: health::CheckRequest,
+    ) -> ttrpc::Result<health::VersionCheckResponse> {
+        Ok(types::VersionInfo {
+            grpc_version: GRPC_VERSION.to_owned(),
+            agent_version: crate::VERSION.to_owned(),
+        }
+        .into())
+    }
+}
+
+#[async_trait]
+impl agent_ttrpc::AgentService for GuestAgent {
+    #[instrument(skip(self, _ctx))]
+    async fn online_cpu_mem(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::OnlineCPUMemRequest,
+    ) -> ttrpc::Result<Empty> {
+        let req = OnlineCpuMem::from(req);
+        if req.nb_cpus == 0 && req.cpu_only {
+            return Err(ttrpc::Error::RpcStatus(get_status(
+                Code::INVALID_ARGUMENT,
+                "nb_cpus is 0 and cpu_only is set: nothing to online",
+            )));
+        }
+        if req.wait {
+            self.online_cpu_mem(req)
+                .await
+                .map_err(|e| status("OnlineCPUMem", e))?;
+        } else {
+            let agent = GuestAgent {
+                cfg: self.cfg.clone(),
+                started: self.started,
+            };
+            tokio::spawn(async move {
+                if let Err(e) = agent.online_cpu_mem(req).await {
+                    warn!(error = %e, "background OnlineCPUMem failed");
+                }
+            });
+        }
+        Ok(Empty::new())
+    }
+
+    #[instrument(skip_all, fields(len = req.data.len()))]
+    async fn reseed_random_dev(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ReseedRandomDevRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.reseed(req.data)
+            .await
+            .map_err(|e| status("ReseedRandomDev", e))?;
+        Ok(Empty::new())
+    }
+
+    #[instrument(skip(self, _ctx))]
+    async fn set_guest_date_time(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::SetGuestDateTimeRequest,
+    ) -> ttrpc::Result<Empty> {
+        let nsec = u32::try_from(req.Usec)
+            .ok()
+            .filter(|us| *us < 1_000_000)
+            .map(|us| us * 1000);
+        let t = nsec.and_then(|n| types::from_sec_nsec(req.Sec, n)).ok_or_else(|| {
+            ttrpc::Error::RpcStatus(get_status(Code::INVALID_ARGUMENT, "time out of range"))
+        })?;
+        self.cfg
+            .clock
+            .set(t)
+            .map_err(|e| status("SetGuestDateTime", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn get_guest_details(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::GuestDetailsRequest,
+    ) -> ttrpc::Result<pb::GuestDetailsResponse> {
+        self.guest_details(&req)
+            .await
+            .map(Into::into)
+            .map_err(|e| status("GetGuestDetails", e))
+    }
+}
+
+#[async_trait]
+impl diag_ttrpc::Diagnostics for GuestAgent {
+    async fn get_random(
+        &self,
+        _ctx: &TtrpcContext,
+        req: diag::RandomRequest,
+    ) -> ttrpc::Result<diag::RandomResponse> {
+        let data = self
+            .random(req.len)
+            .await
+            .map_err(|e| status("GetRandom", e))?;
+        Ok(diag::RandomResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn get_time(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: diag::TimeRequest,
+    ) -> ttrpc::Result<diag::TimeResponse> {
+        let d = self
+            .cfg
+            .clock
+            .now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(diag::TimeResponse {
+            sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            nsec: d.subsec_nanos(),
+            ..Default::default()
+        })
+    }
+
+    async fn get_resources(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: diag::ResourcesRequest,
+    ) -> ttrpc::Result<diag::ResourcesResponse> {
+        let paths = self.cfg.paths.clone();
+        blocking(move || sysfs::resources(&paths))
+            .await
+            .map(Into::into)
+            .map_err(|e| status("GetResources", e))
+    }
+
+    async fn uptime(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: diag::UptimeRequest,
+    ) -> ttrpc::Result<diag::UptimeResponse> {
+        let paths = self.cfg.paths.clone();
+        let system = blocking(move || sysfs::system_uptime(&paths))
+            .await
+            .map_err(|e| status("Uptime", e))?;
+        Ok(Uptime {
+            agent: self.started.elapsed(),
+            system,
+        }
+        .into())
+    }
+}

@@ -1,0 +1,154 @@
+//! The virtio-serial listener logic with stand-ins for the port: a socketpair per session, and
+//! a pty (the port is the master, the host is the slave), including close and reopen.
+//!
+//! A real virtio console port reports POLLHUP until the host connects and then an EPOLLOUT edge;
+//! neither stand-in reproduces that exactly (a new pty master or socket is writable at once), so
+//! these tests cover open → serve → host closes → drop → reopen → serve again. The HUP wait was
+//! verified against QEMU's virtio-serial (see the crate README/report).
+
+mod common;
+
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::time::Duration;
+
+use common::{url, FakeGuest};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use tokio::sync::mpsc;
+use ttrpc::asynchronous::transport::Listener;
+use vmfactory_agent::server::{serial_listener, AgentServer, FdStream, PortOpener};
+use vmfactory_agent::{Agent, AgentConfig, HealthStatus, KataAgent};
+
+const T: Duration = Duration::from_secs(5);
+
+fn cfg() -> AgentConfig {
+    AgentConfig {
+        call_timeout: T,
+        dial_timeout: T,
+    }
+}
+
+async fn serve(guest: &FakeGuest, opener: PortOpener) -> AgentServer {
+    let listener = serial_listener(opener, "test-port".into());
+    AgentServer::start(guest.agent(), Listener::new(listener))
+        .await
+        .expect("start")
+}
+
+#[tokio::test]
+async fn socketpair_port_reopens_after_each_session() {
+    let guest = FakeGuest::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let opener = PortOpener::from_fn(move || {
+        let (port, host) = std::os::unix::net::UnixStream::pair()?;
+        tx.send(host).map_err(std::io::Error::other)?;
+        Ok(OwnedFd::from(port))
+    });
+    let _server = serve(&guest, opener).await;
+    for round in 0..3 {
+        let host = tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("port reopened in time")
+            .expect("opener alive");
+        host.set_nonblocking(true).expect("nonblocking");
+        let stream = tokio::net::UnixStream::from_std(host).expect("tokio stream");
+        let a = KataAgent::with_stream(url("unix", &guest.sock("x")), cfg(), stream);
+        assert_eq!(a.check().await.expect("check"), HealthStatus::Serving, "round {round}");
+        assert_eq!(a.random(2).await.expect("random"), vec![7, 7]);
+        a.disconnect().await.expect("disconnect");
+    }
+    // Only one session is open at a time: nothing reopened before the last one closed... and
+    // after it closed, exactly one new open.
+    let next = tokio::time::timeout(T, rx.recv()).await.expect("reopen");
+    assert!(next.is_some());
+    assert!(rx.try_recv().is_err(), "port opened twice");
+}
+
+struct Pty {
+    master: OwnedFd,
+    slave_path: String,
+}
+
+fn open_pty() -> std::io::Result<Pty> {
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let slave_path = nix::pty::ptsname_r(&master)?;
+    // SAFETY: into_raw_fd hands over sole ownership of the master fd.
+    let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
+    Ok(Pty { master, slave_path })
+}
+
+/// Opens the host side of the pty in raw mode, as an async stream.
+fn open_slave(path: &str) -> FdStream {
+    let fd = nix::fcntl::open(
+        path,
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .expect("open pty slave");
+    // SAFETY: `open` just returned this fd and nothing else owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut t = tcgetattr(&fd).expect("tcgetattr");
+    cfmakeraw(&mut t);
+    tcsetattr(&fd, SetArg::TCSANOW, &t).expect("tcsetattr");
+    FdStream::new(fd).expect("fd stream")
+}
+
+#[tokio::test]
+async fn pty_port_serves_closes_and_reopens() {
+    let guest = FakeGuest::new();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let opener = PortOpener::from_fn(move || {
+        let pty = open_pty()?;
+        tx.send(pty.slave_path).map_err(std::io::Error::other)?;
+        Ok(pty.master)
+    });
+    let _server = serve(&guest, opener).await;
+    for round in 0..3 {
+        let path = tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("port reopened in time")
+            .expect("opener alive");
+        let a = KataAgent::with_stream(url("unix", &guest.sock("x")), cfg(), open_slave(&path));
+        assert_eq!(a.check().await.expect("check"), HealthStatus::Serving, "round {round}");
+        let r = a.resources().await.expect("resources");
+        assert_eq!(r.online_cpus, vec![0, 1]);
+        // Closing the host side (the slave) makes the master read EIO: end of session.
+        a.disconnect().await.expect("disconnect");
+    }
+}
+
+#[tokio::test]
+async fn pty_same_master_waits_for_host_again() {
+    // One pty for the whole test: the "port" is reopened as a dup of the same master, like a
+    // virtio port device node is reopened; the host closes and reopens the slave.
+    let guest = FakeGuest::new();
+    let pty = open_pty().expect("pty");
+    let master = std::sync::Arc::new(pty.master);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let m = master.clone();
+    let opener = PortOpener::from_fn(move || {
+        let fd = m.try_clone()?;
+        tx.send(()).map_err(std::io::Error::other)?;
+        Ok(fd)
+    });
+    let _server = serve(&guest, opener).await;
+    for round in 0..3 {
+        tokio::time::timeout(T, rx.recv())
+            .await
+            .expect("port reopened in time")
+            .expect("opener alive");
+        let a = KataAgent::with_stream(
+            url("unix", &guest.sock("x")),
+            cfg(),
+            open_slave(&pty.slave_path),
+        );
+        let status = tokio::time::timeout(T, a.check())
+            .await
+            .expect("answered in time");
+        assert_eq!(status.expect("check"), HealthStatus::Serving, "round {round}");
+        a.disconnect().await.expect("disconnect");
+    }
+}

@@ -1,0 +1,479 @@
+//! The QEMU command line, built from a validated [`HypervisorConfig`] by pure functions.
+//!
+//! QEMU parses `-object`, `-chardev`, `-drive` and `-qmp` values as comma-separated option lists,
+//! so a comma inside a path is written `,,` ([`escape_opt`]). `-kernel`, `-initrd` and `-append`
+//! take their value verbatim and are not escaped.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+
+use crate::config::{Accel, AgentChannel, HypervisorConfig, MachineType, AGENT_VSOCK_PORT};
+
+/// The files and sockets a VM keeps in its run directory.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunPaths {
+    /// The run directory itself.
+    pub dir: PathBuf,
+    /// QMP socket (`qmp.sock`).
+    pub qmp: PathBuf,
+    /// Serial console socket (`console.sock`).
+    pub console: PathBuf,
+    /// Serial console log (`console.log`).
+    pub console_log: PathBuf,
+    /// Virtio-serial agent socket (`agent.sock`).
+    pub agent: PathBuf,
+    /// vhost-user socket between QEMU and `vhost-device-vsock` (`vhost-user-vsock.sock`).
+    pub vhost_user_vsock: PathBuf,
+    /// Hybrid-vsock socket the host dials (`vm.vsock`).
+    pub hvsock: PathBuf,
+    /// QEMU's standard error (`qemu.stderr`).
+    pub qemu_stderr: PathBuf,
+    /// The vsock backend's standard error (`vsock-backend.stderr`).
+    pub backend_stderr: PathBuf,
+}
+
+impl RunPaths {
+    /// The paths under `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        Self {
+            qmp: dir.join("qmp.sock"),
+            console: dir.join("console.sock"),
+            console_log: dir.join("console.log"),
+            agent: dir.join("agent.sock"),
+            vhost_user_vsock: dir.join("vhost-user-vsock.sock"),
+            hvsock: dir.join("vm.vsock"),
+            qemu_stderr: dir.join("qemu.stderr"),
+            backend_stderr: dir.join("vsock-backend.stderr"),
+            dir,
+        }
+    }
+
+    /// Every file this crate may create in the run directory (removed on stop).
+    pub fn all_files(&self) -> [&Path; 8] {
+        [
+            &self.qmp,
+            &self.console,
+            &self.console_log,
+            &self.agent,
+            &self.vhost_user_vsock,
+            &self.hvsock,
+            &self.qemu_stderr,
+            &self.backend_stderr,
+        ]
+    }
+}
+
+/// The kind of memory backend a VM boots with; hot-added memory uses the same kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BackendKind {
+    /// `memory-backend-ram`.
+    Ram,
+    /// `memory-backend-file` with the given `share` flag.
+    File {
+        /// `share=on` (template) or `share=off` (clone).
+        share: bool,
+    },
+    /// `memory-backend-memfd,share=on` (vhost-user needs shared memory).
+    Memfd,
+}
+
+impl BackendKind {
+    /// The boot memory kind for `cfg`.
+    pub(crate) fn for_config(cfg: &HypervisorConfig) -> Self {
+        if cfg.boot_to_be_template {
+            Self::File { share: true }
+        } else if cfg.boot_from_template {
+            Self::File { share: false }
+        } else if matches!(cfg.agent_channel, AgentChannel::HybridVsock { .. }) {
+            Self::Memfd
+        } else {
+            Self::Ram
+        }
+    }
+}
+
+/// Doubles every comma so `path` can sit inside a QEMU option list.
+pub fn escape_opt(path: &OsStr) -> OsString {
+    let mut out = Vec::with_capacity(path.len());
+    for &b in path.as_bytes() {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from_vec(out)
+}
+
+/// Quotes `path` for `/bin/sh` (used in `exec:` migration URIs).
+pub fn shell_quote(path: &Path) -> String {
+    let s = path.to_string_lossy();
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The migration URI that writes device state to `path`.
+pub fn save_uri(path: &Path) -> String {
+    format!("exec:cat > {}", shell_quote(path))
+}
+
+/// The migration URI that reads device state from `path`.
+pub fn load_uri(path: &Path) -> String {
+    format!("exec:cat {}", shell_quote(path))
+}
+
+/// The agent address, as a URL the agent crate parses: `serial://PATH`, `vsock://CID:PORT` or
+/// `hvsock://PATH:PORT`.
+pub fn agent_url(channel: &AgentChannel, paths: &RunPaths) -> String {
+    match channel {
+        AgentChannel::VirtioSerial => format!("serial://{}", paths.agent.display()),
+        AgentChannel::Vsock { guest_cid } => format!("vsock://{guest_cid}:{AGENT_VSOCK_PORT}"),
+        AgentChannel::HybridVsock { .. } => {
+            format!("hvsock://{}:{AGENT_VSOCK_PORT}", paths.hvsock.display())
+        }
+    }
+}
+
+/// Concatenates option fragments into one argument.
+fn opt(parts: &[&OsStr]) -> OsString {
+    let mut s = OsString::new();
+    for p in parts {
+        s.push(p);
+    }
+    s
+}
+
+/// A device name for the machine's transport (`-pci` on q35/pc, `-device` on microvm).
+fn virtio(machine: MachineType, base: &str) -> String {
+    match machine {
+        MachineType::Microvm => format!("{base}-device"),
+        MachineType::Q35 | MachineType::Pc => format!("{base}-pci"),
+    }
+}
+
+/// The `-object` value of the boot memory backend.
+fn memory_object(cfg: &HypervisorConfig) -> OsString {
+    let size = format!("size={}M", cfg.memory_mib);
+    match BackendKind::for_config(cfg) {
+        BackendKind::Ram => format!("memory-backend-ram,id=mem0,{size}").into(),
+        BackendKind::Memfd => format!("memory-backend-memfd,id=mem0,{size},share=on").into(),
+        BackendKind::File { share } => {
+            // validate() guarantees memory_path with a template flag.
+            let path = cfg.memory_path.as_deref().unwrap_or(Path::new("memory"));
+            let share = if share { "on" } else { "off" };
+            opt(&[
+                OsStr::new(&format!("memory-backend-file,id=mem0,{size},mem-path=")),
+                &escape_opt(path.as_os_str()),
+                OsStr::new(&format!(",share={share}")),
+            ])
+        }
+    }
+}
+
+/// The argument vector of `vhost-device-vsock` for a hybrid-vsock VM.
+pub fn vsock_backend_args(guest_cid: u32, paths: &RunPaths) -> Vec<OsString> {
+    vec![
+        "--guest-cid".into(),
+        guest_cid.to_string().into(),
+        "--socket".into(),
+        paths.vhost_user_vsock.clone().into(),
+        "--uds-path".into(),
+        paths.hvsock.clone().into(),
+    ]
+}
+
+/// The QEMU argument vector (without the binary) for VM `id`.
+///
+/// `accel` must be resolved (`kvm` or `tcg`); `auto` is treated as `tcg`.
+pub fn qemu_args(
+    id: &str,
+    cfg: &HypervisorConfig,
+    paths: &RunPaths,
+    accel: Accel,
+) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::with_capacity(48);
+    let mut push = |items: &[&OsStr]| a.extend(items.iter().map(|s| s.to_os_string()));
+    let e = |p: &Path| escape_opt(p.as_os_str());
+
+    push(&["-name".as_ref(), escape_opt(OsStr::new(id)).as_os_str()]);
+    let machine = format!("{},memory-backend=mem0", cfg.machine);
+    push(&["-M".as_ref(), machine.as_ref()]);
+    let accel = match (accel, cfg.tcg_tb_size_mib) {
+        (Accel::Kvm, _) => "kvm".to_owned(),
+        (_, Some(tb)) => format!("tcg,tb-size={tb}"),
+        (_, None) => "tcg".to_owned(),
+    };
+    push(&["-accel".as_ref(), accel.as_ref()]);
+    let mem = if cfg.memory_slots > 0 {
+        format!(
+            "{}M,slots={},maxmem={}M",
+            cfg.memory_mib, cfg.memory_slots, cfg.max_memory_mib
+        )
+    } else {
+        format!("{}M", cfg.memory_mib)
+    };
+    push(&["-m".as_ref(), mem.as_ref()]);
+    let smp = if cfg.max_vcpus > cfg.vcpus {
+        format!("{},maxcpus={}", cfg.vcpus, cfg.max_vcpus)
+    } else {
+        cfg.vcpus.to_string()
+    };
+    push(&["-smp".as_ref(), smp.as_ref()]);
+    push(&[
+        "-nographic".as_ref(),
+        "-no-reboot".as_ref(),
+        "-nodefaults".as_ref(),
+        "-no-user-config".as_ref(),
+    ]);
+    push(&["-object".as_ref(), memory_object(cfg).as_os_str()]);
+    push(&["-kernel".as_ref(), cfg.kernel.as_os_str()]);
+    if let Some(initrd) = &cfg.initrd {
+        push(&["-initrd".as_ref(), initrd.as_os_str()]);
+    }
+    push(&["-append".as_ref(), cfg.full_kernel_params().as_ref()]);
+    if let Some(image) = &cfg.image {
+        let drive = opt(&[
+            "file=".as_ref(),
+            &e(image),
+            ",format=raw,if=none,id=disk0".as_ref(),
+        ]);
+        let dev = format!("{},drive=disk0", virtio(cfg.machine, "virtio-blk"));
+        push(&["-drive".as_ref(), &drive, "-device".as_ref(), dev.as_ref()]);
+    }
+    let qmp = opt(&[
+        "unix:".as_ref(),
+        &e(&paths.qmp),
+        ",server=on,wait=off".as_ref(),
+    ]);
+    push(&["-qmp".as_ref(), &qmp]);
+    let console = opt(&[
+        "socket,id=console0,path=".as_ref(),
+        &e(&paths.console),
+        ",server=on,wait=off,logfile=".as_ref(),
+        &e(&paths.console_log),
+    ]);
+    push(&[
+        "-chardev".as_ref(),
+        &console,
+        "-serial".as_ref(),
+        "chardev:console0".as_ref(),
+    ]);
+    match &cfg.agent_channel {
+        AgentChannel::VirtioSerial => {
+            let bus = format!("{},id=serial0", virtio(cfg.machine, "virtio-serial"));
+            let chardev = opt(&[
+                "socket,id=agent0,path=".as_ref(),
+                &e(&paths.agent),
+                ",server=on,wait=off".as_ref(),
+            ]);
+            push(&[
+                "-device".as_ref(),
+                bus.as_ref(),
+                "-chardev".as_ref(),
+                &chardev,
+                "-device".as_ref(),
+                "virtserialport,chardev=agent0,name=agent.channel.0".as_ref(),
+            ]);
+        }
+        AgentChannel::Vsock { guest_cid } => {
+            let dev = format!(
+                "{},guest-cid={guest_cid}",
+                virtio(cfg.machine, "vhost-vsock")
+            );
+            push(&["-device".as_ref(), dev.as_ref()]);
+        }
+        AgentChannel::HybridVsock { .. } => {
+            let chardev = opt(&["socket,id=vs0,path=".as_ref(), &e(&paths.vhost_user_vsock)]);
+            let dev = format!("{},chardev=vs0", virtio(cfg.machine, "vhost-user-vsock"));
+            push(&[
+                "-chardev".as_ref(),
+                &chardev,
+                "-device".as_ref(),
+                dev.as_ref(),
+            ]);
+        }
+    }
+    if cfg.boot_from_template {
+        push(&["-S".as_ref(), "-incoming".as_ref(), "defer".as_ref()]);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_string(args: &[OsString]) -> String {
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The value following `flag` (all of them, in order).
+    fn values<'a>(args: &'a [OsString], flag: &str) -> Vec<&'a OsStr> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_os_str())
+            .collect()
+    }
+
+    fn base() -> HypervisorConfig {
+        let mut c = HypervisorConfig::new("/g/vmlinux", Some("/g/initrd.cpio.gz".into()));
+        c.accel = Accel::Tcg;
+        c
+    }
+
+    #[test]
+    fn escape_doubles_commas() {
+        assert_eq!(
+            escape_opt(OsStr::new("/a,b,,c")),
+            OsString::from("/a,,b,,,,c")
+        );
+        assert_eq!(escape_opt(OsStr::new("/plain")), OsString::from("/plain"));
+        assert_eq!(shell_quote(Path::new("/t/it's here")), r"'/t/it'\''s here'");
+        assert_eq!(save_uri(Path::new("/t/state")), "exec:cat > '/t/state'");
+        assert_eq!(load_uri(Path::new("/t/state")), "exec:cat '/t/state'");
+    }
+
+    #[test]
+    fn direct_vm_line() {
+        let paths = RunPaths::new("/run/vm1");
+        let args = qemu_args("vm1", &base(), &paths, Accel::Tcg);
+        let s = args_string(&args);
+        assert!(s.starts_with("-name vm1 -M q35,memory-backend=mem0 -accel tcg -m 256M -smp 1 "));
+        assert!(s.contains("-nographic -no-reboot -nodefaults -no-user-config"));
+        assert!(s.contains("-object memory-backend-ram,id=mem0,size=256M"));
+        assert!(s.contains("-kernel /g/vmlinux -initrd /g/initrd.cpio.gz"));
+        assert_eq!(
+            values(&args, "-append"),
+            [OsStr::new("console=ttyS0 panic=-1 quiet")]
+        );
+        assert!(s.contains("-qmp unix:/run/vm1/qmp.sock,server=on,wait=off"));
+        assert!(s.contains(
+            "-chardev socket,id=console0,path=/run/vm1/console.sock,server=on,wait=off,\
+             logfile=/run/vm1/console.log -serial chardev:console0"
+        ));
+        assert!(s.contains(
+            "-device virtio-serial-pci,id=serial0 -chardev socket,id=agent0,\
+             path=/run/vm1/agent.sock,server=on,wait=off \
+             -device virtserialport,chardev=agent0,name=agent.channel.0"
+        ));
+        assert!(!s.contains("-incoming"));
+        assert_eq!(
+            agent_url(&base().agent_channel, &paths),
+            "serial:///run/vm1/agent.sock"
+        );
+    }
+
+    #[test]
+    fn hotplug_room_and_kvm() {
+        let mut c = base();
+        c.max_vcpus = 4;
+        c.memory_slots = 4;
+        c.max_memory_mib = 2048;
+        c.machine = MachineType::Pc;
+        c.tcg_tb_size_mib = Some(64);
+        let paths = RunPaths::new("/r");
+        let args = qemu_args("x", &c, &paths, Accel::Tcg);
+        assert_eq!(
+            values(&args, "-m"),
+            [OsStr::new("256M,slots=4,maxmem=2048M")]
+        );
+        assert_eq!(values(&args, "-smp"), [OsStr::new("1,maxcpus=4")]);
+        assert_eq!(values(&args, "-M"), [OsStr::new("pc,memory-backend=mem0")]);
+        assert_eq!(values(&args, "-accel"), [OsStr::new("tcg,tb-size=64")]);
+        let args = qemu_args("x", &c, &paths, Accel::Kvm);
+        assert_eq!(values(&args, "-accel"), [OsStr::new("kvm")]);
+    }
+
+    #[test]
+    fn template_and_clone_lines() {
+        let mut c = base();
+        c.boot_to_be_template = true;
+        c.memory_path = Some("/tpl,x/memory".into());
+        c.devices_state_path = Some("/tpl,x/state".into());
+        let paths = RunPaths::new("/run/a,b");
+        let args = qemu_args("tpl", &c, &paths, Accel::Tcg);
+        assert_eq!(
+            values(&args, "-object"),
+            [OsStr::new(
+                "memory-backend-file,id=mem0,size=256M,mem-path=/tpl,,x/memory,share=on"
+            )]
+        );
+        assert_eq!(
+            values(&args, "-qmp"),
+            [OsStr::new("unix:/run/a,,b/qmp.sock,server=on,wait=off")]
+        );
+        assert!(values(&args, "-chardev")
+            .iter()
+            .all(|v| v.to_string_lossy().contains("/run/a,,b/")));
+        assert!(!args_string(&args).contains("-incoming"));
+
+        c.boot_to_be_template = false;
+        c.boot_from_template = true;
+        let args = qemu_args("clone", &c, &paths, Accel::Tcg);
+        assert_eq!(
+            values(&args, "-object"),
+            [OsStr::new(
+                "memory-backend-file,id=mem0,size=256M,mem-path=/tpl,,x/memory,share=off"
+            )]
+        );
+        assert!(args_string(&args).ends_with("-S -incoming defer"));
+    }
+
+    #[test]
+    fn kernel_and_initrd_are_not_escaped() {
+        let mut c = base();
+        c.kernel = "/k,1/vmlinux".into();
+        c.image = Some("/d,1/disk.img".into());
+        let args = qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg);
+        assert_eq!(values(&args, "-kernel"), [OsStr::new("/k,1/vmlinux")]);
+        assert_eq!(
+            values(&args, "-drive"),
+            [OsStr::new(
+                "file=/d,,1/disk.img,format=raw,if=none,id=disk0"
+            )]
+        );
+        assert!(args_string(&args).contains("-device virtio-blk-pci,drive=disk0"));
+    }
+
+    #[test]
+    fn vsock_channels() {
+        let paths = RunPaths::new("/r");
+        let mut c = base();
+        c.agent_channel = AgentChannel::Vsock { guest_cid: 5 };
+        let args = qemu_args("x", &c, &paths, Accel::Tcg);
+        assert!(args_string(&args).contains("-device vhost-vsock-pci,guest-cid=5"));
+        assert_eq!(agent_url(&c.agent_channel, &paths), "vsock://5:1024");
+
+        c.agent_channel = AgentChannel::HybridVsock {
+            backend: "/bin/vhost-device-vsock".into(),
+            guest_cid: 3,
+        };
+        let args = qemu_args("x", &c, &paths, Accel::Tcg);
+        let s = args_string(&args);
+        assert!(s.contains("-object memory-backend-memfd,id=mem0,size=256M,share=on"));
+        assert!(s.contains(
+            "-chardev socket,id=vs0,path=/r/vhost-user-vsock.sock \
+             -device vhost-user-vsock-pci,chardev=vs0"
+        ));
+        assert_eq!(
+            agent_url(&c.agent_channel, &paths),
+            "hvsock:///r/vm.vsock:1024"
+        );
+        assert_eq!(
+            args_string(&vsock_backend_args(3, &paths)),
+            "--guest-cid 3 --socket /r/vhost-user-vsock.sock --uds-path /r/vm.vsock"
+        );
+    }
+
+    #[test]
+    fn microvm_uses_mmio_devices() {
+        let mut c = base();
+        c.machine = MachineType::Microvm;
+        let s = args_string(&qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg));
+        assert!(s.contains("-M microvm,memory-backend=mem0"));
+        assert!(s.contains("-device virtio-serial-device,id=serial0"));
+    }
+}

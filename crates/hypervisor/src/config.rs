@@ -1,0 +1,570 @@
+//! [`HypervisorConfig`]: what a VM is made of, and its validation.
+
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Kernel parameters every VM gets, before [`HypervisorConfig::kernel_params`].
+pub const DEFAULT_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 quiet";
+
+/// The vsock port the guest agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+
+/// The QEMU machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum MachineType {
+    /// `q35`: PCIe, ACPI CPU and memory hotplug. The default.
+    Q35,
+    /// `pc` (i440fx): PCI, ACPI CPU and memory hotplug.
+    Pc,
+    /// `microvm`: virtio-mmio only, no hotplug; boots fastest but needs `tsc_early_khz=` in the
+    /// kernel parameters on some hosts.
+    Microvm,
+}
+
+impl MachineType {
+    /// The name QEMU uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Q35 => "q35",
+            Self::Pc => "pc",
+            Self::Microvm => "microvm",
+        }
+    }
+
+    /// Whether CPU and memory hotplug work on this machine.
+    pub fn supports_hotplug(self) -> bool {
+        !matches!(self, Self::Microvm)
+    }
+}
+
+impl fmt::Display for MachineType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MachineType {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "q35" => Ok(Self::Q35),
+            "pc" => Ok(Self::Pc),
+            "microvm" => Ok(Self::Microvm),
+            other => Err(ConfigError::UnknownMachine(other.to_owned())),
+        }
+    }
+}
+
+impl TryFrom<String> for MachineType {
+    type Error = ConfigError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<MachineType> for String {
+    fn from(m: MachineType) -> Self {
+        m.as_str().to_owned()
+    }
+}
+
+/// The accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Accel {
+    /// KVM if a probe shows it can boot a stock kernel, else TCG (see [`crate::resolve_accel`]).
+    Auto,
+    /// KVM, unconditionally.
+    Kvm,
+    /// TCG (emulation), unconditionally.
+    Tcg,
+}
+
+impl Accel {
+    /// The name QEMU uses (`auto` is never passed to QEMU).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Accel {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(ConfigError::UnknownAccel(other.to_owned())),
+        }
+    }
+}
+
+impl TryFrom<String> for Accel {
+    type Error = ConfigError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Accel> for String {
+    fn from(a: Accel) -> Self {
+        a.as_str().to_owned()
+    }
+}
+
+/// How the host reaches the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AgentChannel {
+    /// A virtio-serial port named `agent.channel.0` on a unix-socket chardev
+    /// (`serial://RUN/agent.sock`). Works under TCG and with templates.
+    VirtioSerial,
+    /// vhost-vsock with a guest CID (`vsock://CID:1024`); needs `/dev/vhost-vsock` on the host.
+    Vsock {
+        /// The guest context id (3 or more).
+        guest_cid: u32,
+    },
+    /// Hybrid vsock through a `vhost-device-vsock` backend (`hvsock://RUN/vm.vsock:1024`).
+    /// Needs shared (memfd) guest memory and blocks migration, so no templates.
+    HybridVsock {
+        /// Path of the `vhost-device-vsock` binary.
+        backend: PathBuf,
+        /// The guest context id (3 or more).
+        guest_cid: u32,
+    },
+}
+
+/// Everything needed to build a VM's QEMU command line.
+///
+/// Build one with [`HypervisorConfig::new`] and adjust the public fields; call
+/// [`HypervisorConfig::validate`] (the backend also validates on start).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HypervisorConfig {
+    /// The QEMU binary (a bare name is looked up in `PATH`).
+    pub qemu_path: PathBuf,
+    /// The guest kernel (bzImage or PVH ELF vmlinux).
+    pub kernel: PathBuf,
+    /// The initramfs. Required for templates.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// A raw disk image attached as a virtio-blk disk (`/dev/vda`). Not allowed with templates.
+    #[serde(default)]
+    pub image: Option<PathBuf>,
+    /// Extra kernel parameters, appended to [`DEFAULT_KERNEL_PARAMS`].
+    #[serde(default)]
+    pub kernel_params: String,
+    /// vCPUs at boot.
+    pub vcpus: u32,
+    /// vCPUs the VM can grow to by hotplug (`-smp …,maxcpus=`).
+    pub max_vcpus: u32,
+    /// Boot memory in MiB.
+    pub memory_mib: u64,
+    /// Memory hotplug slots (`-m …,slots=`); 0 disables memory hotplug.
+    #[serde(default)]
+    pub memory_slots: u32,
+    /// Memory the VM can grow to by hotplug, in MiB (`-m …,maxmem=`).
+    pub max_memory_mib: u64,
+    /// The machine type.
+    pub machine: MachineType,
+    /// The accelerator.
+    pub accel: Accel,
+    /// Boot with RAM in a shared file at `memory_path`, so the VM can be saved as a template.
+    #[serde(default)]
+    pub boot_to_be_template: bool,
+    /// Boot as a clone: map `memory_path` privately and load `devices_state_path`. The VM stays
+    /// paused after start.
+    #[serde(default)]
+    pub boot_from_template: bool,
+    /// The template memory file (on a tmpfs).
+    #[serde(default)]
+    pub memory_path: Option<PathBuf>,
+    /// The template device-state file written by [`crate::Hypervisor::save_template`].
+    #[serde(default)]
+    pub devices_state_path: Option<PathBuf>,
+    /// The agent channel.
+    pub agent_channel: AgentChannel,
+    /// TCG translation-block cache size in MiB (`-accel tcg,tb-size=`); QEMU's default when
+    /// `None`. Ignored under KVM.
+    #[serde(default)]
+    pub tcg_tb_size_mib: Option<u32>,
+}
+
+impl HypervisorConfig {
+    /// A config with 1 vCPU, 256 MiB, q35, `auto` accelerator, virtio-serial agent channel,
+    /// no hotplug room, and `qemu-system-x86_64` from `PATH`.
+    pub fn new(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
+        Self {
+            qemu_path: PathBuf::from("qemu-system-x86_64"),
+            kernel: kernel.into(),
+            initrd,
+            image: None,
+            kernel_params: String::new(),
+            vcpus: 1,
+            max_vcpus: 1,
+            memory_mib: 256,
+            memory_slots: 0,
+            max_memory_mib: 256,
+            machine: MachineType::Q35,
+            accel: Accel::Auto,
+            boot_to_be_template: false,
+            boot_from_template: false,
+            memory_path: None,
+            devices_state_path: None,
+            agent_channel: AgentChannel::VirtioSerial,
+            tcg_tb_size_mib: None,
+        }
+    }
+
+    /// The full kernel command line: [`DEFAULT_KERNEL_PARAMS`] then `kernel_params`.
+    pub fn full_kernel_params(&self) -> String {
+        let extra = self.kernel_params.trim();
+        if extra.is_empty() {
+            DEFAULT_KERNEL_PARAMS.to_owned()
+        } else {
+            format!("{DEFAULT_KERNEL_PARAMS} {extra}")
+        }
+    }
+
+    /// Whether either template flag is set.
+    pub fn is_template_related(&self) -> bool {
+        self.boot_to_be_template || self.boot_from_template
+    }
+
+    /// Checks the config; returns the first problem found.
+    ///
+    /// Reads the kernel, initrd and image paths (opens them), so call it from a blocking context
+    /// (the backend does so through `spawn_blocking`).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_readable(&self.kernel).map_err(|source| ConfigError::KernelUnreadable {
+            path: self.kernel.clone(),
+            source,
+        })?;
+        if let Some(initrd) = &self.initrd {
+            check_readable(initrd).map_err(|source| ConfigError::InitrdUnreadable {
+                path: initrd.clone(),
+                source,
+            })?;
+        }
+        if let Some(image) = &self.image {
+            check_readable(image).map_err(|source| ConfigError::ImageUnreadable {
+                path: image.clone(),
+                source,
+            })?;
+        }
+        self.validate_shape()
+    }
+
+    /// The checks of [`HypervisorConfig::validate`] that do not touch the file system.
+    pub fn validate_shape(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 {
+            return Err(ConfigError::ZeroVcpus);
+        }
+        if self.vcpus > self.max_vcpus {
+            return Err(ConfigError::TooManyVcpus {
+                vcpus: self.vcpus,
+                max_vcpus: self.max_vcpus,
+            });
+        }
+        if self.memory_mib == 0 {
+            return Err(ConfigError::ZeroMemory);
+        }
+        if self.memory_mib > self.max_memory_mib {
+            return Err(ConfigError::TooMuchMemory {
+                memory_mib: self.memory_mib,
+                max_memory_mib: self.max_memory_mib,
+            });
+        }
+        if self.memory_slots > 0 && self.max_memory_mib == self.memory_mib {
+            return Err(ConfigError::SlotsWithoutMaxMemory);
+        }
+        if !self.machine.supports_hotplug()
+            && (self.max_vcpus > self.vcpus || self.memory_slots > 0)
+        {
+            return Err(ConfigError::HotplugUnsupported {
+                machine: self.machine,
+            });
+        }
+        if self.boot_to_be_template && self.boot_from_template {
+            return Err(ConfigError::BothTemplateFlags);
+        }
+        if self.is_template_related() {
+            if self.memory_path.is_none() {
+                return Err(ConfigError::TemplateWithoutMemoryPath);
+            }
+            if self.devices_state_path.is_none() {
+                return Err(ConfigError::TemplateWithoutStatePath);
+            }
+            if self.image.is_some() {
+                return Err(ConfigError::TemplateWithImage);
+            }
+            if self.initrd.is_none() {
+                return Err(ConfigError::TemplateWithoutInitrd);
+            }
+            if matches!(self.agent_channel, AgentChannel::HybridVsock { .. }) {
+                return Err(ConfigError::HybridVsockWithTemplate);
+            }
+        }
+        match self.agent_channel {
+            AgentChannel::Vsock { guest_cid } | AgentChannel::HybridVsock { guest_cid, .. }
+                if guest_cid < 3 =>
+            {
+                Err(ConfigError::ReservedCid { cid: guest_cid })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Opens `path` for reading and checks it is a regular file.
+fn check_readable(path: &Path) -> std::io::Result<()> {
+    let file = File::open(path)?;
+    if file.metadata()?.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is a directory",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> (tempfile::TempDir, HypervisorConfig) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("vmlinux");
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&kernel, b"k").expect("write");
+        std::fs::write(&initrd, b"i").expect("write");
+        let cfg = HypervisorConfig::new(kernel, Some(initrd));
+        (dir, cfg)
+    }
+
+    fn template(mut c: HypervisorConfig) -> HypervisorConfig {
+        c.boot_to_be_template = true;
+        c.memory_path = Some("/tpl/memory".into());
+        c.devices_state_path = Some("/tpl/state".into());
+        c
+    }
+
+    #[test]
+    fn validation_table() {
+        let (dir, base) = files();
+        type Case = (
+            &'static str,
+            fn(&mut HypervisorConfig),
+            fn(&ConfigError) -> bool,
+        );
+        let cases: Vec<Case> = vec![
+            ("ok", |_| {}, |_| false),
+            (
+                "missing kernel",
+                |c| c.kernel = "/nonexistent/vmlinux".into(),
+                |e| matches!(e, ConfigError::KernelUnreadable { .. }),
+            ),
+            (
+                "kernel is a dir",
+                |c| c.kernel = "/".into(),
+                |e| matches!(e, ConfigError::KernelUnreadable { .. }),
+            ),
+            (
+                "missing initrd",
+                |c| c.initrd = Some("/nonexistent/initrd".into()),
+                |e| matches!(e, ConfigError::InitrdUnreadable { .. }),
+            ),
+            (
+                "missing image",
+                |c| c.image = Some("/nonexistent/disk.img".into()),
+                |e| matches!(e, ConfigError::ImageUnreadable { .. }),
+            ),
+            (
+                "zero vcpus",
+                |c| c.vcpus = 0,
+                |e| matches!(e, ConfigError::ZeroVcpus),
+            ),
+            (
+                "vcpus > max",
+                |c| c.vcpus = 2,
+                |e| {
+                    matches!(
+                        e,
+                        ConfigError::TooManyVcpus {
+                            vcpus: 2,
+                            max_vcpus: 1
+                        }
+                    )
+                },
+            ),
+            (
+                "zero memory",
+                |c| c.memory_mib = 0,
+                |e| matches!(e, ConfigError::ZeroMemory),
+            ),
+            (
+                "memory > max",
+                |c| c.memory_mib = 512,
+                |e| matches!(e, ConfigError::TooMuchMemory { .. }),
+            ),
+            (
+                "slots without room",
+                |c| c.memory_slots = 2,
+                |e| matches!(e, ConfigError::SlotsWithoutMaxMemory),
+            ),
+            (
+                "microvm hotplug",
+                |c| {
+                    c.machine = MachineType::Microvm;
+                    c.max_vcpus = 2;
+                },
+                |e| matches!(e, ConfigError::HotplugUnsupported { .. }),
+            ),
+            (
+                "both template flags",
+                |c| {
+                    *c = template(c.clone());
+                    c.boot_from_template = true;
+                },
+                |e| matches!(e, ConfigError::BothTemplateFlags),
+            ),
+            (
+                "template without memory path",
+                |c| {
+                    *c = template(c.clone());
+                    c.memory_path = None;
+                },
+                |e| matches!(e, ConfigError::TemplateWithoutMemoryPath),
+            ),
+            (
+                "template without state path",
+                |c| {
+                    *c = template(c.clone());
+                    c.devices_state_path = None;
+                },
+                |e| matches!(e, ConfigError::TemplateWithoutStatePath),
+            ),
+            (
+                "template with image",
+                |c| {
+                    *c = template(c.clone());
+                    c.image = Some(c.kernel.clone());
+                },
+                |e| matches!(e, ConfigError::TemplateWithImage),
+            ),
+            (
+                "template without initrd",
+                |c| {
+                    *c = template(c.clone());
+                    c.initrd = None;
+                },
+                |e| matches!(e, ConfigError::TemplateWithoutInitrd),
+            ),
+            (
+                "hybrid vsock template",
+                |c| {
+                    *c = template(c.clone());
+                    c.agent_channel = AgentChannel::HybridVsock {
+                        backend: "vhost-device-vsock".into(),
+                        guest_cid: 3,
+                    };
+                },
+                |e| matches!(e, ConfigError::HybridVsockWithTemplate),
+            ),
+            (
+                "reserved cid",
+                |c| c.agent_channel = AgentChannel::Vsock { guest_cid: 2 },
+                |e| matches!(e, ConfigError::ReservedCid { cid: 2 }),
+            ),
+        ];
+        for (name, tweak, expect) in cases {
+            let mut cfg = base.clone();
+            tweak(&mut cfg);
+            match cfg.validate() {
+                Ok(()) => assert_eq!(name, "ok", "{name}: expected an error"),
+                Err(e) => {
+                    assert!(expect(&e), "{name}: unexpected error {e:?}");
+                    assert!(!e.to_string().contains('\n'), "{name}: multi-line message");
+                }
+            }
+        }
+        // A valid template and a valid clone.
+        assert!(template(base.clone()).validate().is_ok());
+        let mut clone = template(base);
+        clone.boot_to_be_template = false;
+        clone.boot_from_template = true;
+        assert!(clone.validate().is_ok());
+        drop(dir);
+    }
+
+    #[test]
+    fn accel_and_machine_parse() {
+        assert_eq!("auto".parse::<Accel>().ok(), Some(Accel::Auto));
+        assert_eq!("kvm".parse::<Accel>().ok(), Some(Accel::Kvm));
+        assert_eq!("tcg".parse::<Accel>().ok(), Some(Accel::Tcg));
+        assert!(matches!("hvf".parse::<Accel>(), Err(ConfigError::UnknownAccel(s)) if s == "hvf"));
+        assert!(matches!(
+            "KVM".parse::<Accel>(),
+            Err(ConfigError::UnknownAccel(_))
+        ));
+        assert_eq!("q35".parse::<MachineType>().ok(), Some(MachineType::Q35));
+        assert_eq!("pc".parse::<MachineType>().ok(), Some(MachineType::Pc));
+        assert_eq!(
+            "microvm".parse::<MachineType>().ok(),
+            Some(MachineType::Microvm)
+        );
+        assert!(matches!(
+            "virt".parse::<MachineType>(),
+            Err(ConfigError::UnknownMachine(s)) if s == "virt"
+        ));
+    }
+
+    #[test]
+    fn serde_round_trip_and_unknown_values() {
+        let mut cfg = HypervisorConfig::new("/k", None);
+        cfg.agent_channel = AgentChannel::HybridVsock {
+            backend: "/usr/bin/vhost-device-vsock".into(),
+            guest_cid: 7,
+        };
+        let json = serde_json::to_string(&cfg).expect("serialize");
+        assert!(json.contains("\"machine\":\"q35\""));
+        assert!(json.contains("\"accel\":\"auto\""));
+        let back: HypervisorConfig = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, cfg);
+        let bad = json.replace("\"q35\"", "\"virt\"");
+        assert!(serde_json::from_str::<HypervisorConfig>(&bad).is_err());
+        let bad = json.replace("\"auto\"", "\"hvf\"");
+        assert!(serde_json::from_str::<HypervisorConfig>(&bad).is_err());
+    }
+
+    #[test]
+    fn kernel_params_are_appended() {
+        let mut cfg = HypervisorConfig::new("/k", None);
+        assert_eq!(cfg.full_kernel_params(), DEFAULT_KERNEL_PARAMS);
+        cfg.kernel_params = " memhp_default_state=online ".into();
+        assert_eq!(
+            cfg.full_kernel_params(),
+            format!("{DEFAULT_KERNEL_PARAMS} memhp_default_state=online")
+        );
+    }
+}

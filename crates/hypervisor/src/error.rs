@@ -1,0 +1,433 @@
+//! Error types of the hypervisor crate.
+//!
+//! Three enums, one per concern: [`ConfigError`] (validation of a [`crate::HypervisorConfig`]),
+//! [`QmpError`] (the QMP client) and the crate-wide [`Error`] returned by the
+//! [`crate::Hypervisor`] trait, which wraps the other two. Callers branch on variants, never on
+//! text.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Result type of the hypervisor crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A [`crate::HypervisorConfig`] that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The kernel image is missing or unreadable.
+    #[error("Kernel {path} is not readable")]
+    KernelUnreadable {
+        /// The configured kernel path.
+        path: PathBuf,
+        /// Why it could not be opened.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd is missing or unreadable.
+    #[error("Initrd {path} is not readable")]
+    InitrdUnreadable {
+        /// The configured initrd path.
+        path: PathBuf,
+        /// Why it could not be opened.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The disk image is missing or unreadable.
+    #[error("Disk image {path} is not readable")]
+    ImageUnreadable {
+        /// The configured image path.
+        path: PathBuf,
+        /// Why it could not be opened.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `vcpus` is 0.
+    #[error("A VM needs at least one vCPU")]
+    ZeroVcpus,
+    /// `vcpus` is greater than `max_vcpus`.
+    #[error("{vcpus} vCPUs exceed the maximum of {max_vcpus}")]
+    TooManyVcpus {
+        /// Boot vCPUs.
+        vcpus: u32,
+        /// Configured maximum.
+        max_vcpus: u32,
+    },
+    /// `memory_mib` is 0.
+    #[error("A VM needs memory (memory_mib is 0)")]
+    ZeroMemory,
+    /// `memory_mib` is greater than `max_memory_mib`.
+    #[error("{memory_mib} MiB of memory exceed the maximum of {max_memory_mib} MiB")]
+    TooMuchMemory {
+        /// Boot memory.
+        memory_mib: u64,
+        /// Configured maximum.
+        max_memory_mib: u64,
+    },
+    /// Memory slots are configured but there is no room above the boot memory to plug into.
+    #[error("Memory slots need max_memory_mib above memory_mib")]
+    SlotsWithoutMaxMemory,
+    /// Both `boot_to_be_template` and `boot_from_template` are set.
+    #[error("A VM cannot both be a template and boot from one")]
+    BothTemplateFlags,
+    /// A template flag is set but `memory_path` is not.
+    #[error("A template flag needs memory_path")]
+    TemplateWithoutMemoryPath,
+    /// A template flag is set but `devices_state_path` is not.
+    #[error("A template flag needs devices_state_path")]
+    TemplateWithoutStatePath,
+    /// A template flag is set with a disk image: clones would share a writable disk.
+    #[error("Only initrd guests can be templated (a disk image is configured)")]
+    TemplateWithImage,
+    /// A template flag is set but no initrd is.
+    #[error("A template flag needs an initrd")]
+    TemplateWithoutInitrd,
+    /// Hybrid vsock uses a non-migratable vhost-user device, so it cannot be templated.
+    #[error("Hybrid vsock cannot be used with templates")]
+    HybridVsockWithTemplate,
+    /// The machine type cannot hot-plug, but the config asks for hotplug room.
+    #[error("Machine {machine} does not support hotplug (max_vcpus or memory_slots set)")]
+    HotplugUnsupported {
+        /// The machine type.
+        machine: crate::MachineType,
+    },
+    /// The guest CID is reserved (0, 1 and 2 are the hypervisor, loopback and host).
+    #[error("Guest CID {cid} is reserved (must be 3 or more)")]
+    ReservedCid {
+        /// The configured CID.
+        cid: u32,
+    },
+    /// An unknown machine type string.
+    #[error("Unknown machine type {0:?} (expected q35, pc or microvm)")]
+    UnknownMachine(String),
+    /// An unknown accelerator string.
+    #[error("Unknown accelerator {0:?} (expected auto, kvm or tcg)")]
+    UnknownAccel(String),
+}
+
+/// The class of a QMP error reply, as QEMU reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QmpErrorClass {
+    /// `GenericError`: most errors.
+    GenericError,
+    /// `CommandNotFound`: the command does not exist in this QEMU.
+    CommandNotFound,
+    /// `DeviceNotActive`.
+    DeviceNotActive,
+    /// `DeviceNotFound`.
+    DeviceNotFound,
+    /// `KVMMissingCap`.
+    KvmMissingCap,
+    /// A class this crate does not know, kept verbatim.
+    Other(String),
+}
+
+impl QmpErrorClass {
+    /// Parses a class name as it appears on the wire.
+    pub fn from_wire(s: &str) -> Self {
+        match s {
+            "GenericError" => Self::GenericError,
+            "CommandNotFound" => Self::CommandNotFound,
+            "DeviceNotActive" => Self::DeviceNotActive,
+            "DeviceNotFound" => Self::DeviceNotFound,
+            "KVMMissingCap" => Self::KvmMissingCap,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+
+    /// The class name as it appears on the wire.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::GenericError => "GenericError",
+            Self::CommandNotFound => "CommandNotFound",
+            Self::DeviceNotActive => "DeviceNotActive",
+            Self::DeviceNotFound => "DeviceNotFound",
+            Self::KvmMissingCap => "KVMMissingCap",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+impl fmt::Display for QmpErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A failure of the QMP client.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QmpError {
+    /// QEMU answered a command with an error reply.
+    #[error("QMP command {command} failed ({class}): {desc}")]
+    Qmp {
+        /// The command name.
+        command: String,
+        /// The error class, kept as QEMU sent it.
+        class: QmpErrorClass,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// No reply (or greeting) within the deadline.
+    #[error("QMP command {command} timed out after {timeout:?}")]
+    Timeout {
+        /// The command name (`greeting` for the greeting).
+        command: String,
+        /// The deadline that passed.
+        timeout: Duration,
+    },
+    /// The connection closed before the reply arrived.
+    #[error("QMP connection closed during {command}")]
+    Disconnected {
+        /// The command name (`greeting` for the greeting).
+        command: String,
+    },
+    /// Writing the command failed.
+    #[error("Sending QMP command {command} failed")]
+    Send {
+        /// The command name.
+        command: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command could not be encoded.
+    #[error("Encoding QMP command {command} failed")]
+    Encode {
+        /// The command name.
+        command: String,
+        /// The encoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The reply did not have the expected shape.
+    #[error("Unexpected reply to QMP command {command}")]
+    Decode {
+        /// The command name.
+        command: String,
+        /// The decoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The greeting was not a QMP greeting.
+    #[error("Unexpected QMP greeting: {0}")]
+    BadGreeting(String),
+}
+
+impl QmpError {
+    /// The QMP error class if this is an error reply from QEMU.
+    pub fn class(&self) -> Option<&QmpErrorClass> {
+        match self {
+            Self::Qmp { class, .. } => Some(class),
+            _ => None,
+        }
+    }
+}
+
+/// The crate-wide error, returned by every [`crate::Hypervisor`] method.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("Invalid hypervisor config")]
+    Config(#[from] ConfigError),
+    /// A QMP exchange failed.
+    #[error("QMP exchange with VM {id} failed")]
+    Qmp {
+        /// VM id.
+        id: String,
+        /// The QMP failure.
+        #[source]
+        source: QmpError,
+    },
+    /// Spawning a process failed.
+    #[error("Spawning {binary} failed")]
+    Spawn {
+        /// The binary that could not be started.
+        binary: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A process exited while the VM was being started.
+    #[error("{what} of VM {id} exited during start ({status}): {stderr}")]
+    EarlyExit {
+        /// VM id.
+        id: String,
+        /// `QEMU` or the vsock backend.
+        what: &'static str,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The tail of its standard error.
+        stderr: String,
+    },
+    /// A socket did not appear / accept connections in time.
+    #[error("Socket {path} of VM {id} not ready after {timeout:?}")]
+    SocketTimeout {
+        /// VM id.
+        id: String,
+        /// The socket path.
+        path: PathBuf,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// A file-system operation on the run directory failed.
+    #[error("{op} {path} failed")]
+    Io {
+        /// What was attempted (`Creating`, `Removing`, ...).
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A migration (template save or template boot) reported `failed` or `cancelled`.
+    #[error("Migration of VM {id} {status}: {desc}")]
+    Migration {
+        /// VM id.
+        id: String,
+        /// The final migration status.
+        status: String,
+        /// QEMU's error description, if any.
+        desc: String,
+    },
+    /// A migration did not complete in time.
+    #[error("Migration of VM {id} not completed after {timeout:?}")]
+    MigrationTimeout {
+        /// VM id.
+        id: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// The operation needs a running VM.
+    #[error("VM {id} is not running")]
+    NotRunning {
+        /// VM id.
+        id: String,
+    },
+    /// `start` was called twice.
+    #[error("VM {id} was already started")]
+    AlreadyStarted {
+        /// VM id.
+        id: String,
+    },
+    /// The operation is not supported by this VM's configuration or machine.
+    #[error("{what} is not supported by VM {id}")]
+    Unsupported {
+        /// VM id.
+        id: String,
+        /// What was attempted.
+        what: &'static str,
+    },
+    /// Hot-adding memory would go past `max_memory_mib`.
+    #[error("VM {id} cannot grow by {requested_mib} MiB: {current_mib} of {max_mib} MiB in use")]
+    MemoryLimit {
+        /// VM id.
+        id: String,
+        /// Requested MiB.
+        requested_mib: u64,
+        /// Current guest memory in MiB.
+        current_mib: u64,
+        /// The maximum in MiB.
+        max_mib: u64,
+    },
+    /// No free memory slot is left.
+    #[error("VM {id} has no free memory slot")]
+    NoFreeMemorySlot {
+        /// VM id.
+        id: String,
+    },
+    /// The process recorded in a wire state is gone (or its pid was reused).
+    #[error("QEMU process {pid} of VM {id} is not running")]
+    ProcessGone {
+        /// VM id.
+        id: String,
+        /// The recorded pid.
+        pid: u32,
+    },
+    /// Sending a signal failed.
+    #[error("Signalling process {pid} of VM {id} failed")]
+    Signal {
+        /// VM id.
+        id: String,
+        /// The pid.
+        pid: u32,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+    /// The process did not exit even after SIGKILL.
+    #[error("Process {pid} of VM {id} did not exit after SIGKILL")]
+    Unkillable {
+        /// VM id.
+        id: String,
+        /// The pid.
+        pid: u32,
+    },
+    /// A failure injected into a fake hypervisor (feature `test-utils`).
+    #[error("Injected failure at {step}")]
+    Injected {
+        /// The step name.
+        step: &'static str,
+    },
+}
+
+impl Error {
+    /// Wraps a QMP error with the VM id.
+    pub(crate) fn qmp(id: &str, source: QmpError) -> Self {
+        Self::Qmp {
+            id: id.to_owned(),
+            source,
+        }
+    }
+
+    /// Builds an [`Error::Io`].
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_class_round_trips() {
+        for s in [
+            "GenericError",
+            "CommandNotFound",
+            "DeviceNotActive",
+            "DeviceNotFound",
+            "KVMMissingCap",
+            "SomethingNew",
+        ] {
+            assert_eq!(QmpErrorClass::from_wire(s).as_str(), s);
+        }
+        assert_eq!(
+            QmpErrorClass::from_wire("SomethingNew"),
+            QmpErrorClass::Other("SomethingNew".into())
+        );
+    }
+
+    #[test]
+    fn messages_are_one_line() {
+        let e = Error::from(ConfigError::TooManyVcpus {
+            vcpus: 4,
+            max_vcpus: 2,
+        });
+        assert!(!e.to_string().contains('\n'));
+        let q = QmpError::Qmp {
+            command: "stop".into(),
+            class: QmpErrorClass::GenericError,
+            desc: "nope".into(),
+        };
+        assert_eq!(q.class(), Some(&QmpErrorClass::GenericError));
+    }
+}

@@ -1,0 +1,356 @@
+//! [`FakeHypervisor`]: an in-memory [`Hypervisor`] for other crates' unit tests
+//! (feature `test-utils`). It records every call, tracks size and run state like QEMU would,
+//! and fails on demand at a named step ([`FakeStep`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use crate::cmdline::{agent_url, RunPaths};
+use crate::config::HypervisorConfig;
+use crate::error::{Error, Result};
+use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
+use crate::Hypervisor;
+
+/// A step a [`FakeHypervisor`] can be told to fail at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FakeStep {
+    /// [`Hypervisor::start`].
+    Start,
+    /// [`Hypervisor::stop`].
+    Stop,
+    /// [`Hypervisor::pause`].
+    Pause,
+    /// [`Hypervisor::resume`].
+    Resume,
+    /// [`Hypervisor::save_template`].
+    SaveTemplate,
+    /// [`Hypervisor::add_vcpus`].
+    AddVcpus,
+    /// [`Hypervisor::add_memory`].
+    AddMemory,
+    /// [`Hypervisor::status`].
+    Status,
+    /// [`Hypervisor::detach`].
+    Detach,
+}
+
+impl FakeStep {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::SaveTemplate => "save_template",
+            Self::AddVcpus => "add_vcpus",
+            Self::AddMemory => "add_memory",
+            Self::Status => "status",
+            Self::Detach => "detach",
+        }
+    }
+}
+
+/// A call recorded by a [`FakeHypervisor`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeCall {
+    /// `start`.
+    Start,
+    /// `stop`.
+    Stop,
+    /// `pause`.
+    Pause,
+    /// `resume`.
+    Resume,
+    /// `save_template`.
+    SaveTemplate,
+    /// `add_vcpus(n)`.
+    AddVcpus(u32),
+    /// `add_memory(mib)`.
+    AddMemory(u64),
+    /// `status`.
+    Status,
+    /// `detach`.
+    Detach,
+}
+
+#[derive(Debug)]
+struct FakeInner {
+    calls: Vec<FakeCall>,
+    fail_at: Option<FakeStep>,
+    status: VmStatus,
+    vcpus: u32,
+    memory_mib: u64,
+    slots_used: u32,
+}
+
+/// An in-memory hypervisor. Clones share state.
+#[derive(Debug, Clone)]
+pub struct FakeHypervisor {
+    id: String,
+    config: HypervisorConfig,
+    paths: RunPaths,
+    inner: Arc<Mutex<FakeInner>>,
+}
+
+impl FakeHypervisor {
+    /// A fake VM `id` with `config` and `run_dir` (nothing is created on disk).
+    pub fn new(
+        id: impl Into<String>,
+        config: HypervisorConfig,
+        run_dir: impl Into<PathBuf>,
+    ) -> Self {
+        let inner = FakeInner {
+            calls: Vec::new(),
+            fail_at: None,
+            status: VmStatus::NotStarted,
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+            slots_used: 0,
+        };
+        Self {
+            id: id.into(),
+            paths: RunPaths::new(run_dir),
+            config,
+            inner: Arc::new(Mutex::new(inner)),
+        }
+    }
+
+    /// Makes `step` fail with [`Error::Injected`] from now on (`None` clears it).
+    pub fn fail_at(&self, step: Option<FakeStep>) {
+        self.lock().fail_at = step;
+    }
+
+    /// The calls made so far, in order.
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.lock().calls.clone()
+    }
+
+    /// Current `(vcpus, memory_mib)`.
+    pub fn size(&self) -> (u32, u64) {
+        let g = self.lock();
+        (g.vcpus, g.memory_mib)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, FakeInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `call` and checks the injected failure and the run state.
+    fn enter(
+        &self,
+        call: FakeCall,
+        step: FakeStep,
+        need_running: bool,
+    ) -> Result<MutexGuard<'_, FakeInner>> {
+        let mut g = self.lock();
+        g.calls.push(call);
+        if g.fail_at == Some(step) {
+            return Err(Error::Injected { step: step.name() });
+        }
+        let live = !matches!(g.status, VmStatus::NotStarted | VmStatus::Stopped);
+        if need_running && !live {
+            return Err(Error::NotRunning {
+                id: self.id.clone(),
+            });
+        }
+        Ok(g)
+    }
+}
+
+#[async_trait]
+impl Hypervisor for FakeHypervisor {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn config(&self) -> &HypervisorConfig {
+        &self.config
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    async fn start(&self) -> Result<()> {
+        let mut g = self.enter(FakeCall::Start, FakeStep::Start, false)?;
+        if g.status != VmStatus::NotStarted {
+            return Err(Error::AlreadyStarted {
+                id: self.id.clone(),
+            });
+        }
+        self.config.validate_shape()?;
+        g.status = if self.config.boot_from_template {
+            VmStatus::Paused
+        } else {
+            VmStatus::Running
+        };
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<()> {
+        let mut g = self.enter(FakeCall::Stop, FakeStep::Stop, false)?;
+        g.status = VmStatus::Stopped;
+        Ok(())
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.enter(FakeCall::Pause, FakeStep::Pause, true)?.status = VmStatus::Paused;
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.enter(FakeCall::Resume, FakeStep::Resume, true)?.status = VmStatus::Running;
+        Ok(())
+    }
+
+    async fn save_template(&self) -> Result<()> {
+        let mut g = self.enter(FakeCall::SaveTemplate, FakeStep::SaveTemplate, true)?;
+        if !self.config.boot_to_be_template {
+            return Err(Error::Unsupported {
+                id: self.id.clone(),
+                what: "Saving a template (boot_to_be_template not set)",
+            });
+        }
+        g.status = VmStatus::PostMigrate;
+        Ok(())
+    }
+
+    async fn add_vcpus(&self, n: u32) -> Result<u32> {
+        let mut g = self.enter(FakeCall::AddVcpus(n), FakeStep::AddVcpus, true)?;
+        let added = n.min(self.config.max_vcpus.saturating_sub(g.vcpus));
+        g.vcpus += added;
+        Ok(added)
+    }
+
+    async fn add_memory(&self, mib: u64) -> Result<u64> {
+        let mut g = self.enter(FakeCall::AddMemory(mib), FakeStep::AddMemory, true)?;
+        if mib == 0 {
+            return Ok(0);
+        }
+        if self.config.memory_slots == 0 {
+            return Err(Error::Unsupported {
+                id: self.id.clone(),
+                what: "Memory hotplug (no memory slots)",
+            });
+        }
+        if g.memory_mib + mib > self.config.max_memory_mib {
+            return Err(Error::MemoryLimit {
+                id: self.id.clone(),
+                requested_mib: mib,
+                current_mib: g.memory_mib,
+                max_mib: self.config.max_memory_mib,
+            });
+        }
+        if g.slots_used >= self.config.memory_slots {
+            return Err(Error::NoFreeMemorySlot {
+                id: self.id.clone(),
+            });
+        }
+        g.slots_used += 1;
+        g.memory_mib += mib;
+        Ok(mib)
+    }
+
+    async fn status(&self) -> Result<VmStatus> {
+        let g = self.enter(FakeCall::Status, FakeStep::Status, false)?;
+        Ok(g.status.clone())
+    }
+
+    fn pid(&self) -> Option<u32> {
+        None
+    }
+
+    fn console_address(&self) -> PathBuf {
+        self.paths.console.clone()
+    }
+
+    fn console_log_path(&self) -> PathBuf {
+        self.paths.console_log.clone()
+    }
+
+    fn agent_url(&self) -> String {
+        agent_url(&self.config.agent_channel, &self.paths)
+    }
+
+    async fn state(&self) -> QemuState {
+        let g = self.lock();
+        QemuState {
+            version: QEMU_STATE_VERSION,
+            id: self.id.clone(),
+            config: self.config.clone(),
+            accel: self.config.accel,
+            paths: self.paths.clone(),
+            pid: None,
+            pid_start_time: None,
+            backend: None,
+            created_run_dir: false,
+            vcpus: g.vcpus,
+            memory_mib: g.memory_mib,
+            next_cpu_id: g.vcpus,
+            next_mem_id: g.slots_used + 1,
+            agent_url: self.agent_url(),
+        }
+    }
+
+    async fn detach(&self) -> Result<QemuState> {
+        self.enter(FakeCall::Detach, FakeStep::Detach, true)?.status = VmStatus::Stopped;
+        Ok(self.state().await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> HypervisorConfig {
+        let mut c = HypervisorConfig::new("/k", None);
+        c.max_vcpus = 4;
+        c.memory_slots = 2;
+        c.max_memory_mib = 1024;
+        c
+    }
+
+    #[tokio::test]
+    async fn records_and_tracks_size() {
+        let hv = FakeHypervisor::new("f", cfg(), "/run/f");
+        let dynhv: Arc<dyn Hypervisor> = Arc::new(hv.clone());
+        assert!(matches!(dynhv.pause().await, Err(Error::NotRunning { .. })));
+        dynhv.start().await.expect("start");
+        assert_eq!(dynhv.add_vcpus(5).await.expect("cpus"), 3);
+        assert_eq!(dynhv.add_memory(256).await.expect("mem"), 256);
+        assert!(matches!(
+            dynhv.add_memory(1024).await,
+            Err(Error::MemoryLimit { .. })
+        ));
+        assert_eq!(hv.size(), (4, 512));
+        dynhv.stop().await.expect("stop");
+        assert_eq!(dynhv.status().await.expect("status"), VmStatus::Stopped);
+        assert_eq!(
+            hv.calls(),
+            [
+                FakeCall::Pause,
+                FakeCall::Start,
+                FakeCall::AddVcpus(5),
+                FakeCall::AddMemory(256),
+                FakeCall::AddMemory(1024),
+                FakeCall::Stop,
+                FakeCall::Status
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn injected_failure() {
+        let hv = FakeHypervisor::new("f", cfg(), "/run/f");
+        hv.fail_at(Some(FakeStep::Start));
+        assert!(matches!(
+            hv.start().await,
+            Err(Error::Injected { step: "start" })
+        ));
+        hv.fail_at(None);
+        hv.start().await.expect("start");
+        assert_eq!(hv.status().await.expect("status"), VmStatus::Running);
+    }
+}

@@ -1,0 +1,122 @@
+//! The VM layer's hypervisor: an object-safe async [`Hypervisor`] trait and its QEMU backend
+//! ([`Qemu`]), driven over QMP.
+//!
+//! This crate owns: the QEMU command line ([`cmdline`]), the QMP client ([`qmp`]), QEMU and
+//! `vhost-device-vsock` processes, template save / boot-from-template (migration with
+//! `x-ignore-shared`), CPU and memory hotplug, and the wire form ([`QemuState`]) another process
+//! uses to re-attach to a running VM. It does not own the guest agent (it only reports the
+//! agent's address as a URL, see [`Hypervisor::agent_url`]), the console proxy, template
+//! metadata or run-directory bookkeeping: those live in the `agent`, `proxy`, `factory` and
+//! `persist` crates.
+//!
+//! Facts about QEMU 7.2 this crate relies on:
+//! - `query-status` reports `inmigrate` for a clone until `migrate-incoming` completes, then
+//!   `paused`; a template after `migrate` reports `postmigrate`.
+//! - `query-hotpluggable-cpus` lists every possible CPU slot; taken slots carry a `qom-path`.
+//!   A slot is plugged with `device_add` of its `type` and all of its `props`.
+//! - vhost-user devices (hybrid vsock) need guest RAM shared with the backend process
+//!   (`memory-backend-memfd,share=on`), and block migration, hence no templates with them.
+//! - qapi 0.15's types follow QEMU 9.1's schema; where a 9.1 type may not match what 7.2 sends
+//!   (`query-migrate`), this crate reads raw JSON.
+//!
+//! With the `test-utils` feature, [`FakeHypervisor`] stands in for QEMU in other crates' tests.
+
+#![deny(missing_docs)]
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+pub mod accel;
+pub mod cmdline;
+pub mod config;
+pub mod error;
+#[cfg(feature = "test-utils")]
+pub mod fake;
+mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod state;
+pub mod wait;
+
+pub use accel::resolve_accel;
+pub use cmdline::RunPaths;
+pub use config::{
+    Accel, AgentChannel, HypervisorConfig, MachineType, AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS,
+};
+pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
+#[cfg(feature = "test-utils")]
+pub use fake::{FakeCall, FakeHypervisor, FakeStep};
+pub use qemu::Qemu;
+pub use qmp::QmpClient;
+pub use state::{QemuState, VmStatus, QEMU_STATE_VERSION};
+
+/// A VM's hypervisor process, as the `vm` crate sees it.
+///
+/// Handles are cheap to share (`Arc<dyn Hypervisor>`); methods take `&self` and serialise
+/// internally. Lifecycle: [`start`](Hypervisor::start) once, then any of the operations, then
+/// [`stop`](Hypervisor::stop) (idempotent) or [`detach`](Hypervisor::detach).
+#[async_trait]
+pub trait Hypervisor: Send + Sync + fmt::Debug {
+    /// The VM id.
+    fn id(&self) -> &str;
+
+    /// The config the VM was created with.
+    fn config(&self) -> &HypervisorConfig;
+
+    /// The run directory (sockets and logs live here).
+    fn run_dir(&self) -> &Path;
+
+    /// Boots the VM: spawns the hypervisor, connects and negotiates QMP. With
+    /// `boot_from_template` it also loads the template state; the VM then stays paused until
+    /// [`resume`](Hypervisor::resume). Any failure tears down what was created.
+    async fn start(&self) -> Result<()>;
+
+    /// Stops the VM (`quit`, then SIGKILL after a bound), reaps it and removes the sockets and
+    /// files it created. Idempotent.
+    async fn stop(&self) -> Result<()>;
+
+    /// Pauses the guest (QMP `stop`).
+    async fn pause(&self) -> Result<()>;
+
+    /// Resumes the guest (QMP `cont`).
+    async fn resume(&self) -> Result<()>;
+
+    /// Saves the VM as a template: pause, `x-ignore-shared`, migrate the device state to
+    /// `devices_state_path` and wait for completion. Needs `boot_to_be_template`. The VM is
+    /// left in `postmigrate`; stop it afterwards.
+    async fn save_template(&self) -> Result<()>;
+
+    /// Hot-adds up to `n` vCPUs into free slots; returns how many were added (fewer when fewer
+    /// slots are free). The guest sees them offline until it onlines them. If plugging one
+    /// fails, those added by this call are unplugged and the error returned.
+    async fn add_vcpus(&self, n: u32) -> Result<u32>;
+
+    /// Hot-adds one DIMM of `mib` MiB (backend of the same kind as boot memory); returns the
+    /// MiB added.
+    async fn add_memory(&self, mib: u64) -> Result<u64>;
+
+    /// The VM's run state.
+    async fn status(&self) -> Result<VmStatus>;
+
+    /// The hypervisor process id, while running.
+    fn pid(&self) -> Option<u32>;
+
+    /// The serial console's unix socket.
+    fn console_address(&self) -> PathBuf;
+
+    /// The file the serial console is logged to.
+    fn console_log_path(&self) -> PathBuf;
+
+    /// Where the agent listens: `serial://PATH`, `vsock://CID:PORT` or `hvsock://PATH:PORT`.
+    fn agent_url(&self) -> String;
+
+    /// The wire form of this VM (for another process to re-attach).
+    async fn state(&self) -> QemuState;
+
+    /// Releases the VM without stopping it (closes QMP, forgets the process) and returns its
+    /// wire form; the handle is unusable afterwards. QEMU serves one QMP client at a time, so
+    /// a VM must be detached before another process attaches to it.
+    async fn detach(&self) -> Result<QemuState>;
+}

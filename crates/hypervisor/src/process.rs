@@ -1,0 +1,269 @@
+//! Child processes (QEMU, the vsock backend): spawned here and reaped through tokio, or
+//! re-attached by pid from another process and watched through `/proc`.
+//!
+//! A re-attached process is identified by pid *and* start time (`/proc/PID/stat` field 22), so a
+//! reused pid is never signalled. Without a `Child` to wait on, exit is detected by polling
+//! `/proc/PID/stat` (gone, or a zombie waiting for its real parent) with [`wait_until`].
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::wait::wait_until;
+
+/// How long a process gets after SIGKILL before it is declared unkillable.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Liveness of a pid as seen in `/proc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProcStat {
+    /// Running (or sleeping), with this start time.
+    Alive(u64),
+    /// Exited (gone, or a zombie).
+    Dead,
+}
+
+/// Parses `/proc/PID/stat`: the state (field 3) and start time (field 22).
+pub(crate) fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    // `comm` (field 2) is in parentheses and may contain spaces: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// Reads the liveness of `pid`.
+pub(crate) async fn proc_stat(pid: u32) -> ProcStat {
+    match tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await {
+        Ok(s) => match parse_stat(&s) {
+            Some(('Z' | 'X' | 'x', _)) | None => ProcStat::Dead,
+            Some((_, start)) => ProcStat::Alive(start),
+        },
+        Err(_) => ProcStat::Dead,
+    }
+}
+
+/// A process this crate manages.
+#[derive(Debug)]
+pub(crate) struct Proc {
+    /// `QEMU` or `vsock backend`, for messages.
+    pub(crate) what: &'static str,
+    pub(crate) pid: u32,
+    pub(crate) start_time: u64,
+    /// Present when this process spawned it; `None` when re-attached.
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Spawns `binary args…` with stdin/stdout on /dev/null and stderr into `stderr_path`.
+    pub(crate) async fn spawn(
+        what: &'static str,
+        binary: &Path,
+        args: &[std::ffi::OsString],
+        stderr_path: &Path,
+    ) -> Result<Self> {
+        let stderr = tokio::fs::File::create(stderr_path)
+            .await
+            .map_err(|e| Error::io("Creating", stderr_path, e))?
+            .into_std()
+            .await;
+        let child = Command::new(binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            // A VM outlives a dropped handle on purpose (it may be handed to another process);
+            // `stop` is what ends it. tokio reaps dropped children in the background.
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| Error::Spawn {
+                binary: binary.to_owned(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        let start_time = match proc_stat(pid).await {
+            ProcStat::Alive(t) => t,
+            ProcStat::Dead => 0,
+        };
+        debug!(what, pid, "spawned");
+        Ok(Self {
+            what,
+            pid,
+            start_time,
+            child: Some(child),
+        })
+    }
+
+    /// Re-attaches to `pid` if it is alive and started at `start_time`.
+    pub(crate) async fn attach(what: &'static str, pid: u32, start_time: u64) -> Option<Self> {
+        match proc_stat(pid).await {
+            ProcStat::Alive(t) if t == start_time => Some(Self {
+                what,
+                pid,
+                start_time,
+                child: None,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether this was re-attached (no `Child` to reap).
+    pub(crate) fn is_attached(&self) -> bool {
+        self.child.is_none()
+    }
+
+    /// The exit status if the process has exited (reaping it), without waiting.
+    pub(crate) async fn try_exited(&mut self) -> Option<Option<ExitStatus>> {
+        match &mut self.child {
+            Some(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(Some(status)),
+                Ok(None) => None,
+                Err(_) => Some(None),
+            },
+            None => match proc_stat(self.pid).await {
+                ProcStat::Alive(t) if t == self.start_time => None,
+                _ => Some(None),
+            },
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit; true if it did.
+    pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        match &mut self.child {
+            Some(child) => tokio::time::timeout(timeout, child.wait()).await.is_ok(),
+            None => {
+                let (pid, start) = (self.pid, self.start_time);
+                wait_until(timeout, || async move {
+                    match proc_stat(pid).await {
+                        ProcStat::Alive(t) if t == start => None,
+                        _ => Some(()),
+                    }
+                })
+                .await
+                .is_some()
+            }
+        }
+    }
+
+    /// Sends `signal` unless the process is already gone.
+    pub(crate) async fn signal(&mut self, id: &str, signal: Signal) -> Result<()> {
+        if self.try_exited().await.is_some() {
+            return Ok(());
+        }
+        let pid = i32::try_from(self.pid).map_err(|_| Error::ProcessGone {
+            id: id.to_owned(),
+            pid: self.pid,
+        })?;
+        match kill(Pid::from_raw(pid), signal) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(source) => Err(Error::Signal {
+                id: id.to_owned(),
+                pid: self.pid,
+                source,
+            }),
+        }
+    }
+
+    /// Waits `grace` for a voluntary exit, then SIGKILLs and waits again; the process is reaped
+    /// when this process spawned it.
+    pub(crate) async fn terminate(&mut self, id: &str, grace: Duration) -> Result<()> {
+        if self.wait_exit(grace).await {
+            return Ok(());
+        }
+        warn!(
+            vm = id,
+            what = self.what,
+            pid = self.pid,
+            "did not exit in time, sending SIGKILL"
+        );
+        self.signal(id, Signal::SIGKILL).await?;
+        if self.wait_exit(KILL_WAIT).await {
+            Ok(())
+        } else {
+            Err(Error::Unkillable {
+                id: id.to_owned(),
+                pid: self.pid,
+            })
+        }
+    }
+}
+
+/// The last `max` bytes of a file, for error messages (empty if unreadable).
+pub(crate) async fn tail(path: &Path, max: usize) -> String {
+    let bytes = tokio::fs::read(path).await.unwrap_or_default();
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..])
+        .trim()
+        .replace('\n', " | ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_odd_comm() {
+        let stat =
+            "1234 (qemu (x) y) S 1 1234 1234 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 \
+                    1000 100";
+        assert_eq!(parse_stat(stat), Some(('S', 987654)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn own_process_is_alive_and_attachable() {
+        let me = std::process::id();
+        let ProcStat::Alive(start) = proc_stat(me).await else {
+            panic!("this process must be alive");
+        };
+        assert!(Proc::attach("self", me, start).await.is_some());
+        assert!(Proc::attach("self", me, start + 1).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn terminate_kills_and_reaps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = Proc::spawn(
+            "sleep",
+            Path::new("sleep"),
+            &["60".into()],
+            &dir.path().join("stderr"),
+        )
+        .await
+        .expect("spawn sleep");
+        assert!(p.try_exited().await.is_none());
+        p.terminate("t", Duration::from_millis(50))
+            .await
+            .expect("terminate");
+        assert!(p.try_exited().await.is_some());
+        assert_eq!(proc_stat(p.pid).await, ProcStat::Dead);
+    }
+
+    #[tokio::test]
+    async fn attached_process_is_watched_through_proc() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spawned = Proc::spawn(
+            "sleep",
+            Path::new("sleep"),
+            &["60".into()],
+            &dir.path().join("stderr"),
+        )
+        .await
+        .expect("spawn sleep");
+        let mut attached = Proc::attach("sleep", spawned.pid, spawned.start_time)
+            .await
+            .expect("attach");
+        assert!(attached.is_attached());
+        // Our `spawned` handle is dropped: tokio reaps it once it dies.
+        drop(spawned);
+        attached.signal("t", Signal::SIGKILL).await.expect("kill");
+        assert!(attached.wait_exit(Duration::from_secs(5)).await);
+    }
+}

@@ -1,0 +1,596 @@
+//! The QEMU backend: [`Qemu`], a thin handle over `Arc<Inner>` whose lifecycle state sits in a
+//! tokio `Mutex` (operations on one VM are serialised; different VMs are independent).
+//!
+//! Start: validate (in `spawn_blocking`, it opens files), resolve the accelerator, create the
+//! run directory, spawn `vhost-device-vsock` first for hybrid vsock (wait for its socket), spawn
+//! QEMU, connect to its QMP socket with retries until a deadline (failing early if QEMU exits,
+//! with the tail of its stderr), negotiate, and for a clone run the incoming migration. Every
+//! failure path kills what was spawned and removes what was created.
+
+mod ops;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::Signal;
+use tokio::net::UnixStream;
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tracing::{debug, info, instrument, warn};
+
+use crate::accel::resolve_accel;
+use crate::cmdline::{agent_url, qemu_args, vsock_backend_args, RunPaths};
+use crate::config::{Accel, AgentChannel, HypervisorConfig};
+use crate::error::{Error, Result};
+use crate::process::{tail, Proc};
+use crate::qmp::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
+use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
+use crate::wait::wait_until;
+use crate::Hypervisor;
+
+/// How long QEMU (and the vsock backend) get to create their sockets.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long QEMU gets to exit after `quit` before SIGKILL.
+pub const QUIT_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a migration (template save or load) may take.
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bytes of a process's stderr quoted in an early-exit error.
+const STDERR_TAIL: usize = 600;
+
+/// A running VM's resources.
+#[derive(Debug)]
+struct Running {
+    qmp: QmpClient,
+    qemu: Proc,
+    backend: Option<Proc>,
+    accel: Accel,
+    created_run_dir: bool,
+    vcpus: u32,
+    memory_mib: u64,
+    next_cpu_id: u32,
+    next_mem_id: u32,
+}
+
+/// The lifecycle state: the QMP connection exists only in `Running`.
+#[derive(Debug)]
+enum VmState {
+    Created,
+    Running(Box<Running>),
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: String,
+    config: HypervisorConfig,
+    paths: RunPaths,
+    agent_url: String,
+    /// QEMU's pid while running, 0 otherwise (readable without the lock).
+    pid: AtomicU32,
+    state: Mutex<VmState>,
+}
+
+/// A QEMU VM. Clone it freely; all clones drive the same VM.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    inner: Arc<Inner>,
+}
+
+impl Qemu {
+    /// A VM `id` with `config`, keeping its sockets and logs in `run_dir` (created on start if
+    /// missing). Checks the config's shape; files are checked on start.
+    pub fn new(
+        id: impl Into<String>,
+        config: HypervisorConfig,
+        run_dir: impl Into<PathBuf>,
+    ) -> Result<Self> {
+        config.validate_shape()?;
+        let paths = RunPaths::new(run_dir);
+        Ok(Self::from_parts(id.into(), config, paths, VmState::Created))
+    }
+
+    fn from_parts(id: String, config: HypervisorConfig, paths: RunPaths, state: VmState) -> Self {
+        let pid = match &state {
+            VmState::Running(r) => r.qemu.pid,
+            _ => 0,
+        };
+        Self {
+            inner: Arc::new(Inner {
+                agent_url: agent_url(&config.agent_channel, &paths),
+                id,
+                config,
+                paths,
+                pid: AtomicU32::new(pid),
+                state: Mutex::new(state),
+            }),
+        }
+    }
+
+    /// Re-attaches to a VM started (and detached) by another process: checks that QEMU (same
+    /// pid and start time) is alive and reconnects QMP. `stop` then kills it by pid and waits
+    /// for it to exit by polling `/proc`.
+    #[instrument(skip(state), fields(vm = %state.id))]
+    pub async fn attach(state: QemuState) -> Result<Self> {
+        let gone = |pid| Error::ProcessGone {
+            id: state.id.clone(),
+            pid,
+        };
+        let (Some(pid), Some(start)) = (state.pid, state.pid_start_time) else {
+            return Err(gone(0));
+        };
+        let qemu = Proc::attach("QEMU", pid, start)
+            .await
+            .ok_or_else(|| gone(pid))?;
+        let backend = match state.backend {
+            Some((bpid, bstart)) => Some(
+                Proc::attach("vsock backend", bpid, bstart)
+                    .await
+                    .ok_or_else(|| gone(bpid))?,
+            ),
+            None => None,
+        };
+        let stream = UnixStream::connect(&state.paths.qmp)
+            .await
+            .map_err(|e| Error::io("Connecting to", &state.paths.qmp, e))?;
+        let qmp = QmpClient::connect(stream, DEFAULT_COMMAND_TIMEOUT)
+            .await
+            .map_err(|e| Error::qmp(&state.id, e))?;
+        let running = Running {
+            qmp,
+            qemu,
+            backend,
+            accel: state.accel,
+            created_run_dir: state.created_run_dir,
+            vcpus: state.vcpus,
+            memory_mib: state.memory_mib,
+            next_cpu_id: state.next_cpu_id,
+            next_mem_id: state.next_mem_id,
+        };
+        info!(pid, "re-attached");
+        Ok(Self::from_parts(
+            state.id,
+            state.config,
+            state.paths,
+            VmState::Running(Box::new(running)),
+        ))
+    }
+
+    /// The run-directory paths.
+    pub fn paths(&self) -> &RunPaths {
+        &self.inner.paths
+    }
+
+    /// Locks the state and returns the running VM, or fails with [`Error::NotRunning`].
+    async fn running(&self) -> Result<MappedMutexGuard<'_, Running>> {
+        let state = self.inner.state.lock().await;
+        MutexGuard::try_map(state, |s| match s {
+            VmState::Running(r) => Some(&mut **r),
+            _ => None,
+        })
+        .map_err(|_| Error::NotRunning {
+            id: self.inner.id.clone(),
+        })
+    }
+
+    fn snapshot(&self, running: Option<&Running>) -> QemuState {
+        let cfg = &self.inner.config;
+        QemuState {
+            version: QEMU_STATE_VERSION,
+            id: self.inner.id.clone(),
+            config: cfg.clone(),
+            accel: running.map_or(cfg.accel, |r| r.accel),
+            paths: self.inner.paths.clone(),
+            pid: running.map(|r| r.qemu.pid),
+            pid_start_time: running.map(|r| r.qemu.start_time),
+            backend: running
+                .and_then(|r| r.backend.as_ref())
+                .map(|b| (b.pid, b.start_time)),
+            created_run_dir: running.is_some_and(|r| r.created_run_dir),
+            vcpus: running.map_or(cfg.vcpus, |r| r.vcpus),
+            memory_mib: running.map_or(cfg.memory_mib, |r| r.memory_mib),
+            next_cpu_id: running.map_or(cfg.vcpus, |r| r.next_cpu_id),
+            next_mem_id: running.map_or(1, |r| r.next_mem_id),
+            agent_url: self.inner.agent_url.clone(),
+        }
+    }
+}
+
+impl Inner {
+    /// Spawns everything and negotiates QMP; on error the caller cleans up via `Partial`.
+    async fn boot(&self, partial: &mut Partial) -> Result<Running> {
+        let cfg = self.config.clone();
+        tokio::task::spawn_blocking(move || cfg.validate())
+            .await
+            .map_err(|e| {
+                Error::io("Validating", &self.config.kernel, std::io::Error::other(e))
+            })??;
+        let accel = resolve_accel(&self.config).await;
+        let dir = &self.paths.dir;
+        if tokio::fs::metadata(dir).await.is_err() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| Error::io("Creating", dir, e))?;
+            partial.created_run_dir = true;
+        }
+        remove_files(&self.paths).await;
+
+        if let AgentChannel::HybridVsock { backend, guest_cid } = &self.config.agent_channel {
+            let args = vsock_backend_args(*guest_cid, &self.paths);
+            let proc =
+                Proc::spawn("vsock backend", backend, &args, &self.paths.backend_stderr).await?;
+            let proc = partial.backend.insert(proc);
+            self.wait_socket(
+                proc,
+                &self.paths.vhost_user_vsock,
+                &self.paths.backend_stderr,
+            )
+            .await?;
+        }
+
+        let args = qemu_args(&self.id, &self.config, &self.paths, accel);
+        debug!(vm = %self.id, args = ?args, "spawning qemu");
+        let proc = Proc::spawn(
+            "QEMU",
+            &self.config.qemu_path,
+            &args,
+            &self.paths.qemu_stderr,
+        )
+        .await?;
+        let qemu = partial.qemu.insert(proc);
+        let stream = self
+            .wait_socket(qemu, &self.paths.qmp, &self.paths.qemu_stderr)
+            .await?;
+        let qmp = QmpClient::connect(stream, DEFAULT_COMMAND_TIMEOUT)
+            .await
+            .map_err(|e| Error::qmp(&self.id, e))?;
+
+        if self.config.boot_from_template {
+            ops::incoming(&self.id, &qmp, &self.config).await?;
+        }
+        let (Some(qemu), backend) = (partial.qemu.take(), partial.backend.take()) else {
+            return Err(Error::NotRunning {
+                id: self.id.clone(),
+            });
+        };
+        Ok(Running {
+            qmp,
+            qemu,
+            backend,
+            accel,
+            created_run_dir: partial.created_run_dir,
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            next_cpu_id: self.config.vcpus,
+            next_mem_id: 1,
+        })
+    }
+
+    /// Connects to `socket` until it accepts, failing early if `proc` exits.
+    async fn wait_socket(
+        &self,
+        proc: &mut Proc,
+        socket: &Path,
+        stderr: &Path,
+    ) -> Result<UnixStream> {
+        enum Step {
+            Connected(UnixStream),
+            Exited(Option<std::process::ExitStatus>),
+        }
+        let what = proc.what;
+        let proc = Mutex::new(proc);
+        let step = wait_until(SOCKET_TIMEOUT, || async {
+            if let Some(status) = proc.lock().await.try_exited().await {
+                return Some(Step::Exited(status));
+            }
+            UnixStream::connect(socket).await.ok().map(Step::Connected)
+        })
+        .await;
+        match step {
+            Some(Step::Connected(s)) => Ok(s),
+            Some(Step::Exited(status)) => Err(Error::EarlyExit {
+                id: self.id.clone(),
+                what,
+                status: status.unwrap_or_default(),
+                stderr: tail(stderr, STDERR_TAIL).await,
+            }),
+            None => Err(Error::SocketTimeout {
+                id: self.id.clone(),
+                path: socket.to_owned(),
+                timeout: SOCKET_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Ends the processes (QEMU gets `quit` first if QMP is up) and removes the files.
+    async fn teardown(
+        &self,
+        qmp: Option<&QmpClient>,
+        qemu: Option<&mut Proc>,
+        backend: Option<&mut Proc>,
+        created_run_dir: bool,
+    ) -> Result<()> {
+        let mut result = Ok(());
+        if let Some(qemu) = qemu {
+            if let Some(qmp) = qmp.filter(|q| !q.is_closed()) {
+                // QEMU may close the socket before or after replying: both are fine.
+                if let Err(e) = qmp
+                    .execute_with_timeout(qapi::qmp::quit {}, Duration::from_secs(2))
+                    .await
+                {
+                    debug!(vm = %self.id, error = %e, "quit");
+                }
+            } else {
+                result = qemu.signal(&self.id, Signal::SIGTERM).await;
+            }
+            let grace = if qmp.is_some() {
+                QUIT_GRACE
+            } else {
+                Duration::from_secs(2)
+            };
+            result = result.and(qemu.terminate(&self.id, grace).await);
+        }
+        if let Some(backend) = backend {
+            let r = match backend.signal(&self.id, Signal::SIGTERM).await {
+                Ok(()) => backend.terminate(&self.id, Duration::from_secs(2)).await,
+                Err(e) => Err(e),
+            };
+            result = result.and(r);
+        }
+        remove_files(&self.paths).await;
+        if created_run_dir {
+            // Only if empty: the run dir may hold other crates' files.
+            let _ = tokio::fs::remove_dir(&self.paths.dir).await;
+        }
+        result
+    }
+}
+
+/// What a failed start has created so far.
+#[derive(Debug, Default)]
+struct Partial {
+    qemu: Option<Proc>,
+    backend: Option<Proc>,
+    created_run_dir: bool,
+}
+
+/// Removes every file this crate may have made in the run dir (missing ones are fine).
+async fn remove_files(paths: &RunPaths) {
+    for f in paths.all_files() {
+        match tokio::fs::remove_file(f).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(path = %f.display(), error = %e, "cannot remove"),
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    fn config(&self) -> &HypervisorConfig {
+        &self.inner.config
+    }
+
+    fn run_dir(&self) -> &Path {
+        &self.inner.paths.dir
+    }
+
+    #[instrument(skip(self), fields(vm = %self.inner.id))]
+    async fn start(&self) -> Result<()> {
+        let mut state = self.inner.state.lock().await;
+        if !matches!(*state, VmState::Created) {
+            return Err(Error::AlreadyStarted {
+                id: self.inner.id.clone(),
+            });
+        }
+        let mut partial = Partial::default();
+        match self.inner.boot(&mut partial).await {
+            Ok(running) => {
+                self.inner.pid.store(running.qemu.pid, Ordering::Relaxed);
+                info!(pid = running.qemu.pid, accel = %running.accel, "started");
+                *state = VmState::Running(Box::new(running));
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "start failed, tearing down");
+                let Partial {
+                    mut qemu,
+                    mut backend,
+                    created_run_dir,
+                } = partial;
+                if let Err(te) = self
+                    .inner
+                    .teardown(None, qemu.as_mut(), backend.as_mut(), created_run_dir)
+                    .await
+                {
+                    warn!(error = %te, "teardown after failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    #[instrument(skip(self), fields(vm = %self.inner.id))]
+    async fn stop(&self) -> Result<()> {
+        let mut state = self.inner.state.lock().await;
+        let VmState::Running(mut r) = std::mem::replace(&mut *state, VmState::Stopped) else {
+            return Ok(());
+        };
+        self.inner.pid.store(0, Ordering::Relaxed);
+        let attached = r.qemu.is_attached();
+        let result = self
+            .inner
+            .teardown(
+                Some(&r.qmp),
+                Some(&mut r.qemu),
+                r.backend.as_mut(),
+                r.created_run_dir,
+            )
+            .await;
+        info!(ok = result.is_ok(), attached, "stopped");
+        result
+    }
+
+    async fn pause(&self) -> Result<()> {
+        let r = self.running().await?;
+        r.qmp
+            .execute(qapi::qmp::stop {})
+            .await
+            .map_err(|e| Error::qmp(&self.inner.id, e))?;
+        Ok(())
+    }
+
+    async fn resume(&self) -> Result<()> {
+        let r = self.running().await?;
+        r.qmp
+            .execute(qapi::qmp::cont {})
+            .await
+            .map_err(|e| Error::qmp(&self.inner.id, e))?;
+        Ok(())
+    }
+
+    async fn save_template(&self) -> Result<()> {
+        let mut r = self.running().await?;
+        ops::save_template(&self.inner, &mut r).await
+    }
+
+    async fn add_vcpus(&self, n: u32) -> Result<u32> {
+        let mut r = self.running().await?;
+        ops::add_vcpus(&self.inner, &mut r, n).await
+    }
+
+    async fn add_memory(&self, mib: u64) -> Result<u64> {
+        let mut r = self.running().await?;
+        ops::add_memory(&self.inner, &mut r, mib).await
+    }
+
+    async fn status(&self) -> Result<VmStatus> {
+        let mut state = self.inner.state.lock().await;
+        match &mut *state {
+            VmState::Created => Ok(VmStatus::NotStarted),
+            VmState::Stopped => Ok(VmStatus::Stopped),
+            VmState::Running(r) => {
+                let st = r
+                    .qmp
+                    .execute(qapi::qmp::query_status {})
+                    .await
+                    .map_err(|e| Error::qmp(&self.inner.id, e))?;
+                Ok(VmStatus::from_qmp(qapi::Enum::name(&st.status)))
+            }
+        }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        match self.inner.pid.load(Ordering::Relaxed) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    fn console_address(&self) -> PathBuf {
+        self.inner.paths.console.clone()
+    }
+
+    fn console_log_path(&self) -> PathBuf {
+        self.inner.paths.console_log.clone()
+    }
+
+    fn agent_url(&self) -> String {
+        self.inner.agent_url.clone()
+    }
+
+    async fn state(&self) -> QemuState {
+        let state = self.inner.state.lock().await;
+        match &*state {
+            VmState::Running(r) => self.snapshot(Some(r)),
+            _ => self.snapshot(None),
+        }
+    }
+
+    #[instrument(skip(self), fields(vm = %self.inner.id))]
+    async fn detach(&self) -> Result<QemuState> {
+        let mut state = self.inner.state.lock().await;
+        let VmState::Running(r) = std::mem::replace(&mut *state, VmState::Stopped) else {
+            return Err(Error::NotRunning {
+                id: self.inner.id.clone(),
+            });
+        };
+        self.inner.pid.store(0, Ordering::Relaxed);
+        let snapshot = self.snapshot(Some(&r));
+        // Dropping closes QMP; the processes keep running (tokio reaps them if they exit while
+        // this process lives).
+        drop(r);
+        info!("detached");
+        Ok(snapshot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lifecycle_errors_without_qemu() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = HypervisorConfig::new(dir.path().join("missing-kernel"), None);
+        cfg.accel = Accel::Tcg;
+        let vm = Qemu::new("t", cfg, dir.path().join("run")).expect("new");
+        assert_eq!(vm.status().await.ok(), Some(VmStatus::NotStarted));
+        assert!(matches!(vm.pause().await, Err(Error::NotRunning { .. })));
+        assert!(matches!(
+            vm.add_vcpus(1).await,
+            Err(Error::NotRunning { .. })
+        ));
+        // Unreadable kernel: start fails validation and leaves nothing behind.
+        assert!(matches!(vm.start().await, Err(Error::Config(_))));
+        assert!(!dir.path().join("run").exists());
+        vm.stop().await.expect("stop is a no-op");
+        vm.stop().await.expect("and idempotent");
+        assert_eq!(vm.pid(), None);
+        assert_eq!(
+            vm.agent_url(),
+            format!("serial://{}/run/agent.sock", dir.path().display())
+        );
+        let st = vm.state().await;
+        assert_eq!(st.pid, None);
+        assert!(matches!(vm.detach().await, Err(Error::NotRunning { .. })));
+    }
+
+    #[tokio::test]
+    async fn missing_qemu_binary_is_a_spawn_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"k").expect("write");
+        let mut cfg = HypervisorConfig::new(kernel, None);
+        cfg.accel = Accel::Tcg;
+        cfg.qemu_path = dir.path().join("no-such-qemu");
+        let vm = Qemu::new("t", cfg, dir.path().join("run")).expect("new");
+        assert!(matches!(vm.start().await, Err(Error::Spawn { .. })));
+        assert!(
+            !dir.path().join("run").exists(),
+            "run dir removed after failure"
+        );
+    }
+
+    #[tokio::test]
+    async fn attach_to_dead_pid_fails() {
+        let mut st = Qemu::new("t", HypervisorConfig::new("/k", None), "/nonexistent/run")
+            .expect("new")
+            .state()
+            .await;
+        st.pid = Some(u32::MAX - 1);
+        st.pid_start_time = Some(1);
+        assert!(matches!(
+            Qemu::attach(st).await,
+            Err(Error::ProcessGone { .. })
+        ));
+    }
+}

@@ -1,0 +1,562 @@
+//! QMP-level operations on a running QEMU: template save and load (migration with
+//! `x-ignore-shared`) and CPU / memory hotplug.
+
+use std::collections::BTreeSet;
+
+use qapi::qmp::{
+    device_add, device_del, migrate, migrate_incoming, migrate_set_capabilities, object_add,
+    object_del, query_hotpluggable_cpus, query_memory_devices, stop, MemoryBackendFileProperties,
+    MemoryBackendMemfdProperties, MemoryBackendProperties, MemoryDeviceInfo, MigrationCapability,
+    MigrationCapabilityStatus, ObjectOptions,
+};
+use serde_json::{json, Value};
+use tracing::{info, instrument, warn};
+
+use super::{Inner, Running, MIGRATION_TIMEOUT};
+use crate::cmdline::{load_uri, save_uri, BackendKind};
+use crate::config::HypervisorConfig;
+use crate::error::{Error, Result};
+use crate::qmp::QmpClient;
+use crate::wait::wait_until;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Turns on `x-ignore-shared`: RAM in a shared file is not copied into the migration stream.
+async fn set_ignore_shared(id: &str, qmp: &QmpClient) -> Result<()> {
+    qmp.execute(migrate_set_capabilities {
+        capabilities: vec![MigrationCapabilityStatus {
+            capability: MigrationCapability::x_ignore_shared,
+            state: true,
+        }],
+    })
+    .await
+    .map_err(|e| Error::qmp(id, e))?;
+    Ok(())
+}
+
+/// Polls `query-migrate` until `completed` (or `failed` / `cancelled`, or the timeout).
+///
+/// Reads the reply as raw JSON: qapi 0.15's `MigrationInfo` follows QEMU 9.1, whose `ram`
+/// statistics need not match what 7.2 sends; only `status` and `error-desc` matter here.
+async fn wait_migration(id: &str, qmp: &QmpClient) -> Result<()> {
+    let outcome = wait_until(MIGRATION_TIMEOUT, || async {
+        let info = match qmp.execute_raw("query-migrate", Value::Null).await {
+            Ok(info) => info,
+            Err(e) => return Some(Err(Error::qmp(id, e))),
+        };
+        match info.get("status").and_then(Value::as_str) {
+            Some("completed") => Some(Ok(())),
+            Some(status @ ("failed" | "cancelled")) => Some(Err(Error::Migration {
+                id: id.to_owned(),
+                status: status.to_owned(),
+                desc: info
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no description")
+                    .to_owned(),
+            })),
+            _ => None,
+        }
+    })
+    .await;
+    outcome.unwrap_or_else(|| {
+        Err(Error::MigrationTimeout {
+            id: id.to_owned(),
+            timeout: MIGRATION_TIMEOUT,
+        })
+    })
+}
+
+/// Loads a clone's device state (`migrate-incoming exec:cat STATE`); the VM stays paused.
+#[instrument(skip(qmp, cfg))]
+pub(super) async fn incoming(id: &str, qmp: &QmpClient, cfg: &HypervisorConfig) -> Result<()> {
+    let state = cfg
+        .devices_state_path
+        .as_deref()
+        .ok_or(crate::ConfigError::TemplateWithoutStatePath)?;
+    set_ignore_shared(id, qmp).await?;
+    qmp.execute(migrate_incoming {
+        uri: Some(load_uri(state)),
+        channels: None,
+        exit_on_error: None,
+    })
+    .await
+    .map_err(|e| Error::qmp(id, e))?;
+    wait_migration(id, qmp).await?;
+    info!("template state loaded");
+    Ok(())
+}
+
+/// `stop`, `x-ignore-shared`, `migrate exec:cat > STATE`, wait for `completed`.
+#[instrument(skip_all, fields(vm = %inner.id))]
+pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> {
+    let id = &inner.id;
+    let cfg = &inner.config;
+    let (true, Some(state)) = (cfg.boot_to_be_template, cfg.devices_state_path.as_deref()) else {
+        return Err(Error::Unsupported {
+            id: id.clone(),
+            what: "Saving a template (boot_to_be_template not set)",
+        });
+    };
+    r.qmp
+        .execute(stop {})
+        .await
+        .map_err(|e| Error::qmp(id, e))?;
+    set_ignore_shared(id, &r.qmp).await?;
+    r.qmp
+        .execute(migrate {
+            uri: Some(save_uri(state)),
+            channels: None,
+            detach: None,
+            resume: None,
+        })
+        .await
+        .map_err(|e| Error::qmp(id, e))?;
+    wait_migration(id, &r.qmp).await?;
+    info!(state = %state.display(), "template saved");
+    Ok(())
+}
+
+/// The topology key a CPU slot is filled in order of.
+fn slot_key(p: &qapi::qmp::CpuInstanceProperties) -> [i64; 5] {
+    [p.socket_id, p.die_id, p.cluster_id, p.core_id, p.thread_id].map(|v| v.unwrap_or(0))
+}
+
+/// Plugs up to `n` vCPUs into free slots, rolling back this call's CPUs on a failure.
+#[instrument(skip(inner, r), fields(vm = %inner.id))]
+pub(super) async fn add_vcpus(inner: &Inner, r: &mut Running, n: u32) -> Result<u32> {
+    let id = &inner.id;
+    if n == 0 {
+        return Ok(0);
+    }
+    if !inner.config.machine.supports_hotplug() {
+        return Err(Error::Unsupported {
+            id: id.clone(),
+            what: "CPU hotplug",
+        });
+    }
+    let slots = r
+        .qmp
+        .execute(query_hotpluggable_cpus {})
+        .await
+        .map_err(|e| Error::qmp(id, e))?;
+    let mut free: Vec<_> = slots.into_iter().filter(|c| c.qom_path.is_none()).collect();
+    free.sort_by_key(|c| slot_key(&c.props));
+    let mut added: Vec<String> = Vec::new();
+    for cpu in free.into_iter().take(n as usize) {
+        let dev_id = format!("cpu-{}", r.next_cpu_id);
+        r.next_cpu_id += 1;
+        // Pass every property QEMU reported for the slot (socket/die/core/thread/node ids).
+        let props = match serde_json::to_value(&cpu.props) {
+            Ok(Value::Object(map)) => map,
+            _ => Default::default(),
+        };
+        let cmd = device_add {
+            driver: cpu.type_.clone(),
+            id: Some(dev_id.clone()),
+            bus: None,
+            arguments: props,
+        };
+        if let Err(e) = r.qmp.execute(cmd).await {
+            warn!(error = %e, device = %dev_id, "cpu hotplug failed, rolling back");
+            for done in added.iter().rev() {
+                if let Err(e) = r.qmp.execute(device_del { id: done.clone() }).await {
+                    warn!(error = %e, device = %done, "rollback device_del failed");
+                } else {
+                    r.vcpus -= 1;
+                }
+            }
+            return Err(Error::qmp(id, e));
+        }
+        r.vcpus += 1;
+        added.push(dev_id);
+    }
+    let count = u32::try_from(added.len()).unwrap_or(u32::MAX);
+    info!(requested = n, added = count, vcpus = r.vcpus, "vcpus added");
+    Ok(count)
+}
+
+/// The `object-add` arguments for a hot-added backend of the boot memory's kind.
+fn backend_object(
+    kind: BackendKind,
+    mem_id: String,
+    bytes: u64,
+    dir: &std::path::Path,
+) -> object_add {
+    let base = |share: Option<bool>| MemoryBackendProperties {
+        dump: None,
+        host_nodes: None,
+        merge: None,
+        policy: None,
+        prealloc: None,
+        prealloc_context: None,
+        prealloc_threads: None,
+        reserve: None,
+        share,
+        x_use_canonical_path_for_ramblock_id: None,
+        size: bytes,
+    };
+    let opts = match kind {
+        BackendKind::Ram => ObjectOptions::memory_backend_ram {
+            id: mem_id,
+            memory_backend_ram: base(None),
+        },
+        BackendKind::Memfd => ObjectOptions::memory_backend_memfd {
+            id: mem_id,
+            memory_backend_memfd: MemoryBackendMemfdProperties {
+                base: base(Some(true)),
+                hugetlb: None,
+                hugetlbsize: None,
+                seal: None,
+            },
+        },
+        // A directory as mem-path makes QEMU create an unlinked temporary file in it, so the
+        // DIMM is file-backed like boot memory but leaves nothing behind and never touches the
+        // template's memory file.
+        BackendKind::File { share } => ObjectOptions::memory_backend_file {
+            id: mem_id,
+            memory_backend_file: MemoryBackendFileProperties {
+                base: base(Some(share)),
+                align: None,
+                discard_data: None,
+                offset: None,
+                pmem: None,
+                readonly: None,
+                rom: None,
+                mem_path: dir.to_string_lossy().into_owned(),
+            },
+        },
+    };
+    object_add(opts)
+}
+
+/// Plugs one DIMM of `mib` MiB into the first free slot.
+#[instrument(skip(inner, r), fields(vm = %inner.id))]
+pub(super) async fn add_memory(inner: &Inner, r: &mut Running, mib: u64) -> Result<u64> {
+    let id = &inner.id;
+    let cfg = &inner.config;
+    if mib == 0 {
+        return Ok(0);
+    }
+    if !cfg.machine.supports_hotplug() || cfg.memory_slots == 0 {
+        return Err(Error::Unsupported {
+            id: id.clone(),
+            what: "Memory hotplug (no memory slots)",
+        });
+    }
+    let devices = r
+        .qmp
+        .execute(query_memory_devices {})
+        .await
+        .map_err(|e| Error::qmp(id, e))?;
+    let mut used = BTreeSet::new();
+    let mut plugged: u64 = 0;
+    for d in &devices {
+        if let MemoryDeviceInfo::dimm(w) | MemoryDeviceInfo::nvdimm(w) = d {
+            used.insert(w.data.slot);
+            plugged += u64::try_from(w.data.size).unwrap_or(0);
+        }
+    }
+    let current = cfg.memory_mib + plugged / MIB;
+    if current + mib > cfg.max_memory_mib {
+        return Err(Error::MemoryLimit {
+            id: id.clone(),
+            requested_mib: mib,
+            current_mib: current,
+            max_mib: cfg.max_memory_mib,
+        });
+    }
+    let slot = (0..i64::from(cfg.memory_slots))
+        .find(|s| !used.contains(s))
+        .ok_or_else(|| Error::NoFreeMemorySlot { id: id.clone() })?;
+    let n = r.next_mem_id;
+    r.next_mem_id += 1;
+    let (mem_id, dimm_id) = (format!("mem{n}"), format!("dimm{n}"));
+    let kind = BackendKind::for_config(cfg);
+    r.qmp
+        .execute(backend_object(
+            kind,
+            mem_id.clone(),
+            mib * MIB,
+            &inner.paths.dir,
+        ))
+        .await
+        .map_err(|e| Error::qmp(id, e))?;
+    let dimm = device_add::new(
+        "pc-dimm",
+        dimm_id.clone(),
+        None,
+        [
+            ("memdev".to_owned(), json!(mem_id)),
+            ("slot".to_owned(), json!(slot)),
+        ],
+    );
+    if let Err(e) = r.qmp.execute(dimm).await {
+        warn!(error = %e, device = %dimm_id, "memory hotplug failed, rolling back");
+        if let Err(de) = r.qmp.execute(object_del { id: mem_id.clone() }).await {
+            warn!(error = %de, object = %mem_id, "rollback object-del failed");
+        }
+        return Err(Error::qmp(id, e));
+    }
+    r.memory_mib = current + mib;
+    info!(mib, slot, memory_mib = r.memory_mib, "memory added");
+    Ok(mib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn backend_objects_match_boot_memory() {
+        let ram = serde_json::to_value(backend_object(
+            BackendKind::Ram,
+            "mem1".into(),
+            MIB,
+            Path::new("/r"),
+        ))
+        .expect("ser");
+        assert_eq!(
+            ram,
+            json!({"qom-type": "memory-backend-ram", "id": "mem1", "size": MIB})
+        );
+        let memfd = serde_json::to_value(backend_object(
+            BackendKind::Memfd,
+            "mem2".into(),
+            MIB,
+            Path::new("/r"),
+        ))
+        .expect("ser");
+        assert_eq!(
+            memfd,
+            json!({"qom-type": "memory-backend-memfd", "id": "mem2", "size": MIB, "share": true})
+        );
+        let file = serde_json::to_value(backend_object(
+            BackendKind::File { share: false },
+            "mem3".into(),
+            MIB,
+            Path::new("/r,x"),
+        ))
+        .expect("ser");
+        assert_eq!(
+            file,
+            json!({"qom-type": "memory-backend-file", "id": "mem3", "size": MIB,
+                   "share": false, "mem-path": "/r,x"})
+        );
+    }
+
+    #[test]
+    fn cpu_slots_sort_by_topology() {
+        let p = |s, c| qapi::qmp::CpuInstanceProperties {
+            book_id: None,
+            cluster_id: None,
+            core_id: Some(c),
+            die_id: None,
+            drawer_id: None,
+            module_id: None,
+            node_id: None,
+            socket_id: Some(s),
+            thread_id: Some(0),
+        };
+        let mut v = [p(3, 0), p(1, 1), p(1, 0), p(2, 0)];
+        v.sort_by_key(slot_key);
+        let order: Vec<_> = v.iter().map(|p| (p.socket_id, p.core_id)).collect();
+        assert_eq!(
+            order,
+            [
+                (Some(1), Some(0)),
+                (Some(1), Some(1)),
+                (Some(2), Some(0)),
+                (Some(3), Some(0))
+            ]
+        );
+    }
+
+    /// A running VM whose QEMU is `sleep` and whose QMP peer is a scripted fake; the fake
+    /// records each command's name and arguments.
+    async fn fake_vm(
+        cfg: HypervisorConfig,
+        script: fn(&Value) -> Value,
+    ) -> (
+        tempfile::TempDir,
+        Inner,
+        Running,
+        std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    ) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let seen = log.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(server);
+            let greeting = r#"{"QMP": {"version": {}, "capabilities": []}}"#;
+            w.write_all(format!("{greeting}\n").as_bytes()).await.ok();
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let cmd: Value = serde_json::from_str(&line).expect("json");
+                seen.lock().expect("log").push(cmd.clone());
+                let mut reply = script(&cmd);
+                reply["id"] = cmd["id"].clone();
+                w.write_all(format!("{reply}\n").as_bytes()).await.ok();
+            }
+        });
+        let qmp = QmpClient::connect(client, std::time::Duration::from_secs(2))
+            .await
+            .expect("connect");
+        let qemu = crate::process::Proc::spawn(
+            "QEMU",
+            Path::new("sleep"),
+            &["30".into()],
+            &dir.path().join("stderr"),
+        )
+        .await
+        .expect("sleep");
+        let paths = crate::cmdline::RunPaths::new(dir.path());
+        let inner = Inner {
+            id: "t".into(),
+            agent_url: String::new(),
+            pid: std::sync::atomic::AtomicU32::new(0),
+            state: tokio::sync::Mutex::new(super::super::VmState::Created),
+            paths,
+            config: cfg.clone(),
+        };
+        let running = Running {
+            qmp,
+            qemu,
+            backend: None,
+            accel: crate::config::Accel::Tcg,
+            created_run_dir: false,
+            vcpus: cfg.vcpus,
+            memory_mib: cfg.memory_mib,
+            next_cpu_id: cfg.vcpus,
+            next_mem_id: 1,
+        };
+        (dir, inner, running, log)
+    }
+
+    fn hotplug_cfg() -> HypervisorConfig {
+        let mut c = HypervisorConfig::new("/k", None);
+        c.max_vcpus = 4;
+        c.memory_slots = 2;
+        c.max_memory_mib = 1024;
+        c
+    }
+
+    fn names(log: &std::sync::Mutex<Vec<Value>>) -> Vec<String> {
+        log.lock()
+            .expect("log")
+            .iter()
+            .map(|c| c["execute"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn vcpu_hotplug_skips_taken_slots_and_rolls_back() {
+        let (_d, inner, mut r, log) = fake_vm(hotplug_cfg(), |cmd| {
+            let slot = |s: i64| {
+                json!({"type": "qemu64-x86_64-cpu", "vcpus-count": 1,
+                "props": {"socket-id": s, "core-id": 0, "thread-id": 0}})
+            };
+            match cmd["execute"].as_str() {
+                Some("query-hotpluggable-cpus") => {
+                    let mut taken = slot(0);
+                    taken["qom-path"] = json!("/machine/unattached/device[0]");
+                    json!({"return": [slot(3), slot(2), slot(1), taken]})
+                }
+                Some("device_add") if cmd["arguments"]["socket-id"] == 2 => {
+                    json!({"error": {"class": "GenericError", "desc": "boom"}})
+                }
+                _ => json!({"return": {}}),
+            }
+        })
+        .await;
+        let err = add_vcpus(&inner, &mut r, 3)
+            .await
+            .expect_err("second plug fails");
+        assert!(matches!(err, Error::Qmp { .. }), "{err:?}");
+        assert_eq!(r.vcpus, 1, "rolled back");
+        let log = log.lock().expect("log").clone();
+        let adds: Vec<&Value> = log
+            .iter()
+            .filter(|c| c["execute"] == "device_add")
+            .collect();
+        assert_eq!(
+            adds[0]["arguments"]["socket-id"], 1,
+            "lowest free slot first"
+        );
+        assert_eq!(adds[0]["arguments"]["id"], "cpu-1");
+        assert_eq!(adds[0]["arguments"]["driver"], "qemu64-x86_64-cpu");
+        let del = log
+            .iter()
+            .find(|c| c["execute"] == "device_del")
+            .expect("rollback");
+        assert_eq!(del["arguments"]["id"], "cpu-1");
+        r.qemu
+            .terminate("t", std::time::Duration::ZERO)
+            .await
+            .expect("kill");
+    }
+
+    #[tokio::test]
+    async fn vcpu_hotplug_adds_what_is_free() {
+        let (_d, inner, mut r, _log) =
+            fake_vm(hotplug_cfg(), |cmd| match cmd["execute"].as_str() {
+                Some("query-hotpluggable-cpus") => json!({"return": [
+                    {"type": "t", "vcpus-count": 1, "props": {"socket-id": 1}}]}),
+                _ => json!({"return": {}}),
+            })
+            .await;
+        assert_eq!(add_vcpus(&inner, &mut r, 3).await.expect("add"), 1);
+        assert_eq!((r.vcpus, r.next_cpu_id), (2, 2));
+        r.qemu
+            .terminate("t", std::time::Duration::ZERO)
+            .await
+            .expect("kill");
+    }
+
+    #[tokio::test]
+    async fn memory_hotplug_uses_first_free_slot_and_rolls_back() {
+        let (_d, inner, mut r, log) = fake_vm(hotplug_cfg(), |cmd| match cmd["execute"].as_str() {
+            Some("query-memory-devices") => json!({"return": [{"type": "dimm", "data": {
+                    "id": "dimm9", "addr": 0, "size": 134217728, "slot": 0, "node": 0,
+                    "memdev": "/objects/mem9", "hotplugged": true, "hotpluggable": true}}]}),
+            Some("device_add") => json!({"error": {"class": "GenericError", "desc": "no"}}),
+            _ => json!({"return": {}}),
+        })
+        .await;
+        assert!(add_memory(&inner, &mut r, 128).await.is_err());
+        assert_eq!(
+            names(&log),
+            [
+                "qmp_capabilities",
+                "query-memory-devices",
+                "object-add",
+                "device_add",
+                "object-del"
+            ]
+        );
+        let log = log.lock().expect("log").clone();
+        assert_eq!(log[2]["arguments"]["qom-type"], "memory-backend-ram");
+        assert_eq!(log[3]["arguments"]["slot"], 1);
+        assert_eq!(log[3]["arguments"]["memdev"], "mem1");
+        assert_eq!(log[4]["arguments"]["id"], "mem1");
+        // 256 boot + 128 plugged + 1024 requested is over the limit.
+        let err = add_memory(&inner, &mut r, 1024).await.expect_err("limit");
+        assert!(
+            matches!(
+                err,
+                Error::MemoryLimit {
+                    current_mib: 384,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        r.qemu
+            .terminate("t", std::time::Duration::ZERO)
+            .await
+            .expect("kill");
+    }
+}

@@ -1,0 +1,135 @@
+//! The wire form of a running VM ([`QemuState`]) and its run state ([`VmStatus`]).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cmdline::RunPaths;
+use crate::config::{Accel, HypervisorConfig};
+
+/// Version of the [`QemuState`] layout; bumped on incompatible changes.
+pub const QEMU_STATE_VERSION: u32 = 1;
+
+/// Everything another process needs to re-attach to a running VM
+/// (see [`crate::Qemu::attach`]). Produced by [`crate::Hypervisor::state`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuState {
+    /// Layout version ([`QEMU_STATE_VERSION`]).
+    pub version: u32,
+    /// VM id.
+    pub id: String,
+    /// The config the VM was started with.
+    pub config: HypervisorConfig,
+    /// The accelerator it runs with (resolved: `kvm` or `tcg`).
+    pub accel: Accel,
+    /// Run directory and the sockets and files in it.
+    pub paths: RunPaths,
+    /// QEMU's pid, while running.
+    pub pid: Option<u32>,
+    /// QEMU's start time (`/proc/PID/stat` field 22), to detect pid reuse.
+    pub pid_start_time: Option<u64>,
+    /// The `vhost-device-vsock` backend's pid and start time (hybrid vsock only).
+    pub backend: Option<(u32, u64)>,
+    /// Whether the run directory was created by this crate (then `stop` removes it if empty).
+    pub created_run_dir: bool,
+    /// Current vCPUs (boot + hot-added).
+    pub vcpus: u32,
+    /// Current guest memory in MiB (boot + hot-added).
+    pub memory_mib: u64,
+    /// Next `cpu-N` device id.
+    pub next_cpu_id: u32,
+    /// Next `memN` / `dimmN` id.
+    pub next_mem_id: u32,
+    /// The agent URL (`serial://…`, `vsock://…`, `hvsock://…`).
+    pub agent_url: String,
+}
+
+impl QemuState {
+    /// The run directory.
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.paths.dir
+    }
+
+    /// The console socket.
+    pub fn console_address(&self) -> PathBuf {
+        self.paths.console.clone()
+    }
+}
+
+/// A VM's run state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmStatus {
+    /// Created, not started.
+    NotStarted,
+    /// The guest runs.
+    Running,
+    /// Paused (`stop`, or a clone after incoming migration).
+    Paused,
+    /// Waiting for incoming migration (a clone before `migrate-incoming` completes).
+    InMigrate,
+    /// Saved (outgoing migration completed).
+    PostMigrate,
+    /// Started with `-S`, never run.
+    Prelaunch,
+    /// The guest shut down.
+    Shutdown,
+    /// Another QEMU run state, by its QMP name.
+    Other(String),
+    /// Stopped (or detached) through this handle.
+    Stopped,
+}
+
+impl VmStatus {
+    /// Maps a QMP `RunState` name.
+    pub fn from_qmp(name: &str) -> Self {
+        match name {
+            "running" => Self::Running,
+            "paused" => Self::Paused,
+            "inmigrate" => Self::InMigrate,
+            "postmigrate" => Self::PostMigrate,
+            "prelaunch" => Self::Prelaunch,
+            "shutdown" => Self::Shutdown,
+            other => Self::Other(other.to_owned()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names() {
+        assert_eq!(VmStatus::from_qmp("running"), VmStatus::Running);
+        assert_eq!(VmStatus::from_qmp("paused"), VmStatus::Paused);
+        assert_eq!(VmStatus::from_qmp("inmigrate"), VmStatus::InMigrate);
+        assert_eq!(
+            VmStatus::from_qmp("guest-panicked"),
+            VmStatus::Other("guest-panicked".into())
+        );
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let st = QemuState {
+            version: QEMU_STATE_VERSION,
+            id: "vm".into(),
+            config: HypervisorConfig::new("/k", None),
+            accel: Accel::Tcg,
+            paths: RunPaths::new("/r"),
+            pid: Some(42),
+            pid_start_time: Some(7),
+            backend: None,
+            created_run_dir: true,
+            vcpus: 1,
+            memory_mib: 256,
+            next_cpu_id: 1,
+            next_mem_id: 1,
+            agent_url: "serial:///r/agent.sock".into(),
+        };
+        let json = serde_json::to_string(&st).expect("serialize");
+        let back: QemuState = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, st);
+    }
+}

@@ -1,0 +1,150 @@
+//! The crate's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Result of every fallible operation of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Everything that can go wrong while storing or loading VM state.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// A VM id failed validation (see [`crate::validate_id`]).
+    #[error("Invalid VM id {id:?}: {reason}")]
+    InvalidId {
+        /// The id as given.
+        id: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// A path handed to a helper cannot be used (for example it has no parent directory).
+    #[error("Invalid path {path}: {reason}")]
+    InvalidPath {
+        /// The path as given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+
+    /// The VM's directory already exists.
+    #[error("Storage for VM {id} already exists")]
+    AlreadyExists {
+        /// The VM id.
+        id: String,
+    },
+
+    /// The VM's directory does not exist.
+    #[error("No storage for VM {id}")]
+    VmNotFound {
+        /// The VM id.
+        id: String,
+    },
+
+    /// A file to be read does not exist (for a VM: its directory exists but holds no state).
+    #[error("File {path} does not exist")]
+    NotFound {
+        /// The missing file.
+        path: PathBuf,
+    },
+
+    /// Another holder (this or another process) has the VM's lock.
+    #[error("VM {id} is locked by another owner")]
+    Locked {
+        /// The VM id.
+        id: String,
+    },
+
+    /// A file is larger than the limit its reader accepts.
+    #[error("File {path} is too large ({size} bytes, limit {limit})")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size, or the number of bytes read before giving up.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+
+    /// A state file is not valid JSON, is truncated, or does not match the expected shape.
+    #[error("Corrupt state file {path}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A state file was written by a newer version of vmfactory.
+    #[error("State file {path} has version {found}, newer than the supported {supported}")]
+    VersionTooNew {
+        /// The file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+        /// The newest version this build reads.
+        supported: u32,
+    },
+
+    /// A state file was written by an older, no longer readable version of vmfactory.
+    #[error("State file {path} has version {found}, older than the oldest supported {oldest}")]
+    VersionTooOld {
+        /// The file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+        /// The oldest version this build reads.
+        oldest: u32,
+    },
+
+    /// A state file belongs to another VM than the directory it is in.
+    #[error("State file {path} is for VM {found:?}, expected {expected}")]
+    IdMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The id of the directory.
+        expected: String,
+        /// The id recorded in the file.
+        found: String,
+    },
+
+    /// A state could not be serialised.
+    #[error("Failed to encode state of VM {id}")]
+    Encode {
+        /// The VM id.
+        id: String,
+        /// The serialisation error.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A filesystem operation failed.
+    #[error("Failed to {op} {path}")]
+    Io {
+        /// What was being done ("create", "rename", ...).
+        op: &'static str,
+        /// What it was done to.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The blocking task doing the filesystem work panicked or was cancelled.
+    #[error("Storage task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl Error {
+    /// Builds an [`Error::Io`].
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+}

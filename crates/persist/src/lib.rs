@@ -1,0 +1,51 @@
+//! Run-directory storage for vmfactory VMs.
+//!
+//! Owns the on-disk layout under a run directory (default [`DEFAULT_ROOT`], `/run/vc`, as in
+//! Kata Containers 1.x; tests pass a temporary one):
+//!
+//! ```text
+//! <root>/vm/<id>/            0700, one per VM, created and destroyed (idempotently) by [`Store`]
+//! <root>/vm/<id>/state.json  0600, {"version": N, "id": "<id>", "state": <caller's type>}
+//! <root>/vm/<id>/lock        flock(2) target: one owner per VM ([`Store::lock`])
+//! ```
+//!
+//! State files are written atomically (temporary file in the same directory, `fsync`, rename,
+//! `fsync` of the directory), so a crash or concurrent writers leave either the old or a new
+//! state, never a torn file. Loading checks the size limit, the JSON, the envelope version and
+//! that the recorded id matches the directory; every failure is a typed [`Error`], never a panic.
+//! VM ids are validated ([`validate_id`]) before they touch a path. [`write_atomic`] and
+//! [`read_limited`] are exported for other files with the same needs (template metadata).
+//!
+//! This crate does not know what a VM's state contains (the `vm` crate defines it), does not
+//! manage sockets, processes or mounts, and does not migrate old state layouts: a state file of
+//! another version is refused with [`Error::VersionTooOld`] / [`Error::VersionTooNew`].
+//!
+//! # Examples
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> vmfactory_persist::Result<()> {
+//! use vmfactory_persist::Store;
+//! # let tmp = tempfile::tempdir().unwrap();
+//! let store = Store::new(tmp.path());
+//! store.create_vm_dir("vm0").await?;
+//! let _owner = store.lock("vm0").await?;
+//! store.save_state("vm0", &vec![1, 2, 3]).await?;
+//! let state: Vec<u32> = store.load_state("vm0").await?;
+//! assert_eq!(state, [1, 2, 3]);
+//! store.destroy_vm_dir("vm0").await?;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod error;
+mod fs;
+mod id;
+mod store;
+
+pub use error::{Error, Result};
+pub use fs::{read_limited, read_limited_blocking, write_atomic, write_atomic_blocking};
+pub use id::{validate_id, MAX_ID_LEN};
+pub use store::{
+    Store, VmLock, DEFAULT_MAX_STATE_SIZE, DEFAULT_ROOT, OLDEST_STATE_VERSION, STATE_VERSION,
+};

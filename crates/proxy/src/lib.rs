@@ -1,0 +1,157 @@
+//! Console proxies of vmfactory VMs.
+//!
+//! A [`Proxy`] is started for each VM with the VM id, the path of the unix socket of QEMU's
+//! console chardev (QEMU is the server side) and the agent URL the `vm` crate chose; it returns
+//! the URL the host should dial to reach the agent. Two kinds exist ([`ProxyKind`]):
+//!
+//! - [`BuiltinProxy`] (`builtin`) reads the console socket in a background task and emits each
+//!   guest console line as a `tracing` event (target [`CONSOLE_TARGET`], fields `vm_id` and
+//!   `line`); it reconnects when the console goes away and comes back (a template clone serves
+//!   its console on a new socket). Callers can [`subscribe`](Proxy::subscribe) to the lines and
+//!   [`wait_for_line`] for one, e.g. the agent's `vmfactory-agent: listening on agent.channel.0`,
+//!   instead of sleeping.
+//! - [`NoProxy`] (`none`) does nothing.
+//!
+//! Both return the agent URL unchanged. Kata Containers 1.x ran a separate `kata-proxy` process
+//! per sandbox that multiplexed several gRPC streams over the single virtio-serial port with
+//! yamux, because gRPC wanted one HTTP/2 connection per client and the serial port offers one
+//! byte stream. That is no longer needed: ttRPC carries every call of a client over a single
+//! connection, and vsock / hybrid vsock multiplex connections natively, so the host dials the
+//! agent directly and a proxy's only remaining job is the console.
+//!
+//! This crate does not choose or dial the agent channel (the `vm` and `agent` crates do), does
+//! not configure QEMU's console device (the `hypervisor` crate does), and does not store
+//! console output anywhere but the `tracing` subscriber the process installed.
+#![deny(missing_docs)]
+
+use std::fmt::Debug;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+use tracing::warn;
+
+mod builtin;
+mod console;
+mod error;
+mod kind;
+mod none;
+
+pub use builtin::{BuiltinProxy, BuiltinProxyConfig, CONSOLE_TARGET};
+pub use error::{Error, Result};
+pub use kind::ProxyKind;
+pub use none::NoProxy;
+
+/// A VM's console proxy. Object safe; handed out as `Arc<dyn Proxy>` by [`new_proxy`].
+#[async_trait]
+pub trait Proxy: Send + Sync + Debug {
+    /// Starts proxying for VM `vm_id`, whose console is the unix socket `console_address`
+    /// (QEMU listens on it), and returns the URL the host should dial to reach the agent
+    /// (`agent_url` unchanged for both kinds). Starting a started proxy retargets it.
+    async fn start(&self, vm_id: &str, console_address: &Path, agent_url: &str) -> Result<String>;
+
+    /// Stops proxying and waits until the proxy's task has ended. Idempotent.
+    async fn stop(&self);
+
+    /// Which kind of proxy this is.
+    fn kind(&self) -> ProxyKind;
+
+    /// A receiver of the guest's console lines from now on, or `None` if this proxy does not
+    /// read the console. Subscribe before the awaited output can appear (even before
+    /// [`start`](Proxy::start)); the receiver reports `Closed` once the proxy is stopped.
+    fn subscribe(&self) -> Option<broadcast::Receiver<String>> {
+        None
+    }
+}
+
+/// Creates a stopped proxy of the given kind, with default settings.
+pub fn new_proxy(kind: ProxyKind) -> Arc<dyn Proxy> {
+    match kind {
+        ProxyKind::Builtin => Arc::new(BuiltinProxy::default()),
+        ProxyKind::None => Arc::new(NoProxy),
+    }
+}
+
+/// Waits up to `timeout` for a console line on `lines` for which `matches` is true and returns
+/// it. Lines that arrived before `lines` was subscribed are not seen.
+///
+/// Errors: [`Error::WaitTimeout`], or [`Error::ConsoleClosed`] if the proxy was stopped.
+pub async fn wait_for_line(
+    lines: &mut broadcast::Receiver<String>,
+    timeout: Duration,
+    mut matches: impl FnMut(&str) -> bool + Send,
+) -> Result<String> {
+    let wait = async {
+        loop {
+            match lines.recv().await {
+                Ok(line) if matches(&line) => return Ok(line),
+                Ok(_) => {}
+                Err(RecvError::Lagged(skipped)) => {
+                    warn!(
+                        skipped,
+                        "console subscriber fell behind, lines were skipped"
+                    );
+                }
+                Err(RecvError::Closed) => return Err(Error::ConsoleClosed),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .unwrap_or(Err(Error::WaitTimeout { timeout }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_proxy_makes_each_kind() {
+        for kind in [ProxyKind::Builtin, ProxyKind::None] {
+            assert_eq!(new_proxy(kind).kind(), kind);
+        }
+        assert!(new_proxy(ProxyKind::Builtin).subscribe().is_some());
+        assert!(new_proxy(ProxyKind::None).subscribe().is_none());
+    }
+
+    #[tokio::test]
+    async fn wait_for_line_matches_times_out_and_sees_close() {
+        let (tx, mut rx) = broadcast::channel(16);
+        for line in ["a", "vmfactory-agent: listening on agent.channel.0", "b"] {
+            tx.send(line.to_owned()).unwrap();
+        }
+        let line = wait_for_line(&mut rx, Duration::from_secs(5), |l| {
+            l.contains("listening on agent.channel.0")
+        })
+        .await
+        .unwrap();
+        assert_eq!(line, "vmfactory-agent: listening on agent.channel.0");
+
+        // "b" does not match; nothing else comes.
+        assert!(matches!(
+            wait_for_line(&mut rx, Duration::from_millis(50), |l| l == "c").await,
+            Err(Error::WaitTimeout { .. })
+        ));
+
+        drop(tx);
+        assert!(matches!(
+            wait_for_line(&mut rx, Duration::from_secs(5), |_| true).await,
+            Err(Error::ConsoleClosed)
+        ));
+    }
+
+    #[tokio::test]
+    async fn wait_for_line_survives_lagging() {
+        let (tx, mut rx) = broadcast::channel(2);
+        for i in 0..10 {
+            tx.send(format!("line {i}")).unwrap();
+        }
+        let line = wait_for_line(&mut rx, Duration::from_secs(5), |l| l == "line 9")
+            .await
+            .unwrap();
+        assert_eq!(line, "line 9");
+    }
+}

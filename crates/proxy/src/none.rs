@@ -1,0 +1,54 @@
+//! The proxy that does nothing.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::kind::ProxyKind;
+use crate::Proxy;
+
+/// A proxy that does nothing: the agent is dialed directly and the console is not read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProxy;
+
+#[async_trait]
+impl Proxy for NoProxy {
+    async fn start(
+        &self,
+        _vm_id: &str,
+        _console_address: &Path,
+        agent_url: &str,
+    ) -> Result<String> {
+        Ok(agent_url.to_owned())
+    }
+
+    async fn stop(&self) {}
+
+    fn kind(&self) -> ProxyKind {
+        ProxyKind::None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn returns_the_agent_url_unchanged() {
+        let proxy = NoProxy;
+        let url = proxy
+            .start(
+                "vm1",
+                Path::new("/does/not/exist"),
+                "serial:///run/vc/vm1/agent.sock",
+            )
+            .await
+            .unwrap();
+        assert_eq!(url, "serial:///run/vc/vm1/agent.sock");
+        assert_eq!(proxy.kind(), ProxyKind::None);
+        assert!(proxy.subscribe().is_none());
+        proxy.stop().await;
+        proxy.stop().await;
+    }
+}

@@ -1,0 +1,196 @@
+//! Harness for the real-QEMU end-to-end tests: finds the guest image and host tools, decides
+//! between running and skipping (never skipping under `CI=true`), and checks after each
+//! scenario that nothing leaked: no process, mount, socket or directory of the test left.
+//!
+//! Every scenario runs under its own temporary run root, and every path QEMU or a helper
+//! process is given lies under it; that is what makes the leak check exact.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub mod vm;
+
+/// What a real VM needs on this host.
+#[derive(Debug, Clone)]
+pub struct GuestEnv {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// Guest kernel (`target/guest/vmlinuz`).
+    pub kernel: PathBuf,
+    /// Guest initramfs (`target/guest/initramfs.cpio`).
+    pub initrd: PathBuf,
+    /// rust-vmm's `vhost-device-vsock`, when installed.
+    pub vhost_device_vsock: Option<PathBuf>,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn is_ci() -> bool {
+    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Returns the environment, or `None` (with a message) when a prerequisite is missing.
+///
+/// # Panics
+/// Under `CI=true` a missing prerequisite panics: the e2e tier must run there.
+pub fn guest_env() -> Option<GuestEnv> {
+    let dir = std::env::var_os("VMFACTORY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/guest"));
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initramfs.cpio");
+    let missing = match find_on_path("qemu-system-x86_64") {
+        None => Some("qemu-system-x86_64 is not installed (run `cargo xtask tools`)".to_string()),
+        Some(_) if !kernel.is_file() || !initrd.is_file() => {
+            Some(format!("no guest image in {} (run `cargo xtask guest`)", dir.display()))
+        }
+        Some(_) => None,
+    };
+    if let Some(why) = missing {
+        assert!(!is_ci(), "CI=true and a real-QEMU prerequisite is missing: {why}");
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    let vhost_device_vsock = std::env::var_os("VMFACTORY_VHOST_DEVICE_VSOCK")
+        .map(PathBuf::from)
+        .or_else(|| Some(workspace_root().join("target/tools/bin/vhost-device-vsock")))
+        .filter(|p| p.is_file());
+    Some(GuestEnv { qemu: find_on_path("qemu-system-x86_64")?, kernel, initrd, vhost_device_vsock })
+}
+
+/// Like [`guest_env`], and also requires `vhost-device-vsock`.
+pub fn guest_env_with_vsock_backend() -> Option<GuestEnv> {
+    let env = guest_env()?;
+    if env.vhost_device_vsock.is_none() {
+        assert!(!is_ci(), "CI=true and vhost-device-vsock is missing (run `cargo xtask tools`)");
+        eprintln!("SKIPPED: vhost-device-vsock is not installed (run `cargo xtask tools`)");
+        return None;
+    }
+    Some(env)
+}
+
+/// A scenario's run root. Dropping it checks nothing; call [`RunRoot::assert_no_leaks`].
+#[derive(Debug)]
+pub struct RunRoot {
+    dir: tempfile::TempDir,
+}
+
+impl RunRoot {
+    /// A fresh run root under the system temp dir (short, so socket paths fit in 108 bytes).
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new().prefix("vmf-e2e-").tempdir_in("/tmp").expect("temp dir");
+        Self { dir }
+    }
+
+    /// The root path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything a test leaked under this root: processes, mounts, sockets and entries.
+    pub fn leaks(&self) -> Vec<String> {
+        let root = self.path().to_string_lossy().into_owned();
+        let mut leaks = processes_mentioning(&root);
+        leaks.extend(mounts_under(&root));
+        leaks.extend(entries_under(self.path()));
+        leaks
+    }
+
+    /// Panics with the list of leaks if there are any.
+    pub fn assert_no_leaks(&self) {
+        let leaks = self.leaks();
+        assert!(leaks.is_empty(), "leaked after the scenario: {leaks:#?}");
+    }
+}
+
+impl Default for RunRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Live processes (not zombies of ours) whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let me = std::process::id();
+    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let mut found = Vec::new();
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains(needle) {
+            continue;
+        }
+        let state = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+        if !zombie {
+            found.push(format!("process {pid}: {}", cmdline.trim()));
+        }
+    }
+    found
+}
+
+/// Mount points at or under `root`, from /proc/self/mountinfo.
+pub fn mounts_under(root: &str) -> Vec<String> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| m.starts_with(root))
+        .map(|m| format!("mount {m}"))
+        .collect()
+}
+
+/// Every file, socket or directory left under `root` (the root itself is allowed).
+pub fn entries_under(root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            found.push(format!("entry {}", path.display()));
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leak_checker_sees_files_and_processes() {
+        let root = RunRoot::new();
+        assert!(root.leaks().is_empty());
+        fs::create_dir(root.path().join("vm")).unwrap();
+        fs::write(root.path().join("vm/qmp.sock"), b"").unwrap();
+        assert_eq!(root.leaks().len(), 2);
+        fs::remove_dir_all(root.path().join("vm")).unwrap();
+
+        // `sh -c CMD NAME` keeps NAME (a path under the root) in its command line.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30; true"])
+            .arg(root.path().join("marker"))
+            .spawn()
+            .unwrap();
+        let leaks = root.leaks();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(leaks.iter().any(|l| l.starts_with("process")), "{leaks:?}");
+        assert!(root.leaks().is_empty());
+    }
+}

@@ -1,0 +1,80 @@
+//! Project automation: `cargo xtask <guest|tools|test|e2e|bench|demo>`.
+
+mod guest;
+mod tools;
+mod util;
+
+use std::process::Command;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+use crate::util::{is_ci, run, workspace_root};
+
+#[derive(Parser)]
+#[command(about = "vmfactory project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the guest image (kernel + initramfs with the static agent) into target/guest.
+    Guest,
+    /// Install what the tests need: QEMU (apt) and vhost-device-vsock (crates.io).
+    Tools,
+    /// Run every test: unit, protocol and real-QEMU end-to-end.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Run only the real-QEMU end-to-end suite.
+    E2e {
+        /// Extra arguments for the test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Guest => guest::build(false).map(drop),
+        Cmd::Tools => prerequisites(),
+        Cmd::Test { args } => {
+            prerequisites()?;
+            cargo_test(&["--workspace"], &args)
+        }
+        Cmd::E2e { args } => {
+            prerequisites()?;
+            cargo_test(&["-p", "vmfactory-e2e"], &args)
+        }
+    }
+}
+
+/// QEMU, the guest image and the vhost-user vsock backend: everything real VMs need.
+fn prerequisites() -> Result<()> {
+    tools::ensure_qemu()?;
+    guest::build(false)?;
+    tools::ensure_vhost_device_vsock()?;
+    Ok(())
+}
+
+fn cargo_test(selection: &[&str], extra: &[String]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .arg("test")
+        .args(selection)
+        .env("VMFACTORY_GUEST_DIR", guest::guest_dir())
+        .env("VMFACTORY_VHOST_DEVICE_VSOCK", tools::vhost_device_vsock());
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    if is_ci() {
+        cmd.env("CI", "true");
+    }
+    run(&mut cmd)
+}

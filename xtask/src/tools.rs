@@ -1,0 +1,53 @@
+//! Host tools the tests need and the project installs itself: QEMU (Debian package) and
+//! rust-vmm's `vhost-device-vsock` (crates.io), the user-space backend for hybrid vsock.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::util::{on_path, run, workspace_root};
+
+/// Version of `vhost-device-vsock` the e2e tests were proven with.
+const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
+
+/// Installs `qemu-system-x86` with apt when it is missing.
+pub fn ensure_qemu() -> Result<()> {
+    if on_path("qemu-system-x86_64") {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!("qemu-system-x86_64 is missing; install it: apt-get install --no-install-recommends qemu-system-x86");
+    }
+    eprintln!("installing qemu-system-x86 ...");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends", "qemu-system-x86"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Path of the `vhost-device-vsock` binary installed under `target/tools`.
+pub fn vhost_device_vsock() -> PathBuf {
+    workspace_root().join("target/tools/bin/vhost-device-vsock")
+}
+
+/// Installs `vhost-device-vsock` from crates.io under `target/tools` when missing.
+pub fn ensure_vhost_device_vsock() -> Result<PathBuf> {
+    let bin = vhost_device_vsock();
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    eprintln!("installing vhost-device-vsock {VHOST_DEVICE_VSOCK_VERSION} (about a minute) ...");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .args(["install", "--locked", "--quiet", "vhost-device-vsock", "--version"])
+        .arg(VHOST_DEVICE_VSOCK_VERSION)
+        .arg("--root")
+        .arg(workspace_root().join("target/tools"))
+        .env_remove("CARGO_TARGET_DIR"))?;
+    Ok(bin)
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
