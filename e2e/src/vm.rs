@@ -1,9 +1,12 @@
-//! Booting real VMs for the scenarios: configs, boot-to-ready, templates and clones, driven
-//! only through the public APIs of `vmfactory-hypervisor` and `vmfactory-agent`.
+//! Booting real VMs: configs, boot-to-ready, templates and clones, driven only through the
+//! public APIs of `vmfactory-hypervisor` and `vmfactory-agent`. Shared by the e2e tests and by
+//! `cargo xtask demo|bench`, so every operation returns an error instead of panicking.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
 
 use vmfactory_agent::{Agent, HealthStatus, KataAgent};
 use vmfactory_hypervisor::{Accel, AgentChannel, Hypervisor, HypervisorConfig, Qemu};
@@ -16,6 +19,10 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The console line the guest agent prints each time it (re)opens the serial port.
 pub const LISTENING_LINE: &str = "vmfactory-agent: listening on agent.channel.0";
+
+/// What a guest kernel prints when it is in trouble.
+pub const KERNEL_TROUBLE: &[&str] =
+    &["soft lockup", "hard LOCKUP", "rcu_sched self-detected", "Kernel panic", "BUG:"];
 
 /// A guest config: 1 vCPU (up to 4), 256 MiB (2 slots, up to 1 GiB), virtio-serial agent.
 pub fn config(env: &GuestEnv) -> HypervisorConfig {
@@ -63,35 +70,42 @@ pub struct TestVm {
 
 impl TestVm {
     /// Spawns QEMU for `cfg` in `root/<id>` without waiting for the guest.
-    pub async fn start(root: &Path, id: &str, cfg: HypervisorConfig) -> Self {
-        let vm = Arc::new(Qemu::new(id, cfg, root.join(id)).expect("valid config"));
-        vm.start().await.expect("QEMU starts");
-        let agent = KataAgent::new(vm.agent_url().as_str(), CALL_TIMEOUT).expect("agent url");
-        Self { vm, agent }
+    pub async fn start(root: &Path, id: &str, cfg: HypervisorConfig) -> Result<Self> {
+        let vm = Arc::new(Qemu::new(id, cfg, root.join(id))?);
+        vm.start().await.with_context(|| format!("Cannot start VM {id}"))?;
+        let agent = match KataAgent::new(vm.agent_url().as_str(), CALL_TIMEOUT) {
+            Ok(agent) => agent,
+            Err(e) => {
+                let _ = vm.stop().await;
+                return Err(e.into());
+            }
+        };
+        Ok(Self { vm, agent })
     }
 
     /// Boots `cfg` and waits until the agent answers `Check`; returns the VM and the time.
-    pub async fn boot(root: &Path, id: &str, cfg: HypervisorConfig) -> (Self, Duration) {
+    pub async fn boot(root: &Path, id: &str, cfg: HypervisorConfig) -> Result<(Self, Duration)> {
         let t0 = Instant::now();
-        let vm = Self::start(root, id, cfg).await;
-        vm.wait_ready().await;
-        (vm, t0.elapsed())
+        let vm = Self::start(root, id, cfg).await?;
+        if let Err(e) = vm.wait_ready().await {
+            let _ = vm.vm.stop().await;
+            return Err(e);
+        }
+        Ok((vm, t0.elapsed()))
     }
 
     /// Polls `Check` until it answers SERVING (dialing retries inside the client).
-    pub async fn wait_ready(&self) {
+    pub async fn wait_ready(&self) -> Result<()> {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
             match self.agent.check().await {
-                Ok(HealthStatus::Serving) => return,
-                other => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "agent of {} not ready after {BOOT_TIMEOUT:?}: {other:?}\nconsole:\n{}",
-                        self.vm.id(),
-                        self.console()
-                    );
-                }
+                Ok(HealthStatus::Serving) => return Ok(()),
+                other if Instant::now() >= deadline => bail!(
+                    "Agent of {} not ready after {BOOT_TIMEOUT:?}: {other:?}\nconsole:\n{}",
+                    self.vm.id(),
+                    self.console()
+                ),
+                _ => {}
             }
         }
     }
@@ -107,38 +121,69 @@ impl TestVm {
     }
 
     /// Waits until the console shows `line` at least `n` times.
-    pub async fn wait_console(&self, line: &str, n: usize) {
+    pub async fn wait_console(&self, line: &str, n: usize) -> Result<()> {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         while self.console_count(line) < n {
-            assert!(Instant::now() < deadline, "no {line:?} x{n} on the console:\n{}", self.console());
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            if Instant::now() >= deadline {
+                bail!("No {line:?} x{n} on the console:\n{}", self.console());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        Ok(())
     }
 
     /// Fails the test if the guest kernel reported a lockup or a panic.
     pub fn assert_healthy_console(&self) {
         let console = self.console();
-        for bad in ["soft lockup", "hard LOCKUP", "rcu_sched self-detected", "Kernel panic", "BUG:"] {
+        for bad in KERNEL_TROUBLE {
             assert!(!console.contains(bad), "guest console shows {bad:?}:\n{console}");
         }
     }
 
     /// Disconnects the agent and stops the VM.
-    pub async fn stop(self) {
+    pub async fn stop(self) -> Result<()> {
         let _ = self.agent.disconnect().await;
-        self.vm.stop().await.expect("stop");
+        self.vm.stop().await?;
+        Ok(())
     }
 }
 
 /// Makes a template from a booted `cfg` (a template config): waits for the agent to re-listen
 /// after the host disconnects, saves, stops. Returns the time it took.
-pub async fn make_template(root: &Path, cfg: HypervisorConfig) -> Duration {
+pub async fn make_template(root: &Path, cfg: HypervisorConfig) -> Result<Duration> {
     let t0 = Instant::now();
-    let (vm, _) = TestVm::boot(root, "template", cfg).await;
-    let listening = vm.console_count(LISTENING_LINE);
-    vm.agent.disconnect().await.expect("disconnect");
-    vm.wait_console(LISTENING_LINE, listening + 1).await;
-    vm.vm.save_template().await.expect("save template");
-    vm.vm.stop().await.expect("stop template VM");
-    t0.elapsed()
+    let (vm, _) = TestVm::boot(root, "template", cfg).await?;
+    let saved = async {
+        let listening = vm.console_count(LISTENING_LINE);
+        vm.agent.disconnect().await?;
+        vm.wait_console(LISTENING_LINE, listening + 1).await?;
+        vm.vm.save_template().await?;
+        anyhow::Ok(())
+    }
+    .await;
+    vm.vm.stop().await?;
+    saved?;
+    Ok(t0.elapsed())
+}
+
+/// Boots a clone of the template `cfg` and waits until its agent answers; returns the clone,
+/// the time until QEMU had loaded the template (paused), and the total time to ready.
+pub async fn boot_clone(
+    root: &Path,
+    id: &str,
+    template: &HypervisorConfig,
+) -> Result<(TestVm, Duration, Duration)> {
+    let t0 = Instant::now();
+    let vm = TestVm::start(root, id, clone_config(template)).await?;
+    let loaded = t0.elapsed();
+    let ready = async {
+        vm.vm.resume().await?;
+        vm.wait_ready().await
+    }
+    .await;
+    if let Err(e) = ready {
+        let _ = vm.vm.stop().await;
+        return Err(e);
+    }
+    Ok((vm, loaded, t0.elapsed()))
 }

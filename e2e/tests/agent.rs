@@ -12,12 +12,12 @@ use vmfactory_hypervisor::Hypervisor;
 async fn serial_check_survives_three_reconnects() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let (t, boot) = TestVm::boot(root.path(), "vm", vm::config(&env)).await;
+    let (t, boot) = TestVm::boot(root.path(), "vm", vm::config(&env)).await.unwrap();
     eprintln!("virtio-serial: Check answered {boot:?} after QEMU start");
     for round in 1..=3 {
         let listening = t.console_count(LISTENING_LINE);
         t.agent.disconnect().await.unwrap();
-        t.wait_console(LISTENING_LINE, listening + 1).await;
+        t.wait_console(LISTENING_LINE, listening + 1).await.unwrap();
         // A fresh client, as another process would dial.
         let fresh = KataAgent::new(t.vm.agent_url().as_str(), CALL_TIMEOUT).unwrap();
         let t0 = Instant::now();
@@ -28,7 +28,7 @@ async fn serial_check_survives_three_reconnects() {
     assert_eq!(t.agent.check().await.unwrap(), HealthStatus::Serving);
     let version = t.agent.version().await.unwrap();
     assert_eq!(version.agent_version, vmfactory_agent::VERSION);
-    t.stop().await;
+    t.stop().await.unwrap();
     root.assert_no_leaks();
 }
 
@@ -38,7 +38,7 @@ async fn hybrid_vsock_serves_check_and_diagnostics() {
     let root = RunRoot::new();
     let backend = env.vhost_device_vsock.clone().unwrap();
     let cfg = vm::hybrid_vsock_config(vm::config(&env), backend);
-    let (t, boot) = TestVm::boot(root.path(), "vm", cfg).await;
+    let (t, boot) = TestVm::boot(root.path(), "vm", cfg).await.unwrap();
     assert!(t.vm.agent_url().starts_with("hvsock://"), "{}", t.vm.agent_url());
     eprintln!("hybrid vsock: Check answered {boot:?} after QEMU start");
     let resources = t.agent.resources().await.unwrap();
@@ -48,7 +48,7 @@ async fn hybrid_vsock_serves_check_and_diagnostics() {
     assert!(t.agent.uptime().await.unwrap().system > Duration::ZERO);
     let details = t.agent.get_guest_details().await.unwrap();
     assert!(details.mem_block_size_bytes.is_power_of_two(), "{details:?}");
-    t.stop().await;
+    t.stop().await.unwrap();
     root.assert_no_leaks();
 }
 
@@ -56,7 +56,7 @@ async fn hybrid_vsock_serves_check_and_diagnostics() {
 async fn set_guest_date_time_moves_the_clock() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let (t, _) = TestVm::boot(root.path(), "vm", vm::config(&env)).await;
+    let (t, _) = TestVm::boot(root.path(), "vm", vm::config(&env)).await.unwrap();
     let day = Duration::from_secs(86_400);
     let target = SystemTime::now() + day;
     t.agent.set_guest_date_time(target).await.unwrap();
@@ -70,7 +70,7 @@ async fn set_guest_date_time_moves_the_clock() {
         Err(e) => e.duration(),
     };
     assert!(skew < Duration::from_secs(1), "guest clock off by {skew:?} after sync");
-    t.stop().await;
+    t.stop().await.unwrap();
     root.assert_no_leaks();
 }
 
@@ -81,12 +81,12 @@ async fn reseed_makes_clones_diverge() {
     let tpl_dir = root.path().join("tpl");
     std::fs::create_dir(&tpl_dir).unwrap();
     let tpl = vm::template_config(vm::config(&env), &tpl_dir);
-    vm::make_template(root.path(), tpl.clone()).await;
+    vm::make_template(root.path(), tpl.clone()).await.unwrap();
     let mut clones = Vec::new();
     for id in ["a", "b"] {
-        let c = TestVm::start(root.path(), id, vm::clone_config(&tpl)).await;
+        let c = TestVm::start(root.path(), id, vm::clone_config(&tpl)).await.unwrap();
         c.vm.resume().await.unwrap();
-        c.wait_ready().await;
+        c.wait_ready().await.unwrap();
         clones.push(c);
     }
     // Clones start from one RNG state; print whether it shows (it is what reseeding is for).
@@ -100,7 +100,7 @@ async fn reseed_makes_clones_diverge() {
     assert_ne!(after[0], after[1]);
     assert_ne!(after[0], before[0]);
     for c in clones {
-        c.stop().await;
+        c.stop().await.unwrap();
     }
     std::fs::remove_dir_all(&tpl_dir).unwrap();
     root.assert_no_leaks();

@@ -12,7 +12,7 @@ use vmfactory_hypervisor::{Hypervisor, VmStatus};
 async fn boot_pause_resume_stop() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let (t, boot) = TestVm::boot(root.path(), "vm", vm::config(&env)).await;
+    let (t, boot) = TestVm::boot(root.path(), "vm", vm::config(&env)).await.unwrap();
     eprintln!("cold boot to agent Check: {boot:?}");
     assert!(t.vm.pid().is_some());
     assert_eq!(t.vm.status().await.unwrap(), VmStatus::Running);
@@ -20,10 +20,10 @@ async fn boot_pause_resume_stop() {
     assert_eq!(t.vm.status().await.unwrap(), VmStatus::Paused);
     t.vm.resume().await.unwrap();
     assert_eq!(t.vm.status().await.unwrap(), VmStatus::Running);
-    t.wait_ready().await;
+    t.wait_ready().await.unwrap();
     t.assert_healthy_console();
     let vm = t.vm.clone();
-    t.stop().await;
+    t.stop().await.unwrap();
     assert_eq!(vm.status().await.unwrap(), VmStatus::Stopped);
     vm.stop().await.expect("stop is idempotent");
     root.assert_no_leaks();
@@ -33,7 +33,7 @@ async fn boot_pause_resume_stop() {
 async fn cpu_and_memory_hotplug_are_onlined() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let (t, _) = TestVm::boot(root.path(), "vm", vm::config(&env)).await;
+    let (t, _) = TestVm::boot(root.path(), "vm", vm::config(&env)).await.unwrap();
     let before = t.agent.resources().await.unwrap();
     assert_eq!(before.online_cpu_count(), 1);
 
@@ -56,7 +56,7 @@ async fn cpu_and_memory_hotplug_are_onlined() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     t.assert_healthy_console();
-    t.stop().await;
+    t.stop().await.unwrap();
     root.assert_no_leaks();
 }
 
@@ -67,31 +67,31 @@ async fn template_save_and_two_clones() {
     let tpl_dir = root.path().join("tpl");
     std::fs::create_dir(&tpl_dir).unwrap();
     let tpl = vm::template_config(vm::config(&env), &tpl_dir);
-    let made = vm::make_template(root.path(), tpl.clone()).await;
+    let made = vm::make_template(root.path(), tpl.clone()).await.unwrap();
     eprintln!("template made in {made:?}");
     assert!(tpl_dir.join("state").metadata().unwrap().len() > 0);
 
     let mut clones = Vec::new();
     for id in ["clone-a", "clone-b"] {
         let t0 = std::time::Instant::now();
-        let c = TestVm::start(root.path(), id, vm::clone_config(&tpl)).await;
+        let c = TestVm::start(root.path(), id, vm::clone_config(&tpl)).await.unwrap();
         assert_eq!(c.vm.status().await.unwrap(), VmStatus::Paused);
         c.vm.resume().await.unwrap();
-        c.wait_ready().await;
+        c.wait_ready().await.unwrap();
         eprintln!("{id}: clone to agent Check: {:?}", t0.elapsed());
         clones.push(c);
     }
     assert_ne!(clones[0].vm.pid(), clones[1].vm.pid());
     // The clones run independently: pausing one leaves the other serving.
     clones[0].vm.pause().await.unwrap();
-    clones[1].wait_ready().await;
+    clones[1].wait_ready().await.unwrap();
     clones[0].vm.resume().await.unwrap();
     for c in &clones {
         assert_eq!(c.agent.resources().await.unwrap().online_cpu_count(), 1);
         c.assert_healthy_console();
     }
     for c in clones {
-        c.stop().await;
+        c.stop().await.unwrap();
     }
     std::fs::remove_dir_all(&tpl_dir).unwrap();
     root.assert_no_leaks();

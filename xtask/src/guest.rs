@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -297,16 +297,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     file.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("Cannot rename to {}", path.display()))?;
     Ok(())
-}
-
-/// Returns the image if it has been built, without building anything.
-pub fn existing() -> Result<GuestImage> {
-    let dir = guest_dir();
-    let image = GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initramfs.cpio") };
-    if !image.kernel.is_file() || !image.initrd.is_file() {
-        bail!("Guest image missing in {}: run `cargo xtask guest`", dir.display());
-    }
-    Ok(image)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Project automation: `cargo xtask <guest|tools|test|e2e|bench|demo>`.
 
+mod bench;
 mod guest;
 mod tools;
 mod util;
@@ -36,6 +37,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Measure clones against cold boots (time to ready, PSS); table + target/bench/bench.json.
+    Bench {
+        /// Timed runs of each kind (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Numbers of idle VMs to measure PSS with.
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        pss: Vec<usize>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -50,6 +60,13 @@ fn main() -> Result<()> {
         Cmd::E2e { args } => {
             prerequisites()?;
             cargo_test(&["-p", "vmfactory-e2e"], &args)
+        }
+        Cmd::Bench { runs, pss } => {
+            tools::ensure_qemu()?;
+            guest::build(true)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(bench::run(runs.max(1), &pss))?;
+            bench::report(&report).map(drop)
         }
     }
 }

@@ -307,13 +307,9 @@ async fn connect_until(path: &Path, config: &BuiltinProxyConfig) -> Result<UnixS
 mod tests {
     use super::*;
     use crate::wait_for_line;
-    use std::collections::HashMap;
     use std::sync::Arc;
     use tokio::io::AsyncWriteExt;
     use tokio::net::UnixListener;
-    use tracing::field::{Field, Visit};
-    use tracing_subscriber::layer::{Context, SubscriberExt};
-    use tracing_subscriber::Layer;
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -569,72 +565,5 @@ mod tests {
             wait_for_line(&mut rx, WAIT, |_| true).await,
             Err(Error::ConsoleClosed)
         ));
-    }
-
-    /// One captured event: its target and its fields, formatted.
-    #[derive(Debug, Clone)]
-    struct Captured {
-        target: String,
-        fields: HashMap<String, String>,
-    }
-
-    /// A layer recording every event.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<Captured>>>);
-
-    struct FieldVisitor<'a>(&'a mut HashMap<String, String>);
-
-    impl Visit for FieldVisitor<'_> {
-        fn record_str(&mut self, field: &Field, value: &str) {
-            self.0.insert(field.name().to_owned(), value.to_owned());
-        }
-
-        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-            self.0.insert(field.name().to_owned(), format!("{value:?}"));
-        }
-    }
-
-    impl<S: tracing::Subscriber> Layer<S> for Capture {
-        fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-            let mut fields = HashMap::new();
-            event.record(&mut FieldVisitor(&mut fields));
-            self.0.lock().unwrap().push(Captured {
-                target: event.metadata().target().to_owned(),
-                fields,
-            });
-        }
-    }
-
-    #[tokio::test]
-    async fn console_events_carry_the_vm_id() {
-        let capture = Capture::default();
-        let subscriber = tracing_subscriber::registry().with(capture.clone());
-        let _guard = tracing::subscriber::set_default(subscriber);
-
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("console.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let proxy = BuiltinProxy::new(quick());
-        let mut rx = proxy.subscribe().unwrap();
-        let (started, ()) = tokio::join!(
-            proxy.start("vm-42", &path, "u"),
-            serve_once(&listener, b"hello\r\nworld\n")
-        );
-        started.unwrap();
-        assert_eq!(next_line(&mut rx).await, "hello");
-        assert_eq!(next_line(&mut rx).await, "world");
-        proxy.stop().await;
-
-        let events = capture.0.lock().unwrap().clone();
-        let console: Vec<_> = events
-            .iter()
-            .filter(|e| e.target == CONSOLE_TARGET)
-            .collect();
-        assert_eq!(console.len(), 2, "{events:?}");
-        for (event, line) in console.iter().zip(["hello", "world"]) {
-            // `%value` fields are recorded through their Display form.
-            assert_eq!(event.fields["vm_id"], "vm-42");
-            assert_eq!(event.fields["line"], line);
-        }
     }
 }

@@ -10,6 +10,7 @@ use qapi::qmp::{
     MigrationCapabilityStatus, ObjectOptions,
 };
 use serde_json::{json, Value};
+use tokio::sync::broadcast;
 use tracing::{info, instrument, warn};
 
 use super::{Inner, Running, MIGRATION_TIMEOUT};
@@ -17,54 +18,83 @@ use crate::cmdline::{load_uri, save_uri, BackendKind};
 use crate::config::HypervisorConfig;
 use crate::error::{Error, Result};
 use crate::qmp::QmpClient;
-use crate::wait::wait_until;
 
 const MIB: u64 = 1024 * 1024;
 
-/// Turns on `x-ignore-shared`: RAM in a shared file is not copied into the migration stream.
+/// Turns on `x-ignore-shared` (RAM in a shared file is not copied into the migration stream)
+/// and `events` (QEMU sends `MIGRATION` events only with it, and [`wait_migration`] waits on
+/// them).
 async fn set_ignore_shared(id: &str, qmp: &QmpClient) -> Result<()> {
     qmp.execute(migrate_set_capabilities {
-        capabilities: vec![MigrationCapabilityStatus {
-            capability: MigrationCapability::x_ignore_shared,
-            state: true,
-        }],
+        capabilities: vec![
+            MigrationCapabilityStatus {
+                capability: MigrationCapability::x_ignore_shared,
+                state: true,
+            },
+            MigrationCapabilityStatus {
+                capability: MigrationCapability::events,
+                state: true,
+            },
+        ],
     })
     .await
     .map_err(|e| Error::qmp(id, e))?;
     Ok(())
 }
 
-/// Polls `query-migrate` until `completed` (or `failed` / `cancelled`, or the timeout).
+/// Waits until the migration is `completed` (or `failed` / `cancelled`, or the timeout).
+///
+/// Event-driven: `events` must have been subscribed before the migration was started. Each
+/// `MIGRATION` event (and a lagging receiver) triggers one `query-migrate`, whose answer is
+/// authoritative, so an event missed or arriving before the first look costs nothing.
 ///
 /// Reads the reply as raw JSON: qapi 0.15's `MigrationInfo` follows QEMU 9.1, whose `ram`
 /// statistics need not match what 7.2 sends; only `status` and `error-desc` matter here.
-async fn wait_migration(id: &str, qmp: &QmpClient) -> Result<()> {
-    let outcome = wait_until(MIGRATION_TIMEOUT, || async {
-        let info = match qmp.execute_raw("query-migrate", Value::Null).await {
-            Ok(info) => info,
-            Err(e) => return Some(Err(Error::qmp(id, e))),
-        };
+async fn wait_migration(
+    id: &str,
+    qmp: &QmpClient,
+    mut events: broadcast::Receiver<Value>,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + MIGRATION_TIMEOUT;
+    loop {
+        let info = qmp
+            .execute_raw("query-migrate", Value::Null)
+            .await
+            .map_err(|e| Error::qmp(id, e))?;
         match info.get("status").and_then(Value::as_str) {
-            Some("completed") => Some(Ok(())),
-            Some(status @ ("failed" | "cancelled")) => Some(Err(Error::Migration {
-                id: id.to_owned(),
-                status: status.to_owned(),
-                desc: info
-                    .get("error-desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("no description")
-                    .to_owned(),
-            })),
-            _ => None,
+            Some("completed") => return Ok(()),
+            Some(status @ ("failed" | "cancelled")) => {
+                return Err(Error::Migration {
+                    id: id.to_owned(),
+                    status: status.to_owned(),
+                    desc: info
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no description")
+                        .to_owned(),
+                })
+            }
+            _ => {}
         }
-    })
-    .await;
-    outcome.unwrap_or_else(|| {
-        Err(Error::MigrationTimeout {
-            id: id.to_owned(),
-            timeout: MIGRATION_TIMEOUT,
-        })
-    })
+        let next = async {
+            loop {
+                match events.recv().await {
+                    Ok(ev) if ev.get("event").and_then(Value::as_str) == Some("MIGRATION") => {
+                        return;
+                    }
+                    Ok(_) => {}
+                    // Lagged: look again. Closed: the next query fails with the QMP error.
+                    Err(_) => return,
+                }
+            }
+        };
+        if tokio::time::timeout_at(deadline, next).await.is_err() {
+            return Err(Error::MigrationTimeout {
+                id: id.to_owned(),
+                timeout: MIGRATION_TIMEOUT,
+            });
+        }
+    }
 }
 
 /// Loads a clone's device state (`migrate-incoming exec:cat STATE`); the VM stays paused.
@@ -75,6 +105,7 @@ pub(super) async fn incoming(id: &str, qmp: &QmpClient, cfg: &HypervisorConfig) 
         .as_deref()
         .ok_or(crate::ConfigError::TemplateWithoutStatePath)?;
     set_ignore_shared(id, qmp).await?;
+    let events = qmp.subscribe();
     qmp.execute(migrate_incoming {
         uri: Some(load_uri(state)),
         channels: None,
@@ -82,7 +113,7 @@ pub(super) async fn incoming(id: &str, qmp: &QmpClient, cfg: &HypervisorConfig) 
     })
     .await
     .map_err(|e| Error::qmp(id, e))?;
-    wait_migration(id, qmp).await?;
+    wait_migration(id, qmp, events).await?;
     info!("template state loaded");
     Ok(())
 }
@@ -103,6 +134,7 @@ pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> 
         .await
         .map_err(|e| Error::qmp(id, e))?;
     set_ignore_shared(id, &r.qmp).await?;
+    let events = r.qmp.subscribe();
     r.qmp
         .execute(migrate {
             uri: Some(save_uri(state)),
@@ -112,7 +144,7 @@ pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> 
         })
         .await
         .map_err(|e| Error::qmp(id, e))?;
-    wait_migration(id, &r.qmp).await?;
+    wait_migration(id, &r.qmp, events).await?;
     info!(state = %state.display(), "template saved");
     Ok(())
 }

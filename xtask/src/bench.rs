@@ -1,0 +1,198 @@
+//! `cargo xtask bench`: the speed and memory of clones against cold boots, measured side by
+//! side in one run on this machine. Prints a table and writes `target/bench/bench.json`.
+//!
+//! Method: one template is made first. Then, `runs` times, a cold boot and a clone are timed in
+//! turn (interleaved, so drift in machine load hits both alike), each until the guest agent
+//! answers `Check`; medians are reported. Memory: N idle direct VMs, then N idle clones, and
+//! the proportional set size (PSS, `/proc/PID/smaps_rollup`) of their QEMU processes.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use vmfactory_e2e::vm::{self, TestVm};
+use vmfactory_hypervisor::{Hypervisor, HypervisorConfig};
+
+use crate::util::workspace_root;
+
+/// One measured quantity over repeated runs, in milliseconds.
+#[derive(Debug, Serialize)]
+pub struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+    runs: usize,
+}
+
+impl Stat {
+    fn of(samples: &[Duration]) -> Self {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+        ms.sort_by(f64::total_cmp);
+        let median = match ms.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => ms[n / 2],
+            n => (ms[n / 2 - 1] + ms[n / 2]) / 2.0,
+        };
+        Self {
+            median,
+            min: ms.first().copied().unwrap_or(0.0),
+            max: ms.last().copied().unwrap_or(0.0),
+            runs: ms.len(),
+        }
+    }
+}
+
+/// Memory of N idle VMs of one kind.
+#[derive(Debug, Serialize)]
+pub struct Pss {
+    n: usize,
+    per_vm_mib: f64,
+    total_mib: f64,
+}
+
+/// The JSON report.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    accel: String,
+    guest_memory_mib: u64,
+    template_create_ms: f64,
+    cold_boot_ms: Stat,
+    clone_loaded_ms: Stat,
+    clone_ready_ms: Stat,
+    /// Clone time to ready ÷ cold boot time to ready (target ≤ 0.05).
+    clone_ratio: f64,
+    pss_direct: Vec<Pss>,
+    pss_clone: Vec<Pss>,
+    /// PSS per clone ÷ PSS per direct VM, at the first N (target ≤ 0.20).
+    clone_pss_ratio: f64,
+    /// Resident size of the template's memory file on its tmpfs: paid once for all clones.
+    template_resident_mib: f64,
+}
+
+/// Runs the bench.
+pub async fn run(runs: usize, pss_counts: &[usize]) -> Result<Report> {
+    let env = vmfactory_e2e::guest_env().context("Prerequisites missing")?;
+    let root = tempfile::Builder::new().prefix("vmf-bench-").tempdir_in("/tmp")?;
+    // The template's memory lives on a tmpfs, as the template factory puts it.
+    let tpl_dir = tempfile::Builder::new().prefix("vmf-bench-tpl-").tempdir_in("/dev/shm")?;
+    let base = vm::config(&env);
+    let tpl = vm::template_config(base.clone(), tpl_dir.path());
+
+    eprintln!("bench: making the template ...");
+    let template_create = vm::make_template(root.path(), tpl.clone()).await?;
+
+    let (mut cold, mut loaded, mut ready) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..runs {
+        eprintln!("bench: run {}/{runs}: cold boot and clone ...", i + 1);
+        let (vm, t) = TestVm::boot(root.path(), &format!("cold{i}"), base.clone()).await?;
+        cold.push(t);
+        vm.stop().await?;
+        let (vm, l, t) = vm::boot_clone(root.path(), &format!("clone{i}"), &tpl).await?;
+        loaded.push(l);
+        ready.push(t);
+        vm.stop().await?;
+    }
+
+    let (mut pss_direct, mut pss_clone) = (Vec::new(), Vec::new());
+    for &n in pss_counts {
+        eprintln!("bench: PSS of {n} idle direct VMs and {n} idle clones ...");
+        pss_direct.push(pss_of(root.path(), n, &base, false).await?);
+        pss_clone.push(pss_of(root.path(), n, &tpl, true).await?);
+    }
+    let template_resident_mib = resident_mib(&tpl_dir.path().join("memory"))?;
+
+    let cold_boot_ms = Stat::of(&cold);
+    let clone_ready_ms = Stat::of(&ready);
+    let clone_ratio = clone_ready_ms.median / cold_boot_ms.median;
+    let clone_pss_ratio = match (pss_clone.first(), pss_direct.first()) {
+        (Some(c), Some(d)) => c.per_vm_mib / d.per_vm_mib,
+        _ => f64::NAN,
+    };
+    let accel = vmfactory_hypervisor::resolve_accel(&base).await.as_str().to_string();
+    Ok(Report {
+        accel,
+        guest_memory_mib: base.memory_mib,
+        template_create_ms: template_create.as_secs_f64() * 1000.0,
+        cold_boot_ms,
+        clone_loaded_ms: Stat::of(&loaded),
+        clone_ready_ms,
+        clone_ratio,
+        pss_direct,
+        pss_clone,
+        clone_pss_ratio,
+        template_resident_mib,
+    })
+}
+
+/// Boots `n` VMs (clones of `cfg` when `clone`), lets them idle, and sums their PSS.
+async fn pss_of(root: &Path, n: usize, cfg: &HypervisorConfig, clone: bool) -> Result<Pss> {
+    let mut vms = Vec::new();
+    let booted = async {
+        for i in 0..n {
+            let id = format!("{}{i}", if clone { "pss-clone" } else { "pss-direct" });
+            let vm = if clone {
+                vm::boot_clone(root, &id, cfg).await?.0
+            } else {
+                TestVm::boot(root, &id, cfg.clone()).await?.0
+            };
+            vms.push(vm);
+        }
+        // Let boot-time work settle before reading memory.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut total_kib = 0;
+        for vm in &vms {
+            let pid = vm.vm.pid().context("VM has no pid")?;
+            total_kib += pss_kib(pid)?;
+        }
+        anyhow::Ok(total_kib)
+    }
+    .await;
+    for vm in vms {
+        vm.stop().await?;
+    }
+    let total_mib = booted? as f64 / 1024.0;
+    Ok(Pss { n, per_vm_mib: total_mib / n as f64, total_mib })
+}
+
+/// `Pss:` of `/proc/PID/smaps_rollup`, in KiB.
+fn pss_kib(pid: u32) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("No Pss in smaps_rollup")
+}
+
+/// Blocks actually stored for a file (its resident size on tmpfs).
+fn resident_mib(path: &Path) -> Result<f64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    Ok(meta.blocks() as f64 * 512.0 / (1024.0 * 1024.0))
+}
+
+/// Prints the table and writes the JSON; returns the JSON path.
+pub fn report(r: &Report) -> Result<std::path::PathBuf> {
+    println!("vmfactory bench ({} accel, {} MiB guests)", r.accel, r.guest_memory_mib);
+    println!("{:<40} {:>12} {:>10} {:>10}", "metric", "median", "min", "max");
+    let row = |name: &str, s: &Stat| {
+        println!("{:<40} {:>9.1} ms {:>7.1} ms {:>7.1} ms", name, s.median, s.min, s.max);
+    };
+    row(&format!("cold boot to agent Check (n={})", r.cold_boot_ms.runs), &r.cold_boot_ms);
+    row("clone: QEMU up + template loaded", &r.clone_loaded_ms);
+    row(&format!("clone to agent Check (n={})", r.clone_ready_ms.runs), &r.clone_ready_ms);
+    println!("{:<40} {:>9.1} ms", "template creation", r.template_create_ms);
+    for (d, c) in r.pss_direct.iter().zip(&r.pss_clone) {
+        println!("{:<40} {:>9.1} MiB", format!("PSS per idle direct VM (N={})", d.n), d.per_vm_mib);
+        println!("{:<40} {:>9.1} MiB", format!("PSS per idle clone (N={})", c.n), c.per_vm_mib);
+    }
+    println!("{:<40} {:>9.1} MiB", "template memory file on tmpfs (once)", r.template_resident_mib);
+    println!("{:<40} {:>12.3}   (target <= 0.05)", "clone_ratio", r.clone_ratio);
+    println!("{:<40} {:>12.3}   (target <= 0.20)", "clone_pss_ratio", r.clone_pss_ratio);
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("bench.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(r)?)?;
+    println!("json: {}", path.display());
+    Ok(path)
+}
