@@ -6,7 +6,11 @@ use std::{env, fs};
 
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
-const PROTOS: [&str; 3] = ["protos/health.proto", "protos/agent.proto", "protos/diag.proto"];
+const PROTOS: [&str; 3] = [
+    "protos/health.proto",
+    "protos/agent.proto",
+    "protos/diag.proto",
+];
 
 fn main() {
     for p in PROTOS {

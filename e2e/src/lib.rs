@@ -24,16 +24,23 @@ pub struct GuestEnv {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn is_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// Returns the environment, or `None` (with a message) when a prerequisite is missing.
@@ -48,13 +55,17 @@ pub fn guest_env() -> Option<GuestEnv> {
     let initrd = dir.join("initramfs.cpio");
     let missing = match find_on_path("qemu-system-x86_64") {
         None => Some("qemu-system-x86_64 is not installed (run `cargo xtask tools`)".to_string()),
-        Some(_) if !kernel.is_file() || !initrd.is_file() => {
-            Some(format!("no guest image in {} (run `cargo xtask guest`)", dir.display()))
-        }
+        Some(_) if !kernel.is_file() || !initrd.is_file() => Some(format!(
+            "no guest image in {} (run `cargo xtask guest`)",
+            dir.display()
+        )),
         Some(_) => None,
     };
     if let Some(why) = missing {
-        assert!(!is_ci(), "CI=true and a real-QEMU prerequisite is missing: {why}");
+        assert!(
+            !is_ci(),
+            "CI=true and a real-QEMU prerequisite is missing: {why}"
+        );
         eprintln!("SKIPPED: {why}");
         return None;
     }
@@ -62,14 +73,22 @@ pub fn guest_env() -> Option<GuestEnv> {
         .map(PathBuf::from)
         .or_else(|| Some(workspace_root().join("target/tools/bin/vhost-device-vsock")))
         .filter(|p| p.is_file());
-    Some(GuestEnv { qemu: find_on_path("qemu-system-x86_64")?, kernel, initrd, vhost_device_vsock })
+    Some(GuestEnv {
+        qemu: find_on_path("qemu-system-x86_64")?,
+        kernel,
+        initrd,
+        vhost_device_vsock,
+    })
 }
 
 /// Like [`guest_env`], and also requires `vhost-device-vsock`.
 pub fn guest_env_with_vsock_backend() -> Option<GuestEnv> {
     let env = guest_env()?;
     if env.vhost_device_vsock.is_none() {
-        assert!(!is_ci(), "CI=true and vhost-device-vsock is missing (run `cargo xtask tools`)");
+        assert!(
+            !is_ci(),
+            "CI=true and vhost-device-vsock is missing (run `cargo xtask tools`)"
+        );
         eprintln!("SKIPPED: vhost-device-vsock is not installed (run `cargo xtask tools`)");
         return None;
     }
@@ -85,7 +104,10 @@ pub struct RunRoot {
 impl RunRoot {
     /// A fresh run root under the system temp dir (short, so socket paths fit in 108 bytes).
     pub fn new() -> Self {
-        let dir = tempfile::Builder::new().prefix("vmf-e2e-").tempdir_in("/tmp").expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("vmf-e2e-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
         Self { dir }
     }
 
@@ -119,21 +141,30 @@ impl Default for RunRoot {
 /// Live processes (not zombies of ours) whose command line mentions `needle`.
 pub fn processes_mentioning(needle: &str) -> Vec<String> {
     let me = std::process::id();
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let mut found = Vec::new();
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if !cmdline.contains(needle) {
             continue;
         }
         let state = fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+        let zombie = state
+            .rsplit(')')
+            .next()
+            .is_some_and(|s| s.trim_start().starts_with('Z'));
         if !zombie {
             found.push(format!("process {pid}: {}", cmdline.trim()));
         }
@@ -156,7 +187,9 @@ pub fn entries_under(root: &Path) -> Vec<String> {
     let mut found = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let path = entry.path();
             found.push(format!("entry {}", path.display()));

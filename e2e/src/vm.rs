@@ -21,8 +21,13 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const LISTENING_LINE: &str = "vmfactory-agent: listening on agent.channel.0";
 
 /// What a guest kernel prints when it is in trouble.
-pub const KERNEL_TROUBLE: &[&str] =
-    &["soft lockup", "hard LOCKUP", "rcu_sched self-detected", "Kernel panic", "BUG:"];
+pub const KERNEL_TROUBLE: &[&str] = &[
+    "soft lockup",
+    "hard LOCKUP",
+    "rcu_sched self-detected",
+    "Kernel panic",
+    "BUG:",
+];
 
 /// A guest config: 1 vCPU (up to 4), 256 MiB (2 slots, up to 1 GiB), virtio-serial agent.
 pub fn config(env: &GuestEnv) -> HypervisorConfig {
@@ -55,7 +60,10 @@ pub fn clone_config(template: &HypervisorConfig) -> HypervisorConfig {
 
 /// Hybrid-vsock variant of `cfg` (direct VMs only).
 pub fn hybrid_vsock_config(mut cfg: HypervisorConfig, backend: PathBuf) -> HypervisorConfig {
-    cfg.agent_channel = AgentChannel::HybridVsock { backend, guest_cid: 3 };
+    cfg.agent_channel = AgentChannel::HybridVsock {
+        backend,
+        guest_cid: 3,
+    };
     cfg
 }
 
@@ -72,7 +80,9 @@ impl TestVm {
     /// Spawns QEMU for `cfg` in `root/<id>` without waiting for the guest.
     pub async fn start(root: &Path, id: &str, cfg: HypervisorConfig) -> Result<Self> {
         let vm = Arc::new(Qemu::new(id, cfg, root.join(id))?);
-        vm.start().await.with_context(|| format!("Cannot start VM {id}"))?;
+        vm.start()
+            .await
+            .with_context(|| format!("Cannot start VM {id}"))?;
         let agent = match KataAgent::new(vm.agent_url().as_str(), CALL_TIMEOUT) {
             Ok(agent) => agent,
             Err(e) => {
@@ -136,7 +146,10 @@ impl TestVm {
     pub fn assert_healthy_console(&self) {
         let console = self.console();
         for bad in KERNEL_TROUBLE {
-            assert!(!console.contains(bad), "guest console shows {bad:?}:\n{console}");
+            assert!(
+                !console.contains(bad),
+                "guest console shows {bad:?}:\n{console}"
+            );
         }
     }
 

@@ -12,7 +12,9 @@ use vmfactory_hypervisor::Hypervisor;
 async fn serial_check_survives_three_reconnects() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let (t, boot) = TestVm::boot(root.path(), "vm", vm::config(&env)).await.unwrap();
+    let (t, boot) = TestVm::boot(root.path(), "vm", vm::config(&env))
+        .await
+        .unwrap();
     eprintln!("virtio-serial: Check answered {boot:?} after QEMU start");
     for round in 1..=3 {
         let listening = t.console_count(LISTENING_LINE);
@@ -34,12 +36,18 @@ async fn serial_check_survives_three_reconnects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hybrid_vsock_serves_check_and_diagnostics() {
-    let Some(env) = guest_env_with_vsock_backend() else { return };
+    let Some(env) = guest_env_with_vsock_backend() else {
+        return;
+    };
     let root = RunRoot::new();
     let backend = env.vhost_device_vsock.clone().unwrap();
     let cfg = vm::hybrid_vsock_config(vm::config(&env), backend);
     let (t, boot) = TestVm::boot(root.path(), "vm", cfg).await.unwrap();
-    assert!(t.vm.agent_url().starts_with("hvsock://"), "{}", t.vm.agent_url());
+    assert!(
+        t.vm.agent_url().starts_with("hvsock://"),
+        "{}",
+        t.vm.agent_url()
+    );
     eprintln!("hybrid vsock: Check answered {boot:?} after QEMU start");
     let resources = t.agent.resources().await.unwrap();
     assert_eq!(resources.online_cpu_count(), 1);
@@ -47,7 +55,10 @@ async fn hybrid_vsock_serves_check_and_diagnostics() {
     assert_eq!(t.agent.random(64).await.unwrap().len(), 64);
     assert!(t.agent.uptime().await.unwrap().system > Duration::ZERO);
     let details = t.agent.get_guest_details().await.unwrap();
-    assert!(details.mem_block_size_bytes.is_power_of_two(), "{details:?}");
+    assert!(
+        details.mem_block_size_bytes.is_power_of_two(),
+        "{details:?}"
+    );
     t.stop().await.unwrap();
     root.assert_no_leaks();
 }
@@ -56,20 +67,31 @@ async fn hybrid_vsock_serves_check_and_diagnostics() {
 async fn set_guest_date_time_moves_the_clock() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let (t, _) = TestVm::boot(root.path(), "vm", vm::config(&env)).await.unwrap();
+    let (t, _) = TestVm::boot(root.path(), "vm", vm::config(&env))
+        .await
+        .unwrap();
     let day = Duration::from_secs(86_400);
     let target = SystemTime::now() + day;
     t.agent.set_guest_date_time(target).await.unwrap();
     let guest = t.agent.guest_time().await.unwrap();
     let skew = guest.duration_since(SystemTime::now()).unwrap_or_default();
-    assert!(skew > day - Duration::from_secs(5) && skew < day + Duration::from_secs(5), "{skew:?}");
-    t.agent.set_guest_date_time(SystemTime::now()).await.unwrap();
+    assert!(
+        skew > day - Duration::from_secs(5) && skew < day + Duration::from_secs(5),
+        "{skew:?}"
+    );
+    t.agent
+        .set_guest_date_time(SystemTime::now())
+        .await
+        .unwrap();
     let guest = t.agent.guest_time().await.unwrap();
     let skew = match guest.duration_since(SystemTime::now()) {
         Ok(d) => d,
         Err(e) => e.duration(),
     };
-    assert!(skew < Duration::from_secs(1), "guest clock off by {skew:?} after sync");
+    assert!(
+        skew < Duration::from_secs(1),
+        "guest clock off by {skew:?} after sync"
+    );
     t.stop().await.unwrap();
     root.assert_no_leaks();
 }
@@ -84,19 +106,30 @@ async fn reseed_makes_clones_diverge() {
     vm::make_template(root.path(), tpl.clone()).await.unwrap();
     let mut clones = Vec::new();
     for id in ["a", "b"] {
-        let c = TestVm::start(root.path(), id, vm::clone_config(&tpl)).await.unwrap();
+        let c = TestVm::start(root.path(), id, vm::clone_config(&tpl))
+            .await
+            .unwrap();
         c.vm.resume().await.unwrap();
         c.wait_ready().await.unwrap();
         clones.push(c);
     }
     // Clones start from one RNG state; print whether it shows (it is what reseeding is for).
-    let before = [clones[0].agent.random(32).await.unwrap(), clones[1].agent.random(32).await.unwrap()];
-    eprintln!("clone randomness identical before reseed: {}", before[0] == before[1]);
+    let before = [
+        clones[0].agent.random(32).await.unwrap(),
+        clones[1].agent.random(32).await.unwrap(),
+    ];
+    eprintln!(
+        "clone randomness identical before reseed: {}",
+        before[0] == before[1]
+    );
     for (i, c) in clones.iter().enumerate() {
         let seed: Vec<u8> = (0..512).map(|b| (b as u8) ^ (i as u8 * 0x5a)).collect();
         c.agent.reseed_random_dev(&seed).await.unwrap();
     }
-    let after = [clones[0].agent.random(32).await.unwrap(), clones[1].agent.random(32).await.unwrap()];
+    let after = [
+        clones[0].agent.random(32).await.unwrap(),
+        clones[1].agent.random(32).await.unwrap(),
+    ];
     assert_ne!(after[0], after[1]);
     assert_ne!(after[0], before[0]);
     for c in clones {

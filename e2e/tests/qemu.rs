@@ -12,7 +12,9 @@ use vmfactory_hypervisor::{Hypervisor, VmStatus};
 async fn boot_pause_resume_stop() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let (t, boot) = TestVm::boot(root.path(), "vm", vm::config(&env)).await.unwrap();
+    let (t, boot) = TestVm::boot(root.path(), "vm", vm::config(&env))
+        .await
+        .unwrap();
     eprintln!("cold boot to agent Check: {boot:?}");
     assert!(t.vm.pid().is_some());
     assert_eq!(t.vm.status().await.unwrap(), VmStatus::Running);
@@ -33,7 +35,9 @@ async fn boot_pause_resume_stop() {
 async fn cpu_and_memory_hotplug_are_onlined() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let (t, _) = TestVm::boot(root.path(), "vm", vm::config(&env)).await.unwrap();
+    let (t, _) = TestVm::boot(root.path(), "vm", vm::config(&env))
+        .await
+        .unwrap();
     let before = t.agent.resources().await.unwrap();
     assert_eq!(before.online_cpu_count(), 1);
 
@@ -44,7 +48,10 @@ async fn cpu_and_memory_hotplug_are_onlined() {
     assert_eq!(after.online_cpu_count(), 2, "{after:?}");
     assert_eq!(after.offline_memory_blocks, 0, "{after:?}");
     let grown_kib = after.mem_total_kb - before.mem_total_kb;
-    assert!(grown_kib >= 255 * 1024, "MemTotal grew by {grown_kib} KiB only");
+    assert!(
+        grown_kib >= 255 * 1024,
+        "MemTotal grew by {grown_kib} KiB only"
+    );
 
     // A second vCPU, then keep the guest busy on both for a while: the watchdog must stay quiet.
     assert_eq!(t.vm.add_vcpus(1).await.unwrap(), 1);
@@ -74,7 +81,9 @@ async fn template_save_and_two_clones() {
     let mut clones = Vec::new();
     for id in ["clone-a", "clone-b"] {
         let t0 = std::time::Instant::now();
-        let c = TestVm::start(root.path(), id, vm::clone_config(&tpl)).await.unwrap();
+        let c = TestVm::start(root.path(), id, vm::clone_config(&tpl))
+            .await
+            .unwrap();
         assert_eq!(c.vm.status().await.unwrap(), VmStatus::Paused);
         c.vm.resume().await.unwrap();
         c.wait_ready().await.unwrap();
@@ -93,6 +102,38 @@ async fn template_save_and_two_clones() {
     for c in clones {
         c.stop().await.unwrap();
     }
+    std::fs::remove_dir_all(&tpl_dir).unwrap();
+    root.assert_no_leaks();
+}
+
+/// The `get_vm` path: a clone is resumed, grown by hotplug and onlined; its guest must stay
+/// healthy (no soft lockup) while it works on both vCPUs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_grows_by_hotplug_and_stays_healthy() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let tpl_dir = root.path().join("tpl");
+    std::fs::create_dir(&tpl_dir).unwrap();
+    let tpl = vm::template_config(vm::config(&env), &tpl_dir);
+    vm::make_template(root.path(), tpl.clone()).await.unwrap();
+    let (c, _, _) = vm::boot_clone(root.path(), "clone", &tpl).await.unwrap();
+    let before = c.agent.resources().await.unwrap();
+    assert_eq!(c.vm.add_vcpus(1).await.unwrap(), 1);
+    assert_eq!(c.vm.add_memory(256).await.unwrap(), 256);
+    c.agent.online_cpu_mem(true, 1, false).await.unwrap();
+    let after = c.agent.resources().await.unwrap();
+    assert_eq!(after.online_cpu_count(), 2, "{after:?}");
+    assert!(
+        after.mem_total_kb >= before.mem_total_kb + 255 * 1024,
+        "{before:?} -> {after:?}"
+    );
+    for _ in 0..50 {
+        c.agent.random(4096).await.unwrap();
+        c.agent.resources().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.assert_healthy_console();
+    c.stop().await.unwrap();
     std::fs::remove_dir_all(&tpl_dir).unwrap();
     root.assert_no_leaks();
 }

@@ -73,9 +73,13 @@ pub struct Report {
 /// Runs the bench.
 pub async fn run(runs: usize, pss_counts: &[usize]) -> Result<Report> {
     let env = vmfactory_e2e::guest_env().context("Prerequisites missing")?;
-    let root = tempfile::Builder::new().prefix("vmf-bench-").tempdir_in("/tmp")?;
+    let root = tempfile::Builder::new()
+        .prefix("vmf-bench-")
+        .tempdir_in("/tmp")?;
     // The template's memory lives on a tmpfs, as the template factory puts it.
-    let tpl_dir = tempfile::Builder::new().prefix("vmf-bench-tpl-").tempdir_in("/dev/shm")?;
+    let tpl_dir = tempfile::Builder::new()
+        .prefix("vmf-bench-tpl-")
+        .tempdir_in("/dev/shm")?;
     let base = vm::config(&env);
     let tpl = vm::template_config(base.clone(), tpl_dir.path());
 
@@ -109,7 +113,10 @@ pub async fn run(runs: usize, pss_counts: &[usize]) -> Result<Report> {
         (Some(c), Some(d)) => c.per_vm_mib / d.per_vm_mib,
         _ => f64::NAN,
     };
-    let accel = vmfactory_hypervisor::resolve_accel(&base).await.as_str().to_string();
+    let accel = vmfactory_hypervisor::resolve_accel(&base)
+        .await
+        .as_str()
+        .to_string();
     Ok(Report {
         accel,
         guest_memory_mib: base.memory_mib,
@@ -152,7 +159,11 @@ async fn pss_of(root: &Path, n: usize, cfg: &HypervisorConfig, clone: bool) -> R
         vm.stop().await?;
     }
     let total_mib = booted? as f64 / 1024.0;
-    Ok(Pss { n, per_vm_mib: total_mib / n as f64, total_mib })
+    Ok(Pss {
+        n,
+        per_vm_mib: total_mib / n as f64,
+        total_mib,
+    })
 }
 
 /// `Pss:` of `/proc/PID/smaps_rollup`, in KiB.
@@ -173,22 +184,57 @@ fn resident_mib(path: &Path) -> Result<f64> {
 
 /// Prints the table and writes the JSON; returns the JSON path.
 pub fn report(r: &Report) -> Result<std::path::PathBuf> {
-    println!("vmfactory bench ({} accel, {} MiB guests)", r.accel, r.guest_memory_mib);
-    println!("{:<40} {:>12} {:>10} {:>10}", "metric", "median", "min", "max");
+    println!(
+        "vmfactory bench ({} accel, {} MiB guests)",
+        r.accel, r.guest_memory_mib
+    );
+    println!(
+        "{:<40} {:>12} {:>10} {:>10}",
+        "metric", "median", "min", "max"
+    );
     let row = |name: &str, s: &Stat| {
-        println!("{:<40} {:>9.1} ms {:>7.1} ms {:>7.1} ms", name, s.median, s.min, s.max);
+        println!(
+            "{:<40} {:>9.1} ms {:>7.1} ms {:>7.1} ms",
+            name, s.median, s.min, s.max
+        );
     };
-    row(&format!("cold boot to agent Check (n={})", r.cold_boot_ms.runs), &r.cold_boot_ms);
+    row(
+        &format!("cold boot to agent Check (n={})", r.cold_boot_ms.runs),
+        &r.cold_boot_ms,
+    );
     row("clone: QEMU up + template loaded", &r.clone_loaded_ms);
-    row(&format!("clone to agent Check (n={})", r.clone_ready_ms.runs), &r.clone_ready_ms);
-    println!("{:<40} {:>9.1} ms", "template creation", r.template_create_ms);
+    row(
+        &format!("clone to agent Check (n={})", r.clone_ready_ms.runs),
+        &r.clone_ready_ms,
+    );
+    println!(
+        "{:<40} {:>9.1} ms",
+        "template creation", r.template_create_ms
+    );
     for (d, c) in r.pss_direct.iter().zip(&r.pss_clone) {
-        println!("{:<40} {:>9.1} MiB", format!("PSS per idle direct VM (N={})", d.n), d.per_vm_mib);
-        println!("{:<40} {:>9.1} MiB", format!("PSS per idle clone (N={})", c.n), c.per_vm_mib);
+        println!(
+            "{:<40} {:>9.1} MiB",
+            format!("PSS per idle direct VM (N={})", d.n),
+            d.per_vm_mib
+        );
+        println!(
+            "{:<40} {:>9.1} MiB",
+            format!("PSS per idle clone (N={})", c.n),
+            c.per_vm_mib
+        );
     }
-    println!("{:<40} {:>9.1} MiB", "template memory file on tmpfs (once)", r.template_resident_mib);
-    println!("{:<40} {:>12.3}   (target <= 0.05)", "clone_ratio", r.clone_ratio);
-    println!("{:<40} {:>12.3}   (target <= 0.20)", "clone_pss_ratio", r.clone_pss_ratio);
+    println!(
+        "{:<40} {:>9.1} MiB",
+        "template memory file on tmpfs (once)", r.template_resident_mib
+    );
+    println!(
+        "{:<40} {:>12.3}   (target <= 0.05)",
+        "clone_ratio", r.clone_ratio
+    );
+    println!(
+        "{:<40} {:>12.3}   (target <= 0.20)",
+        "clone_pss_ratio", r.clone_pss_ratio
+    );
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("bench.json");

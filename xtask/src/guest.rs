@@ -100,17 +100,29 @@ pub fn build(quiet: bool) -> Result<GuestImage> {
         .context("Kernel package is not linux-image-*")?
         .to_string();
     let vmlinuz_src = unpacked.join(format!("boot/vmlinuz-{release}"));
-    ensure!(vmlinuz_src.is_file(), "Kernel {} missing from the package", vmlinuz_src.display());
+    ensure!(
+        vmlinuz_src.is_file(),
+        "Kernel {} missing from the package",
+        vmlinuz_src.display()
+    );
 
     let agent = build_agent(quiet)?;
-    let agent_bytes = fs::read(&agent).with_context(|| format!("Cannot read {}", agent.display()))?;
-    ensure!(is_static_elf(&agent_bytes), "Agent {} is not statically linked", agent.display());
+    let agent_bytes =
+        fs::read(&agent).with_context(|| format!("Cannot read {}", agent.display()))?;
+    ensure!(
+        is_static_elf(&agent_bytes),
+        "Agent {} is not statically linked",
+        agent.display()
+    );
 
     let mut modules = Vec::new();
     for name in MODULES {
-        let path = unpacked.join(format!("lib/modules/{release}")).join(module_subdir(name));
+        let path = unpacked
+            .join(format!("lib/modules/{release}"))
+            .join(module_subdir(name));
         let path = path.join(format!("{name}.ko"));
-        let bytes = fs::read(&path).with_context(|| format!("Module {name} missing: {}", path.display()))?;
+        let bytes = fs::read(&path)
+            .with_context(|| format!("Module {name} missing: {}", path.display()))?;
         modules.push((name.to_string(), bytes));
     }
 
@@ -126,10 +138,14 @@ pub fn build(quiet: bool) -> Result<GuestImage> {
         modules: MODULES.iter().map(|m| m.to_string()).collect(),
     };
 
-    let image = GuestImage { kernel: dir.join("vmlinuz"), initrd: dir.join("initramfs.cpio") };
+    let image = GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.cpio"),
+    };
     let manifest_path = dir.join("manifest.json");
-    let current: Option<Manifest> =
-        fs::read(&manifest_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let current: Option<Manifest> = fs::read(&manifest_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
     if current.as_ref() == Some(&manifest) && image.kernel.is_file() && image.initrd.is_file() {
         if !quiet {
             eprintln!("guest image up to date: {}", dir.display());
@@ -175,7 +191,11 @@ fn kernel_deb(cache: &Path) -> Result<PathBuf> {
     if let Some(found) = find_deb(cache, &package)? {
         return Ok(found);
     }
-    run(Command::new("apt-get").arg("download").arg("-qq").arg(&package).current_dir(cache))?;
+    run(Command::new("apt-get")
+        .arg("download")
+        .arg("-qq")
+        .arg(&package)
+        .current_dir(cache))?;
     find_deb(cache, &package)?.with_context(|| format!("apt-get download {package} left no .deb"))
 }
 
@@ -183,7 +203,10 @@ fn find_deb(cache: &Path, package: &str) -> Result<Option<PathBuf>> {
     let prefix = format!("{package}_");
     for entry in fs::read_dir(cache)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.starts_with(&prefix) && name.ends_with(".deb") {
             return Ok(Some(path));
         }
@@ -219,16 +242,29 @@ fn build_agent(quiet: bool) -> Result<PathBuf> {
         cmd.arg("-q");
     }
     run(&mut cmd)?;
-    Ok(root.join(format!("target/{GUEST_TARGET}/agent-static/vmfactory-agent")))
+    Ok(root.join(format!(
+        "target/{GUEST_TARGET}/agent-static/vmfactory-agent"
+    )))
 }
 
 /// True when the ELF file has no `PT_INTERP` program header (no dynamic loader).
 fn is_static_elf(bytes: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
     let u64_at = |o: usize| {
-        bytes.get(o..o + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_le_bytes)
+        bytes
+            .get(o..o + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
     };
     if bytes.get(0..4) != Some(b"\x7fELF".as_slice()) || bytes.get(4) != Some(&2) {
         return false;
@@ -270,29 +306,54 @@ fn initramfs(agent: &[u8], modules: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
         writer.finish()?;
         anyhow::Ok(())
     };
-    for dir in ["dev", "etc", "lib", "lib/modules", "proc", "run", "sys", "tmp"] {
+    for dir in [
+        "dev",
+        "etc",
+        "lib",
+        "lib/modules",
+        "proc",
+        "run",
+        "sys",
+        "tmp",
+    ] {
         add(&mut out, dir, DIR, &[], (0, 0))?;
     }
     add(&mut out, "dev/console", CHR, &[], (5, 1))?;
     add(&mut out, "init", EXEC, agent, (0, 0))?;
     let mut order = String::new();
     for (name, bytes) in modules {
-        add(&mut out, &format!("lib/modules/{name}.ko"), FILE, bytes, (0, 0))?;
+        add(
+            &mut out,
+            &format!("lib/modules/{name}.ko"),
+            FILE,
+            bytes,
+            (0, 0),
+        )?;
         order.push_str(&format!("{name}.ko\n"));
     }
-    add(&mut out, "lib/modules/load-order", FILE, order.as_bytes(), (0, 0))?;
+    add(
+        &mut out,
+        "lib/modules/load-order",
+        FILE,
+        order.as_bytes(),
+        (0, 0),
+    )?;
     trailer(&mut out)?;
     Ok(out)
 }
 
 fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).with_context(|| format!("Cannot create {}", tmp.display()))?;
+    let mut file =
+        fs::File::create(&tmp).with_context(|| format!("Cannot create {}", tmp.display()))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     fs::rename(&tmp, path).with_context(|| format!("Cannot rename to {}", path.display()))?;

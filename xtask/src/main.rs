@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <guest|tools|test|e2e|bench|demo>`.
 
 mod bench;
+mod demo;
 mod guest;
 mod tools;
 mod util;
@@ -21,6 +22,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// The main job: install QEMU if missing, build the guest image, boot a VM, make a
+    /// template, clone it, print the timings.
+    Demo,
     /// Build the guest image (kernel + initramfs with the static agent) into target/guest.
     Guest,
     /// Install what the tests need: QEMU (apt) and vhost-device-vsock (crates.io).
@@ -51,6 +55,11 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Demo => {
+            tools::ensure_qemu()?;
+            guest::build(false)?;
+            tokio::runtime::Runtime::new()?.block_on(demo::run())
+        }
         Cmd::Guest => guest::build(false).map(drop),
         Cmd::Tools => prerequisites(),
         Cmd::Test { args } => {

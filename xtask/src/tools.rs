@@ -22,7 +22,13 @@ pub fn ensure_qemu() -> Result<()> {
     eprintln!("installing qemu-system-x86 ...");
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends", "qemu-system-x86"])
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "qemu-system-x86",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
@@ -40,7 +46,13 @@ pub fn ensure_vhost_device_vsock() -> Result<PathBuf> {
     eprintln!("installing vhost-device-vsock {VHOST_DEVICE_VSOCK_VERSION} (about a minute) ...");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo)
-        .args(["install", "--locked", "--quiet", "vhost-device-vsock", "--version"])
+        .args([
+            "install",
+            "--locked",
+            "--quiet",
+            "vhost-device-vsock",
+            "--version",
+        ])
         .arg(VHOST_DEVICE_VSOCK_VERSION)
         .arg("--root")
         .arg(workspace_root().join("target/tools"))

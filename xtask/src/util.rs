@@ -7,12 +7,17 @@ use anyhow::{bail, Context, Result};
 
 /// The workspace root (parent of `xtask/`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 /// Runs a command, failing with its name and exit status.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("Cannot run {:?}", cmd.get_program()))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("Cannot run {:?}", cmd.get_program()))?;
     if !status.success() {
         bail!("{:?} failed ({status})", cmd);
     }
@@ -28,5 +33,7 @@ pub fn on_path(name: &str) -> bool {
 
 /// True when running under CI (`CI=true`), where missing prerequisites are failures.
 pub fn is_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }

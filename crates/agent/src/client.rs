@@ -14,7 +14,9 @@ use crate::convert;
 use crate::error::{Error, Result};
 use crate::protocols::{agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc};
 use crate::transport;
-use crate::types::{self, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo};
+use crate::types::{
+    self, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
+};
 use crate::url::AgentUrl;
 
 /// Default per-call timeout of [`KataAgent`].
@@ -244,7 +246,10 @@ impl Agent for KataAgent {
     async fn check(&self) -> Result<HealthStatus> {
         let req = health::CheckRequest::new();
         let resp = self
-            .call("Check", |c, ctx| async move { c.health.check(ctx, &req).await })
+            .call(
+                "Check",
+                |c, ctx| async move { c.health.check(ctx, &req).await },
+            )
             .await?;
         Ok(resp.status.into())
     }
@@ -253,7 +258,9 @@ impl Agent for KataAgent {
     async fn version(&self) -> Result<VersionInfo> {
         let req = health::CheckRequest::new();
         let resp = self
-            .call("Version", |c, ctx| async move { c.health.version(ctx, &req).await })
+            .call("Version", |c, ctx| async move {
+                c.health.version(ctx, &req).await
+            })
             .await?;
         Ok(resp.into())
     }
@@ -316,7 +323,9 @@ impl Agent for KataAgent {
             ..Default::default()
         };
         let resp = self
-            .call("GetRandom", |c, ctx| async move { c.diag.get_random(ctx, &req).await })
+            .call("GetRandom", |c, ctx| async move {
+                c.diag.get_random(ctx, &req).await
+            })
             .await?;
         if resp.data.len() != len as usize {
             return Err(Error::InvalidResponse {
@@ -331,7 +340,9 @@ impl Agent for KataAgent {
     async fn guest_time(&self) -> Result<SystemTime> {
         let req = diag::TimeRequest::new();
         let resp = self
-            .call("GetTime", |c, ctx| async move { c.diag.get_time(ctx, &req).await })
+            .call("GetTime", |c, ctx| async move {
+                c.diag.get_time(ctx, &req).await
+            })
             .await?;
         types::from_sec_nsec(resp.sec, resp.nsec).ok_or_else(|| Error::InvalidResponse {
             method: "GetTime",
@@ -354,7 +365,10 @@ impl Agent for KataAgent {
     async fn uptime(&self) -> Result<Uptime> {
         let req = diag::UptimeRequest::new();
         let resp = self
-            .call("Uptime", |c, ctx| async move { c.diag.uptime(ctx, &req).await })
+            .call(
+                "Uptime",
+                |c, ctx| async move { c.diag.uptime(ctx, &req).await },
+            )
             .await?;
         Ok(resp.into())
     }
@@ -371,7 +385,9 @@ impl Agent for KataAgent {
         let other = other
             .as_any()
             .downcast_ref::<KataAgent>()
-            .ok_or(Error::Unsupported("reusing the connection of a non-ttRPC agent"))?;
+            .ok_or(Error::Unsupported(
+                "reusing the connection of a non-ttRPC agent",
+            ))?;
         if std::ptr::eq(self, other) {
             return Ok(());
         }

@@ -138,7 +138,11 @@ impl Error {
     }
 
     /// Builds an [`Error::Sys`].
-    pub(crate) fn sys(op: &'static str, target: impl std::fmt::Display, source: nix::Error) -> Self {
+    pub(crate) fn sys(
+        op: &'static str,
+        target: impl std::fmt::Display,
+        source: nix::Error,
+    ) -> Self {
         Error::Sys {
             op,
             target: target.to_string(),

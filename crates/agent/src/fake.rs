@@ -237,7 +237,9 @@ impl Agent for FakeAgent {
     async fn random(&self, len: u32) -> Result<Vec<u8>> {
         let st = self.record(FakeCall::Random(len))?;
         let seed = st.calls.len() as u8;
-        Ok((0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect())
+        Ok((0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect())
     }
 
     async fn guest_time(&self) -> Result<SystemTime> {

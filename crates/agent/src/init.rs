@@ -220,7 +220,10 @@ mod tests {
     fn missing_load_order_loads_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(load_modules(dir.path()), 0);
-        assert!(matches!(module_load_order(dir.path()), Err(Error::Io { .. })));
+        assert!(matches!(
+            module_load_order(dir.path()),
+            Err(Error::Io { .. })
+        ));
     }
 
     #[test]

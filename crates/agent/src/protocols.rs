@@ -17,7 +17,9 @@ macro_rules! generated {
             unused_results,
             unused_mut,
             dead_code,
-            clippy::all
+            clippy::all,
+            clippy::unwrap_used,
+            clippy::undocumented_unsafe_blocks
         )]
         pub mod $name {
             include!(concat!(env!("OUT_DIR"), "/protos/", $file));

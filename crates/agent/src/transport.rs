@@ -27,27 +27,29 @@ pub async fn dial(url: &AgentUrl, timeout: Duration) -> Result<Socket> {
     let deadline = Instant::now() + timeout;
     let mut backoff = INITIAL_BACKOFF;
     let mut attempts = 0u32;
+    let mut last = None;
     loop {
         attempts += 1;
-        let err = match tokio::time::timeout_at(deadline, dial_once(url)).await {
+        match tokio::time::timeout_at(deadline, dial_once(url)).await {
             Ok(Ok(socket)) => {
                 debug!(%url, attempts, "agent connected");
                 return Ok(socket);
             }
             Ok(Err(e @ Error::HvsockRejected { .. })) => return Err(e),
-            Ok(Err(e)) => Some(e),
-            Err(_elapsed) => None,
-        };
+            Ok(Err(e)) => {
+                trace!(%url, error = %e, "dial attempt failed");
+                last = Some(Box::new(e));
+            }
+            // The deadline cut an attempt short: report the previous attempt's error, if any.
+            Err(_elapsed) => {}
+        }
         let now = Instant::now();
-        if now >= deadline || err.is_none() {
+        if now >= deadline {
             return Err(Error::DialTimeout {
                 url: url.to_string(),
                 timeout,
-                last: err.map(Box::new),
+                last,
             });
-        }
-        if let Some(e) = &err {
-            trace!(%url, error = %e, "dial attempt failed");
         }
         tokio::time::sleep_until((now + backoff).min(deadline)).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -155,7 +157,10 @@ mod tests {
             let mut req = vec![0; 13];
             server.read_exact(&mut req).await.expect("read");
             assert_eq!(req, b"CONNECT 1024\n");
-            server.write_all(b"OK 1073741824\nTTRPC").await.expect("write");
+            server
+                .write_all(b"OK 1073741824\nTTRPC")
+                .await
+                .expect("write");
         });
         hvsock_handshake(&mut client, Path::new("/s"), 1024)
             .await
@@ -201,7 +206,9 @@ mod tests {
         let res = dial(&url, Duration::from_millis(100)).await;
         assert!(start.elapsed() < Duration::from_secs(2));
         match res {
-            Err(Error::DialTimeout { last: Some(last), .. }) => {
+            Err(Error::DialTimeout {
+                last: Some(last), ..
+            }) => {
                 assert!(matches!(*last, Error::Io { .. }));
             }
             Err(e) => panic!("expected DialTimeout, got {e:?}"),

@@ -49,7 +49,9 @@ impl AgentUrl {
             url: url.to_owned(),
             reason,
         };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| bad("missing scheme://"))?;
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| bad("missing scheme://"))?;
         let abs_path = |p: &str| {
             if p.is_empty() {
                 Err(bad("empty path"))
@@ -61,17 +63,27 @@ impl AgentUrl {
                 Ok(PathBuf::from(p))
             }
         };
-        let port = |p: &str| p.parse::<u32>().map_err(|_| bad("port is not a 32-bit number"));
+        let port = |p: &str| {
+            p.parse::<u32>()
+                .map_err(|_| bad("port is not a 32-bit number"))
+        };
         match scheme {
             "vsock" => {
-                let (cid, p) = rest.split_once(':').ok_or_else(|| bad("expected CID:PORT"))?;
+                let (cid, p) = rest
+                    .split_once(':')
+                    .ok_or_else(|| bad("expected CID:PORT"))?;
                 let cid = cid
                     .parse::<u32>()
                     .map_err(|_| bad("CID is not a 32-bit number"))?;
-                Ok(AgentUrl::Vsock { cid, port: port(p)? })
+                Ok(AgentUrl::Vsock {
+                    cid,
+                    port: port(p)?,
+                })
             }
             "hvsock" => {
-                let (path, p) = rest.rsplit_once(':').ok_or_else(|| bad("expected PATH:PORT"))?;
+                let (path, p) = rest
+                    .rsplit_once(':')
+                    .ok_or_else(|| bad("expected PATH:PORT"))?;
                 Ok(AgentUrl::Hvsock {
                     path: abs_path(path)?,
                     port: port(p)?,
@@ -204,11 +216,17 @@ mod tests {
     #[test]
     fn rejects_bad_urls() {
         assert_eq!(reason("3:1024"), "missing scheme://");
-        assert_eq!(reason("tcp://1.2.3.4:5"), "unknown scheme (want vsock, hvsock, serial or unix)");
+        assert_eq!(
+            reason("tcp://1.2.3.4:5"),
+            "unknown scheme (want vsock, hvsock, serial or unix)"
+        );
         assert_eq!(reason("vsock://3"), "expected CID:PORT");
         assert_eq!(reason("vsock://x:1024"), "CID is not a 32-bit number");
         assert_eq!(reason("vsock://3:"), "port is not a 32-bit number");
-        assert_eq!(reason("vsock://3:99999999999"), "port is not a 32-bit number");
+        assert_eq!(
+            reason("vsock://3:99999999999"),
+            "port is not a 32-bit number"
+        );
         assert_eq!(reason("vsock://-1:1024"), "CID is not a 32-bit number");
         assert_eq!(reason("hvsock:///run/vm.vsock"), "expected PATH:PORT");
         assert_eq!(reason("hvsock://vm.vsock:1024"), "path is not absolute");

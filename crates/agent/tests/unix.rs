@@ -123,10 +123,16 @@ async fn disconnect_then_lazy_reconnect_and_reuse() {
     a.disconnect().await.expect("second disconnect is a no-op");
     assert_eq!(a.check().await.expect("check"), HealthStatus::Serving);
 
-    let b = agent(url("unix", &guest.sock("nowhere")), Duration::from_millis(50));
+    let b = agent(
+        url("unix", &guest.sock("nowhere")),
+        Duration::from_millis(50),
+    );
     b.reuse_agent(&a).await.expect("reuse");
     assert!(b.is_connected().await);
-    assert_eq!(b.check().await.expect("check via reused"), HealthStatus::Serving);
+    assert_eq!(
+        b.check().await.expect("check via reused"),
+        HealthStatus::Serving
+    );
 
     let fake = vmfactory_agent::FakeAgent::new();
     assert!(matches!(
@@ -162,9 +168,12 @@ async fn over_a_socketpair() {
     >(
         server_end,
     )]));
-    let _server = AgentServer::start(std::sync::Arc::new(GuestAgent::new(guest.config())), listener)
-        .await
-        .expect("start");
+    let _server = AgentServer::start(
+        std::sync::Arc::new(GuestAgent::new(guest.config())),
+        listener,
+    )
+    .await
+    .expect("start");
     let a = KataAgent::with_stream(
         url("unix", &guest.sock("unused")),
         vmfactory_agent::AgentConfig::default(),

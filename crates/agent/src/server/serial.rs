@@ -4,14 +4,20 @@
 //! A virtio console port has no accept: the guest opens the device and the host side is either
 //! connected or not. While no host is connected, `poll` reports `POLLHUP` continuously and reads
 //! return EOF. The stream therefore:
-//! 1. opens the port (`O_RDWR | O_CLOEXEC | O_NONBLOCK`) and prints
-//!    `vmfactory-agent: listening on <name>` on the console;
-//! 2. waits for the host with edge-triggered epoll on `EPOLLOUT` (as Kata's Go agent did):
-//!    `EPOLLOUT` means connected, `EPOLLERR` fails, `EPOLLHUP` alone means "not yet". tokio's
-//!    `AsyncFd` cannot do this wait: it keeps HUP readiness sticky, so it would spin;
-//! 3. yields the port as a [`SerialConn`] (tokio `AsyncFd` based);
-//! 4. when ttRPC drops that connection (after EOF or an error), reopens the port at once and
-//!    goes back to 2.
+//! 1. opens the port (`O_RDWR | O_CLOEXEC | O_NONBLOCK`) once and keeps it open;
+//! 2. for each session, prints `vmfactory-agent: listening on <name>` on the console and waits for
+//!    the host with edge-triggered epoll on `EPOLLOUT` (as Kata's Go agent did): `EPOLLOUT`
+//!    means connected, `EPOLLERR` fails, `EPOLLHUP` means "not yet". tokio's `AsyncFd` cannot
+//!    do this wait: it keeps HUP readiness sticky, so it would spin;
+//! 3. yields a duplicate of the port fd as a [`SerialConn`] (tokio `AsyncFd` based);
+//! 4. when ttRPC drops that connection (after EOF or an error), goes back to 2 at once.
+//!
+//! Why a duplicate and not a reopen: the kernel discards the port's unread input when the last
+//! fd of the port is closed (`port_fops_release`). A host that disconnects and reconnects at
+//! once can have its first request already queued in the guest by the time the old session
+//! closes, and a close-and-reopen would silently drop it (measured: a reconnecting client hung
+//! until its timeout). Closing a duplicate does not release the port, so nothing is lost.
+//! The port is only reopened after an error.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -35,40 +41,61 @@ use crate::init::console_line;
 
 type OpenFn = dyn Fn() -> io::Result<OwnedFd> + Send + Sync;
 
-/// How the serial listener (re)opens its port.
+/// How the serial listener opens its port.
 #[derive(Clone)]
-pub struct PortOpener(Arc<OpenFn>);
+pub struct PortOpener {
+    open: Arc<OpenFn>,
+    keep_open: bool,
+}
 
 impl std::fmt::Debug for PortOpener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PortOpener")
+        f.debug_struct("PortOpener")
+            .field("keep_open", &self.keep_open)
+            .finish_non_exhaustive()
     }
 }
 
 impl PortOpener {
-    /// Opens a device node (`/dev/vport0p1`) read-write, non-blocking, close-on-exec.
+    /// Opens a device node (`/dev/vport0p1`) read-write, non-blocking, close-on-exec, once,
+    /// and keeps it open across sessions.
     pub fn device(path: PathBuf) -> Self {
-        PortOpener(Arc::new(move || {
+        let open = Arc::new(move || {
             let flags = OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
             let fd = nix::fcntl::open(&path, flags, Mode::empty())?;
             // SAFETY: `open` just returned this fd and nothing else owns it.
             Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
-        }))
+        });
+        PortOpener {
+            open,
+            keep_open: true,
+        }
     }
 
-    /// Uses `f` to open the port (tests hand out socketpair or pty ends).
+    /// Calls `f` for a fresh fd per session (tests hand out one socketpair end per session).
     pub fn from_fn(f: impl Fn() -> io::Result<OwnedFd> + Send + Sync + 'static) -> Self {
-        PortOpener(Arc::new(f))
+        PortOpener {
+            open: Arc::new(f),
+            keep_open: false,
+        }
+    }
+
+    /// Opens once and serves every session on a duplicate of that fd, as for a device.
+    pub fn keep_open(mut self) -> Self {
+        self.keep_open = true;
+        self
     }
 
     fn open(&self) -> io::Result<OwnedFd> {
-        (self.0)()
+        let fd = (self.open)()?;
+        set_nonblocking(fd.as_fd())?;
+        Ok(fd)
     }
 }
 
 /// A stream of host sessions on a serial port, for `ttrpc::asynchronous::transport::Listener::new`.
 ///
-/// `label` names the port in the console line printed each time the port is (re)opened.
+/// `label` names the port in the console line printed each time a session wait starts.
 /// Errors are logged and retried with backoff; the stream never ends.
 pub fn serial_listener(
     opener: PortOpener,
@@ -78,11 +105,13 @@ pub fn serial_listener(
         opener: PortOpener,
         label: String,
         prev: Option<oneshot::Receiver<()>>,
+        port: Option<OwnedFd>,
     }
     let state = State {
         opener,
         label,
         prev: None,
+        port: None,
     };
     futures::stream::unfold(state, |mut st| async move {
         let mut backoff = Duration::from_millis(10);
@@ -90,14 +119,16 @@ pub fn serial_listener(
             if let Some(prev) = st.prev.take() {
                 // Resolves when the previous SerialConn is dropped (its sender goes away).
                 let _ = prev.await;
-                debug!(port = %st.label, "host session ended, reopening");
+                debug!(port = %st.label, "host session ended");
             }
-            match accept(&st.opener, &st.label).await {
+            match accept(&st.opener, &mut st.port, &st.label).await {
                 Ok((conn, closed)) => {
                     st.prev = Some(closed);
                     return Some((Ok(conn), st));
                 }
                 Err(e) => {
+                    // Start over with a fresh open of the port.
+                    st.port = None;
                     warn!(port = %st.label, error = %e, "cannot serve on port");
                     console_line(&format!("vmfactory-agent: port {}: {e}", st.label));
                     tokio::time::sleep(backoff).await;
@@ -108,13 +139,24 @@ pub fn serial_listener(
     })
 }
 
-/// Opens the port, announces it, waits for the host and wraps the fd.
+/// Opens the port (or duplicates the kept one), announces it, waits for the host and wraps the
+/// fd.
 async fn accept(
     opener: &PortOpener,
+    kept: &mut Option<OwnedFd>,
     label: &str,
 ) -> io::Result<(SerialConn, oneshot::Receiver<()>)> {
-    let fd = opener.open()?;
-    set_nonblocking(fd.as_fd())?;
+    let fd = if opener.keep_open {
+        let port = match kept.take() {
+            Some(port) => port,
+            None => opener.open()?,
+        };
+        let dup = port.try_clone()?;
+        *kept = Some(port);
+        dup
+    } else {
+        opener.open()?
+    };
     console_line(&format!("vmfactory-agent: listening on {label}"));
     let fd = wait_for_host(fd).await?;
     debug!(port = %label, "host connected");
@@ -164,7 +206,10 @@ fn wait_for_host_blocking(port: BorrowedFd<'_>, cancel: BorrowedFd<'_>) -> io::R
         };
         for ev in &events[..n] {
             if ev.data() == CANCEL_TOKEN {
-                return Err(io::Error::new(io::ErrorKind::Interrupted, "listener dropped"));
+                return Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "listener dropped",
+                ));
             }
             let flags = ev.events();
             // A virtio port never reports OUT and HUP together; a pty master whose slave is

@@ -87,7 +87,8 @@ impl GuestAgent {
                 .map_err(|e| Error::io("open", dev.display(), e))?;
             f.write_all(&data)
                 .map_err(|e| Error::io("write", dev.display(), e))?;
-            let bits = libc::c_int::try_from(data.len().saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+            let bits =
+                libc::c_int::try_from(data.len().saturating_mul(8)).unwrap_or(libc::c_int::MAX);
             // SAFETY: the fd is open for the whole call and the ioctl reads one c_int from a
             // valid pointer.
             unsafe { rnd_add_to_ent_cnt(f.as_raw_fd(), &bits) }
@@ -236,9 +237,11 @@ impl agent_ttrpc::AgentService for GuestAgent {
             .ok()
             .filter(|us| *us < 1_000_000)
             .map(|us| us * 1000);
-        let t = nsec.and_then(|n| types::from_sec_nsec(req.Sec, n)).ok_or_else(|| {
-            ttrpc::Error::RpcStatus(get_status(Code::INVALID_ARGUMENT, "time out of range"))
-        })?;
+        let t = nsec
+            .and_then(|n| types::from_sec_nsec(req.Sec, n))
+            .ok_or_else(|| {
+                ttrpc::Error::RpcStatus(get_status(Code::INVALID_ARGUMENT, "time out of range"))
+            })?;
         self.cfg
             .clock
             .set(t)

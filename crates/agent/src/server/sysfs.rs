@@ -283,7 +283,11 @@ pub(crate) mod tests {
     #[test]
     fn resources_of_fake_tree() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let paths = fake_tree(dir.path(), &[true, true, false, false], &["online", "offline"]);
+        let paths = fake_tree(
+            dir.path(),
+            &[true, true, false, false],
+            &["online", "offline"],
+        );
         let res = resources(&paths).expect("resources");
         assert_eq!(res.online_cpus, vec![0, 1]);
         assert_eq!(res.offline_cpus, vec![2, 3]);
