@@ -16,7 +16,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::process::exit(2);
     };
     let arg: u32 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(16);
-    let agent = KataAgent::new(url.as_str(), Duration::from_secs(10))?;
+    let secs = std::env::var("AGENTCTL_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let agent = KataAgent::new(url.as_str(), Duration::from_secs(secs))?;
     let start = Instant::now();
     match cmd.as_str() {
         "check" => println!("{:?}", agent.check().await?),

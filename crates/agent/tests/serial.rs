@@ -1,20 +1,25 @@
 //! The virtio-serial listener logic with stand-ins for the port: a socketpair per session, and
 //! a pty (the port is the master, the host is the slave), including close and reopen.
 //!
-//! A real virtio console port reports POLLHUP until the host connects and then an EPOLLOUT edge;
-//! neither stand-in reproduces that exactly (a new pty master or socket is writable at once), so
-//! these tests cover open → serve → host closes → drop → reopen → serve again. The HUP wait was
-//! verified against QEMU's virtio-serial (see the crate README/report).
+//! A real virtio console port reports POLLHUP until the host connects and then an EPOLLOUT edge
+//! (on PORT_OPEN); neither stand-in can produce that edge for a *second* host on the same fd, so
+//! these tests cover: serve → host closes → session dropped → new session (fresh fd per
+//! session), and, on a kept-open fd, that a hung-up port yields no session until a host is
+//! back. The full cycle on one fd is exercised against QEMU's virtio-serial.
 
 mod common;
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{url, FakeGuest};
+use futures::StreamExt;
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use ttrpc::asynchronous::transport::Listener;
 use vmfactory_agent::server::{serial_listener, AgentServer, FdStream, PortOpener};
@@ -129,10 +134,8 @@ async fn pty_port_serves_closes_and_reopens() {
 }
 
 /// A kept-open port whose host hung up must not yield a new session until the host is back:
-/// opens once, yields one session, then waits (no spinning through sessions).
-async fn hangup_waits(open_host: impl FnOnce(OwnedFd) -> OwnedFd, make: fn() -> (OwnedFd, OwnedFd)) {
-    use futures::StreamExt;
-    let (port, host) = make();
+/// it is opened once, yields one session, then waits (no spinning through sessions).
+async fn hangup_waits(port: OwnedFd, mut host: FdStream) {
     let port = std::sync::Mutex::new(Some(port));
     let opens = Arc::new(AtomicUsize::new(0));
     let counted = opens.clone();
@@ -150,7 +153,6 @@ async fn hangup_waits(open_host: impl FnOnce(OwnedFd) -> OwnedFd, make: fn() -> 
         .expect("first session")
         .expect("stream")
         .expect("session");
-    let mut host = FdStream::new(open_host(host)).expect("host stream");
     host.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
     conn.read_exact(&mut buf).await.expect("read");
@@ -172,14 +174,20 @@ async fn hangup_waits(open_host: impl FnOnce(OwnedFd) -> OwnedFd, make: fn() -> 
 #[tokio::test]
 async fn pty_hangup_waits_for_host() {
     // The port is the pty master; the host is the slave. A master whose slave closed polls
-    // OUT|HUP (a virtio port polls HUP alone); neither is a connected host. A pty master gets
+    // OUT|HUP (a virtio port polls HUP alone); neither means a connected host. A pty master gets
     // no wake-up when the slave is reopened (a virtio port does, on PORT_OPEN), so the next
-    // session cannot be driven with a pty: the QEMU e2e covers it.
+    // session cannot be driven with a pty; the QEMU e2e covers it.
+    let pty = open_pty().expect("pty");
+    let host = open_slave(&pty.slave_path);
+    hangup_waits(pty.master, host).await;
+}
+
+#[tokio::test]
+async fn socket_hangup_waits_for_host() {
+    let (port, host) = std::os::unix::net::UnixStream::pair().expect("socketpair");
     hangup_waits(
-        |_| {
-            unreachable!("replaced below");
-        },
-        || unreachable!(),
+        OwnedFd::from(port),
+        FdStream::new(OwnedFd::from(host)).expect("host"),
     )
     .await;
 }

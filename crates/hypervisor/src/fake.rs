@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use crate::cmdline::{agent_url, RunPaths};
 use crate::config::HypervisorConfig;
 use crate::error::{Error, Result};
-use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
+use crate::state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
 use crate::Hypervisor;
 
 /// A step a [`FakeHypervisor`] can be told to fail at.
@@ -32,6 +32,8 @@ pub enum FakeStep {
     AddMemory,
     /// [`Hypervisor::status`].
     Status,
+    /// [`Hypervisor::size`].
+    Size,
     /// [`Hypervisor::detach`].
     Detach,
 }
@@ -47,6 +49,7 @@ impl FakeStep {
             Self::AddVcpus => "add_vcpus",
             Self::AddMemory => "add_memory",
             Self::Status => "status",
+            Self::Size => "size",
             Self::Detach => "detach",
         }
     }
@@ -71,6 +74,8 @@ pub enum FakeCall {
     AddMemory(u64),
     /// `status`.
     Status,
+    /// `size`.
+    Size,
     /// `detach`.
     Detach,
 }
@@ -256,6 +261,14 @@ impl Hypervisor for FakeHypervisor {
     async fn status(&self) -> Result<VmStatus> {
         let g = self.enter(FakeCall::Status, FakeStep::Status, false)?;
         Ok(g.status.clone())
+    }
+
+    async fn size(&self) -> Result<VmSize> {
+        let g = self.enter(FakeCall::Size, FakeStep::Size, false)?;
+        Ok(VmSize {
+            vcpus: g.vcpus,
+            memory_mib: g.memory_mib,
+        })
     }
 
     fn pid(&self) -> Option<u32> {

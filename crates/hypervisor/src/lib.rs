@@ -50,7 +50,7 @@ pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 pub use fake::{FakeCall, FakeHypervisor, FakeStep};
 pub use qemu::Qemu;
 pub use qmp::QmpClient;
-pub use state::{QemuState, VmStatus, QEMU_STATE_VERSION};
+pub use state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
 
 /// A VM's hypervisor process, as the `vm` crate sees it.
 ///
@@ -99,6 +99,10 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
 
     /// The VM's run state.
     async fn status(&self) -> Result<VmStatus>;
+
+    /// The VM's size as the hypervisor reports it now (QEMU: `query-cpus-fast` and
+    /// `query-memory-devices`), for checking recorded sizes against the truth.
+    async fn size(&self) -> Result<VmSize>;
 
     /// The hypervisor process id, while running.
     fn pid(&self) -> Option<u32>;

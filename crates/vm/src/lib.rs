@@ -1,6 +1,71 @@
-//! The VM abstraction of vmfactory: a hypervisor, an agent, a proxy and persisted state wired
-//! together (the Rust successor of Kata 1.x `virtcontainers/vm.go`).
+//! The VM of vmfactory: a hypervisor, a guest agent, a console proxy and persisted state wired
+//! together (the Rust successor of Kata Containers 1.x `virtcontainers/vm.go`).
 //!
-//! Status: skeleton. The lifecycle (`Vm::new`, pause, save, resume, stop, hotplug, reseed,
-//! time sync, wire form) is tracked by issue 4 and not implemented yet; this crate exports
-//! nothing so that no caller can mistake it for working code.
+//! This crate owns:
+//! - [`VmConfig`] (hypervisor, agent timeouts, proxy kind, run root) and its validation;
+//! - [`Vm`]: [`Vm::new`] boots a VM step by step ([`NewStep`]) and undoes every earlier step
+//!   when one fails, so no process, socket, directory or proxy is left behind; pause, resume,
+//!   save (as a template), hotplug that keeps the recorded size true, onlining, RNG reseed,
+//!   guest time sync, sandbox links, status; [`Vm::stop`] stops the VM and destroys its
+//!   storage;
+//! - the wire forms of a config ([`VmConfig::to_wire`]) and of a running VM ([`VmState`],
+//!   [`Vm::detach`] / [`Vm::from_wire`]) so another handle, in this or another process, can
+//!   re-attach to a running VM: QMP and the agent reconnected, QEMU's pid checked alive.
+//!
+//! Each VM lives in `<run_root>/vm/<id>/` (run root default `/run/vc`): the `persist` crate
+//! creates, locks and destroys that directory and keeps `state.json` in it, and the same
+//! directory is the hypervisor's run directory, so the VM's sockets and logs are there too and
+//! go with it. The lock makes one handle the owner of a VM at a time.
+//!
+//! It does not own QEMU, QMP or the command line (`vmfactory-hypervisor`), the agent protocol
+//! (`vmfactory-agent`), the console (`vmfactory-proxy`), the storage format
+//! (`vmfactory-persist`), or templates, pools and request sizing (`vmfactory-factory`).
+//!
+//! Differences from the seed, on purpose:
+//! - `Vm::new` boots; there is no separate `start` (the seed's `Start` re-ran the hypervisor's
+//!   start on a VM `NewVM` had already started). A template clone boots paused:
+//!   [`Vm::resume`] starts its guest.
+//! - [`Vm::disconnect`] only closes the agent connection; the proxy runs until
+//!   [`Vm::stop`] / [`Vm::detach`], so the console keeps showing the guest.
+//! - [`Vm::add_memory`] updates the recorded memory, and hotplug bookkeeping is saved.
+//! - [`Vm::assign_sandbox`] refuses to replace anything but a symlink, and rolls back.
+//!
+//! Parts come from a [`Backends`] ([`QemuBackends`] for the real ones); tests use fakes.
+//!
+//! # Examples
+//! ```no_run
+//! # async fn example(kernel: std::path::PathBuf, initrd: std::path::PathBuf)
+//! # -> vmfactory_vm::Result<()> {
+//! use vmfactory_hypervisor::HypervisorConfig;
+//! use vmfactory_vm::{Vm, VmConfig};
+//!
+//! let vm = Vm::new(VmConfig::new(HypervisorConfig::new(kernel, Some(initrd)))).await?;
+//! vm.add_cpus(1).await?;
+//! vm.online_cpu_memory().await?;
+//! let wire = vm.detach().await?; // hand over ...
+//! let vm = Vm::from_wire(&wire).await?; // ... and take over
+//! vm.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod backends;
+mod config;
+mod error;
+mod ops;
+mod sandbox;
+#[cfg(test)]
+mod testing;
+mod vm;
+mod wire;
+
+pub use backends::{Backends, NewStep, QemuBackends};
+pub use config::{
+    VmAgentConfig, VmConfig, DEFAULT_CALL_TIMEOUT, DEFAULT_DIAL_TIMEOUT, DEFAULT_READY_TIMEOUT,
+};
+pub use error::{ConfigError, Error, Result, WireError};
+pub use ops::{VmInfo, ENTROPY_SOURCE, RESEED_BYTES};
+pub use sandbox::{SandboxLinks, SHARED_DIR};
+pub use vm::Vm;
+pub use wire::{VmState, MAX_WIRE_SIZE, WIRE_VERSION};

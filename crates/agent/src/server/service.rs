@@ -184,7 +184,7 @@ impl health_ttrpc::Health for GuestAgent {
 
 #[async_trait]
 impl agent_ttrpc::AgentService for GuestAgent {
-    #[instrument(skip(self, _ctx))]
+    #[instrument(skip_all, fields(wait = req.wait, nb_cpus = req.nb_cpus, cpu_only = req.cpu_only))]
     async fn online_cpu_mem(
         &self,
         _ctx: &TtrpcContext,
@@ -227,7 +227,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
         Ok(Empty::new())
     }
 
-    #[instrument(skip(self, _ctx))]
+    #[instrument(skip_all, fields(sec = req.Sec, usec = req.Usec))]
     async fn set_guest_date_time(
         &self,
         _ctx: &TtrpcContext,

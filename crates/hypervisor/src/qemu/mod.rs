@@ -26,7 +26,7 @@ use crate::config::{Accel, AgentChannel, HypervisorConfig};
 use crate::error::{Error, Result};
 use crate::process::{tail, Proc};
 use crate::qmp::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
-use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
+use crate::state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
 use crate::wait::wait_until;
 use crate::Hypervisor;
 
@@ -486,6 +486,11 @@ impl Hypervisor for Qemu {
                 Ok(VmStatus::from_qmp(qapi::Enum::name(&st.status)))
             }
         }
+    }
+
+    async fn size(&self) -> Result<VmSize> {
+        let r = self.running().await?;
+        ops::size(&self.inner, &r).await
     }
 
     fn pid(&self) -> Option<u32> {

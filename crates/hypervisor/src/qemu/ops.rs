@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use qapi::qmp::{
     device_add, device_del, migrate, migrate_incoming, migrate_set_capabilities, object_add,
-    object_del, query_hotpluggable_cpus, query_memory_devices, stop, MemoryBackendFileProperties,
+    object_del, query_cpus_fast, query_hotpluggable_cpus, query_memory_devices, stop, MemoryBackendFileProperties,
     MemoryBackendMemfdProperties, MemoryBackendProperties, MemoryDeviceInfo, MigrationCapability,
     MigrationCapabilityStatus, ObjectOptions,
 };
@@ -18,8 +18,41 @@ use crate::cmdline::{load_uri, save_uri, BackendKind};
 use crate::config::HypervisorConfig;
 use crate::error::{Error, Result};
 use crate::qmp::QmpClient;
+use crate::state::VmSize;
 
 const MIB: u64 = 1024 * 1024;
+
+/// The slots of the plugged DIMMs and their total size in bytes (`query-memory-devices`).
+async fn plugged_dimms(id: &str, qmp: &QmpClient) -> Result<(BTreeSet<i64>, u64)> {
+    let devices = qmp
+        .execute(query_memory_devices {})
+        .await
+        .map_err(|e| Error::qmp(id, e))?;
+    let mut used = BTreeSet::new();
+    let mut plugged: u64 = 0;
+    for d in &devices {
+        if let MemoryDeviceInfo::dimm(w) | MemoryDeviceInfo::nvdimm(w) = d {
+            used.insert(w.data.slot);
+            plugged += u64::try_from(w.data.size).unwrap_or(0);
+        }
+    }
+    Ok((used, plugged))
+}
+
+/// The size QEMU reports: vCPUs from `query-cpus-fast`, memory = boot memory + plugged DIMMs.
+pub(super) async fn size(inner: &Inner, r: &Running) -> Result<VmSize> {
+    let id = &inner.id;
+    let cpus = r
+        .qmp
+        .execute(query_cpus_fast {})
+        .await
+        .map_err(|e| Error::qmp(id, e))?;
+    let (_, plugged) = plugged_dimms(id, &r.qmp).await?;
+    Ok(VmSize {
+        vcpus: u32::try_from(cpus.len()).unwrap_or(u32::MAX),
+        memory_mib: inner.config.memory_mib + plugged / MIB,
+    })
+}
 
 /// Turns on `x-ignore-shared` (RAM in a shared file is not copied into the migration stream)
 /// and `events` (QEMU sends `MIGRATION` events only with it, and [`wait_migration`] waits on
@@ -276,19 +309,7 @@ pub(super) async fn add_memory(inner: &Inner, r: &mut Running, mib: u64) -> Resu
             what: "Memory hotplug (no memory slots)",
         });
     }
-    let devices = r
-        .qmp
-        .execute(query_memory_devices {})
-        .await
-        .map_err(|e| Error::qmp(id, e))?;
-    let mut used = BTreeSet::new();
-    let mut plugged: u64 = 0;
-    for d in &devices {
-        if let MemoryDeviceInfo::dimm(w) | MemoryDeviceInfo::nvdimm(w) = d {
-            used.insert(w.data.slot);
-            plugged += u64::try_from(w.data.size).unwrap_or(0);
-        }
-    }
+    let (used, plugged) = plugged_dimms(id, &r.qmp).await?;
     let current = cfg.memory_mib + plugged / MIB;
     if current + mib > cfg.max_memory_mib {
         return Err(Error::MemoryLimit {

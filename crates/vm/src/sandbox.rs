@@ -1,0 +1,193 @@
+//! [`Vm::assign_sandbox`]: the seed's `assignSandbox` links, which make a sandbox's share path
+//! and socket directory lead to this VM's.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, instrument, warn};
+
+use crate::error::{Error, Result};
+use crate::vm::Vm;
+
+/// Name of the VM's share directory inside its storage directory (the seed's
+/// `/run/vc/vm/<id>/shared`).
+pub const SHARED_DIR: &str = "shared";
+
+/// Where a sandbox expects its share path and socket directory (the seed's
+/// `agent.getSharePath(sandbox)` and `agent.getVMPath(sandbox)`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxLinks {
+    /// The sandbox's share path; becomes a symlink to the VM's `shared/` directory.
+    pub share_path: PathBuf,
+    /// The sandbox's socket directory; becomes a symlink to the VM's storage directory (where
+    /// its sockets are).
+    pub sock_dir: PathBuf,
+}
+
+impl Vm {
+    /// The VM's share directory, `<run_root>/vm/<id>/shared` (created by
+    /// [`Vm::assign_sandbox`]).
+    pub fn share_dir(&self) -> PathBuf {
+        self.dir.join(SHARED_DIR)
+    }
+
+    /// Hands the VM to sandbox `sandbox_id`: creates the VM's share directory and the symlinks
+    /// `links.share_path` → that directory and `links.sock_dir` → the VM's storage directory.
+    ///
+    /// A symlink already at either path is replaced (as the seed does); anything else there is
+    /// [`Error::LinkExists`] (the seed removed it recursively). The parents must exist. If the
+    /// second link fails, the first is removed again. [`Vm::stop`] removes the links.
+    #[instrument(skip(self, links), fields(vm = %self.id))]
+    pub async fn assign_sandbox(&self, sandbox_id: &str, links: &SandboxLinks) -> Result<()> {
+        let mut inner = self.owned().await?;
+        let share = self.share_dir();
+        let created_share = match tokio::fs::create_dir(&share).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => false,
+            Err(source) => {
+                return Err(Error::Link {
+                    op: "Creating",
+                    path: share,
+                    source,
+                })
+            }
+        };
+        let pairs = [(&share, &links.share_path), (&self.dir, &links.sock_dir)];
+        let mut made = Vec::new();
+        for (target, link) in pairs {
+            if let Err(e) = make_link(target, link).await {
+                remove_links(&made, &self.dir).await;
+                if created_share {
+                    let _ = tokio::fs::remove_dir(&share).await;
+                }
+                return Err(e);
+            }
+            made.push(link.clone());
+        }
+        info!(
+            sandbox = sandbox_id,
+            share = %links.share_path.display(),
+            sock_dir = %links.sock_dir.display(),
+            "VM assigned to sandbox"
+        );
+        inner.links.extend(made);
+        Ok(())
+    }
+}
+
+/// Creates the symlink `link` → `target`, replacing a symlink already at `link`.
+async fn make_link(target: &Path, link: &Path) -> Result<()> {
+    match tokio::fs::symlink_metadata(link).await {
+        Ok(m) if m.file_type().is_symlink() => {
+            tokio::fs::remove_file(link)
+                .await
+                .map_err(|source| Error::Link {
+                    op: "Removing",
+                    path: link.to_owned(),
+                    source,
+                })?;
+        }
+        Ok(_) => {
+            return Err(Error::LinkExists {
+                path: link.to_owned(),
+            })
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(Error::Link {
+                op: "Inspecting",
+                path: link.to_owned(),
+                source,
+            })
+        }
+    }
+    tokio::fs::symlink(target, link)
+        .await
+        .map_err(|source| Error::Link {
+            op: "Creating",
+            path: link.to_owned(),
+            source,
+        })
+}
+
+/// Removes each symlink in `links` that still leads into `vm_dir` (others were replaced by
+/// someone else and are left alone).
+pub(crate) async fn remove_links(links: &[PathBuf], vm_dir: &Path) {
+    for link in links {
+        match tokio::fs::read_link(link).await {
+            Ok(target) if target.starts_with(vm_dir) => {
+                if let Err(e) = tokio::fs::remove_file(link).await {
+                    warn!(link = %link.display(), error = %e, "cannot remove sandbox link");
+                }
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => warn!(link = %link.display(), error = %e, "cannot read sandbox link"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{new_vm, Harness};
+
+    #[tokio::test]
+    async fn links_are_made_replaced_and_removed_on_stop() {
+        let h = Harness::new();
+        let vm = new_vm(&h).await;
+        let sb = h.root().join("sandbox");
+        std::fs::create_dir(&sb).expect("mkdir");
+        let links = SandboxLinks {
+            share_path: sb.join("shared"),
+            sock_dir: sb.join("sock"),
+        };
+        // A stale symlink is replaced.
+        std::os::unix::fs::symlink("/nonexistent", &links.sock_dir).expect("symlink");
+        vm.assign_sandbox("sb1", &links).await.expect("assign");
+        assert_eq!(
+            std::fs::read_link(&links.share_path).expect("link"),
+            vm.share_dir()
+        );
+        assert_eq!(std::fs::read_link(&links.sock_dir).expect("link"), vm.dir());
+        assert!(links.share_path.join(".").is_dir(), "leads to a directory");
+        // Assigning again (same links) works.
+        vm.assign_sandbox("sb1", &links).await.expect("again");
+        vm.stop().await.expect("stop");
+        assert!(std::fs::symlink_metadata(&links.share_path).is_err());
+        assert!(std::fs::symlink_metadata(&links.sock_dir).is_err());
+        assert!(!vm.dir().exists());
+    }
+
+    #[tokio::test]
+    async fn second_link_failure_rolls_back_the_first() {
+        let h = Harness::new();
+        let vm = new_vm(&h).await;
+        let sb = h.root().join("sandbox");
+        std::fs::create_dir_all(sb.join("sock")).expect("mkdir");
+        let links = SandboxLinks {
+            share_path: sb.join("shared"),
+            sock_dir: sb.join("sock"),
+        };
+        assert!(matches!(
+            vm.assign_sandbox("sb1", &links).await,
+            Err(Error::LinkExists { path }) if path == links.sock_dir
+        ));
+        assert!(std::fs::symlink_metadata(&links.share_path).is_err());
+        assert!(!vm.share_dir().exists());
+        assert!(sb.join("sock").is_dir(), "a real directory is left alone");
+
+        // A missing parent fails the first link; nothing is left either.
+        let links = SandboxLinks {
+            share_path: sb.join("missing/shared"),
+            sock_dir: sb.join("sock2"),
+        };
+        assert!(matches!(
+            vm.assign_sandbox("sb1", &links).await,
+            Err(Error::Link { op: "Creating", .. })
+        ));
+        assert!(std::fs::symlink_metadata(&links.sock_dir).is_err());
+        vm.stop().await.expect("stop");
+    }
+}

@@ -1,0 +1,669 @@
+//! [`Vm`]: creation with undo on failure ([`Vm::new`]), re-attachment from the wire form
+//! ([`Vm::from_wire`]), and the end of a VM's life through a handle ([`Vm::stop`],
+//! [`Vm::detach`]). The other operations are in `ops.rs` and `sandbox.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, MutexGuard};
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument};
+use vmfactory_agent::{Agent, HealthStatus};
+use vmfactory_hypervisor::{Hypervisor, VmStatus};
+use vmfactory_persist::{Store, VmLock};
+use vmfactory_proxy::Proxy;
+
+use crate::backends::{Backends, NewStep, QemuBackends};
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+use crate::wire::VmState;
+
+/// Pause between two `Check`s that failed at once (no agent connection yet, say).
+const CHECK_RETRY: Duration = Duration::from_millis(4);
+
+/// Whether this handle owns the VM.
+#[derive(Debug)]
+pub(crate) enum Ownership {
+    /// This handle owns the VM and holds its storage lock (released on drop).
+    Owned {
+        /// The lock, held for its `Drop`.
+        _lock: VmLock,
+    },
+    /// Stopped through this handle (storage destroyed).
+    Stopped,
+    /// Handed over with [`Vm::detach`].
+    Detached,
+}
+
+/// What the handle tracks besides its parts.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) ownership: Ownership,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mib: u64,
+    pub(crate) cpu_delta: u32,
+    /// Sandbox links created by [`Vm::assign_sandbox`], removed on stop.
+    pub(crate) links: Vec<PathBuf>,
+}
+
+/// A VM: a hypervisor, a guest agent, a console proxy and its storage directory
+/// `<run_root>/vm/<id>/` (which also holds its sockets and logs), owned through a lock.
+///
+/// Methods take `&self`; share a `Vm` in an `Arc`. Hotplug bookkeeping is serialised by an
+/// internal lock. A `Vm` ends with [`Vm::stop`] (the VM is gone) or [`Vm::detach`] (another
+/// handle takes over from the wire form). Dropping a `Vm` that was neither stopped nor detached
+/// leaves the VM running and its directory in place, and logs a warning.
+#[derive(Debug)]
+pub struct Vm {
+    pub(crate) id: String,
+    pub(crate) config: VmConfig,
+    pub(crate) store: Store,
+    pub(crate) dir: PathBuf,
+    pub(crate) hypervisor: Arc<dyn Hypervisor>,
+    pub(crate) agent: Arc<dyn Agent>,
+    pub(crate) proxy: Arc<dyn Proxy>,
+    pub(crate) agent_url: String,
+    pub(crate) inner: Mutex<Inner>,
+}
+
+/// What a failed `new` / `from_wire` has created so far, undone in reverse.
+struct Partial {
+    id: String,
+    store: Store,
+    /// The storage directory, if this call created it.
+    created_dir: bool,
+    lock: Option<VmLock>,
+    hypervisor: Option<Arc<dyn Hypervisor>>,
+    proxy: Option<Arc<dyn Proxy>>,
+    agent: Option<Arc<dyn Agent>>,
+    /// Re-attaching: release the VM (detach) instead of stopping it.
+    attached: bool,
+}
+
+impl Partial {
+    fn new(id: &str, store: Store, attached: bool) -> Self {
+        Self {
+            id: id.to_owned(),
+            store,
+            created_dir: false,
+            lock: None,
+            hypervisor: None,
+            proxy: None,
+            agent: None,
+            attached,
+        }
+    }
+
+    /// Undoes every step taken: stop the proxy, disconnect the agent, stop (or, re-attaching,
+    /// release) the hypervisor, destroy the directory if created here, release the lock.
+    async fn undo(self) {
+        if let Some(proxy) = self.proxy {
+            proxy.stop().await;
+        }
+        if let Some(agent) = self.agent {
+            if let Err(e) = agent.disconnect().await {
+                debug!(error = %e, "agent disconnect during undo");
+            }
+        }
+        if let Some(hv) = self.hypervisor {
+            let res = if self.attached {
+                hv.detach().await.map(drop)
+            } else {
+                hv.stop().await
+            };
+            if let Err(e) = res {
+                warn!(error = %e, "hypervisor cleanup during undo failed");
+            }
+        }
+        if self.created_dir {
+            if let Err(e) = destroy_dir(&self.store, &self.id).await {
+                warn!(error = %e, "destroying VM storage during undo failed");
+            }
+        }
+        drop(self.lock);
+    }
+}
+
+impl Vm {
+    /// Creates and boots a VM with QEMU, the Kata agent and the configured proxy; see
+    /// [`Vm::new_with`].
+    pub async fn new(config: VmConfig) -> Result<Self> {
+        Self::new_with(config, &QemuBackends).await
+    }
+
+    /// Creates and boots a VM with parts from `backends` (the seed's `NewVM`), in the order of
+    /// [`NewStep`]: validate the config; create `<run_root>/vm/<id>/` under a new UUID and lock
+    /// it; create the hypervisor with that directory as its run directory and start it (a
+    /// template clone starts paused); start the proxy on the console and the agent URL; create
+    /// the agent client for the URL the proxy returns; wait for the agent's `Check` (skipped
+    /// for a paused clone, whose guest cannot answer until resumed); save the state.
+    ///
+    /// A failing step undoes all earlier ones: the proxy is stopped, the agent disconnected,
+    /// the hypervisor stopped (QEMU killed, sockets removed), the directory destroyed.
+    pub async fn new_with(config: VmConfig, backends: &dyn Backends) -> Result<Self> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let span = info_span!("vm", vm = %id);
+        async move {
+            info!("creating VM");
+            let mut partial = Partial::new(&id, Store::new(&config.run_root), false);
+            match Self::create(&mut partial, config, backends).await {
+                Ok(vm) => {
+                    info!(pid = ?vm.hypervisor.pid(), "VM created");
+                    Ok(vm)
+                }
+                Err(e) => {
+                    warn!(error = %e, "creating VM failed, undoing");
+                    partial.undo().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn create(p: &mut Partial, config: VmConfig, backends: &dyn Backends) -> Result<Self> {
+        let id = p.id.clone();
+        let step = |s| backends.before(&id, s);
+        step(NewStep::Validate).await?;
+        config.validate_async().await?;
+
+        step(NewStep::CreateDir).await?;
+        let dir = create_dir(&p.store, &id).await?;
+        p.created_dir = true;
+
+        step(NewStep::Lock).await?;
+        let lock = p
+            .store
+            .lock(&id)
+            .await
+            .map_err(|e| Error::storage(&id, "lock", e))?;
+        p.lock = Some(lock);
+
+        step(NewStep::CreateHypervisor).await?;
+        let hv = backends.hypervisor(&id, &config.hypervisor, &dir)?;
+        p.hypervisor = Some(hv.clone());
+
+        step(NewStep::StartHypervisor).await?;
+        hv.start().await.map_err(|e| Error::hv(&id, "start", e))?;
+
+        step(NewStep::StartProxy).await?;
+        let proxy = backends.proxy(config.proxy);
+        p.proxy = Some(proxy.clone());
+        let agent_url = start_proxy(&id, hv.as_ref(), proxy.as_ref()).await?;
+
+        step(NewStep::CreateAgent).await?;
+        let agent = backends.agent(&id, &agent_url, &config.agent)?;
+        p.agent = Some(agent.clone());
+
+        step(NewStep::CheckAgent).await?;
+        if config.hypervisor.boot_from_template {
+            debug!("paused clone: agent check skipped");
+        } else {
+            wait_ready(&id, agent.as_ref(), config.agent.ready_timeout).await?;
+        }
+
+        step(NewStep::SaveState).await?;
+        let inner = Inner {
+            ownership: Ownership::Stopped,
+            vcpus: config.hypervisor.vcpus,
+            memory_mib: config.hypervisor.memory_mib,
+            cpu_delta: 0,
+            links: Vec::new(),
+        };
+        let vm = Self::assemble(p, config, dir, agent_url, inner)?;
+        vm.save_state(&*vm.inner.lock().await).await?;
+        Ok(vm)
+    }
+
+    /// Moves the parts out of `p` into a `Vm` that owns the VM.
+    fn assemble(
+        p: &mut Partial,
+        config: VmConfig,
+        dir: PathBuf,
+        agent_url: String,
+        mut inner: Inner,
+    ) -> Result<Self> {
+        let (Some(hypervisor), Some(agent), Some(proxy), Some(lock)) = (
+            p.hypervisor.clone(),
+            p.agent.clone(),
+            p.proxy.clone(),
+            p.lock.take(),
+        ) else {
+            // Unreachable: every step above filled its part.
+            return Err(Error::Aborted {
+                id: p.id.clone(),
+                step: NewStep::SaveState,
+            });
+        };
+        inner.ownership = Ownership::Owned { _lock: lock };
+        Ok(Self {
+            id: p.id.clone(),
+            store: p.store.clone(),
+            config,
+            dir,
+            hypervisor,
+            agent,
+            proxy,
+            agent_url,
+            inner: Mutex::new(inner),
+        })
+    }
+
+    /// The VM id (a UUID).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The config the VM was created with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The VM's storage directory `<run_root>/vm/<id>/` (also its sockets and logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The hypervisor.
+    pub fn hypervisor(&self) -> &Arc<dyn Hypervisor> {
+        &self.hypervisor
+    }
+
+    /// The agent client.
+    pub fn agent(&self) -> &Arc<dyn Agent> {
+        &self.agent
+    }
+
+    /// The console proxy (subscribe to it for the guest's console lines).
+    pub fn proxy(&self) -> &Arc<dyn Proxy> {
+        &self.proxy
+    }
+
+    /// The URL the agent client dials (as the proxy returned it).
+    pub fn agent_url(&self) -> &str {
+        &self.agent_url
+    }
+
+    /// Locks the bookkeeping and checks that this handle owns the VM.
+    pub(crate) async fn owned(&self) -> Result<MutexGuard<'_, Inner>> {
+        let inner = self.inner.lock().await;
+        let state = match inner.ownership {
+            Ownership::Owned { .. } => return Ok(inner),
+            Ownership::Stopped => "stopped",
+            Ownership::Detached => "detached",
+        };
+        Err(Error::NotOwned {
+            id: self.id.clone(),
+            state,
+        })
+    }
+
+    /// The wire form of the VM's current state.
+    pub(crate) async fn state(&self, inner: &Inner) -> VmState {
+        VmState {
+            id: self.id.clone(),
+            config: self.config.clone(),
+            hypervisor: self.hypervisor.state().await,
+            agent_url: self.agent_url.clone(),
+            vcpus: inner.vcpus,
+            memory_mib: inner.memory_mib,
+            cpu_delta: inner.cpu_delta,
+        }
+    }
+
+    /// Saves the VM's state in its storage directory.
+    pub(crate) async fn save_state(&self, inner: &Inner) -> Result<()> {
+        let state = self.state(inner).await;
+        self.store
+            .save_state(&self.id, &state)
+            .await
+            .map_err(|e| Error::storage(&self.id, "save", e))
+    }
+
+    /// Stops the VM and destroys its storage (the seed's `Stop`, plus the storage): stops the
+    /// proxy, disconnects the agent, stops the hypervisor (QEMU gets `quit`, then SIGKILL),
+    /// removes sandbox links, destroys `<run_root>/vm/<id>/` and releases the lock.
+    ///
+    /// Idempotent. If the hypervisor cannot be stopped, the error is returned and the storage
+    /// kept, so `stop` can be retried. Fails with [`Error::NotOwned`] after [`Vm::detach`].
+    pub async fn stop(&self) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        match inner.ownership {
+            Ownership::Owned { .. } => {}
+            Ownership::Stopped => return Ok(()),
+            Ownership::Detached => {
+                return Err(Error::NotOwned {
+                    id: self.id.clone(),
+                    state: "detached",
+                })
+            }
+        }
+        let span = info_span!("vm", vm = %self.id);
+        async {
+            self.proxy.stop().await;
+            if let Err(e) = self.agent.disconnect().await {
+                debug!(error = %e, "agent disconnect during stop");
+            }
+            self.hypervisor
+                .stop()
+                .await
+                .map_err(|e| Error::hv(&self.id, "stop", e))?;
+            let links = std::mem::take(&mut inner.links);
+            crate::sandbox::remove_links(&links, &self.dir).await;
+            let destroyed = destroy_dir(&self.store, &self.id).await;
+            inner.ownership = Ownership::Stopped;
+            info!(ok = destroyed.is_ok(), "VM stopped");
+            destroyed
+        }
+        .instrument(span)
+        .await
+    }
+
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ownership::Owned { .. } = self.inner.get_mut().ownership {
+            warn!(vm = %self.id, "VM handle dropped while owning the VM; the VM keeps running");
+        }
+    }
+}
+
+/// How often [`create_dir`] retries when another VM's [`destroy_dir`] removed `<root>/vm`
+/// between the store creating it and creating the VM's directory in it.
+const CREATE_DIR_ATTEMPTS: usize = 3;
+
+/// Creates the VM's storage directory `<root>/vm/<id>/`.
+async fn create_dir(store: &Store, id: &str) -> Result<PathBuf> {
+    let mut attempt = 1;
+    loop {
+        match store.create_vm_dir(id).await {
+            Ok(dir) => return Ok(dir),
+            Err(vmfactory_persist::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
+                    && attempt < CREATE_DIR_ATTEMPTS =>
+            {
+                debug!(attempt, "VM parent directory vanished, retrying");
+                attempt += 1;
+            }
+            Err(e) => return Err(Error::storage(id, "create", e)),
+        }
+    }
+}
+
+/// Destroys the VM's storage directory, then `<root>/vm` if that is now empty (so a run root
+/// holds nothing once its VMs are gone; the store recreates it on demand).
+async fn destroy_dir(store: &Store, id: &str) -> Result<()> {
+    store
+        .destroy_vm_dir(id)
+        .await
+        .map_err(|e| Error::storage(id, "destroy", e))?;
+    if let Some(parent) = store.vm_dir(id).ok().as_deref().and_then(Path::parent) {
+        // Fails harmlessly while other VMs live there.
+        let _ = tokio::fs::remove_dir(parent).await;
+    }
+    Ok(())
+}
+
+/// Starts `proxy` on the hypervisor's console and agent URL; returns the URL to dial.
+async fn start_proxy(id: &str, hv: &dyn Hypervisor, proxy: &dyn Proxy) -> Result<String> {
+    proxy
+        .start(id, &hv.console_address(), &hv.agent_url())
+        .await
+        .map_err(|source| Error::Proxy {
+            id: id.to_owned(),
+            source,
+        })
+}
+
+/// Calls `Check` until the agent answers `SERVING`, for at most `timeout`.
+pub(crate) async fn wait_ready(id: &str, agent: &dyn Agent, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let started = Instant::now();
+        match tokio::time::timeout(left, agent.check()).await {
+            Ok(Ok(HealthStatus::Serving)) => return Ok(()),
+            Ok(Ok(status)) => {
+                debug!(?status, "agent not serving yet");
+                last = None;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "agent check failed");
+                last = Some(Box::new(e));
+            }
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::AgentNotReady {
+                id: id.to_owned(),
+                timeout,
+                last,
+            });
+        }
+        if started.elapsed() < CHECK_RETRY {
+            tokio::time::sleep(CHECK_RETRY).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ConfigError;
+    use crate::testing::{new_vm, Harness};
+    use std::sync::atomic::Ordering;
+    use vmfactory_agent::FakeCall as AgentCall;
+    use vmfactory_hypervisor::{FakeCall, FakeStep};
+
+    const ALL_STEPS: [NewStep; 9] = [
+        NewStep::Validate,
+        NewStep::CreateDir,
+        NewStep::Lock,
+        NewStep::CreateHypervisor,
+        NewStep::StartHypervisor,
+        NewStep::StartProxy,
+        NewStep::CreateAgent,
+        NewStep::CheckAgent,
+        NewStep::SaveState,
+    ];
+
+    #[tokio::test]
+    async fn new_runs_every_step_then_stop_removes_everything() {
+        let h = Harness::new();
+        let vm = new_vm(&h).await;
+        assert_eq!(*h.steps.lock().expect("lock"), ALL_STEPS);
+        assert_eq!(vm.dir(), h.root().join("vm").join(vm.id()));
+        assert_eq!(
+            vm.hypervisor().run_dir(),
+            vm.dir(),
+            "sockets live in the VM dir"
+        );
+        assert!(vm.dir().join("state.json").is_file());
+        assert!(uuid::Uuid::parse_str(vm.id()).is_ok());
+        assert_eq!(vm.agent_url(), vm.hypervisor().agent_url());
+        assert_eq!(h.hv().calls(), [FakeCall::Start]);
+        assert_eq!(h.agent.calls(), [AgentCall::Check]);
+        assert!(h.proxy.running.load(Ordering::SeqCst));
+        let saved: VmState = h.store().load_state(vm.id()).await.expect("state");
+        assert_eq!(saved.id, vm.id());
+        assert_eq!((saved.vcpus, saved.memory_mib), (1, 256));
+        // The storage lock is held.
+        assert!(matches!(
+            h.store().lock(vm.id()).await,
+            Err(vmfactory_persist::Error::Locked { .. })
+        ));
+
+        vm.stop().await.expect("stop");
+        h.assert_nothing_left().await;
+        vm.stop().await.expect("stop is idempotent");
+        assert_eq!(
+            h.hv().calls(),
+            [FakeCall::Start, FakeCall::Stop, FakeCall::Status]
+        );
+    }
+
+    #[tokio::test]
+    async fn failing_at_each_step_undoes_the_earlier_ones() {
+        for (i, step) in ALL_STEPS.into_iter().enumerate() {
+            let h = Harness::new();
+            *h.abort_at.lock().expect("lock") = Some(step);
+            let err = Vm::new_with(h.config(), &h).await.expect_err("aborted");
+            assert!(
+                matches!(err, Error::Aborted { step: s, .. } if s == step),
+                "{step:?}: {err:?}"
+            );
+            assert_eq!(*h.steps.lock().expect("lock"), ALL_STEPS[..=i]);
+            if i > index_of(NewStep::StartHypervisor) {
+                assert_eq!(
+                    h.hv().calls(),
+                    [FakeCall::Start, FakeCall::Stop],
+                    "{step:?}"
+                );
+            }
+            h.assert_nothing_left().await;
+        }
+    }
+
+    fn index_of(step: NewStep) -> usize {
+        ALL_STEPS.iter().position(|s| *s == step).expect("a step")
+    }
+
+    #[tokio::test]
+    async fn invalid_config_creates_nothing() {
+        let h = Harness::new();
+        let mut cfg = h.config();
+        cfg.hypervisor.vcpus = 0;
+        assert!(matches!(
+            Vm::new_with(cfg, &h).await,
+            Err(Error::Config(ConfigError::Hypervisor(_)))
+        ));
+        let mut cfg = h.config();
+        cfg.hypervisor.kernel = h.root().join("no-kernel");
+        assert!(matches!(
+            Vm::new_with(cfg, &h).await,
+            Err(Error::Config(ConfigError::Hypervisor(
+                vmfactory_hypervisor::ConfigError::KernelUnreadable { .. }
+            )))
+        ));
+        assert!(!h.hv_created());
+        assert!(!h.root().join("vm").exists());
+    }
+
+    #[tokio::test]
+    async fn storage_failure_creates_nothing() {
+        let h = Harness::new();
+        let mut cfg = h.config();
+        cfg.run_root = h.root().join("kernel"); // a file: no directory can go under it
+        assert!(matches!(
+            Vm::new_with(cfg, &h).await,
+            Err(Error::Storage { op: "create", .. })
+        ));
+        assert!(!h.hv_created());
+        h.assert_nothing_left().await;
+    }
+
+    #[tokio::test]
+    async fn hypervisor_create_and_start_failures() {
+        let h = Harness::new();
+        h.fail_hv_create.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            Vm::new_with(h.config(), &h).await,
+            Err(Error::Hypervisor { op: "create", .. })
+        ));
+        h.assert_nothing_left().await;
+
+        let h = Harness::new();
+        *h.hv_fail.lock().expect("lock") = Some(FakeStep::Start);
+        assert!(matches!(
+            Vm::new_with(h.config(), &h).await,
+            Err(Error::Hypervisor { op: "start", .. })
+        ));
+        assert_eq!(h.hv().calls(), [FakeCall::Start, FakeCall::Stop]);
+        assert_eq!(h.proxy.starts.load(Ordering::SeqCst), 0);
+        h.assert_nothing_left().await;
+    }
+
+    #[tokio::test]
+    async fn proxy_and_agent_failures() {
+        let h = Harness::new();
+        h.proxy.fail.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            Vm::new_with(h.config(), &h).await,
+            Err(Error::Proxy { .. })
+        ));
+        assert_eq!(h.hv().calls(), [FakeCall::Start, FakeCall::Stop]);
+        h.assert_nothing_left().await;
+
+        let h = Harness::new();
+        h.fail_agent_create.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            Vm::new_with(h.config(), &h).await,
+            Err(Error::Agent { op: "create", .. })
+        ));
+        h.assert_nothing_left().await;
+    }
+
+    #[tokio::test]
+    async fn agent_never_ready() {
+        let h = Harness::new();
+        h.agent.fail("check");
+        let t0 = std::time::Instant::now();
+        let err = Vm::new_with(h.config(), &h).await.expect_err("not ready");
+        assert!(
+            matches!(err, Error::AgentNotReady { last: Some(_), .. }),
+            "{err:?}"
+        );
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+        assert!(h.agent.count("check") > 1, "check is retried");
+        assert_eq!(h.agent.calls().last(), Some(&AgentCall::Disconnect));
+        h.assert_nothing_left().await;
+    }
+
+    #[tokio::test]
+    async fn paused_clone_skips_the_agent_check() {
+        let h = Harness::new();
+        std::fs::write(h.root().join("initrd"), b"i").expect("initrd");
+        let mut cfg = h.config();
+        cfg.hypervisor.initrd = Some(h.root().join("initrd"));
+        cfg.hypervisor.boot_from_template = true;
+        cfg.hypervisor.memory_path = Some(h.root().join("memory"));
+        cfg.hypervisor.devices_state_path = Some(h.root().join("state"));
+        h.agent.fail("check");
+        let vm = Vm::new_with(cfg, &h).await.expect("clone");
+        assert_eq!(h.agent.count("check"), 0);
+        assert_eq!(vm.status().await.expect("s").state, VmStatus::Paused);
+        vm.resume().await.expect("resume");
+        vm.stop().await.expect("stop");
+        h.assert_nothing_left().await;
+    }
+
+    #[tokio::test]
+    async fn undo_goes_on_when_a_cleanup_step_fails() {
+        let h = Harness::new();
+        *h.hv_fail.lock().expect("lock") = Some(FakeStep::Stop);
+        *h.abort_at.lock().expect("lock") = Some(NewStep::SaveState);
+        assert!(Vm::new_with(h.config(), &h).await.is_err());
+        assert!(h.vm_dirs().is_empty(), "directory removed anyway");
+        assert!(!h.proxy.running.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn failed_hypervisor_stop_keeps_storage_for_a_retry() {
+        let h = Harness::new();
+        let vm = new_vm(&h).await;
+        h.hv().fail_at(Some(FakeStep::Stop));
+        assert!(matches!(
+            vm.stop().await,
+            Err(Error::Hypervisor { op: "stop", .. })
+        ));
+        assert!(vm.dir().is_dir());
+        h.hv().fail_at(None);
+        vm.stop().await.expect("retry");
+        h.assert_nothing_left().await;
+    }
+
+}

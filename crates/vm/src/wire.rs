@@ -1,0 +1,253 @@
+//! Wire forms: [`VmState`], what another process needs to re-attach to a running VM (the
+//! seed's `VM.ToGrpc` / `NewVMFromGrpc`), and the envelope shared with [`crate::VmConfig`]'s.
+//!
+//! An envelope is JSON `{"kind": "...", "version": N, "body": ...}`. Decoding checks, in
+//! order: the size limit ([`MAX_WIRE_SIZE`]), that the bytes are JSON with a kind and a version,
+//! the kind, the version ([`WIRE_VERSION`]), then the body's shape. Each failure is a
+//! [`WireError`] variant; nothing panics on bad input.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use vmfactory_hypervisor::{QemuState, QEMU_STATE_VERSION};
+
+use crate::config::VmConfig;
+use crate::error::{Result, WireError};
+
+/// Version of the wire envelope and of [`VmState`]; bumped on incompatible changes.
+pub const WIRE_VERSION: u32 = 1;
+
+/// Largest wire form accepted (a real one is a few KiB).
+pub const MAX_WIRE_SIZE: usize = 1 << 20;
+
+/// Kind of a [`VmConfig`] wire form.
+pub(crate) const CONFIG_KIND: &str = "vmfactory-vm-config";
+
+/// Kind of a [`VmState`] wire form.
+pub(crate) const VM_KIND: &str = "vmfactory-vm";
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a, T> {
+    kind: &'a str,
+    version: u32,
+    body: &'a T,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    kind: String,
+    version: u32,
+}
+
+#[derive(Deserialize)]
+struct Envelope<T> {
+    body: T,
+}
+
+/// Encodes `body` in an envelope of `kind`.
+pub(crate) fn encode<T: Serialize>(
+    kind: &str,
+    body: &T,
+) -> std::result::Result<Vec<u8>, WireError> {
+    let bytes = serde_json::to_vec(&EnvelopeRef {
+        kind,
+        version: WIRE_VERSION,
+        body,
+    })
+    .map_err(WireError::Encode)?;
+    if bytes.len() > MAX_WIRE_SIZE {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_WIRE_SIZE,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes an envelope of `kind`; see the module docs for the checks.
+pub(crate) fn decode<T: DeserializeOwned>(
+    kind: &'static str,
+    bytes: &[u8],
+) -> std::result::Result<T, WireError> {
+    if bytes.len() > MAX_WIRE_SIZE {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_WIRE_SIZE,
+        });
+    }
+    let header: Header = serde_json::from_slice(bytes).map_err(WireError::Corrupt)?;
+    if header.kind != kind {
+        return Err(WireError::WrongKind {
+            expected: kind,
+            found: header.kind,
+        });
+    }
+    if header.version != WIRE_VERSION {
+        return Err(WireError::UnsupportedVersion {
+            found: header.version,
+            supported: WIRE_VERSION,
+        });
+    }
+    let env: Envelope<T> = serde_json::from_slice(bytes).map_err(WireError::Corrupt)?;
+    Ok(env.body)
+}
+
+/// A running VM as another process needs it to re-attach (see [`crate::Vm::from_wire`]), and
+/// as it is persisted in `<run_root>/vm/<id>/state.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// VM id.
+    pub id: String,
+    /// The config the VM was created with (including the proxy kind and run root).
+    pub config: VmConfig,
+    /// The hypervisor's wire form (pid and start time, sockets, hot-plugged devices).
+    pub hypervisor: QemuState,
+    /// The URL the host dials to reach the agent (as the proxy returned it).
+    pub agent_url: String,
+    /// Current vCPUs (boot + hot-added).
+    pub vcpus: u32,
+    /// Current memory in MiB (boot + hot-added).
+    pub memory_mib: u64,
+    /// vCPUs hot-added but not yet onlined by [`crate::Vm::online_cpu_memory`].
+    pub cpu_delta: u32,
+}
+
+impl VmState {
+    /// Encodes this state (versioned JSON envelope).
+    pub fn to_wire(&self) -> Result<Vec<u8>> {
+        Ok(encode(VM_KIND, self)?)
+    }
+
+    /// Decodes and checks a state; see [`VmState::check`].
+    pub fn from_wire(bytes: &[u8]) -> Result<Self> {
+        let state: Self = decode(VM_KIND, bytes)?;
+        state.check()?;
+        Ok(state)
+    }
+
+    /// Checks that the parts agree: a valid id, the hypervisor state of the same VM, version and
+    /// config, living in the VM's directory under the run root, and a config of valid shape.
+    pub fn check(&self) -> Result<()> {
+        let inconsistent = |reason: String| WireError::Inconsistent { reason };
+        vmfactory_persist::validate_id(&self.id).map_err(|e| inconsistent(e.to_string()))?;
+        let hv = &self.hypervisor;
+        if hv.version != QEMU_STATE_VERSION {
+            return Err(WireError::UnsupportedHypervisorVersion {
+                found: hv.version,
+                supported: QEMU_STATE_VERSION,
+            }
+            .into());
+        }
+        if hv.id != self.id {
+            return Err(inconsistent(format!("hypervisor state is for VM {:?}", hv.id)).into());
+        }
+        if hv.config != self.config.hypervisor {
+            return Err(inconsistent("hypervisor config differs from the VM config".into()).into());
+        }
+        if hv.run_dir() != self.config.vm_dir(&self.id) {
+            return Err(inconsistent(format!(
+                "run directory {} is not the VM's storage directory",
+                hv.run_dir().display()
+            ))
+            .into());
+        }
+        self.config.validate_shape()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{ConfigError, Error};
+    use vmfactory_hypervisor::{Hypervisor, HypervisorConfig};
+
+    async fn state() -> VmState {
+        let mut config = VmConfig::new(HypervisorConfig::new("/k", None));
+        config.run_root = "/run/vc".into();
+        let id = "0c3e7f5e-6a55-4b8e-9d0b-7b8b2f1d2a10";
+        let hv = vmfactory_hypervisor::FakeHypervisor::new(
+            id,
+            config.hypervisor.clone(),
+            config.vm_dir(id),
+        );
+        VmState {
+            id: id.into(),
+            agent_url: hv.agent_url(),
+            hypervisor: hv.state().await,
+            config,
+            vcpus: 1,
+            memory_mib: 256,
+            cpu_delta: 0,
+        }
+    }
+
+    fn with(bytes: &[u8], f: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let mut v: serde_json::Value = serde_json::from_slice(bytes).expect("json");
+        f(&mut v);
+        serde_json::to_vec(&v).expect("json")
+    }
+
+    #[tokio::test]
+    async fn round_trip() {
+        let st = state().await;
+        let bytes = st.to_wire().expect("encode");
+        assert_eq!(VmState::from_wire(&bytes).expect("decode"), st);
+    }
+
+    #[tokio::test]
+    async fn bad_bytes_are_typed_errors() {
+        let bytes = state().await.to_wire().expect("encode");
+        let wire_err = |b: &[u8]| match VmState::from_wire(b) {
+            Err(Error::Wire(e)) => e,
+            other => panic!("expected a wire error, got {other:?}"),
+        };
+        assert!(matches!(wire_err(b""), WireError::Corrupt(_)));
+        assert!(matches!(
+            wire_err(b"\xff\x00garbage"),
+            WireError::Corrupt(_)
+        ));
+        for cut in [1, bytes.len() / 2, bytes.len() - 1] {
+            assert!(matches!(wire_err(&bytes[..cut]), WireError::Corrupt(_)));
+        }
+        let big = vec![b' '; MAX_WIRE_SIZE + 1];
+        assert!(matches!(
+            wire_err(&big),
+            WireError::TooLarge { size, .. } if size == MAX_WIRE_SIZE + 1
+        ));
+        let v2 = with(&bytes, |v| v["version"] = 2.into());
+        assert!(matches!(
+            wire_err(&v2),
+            WireError::UnsupportedVersion {
+                found: 2,
+                supported: WIRE_VERSION
+            }
+        ));
+        let kind = with(&bytes, |v| v["kind"] = CONFIG_KIND.into());
+        assert!(matches!(wire_err(&kind), WireError::WrongKind { .. }));
+        let shape = with(&bytes, |v| v["body"]["vcpus"] = "two".into());
+        assert!(matches!(wire_err(&shape), WireError::Corrupt(_)));
+        let unknown = with(&bytes, |v| v["body"]["extra"] = 1.into());
+        assert!(matches!(wire_err(&unknown), WireError::Corrupt(_)));
+        let hv_version = with(&bytes, |v| v["body"]["hypervisor"]["version"] = 9.into());
+        assert!(matches!(
+            wire_err(&hv_version),
+            WireError::UnsupportedHypervisorVersion { found: 9, .. }
+        ));
+        let id = with(&bytes, |v| v["body"]["id"] = "../etc".into());
+        assert!(matches!(wire_err(&id), WireError::Inconsistent { .. }));
+        let hv_id = with(&bytes, |v| v["body"]["hypervisor"]["id"] = "other".into());
+        assert!(matches!(wire_err(&hv_id), WireError::Inconsistent { .. }));
+        let dir = with(&bytes, |v| {
+            v["body"]["config"]["run_root"] = "/elsewhere".into();
+        });
+        assert!(matches!(wire_err(&dir), WireError::Inconsistent { .. }));
+        let cfg = with(&bytes, |v| {
+            v["body"]["config"]["agent"]["call_timeout"] = 0.into();
+        });
+        assert!(matches!(
+            VmState::from_wire(&cfg),
+            Err(Error::Config(ConfigError::ZeroTimeout { what: "call" }))
+        ));
+    }
+}
