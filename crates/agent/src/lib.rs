@@ -14,6 +14,7 @@ mod convert;
 pub mod error;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
+pub mod handshake;
 pub mod init;
 pub mod protocols;
 pub mod server;

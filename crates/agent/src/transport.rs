@@ -22,7 +22,8 @@ const MAX_REPLY: usize = 64;
 
 /// Dials `url`, retrying failed attempts with backoff (5 ms doubling to 100 ms) until `timeout`
 /// has passed. A hybrid-vsock multiplexer that answers something other than `OK <n>` fails at
-/// once; every other failure (socket missing, refused, EOF during the handshake) is retried.
+/// once; every other failure (socket missing, refused, EOF during a handshake, a serial
+/// session handshake not answered in time) is retried on a new connection.
 pub async fn dial(url: &AgentUrl, timeout: Duration) -> Result<Socket> {
     let deadline = Instant::now() + timeout;
     let mut backoff = INITIAL_BACKOFF;
@@ -71,9 +72,12 @@ pub async fn dial_once(url: &AgentUrl) -> Result<Socket> {
             hvsock_handshake(&mut stream, path, *port).await?;
             Ok(Socket::new(stream))
         }
-        AgentUrl::Serial { path } | AgentUrl::Unix { path } => {
-            Ok(Socket::new(connect_unix(path).await?))
+        AgentUrl::Serial { path } => {
+            let mut stream = connect_unix(path).await?;
+            crate::handshake::host_handshake(&mut stream, path).await?;
+            Ok(Socket::new(stream))
         }
+        AgentUrl::Unix { path } => Ok(Socket::new(connect_unix(path).await?)),
     }
 }
 

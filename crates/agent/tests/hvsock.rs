@@ -156,7 +156,8 @@ async fn silent_server_times_out_within_bound() {
             held.push(s); // read nothing, answer nothing
         }
     });
-    let a = agent(common::url("serial", &path), Duration::from_millis(200));
+    // A connected peer that never answers a call: plain unix (no serial session handshake).
+    let a = agent(common::url("unix", &path), Duration::from_millis(200));
     for _ in 0..2 {
         let start = Instant::now();
         match a.check().await {
@@ -171,4 +172,24 @@ async fn silent_server_times_out_within_bound() {
         assert!(took >= Duration::from_millis(190), "{took:?}");
         assert!(took < Duration::from_secs(1), "{took:?}");
     }
+}
+
+#[tokio::test]
+async fn silent_serial_port_fails_the_session_handshake() {
+    let guest = FakeGuest::new();
+    let path = guest.sock("silent-serial.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s); // never answers SYNC
+        }
+    });
+    let a = agent(common::url("serial", &path), Duration::from_millis(300));
+    let start = Instant::now();
+    match a.check().await {
+        Err(e @ Error::DialTimeout { .. }) => assert!(e.is_timeout()),
+        other => panic!("expected DialTimeout, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(3));
 }

@@ -10,6 +10,7 @@
 mod common;
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use ttrpc::asynchronous::transport::Listener;
+use vmfactory_agent::handshake::{ack_line, hello_line, host_handshake};
 use vmfactory_agent::server::{serial_listener, AgentServer, FdStream, PortOpener};
 use vmfactory_agent::{Agent, AgentConfig, HealthStatus, KataAgent};
 
@@ -57,7 +59,10 @@ async fn socketpair_port_reopens_after_each_session() {
             .expect("port reopened in time")
             .expect("opener alive");
         host.set_nonblocking(true).expect("nonblocking");
-        let stream = tokio::net::UnixStream::from_std(host).expect("tokio stream");
+        let mut stream = tokio::net::UnixStream::from_std(host).expect("tokio stream");
+        host_handshake(&mut stream, Path::new("pair"))
+            .await
+            .expect("session handshake");
         let a = KataAgent::with_stream(url("unix", &guest.sock("x")), cfg(), stream);
         assert_eq!(
             a.check().await.expect("check"),
@@ -120,7 +125,11 @@ async fn pty_port_serves_closes_and_reopens() {
             .await
             .expect("port reopened in time")
             .expect("opener alive");
-        let a = KataAgent::with_stream(url("unix", &guest.sock("x")), cfg(), open_slave(&path));
+        let mut slave = open_slave(&path);
+        host_handshake(&mut slave, Path::new(&path))
+            .await
+            .expect("session handshake");
+        let a = KataAgent::with_stream(url("unix", &guest.sock("x")), cfg(), slave);
         assert_eq!(
             a.check().await.expect("check"),
             HealthStatus::Serving,
@@ -148,15 +157,20 @@ async fn hangup_waits(port: OwnedFd, mut host: FdStream) {
     })
     .keep_open();
     let mut sessions = Box::pin(serial_listener(opener, "test-port".into()));
-    let mut conn = tokio::time::timeout(T, sessions.next())
-        .await
+    let (conn, synced) = tokio::join!(
+        tokio::time::timeout(T, sessions.next()),
+        host_handshake(&mut host, Path::new("port"))
+    );
+    synced.expect("session handshake");
+    let mut conn = conn
         .expect("first session")
         .expect("stream")
         .expect("session");
-    host.write_all(b"ping").await.expect("write");
+    // A frame's first bytes (a ttRPC length starts with 0).
+    host.write_all(b"\0\0\0\x01").await.expect("write");
     let mut buf = [0u8; 4];
     conn.read_exact(&mut buf).await.expect("read");
-    assert_eq!(&buf, b"ping");
+    assert_eq!(&buf, b"\0\0\0\x01");
     drop(host);
     // The host is gone: the session reads EOF and ends.
     let mut rest = Vec::new();
@@ -190,4 +204,57 @@ async fn socket_hangup_waits_for_host() {
         FdStream::new(OwnedFd::from(host)).expect("host"),
     )
     .await;
+}
+
+/// The race a real port has under load: the next host's hello is read by the session still
+/// open for the previous host. The session must end at the frame boundary and the next one
+/// must start from the kept hello, with no host event in between.
+#[tokio::test]
+async fn hello_read_by_the_old_session_starts_the_next_one() {
+    let (port, host) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let port = std::sync::Mutex::new(Some(OwnedFd::from(port)));
+    let opener = PortOpener::from_fn(move || {
+        port.lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .take()
+            .ok_or_else(|| std::io::Error::other("opened twice"))
+    })
+    .keep_open();
+    let mut host = FdStream::new(OwnedFd::from(host)).expect("host");
+    let mut sessions = Box::pin(serial_listener(opener, "test-port".into()));
+    let (first, synced) = tokio::join!(
+        tokio::time::timeout(T, sessions.next()),
+        host_handshake(&mut host, Path::new("port"))
+    );
+    synced.expect("first handshake");
+    let mut first = first
+        .expect("first session")
+        .expect("stream")
+        .expect("session");
+
+    // One whole frame (2-byte body), then a new host's hello right behind it.
+    let frame = [0, 0, 0, 2, 0, 0, 0, 1, 1, 0, b'o', b'k'];
+    host.write_all(&frame).await.expect("frame");
+    host.write_all(&hello_line(42)).await.expect("hello");
+    let mut got = Vec::new();
+    tokio::time::timeout(T, first.read_to_end(&mut got))
+        .await
+        .expect("old session ends")
+        .expect("read");
+    assert_eq!(
+        got, frame,
+        "the old session gets its frame and nothing after it"
+    );
+    drop(first);
+
+    let second = tokio::time::timeout(T, sessions.next())
+        .await
+        .expect("second session without a host event")
+        .expect("stream")
+        .expect("session");
+    let want = ack_line(42);
+    let mut ack = vec![0u8; want.len()];
+    host.read_exact(&mut ack).await.expect("ack");
+    assert_eq!(ack, want);
+    drop(second);
 }

@@ -116,7 +116,7 @@ async fn online_without_wait_returns_at_once() {
 async fn disconnect_then_lazy_reconnect_and_reuse() {
     let guest = FakeGuest::new();
     let (_server, path) = guest.serve_unix().await;
-    let a = agent(url("serial", &path), T);
+    let a = agent(url("unix", &path), T);
     a.connect().await.expect("connect");
     a.disconnect().await.expect("disconnect");
     assert!(!a.is_connected().await);

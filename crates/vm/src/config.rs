@@ -164,7 +164,7 @@ impl VmConfig {
     }
 
     /// Decodes and shape-validates a config from its wire form. Bad bytes (corrupt, truncated,
-    /// oversized, another kind or version) are a [`WireError`]; a decoded but invalid config is
+    /// oversized, another kind or version) are a [`crate::WireError`]; a decoded but invalid config is
     /// a [`ConfigError`].
     pub fn from_wire(bytes: &[u8]) -> Result<Self> {
         let cfg: Self = wire::decode(wire::CONFIG_KIND, bytes)?;

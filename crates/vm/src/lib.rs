@@ -53,6 +53,7 @@
 mod backends;
 mod config;
 mod error;
+mod handover;
 mod ops;
 mod sandbox;
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! [`Vm`]: creation with undo on failure ([`Vm::new`]), re-attachment from the wire form
-//! ([`Vm::from_wire`]), and the end of a VM's life through a handle ([`Vm::stop`],
-//! [`Vm::detach`]). The other operations are in `ops.rs` and `sandbox.rs`.
+//! [`Vm`]: creation with undo on failure ([`Vm::new`]) and the end of a VM's life
+//! ([`Vm::stop`]). Handing a VM over is in `handover.rs`, the other operations in `ops.rs` and
+//! `sandbox.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 use vmfactory_agent::{Agent, HealthStatus};
-use vmfactory_hypervisor::{Hypervisor, VmStatus};
+use vmfactory_hypervisor::Hypervisor;
 use vmfactory_persist::{Store, VmLock};
 use vmfactory_proxy::Proxy;
 
@@ -68,21 +68,21 @@ pub struct Vm {
 }
 
 /// What a failed `new` / `from_wire` has created so far, undone in reverse.
-struct Partial {
-    id: String,
-    store: Store,
+pub(crate) struct Partial {
+    pub(crate) id: String,
+    pub(crate) store: Store,
     /// The storage directory, if this call created it.
-    created_dir: bool,
-    lock: Option<VmLock>,
-    hypervisor: Option<Arc<dyn Hypervisor>>,
-    proxy: Option<Arc<dyn Proxy>>,
-    agent: Option<Arc<dyn Agent>>,
+    pub(crate) created_dir: bool,
+    pub(crate) lock: Option<VmLock>,
+    pub(crate) hypervisor: Option<Arc<dyn Hypervisor>>,
+    pub(crate) proxy: Option<Arc<dyn Proxy>>,
+    pub(crate) agent: Option<Arc<dyn Agent>>,
     /// Re-attaching: release the VM (detach) instead of stopping it.
-    attached: bool,
+    pub(crate) attached: bool,
 }
 
 impl Partial {
-    fn new(id: &str, store: Store, attached: bool) -> Self {
+    pub(crate) fn new(id: &str, store: Store, attached: bool) -> Self {
         Self {
             id: id.to_owned(),
             store,
@@ -97,7 +97,7 @@ impl Partial {
 
     /// Undoes every step taken: stop the proxy, disconnect the agent, stop (or, re-attaching,
     /// release) the hypervisor, destroy the directory if created here, release the lock.
-    async fn undo(self) {
+    pub(crate) async fn undo(self) {
         if let Some(proxy) = self.proxy {
             proxy.stop().await;
         }
@@ -218,7 +218,7 @@ impl Vm {
     }
 
     /// Moves the parts out of `p` into a `Vm` that owns the VM.
-    fn assemble(
+    pub(crate) fn assemble(
         p: &mut Partial,
         config: VmConfig,
         dir: PathBuf,
@@ -360,7 +360,6 @@ impl Vm {
         .instrument(span)
         .await
     }
-
 }
 
 impl Drop for Vm {
@@ -408,7 +407,11 @@ async fn destroy_dir(store: &Store, id: &str) -> Result<()> {
 }
 
 /// Starts `proxy` on the hypervisor's console and agent URL; returns the URL to dial.
-async fn start_proxy(id: &str, hv: &dyn Hypervisor, proxy: &dyn Proxy) -> Result<String> {
+pub(crate) async fn start_proxy(
+    id: &str,
+    hv: &dyn Hypervisor,
+    proxy: &dyn Proxy,
+) -> Result<String> {
     proxy
         .start(id, &hv.console_address(), &hv.agent_url())
         .await
@@ -457,7 +460,7 @@ mod tests {
     use crate::testing::{new_vm, Harness};
     use std::sync::atomic::Ordering;
     use vmfactory_agent::FakeCall as AgentCall;
-    use vmfactory_hypervisor::{FakeCall, FakeStep};
+    use vmfactory_hypervisor::{FakeCall, FakeStep, VmStatus};
 
     const ALL_STEPS: [NewStep; 9] = [
         NewStep::Validate,
@@ -665,5 +668,4 @@ mod tests {
         vm.stop().await.expect("retry");
         h.assert_nothing_left().await;
     }
-
 }

@@ -4,7 +4,7 @@
 //! An envelope is JSON `{"kind": "...", "version": N, "body": ...}`. Decoding checks, in
 //! order: the size limit ([`MAX_WIRE_SIZE`]), that the bytes are JSON with a kind and a version,
 //! the kind, the version ([`WIRE_VERSION`]), then the body's shape. Each failure is a
-//! [`WireError`] variant; nothing panics on bad input.
+//! [`crate::WireError`] variant; nothing panics on bad input.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};

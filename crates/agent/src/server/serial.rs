@@ -9,8 +9,13 @@
 //!    the host with edge-triggered epoll on `EPOLLOUT` (as Kata's Go agent did): `EPOLLOUT`
 //!    means connected, `EPOLLERR` fails, `EPOLLHUP` means "not yet". tokio's `AsyncFd` cannot
 //!    do this wait: it keeps HUP readiness sticky, so it would spin;
-//! 3. yields a duplicate of the port fd as a [`SerialConn`] (tokio `AsyncFd` based);
-//! 4. when ttRPC drops that connection (after EOF or an error), goes back to 2 at once.
+//! 3. reads the host's `SYNC <nonce>` line (see [`crate::handshake`]), discarding anything
+//!    before it, and answers `SYNCED <nonce>`;
+//! 4. yields a duplicate of the port fd as a [`SerialConn`] (tokio `AsyncFd` based), whose
+//!    reader follows ttRPC frame boundaries: bytes that do not start a frame (a new host's
+//!    `SYNC` line read while this session still ran) end the session and are kept for the next;
+//! 5. when ttRPC drops that connection (after EOF or an error), goes back to 2 at once (or to 3
+//!    when the next host's hello is already kept).
 //!
 //! Why a duplicate and not a reopen: the kernel discards the port's unread input when the last
 //! fd of the port is closed (`port_fops_release`). A host that disconnects and reconnects at
@@ -33,10 +38,11 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::stat::Mode;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use crate::handshake;
 use crate::init::console_line;
 
 type OpenFn = dyn Fn() -> io::Result<OwnedFd> + Send + Sync;
@@ -106,12 +112,14 @@ pub fn serial_listener(
         label: String,
         prev: Option<oneshot::Receiver<()>>,
         port: Option<OwnedFd>,
+        kept: Kept,
     }
     let state = State {
         opener,
         label,
         prev: None,
         port: None,
+        kept: Kept::default(),
     };
     futures::stream::unfold(state, |mut st| async move {
         let mut backoff = Duration::from_millis(10);
@@ -121,10 +129,15 @@ pub fn serial_listener(
                 let _ = prev.await;
                 debug!(port = %st.label, "host session ended");
             }
-            match accept(&st.opener, &mut st.port, &st.label).await {
+            match accept(&st.opener, &mut st.port, &st.label, &st.kept).await {
                 Ok((conn, closed)) => {
                     st.prev = Some(closed);
                     return Some((Ok(conn), st));
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    // The host left before its handshake: wait for the next one. The port
+                    // stays open, so nothing queued in it is lost.
+                    debug!(port = %st.label, "host left during the handshake");
                 }
                 Err(e) => {
                     // Start over with a fresh open of the port.
@@ -143,29 +156,156 @@ pub fn serial_listener(
 /// fd.
 async fn accept(
     opener: &PortOpener,
-    kept: &mut Option<OwnedFd>,
+    port: &mut Option<OwnedFd>,
     label: &str,
+    kept: &Kept,
 ) -> io::Result<(SerialConn, oneshot::Receiver<()>)> {
     let fd = if opener.keep_open {
-        let port = match kept.take() {
-            Some(port) => port,
+        let open = match port.take() {
+            Some(open) => open,
             None => opener.open()?,
         };
-        let dup = port.try_clone()?;
-        *kept = Some(port);
+        let dup = open.try_clone()?;
+        *port = Some(open);
         dup
     } else {
         opener.open()?
     };
     console_line(&format!("vmfactory-agent: listening on {label}"));
-    let fd = wait_for_host(fd).await?;
+    // A hello already read by the previous session means its host is here: no need to wait.
+    let pending = std::mem::take(&mut *kept.lock());
+    let fd = if pending.is_empty() {
+        wait_for_host(fd).await?
+    } else {
+        fd
+    };
     debug!(port = %label, "host connected");
+    let mut stream = FdStream::new(fd)?;
+    let (nonce, leftover) = read_hello(&mut stream, pending).await?;
+    stream.write_all(&handshake::ack_line(nonce)).await?;
+    debug!(port = %label, nonce = format_args!("{nonce:016x}"), "session synced");
     let (tx, rx) = oneshot::channel();
     let conn = SerialConn {
-        stream: FdStream::new(fd)?,
+        stream,
+        frames: FrameReader::new(leftover, kept.clone()),
         _closed: tx,
     };
     Ok((conn, rx))
+}
+
+/// Bytes a session read past its last frame: the next host's hello (and what follows).
+type Kept = Arc<std::sync::Mutex<Vec<u8>>>;
+
+trait LockKept {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>>;
+}
+
+impl LockKept for Kept {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // A panic while holding this lock cannot leave the buffer invalid: take it anyway.
+        std::sync::Mutex::lock(self).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Reads until a `SYNC <nonce>` line, starting with `pending`; anything else is discarded.
+/// Returns the nonce and the bytes read after the line. EOF (the host left) is
+/// `UnexpectedEof`.
+async fn read_hello(stream: &mut FdStream, pending: Vec<u8>) -> io::Result<(u64, Vec<u8>)> {
+    let mut buf = pending;
+    let mut line = Vec::with_capacity(handshake::MAX_LINE);
+    let mut chunk = [0u8; 256];
+    loop {
+        let mut consumed = 0;
+        for (i, &b) in buf.iter().enumerate() {
+            if b != b'\n' {
+                if line.len() < handshake::MAX_LINE {
+                    line.push(b);
+                }
+                continue;
+            }
+            if let Some(nonce) = handshake::parse_hello(&line) {
+                return Ok((nonce, buf[i + 1..].to_vec()));
+            }
+            line.clear();
+            consumed = i + 1;
+        }
+        if consumed == 0 && !buf.is_empty() && line.len() >= handshake::MAX_LINE {
+            // A long run without a newline is not a hello; keep scanning.
+            line.clear();
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.clear();
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Follows ttRPC frame boundaries in what a session reads (10-byte header, big-endian length
+/// first, at most 4 MiB so its first byte is 0). At a boundary, a non-zero byte is not the
+/// current host's: it ends the session, and it and everything after it are kept for the next.
+#[derive(Debug)]
+struct FrameReader {
+    pending: Vec<u8>,
+    header: [u8; 10],
+    header_len: usize,
+    body_left: u64,
+    kept: Kept,
+    ended: bool,
+}
+
+impl FrameReader {
+    fn new(pending: Vec<u8>, kept: Kept) -> Self {
+        Self {
+            pending,
+            header: [0; 10],
+            header_len: 0,
+            body_left: 0,
+            kept,
+            ended: false,
+        }
+    }
+
+    /// Moves bytes of the current session from `self.pending` into `out`; returns how many.
+    fn deliver(&mut self, out: &mut ReadBuf<'_>) -> usize {
+        let mut i = 0;
+        while i < self.pending.len() && out.remaining() > 0 {
+            if self.body_left > 0 {
+                let n = (self.pending.len() - i)
+                    .min(out.remaining())
+                    .min(usize::try_from(self.body_left).unwrap_or(usize::MAX));
+                out.put_slice(&self.pending[i..i + n]);
+                self.body_left -= n as u64;
+                i += n;
+                continue;
+            }
+            let b = self.pending[i];
+            if self.header_len == 0 && b != 0 {
+                // Not a frame: the next host's hello. Keep it and end this session.
+                self.kept.lock().extend_from_slice(&self.pending[i..]);
+                self.pending.clear();
+                self.ended = true;
+                return i;
+            }
+            self.header[self.header_len] = b;
+            self.header_len += 1;
+            out.put_slice(&[b]);
+            i += 1;
+            if self.header_len == self.header.len() {
+                let len = [
+                    self.header[0],
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                ];
+                self.body_left = u64::from(u32::from_be_bytes(len));
+                self.header_len = 0;
+            }
+        }
+        self.pending.drain(..i);
+        i
+    }
 }
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
@@ -309,6 +449,7 @@ impl AsyncWrite for FdStream {
 #[derive(Debug)]
 pub struct SerialConn {
     stream: FdStream,
+    frames: FrameReader,
     _closed: oneshot::Sender<()>,
 }
 
@@ -318,7 +459,25 @@ impl AsyncRead for SerialConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        loop {
+            if this.frames.ended || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if !this.frames.pending.is_empty() {
+                if this.frames.deliver(buf) > 0 || this.frames.ended {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            let mut chunk_buf = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.stream).poll_read(cx, &mut chunk_buf))?;
+            if chunk_buf.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            this.frames.pending.extend_from_slice(chunk_buf.filled());
+        }
     }
 }
 

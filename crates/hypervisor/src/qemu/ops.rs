@@ -5,9 +5,9 @@ use std::collections::BTreeSet;
 
 use qapi::qmp::{
     device_add, device_del, migrate, migrate_incoming, migrate_set_capabilities, object_add,
-    object_del, query_cpus_fast, query_hotpluggable_cpus, query_memory_devices, stop, MemoryBackendFileProperties,
-    MemoryBackendMemfdProperties, MemoryBackendProperties, MemoryDeviceInfo, MigrationCapability,
-    MigrationCapabilityStatus, ObjectOptions,
+    object_del, query_cpus_fast, query_hotpluggable_cpus, query_memory_devices, stop,
+    MemoryBackendFileProperties, MemoryBackendMemfdProperties, MemoryBackendProperties,
+    MemoryDeviceInfo, MigrationCapability, MigrationCapabilityStatus, ObjectOptions,
 };
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
