@@ -115,7 +115,8 @@ impl TestVm {
                     self.vm.id(),
                     self.console()
                 ),
-                _ => {}
+                // Dialing already backs off; this only keeps a fast-failing call from spinning.
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
     }

@@ -14,6 +14,21 @@ pub enum Error {
     /// A VM operation failed.
     #[error(transparent)]
     Vm(#[from] vmfactory_vm::Error),
+    /// Creating, fetching or removing a template failed.
+    #[error(transparent)]
+    Template(#[from] crate::metadata::TemplateError),
+    /// Turning a base VM into the requested VM failed (the VM was stopped).
+    #[error(transparent)]
+    GetVm(#[from] crate::get_vm::GetVmError),
+    /// The factory was closed.
+    #[error("The {what} factory is closed")]
+    Closed {
+        /// Which factory (`direct`, `template`, `cache`).
+        what: &'static str,
+    },
+    /// The VM-cache server or client failed.
+    #[error(transparent)]
+    CacheService(#[from] crate::cache_service::CacheServiceError),
 }
 
 /// Result with [`Error`].

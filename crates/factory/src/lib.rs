@@ -12,9 +12,32 @@
 #![deny(missing_docs)]
 
 mod base;
+mod cache;
+pub mod cache_service;
 mod config;
+mod direct;
 mod error;
+mod factory;
+mod get_vm;
+mod host;
+mod metadata;
+mod template;
+#[cfg(test)]
+mod testing;
 
 pub use base::FactoryBase;
-pub use config::FactoryConfig;
+pub use cache::CacheFactory;
+pub use cache_service::{CacheClient, CacheServer, CacheServiceError};
+pub use config::{FactoryConfig, DEFAULT_TEMPLATE_PATH};
+pub use direct::DirectFactory;
 pub use error::{Error, Result};
+pub use factory::{BaseKind, Factory};
+pub use get_vm::{config_difference, GetVmError, GetVmStep};
+pub use host::{MountOutcome, SystemHost, TemplateHost};
+pub use metadata::{
+    CloneKey, FileIdentity, TemplateError, TemplateMetadata, MEMORY_FILE, METADATA_FILE,
+    STATE_FILE, TEMPLATE_METADATA_VERSION,
+};
+pub use template::{
+    base_config, clone_vm_config, template_vm_config, TemplateFactory, AGENT_LISTENING_PREFIX,
+};

@@ -1,0 +1,240 @@
+//! [`CacheClient`]: a [`FactoryBase`] whose base VMs come from a VM-cache server (Kata's
+//! `factory/grpccache`).
+
+use std::fmt;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use protobuf::well_known_types::empty::Empty;
+use tokio::net::UnixStream;
+use tokio::sync::Mutex;
+use tracing::{debug, info, instrument, warn};
+use ttrpc::asynchronous::transport::Socket;
+use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig, VmInfo};
+
+use super::convert;
+use super::error::{CacheServiceError, Result};
+use super::protocols::cache_ttrpc::CacheServiceClient;
+use crate::FactoryBase;
+
+/// Bound on `Config`, `Status` and `Quit`.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bound on `GetBaseVM` (the server may have to make the VM: a cold boot under TCG takes
+/// seconds, more under load).
+pub const GET_BASE_VM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a VM-cache server reports about itself (`Status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheStatus {
+    /// The server's process id.
+    pub pid: u32,
+    /// The VMs its base holds ready (`cpu_delta` is not on the wire and reads 0).
+    pub vms: Vec<VmInfo>,
+}
+
+/// Connection state of a [`CacheClient`].
+enum Conn {
+    /// No connection; the next call dials.
+    Disconnected,
+    Connected(CacheServiceClient),
+    /// [`FactoryBase::close`]d: calls fail.
+    Closed,
+}
+
+/// A client of a VM-cache server, usable as a [`FactoryBase`]: `get_base_vm` asks the server
+/// for a VM and re-attaches to it from its wire form (QMP, agent and proxy reconnected here).
+///
+/// A VM from a template base arrives paused, as from a local template factory; `get_vm`
+/// resumes it. [`FactoryBase::close`] only disconnects: the server keeps running (use
+/// [`CacheClient::quit`] to stop it).
+pub struct CacheClient {
+    endpoint: PathBuf,
+    config: VmConfig,
+    backends: Arc<dyn Backends>,
+    conn: Mutex<Conn>,
+}
+
+impl fmt::Debug for CacheClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheClient")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn is_connection_error(e: &ttrpc::Error) -> bool {
+    matches!(
+        e,
+        ttrpc::Error::Socket(_)
+            | ttrpc::Error::LocalClosed
+            | ttrpc::Error::RemoteClosed
+            | ttrpc::Error::Eof
+            | ttrpc::Error::Nix(_)
+    )
+}
+
+async fn dial(endpoint: &Path) -> Result<CacheServiceClient> {
+    let stream =
+        UnixStream::connect(endpoint)
+            .await
+            .map_err(|source| CacheServiceError::Connect {
+                path: endpoint.to_owned(),
+                source,
+            })?;
+    let client = ttrpc::r#async::Client::new(Socket::new(stream));
+    Ok(CacheServiceClient::new(client))
+}
+
+impl CacheClient {
+    /// Connects to the server at `endpoint` and fetches its base config (once); VMs are
+    /// re-attached with the real backends (QEMU, the Kata agent).
+    pub async fn connect(endpoint: &Path) -> Result<Self> {
+        Self::connect_with(endpoint, Arc::new(QemuBackends)).await
+    }
+
+    /// [`CacheClient::connect`], re-attaching VMs with parts from `backends`.
+    pub async fn connect_with(endpoint: &Path, backends: Arc<dyn Backends>) -> Result<Self> {
+        let client = dial(endpoint).await?;
+        let mut this = Self {
+            endpoint: endpoint.to_owned(),
+            // Replaced below; `call` needs a value to exist.
+            config: VmConfig::new(vmfactory_hypervisor::HypervisorConfig::new("/", None)),
+            backends,
+            conn: Mutex::new(Conn::Connected(client)),
+        };
+        let msg = this
+            .call("Config", CALL_TIMEOUT, |c, ctx| async move {
+                c.config(ctx, &Empty::new()).await
+            })
+            .await?;
+        this.config = convert::config_from_grpc(&msg)?;
+        debug!(endpoint = %endpoint.display(), "connected to the VM-cache server");
+        Ok(this)
+    }
+
+    /// The server's socket.
+    pub fn endpoint(&self) -> &Path {
+        &self.endpoint
+    }
+
+    async fn client(&self) -> Result<CacheServiceClient> {
+        let mut conn = self.conn.lock().await;
+        match &*conn {
+            Conn::Connected(c) => Ok(c.clone()),
+            Conn::Closed => Err(CacheServiceError::Closed {
+                path: self.endpoint.clone(),
+            }),
+            Conn::Disconnected => {
+                let c = dial(&self.endpoint).await?;
+                *conn = Conn::Connected(c.clone());
+                Ok(c)
+            }
+        }
+    }
+
+    /// Runs one RPC bounded by `timeout`; a broken connection is dropped so that the next call
+    /// dials again (and fails with [`CacheServiceError::Connect`] if the server is gone).
+    async fn call<T, F, Fut>(&self, method: &'static str, timeout: Duration, f: F) -> Result<T>
+    where
+        F: FnOnce(CacheServiceClient, ttrpc::context::Context) -> Fut,
+        Fut: Future<Output = ttrpc::Result<T>>,
+    {
+        let client = self.client().await?;
+        let nanos = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX);
+        let ctx = ttrpc::context::with_timeout(nanos);
+        match tokio::time::timeout(timeout, f(client, ctx)).await {
+            Err(_) => Err(CacheServiceError::Timeout { method, timeout }),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) if is_connection_error(&source) => {
+                let mut conn = self.conn.lock().await;
+                if matches!(&*conn, Conn::Connected(_)) {
+                    *conn = Conn::Disconnected;
+                }
+                Err(CacheServiceError::ServerGone {
+                    path: self.endpoint.clone(),
+                    method,
+                    source,
+                })
+            }
+            Ok(Err(source)) => Err(CacheServiceError::Rpc { method, source }),
+        }
+    }
+
+    /// Asks the server for a VM (`GetBaseVM`) and re-attaches to it.
+    ///
+    /// If re-attaching fails, the VM is released again (not stopped) and the error names it;
+    /// its state stays in `<run_root>/vm/<id>/`.
+    #[instrument(skip(self), fields(endpoint = %self.endpoint.display()))]
+    pub async fn take_vm(&self) -> Result<Vm> {
+        let msg = self
+            .call("GetBaseVM", GET_BASE_VM_TIMEOUT, |c, ctx| async move {
+                c.get_base_vm(ctx, &Empty::new()).await
+            })
+            .await?;
+        let vm = Vm::from_wire_with(&msg.hypervisor, self.backends.as_ref())
+            .await
+            .map_err(|source| CacheServiceError::Attach {
+                id: msg.id.clone(),
+                source,
+            })?;
+        info!(vm = %vm.id(), "VM taken from the VM-cache server");
+        Ok(vm)
+    }
+
+    /// The server's pid and the VMs it holds ready (`Status`).
+    pub async fn server_status(&self) -> Result<CacheStatus> {
+        let msg = self
+            .call("Status", CALL_TIMEOUT, |c, ctx| async move {
+                c.status(ctx, &Empty::new()).await
+            })
+            .await?;
+        Ok(CacheStatus {
+            pid: u32::try_from(msg.pid).unwrap_or(0),
+            vms: msg.vmstatus.iter().map(convert::status_from_grpc).collect(),
+        })
+    }
+
+    /// Asks the server to stop (`Quit`); it answers first, then stops.
+    pub async fn quit(&self) -> Result<()> {
+        self.call("Quit", CALL_TIMEOUT, |c, ctx| async move {
+            c.quit(ctx, &Empty::new()).await
+        })
+        .await?;
+        *self.conn.lock().await = Conn::Disconnected;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl FactoryBase for CacheClient {
+    fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// `config` is not sent: the server makes every VM from its own base config
+    /// ([`FactoryBase::config`] here), as in Kata.
+    async fn get_base_vm(&self, _config: &VmConfig) -> crate::Result<Vm> {
+        Ok(self.take_vm().await?)
+    }
+
+    /// The server's cached VMs; empty (and logged) when the server cannot be asked.
+    async fn status(&self) -> Vec<VmInfo> {
+        match self.server_status().await {
+            Ok(s) => s.vms,
+            Err(e) => {
+                warn!(error = %e, "VM-cache Status failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Disconnects; the server keeps running. Idempotent.
+    async fn close(&self) -> crate::Result<()> {
+        *self.conn.lock().await = Conn::Closed;
+        Ok(())
+    }
+}

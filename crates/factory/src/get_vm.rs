@@ -1,0 +1,396 @@
+//! [`Factory::get_vm`]: turns a base VM into the VM a caller asked for (the seed's `GetVM`).
+//!
+//! Sizing: a base VM has the base config's size; `get_vm` hot-adds the vCPUs and memory a
+//! request asks for beyond that, and onlines them. It never shrinks (neither QEMU's hot-unplug
+//! nor the Kata agent's offlining is reliable, and Kata does not either): a request for less
+//! than the base gets a VM of the base size, and the VM's recorded size says so. After sizing,
+//! the recorded size is checked against what the hypervisor reports (`Hypervisor::size`).
+
+use std::fmt;
+
+use serde_json::Value;
+use tracing::{debug, info, info_span, warn, Instrument};
+use vmfactory_hypervisor::VmStatus;
+use vmfactory_vm::{Vm, VmConfig};
+
+use crate::error::Result;
+use crate::factory::Factory;
+use crate::metadata::first_difference;
+use crate::template::base_config;
+
+/// A step of [`Factory::get_vm`] after the base VM was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetVmStep {
+    /// Reading the VM's status.
+    Status,
+    /// Resuming a paused base VM.
+    Resume,
+    /// Reseeding the guest RNG.
+    ReseedRng,
+    /// Setting the guest clock.
+    SyncTime,
+    /// Hot-adding vCPUs.
+    AddCpus,
+    /// Hot-adding memory.
+    AddMemory,
+    /// Onlining what was hot-added.
+    Online,
+    /// Reading the size the hypervisor reports.
+    Size,
+}
+
+impl fmt::Display for GetVmStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Status => "status",
+            Self::Resume => "resume",
+            Self::ReseedRng => "RNG reseed",
+            Self::SyncTime => "time sync",
+            Self::AddCpus => "vCPU hotplug",
+            Self::AddMemory => "memory hotplug",
+            Self::Online => "onlining",
+            Self::Size => "size query",
+        })
+    }
+}
+
+/// Why a base VM could not be made into the requested VM. The VM was stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GetVmError {
+    /// A step failed.
+    #[error("The {step} of VM {id} failed")]
+    Step {
+        /// The VM id.
+        id: String,
+        /// The step.
+        step: GetVmStep,
+        /// The VM error (boxed: it is large).
+        #[source]
+        source: Box<vmfactory_vm::Error>,
+    },
+    /// Hotplug added less than asked for.
+    #[error("VM {id} got {added} of the {wanted} {what} asked for")]
+    ShortHotplug {
+        /// The VM id.
+        id: String,
+        /// `vCPUs` or `MiB`.
+        what: &'static str,
+        /// How much was asked for.
+        wanted: u64,
+        /// How much was added.
+        added: u64,
+    },
+    /// The recorded size differs from what the hypervisor reports.
+    #[error("VM {id} records {recorded_vcpus} vCPUs / {recorded_mib} MiB, the hypervisor reports {vcpus} / {mib}")]
+    SizeMismatch {
+        /// The VM id.
+        id: String,
+        /// Recorded vCPUs.
+        recorded_vcpus: u32,
+        /// Recorded memory.
+        recorded_mib: u64,
+        /// vCPUs the hypervisor reports.
+        vcpus: u32,
+        /// Memory the hypervisor reports.
+        mib: u64,
+    },
+}
+
+/// The first field in which `request` differs from `base` in something a base VM cannot be
+/// adapted to: anything but boot vCPUs, boot memory, the template flags and paths, and the
+/// proxy. Returns `(field, base value, requested value)`.
+pub fn config_difference(base: &VmConfig, request: &VmConfig) -> Option<(String, String, String)> {
+    let mut req = base_config(request);
+    req.hypervisor.vcpus = base.hypervisor.vcpus;
+    req.hypervisor.memory_mib = base.hypervisor.memory_mib;
+    req.proxy = base.proxy;
+    let base = base_config(base);
+    if req == base {
+        return None;
+    }
+    let as_flat = |c: &VmConfig| -> Value {
+        let mut v = serde_json::to_value(c).unwrap_or_default();
+        // Compare hypervisor fields by their own names.
+        if let Some(Value::Object(hv)) = v.as_object_mut().and_then(|o| o.remove("hypervisor")) {
+            if let Some(o) = v.as_object_mut() {
+                o.extend(hv);
+            }
+        }
+        v
+    };
+    first_difference(&as_flat(&base), &as_flat(&req))
+        .or_else(|| Some(("config".into(), String::new(), String::new())))
+}
+
+impl Factory {
+    /// A VM for `config` (Kata's `GetVM`): validates `config` (including that the guest files
+    /// are readable); if it differs from the base config in anything but vCPUs, memory,
+    /// template paths and flags, and proxy, boots a direct VM for it (logged). Otherwise takes
+    /// a base VM, resumes it if paused, reseeds the guest RNG, sets the guest clock, hot-adds
+    /// the vCPUs and memory `config` asks for beyond the base VM's size, onlines them, and
+    /// checks the recorded size against the hypervisor's. Never shrinks (see the module docs).
+    /// Any failure stops the VM and returns the error.
+    pub async fn get_vm(&self, config: &VmConfig) -> Result<Vm> {
+        config.validate_async().await?;
+        let base_cfg = self.config();
+        if let Some((field, base, requested)) = config_difference(base_cfg, config) {
+            info!(%field, %base, %requested, "request differs from the factory's base config, booting a direct VM");
+            return Ok(Vm::new_with(config.clone(), self.backends()).await?);
+        }
+        let vm = self.base().get_base_vm(base_cfg).await?;
+        let span = info_span!("get_vm", vm = %vm.id());
+        match adapt(&vm, config).instrument(span).await {
+            Ok(()) => Ok(vm),
+            Err(e) => {
+                warn!(vm = %vm.id(), error = %e, "get_vm failed, stopping the VM");
+                if let Err(stop) = vm.stop().await {
+                    warn!(vm = %vm.id(), error = %stop, "stopping the VM after a failed get_vm failed");
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// Resume, reseed, set time, hot-add, online, check the size.
+async fn adapt(vm: &Vm, config: &VmConfig) -> std::result::Result<(), GetVmError> {
+    let id = vm.id().to_owned();
+    let step = |step| {
+        let id = id.clone();
+        move |source| GetVmError::Step {
+            id,
+            step,
+            source: Box::new(source),
+        }
+    };
+    let st = vm.status().await.map_err(step(GetVmStep::Status))?;
+    if matches!(st.state, VmStatus::Paused | VmStatus::Prelaunch) {
+        vm.resume().await.map_err(step(GetVmStep::Resume))?;
+    }
+    vm.reseed_rng().await.map_err(step(GetVmStep::ReseedRng))?;
+    vm.sync_time().await.map_err(step(GetVmStep::SyncTime))?;
+
+    let want_cpus = config.hypervisor.vcpus.saturating_sub(st.vcpus);
+    if want_cpus > 0 {
+        let added = vm
+            .add_cpus(want_cpus)
+            .await
+            .map_err(step(GetVmStep::AddCpus))?;
+        if added < want_cpus {
+            return Err(GetVmError::ShortHotplug {
+                id,
+                what: "vCPUs",
+                wanted: want_cpus.into(),
+                added: added.into(),
+            });
+        }
+    }
+    let want_mib = config.hypervisor.memory_mib.saturating_sub(st.memory_mib);
+    if want_mib > 0 {
+        let added = vm
+            .add_memory(want_mib)
+            .await
+            .map_err(step(GetVmStep::AddMemory))?;
+        if added < want_mib {
+            return Err(GetVmError::ShortHotplug {
+                id,
+                what: "MiB",
+                wanted: want_mib,
+                added,
+            });
+        }
+    }
+    if want_cpus > 0 || want_mib > 0 {
+        vm.online_cpu_memory()
+            .await
+            .map_err(step(GetVmStep::Online))?;
+    }
+
+    let actual = vm.hypervisor().size().await.map_err(|e| GetVmError::Step {
+        id: id.clone(),
+        step: GetVmStep::Size,
+        source: Box::new(vmfactory_vm::Error::Hypervisor {
+            id: id.clone(),
+            op: "size",
+            source: Box::new(e),
+        }),
+    })?;
+    let rec = vm.status().await.map_err(step(GetVmStep::Status))?;
+    if (rec.vcpus, rec.memory_mib) != (actual.vcpus, actual.memory_mib) {
+        return Err(GetVmError::SizeMismatch {
+            id,
+            recorded_vcpus: rec.vcpus,
+            recorded_mib: rec.memory_mib,
+            vcpus: actual.vcpus,
+            mib: actual.memory_mib,
+        });
+    }
+    debug!(vcpus = rec.vcpus, memory_mib = rec.memory_mib, "VM ready");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::factory::BaseKind;
+    use crate::testing::{FakeBackends, FakeHost};
+    use crate::FactoryConfig;
+    use std::sync::Arc;
+    use vmfactory_agent::FakeCall as A;
+    use vmfactory_hypervisor::{FakeCall as H, FakeStep, Hypervisor as _};
+
+    async fn template_factory(b: &Arc<FakeBackends>) -> Factory {
+        let mut c = FactoryConfig::new(b.config());
+        c.template = true;
+        c.template_path = b.template_path();
+        let f = Factory::new_with(&c, b.clone(), Arc::new(FakeHost::default()))
+            .await
+            .expect("factory");
+        assert_eq!(f.kind(), BaseKind::Template);
+        f
+    }
+
+    #[tokio::test]
+    async fn clone_is_resumed_reseeded_timed_and_grown() {
+        let b = FakeBackends::new();
+        let f = template_factory(&b).await;
+        let mut req = b.config();
+        req.hypervisor.vcpus = 2;
+        req.hypervisor.memory_mib = 512;
+        let vm = f.get_vm(&req).await.expect("vm");
+        let st = vm.status().await.expect("status");
+        assert_eq!((st.vcpus, st.memory_mib, st.cpu_delta), (2, 512, 0));
+        assert_eq!(st.state, VmStatus::Running);
+        let hv = b.hv(vm.id());
+        assert!(hv.config().boot_from_template);
+        assert_eq!(hv.size(), (2, 512));
+        let calls = hv.calls();
+        let pos = |c: &H| calls.iter().position(|x| x == c).expect("called");
+        assert!(pos(&H::Resume) < pos(&H::AddVcpus(1)));
+        assert!(pos(&H::AddVcpus(1)) < pos(&H::AddMemory(256)));
+        let agent = b.agent(vm.id());
+        let methods: Vec<&str> = agent.calls().iter().map(A::method).collect();
+        let p = |m: &str| methods.iter().position(|x| *x == m).expect("called");
+        assert!(p("reseed_random_dev") < p("set_guest_date_time"));
+        assert!(p("set_guest_date_time") < p("online_cpu_mem"));
+        vm.stop().await.expect("stop");
+
+        // Asking for less than the base: base size, nothing hot-added, nothing onlined.
+        let mut small = b.config();
+        small.hypervisor.memory_mib = 128;
+        let vm = f.get_vm(&small).await.expect("vm");
+        assert_eq!(vm.status().await.expect("s").memory_mib, 256);
+        assert_eq!(b.agent(vm.id()).count("online_cpu_mem"), 0);
+        vm.stop().await.expect("stop");
+        f.close().await.expect("close");
+        assert_eq!(b.live().await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_different_config_gets_a_direct_vm() {
+        let b = FakeBackends::new();
+        let f = template_factory(&b).await;
+        let mut req = b.config();
+        req.hypervisor.kernel_params = "debug".into();
+        assert_eq!(
+            config_difference(f.config(), &req).map(|d| d.0).as_deref(),
+            Some("kernel_params")
+        );
+        let vm = f.get_vm(&req).await.expect("direct vm");
+        let hv = b.hv(vm.id());
+        assert!(!hv.config().boot_from_template, "not a clone");
+        assert_eq!(hv.config().kernel_params, "debug");
+        vm.stop().await.expect("stop");
+        let mut req = b.config();
+        req.agent.call_timeout = std::time::Duration::from_secs(3);
+        assert_eq!(
+            config_difference(f.config(), &req).map(|d| d.0).as_deref(),
+            Some("agent")
+        );
+        // What a base VM adapts to is no difference.
+        let mut req = b.config();
+        req.hypervisor.vcpus = 3;
+        req.hypervisor.memory_mib = 768;
+        req.proxy = vmfactory_proxy::ProxyKind::None;
+        assert_eq!(config_difference(f.config(), &req), None);
+        f.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn failures_mid_get_vm_stop_the_vm() {
+        let b = FakeBackends::new();
+        let f = template_factory(&b).await;
+        let mut req = b.config();
+        req.hypervisor.vcpus = 2;
+        req.hypervisor.memory_mib = 512;
+        let cases: [(&str, Option<FakeStep>, GetVmStep); 5] = [
+            ("reseed_random_dev", None, GetVmStep::ReseedRng),
+            ("set_guest_date_time", None, GetVmStep::SyncTime),
+            ("online_cpu_mem", None, GetVmStep::Online),
+            ("", Some(FakeStep::AddVcpus), GetVmStep::AddCpus),
+            ("", Some(FakeStep::AddMemory), GetVmStep::AddMemory),
+        ];
+        for (agent_fail, hv_fail, want) in cases {
+            *b.agent_fail.lock().expect("lock") = if agent_fail.is_empty() {
+                vec![]
+            } else {
+                vec![agent_fail]
+            };
+            *b.hv_fail.lock().expect("lock") = hv_fail;
+            let err = f.get_vm(&req).await.expect_err("fails");
+            assert!(
+                matches!(err, Error::GetVm(GetVmError::Step { step, .. }) if step == want),
+                "{want:?}: {err:?}"
+            );
+            assert_eq!(b.live().await, 0, "{want:?}: the VM was stopped");
+            assert_eq!(b.vm_dirs(), 0, "{want:?}");
+        }
+        *b.agent_fail.lock().expect("lock") = vec![];
+        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Resume);
+        assert!(matches!(
+            f.get_vm(&req).await,
+            Err(Error::GetVm(GetVmError::Step {
+                step: GetVmStep::Resume,
+                ..
+            }))
+        ));
+        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Size);
+        assert!(matches!(
+            f.get_vm(&req).await,
+            Err(Error::GetVm(GetVmError::Step {
+                step: GetVmStep::Size,
+                ..
+            }))
+        ));
+        assert_eq!(b.live().await, 0);
+        // An invalid request is refused before any VM exists.
+        let mut bad = b.config();
+        bad.hypervisor.vcpus = 9;
+        assert!(matches!(f.get_vm(&bad).await, Err(Error::VmConfig(_))));
+        f.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn cached_direct_vms_are_grown_too() {
+        let b = FakeBackends::new();
+        let mut c = FactoryConfig::new(b.config());
+        c.cache = 1;
+        c.template_path = b.template_path();
+        let f = Factory::new_with(&c, b.clone(), Arc::new(FakeHost::default()))
+            .await
+            .expect("factory");
+        let mut req = b.config();
+        req.hypervisor.vcpus = 4;
+        let vm = f.get_vm(&req).await.expect("vm");
+        assert_eq!(vm.status().await.expect("s").vcpus, 4);
+        assert!(
+            !b.hv(vm.id()).calls().contains(&H::Resume),
+            "a running VM is not resumed"
+        );
+        vm.stop().await.expect("stop");
+        f.close().await.expect("close");
+        assert_eq!(b.live().await, 0);
+    }
+}

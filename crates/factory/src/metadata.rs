@@ -1,0 +1,558 @@
+//! Template metadata (`<template>/metadata.json`): what a template was made from, so a later
+//! `fetch` can refuse a stale or mismatched one with an error naming the field. The seed left
+//! this as a TODO. Also [`TemplateError`], the template operations' error.
+//!
+//! # What a clone must match ([`CloneKey`])
+//! A clone maps the template's RAM and loads its device state, so QEMU must build the same
+//! machine from the same guest: every field of the hypervisor config except the template flags
+//! and paths (`boot_to_be_template`, `boot_from_template`, `memory_path`,
+//! `devices_state_path`) and the image (templates have none). That includes boot vCPUs and
+//! memory, `max_vcpus`, memory slots and `max_memory_mib` (they shape the machine), machine
+//! type, accelerator, kernel, initrd, kernel parameters, the agent channel, the QEMU binary and
+//! its version, and the identity of the kernel and initrd files (path, size and mtime: cheap,
+//! and enough to notice a rebuilt guest; not a content hash).
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
+
+use crate::host::TemplateHost;
+
+/// The metadata format version this build writes and reads.
+pub const TEMPLATE_METADATA_VERSION: u32 = 1;
+/// The metadata file in a template directory.
+pub const METADATA_FILE: &str = "metadata.json";
+/// The template memory file in a template directory.
+pub const MEMORY_FILE: &str = "memory";
+/// The template device-state file in a template directory.
+pub const STATE_FILE: &str = "state";
+/// Longest metadata file read.
+const MAX_METADATA_SIZE: u64 = 64 * 1024;
+
+/// Errors of template creation, fetching and removal.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TemplateError {
+    /// The template's metadata does not match the config in `field`.
+    #[error("Template does not match the config in {field}: template has {template}, config has {config}")]
+    Mismatch {
+        /// The field (a [`CloneKey`] field name, e.g. `memory_mib`, `kernel_file`).
+        field: String,
+        /// The template's value.
+        template: String,
+        /// The config's value.
+        config: String,
+    },
+    /// A template file is missing.
+    #[error("Template file {path} is missing")]
+    Missing {
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// A template file has the wrong size (a truncated memory file, an empty state file).
+    #[error("Template file {path} has {found} bytes, expected {expected}")]
+    FileSize {
+        /// The file.
+        path: PathBuf,
+        /// The expected size (for the state file: at least 1).
+        expected: u64,
+        /// The size found.
+        found: u64,
+    },
+    /// The metadata file is not valid metadata JSON.
+    #[error("Template metadata {path} is corrupt")]
+    Corrupt {
+        /// The metadata file.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The metadata's recorded hash does not match its fields (edited or damaged).
+    #[error("Template metadata {path} fails its hash check")]
+    HashMismatch {
+        /// The metadata file.
+        path: PathBuf,
+    },
+    /// The metadata has a format version this build does not read.
+    #[error("Template metadata {path} has version {found}, this build reads {supported}")]
+    UnsupportedVersion {
+        /// The metadata file.
+        path: PathBuf,
+        /// The version found.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+    /// Reading or writing the metadata file failed.
+    #[error("Template metadata {path} could not be {op}")]
+    Persist {
+        /// `read` or `written`.
+        op: &'static str,
+        /// The metadata file.
+        path: PathBuf,
+        /// The persist error.
+        #[source]
+        source: vmfactory_persist::Error,
+    },
+    /// A file-system operation failed.
+    #[error("Failed to {op} {path}")]
+    Io {
+        /// What was attempted.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Mounting the template tmpfs failed (other than not being permitted).
+    #[error("Mounting a tmpfs at {path} failed")]
+    Mount {
+        /// The mount point.
+        path: PathBuf,
+        /// The errno.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// Unmounting the template tmpfs failed.
+    #[error("Unmounting {path} failed")]
+    Unmount {
+        /// The mount point.
+        path: PathBuf,
+        /// The errno.
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// The template path is a mount point or a non-empty directory that holds no usable
+    /// template for this config; it is left alone (never mounted over).
+    #[error("Template path {path} is in use and holds no usable template")]
+    Occupied {
+        /// The template path.
+        path: PathBuf,
+        /// Why the existing content is not usable.
+        #[source]
+        reason: Box<TemplateError>,
+    },
+    /// `<qemu> --version` could not be run or failed.
+    #[error("Cannot get the version of {qemu}")]
+    QemuVersion {
+        /// The QEMU binary.
+        qemu: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The template VM's proxy does not read the console, so the agent's re-listen cannot be
+    /// seen.
+    #[error("The console proxy of template VM {id} does not read the console")]
+    NoConsole {
+        /// The template VM id.
+        id: String,
+    },
+    /// The agent of the template VM did not re-listen after the host disconnected.
+    #[error("The agent of template VM {id} did not re-listen")]
+    Relisten {
+        /// The template VM id.
+        id: String,
+        /// The wait's error.
+        #[source]
+        source: vmfactory_proxy::Error,
+    },
+    /// A VM step of the template flow failed.
+    #[error("Template VM {step} failed")]
+    Vm {
+        /// `boot`, `disconnect`, `pause`, `save`, `stop`, or `clone`.
+        step: &'static str,
+        /// The VM error (boxed: it is large).
+        #[source]
+        source: Box<vmfactory_vm::Error>,
+    },
+    /// The template config is invalid.
+    #[error("Invalid template config")]
+    Config(#[source] vmfactory_vm::ConfigError),
+    /// A blocking task failed.
+    #[error("A blocking template task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl TemplateError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    pub(crate) fn vm(step: &'static str, source: vmfactory_vm::Error) -> Self {
+        Self::Vm {
+            step,
+            source: Box::new(source),
+        }
+    }
+}
+
+/// Which file, how large, last modified when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIdentity {
+    /// The path as configured.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, seconds since the epoch.
+    pub mtime_secs: u64,
+    /// Modification time, nanoseconds within the second.
+    pub mtime_nanos: u32,
+}
+
+impl FileIdentity {
+    /// Stats `path`.
+    pub async fn of(path: &Path) -> Result<Self, TemplateError> {
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| TemplateError::io("stat", path, e))?;
+        let mtime = meta
+            .modified()
+            .map_err(|e| TemplateError::io("stat", path, e))?
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(Self {
+            path: path.to_owned(),
+            size: meta.len(),
+            mtime_secs: mtime.as_secs(),
+            mtime_nanos: mtime.subsec_nanos(),
+        })
+    }
+}
+
+/// Everything a clone must share with its template (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneKey {
+    /// The QEMU binary.
+    pub qemu_path: PathBuf,
+    /// `<qemu> --version`, first line.
+    pub qemu_version: String,
+    /// The kernel path.
+    pub kernel: PathBuf,
+    /// The kernel file's identity.
+    pub kernel_file: FileIdentity,
+    /// The initrd path.
+    pub initrd: Option<PathBuf>,
+    /// The initrd file's identity.
+    pub initrd_file: Option<FileIdentity>,
+    /// Extra kernel parameters.
+    pub kernel_params: String,
+    /// Boot vCPUs.
+    pub vcpus: u32,
+    /// Hotplug limit of vCPUs.
+    pub max_vcpus: u32,
+    /// Boot memory in MiB.
+    pub memory_mib: u64,
+    /// Memory hotplug slots.
+    pub memory_slots: u32,
+    /// Hotplug limit of memory in MiB.
+    pub max_memory_mib: u64,
+    /// Machine type.
+    pub machine: MachineType,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Agent channel.
+    pub agent_channel: AgentChannel,
+    /// TCG translation-block cache size.
+    pub tcg_tb_size_mib: Option<u32>,
+}
+
+impl CloneKey {
+    /// The key of `cfg` on this host: stats the kernel and initrd, asks QEMU its version.
+    pub async fn gather(
+        cfg: &HypervisorConfig,
+        host: &dyn TemplateHost,
+    ) -> Result<Self, TemplateError> {
+        let kernel_file = FileIdentity::of(&cfg.kernel).await?;
+        let initrd_file = match &cfg.initrd {
+            Some(p) => Some(FileIdentity::of(p).await?),
+            None => None,
+        };
+        Ok(Self {
+            qemu_path: cfg.qemu_path.clone(),
+            qemu_version: host.qemu_version(&cfg.qemu_path).await?,
+            kernel: cfg.kernel.clone(),
+            kernel_file,
+            initrd: cfg.initrd.clone(),
+            initrd_file,
+            kernel_params: cfg.kernel_params.clone(),
+            vcpus: cfg.vcpus,
+            max_vcpus: cfg.max_vcpus,
+            memory_mib: cfg.memory_mib,
+            memory_slots: cfg.memory_slots,
+            max_memory_mib: cfg.max_memory_mib,
+            machine: cfg.machine,
+            accel: cfg.accel,
+            agent_channel: cfg.agent_channel.clone(),
+            tcg_tb_size_mib: cfg.tcg_tb_size_mib,
+        })
+    }
+
+    /// SHA-256 of the key's canonical JSON (keys sorted), hex.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_value(self)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        Sha256::digest(json.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// The first top-level field in which two JSON objects differ, with both values rendered
+/// (strings without quotes): `(field, a, b)`.
+pub(crate) fn first_difference(a: &Value, b: &Value) -> Option<(String, String, String)> {
+    let render = |v: Option<&Value>| match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+        None => "nothing".to_owned(),
+    };
+    let (Value::Object(a), Value::Object(b)) = (a, b) else {
+        return (a != b).then(|| ("value".to_owned(), render(Some(a)), render(Some(b))));
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .find(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k.clone(), render(a.get(k)), render(b.get(k))))
+}
+
+/// `<template>/metadata.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateMetadata {
+    /// Format version ([`TEMPLATE_METADATA_VERSION`]).
+    pub version: u32,
+    /// [`CloneKey::hash`] of `key`.
+    pub config_hash: String,
+    /// What a clone must match.
+    pub key: CloneKey,
+    /// The template's memory in MiB (the memory file's size).
+    pub memory_mib: u64,
+    /// When the template was made, seconds since the epoch.
+    pub created_at_secs: u64,
+}
+
+impl TemplateMetadata {
+    /// Metadata for a template made now with `key`.
+    pub fn new(key: CloneKey) -> Self {
+        Self {
+            version: TEMPLATE_METADATA_VERSION,
+            config_hash: key.hash(),
+            memory_mib: key.memory_mib,
+            key,
+            created_at_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs(),
+        }
+    }
+
+    /// Writes `<dir>/metadata.json` atomically, mode 0600.
+    pub async fn write(&self, dir: &Path) -> Result<(), TemplateError> {
+        let path = dir.join(METADATA_FILE);
+        let bytes = serde_json::to_vec_pretty(self).map_err(|source| TemplateError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        vmfactory_persist::write_atomic(&path, bytes, 0o600)
+            .await
+            .map_err(|source| TemplateError::Persist {
+                op: "written",
+                path,
+                source,
+            })
+    }
+
+    /// Loads and checks `<dir>/metadata.json`: present, valid JSON, a version this build
+    /// reads, and a hash that matches its key.
+    pub async fn load(dir: &Path) -> Result<Self, TemplateError> {
+        let path = dir.join(METADATA_FILE);
+        let bytes = match vmfactory_persist::read_limited(&path, MAX_METADATA_SIZE).await {
+            Ok(b) => b,
+            Err(vmfactory_persist::Error::NotFound { .. }) => {
+                return Err(TemplateError::Missing { path })
+            }
+            Err(source) => {
+                return Err(TemplateError::Persist {
+                    op: "read",
+                    path,
+                    source,
+                })
+            }
+        };
+        // The version first, so a future format is reported as such, not as corrupt.
+        let version = serde_json::from_slice::<Value>(&bytes)
+            .map_err(|source| TemplateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?
+            .get("version")
+            .and_then(Value::as_u64);
+        if let Some(found) = version.filter(|v| *v != u64::from(TEMPLATE_METADATA_VERSION)) {
+            return Err(TemplateError::UnsupportedVersion {
+                path,
+                found: u32::try_from(found).unwrap_or(u32::MAX),
+                supported: TEMPLATE_METADATA_VERSION,
+            });
+        }
+        let meta: Self =
+            serde_json::from_slice(&bytes).map_err(|source| TemplateError::Corrupt {
+                path: path.clone(),
+                source,
+            })?;
+        if meta.config_hash != meta.key.hash() || meta.memory_mib != meta.key.memory_mib {
+            return Err(TemplateError::HashMismatch { path });
+        }
+        Ok(meta)
+    }
+
+    /// Checks that a clone with `key` can use this template; the error names the first
+    /// differing field.
+    pub fn check(&self, key: &CloneKey) -> Result<(), TemplateError> {
+        if self.config_hash == key.hash() {
+            return Ok(());
+        }
+        let (a, b) = (
+            serde_json::to_value(&self.key).unwrap_or_default(),
+            serde_json::to_value(key).unwrap_or_default(),
+        );
+        let (field, template, config) = first_difference(&a, &b)
+            .unwrap_or_else(|| ("config_hash".into(), self.config_hash.clone(), key.hash()));
+        Err(TemplateError::Mismatch {
+            field,
+            template,
+            config,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeHost;
+
+    async fn key(dir: &Path) -> CloneKey {
+        std::fs::write(dir.join("k"), b"kernel").expect("k");
+        std::fs::write(dir.join("i"), b"initrd").expect("i");
+        let cfg = HypervisorConfig::new(dir.join("k"), Some(dir.join("i")));
+        CloneKey::gather(&cfg, &FakeHost::default())
+            .await
+            .expect("key")
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_per_field_mismatch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key(dir.path()).await;
+        assert_eq!(k.kernel_file.size, 6);
+        assert_eq!(k.qemu_version, "QEMU emulator version 7.2.0 (fake)");
+        let meta = TemplateMetadata::new(k.clone());
+        meta.write(dir.path()).await.expect("write");
+        let loaded = TemplateMetadata::load(dir.path()).await.expect("load");
+        assert_eq!(loaded, meta);
+        loaded.check(&k).expect("same key");
+
+        let mut other = k.clone();
+        other.memory_mib = 512;
+        match loaded.check(&other) {
+            Err(TemplateError::Mismatch {
+                field,
+                template,
+                config,
+            }) => assert_eq!(
+                (field.as_str(), template.as_str(), config.as_str()),
+                ("memory_mib", "256", "512")
+            ),
+            other => panic!("{other:?}"),
+        }
+        let mut other = k.clone();
+        other.kernel_params = "x=1".into();
+        assert!(
+            matches!(loaded.check(&other), Err(TemplateError::Mismatch { field, .. }) if field == "kernel_params")
+        );
+        let mut other = k.clone();
+        other.qemu_version = "QEMU 8".into();
+        assert!(
+            matches!(loaded.check(&other), Err(TemplateError::Mismatch { field, template, .. }) if field == "qemu_version" && template.contains("7.2.0"))
+        );
+        // A rebuilt kernel (new size / mtime).
+        std::fs::write(dir.path().join("k"), b"kernel2").expect("k");
+        let rebuilt = CloneKey::gather(
+            &HypervisorConfig::new(dir.path().join("k"), Some(dir.path().join("i"))),
+            &FakeHost::default(),
+        )
+        .await
+        .expect("key");
+        assert!(
+            matches!(loaded.check(&rebuilt), Err(TemplateError::Mismatch { field, .. }) if field == "kernel_file")
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_corrupt_tampered_and_future_metadata() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(matches!(
+            TemplateMetadata::load(dir.path()).await,
+            Err(TemplateError::Missing { path }) if path.ends_with(METADATA_FILE)
+        ));
+        let path = dir.path().join(METADATA_FILE);
+        std::fs::write(&path, b"{not json").expect("write");
+        assert!(matches!(
+            TemplateMetadata::load(dir.path()).await,
+            Err(TemplateError::Corrupt { .. })
+        ));
+        std::fs::write(&path, b"{\"version\":1}").expect("write");
+        assert!(matches!(
+            TemplateMetadata::load(dir.path()).await,
+            Err(TemplateError::Corrupt { .. })
+        ));
+        std::fs::write(&path, b"{\"version\":7,\"new\":true}").expect("write");
+        assert!(matches!(
+            TemplateMetadata::load(dir.path()).await,
+            Err(TemplateError::UnsupportedVersion { found: 7, .. })
+        ));
+        let mut meta = TemplateMetadata::new(key(dir.path()).await);
+        meta.key.vcpus = 2; // edited without updating the hash
+        meta.write(dir.path()).await.expect("write");
+        assert!(matches!(
+            TemplateMetadata::load(dir.path()).await,
+            Err(TemplateError::HashMismatch { .. })
+        ));
+        std::fs::write(&path, vec![b' '; 100 * 1024]).expect("write");
+        assert!(matches!(
+            TemplateMetadata::load(dir.path()).await,
+            Err(TemplateError::Persist { op: "read", .. })
+        ));
+    }
+
+    #[test]
+    fn first_difference_names_the_field() {
+        let a = serde_json::json!({"a": 1, "b": "x", "c": [1]});
+        let b = serde_json::json!({"a": 1, "b": "y", "d": 2});
+        assert_eq!(
+            first_difference(&a, &b),
+            Some(("b".into(), "x".into(), "y".into()))
+        );
+        assert_eq!(first_difference(&a, &a), None);
+        let c = serde_json::json!({"a": 1, "b": "x"});
+        assert_eq!(
+            first_difference(&a, &c),
+            Some(("c".into(), "[1]".into(), "nothing".into()))
+        );
+    }
+}

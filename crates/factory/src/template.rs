@@ -1,0 +1,655 @@
+//! [`TemplateFactory`]: base VMs cloned from a saved template VM (the seed's `template.go`).
+//!
+//! A template lives in one directory (default [`crate::config::DEFAULT_TEMPLATE_PATH`]):
+//! `memory` (the guest RAM), `state` (QEMU's device state) and `metadata.json`
+//! ([`TemplateMetadata`]). [`TemplateFactory::new`] makes one, [`TemplateFactory::fetch`]
+//! opens an existing one, and each [`FactoryBase::get_base_vm`] boots a clone of it, paused.
+//!
+//! Mounts: `new` mounts a tmpfs there (`MS_NOSUID | MS_NODEV`, guest memory + 8 MiB, mode
+//! 0700), or, where mounting is not permitted (`EPERM`), uses a plain 0700 directory and logs
+//! a warning. It never mounts over a mount point or into a non-empty directory: if a usable
+//! template for the same config is already there, `new` adopts it (so running `init` twice is
+//! harmless — Kata stacked a second tmpfs), otherwise it refuses with
+//! [`TemplateError::Occupied`].
+//!
+//! Ownership: a factory from `new` owns its template, and [`FactoryBase::close`] removes the
+//! files, unmounts and removes the directory. A factory from `fetch` shares a template someone
+//! else made; its `close` leaves the template alone ([`TemplateFactory::destroy`] removes it).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tracing::{debug, info, warn};
+use vmfactory_proxy::ProxyKind;
+use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
+
+use crate::base::FactoryBase;
+use crate::error::{Error, Result};
+use crate::host::{MountOutcome, SystemHost, TemplateHost};
+use crate::metadata::{
+    CloneKey, TemplateError, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE,
+};
+
+/// What the guest agent prints on the console each time it waits for a host.
+pub const AGENT_LISTENING_PREFIX: &str = "vmfactory-agent: listening on";
+
+/// Room on the template tmpfs beyond the guest memory (device state, metadata).
+const TMPFS_EXTRA_BYTES: u64 = 8 << 20;
+
+/// How many mounts `destroy` takes off one path at most (one, unless someone stacked them).
+const MAX_UNMOUNTS: usize = 8;
+
+type TResult<T> = std::result::Result<T, TemplateError>;
+
+/// A factory of clones of one template.
+pub struct TemplateFactory {
+    config: VmConfig,
+    path: PathBuf,
+    backends: Arc<dyn Backends>,
+    host: Arc<dyn TemplateHost>,
+    owned: bool,
+    closed: AtomicBool,
+}
+
+impl fmt::Debug for TemplateFactory {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TemplateFactory")
+            .field("path", &self.path)
+            .field("owned", &self.owned)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `config` without template flags and paths: the base config of a template factory.
+pub fn base_config(config: &VmConfig) -> VmConfig {
+    let mut c = config.clone();
+    c.hypervisor.boot_to_be_template = false;
+    c.hypervisor.boot_from_template = false;
+    c.hypervisor.memory_path = None;
+    c.hypervisor.devices_state_path = None;
+    c
+}
+
+/// The config of the VM saved as the template at `path` (always with the builtin proxy, which
+/// shows the agent re-listening).
+pub fn template_vm_config(base: &VmConfig, path: &Path) -> VmConfig {
+    let mut c = base_config(base);
+    c.hypervisor.boot_to_be_template = true;
+    c.hypervisor.memory_path = Some(path.join(MEMORY_FILE));
+    c.hypervisor.devices_state_path = Some(path.join(STATE_FILE));
+    c.proxy = ProxyKind::Builtin;
+    c
+}
+
+/// The config a clone of the template at `path` boots with.
+pub fn clone_vm_config(base: &VmConfig, path: &Path) -> VmConfig {
+    let mut c = base_config(base);
+    c.hypervisor.boot_from_template = true;
+    c.hypervisor.memory_path = Some(path.join(MEMORY_FILE));
+    c.hypervisor.devices_state_path = Some(path.join(STATE_FILE));
+    c
+}
+
+impl TemplateFactory {
+    /// Makes a template of `config` at `path` with QEMU and the real host; see
+    /// [`TemplateFactory::new_with`].
+    pub async fn new(config: &VmConfig, path: impl Into<PathBuf>) -> Result<Self> {
+        Self::new_with(config, path, Arc::new(QemuBackends), Arc::new(SystemHost)).await
+    }
+
+    /// Makes a template of `config` at `path`: creates the directory (0700), mounts a tmpfs
+    /// (or falls back to the plain directory where mounting is not permitted), boots the
+    /// template VM, disconnects from its agent and waits until the agent has re-listened (its
+    /// console line, not a sleep), pauses, saves and stops it, and writes the metadata. A
+    /// failure cleans up what this call created (VM, files, mount, directory) and is returned.
+    /// A usable template already at `path` is adopted; see the module docs.
+    pub async fn new_with(
+        config: &VmConfig,
+        path: impl Into<PathBuf>,
+        backends: Arc<dyn Backends>,
+        host: Arc<dyn TemplateHost>,
+    ) -> Result<Self> {
+        let path = path.into();
+        let base = base_config(config);
+        let tpl = template_vm_config(&base, &path);
+        tpl.validate_shape().map_err(TemplateError::Config)?;
+        let this = Self {
+            config: base,
+            path,
+            backends,
+            host,
+            owned: true,
+            closed: AtomicBool::new(false),
+        };
+
+        if this.is_occupied().await? {
+            return match this.check().await {
+                Ok(()) => {
+                    info!(path = %this.path.display(), "reusing the template already there");
+                    Ok(this)
+                }
+                Err(reason) => Err(TemplateError::Occupied {
+                    path: this.path.clone(),
+                    reason: Box::new(reason),
+                }
+                .into()),
+            };
+        }
+
+        let t0 = std::time::Instant::now();
+        let mut made = Made::default();
+        match this.make(&tpl, &mut made).await {
+            Ok(()) => {
+                info!(path = %this.path.display(), elapsed = ?t0.elapsed(), "template created");
+                Ok(this)
+            }
+            Err(e) => {
+                warn!(error = %e, path = %this.path.display(), "creating the template failed, cleaning up");
+                this.undo(made).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Opens the existing template at `path` for `config`, with QEMU and the real host; see
+    /// [`TemplateFactory::fetch_with`].
+    pub async fn fetch(config: &VmConfig, path: impl Into<PathBuf>) -> Result<Self> {
+        Self::fetch_with(config, path, Arc::new(QemuBackends), Arc::new(SystemHost)).await
+    }
+
+    /// Opens the existing template at `path` for `config` (Kata's fetch-only template). Refuses
+    /// one whose metadata is missing, corrupt or of another version, whose metadata does not
+    /// match `config` ([`TemplateError::Mismatch`] names the field), or whose memory or state
+    /// file is missing or of the wrong size. The factory does not own the template.
+    pub async fn fetch_with(
+        config: &VmConfig,
+        path: impl Into<PathBuf>,
+        backends: Arc<dyn Backends>,
+        host: Arc<dyn TemplateHost>,
+    ) -> Result<Self> {
+        let path = path.into();
+        let base = base_config(config);
+        template_vm_config(&base, &path)
+            .validate_shape()
+            .map_err(TemplateError::Config)?;
+        let this = Self {
+            config: base,
+            path,
+            backends,
+            host,
+            owned: false,
+            closed: AtomicBool::new(false),
+        };
+        this.check().await?;
+        debug!(path = %this.path.display(), "template fetched");
+        Ok(this)
+    }
+
+    /// Removes the template at `path`: its files, its tmpfs (every mount stacked there), the
+    /// directory. Other files in the directory are left, and then so is the directory.
+    /// Idempotent.
+    pub async fn destroy(path: &Path, host: &dyn TemplateHost) -> Result<()> {
+        for name in [MEMORY_FILE, STATE_FILE, METADATA_FILE] {
+            remove_file(&path.join(name)).await?;
+        }
+        for _ in 0..MAX_UNMOUNTS {
+            if host.mount_type(path).await?.as_deref() != Some("tmpfs") {
+                break;
+            }
+            host.unmount(path).await?;
+        }
+        match tokio::fs::remove_dir(path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(TemplateError::io("remove", path, e).into()),
+        }
+    }
+
+    /// The template directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether `close` removes the template (made by this factory, not fetched).
+    pub fn owns_template(&self) -> bool {
+        self.owned
+    }
+
+    /// The loaded, checked metadata of the template.
+    pub async fn metadata(&self) -> Result<TemplateMetadata> {
+        Ok(TemplateMetadata::load(&self.path).await?)
+    }
+
+    /// Whether the path is a mount point or a non-empty directory.
+    async fn is_occupied(&self) -> TResult<bool> {
+        if self.host.mount_type(&self.path).await?.is_some() {
+            return Ok(true);
+        }
+        match tokio::fs::read_dir(&self.path).await {
+            Ok(mut d) => Ok(d
+                .next_entry()
+                .await
+                .map_err(|e| TemplateError::io("read", &self.path, e))?
+                .is_some()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(TemplateError::io("read", &self.path, e)),
+        }
+    }
+
+    /// Checks the template at the path against the config: metadata, then files.
+    async fn check(&self) -> TResult<()> {
+        let meta = TemplateMetadata::load(&self.path).await?;
+        let key = CloneKey::gather(&self.config.hypervisor, self.host.as_ref()).await?;
+        meta.check(&key)?;
+        check_size(&self.path.join(MEMORY_FILE), Some(meta.memory_mib << 20)).await?;
+        check_size(&self.path.join(STATE_FILE), None).await
+    }
+
+    /// The creation steps; `made` records what to undo.
+    async fn make(&self, tpl: &VmConfig, made: &mut Made) -> TResult<()> {
+        made.dir = create_dir(&self.path).await?;
+        let size = (self.config.hypervisor.memory_mib << 20) + TMPFS_EXTRA_BYTES;
+        match self.host.mount_tmpfs(&self.path, size).await? {
+            MountOutcome::Mounted => made.mounted = true,
+            MountOutcome::NotPermitted => warn!(
+                path = %self.path.display(),
+                "mounting a tmpfs is not permitted here; the template uses a plain directory"
+            ),
+        }
+        // The key before the boot: it stats the guest files and asks QEMU its version.
+        let key = CloneKey::gather(&self.config.hypervisor, self.host.as_ref()).await?;
+        made.files = true;
+        save_template_vm(tpl, self.backends.as_ref()).await?;
+        check_size(&self.path.join(MEMORY_FILE), Some(key.memory_mib << 20)).await?;
+        check_size(&self.path.join(STATE_FILE), None).await?;
+        TemplateMetadata::new(key).write(&self.path).await
+    }
+
+    /// Undoes a failed creation: files, mount, directory (the VM was stopped already).
+    async fn undo(&self, made: Made) {
+        if made.files {
+            for name in [MEMORY_FILE, STATE_FILE, METADATA_FILE] {
+                if let Err(e) = remove_file(&self.path.join(name)).await {
+                    warn!(error = %e, "removing a template file during cleanup failed");
+                }
+            }
+        }
+        if made.mounted {
+            if let Err(e) = self.host.unmount(&self.path).await {
+                warn!(error = %e, "unmounting the template during cleanup failed");
+            }
+        }
+        if made.dir {
+            if let Err(e) = tokio::fs::remove_dir(&self.path).await {
+                warn!(error = %e, "removing the template directory during cleanup failed");
+            }
+        }
+    }
+}
+
+/// What a template creation has done so far.
+#[derive(Debug, Default)]
+struct Made {
+    dir: bool,
+    mounted: bool,
+    files: bool,
+}
+
+/// Boots the template VM, waits for its agent to re-listen after a disconnect, pauses, saves,
+/// and stops it (also on failure).
+async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> TResult<()> {
+    let vm = Vm::new_with(tpl.clone(), backends)
+        .await
+        .map_err(|e| TemplateError::vm("boot", e))?;
+    let saved = async {
+        // QEMU drops console output while no console client is connected: subscribe (the
+        // proxy is connected) before disconnecting.
+        let mut lines = vm
+            .proxy()
+            .subscribe()
+            .ok_or_else(|| TemplateError::NoConsole {
+                id: vm.id().to_owned(),
+            })?;
+        vm.disconnect()
+            .await
+            .map_err(|e| TemplateError::vm("disconnect", e))?;
+        vmfactory_proxy::wait_for_line(&mut lines, tpl.agent.ready_timeout, |l| {
+            l.contains(AGENT_LISTENING_PREFIX)
+        })
+        .await
+        .map_err(|source| TemplateError::Relisten {
+            id: vm.id().to_owned(),
+            source,
+        })?;
+        vm.pause()
+            .await
+            .map_err(|e| TemplateError::vm("pause", e))?;
+        vm.save().await.map_err(|e| TemplateError::vm("save", e))
+    }
+    .await;
+    let stopped = vm.stop().await.map_err(|e| TemplateError::vm("stop", e));
+    saved.and(stopped)
+}
+
+/// Creates `path` (and its parents) with mode 0700; true if `path` itself was created.
+async fn create_dir(path: &Path) -> TResult<bool> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| TemplateError::io("create", parent, e))?;
+    }
+    let mut b = tokio::fs::DirBuilder::new();
+    b.mode(0o700);
+    match b.create(path).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .await
+                .map_err(|e| TemplateError::io("chmod", path, e))?;
+            Ok(false)
+        }
+        Err(e) => Err(TemplateError::io("create", path, e)),
+    }
+}
+
+/// Checks that `path` exists with `expected` bytes (or, with `None`, is not empty).
+async fn check_size(path: &Path, expected: Option<u64>) -> TResult<()> {
+    let found = match tokio::fs::metadata(path).await {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(TemplateError::Missing {
+                path: path.to_owned(),
+            })
+        }
+        Err(e) => return Err(TemplateError::io("stat", path, e)),
+    };
+    match expected {
+        Some(expected) if found != expected => Err(TemplateError::FileSize {
+            path: path.to_owned(),
+            expected,
+            found,
+        }),
+        None if found == 0 => Err(TemplateError::FileSize {
+            path: path.to_owned(),
+            expected: 1,
+            found,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Removes `path` if it exists.
+async fn remove_file(path: &Path) -> TResult<()> {
+    match tokio::fs::remove_file(path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(TemplateError::io("remove", path, e)),
+    }
+}
+
+#[async_trait]
+impl FactoryBase for TemplateFactory {
+    fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// A clone of the template, paused (resume it). Its hypervisor config is the template's;
+    /// `config` contributes the proxy kind.
+    async fn get_base_vm(&self, config: &VmConfig) -> Result<Vm> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed { what: "template" });
+        }
+        let mut clone = clone_vm_config(&self.config, &self.path);
+        clone.proxy = config.proxy;
+        Vm::new_with(clone, self.backends.as_ref())
+            .await
+            .map_err(|e| TemplateError::vm("clone", e).into())
+    }
+
+    /// Marks the factory closed; if it owns the template, removes it ([`TemplateFactory::destroy`]).
+    /// Idempotent.
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::SeqCst);
+        if self.owned {
+            Self::destroy(&self.path, self.host.as_ref()).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{FakeBackends, FakeHost};
+    use vmfactory_hypervisor::{FakeStep, Hypervisor as _, VmStatus};
+
+    async fn new_template(b: &Arc<FakeBackends>, host: &Arc<FakeHost>) -> Result<TemplateFactory> {
+        TemplateFactory::new_with(&b.config(), b.template_path(), b.clone(), host.clone()).await
+    }
+
+    #[tokio::test]
+    async fn new_mounts_saves_writes_metadata_and_close_removes() {
+        let b = FakeBackends::new();
+        let host = Arc::new(FakeHost::default());
+        let t = new_template(&b, &host).await.expect("template");
+        let path = b.template_path();
+        assert_eq!(host.depth(&path), 1, "one tmpfs");
+        let meta = t.metadata().await.expect("metadata");
+        assert_eq!(meta.memory_mib, 256);
+        assert_eq!(meta.key.vcpus, 1);
+        assert!(path.join(MEMORY_FILE).is_file() && path.join(STATE_FILE).is_file());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("dir").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // The template VM: booted with the flags, waited for, paused, saved, stopped.
+        let tpl_ids = b.ids_where(|c| c.boot_to_be_template);
+        assert_eq!(tpl_ids.len(), 1);
+        let hv = b.hv(&tpl_ids[0]);
+        use vmfactory_hypervisor::FakeCall as H;
+        assert_eq!(hv.calls()[1..4], [H::Pause, H::SaveTemplate, H::Stop]);
+        assert_eq!(
+            b.agent(&tpl_ids[0]).count("disconnect"),
+            2,
+            "disconnect, then stop"
+        );
+        assert_eq!(b.live().await, 0);
+        assert_eq!(b.vm_dirs(), 0);
+
+        // Clones boot paused from the template files.
+        let clone = t.get_base_vm(t.config()).await.expect("clone");
+        assert_eq!(clone.status().await.expect("s").state, VmStatus::Paused);
+        let hc = &b.hv(clone.id()).config().clone();
+        assert!(hc.boot_from_template && !hc.boot_to_be_template);
+        assert_eq!(
+            hc.memory_path.as_deref(),
+            Some(path.join(MEMORY_FILE).as_path())
+        );
+        clone.stop().await.expect("stop");
+
+        t.close().await.expect("close");
+        assert_eq!(host.depth(&path), 0);
+        assert!(!path.exists());
+        t.close().await.expect("close is idempotent");
+        assert!(matches!(
+            t.get_base_vm(t.config()).await,
+            Err(Error::Closed { what: "template" })
+        ));
+    }
+
+    #[tokio::test]
+    async fn new_twice_never_stacks_mounts() {
+        let b = FakeBackends::new();
+        let host = Arc::new(FakeHost::default());
+        let t1 = new_template(&b, &host).await.expect("template");
+        let t2 = new_template(&b, &host)
+            .await
+            .expect("adopts the existing template");
+        assert_eq!(host.depth(&b.template_path()), 1);
+        assert_eq!(host.mount_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            b.ids_where(|c| c.boot_to_be_template).len(),
+            1,
+            "booted once"
+        );
+
+        // Another config on the same path: refused, the mount left alone.
+        let mut other = b.config();
+        other.hypervisor.memory_mib = 512;
+        let err = TemplateFactory::new_with(&other, b.template_path(), b.clone(), host.clone())
+            .await
+            .expect_err("occupied");
+        match err {
+            Error::Template(TemplateError::Occupied { reason, .. }) => assert!(
+                matches!(*reason, TemplateError::Mismatch { ref field, .. } if field == "memory_mib")
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(host.depth(&b.template_path()), 1);
+        t2.close().await.expect("close");
+        t1.close().await.expect("close again");
+        assert_eq!(host.depth(&b.template_path()), 0);
+        assert!(!b.template_path().exists());
+    }
+
+    #[tokio::test]
+    async fn plain_directory_when_mounting_is_not_permitted() {
+        let b = FakeBackends::new();
+        let host = Arc::new(FakeHost::default());
+        host.not_permitted.store(true, Ordering::SeqCst);
+        let t = new_template(&b, &host).await.expect("template");
+        assert_eq!(host.depth(&b.template_path()), 0);
+        assert!(b.template_path().join(METADATA_FILE).is_file());
+        t.close().await.expect("close");
+        assert!(!b.template_path().exists());
+    }
+
+    #[tokio::test]
+    async fn failures_clean_up_everything() {
+        for step in [FakeStep::Start, FakeStep::Pause, FakeStep::SaveTemplate] {
+            let b = FakeBackends::new();
+            let host = Arc::new(FakeHost::default());
+            *b.template_fail.lock().expect("lock") = Some(step);
+            let err = new_template(&b, &host).await.expect_err("fails");
+            assert!(
+                matches!(err, Error::Template(TemplateError::Vm { .. })),
+                "{step:?}: {err:?}"
+            );
+            assert_eq!(host.depth(&b.template_path()), 0, "{step:?}");
+            assert!(!b.template_path().exists(), "{step:?}");
+            assert_eq!(b.live().await, 0, "{step:?}");
+            assert_eq!(b.vm_dirs(), 0, "{step:?}");
+        }
+        // The agent never re-listens: bounded wait, then cleanup.
+        let b = FakeBackends::new();
+        b.relisten.store(false, Ordering::SeqCst);
+        let host = Arc::new(FakeHost::default());
+        let err = new_template(&b, &host).await.expect_err("fails");
+        assert!(
+            matches!(err, Error::Template(TemplateError::Relisten { .. })),
+            "{err:?}"
+        );
+        assert!(!b.template_path().exists());
+        assert_eq!(b.live().await, 0);
+        // A non-empty directory that is no template is refused and left alone.
+        let b = FakeBackends::new();
+        std::fs::create_dir(b.template_path()).expect("dir");
+        std::fs::write(b.template_path().join("other"), b"x").expect("file");
+        let err = new_template(&b, &host).await.expect_err("occupied");
+        assert!(matches!(
+            err,
+            Error::Template(TemplateError::Occupied { ref reason, .. })
+                if matches!(**reason, TemplateError::Missing { .. })
+        ));
+        assert!(b.template_path().join("other").is_file());
+    }
+
+    #[tokio::test]
+    async fn fetch_refuses_mismatches_and_missing_files() {
+        let b = FakeBackends::new();
+        let host = Arc::new(FakeHost::default());
+        let t = new_template(&b, &host).await.expect("template");
+        let path = b.template_path();
+        let fetch = |cfg: VmConfig, host: Arc<FakeHost>| {
+            let b = b.clone();
+            let path = path.clone();
+            async move { TemplateFactory::fetch_with(&cfg, path, b, host).await }
+        };
+        let f = fetch(b.config(), host.clone()).await.expect("fetch");
+        assert!(!f.owns_template());
+        f.close().await.expect("close leaves the template");
+        assert!(path.join(METADATA_FILE).is_file());
+
+        let field = |r: Result<TemplateFactory>| match r {
+            Err(Error::Template(TemplateError::Mismatch { field, .. })) => field,
+            other => panic!("{other:?}"),
+        };
+        let mut cfg = b.config();
+        cfg.hypervisor.memory_mib = 512;
+        assert_eq!(field(fetch(cfg, host.clone()).await), "memory_mib");
+        let mut cfg = b.config();
+        cfg.hypervisor.vcpus = 2;
+        assert_eq!(field(fetch(cfg, host.clone()).await), "vcpus");
+        let mut cfg = b.config();
+        cfg.hypervisor.max_vcpus = 2;
+        assert_eq!(field(fetch(cfg, host.clone()).await), "max_vcpus");
+        let mut cfg = b.config();
+        cfg.hypervisor.kernel_params = "debug".into();
+        assert_eq!(field(fetch(cfg, host.clone()).await), "kernel_params");
+        let other_qemu = Arc::new(FakeHost::default());
+        *other_qemu.qemu_version.lock().expect("lock") = "QEMU 9".into();
+        assert_eq!(field(fetch(b.config(), other_qemu).await), "qemu_version");
+        // Proxy and agent timeouts are no part of a template.
+        let mut cfg = b.config();
+        cfg.proxy = ProxyKind::None;
+        fetch(cfg, host.clone())
+            .await
+            .expect("proxy does not matter");
+
+        std::fs::remove_file(path.join(STATE_FILE)).expect("rm");
+        assert!(matches!(
+            fetch(b.config(), host.clone()).await,
+            Err(Error::Template(TemplateError::Missing { path })) if path.ends_with(STATE_FILE)
+        ));
+        std::fs::File::create(path.join(MEMORY_FILE)).expect("truncate");
+        assert!(matches!(
+            fetch(b.config(), host.clone()).await,
+            Err(Error::Template(TemplateError::FileSize { found: 0, .. }))
+        ));
+        std::fs::write(path.join(METADATA_FILE), b"garbage").expect("corrupt");
+        assert!(matches!(
+            fetch(b.config(), host.clone()).await,
+            Err(Error::Template(TemplateError::Corrupt { .. }))
+        ));
+        t.close().await.expect("close");
+        assert!(matches!(
+            fetch(b.config(), host.clone()).await,
+            Err(Error::Template(TemplateError::Missing { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn destroy_takes_off_stacked_mounts() {
+        let b = FakeBackends::new();
+        let host = FakeHost::default();
+        let path = b.template_path();
+        std::fs::create_dir(&path).expect("dir");
+        // As left behind by Kata's stacking `init`.
+        host.mounts.lock().expect("lock").insert(path.clone(), 3);
+        for f in crate::testing::template_files(&path) {
+            std::fs::write(f, b"x").expect("file");
+        }
+        TemplateFactory::destroy(&path, &host)
+            .await
+            .expect("destroy");
+        assert_eq!(host.depth(&path), 0);
+        assert!(!path.exists());
+        TemplateFactory::destroy(&path, &host)
+            .await
+            .expect("idempotent");
+    }
+}
