@@ -19,14 +19,16 @@ use crate::util::workspace_root;
 /// One measured quantity over repeated runs, in milliseconds.
 #[derive(Debug, Serialize)]
 pub struct Stat {
-    median: f64,
+    /// Median.
+    pub median: f64,
     min: f64,
     max: f64,
     runs: usize,
 }
 
 impl Stat {
-    fn of(samples: &[Duration]) -> Self {
+    /// Median, min and max of `samples`.
+    pub fn of(samples: &[Duration]) -> Self {
         let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
         ms.sort_by(f64::total_cmp);
         let median = match ms.len() {
@@ -68,6 +70,9 @@ pub struct Report {
     clone_pss_ratio: f64,
     /// Resident size of the template's memory file on its tmpfs: paid once for all clones.
     template_resident_mib: f64,
+    /// `get_vm` through the factories.
+    #[serde(flatten)]
+    factory: crate::bench_factory::FactoryReport,
 }
 
 /// Runs the bench.
@@ -105,6 +110,7 @@ pub async fn run(runs: usize, pss_counts: &[usize]) -> Result<Report> {
         pss_clone.push(pss_of(root.path(), n, &tpl, true).await?);
     }
     let template_resident_mib = resident_mib(&tpl_dir.path().join("memory"))?;
+    let factory = crate::bench_factory::run(&env, root.path(), runs).await?;
 
     let cold_boot_ms = Stat::of(&cold);
     let clone_ready_ms = Stat::of(&ready);
@@ -129,6 +135,7 @@ pub async fn run(runs: usize, pss_counts: &[usize]) -> Result<Report> {
         pss_clone,
         clone_pss_ratio,
         template_resident_mib,
+        factory,
     })
 }
 
@@ -227,6 +234,11 @@ pub fn report(r: &Report) -> Result<std::path::PathBuf> {
         "{:<40} {:>9.1} MiB",
         "template memory file on tmpfs (once)", r.template_resident_mib
     );
+    let f = &r.factory;
+    let n = f.get_vm_direct_ms.runs;
+    row(&format!("get_vm, direct factory (n={n})"), &f.get_vm_direct_ms);
+    row(&format!("get_vm, template factory (n={n})"), &f.get_vm_template_ms);
+    row(&format!("get_vm, cache hit (n={n})"), &f.cache_hit_ms);
     println!(
         "{:<40} {:>12.3}   (target <= 0.05)",
         "clone_ratio", r.clone_ratio
@@ -234,6 +246,14 @@ pub fn report(r: &Report) -> Result<std::path::PathBuf> {
     println!(
         "{:<40} {:>12.3}   (target <= 0.20)",
         "clone_pss_ratio", r.clone_pss_ratio
+    );
+    println!(
+        "{:<40} {:>12.3}   (target <= 0.05)",
+        "get_vm_template_ratio", f.get_vm_template_ratio
+    );
+    println!(
+        "{:<40} {:>12.4}   (target <= 0.005, hit <= 5 ms)",
+        "cache_hit_ratio", f.cache_hit_ratio
     );
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;

@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask <guest|tools|test|e2e|bench|demo>`.
 
 mod bench;
+mod bench_factory;
 mod demo;
 mod guest;
 mod tools;

@@ -6,9 +6,11 @@
 //! the pool is empty (a burst, or a base that keeps failing) the caller gets a VM straight from
 //! the base rather than waiting for a worker: a miss costs one base VM, never a hang.
 //!
-//! Cached VMs are kept exactly as the base hands them out: running for a direct base, paused
-//! for a template base (as Kata caches paused clones). A paused clone costs no CPU while it
-//! waits, and `get_vm` resumes it, reseeds its RNG and sets its clock anyway.
+//! Cached VMs are kept ready to answer: a clone, which its template base hands out paused, is
+//! resumed and its agent checked before it enters the pool (Kata cached paused clones). A hit
+//! then costs `get_vm` only the per-VM freshness work (RNG reseed, clock) over an agent
+//! connection that is already up, instead of a resume and an agent reconnect; an idle guest
+//! costs little CPU while it waits.
 //!
 //! [`FactoryBase::close`] is cancellation-safe with respect to VMs: a worker is never
 //! interrupted inside the base's `get_base_vm` (dropping `Vm::new` halfway would leak the
@@ -24,6 +26,7 @@ use async_trait::async_trait;
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
+use vmfactory_hypervisor::VmStatus;
 use vmfactory_vm::{Vm, VmConfig, VmInfo};
 
 use crate::base::FactoryBase;
@@ -106,6 +109,30 @@ impl CacheFactory {
     }
 }
 
+/// A VM from `base`, resumed if it came paused, with its agent answering. A VM that fails
+/// to get there is stopped.
+async fn make_ready(base: &dyn FactoryBase, config: &VmConfig) -> Result<Vm> {
+    let vm = base.get_base_vm(config).await?;
+    let ready = async {
+        if matches!(
+            vm.status().await?.state,
+            VmStatus::Paused | VmStatus::Prelaunch
+        ) {
+            vm.resume().await?;
+            vm.wait_ready().await?;
+        }
+        vmfactory_vm::Result::Ok(())
+    }
+    .await;
+    if let Err(e) = ready {
+        if let Err(stop) = vm.stop().await {
+            warn!(vm = %vm.id(), error = %stop, "stopping a VM that did not get ready failed");
+        }
+        return Err(e.into());
+    }
+    Ok(vm)
+}
+
 /// Fills one slot after another until the factory closes.
 async fn worker(shared: Arc<Shared>) {
     let mut closed = shared.closed.subscribe();
@@ -120,7 +147,7 @@ async fn worker(shared: Arc<Shared>) {
             },
         };
         let config = shared.base.config().clone();
-        match shared.base.get_base_vm(&config).await {
+        match make_ready(shared.base.as_ref(), &config).await {
             Ok(vm) => {
                 backoff = FIRST_BACKOFF;
                 let mut pool = shared.pool.lock().await;

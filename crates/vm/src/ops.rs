@@ -56,6 +56,19 @@ impl Vm {
             .map_err(|e| Error::hv(&self.id, "resume", e))
     }
 
+    /// Waits until the guest agent answers `Check` (at most the config's `ready_timeout`):
+    /// after [`Vm::resume`] of a clone, whose agent was not checked when it was made.
+    #[instrument(skip(self), fields(vm = %self.id))]
+    pub async fn wait_ready(&self) -> Result<()> {
+        let _inner = self.owned().await?;
+        crate::vm::wait_ready(
+            &self.id,
+            self.agent.as_ref(),
+            self.config.agent.ready_timeout,
+        )
+        .await
+    }
+
     /// Saves the VM as a template (the seed's `Save`): needs a config with
     /// `boot_to_be_template`; the VM is left saved (`postmigrate`), to be stopped.
     #[instrument(skip(self), fields(vm = %self.id))]

@@ -157,10 +157,13 @@ impl CacheClient {
                 Err(CacheServiceError::ServerGone {
                     path: self.endpoint.clone(),
                     method,
-                    source,
+                    source: Box::new(source),
                 })
             }
-            Ok(Err(source)) => Err(CacheServiceError::Rpc { method, source }),
+            Ok(Err(source)) => Err(CacheServiceError::Rpc {
+                method,
+                source: Box::new(source),
+            }),
         }
     }
 
@@ -179,7 +182,7 @@ impl CacheClient {
             .await
             .map_err(|source| CacheServiceError::Attach {
                 id: msg.id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         info!(vm = %vm.id(), "VM taken from the VM-cache server");
         Ok(vm)
@@ -236,5 +239,195 @@ impl FactoryBase for CacheClient {
     async fn close(&self) -> crate::Result<()> {
         *self.conn.lock().await = Conn::Closed;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::sync::atomic::Ordering;
+
+    use vmfactory_hypervisor::VmStatus;
+
+    use super::*;
+    use crate::cache_service::testing::{FakeBackends, FakeBase, Root};
+    use crate::cache_service::CacheServer;
+
+    async fn client(root: &Root) -> CacheClient {
+        CacheClient::connect_with(&root.socket(), Arc::new(FakeBackends))
+            .await
+            .expect("connect")
+    }
+
+    #[tokio::test]
+    async fn config_vms_and_status_round_trip() {
+        let root = Root::new();
+        let base = FakeBase::new(root.config(), 3).await;
+        let server = CacheServer::start(base.clone(), &root.socket())
+            .await
+            .expect("start");
+        let c = client(&root).await;
+        assert_eq!(FactoryBase::config(&c), &root.config());
+
+        let st = c.server_status().await.expect("status");
+        assert_eq!(st.pid, std::process::id());
+        assert_eq!(st.vms.len(), 3);
+        assert!(st.vms.iter().all(|v| v.vcpus == 1 && v.memory_mib == 256));
+        assert!(st.vms.iter().all(|v| v.state == VmStatus::Running));
+
+        let a = c.get_base_vm(&root.config()).await.expect("vm a");
+        let b = c.get_base_vm(&root.config()).await.expect("vm b");
+        assert_ne!(a.id(), b.id());
+        for vm in [&a, &b] {
+            let info = vm.status().await.expect("re-attached VM answers");
+            assert_eq!(info.state, VmStatus::Running);
+            assert_eq!((info.vcpus, info.memory_mib), (1, 256));
+            vm.add_cpus(1).await.expect("the client owns it");
+        }
+        let left: Vec<String> = FactoryBase::status(&c)
+            .await
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        assert_eq!(left.len(), 1);
+        assert!(!left.contains(&a.id().to_owned()) && !left.contains(&b.id().to_owned()));
+
+        a.stop().await.expect("stop a");
+        b.stop().await.expect("stop b");
+        server.shutdown().await.expect("shutdown");
+        assert_eq!(root.vm_dirs(), Vec::<PathBuf>::new());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_clients_get_distinct_vms() {
+        let root = Root::new();
+        let base = FakeBase::new(root.config(), 2).await;
+        let server = CacheServer::start(base.clone(), &root.socket())
+            .await
+            .expect("start");
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let socket = root.socket();
+            tasks.push(tokio::spawn(async move {
+                let c = CacheClient::connect_with(&socket, Arc::new(FakeBackends))
+                    .await
+                    .expect("connect");
+                let vm = c.take_vm().await.expect("vm");
+                c.close().await.expect("close");
+                vm
+            }));
+        }
+        let mut vms = Vec::new();
+        for t in tasks {
+            vms.push(t.await.expect("task"));
+        }
+        let ids: HashSet<&str> = vms.iter().map(|v| v.id()).collect();
+        assert_eq!(ids.len(), 8);
+        assert_eq!(
+            base.made.load(Ordering::SeqCst),
+            8,
+            "2 from the pool, 6 made"
+        );
+        for vm in &vms {
+            vm.stop().await.expect("stop");
+        }
+        server.shutdown().await.expect("shutdown");
+        assert_eq!(root.vm_dirs(), Vec::<PathBuf>::new());
+    }
+
+    #[tokio::test]
+    async fn template_clones_arrive_paused_and_resume() {
+        let root = Root::new();
+        let base = FakeBase::new(root.clone_config(), 1).await;
+        let server = CacheServer::start(base, &root.socket())
+            .await
+            .expect("start");
+        let c = client(&root).await;
+        assert_eq!(
+            c.server_status().await.expect("status").vms[0].state,
+            VmStatus::Paused
+        );
+        let vm = c.take_vm().await.expect("vm");
+        assert_eq!(vm.status().await.expect("status").state, VmStatus::Paused);
+        vm.resume().await.expect("resume");
+        assert_eq!(vm.status().await.expect("status").state, VmStatus::Running);
+        vm.stop().await.expect("stop");
+        server.shutdown().await.expect("shutdown");
+    }
+
+    #[tokio::test]
+    async fn quit_stops_the_server_and_clients_get_typed_errors() {
+        let root = Root::new();
+        let base = FakeBase::new(root.config(), 2).await;
+        let server = CacheServer::start(base.clone(), &root.socket())
+            .await
+            .expect("start");
+        let c = client(&root).await;
+        let other = client(&root).await;
+        c.quit().await.expect("Quit is answered");
+        server.wait().await.expect("stopped cleanly");
+        assert!(server.is_stopped());
+        assert!(!root.socket().exists(), "socket removed");
+        assert_eq!(base.closes.load(Ordering::SeqCst), 1);
+        assert_eq!(root.vm_dirs(), Vec::<PathBuf>::new(), "cached VMs stopped");
+
+        // A client still connected sees the server gone; the next call redials and fails.
+        let err = other.take_vm().await.expect_err("server is gone");
+        assert!(
+            matches!(
+                err,
+                CacheServiceError::ServerGone { .. } | CacheServiceError::Connect { .. }
+            ),
+            "{err:?}"
+        );
+        assert!(matches!(
+            other.server_status().await,
+            Err(CacheServiceError::Connect { .. })
+        ));
+        assert!(FactoryBase::status(&other).await.is_empty());
+        assert!(matches!(
+            CacheClient::connect_with(&root.socket(), Arc::new(FakeBackends)).await,
+            Err(CacheServiceError::Connect { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn base_failure_is_an_rpc_error_and_close_only_disconnects() {
+        let root = Root::new();
+        let base = FakeBase::new(root.config(), 0).await;
+        let server = CacheServer::start(base.clone(), &root.socket())
+            .await
+            .expect("start");
+        let c = client(&root).await;
+        base.fail.store(true, Ordering::SeqCst);
+        let err = c.take_vm().await.expect_err("base fails");
+        let CacheServiceError::Rpc {
+            method: "GetBaseVM",
+            source,
+        } = &err
+        else {
+            panic!("unexpected {err:?}");
+        };
+        let ttrpc::Error::RpcStatus(status) = source.as_ref() else {
+            panic!("unexpected {source:?}");
+        };
+        assert_eq!(status.code(), ttrpc::Code::INTERNAL);
+        assert!(status.message().contains("injected"), "{status:?}");
+
+        c.close().await.expect("close");
+        c.close().await.expect("close is idempotent");
+        assert!(matches!(
+            c.server_status().await,
+            Err(CacheServiceError::Closed { .. })
+        ));
+        assert!(matches!(
+            c.get_base_vm(&root.config()).await,
+            Err(crate::Error::CacheService(CacheServiceError::Closed { .. }))
+        ));
+        assert!(!server.is_stopped(), "close does not Quit the server");
+        assert_eq!(base.closes.load(Ordering::SeqCst), 0);
+        let again = client(&root).await;
+        again.server_status().await.expect("server still serves");
+        server.shutdown().await.expect("shutdown");
     }
 }

@@ -10,9 +10,12 @@ use super::protocols::cache::{GrpcVM, GrpcVMConfig, GrpcVMStatus};
 /// timeouts (Kata sends the agent config apart; clients here only read `Data`).
 pub(crate) fn config_to_grpc(config: &VmConfig) -> Result<GrpcVMConfig> {
     let mut msg = GrpcVMConfig::new();
-    msg.Data = config.to_wire().map_err(CacheServiceError::EncodeConfig)?;
-    msg.AgentConfig = serde_json::to_vec(&config.agent)
-        .map_err(|e| CacheServiceError::EncodeConfig(vmfactory_vm::WireError::Encode(e).into()))?;
+    msg.Data = config
+        .to_wire()
+        .map_err(|e| CacheServiceError::EncodeConfig(Box::new(e)))?;
+    msg.AgentConfig = serde_json::to_vec(&config.agent).map_err(|e| {
+        CacheServiceError::EncodeConfig(Box::new(vmfactory_vm::WireError::Encode(e).into()))
+    })?;
     Ok(msg)
 }
 
@@ -20,7 +23,7 @@ pub(crate) fn config_to_grpc(config: &VmConfig) -> Result<GrpcVMConfig> {
 pub(crate) fn config_from_grpc(msg: &GrpcVMConfig) -> Result<VmConfig> {
     VmConfig::from_wire(&msg.Data).map_err(|source| CacheServiceError::InvalidReply {
         method: "Config",
-        source,
+        source: Box::new(source),
     })
 }
 

@@ -10,6 +10,8 @@ use thiserror::Error;
 pub type Result<T> = std::result::Result<T, CacheServiceError>;
 
 /// Errors of the VM-cache server ([`super::CacheServer`]) and client ([`super::CacheClient`]).
+///
+/// [`vmfactory_vm::Error`] and [`ttrpc::Error`] sources are boxed: they are large.
 #[derive(Debug, Error)]
 pub enum CacheServiceError {
     /// Another server answers on the socket.
@@ -57,7 +59,7 @@ pub enum CacheServiceError {
         method: &'static str,
         /// The ttRPC error.
         #[source]
-        source: ttrpc::Error,
+        source: Box<ttrpc::Error>,
     },
 
     /// A call did not complete in time.
@@ -76,7 +78,7 @@ pub enum CacheServiceError {
         method: &'static str,
         /// The ttRPC error (the server's status is in it).
         #[source]
-        source: ttrpc::Error,
+        source: Box<ttrpc::Error>,
     },
 
     /// The server answered with something the client cannot use.
@@ -86,12 +88,12 @@ pub enum CacheServiceError {
         method: &'static str,
         /// Why the reply was rejected (a bad wire form).
         #[source]
-        source: vmfactory_vm::Error,
+        source: Box<vmfactory_vm::Error>,
     },
 
     /// Encoding the base config failed when the server started.
     #[error("Failed to encode the base VM config")]
-    EncodeConfig(#[source] vmfactory_vm::Error),
+    EncodeConfig(#[source] Box<vmfactory_vm::Error>),
 
     /// Re-attaching to a handed-out VM failed (it is released again, not stopped).
     #[error("Failed to re-attach to VM {id} handed out by the VM-cache server")]
@@ -100,7 +102,7 @@ pub enum CacheServiceError {
         id: String,
         /// The VM error.
         #[source]
-        source: vmfactory_vm::Error,
+        source: Box<vmfactory_vm::Error>,
     },
 
     /// Starting the ttRPC server failed.
@@ -110,7 +112,7 @@ pub enum CacheServiceError {
         path: PathBuf,
         /// The ttRPC error.
         #[source]
-        source: ttrpc::Error,
+        source: Box<ttrpc::Error>,
     },
 
     /// Closing the base factory while stopping the server failed.

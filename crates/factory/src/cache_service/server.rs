@@ -71,7 +71,7 @@ impl CacheServer {
             }
             return Err(CacheServiceError::Start {
                 path: socket.to_owned(),
-                source,
+                source: Box::new(source),
             });
         }
         info!(socket = %socket.display(), pid = std::process::id(), "VM-cache server started");
@@ -289,5 +289,104 @@ impl cache_ttrpc::CacheService for Service {
         info!("Quit requested");
         self.stop.send_replace(true);
         Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::cache_service::testing::{FakeBase, Root};
+
+    #[tokio::test]
+    async fn socket_is_0600_and_a_live_socket_refuses_a_second_server() {
+        let root = Root::new();
+        let base = FakeBase::new(root.config(), 1).await;
+        let server = CacheServer::start(base.clone(), &root.socket())
+            .await
+            .expect("start");
+        let mode = std::fs::metadata(root.socket())
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let other = FakeBase::new(root.config(), 0).await;
+        assert!(matches!(
+            CacheServer::start(other.clone(), &root.socket()).await,
+            Err(CacheServiceError::SocketInUse { .. })
+        ));
+        assert_eq!(other.closes.load(Ordering::SeqCst), 0);
+        assert!(!server.is_stopped(), "the first server still serves");
+
+        server.shutdown().await.expect("shutdown");
+        server.shutdown().await.expect("shutdown is idempotent");
+        assert!(server.is_stopped());
+        assert!(!root.socket().exists(), "socket removed");
+        assert_eq!(base.closes.load(Ordering::SeqCst), 1, "base closed once");
+        assert_eq!(root.vm_dirs(), Vec::<PathBuf>::new(), "cached VMs stopped");
+    }
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced() {
+        let root = Root::new();
+        drop(std::os::unix::net::UnixListener::bind(root.socket()).expect("bind"));
+        assert!(root.socket().exists());
+        let base = FakeBase::new(root.config(), 0).await;
+        let server = CacheServer::start(base, &root.socket())
+            .await
+            .expect("start over a stale socket");
+        let mode = std::fs::metadata(root.socket())
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        server.shutdown().await.expect("shutdown");
+        assert!(!root.socket().exists());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handle_stops_the_server() {
+        let root = Root::new();
+        let base = FakeBase::new(root.config(), 1).await;
+        let server = CacheServer::start(base.clone(), &root.socket())
+            .await
+            .expect("start");
+        drop(server);
+        crate::cache_service::testing::wait_until(|| !root.socket().exists()).await;
+        crate::cache_service::testing::wait_until(|| base.closes.load(Ordering::SeqCst) == 1).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sigterm_stops_a_server_run_until_signal() {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Our own handler first: from here on SIGTERM cannot kill the test process.
+        let _guard = signal(SignalKind::terminate()).expect("handler");
+        let root = Root::new();
+        let base = FakeBase::new(root.config(), 1).await;
+        let server = Arc::new(
+            CacheServer::start(base.clone(), &root.socket())
+                .await
+                .expect("start"),
+        );
+        let runner = {
+            let server = server.clone();
+            tokio::spawn(async move { server.run_until_signal().await })
+        };
+        // The runner installs its handlers when first polled: signal until it has stopped.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !server.is_stopped() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "SIGTERM not handled"
+            );
+            nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).expect("raise");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        runner.await.expect("runner").expect("clean stop");
+        assert!(!root.socket().exists());
+        assert_eq!(base.closes.load(Ordering::SeqCst), 1);
     }
 }

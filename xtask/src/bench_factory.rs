@@ -1,0 +1,106 @@
+//! The factory half of `cargo xtask bench`: `get_vm` from a direct factory, from a template
+//! factory and from a cache over a template, each to a VM whose agent answers, side by side.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use vmfactory_e2e::{vm, GuestEnv};
+use vmfactory_factory::{Factory, FactoryConfig};
+use vmfactory_vm::VmConfig;
+
+use crate::bench::Stat;
+
+/// `get_vm` timings.
+#[derive(Debug, Serialize)]
+pub struct FactoryReport {
+    /// `get_vm` from a direct factory (a cold boot).
+    pub get_vm_direct_ms: Stat,
+    /// `get_vm` from a template factory (clone, resume, reseed, clock, agent answering).
+    pub get_vm_template_ms: Stat,
+    /// `get_vm` from a cache (over a template) whose pool is full.
+    pub cache_hit_ms: Stat,
+    /// Template `get_vm` ÷ direct `get_vm` (target ≤ 0.05).
+    pub get_vm_template_ratio: f64,
+    /// Cache hit ÷ direct `get_vm` (target ≤ 0.005, and a hit ≤ 5 ms).
+    pub cache_hit_ratio: f64,
+}
+
+fn factory_config(env: &GuestEnv, root: &Path, template: bool, cache: u32) -> FactoryConfig {
+    let mut vm_cfg = VmConfig::new(vm::config(env));
+    vm_cfg.run_root = root.to_owned();
+    let mut cfg = FactoryConfig::new(vm_cfg);
+    cfg.template = template;
+    cfg.template_path = root.join("template");
+    cfg.cache = cache;
+    cfg
+}
+
+/// Times `runs` calls of `get_vm` on `factory`, stopping each VM after it is timed. With
+/// `full_pool`, waits before each call until the factory's cache holds `pool` VMs.
+async fn time_get_vm(
+    factory: &Factory,
+    cfg: &VmConfig,
+    runs: usize,
+    pool: usize,
+) -> Result<Vec<Duration>> {
+    let mut samples = Vec::new();
+    for _ in 0..runs {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while factory.status().await.len() < pool {
+            if Instant::now() > deadline {
+                bail!("The cache did not fill in 120 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let t0 = Instant::now();
+        let vm = factory.get_vm(cfg).await?;
+        samples.push(t0.elapsed());
+        vm.stop().await?;
+    }
+    Ok(samples)
+}
+
+/// Runs the factory bench under `root`.
+pub async fn run(env: &GuestEnv, root: &Path, runs: usize) -> Result<FactoryReport> {
+    let mut direct_t = Vec::new();
+    let mut template_t = Vec::new();
+    let mut hit_t = Vec::new();
+
+    let direct_cfg = factory_config(env, &root.join("d"), false, 0);
+    let template_cfg = factory_config(env, &root.join("t"), true, 0);
+    let cache_cfg = factory_config(env, &root.join("c"), true, 1);
+    for dir in ["d", "t", "c"] {
+        std::fs::create_dir_all(root.join(dir))?;
+    }
+    eprintln!("bench: factories (direct, template, cache of 1 over a template) ...");
+    let direct = Factory::new(&direct_cfg).await?;
+    let template = Factory::new(&template_cfg).await?;
+    let cache = Factory::new(&cache_cfg).await?;
+    let timed = async {
+        // Interleaved, one of each per round, so load drift hits all three alike.
+        for i in 0..runs {
+            eprintln!("bench: get_vm round {}/{runs} ...", i + 1);
+            direct_t.extend(time_get_vm(&direct, &direct_cfg.vm, 1, 0).await?);
+            template_t.extend(time_get_vm(&template, &template_cfg.vm, 1, 0).await?);
+            hit_t.extend(time_get_vm(&cache, &cache_cfg.vm, 1, 1).await?);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    for f in [&direct, &template, &cache] {
+        f.close().await?;
+    }
+    timed?;
+    let get_vm_direct_ms = Stat::of(&direct_t);
+    let get_vm_template_ms = Stat::of(&template_t);
+    let cache_hit_ms = Stat::of(&hit_t);
+    Ok(FactoryReport {
+        get_vm_template_ratio: get_vm_template_ms.median / get_vm_direct_ms.median,
+        cache_hit_ratio: cache_hit_ms.median / get_vm_direct_ms.median,
+        get_vm_direct_ms,
+        get_vm_template_ms,
+        cache_hit_ms,
+    })
+}
