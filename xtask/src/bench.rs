@@ -236,8 +236,14 @@ pub fn report(r: &Report) -> Result<std::path::PathBuf> {
     );
     let f = &r.factory;
     let n = f.get_vm_direct_ms.runs;
-    row(&format!("get_vm, direct factory (n={n})"), &f.get_vm_direct_ms);
-    row(&format!("get_vm, template factory (n={n})"), &f.get_vm_template_ms);
+    row(
+        &format!("get_vm, direct factory (n={n})"),
+        &f.get_vm_direct_ms,
+    );
+    row(
+        &format!("get_vm, template factory (n={n})"),
+        &f.get_vm_template_ms,
+    );
     row(&format!("get_vm, cache hit (n={n})"), &f.cache_hit_ms);
     println!(
         "{:<40} {:>12.3}   (target <= 0.05)",

@@ -22,6 +22,13 @@ pub trait FactoryBase: Send + Sync + fmt::Debug {
     /// the base fixes (callers check with [`crate::FactoryConfig`]'s rules).
     async fn get_base_vm(&self, config: &VmConfig) -> Result<Vm>;
 
+    /// Whether the VMs this base hands out are already fresh: running, their agent
+    /// answering, their RNG reseeded from host entropy and their clock set, each for that VM
+    /// alone. A cache prepares its pool so; `get_vm` then skips those steps on the hot path.
+    fn hands_out_fresh(&self) -> bool {
+        false
+    }
+
     /// The VMs this base holds ready (a cache's pool); empty for the others.
     async fn status(&self) -> Vec<VmInfo> {
         Vec::new()

@@ -6,11 +6,12 @@
 //! the pool is empty (a burst, or a base that keeps failing) the caller gets a VM straight from
 //! the base rather than waiting for a worker: a miss costs one base VM, never a hang.
 //!
-//! Cached VMs are kept ready to answer: a clone, which its template base hands out paused, is
-//! resumed and its agent checked before it enters the pool (Kata cached paused clones). A hit
-//! then costs `get_vm` only the per-VM freshness work (RNG reseed, clock) over an agent
-//! connection that is already up, instead of a resume and an agent reconnect; an idle guest
-//! costs little CPU while it waits.
+//! Cached VMs are kept fresh (Kata cached paused clones): a clone, which its template base
+//! hands out paused, is resumed and its agent checked, and every VM's RNG is reseeded from host
+//! entropy and its clock set, before it enters the pool. A VM's RNG state is then its own, and
+//! its clock runs with the guest; so a hit costs `get_vm` only a pop and a size check, instead
+//! of a resume, an agent reconnect, a reseed and a clock set. An idle guest costs little CPU
+//! while it waits.
 //!
 //! [`FactoryBase::close`] is cancellation-safe with respect to VMs: a worker is never
 //! interrupted inside the base's `get_base_vm` (dropping `Vm::new` halfway would leak the
@@ -109,8 +110,9 @@ impl CacheFactory {
     }
 }
 
-/// A VM from `base`, resumed if it came paused, with its agent answering. A VM that fails
-/// to get there is stopped.
+/// A fresh VM from `base` (see [`FactoryBase::hands_out_fresh`]): resumed if it came paused,
+/// its agent answering, its RNG reseeded and its clock set. A VM that fails to get there is
+/// stopped.
 async fn make_ready(base: &dyn FactoryBase, config: &VmConfig) -> Result<Vm> {
     let vm = base.get_base_vm(config).await?;
     let ready = async {
@@ -120,6 +122,9 @@ async fn make_ready(base: &dyn FactoryBase, config: &VmConfig) -> Result<Vm> {
         ) {
             vm.resume().await?;
             vm.wait_ready().await?;
+        }
+        if !base.hands_out_fresh() {
+            tokio::try_join!(vm.reseed_rng(), vm.sync_time())?;
         }
         vmfactory_vm::Result::Ok(())
     }
@@ -195,7 +200,13 @@ impl FactoryBase for CacheFactory {
             return Ok(vm);
         }
         debug!("cache miss, asking the base");
-        self.shared.base.get_base_vm(config).await
+        make_ready(self.shared.base.as_ref(), config).await
+    }
+
+    /// Pooled VMs were reseeded and had their clock set when they entered the pool, and have
+    /// been running since; a miss is prepared the same way.
+    fn hands_out_fresh(&self) -> bool {
+        true
     }
 
     /// The pooled VMs' status.

@@ -140,7 +140,8 @@ impl Factory {
         }
         let vm = self.base().get_base_vm(base_cfg).await?;
         let span = info_span!("get_vm", vm = %vm.id());
-        match adapt(&vm, config).instrument(span).await {
+        let fresh = self.base().hands_out_fresh();
+        match adapt(&vm, config, fresh).instrument(span).await {
             Ok(()) => Ok(vm),
             Err(e) => {
                 warn!(vm = %vm.id(), error = %e, "get_vm failed, stopping the VM");
@@ -153,8 +154,9 @@ impl Factory {
     }
 }
 
-/// Resume, reseed, set time, hot-add, online, check the size.
-async fn adapt(vm: &Vm, config: &VmConfig) -> std::result::Result<(), GetVmError> {
+/// Resume, reseed, set time (all three skipped for a `fresh` running VM), hot-add, online,
+/// check the size.
+async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(), GetVmError> {
     let id = vm.id().to_owned();
     let step = |step| {
         let id = id.clone();
@@ -165,11 +167,16 @@ async fn adapt(vm: &Vm, config: &VmConfig) -> std::result::Result<(), GetVmError
         }
     };
     let st = vm.status().await.map_err(step(GetVmStep::Status))?;
-    if matches!(st.state, VmStatus::Paused | VmStatus::Prelaunch) {
+    let paused = matches!(st.state, VmStatus::Paused | VmStatus::Prelaunch);
+    if paused {
         vm.resume().await.map_err(step(GetVmStep::Resume))?;
     }
-    vm.reseed_rng().await.map_err(step(GetVmStep::ReseedRng))?;
-    vm.sync_time().await.map_err(step(GetVmStep::SyncTime))?;
+    if paused || !fresh {
+        // Independent agent calls: one round trip's wait instead of two.
+        let (reseeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
+        reseeded.map_err(step(GetVmStep::ReseedRng))?;
+        timed.map_err(step(GetVmStep::SyncTime))?;
+    }
 
     let want_cpus = config.hypervisor.vcpus.saturating_sub(st.vcpus);
     if want_cpus > 0 {

@@ -78,9 +78,13 @@ impl GuestAgent {
     }
 
     /// Writes `data` to the random device, credits it and reseeds the CRNG.
+    ///
+    /// Runs on the async worker on purpose: opening, writing (mixing into the input pool) and
+    /// these ioctls never block on Linux, and a trip through the blocking pool costs a thread
+    /// wake-up or spawn, which under TCG was most of the call (reseed is on `get_vm`'s path).
     pub async fn reseed(&self, data: Vec<u8>) -> Result<()> {
         let dev = self.cfg.paths.dev.join("random");
-        blocking(move || {
+        let reseed = move || {
             let mut f = OpenOptions::new()
                 .write(true)
                 .open(&dev)
@@ -97,8 +101,8 @@ impl GuestAgent {
             unsafe { rnd_reseed_crng(f.as_raw_fd()) }
                 .map_err(|e| Error::sys("RNDRESEEDCRNG", dev.display(), e))?;
             Ok(())
-        })
-        .await
+        };
+        reseed()
     }
 
     /// Reads `len` bytes from the guest's urandom.
