@@ -132,6 +132,37 @@ impl RunRoot {
     }
 }
 
+impl Drop for RunRoot {
+    /// Cleans up after a scenario that failed half-way (a passing one has nothing left): kills
+    /// its processes and unmounts its mounts, so one failing test does not leave QEMU running
+    /// or tmpfs mounted for the rest of the run. The leak check itself is
+    /// [`RunRoot::assert_no_leaks`]; this only limits the damage after a failure.
+    fn drop(&mut self) {
+        let root = self.path().to_string_lossy().into_owned();
+        for line in processes_mentioning(&root) {
+            let pid = line
+                .strip_prefix("process ")
+                .and_then(|l| l.split(':').next())
+                .and_then(|p| p.parse::<i32>().ok());
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let mut mounts: Vec<String> = mounts_under(&root)
+            .into_iter()
+            .filter_map(|m| m.strip_prefix("mount ").map(str::to_owned))
+            .collect();
+        // Deepest first.
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 impl Default for RunRoot {
     fn default() -> Self {
         Self::new()
