@@ -151,7 +151,9 @@ impl Vm {
     /// template share RNG state).
     #[instrument(skip(self), fields(vm = %self.id))]
     pub async fn reseed_rng(&self) -> Result<()> {
-        let _inner = self.owned().await?;
+        // Only the ownership check needs the lock: agent calls may run side by side (get_vm
+        // reseeds and sets the clock concurrently).
+        drop(self.owned().await?);
         let data = host_entropy(Path::new(ENTROPY_SOURCE)).await?;
         self.agent
             .reseed_random_dev(&data)
@@ -162,7 +164,7 @@ impl Vm {
     /// Sets the guest clock to the host's (the guest's stood still while it was paused).
     #[instrument(skip(self), fields(vm = %self.id))]
     pub async fn sync_time(&self) -> Result<()> {
-        let _inner = self.owned().await?;
+        drop(self.owned().await?);
         self.agent
             .set_guest_date_time(SystemTime::now())
             .await
