@@ -68,6 +68,11 @@ impl FactoryConfig {
                 self.template_path.display()
             )));
         }
+        if self.template && self.vm.hypervisor.image.is_some() {
+            return Err(Error::Config(
+                "A template cannot use a disk image (clones would share it)".into(),
+            ));
+        }
         if self.template && self.vm.hypervisor.initrd.is_none() {
             return Err(Error::Config(
                 "A template needs an initrd guest (no image)".into(),

@@ -155,6 +155,10 @@ pub enum AgentChannel {
     },
 }
 
+/// Largest memory a VM may have or grow to, in MiB (16 TiB): above any host this runs on, and
+/// small enough that every size derived from it in bytes fits in a `u64`.
+pub const MAX_MEMORY_MIB: u64 = 16 << 20;
+
 /// Everything needed to build a VM's QEMU command line.
 ///
 /// Build one with [`HypervisorConfig::new`] and adjust the public fields; call
@@ -293,6 +297,12 @@ impl HypervisorConfig {
             return Err(ConfigError::TooMuchMemory {
                 memory_mib: self.memory_mib,
                 max_memory_mib: self.max_memory_mib,
+            });
+        }
+        if self.max_memory_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::MemoryOverLimit {
+                max_memory_mib: self.max_memory_mib,
+                limit: MAX_MEMORY_MIB,
             });
         }
         if self.memory_slots > 0 && self.max_memory_mib == self.memory_mib {

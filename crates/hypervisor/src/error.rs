@@ -65,6 +65,14 @@ pub enum ConfigError {
         /// Configured maximum.
         max_memory_mib: u64,
     },
+    /// `max_memory_mib` is above what any VM may have ([`crate::config::MAX_MEMORY_MIB`]).
+    #[error("{max_memory_mib} MiB of memory exceed the limit of {limit} MiB")]
+    MemoryOverLimit {
+        /// The configured maximum.
+        max_memory_mib: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// Memory slots are configured but there is no room above the boot memory to plug into.
     #[error("Memory slots need max_memory_mib above memory_mib")]
     SlotsWithoutMaxMemory,

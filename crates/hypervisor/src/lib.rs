@@ -44,6 +44,7 @@ pub use accel::resolve_accel;
 pub use cmdline::RunPaths;
 pub use config::{
     Accel, AgentChannel, HypervisorConfig, MachineType, AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS,
+    MAX_MEMORY_MIB,
 };
 pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 #[cfg(feature = "test-utils")]

@@ -77,7 +77,13 @@ impl Vm {
         step(NewStep::CheckAgent).await?;
         let status = hv.status().await.map_err(|e| Error::hv(&id, "status", e))?;
         if status == VmStatus::Running {
-            wait_ready(&id, agent.as_ref(), state.config.agent.ready_timeout).await?;
+            wait_ready(
+                &id,
+                agent.as_ref(),
+                hv.as_ref(),
+                state.config.agent.ready_timeout,
+            )
+            .await?;
         } else {
             debug!(?status, "guest not running: agent check skipped");
         }

@@ -64,6 +64,7 @@ impl Vm {
         crate::vm::wait_ready(
             &self.id,
             self.agent.as_ref(),
+            self.hypervisor.as_ref(),
             self.config.agent.ready_timeout,
         )
         .await

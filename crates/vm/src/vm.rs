@@ -201,7 +201,7 @@ impl Vm {
         if config.hypervisor.boot_from_template {
             debug!("paused clone: agent check skipped");
         } else {
-            wait_ready(&id, agent.as_ref(), config.agent.ready_timeout).await?;
+            wait_ready(&id, agent.as_ref(), hv.as_ref(), config.agent.ready_timeout).await?;
         }
 
         step(NewStep::SaveState).await?;
@@ -421,8 +421,15 @@ pub(crate) async fn start_proxy(
         })
 }
 
-/// Calls `Check` until the agent answers `SERVING`, for at most `timeout`.
-pub(crate) async fn wait_ready(id: &str, agent: &dyn Agent, timeout: Duration) -> Result<()> {
+/// Calls `Check` until the agent answers `SERVING`, for at most `timeout`. After each failed
+/// check the hypervisor is asked for its run state, so a VM whose QEMU died fails at once
+/// with the hypervisor's error instead of after the whole timeout.
+pub(crate) async fn wait_ready(
+    id: &str,
+    agent: &dyn Agent,
+    hv: &dyn Hypervisor,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
@@ -439,6 +446,9 @@ pub(crate) async fn wait_ready(id: &str, agent: &dyn Agent, timeout: Duration) -
                 last = Some(Box::new(e));
             }
             Err(_) => {}
+        }
+        if let Err(e) = hv.status().await {
+            return Err(Error::hv(id, "wait for the agent", e));
         }
         if Instant::now() >= deadline {
             return Err(Error::AgentNotReady {

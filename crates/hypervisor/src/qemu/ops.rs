@@ -137,6 +137,15 @@ pub(super) async fn incoming(id: &str, qmp: &QmpClient, cfg: &HypervisorConfig) 
         .devices_state_path
         .as_deref()
         .ok_or(crate::ConfigError::TemplateWithoutStatePath)?;
+    // `exec:cat` of a missing file never completes nor fails the incoming migration in QEMU
+    // 7.2: without this check the clone would wait out `MIGRATION_TIMEOUT`.
+    if let Err(source) = tokio::fs::metadata(state).await {
+        return Err(Error::Io {
+            op: "Reading template state",
+            path: state.to_owned(),
+            source,
+        });
+    }
     set_ignore_shared(id, qmp).await?;
     let events = qmp.subscribe();
     qmp.execute(migrate_incoming {

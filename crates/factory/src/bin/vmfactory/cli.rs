@@ -1,0 +1,90 @@
+//! The command line (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Boot, template and clone QEMU micro-VMs, and hand them out sized to each request.
+#[derive(Debug, Parser)]
+#[command(name = "vmfactory", version)]
+pub struct Cli {
+    /// The configuration file [default: /etc/vmfactory/config.toml if it exists, else the
+    /// embedded default (`vmfactory config default`)].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// On failure, print the whole error chain, one cause per line.
+    #[arg(long, short, global = true)]
+    pub verbose: bool,
+    /// Log format on stderr (filter with RUST_LOG; default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the template (`[factory] enable_template`) and, with `vm_cache_number > 0`, run
+    /// the VM-cache server in the foreground until Ctrl-C, SIGTERM or `vmfactory destroy`.
+    Init,
+    /// Show whether the factory is on: the template and its metadata, the VM-cache server's
+    /// pid and its ready VMs.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the VM-cache server and remove the template. Succeeds when there is nothing left.
+    Destroy,
+    /// Get a VM sized to the request and print it as JSON; it is stopped before exit unless
+    /// `--hold` is given.
+    Get {
+        /// vCPUs [default: `default_vcpus`].
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        vcpus: Option<u32>,
+        /// Memory in MiB [default: `default_memory`].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        memory: Option<u64>,
+        /// Keep the VM running until Ctrl-C or SIGTERM, then stop it.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// The configuration.
+    Config {
+        /// What to do with it.
+        #[command(subcommand)]
+        cmd: ConfigCommand,
+    },
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the embedded default configuration.
+    Default,
+    /// Load and check the configuration (including that the guest files are readable) and
+    /// print where it came from.
+    Check,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,108 @@
+//! `vmfactory destroy`: stop the VM-cache server and remove the template (Kata's
+//! `kata-runtime factory destroy`). Idempotent: with nothing there it succeeds.
+
+use std::os::unix::fs::FileTypeExt;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use vmfactory_factory::{CacheClient, SystemHost, TemplateFactory, METADATA_FILE};
+
+use super::{exists, process_alive, wait_until};
+use crate::config_file::Settings;
+use crate::progress::Step;
+use crate::CmdResult;
+
+/// Bound on the server stopping after `Quit` (it stops its cached VMs first).
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub async fn run(s: &Settings) -> CmdResult {
+    let mut done = Vec::new();
+    if exists(&s.endpoint).await {
+        match CacheClient::connect(&s.endpoint).await {
+            Ok(client) => {
+                let pid = client.server_status().await.ok().map(|st| st.pid);
+                let step = Step::start("Stopping the VM-cache server");
+                client.quit().await.with_context(|| {
+                    format!(
+                        "Cannot stop the VM-cache server on {}",
+                        s.endpoint.display()
+                    )
+                })?;
+                let endpoint = s.endpoint.clone();
+                let stopped = wait_until(STOP_TIMEOUT, || {
+                    !endpoint.exists() && !matches!(pid, Some(p) if process_alive(p))
+                })
+                .await;
+                step.done();
+                if !stopped {
+                    return Err(anyhow!(
+                        "The VM-cache server on {} did not stop within {STOP_TIMEOUT:?}",
+                        s.endpoint.display()
+                    )
+                    .into());
+                }
+                let pid = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+                done.push(format!(
+                    "stopped the VM-cache server{pid} on {}",
+                    s.endpoint.display()
+                ));
+            }
+            Err(_) => {
+                let meta = tokio::fs::symlink_metadata(&s.endpoint)
+                    .await
+                    .with_context(|| format!("Cannot inspect {}", s.endpoint.display()))?;
+                if !meta.file_type().is_socket() {
+                    return Err(anyhow!(
+                        "{} is not a socket; not removing it (check [factory] vm_cache_endpoint)",
+                        s.endpoint.display()
+                    )
+                    .into());
+                }
+                tokio::fs::remove_file(&s.endpoint).await.with_context(|| {
+                    format!("Cannot remove the stale socket {}", s.endpoint.display())
+                })?;
+                done.push(format!("removed the stale socket {}", s.endpoint.display()));
+            }
+        }
+    }
+    // The server removes a template it made when it stops; what is left is removed here.
+    if exists(&s.template_path).await {
+        let had_template = exists(&s.template_path.join(METADATA_FILE)).await;
+        let step = Step::start(format!(
+            "Removing the template at {}",
+            s.template_path.display()
+        ));
+        TemplateFactory::destroy(&s.template_path, &SystemHost)
+            .await
+            .with_context(|| {
+                format!(
+                    "Cannot remove the template at {}",
+                    s.template_path.display()
+                )
+            })?;
+        step.done();
+        if had_template {
+            done.push(format!(
+                "removed the template at {}",
+                s.template_path.display()
+            ));
+        } else if exists(&s.template_path).await {
+            done.push(format!(
+                "left {} (it holds files that are not a template's)",
+                s.template_path.display()
+            ));
+        } else {
+            done.push(format!(
+                "removed the empty template directory {}",
+                s.template_path.display()
+            ));
+        }
+    }
+    if done.is_empty() {
+        println!("nothing to destroy");
+    }
+    for line in done {
+        println!("{line}");
+    }
+    Ok(())
+}

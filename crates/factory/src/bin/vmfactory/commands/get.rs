@@ -1,0 +1,144 @@
+//! `vmfactory get`: a VM sized to the request, printed as JSON; stopped before exit unless
+//! `--hold`.
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, Context};
+use serde::Serialize;
+use tracing::warn;
+use vmfactory_factory::{BaseKind, Factory, FactoryConfig};
+use vmfactory_vm::Vm;
+
+use crate::config_file::Settings;
+use crate::progress::Step;
+use crate::{CmdResult, Failure};
+
+/// What `get` prints.
+#[derive(Debug, Serialize)]
+pub struct GotVm {
+    /// VM id.
+    pub id: String,
+    /// QEMU's pid.
+    pub pid: Option<u32>,
+    /// Where the agent is reached (`serial://…`, `vsock://…`, `hvsock://…`).
+    pub agent_url: String,
+    /// The guest console's unix socket.
+    pub console_socket: PathBuf,
+    /// The VM's run directory (`<run_root>/vm/<id>`).
+    pub run_dir: PathBuf,
+    /// vCPUs (boot + hot-added).
+    pub vcpus: u32,
+    /// Memory in MiB (boot + hot-added).
+    pub memory_mib: u64,
+    /// Where it came from: `direct`, `template` or `cache`.
+    pub source: &'static str,
+    /// Whether it keeps running after this command (`--hold` until a signal).
+    pub held: bool,
+}
+
+pub async fn run(s: &Settings, vcpus: Option<u32>, memory: Option<u64>, hold: bool) -> CmdResult {
+    let hv = &s.vm.hypervisor;
+    let vcpus = vcpus.unwrap_or(hv.vcpus);
+    let memory = memory.unwrap_or(hv.memory_mib);
+    if vcpus < hv.vcpus || vcpus > hv.max_vcpus {
+        return Err(Failure::usage(anyhow!(
+            "--vcpus {vcpus} is outside {}..={} (default_vcpus..=default_maxvcpus)",
+            hv.vcpus,
+            hv.max_vcpus
+        )));
+    }
+    if memory < hv.memory_mib || memory > hv.max_memory_mib {
+        return Err(Failure::usage(anyhow!(
+            "--memory {memory} is outside {}..={} MiB (default_memory..=default_maxmemory)",
+            hv.memory_mib,
+            hv.max_memory_mib
+        )));
+    }
+    if memory > hv.memory_mib && hv.memory_slots == 0 {
+        return Err(Failure::usage(anyhow!(
+            "--memory above default_memory needs memory_slots > 0 (memory hotplug)"
+        )));
+    }
+    s.check_files().await?;
+
+    let mut config = FactoryConfig::new(s.vm.clone());
+    config.template_path = s.template_path.clone();
+    if s.cache_number > 0 {
+        config.cache_endpoint = Some(s.endpoint.clone());
+    } else if s.template {
+        config.template = true;
+        config.fetch_only = true;
+    }
+    let factory = Factory::new(&config).await.with_context(|| {
+        if s.cache_number > 0 {
+            format!(
+                "No VM-cache server answers on {} (run `vmfactory init`)",
+                s.endpoint.display()
+            )
+        } else if s.template {
+            format!(
+                "No usable template at {} (run `vmfactory init`)",
+                s.template_path.display()
+            )
+        } else {
+            "Cannot build the factory".to_owned()
+        }
+    })?;
+    let mut request = s.vm.clone();
+    request.hypervisor.vcpus = vcpus;
+    request.hypervisor.memory_mib = memory;
+
+    let step = Step::start(format!("Getting a VM with {vcpus} vCPUs and {memory} MiB"));
+    let got = factory.get_vm(&request).await;
+    step.done();
+    if let Err(e) = factory.close().await {
+        warn!(error = %e, "closing the factory");
+    }
+    let vm = got.context("Cannot get a VM")?;
+    let source = match factory.kind() {
+        BaseKind::Direct => "direct",
+        BaseKind::Template | BaseKind::FetchedTemplate => "template",
+        BaseKind::CacheClient => "cache",
+    };
+    let shown = show(&vm, source, hold).await;
+    let held = match shown {
+        Ok(()) if hold => wait_for_signal().await,
+        other => other,
+    };
+    let stopped = vm
+        .stop()
+        .await
+        .with_context(|| format!("Cannot stop VM {}", vm.id()));
+    held?;
+    stopped?;
+    Ok(())
+}
+
+async fn show(vm: &Vm, source: &'static str, held: bool) -> anyhow::Result<()> {
+    let info = vm.status().await.context("Cannot read the VM's status")?;
+    let out = GotVm {
+        id: vm.id().to_owned(),
+        pid: info.pid.or_else(|| vm.hypervisor().pid()),
+        agent_url: vm.agent_url().to_owned(),
+        console_socket: vm.hypervisor().console_address(),
+        run_dir: vm.dir().to_owned(),
+        vcpus: info.vcpus,
+        memory_mib: info.memory_mib,
+        source,
+        held,
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("Cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("Cannot handle SIGINT")?;
+    eprintln!("holding the VM; Ctrl-C or SIGTERM stops it");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! `vmfactory init`: make the template and/or run the VM-cache server (Kata's
+//! `kata-runtime factory init`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use tracing::warn;
+use vmfactory_factory::{
+    CacheClient, CacheFactory, CacheServer, DirectFactory, FactoryBase, TemplateFactory,
+};
+
+use crate::config_file::Settings;
+use crate::progress::Step;
+use crate::{CmdResult, Failure};
+
+/// How often the fill progress asks the pool for its size.
+const FILL_POLL: Duration = Duration::from_millis(200);
+
+pub async fn run(s: &Settings) -> CmdResult {
+    if !s.template && s.cache_number == 0 {
+        return Err(Failure::usage(anyhow!(
+            "Nothing to initialise: {} has [factory] enable_template = false and vm_cache_number = 0 \
+             (a direct factory needs no init)",
+            s.origin
+        )));
+    }
+    s.check_files().await?;
+    if s.cache_number > 0 {
+        if let Ok(client) = CacheClient::connect(&s.endpoint).await {
+            let pid = client.server_status().await.map(|st| st.pid).unwrap_or(0);
+            return Err(anyhow!(
+                "A VM-cache server (pid {pid}) already serves {}; stop it with `vmfactory destroy`",
+                s.endpoint.display()
+            )
+            .into());
+        }
+    }
+
+    let template = if s.template {
+        let step = Step::start(format!(
+            "Creating the template at {}",
+            s.template_path.display()
+        ));
+        let t = TemplateFactory::new(&s.vm, &s.template_path)
+            .await
+            .with_context(|| {
+                format!(
+                    "Cannot create the template at {}",
+                    s.template_path.display()
+                )
+            })?;
+        let took = step.done();
+        let size = t
+            .metadata()
+            .await
+            .map(|m| m.memory_mib)
+            .unwrap_or(s.vm.hypervisor.memory_mib);
+        println!(
+            "template: {} ({size} MiB guest, ready in {:.1} s)",
+            s.template_path.display(),
+            took.as_secs_f64()
+        );
+        Some(t)
+    } else {
+        None
+    };
+    if s.cache_number == 0 {
+        // The template outlives this process; `vmfactory destroy` removes it.
+        return Ok(());
+    }
+
+    let inner: Arc<dyn FactoryBase> = match template {
+        Some(t) => Arc::new(t),
+        None => Arc::new(DirectFactory::new(s.vm.clone())),
+    };
+    let base: Arc<dyn FactoryBase> = Arc::new(CacheFactory::new(s.cache_number, inner));
+    let step = Step::start(format!(
+        "Starting the VM-cache server on {}",
+        s.endpoint.display()
+    ));
+    let server = match CacheServer::start(base.clone(), &s.endpoint).await {
+        Ok(server) => server,
+        Err(e) => {
+            // Stops the cache workers and removes the template made above.
+            if let Err(close) = base.close().await {
+                warn!(error = %close, "cleaning up after a failed server start");
+            }
+            return Err(anyhow::Error::new(e)
+                .context(format!(
+                    "Cannot start the VM-cache server on {}",
+                    s.endpoint.display()
+                ))
+                .into());
+        }
+    };
+    let want = usize::try_from(s.cache_number).unwrap_or(usize::MAX);
+    let run = server.run_until_signal();
+    tokio::pin!(run);
+    let early = tokio::select! {
+        res = &mut run => Some(res),
+        () = fill(&base, want, &step) => None,
+    };
+    let took = step.done();
+    if let Some(res) = early {
+        return res
+            .context("The VM-cache server stopped")
+            .map_err(Failure::from);
+    }
+    println!(
+        "VM-cache server: pid {}, socket {}, {want} VMs ready in {:.1} s (Ctrl-C, SIGTERM or `vmfactory destroy` stops it)",
+        std::process::id(),
+        s.endpoint.display(),
+        took.as_secs_f64()
+    );
+    run.await
+        .context("The VM-cache server stopped with an error")
+        .map_err(Failure::from)
+}
+
+/// Shows the pool filling up; returns once it holds `want` VMs.
+async fn fill(base: &Arc<dyn FactoryBase>, want: usize, step: &Step) {
+    loop {
+        let have = base.status().await.len();
+        step.set(format!("Filling the VM cache: {have}/{want} VMs ready"));
+        if have >= want {
+            return;
+        }
+        tokio::time::sleep(FILL_POLL).await;
+    }
+}

@@ -1,0 +1,211 @@
+//! `vmfactory status`: the template, the VM-cache server and its VMs.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::Serialize;
+use vmfactory_factory::{CacheClient, TemplateError, TemplateMetadata};
+use vmfactory_vm::VmInfo;
+
+use super::exists;
+use crate::config_file::{chain, Settings};
+use crate::CmdResult;
+
+/// What `status --json` prints.
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    /// The configuration it was read with.
+    pub config: String,
+    /// `on` when a template is present or a VM-cache server answers.
+    pub factory: &'static str,
+    /// The template.
+    pub template: TemplateReport,
+    /// The VM-cache server.
+    pub cache_server: ServerReport,
+}
+
+/// The template part of [`StatusReport`].
+#[derive(Debug, Serialize)]
+pub struct TemplateReport {
+    /// `[factory] enable_template`.
+    pub enabled: bool,
+    /// `[factory] template_path`.
+    pub path: PathBuf,
+    /// Whether a template (its metadata) is there.
+    pub present: bool,
+    /// Its metadata, when it loads.
+    pub metadata: Option<TemplateMetadata>,
+    /// Why the metadata does not load (corrupt, another version, ...).
+    pub error: Option<String>,
+}
+
+/// The server part of [`StatusReport`].
+#[derive(Debug, Serialize)]
+pub struct ServerReport {
+    /// `[factory] vm_cache_number`.
+    pub vm_cache_number: u32,
+    /// `[factory] vm_cache_endpoint`.
+    pub endpoint: PathBuf,
+    /// Whether a server answers there.
+    pub running: bool,
+    /// Its pid.
+    pub pid: Option<u32>,
+    /// The VMs it holds ready.
+    pub vms: Vec<VmInfo>,
+    /// Why it cannot be asked (stale socket, ...), when the socket exists.
+    pub error: Option<String>,
+}
+
+pub async fn run(s: &Settings, json: bool) -> CmdResult {
+    let report = gather(s).await;
+    if json {
+        let text = serde_json::to_string_pretty(&report).context("Cannot encode the status")?;
+        println!("{text}");
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(())
+}
+
+async fn gather(s: &Settings) -> StatusReport {
+    let template = template_report(s.template, &s.template_path).await;
+    let cache_server = server_report(s.cache_number, &s.endpoint).await;
+    let on = template.present || cache_server.running;
+    StatusReport {
+        config: s.origin.clone(),
+        factory: if on { "on" } else { "off" },
+        template,
+        cache_server,
+    }
+}
+
+async fn template_report(enabled: bool, path: &Path) -> TemplateReport {
+    let (present, metadata, error) = match TemplateMetadata::load(path).await {
+        Ok(m) => (true, Some(m), None),
+        Err(TemplateError::Missing { .. }) => (false, None, None),
+        Err(e) => (true, None, Some(chain(&e))),
+    };
+    TemplateReport {
+        enabled,
+        path: path.to_owned(),
+        present,
+        metadata,
+        error,
+    }
+}
+
+async fn server_report(n: u32, endpoint: &Path) -> ServerReport {
+    let mut r = ServerReport {
+        vm_cache_number: n,
+        endpoint: endpoint.to_owned(),
+        running: false,
+        pid: None,
+        vms: Vec::new(),
+        error: None,
+    };
+    if !exists(endpoint).await {
+        return r;
+    }
+    let status = match CacheClient::connect(endpoint).await {
+        Ok(client) => client.server_status().await,
+        Err(e) => Err(e),
+    };
+    match status {
+        Ok(st) => {
+            r.running = true;
+            r.pid = Some(st.pid);
+            r.vms = st.vms;
+        }
+        Err(e) => r.error = Some(chain(&e)),
+    }
+    r
+}
+
+fn table(r: &StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "factory:       {} (config: {})", r.factory, r.config);
+    let t = &r.template;
+    let state = match (&t.metadata, &t.error) {
+        (Some(m), _) => format!(
+            "present, {} MiB, {} vCPU (max {}), made {} ago, hash {}, {}",
+            m.memory_mib,
+            m.key.vcpus,
+            m.key.max_vcpus,
+            age(m.created_at_secs),
+            m.config_hash.get(..12).unwrap_or(&m.config_hash),
+            m.key.qemu_version,
+        ),
+        (None, Some(e)) => format!("unusable: {e}"),
+        (None, None) => "absent".to_owned(),
+    };
+    let enabled = if t.enabled {
+        ""
+    } else {
+        " [enable_template = false]"
+    };
+    let _ = writeln!(out, "template:      {}: {state}{enabled}", t.path.display());
+    let c = &r.cache_server;
+    let state = match (c.pid, &c.error) {
+        (Some(pid), _) => format!("running, pid {pid}, {} VMs ready", c.vms.len()),
+        (None, Some(e)) => format!("not answering: {e}"),
+        (None, None) => "not running".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "cache server:  {}: {state} [vm_cache_number = {}]",
+        c.endpoint.display(),
+        c.vm_cache_number
+    );
+    if !c.vms.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<36}  {:>8}  {:>5}  {:>10}  STATE",
+            "ID", "PID", "VCPUS", "MEMORY"
+        );
+        for vm in &c.vms {
+            let pid = vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+            let state = serde_json::to_value(&vm.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("{:?}", vm.state));
+            let _ = writeln!(
+                out,
+                "  {:<36}  {pid:>8}  {:>5}  {:>6} MiB  {state}",
+                vm.id, vm.vcpus, vm.memory_mib
+            );
+        }
+    }
+    out
+}
+
+/// `1h 2m`, `3m 4s` or `5s` since `secs` (Unix time).
+fn age(secs: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(secs);
+    let d = now.saturating_sub(secs);
+    match (d / 3600, (d % 3600) / 60, d % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m {s}s"),
+        (h, m, _) => format!("{h}h {m}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        assert_eq!(age(now), "0s");
+        assert_eq!(age(now - 65), "1m 5s");
+        assert_eq!(age(now - 7300), "2h 1m");
+    }
+}

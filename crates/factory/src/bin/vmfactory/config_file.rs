@@ -1,0 +1,694 @@
+//! The configuration file: TOML with Kata-like sections and names, its loading (`--config`,
+//! else [`SYSTEM_CONFIG`], else the embedded default), relative-path resolution, and checks
+//! whose errors name the key and, where it can be found, the line.
+
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use vmfactory_factory::{template_vm_config, FactoryConfig, DEFAULT_TEMPLATE_PATH};
+use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
+use vmfactory_proxy::ProxyKind;
+use vmfactory_vm::{VmAgentConfig, VmConfig};
+
+/// The embedded default configuration.
+pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+/// The system-wide configuration, used when `--config` is not given and the file exists.
+pub const SYSTEM_CONFIG: &str = "/etc/vmfactory/config.toml";
+
+/// Where the VM-cache server listens by default (Kata's `vm_cache_endpoint` is a socket path).
+pub const DEFAULT_CACHE_ENDPOINT: &str = "/run/vc/cache.sock";
+
+/// Longest unix socket path (`sun_path` is 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Where relative guest paths of the embedded default point: `$VMFACTORY_GUEST_DIR`, else the
+/// `target/guest` of the checkout this binary was built from (what `cargo xtask guest` fills).
+pub fn default_guest_dir() -> PathBuf {
+    match std::env::var_os("VMFACTORY_GUEST_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => normalize(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest")),
+    }
+}
+
+/// Removes `..` and `.` lexically (the compile-time path has no symlinks to care about).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file cannot be read.
+    #[error("Cannot read config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a value of the wrong type.
+    #[error("{origin}{}: {message}", at(*line, *column))]
+    Parse {
+        /// The file, or `embedded default`.
+        origin: String,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// Parsed, but the values do not make a usable factory.
+    #[error("{origin}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Invalid {
+        /// The file, or `embedded default`.
+        origin: String,
+        /// The line of the offending key, when it is in the file.
+        line: Option<usize>,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+}
+
+fn at(line: usize, column: usize) -> String {
+    format!(" line {line}, column {column}")
+}
+
+// ---- The file's shape -------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    hypervisor: HypervisorSection,
+    #[serde(default)]
+    agent: AgentSection,
+    #[serde(default)]
+    proxy: ProxySection,
+    #[serde(default)]
+    factory: FactorySection,
+    #[serde(default)]
+    runtime: RuntimeSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HypervisorSection {
+    qemu: QemuSection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum ChannelName {
+    VirtioSerial,
+    Vsock,
+    HybridVsock,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QemuSection {
+    #[serde(default = "default_qemu")]
+    path: PathBuf,
+    kernel: PathBuf,
+    #[serde(default)]
+    initrd: Option<PathBuf>,
+    #[serde(default)]
+    image: Option<PathBuf>,
+    #[serde(default)]
+    kernel_params: String,
+    #[serde(default = "one")]
+    default_vcpus: u32,
+    #[serde(default)]
+    default_maxvcpus: Option<u32>,
+    #[serde(default = "default_memory")]
+    default_memory: u64,
+    #[serde(default)]
+    memory_slots: u32,
+    #[serde(default)]
+    default_maxmemory: Option<u64>,
+    #[serde(default = "default_machine")]
+    machine_type: MachineType,
+    #[serde(default = "default_accel")]
+    accel: Accel,
+    #[serde(default = "default_channel")]
+    agent_channel: ChannelName,
+    #[serde(default = "default_cid")]
+    guest_cid: u32,
+    #[serde(default = "default_vsock_backend")]
+    vhost_device_vsock: PathBuf,
+    #[serde(default)]
+    tcg_tb_size: Option<u32>,
+}
+
+fn default_qemu() -> PathBuf {
+    PathBuf::from("qemu-system-x86_64")
+}
+fn one() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    256
+}
+fn default_machine() -> MachineType {
+    MachineType::Q35
+}
+fn default_accel() -> Accel {
+    Accel::Auto
+}
+fn default_channel() -> ChannelName {
+    ChannelName::VirtioSerial
+}
+fn default_cid() -> u32 {
+    3
+}
+fn default_vsock_backend() -> PathBuf {
+    PathBuf::from("vhost-device-vsock")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentSection {
+    #[serde(default = "dial_ms")]
+    dial_timeout_ms: u64,
+    #[serde(default = "call_ms")]
+    call_timeout_ms: u64,
+    #[serde(default = "ready_ms")]
+    ready_timeout_ms: u64,
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+fn dial_ms() -> u64 {
+    ms(vmfactory_vm::DEFAULT_DIAL_TIMEOUT)
+}
+fn call_ms() -> u64 {
+    ms(vmfactory_vm::DEFAULT_CALL_TIMEOUT)
+}
+fn ready_ms() -> u64 {
+    ms(vmfactory_vm::DEFAULT_READY_TIMEOUT)
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            dial_timeout_ms: dial_ms(),
+            call_timeout_ms: call_ms(),
+            ready_timeout_ms: ready_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxySection {
+    #[serde(default)]
+    kind: ProxyKind,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FactorySection {
+    #[serde(default)]
+    enable_template: bool,
+    #[serde(default = "default_template_path")]
+    template_path: PathBuf,
+    #[serde(default)]
+    vm_cache_number: u32,
+    #[serde(default = "default_endpoint")]
+    vm_cache_endpoint: PathBuf,
+}
+
+fn default_template_path() -> PathBuf {
+    PathBuf::from(DEFAULT_TEMPLATE_PATH)
+}
+fn default_endpoint() -> PathBuf {
+    PathBuf::from(DEFAULT_CACHE_ENDPOINT)
+}
+
+impl Default for FactorySection {
+    fn default() -> Self {
+        Self {
+            enable_template: false,
+            template_path: default_template_path(),
+            vm_cache_number: 0,
+            vm_cache_endpoint: default_endpoint(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuntimeSection {
+    #[serde(default = "default_run_root")]
+    run_root: PathBuf,
+}
+
+fn default_run_root() -> PathBuf {
+    PathBuf::from(vmfactory_persist::DEFAULT_ROOT)
+}
+
+impl Default for RuntimeSection {
+    fn default() -> Self {
+        Self {
+            run_root: default_run_root(),
+        }
+    }
+}
+
+// ---- The resolved settings ----------------------------------------------------------------
+
+/// A loaded, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where it came from (a path, or `embedded default`).
+    pub origin: String,
+    /// The base VM config (what `get` sizes up and what templates are made of).
+    pub vm: VmConfig,
+    /// `[factory] enable_template`.
+    pub template: bool,
+    /// `[factory] template_path`.
+    pub template_path: PathBuf,
+    /// `[factory] vm_cache_number`.
+    pub cache_number: u32,
+    /// `[factory] vm_cache_endpoint`.
+    pub endpoint: PathBuf,
+    /// The source text, to find the line of a key in later errors.
+    source: String,
+}
+
+impl fmt::Display for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.origin)
+    }
+}
+
+/// Where the configuration comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A file.
+    File(PathBuf),
+    /// [`DEFAULT_TOML`].
+    Embedded,
+}
+
+/// `--config`, else [`SYSTEM_CONFIG`] if it exists, else the embedded default.
+pub async fn choose(explicit: Option<&Path>) -> Source {
+    if let Some(p) = explicit {
+        return Source::File(p.to_owned());
+    }
+    match tokio::fs::try_exists(SYSTEM_CONFIG).await {
+        Ok(true) => Source::File(PathBuf::from(SYSTEM_CONFIG)),
+        _ => Source::Embedded,
+    }
+}
+
+/// Reads, parses and checks (without touching guest files) the configuration from `source`.
+pub async fn load(source: &Source) -> Result<Settings, ConfigFileError> {
+    match source {
+        Source::Embedded => parse("embedded default", DEFAULT_TOML, &default_guest_dir()),
+        Source::File(path) => {
+            let text =
+                tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|source| ConfigFileError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
+            let base = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+                _ => PathBuf::from("."),
+            };
+            let base = std::path::absolute(&base).unwrap_or(base);
+            parse(&path.display().to_string(), &text, &base)
+        }
+    }
+}
+
+/// Parses `text` (from `origin`), resolves relative guest paths against `base` and checks the
+/// values (no file access).
+pub fn parse(origin: &str, text: &str, base: &Path) -> Result<Settings, ConfigFileError> {
+    let file: FileConfig = toml::from_str(text).map_err(|e| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigFileError::Parse {
+            origin: origin.to_owned(),
+            line,
+            column,
+            message: e.message().trim().replace('\n', " "),
+        }
+    })?;
+    let settings = resolve(origin, text, file, base);
+    settings.check()?;
+    Ok(settings)
+}
+
+/// The 1-based line and column of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The 1-based line where `key` is set in `[section]` of `text`, if it is.
+fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = String::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            current = name.trim().to_owned();
+            continue;
+        }
+        let Some((k, _)) = line.split_once('=') else {
+            continue;
+        };
+        if current == section && k.trim().trim_matches('"') == key {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// `path` against `base` when relative and meant as a file path (a bare name such as
+/// `qemu-system-x86_64` is left for a `PATH` lookup when `bare_is_command`).
+fn against(base: &Path, path: PathBuf, bare_is_command: bool) -> PathBuf {
+    let bare = path.components().count() == 1 && !path.as_os_str().is_empty();
+    if path.is_absolute() || (bare_is_command && bare) {
+        path
+    } else {
+        base.join(path)
+    }
+}
+
+fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings {
+    let q = file.hypervisor.qemu;
+    let mut hv = HypervisorConfig::new(
+        against(base, q.kernel, false),
+        q.initrd.map(|p| against(base, p, false)),
+    );
+    hv.qemu_path = against(base, q.path, true);
+    hv.image = q.image.map(|p| against(base, p, false));
+    hv.kernel_params = q.kernel_params;
+    hv.vcpus = q.default_vcpus;
+    hv.max_vcpus = q.default_maxvcpus.unwrap_or(q.default_vcpus);
+    hv.memory_mib = q.default_memory;
+    hv.memory_slots = q.memory_slots;
+    hv.max_memory_mib = q.default_maxmemory.unwrap_or(q.default_memory);
+    hv.machine = q.machine_type;
+    hv.accel = q.accel;
+    hv.tcg_tb_size_mib = q.tcg_tb_size;
+    hv.agent_channel = match q.agent_channel {
+        ChannelName::VirtioSerial => AgentChannel::VirtioSerial,
+        ChannelName::Vsock => AgentChannel::Vsock {
+            guest_cid: q.guest_cid,
+        },
+        ChannelName::HybridVsock => AgentChannel::HybridVsock {
+            backend: against(base, q.vhost_device_vsock, true),
+            guest_cid: q.guest_cid,
+        },
+    };
+    let mut vm = VmConfig::new(hv);
+    vm.agent = VmAgentConfig {
+        call_timeout: Duration::from_millis(file.agent.call_timeout_ms),
+        dial_timeout: Duration::from_millis(file.agent.dial_timeout_ms),
+        ready_timeout: Duration::from_millis(file.agent.ready_timeout_ms),
+    };
+    vm.proxy = file.proxy.kind;
+    vm.run_root = file.runtime.run_root;
+    Settings {
+        origin: origin.to_owned(),
+        vm,
+        template: file.factory.enable_template,
+        template_path: file.factory.template_path,
+        cache_number: file.factory.vm_cache_number,
+        endpoint: file.factory.vm_cache_endpoint,
+        source: text.to_owned(),
+    }
+}
+
+const QEMU: &str = "hypervisor.qemu";
+
+impl Settings {
+    /// An [`ConfigFileError::Invalid`] about `[section] key`.
+    fn invalid(&self, section: &str, key: &str, message: String) -> ConfigFileError {
+        ConfigFileError::Invalid {
+            origin: self.origin.clone(),
+            line: key_line(&self.source, section, key),
+            message,
+        }
+    }
+
+    /// The factory config `init` uses: template and cache as configured, no endpoint.
+    pub fn factory_config(&self) -> FactoryConfig {
+        let mut c = FactoryConfig::new(self.vm.clone());
+        c.template = self.template;
+        c.template_path = self.template_path.clone();
+        c.cache = self.cache_number;
+        c
+    }
+
+    /// Checks the values, naming the key at fault (no file access).
+    pub fn check(&self) -> Result<(), ConfigFileError> {
+        let hv = &self.vm.hypervisor;
+        if hv.vcpus == 0 {
+            return Err(self.invalid(
+                QEMU,
+                "default_vcpus",
+                "default_vcpus must be at least 1".into(),
+            ));
+        }
+        if hv.vcpus > hv.max_vcpus {
+            return Err(self.invalid(
+                QEMU,
+                "default_maxvcpus",
+                format!(
+                    "default_vcpus ({}) exceeds default_maxvcpus ({})",
+                    hv.vcpus, hv.max_vcpus
+                ),
+            ));
+        }
+        if hv.memory_mib == 0 {
+            return Err(self.invalid(
+                QEMU,
+                "default_memory",
+                "default_memory must be at least 1 MiB".into(),
+            ));
+        }
+        if hv.memory_mib > hv.max_memory_mib {
+            return Err(self.invalid(
+                QEMU,
+                "default_maxmemory",
+                format!(
+                    "default_memory ({} MiB) exceeds default_maxmemory ({} MiB)",
+                    hv.memory_mib, hv.max_memory_mib
+                ),
+            ));
+        }
+        if hv.memory_slots > 0 && hv.max_memory_mib == hv.memory_mib {
+            return Err(self.invalid(
+                QEMU,
+                "memory_slots",
+                "memory_slots needs default_maxmemory above default_memory".into(),
+            ));
+        }
+        for (key, t) in [
+            ("dial_timeout_ms", self.vm.agent.dial_timeout),
+            ("call_timeout_ms", self.vm.agent.call_timeout),
+            ("ready_timeout_ms", self.vm.agent.ready_timeout),
+        ] {
+            if t.is_zero() {
+                return Err(self.invalid("agent", key, format!("{key} must not be 0")));
+            }
+        }
+        for (section, key, path) in [
+            ("runtime", "run_root", &self.vm.run_root),
+            ("factory", "template_path", &self.template_path),
+            ("factory", "vm_cache_endpoint", &self.endpoint),
+        ] {
+            if !path.is_absolute() {
+                return Err(self.invalid(
+                    section,
+                    key,
+                    format!("{key} must be an absolute path, not {}", path.display()),
+                ));
+            }
+        }
+        if self.endpoint.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(self.invalid(
+                "factory",
+                "vm_cache_endpoint",
+                format!("vm_cache_endpoint is longer than {MAX_SOCKET_PATH} bytes"),
+            ));
+        }
+        if self.template {
+            if hv.image.is_some() {
+                return Err(self.invalid(
+                    QEMU,
+                    "image",
+                    "enable_template needs an initrd guest: a disk image cannot be shared by clones"
+                        .into(),
+                ));
+            }
+            if hv.initrd.is_none() {
+                return Err(self.invalid(
+                    "factory",
+                    "enable_template",
+                    "enable_template needs [hypervisor.qemu] initrd".into(),
+                ));
+            }
+            if matches!(hv.agent_channel, AgentChannel::HybridVsock { .. }) {
+                return Err(self.invalid(
+                    QEMU,
+                    "agent_channel",
+                    "enable_template cannot use agent_channel = \"hybrid-vsock\" (it blocks migration)"
+                        .into(),
+                ));
+            }
+        }
+        // The library's own checks, as a backstop (machine/hotplug, CIDs, run root length).
+        let backstop = self
+            .factory_config()
+            .validate()
+            .err()
+            .map(|e| chain(&e))
+            .or_else(|| {
+                self.template
+                    .then(|| template_vm_config(&self.vm, &self.template_path).validate_shape())
+                    .and_then(Result::err)
+                    .map(|e| chain(&e))
+            });
+        match backstop {
+            Some(message) => Err(ConfigFileError::Invalid {
+                origin: self.origin.clone(),
+                line: None,
+                message,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Also checks that the guest files (kernel, initrd, image) are readable.
+    pub async fn check_files(&self) -> Result<(), ConfigFileError> {
+        use vmfactory_hypervisor::ConfigError as Hv;
+        match self.vm.validate_async().await {
+            Ok(()) => Ok(()),
+            Err(vmfactory_vm::ConfigError::Hypervisor(e)) => {
+                let key = match &e {
+                    Hv::KernelUnreadable { .. } => Some("kernel"),
+                    Hv::InitrdUnreadable { .. } => Some("initrd"),
+                    Hv::ImageUnreadable { .. } => Some("image"),
+                    _ => None,
+                };
+                let mut message = chain(&e);
+                if self.origin == "embedded default" {
+                    message.push_str(" (run `cargo xtask guest`, or set VMFACTORY_GUEST_DIR)");
+                }
+                Err(match key {
+                    Some(key) => self.invalid(QEMU, key, message),
+                    None => ConfigFileError::Invalid {
+                        origin: self.origin.clone(),
+                        line: None,
+                        message,
+                    },
+                })
+            }
+            Err(e) => Err(ConfigFileError::Invalid {
+                origin: self.origin.clone(),
+                line: None,
+                message: chain(&e),
+            }),
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_validates() {
+        let s = parse("embedded default", DEFAULT_TOML, Path::new("/guest")).expect("default");
+        assert!(s.template);
+        assert_eq!(s.cache_number, 0);
+        assert_eq!(s.vm.hypervisor.kernel, Path::new("/guest/vmlinuz"));
+        assert_eq!(
+            s.vm.hypervisor.initrd.as_deref(),
+            Some(Path::new("/guest/initramfs.cpio"))
+        );
+        assert_eq!(s.vm.hypervisor.qemu_path, Path::new("qemu-system-x86_64"));
+        assert_eq!(s.vm.run_root, Path::new("/run/vc"));
+        assert_eq!(s.template_path, Path::new(DEFAULT_TEMPLATE_PATH));
+        assert_eq!(s.endpoint, Path::new(DEFAULT_CACHE_ENDPOINT));
+        assert_eq!((s.vm.hypervisor.vcpus, s.vm.hypervisor.max_vcpus), (1, 4));
+        s.factory_config().validate().expect("factory config");
+    }
+
+    #[test]
+    fn compile_time_guest_dir_is_normalized() {
+        let d = normalize(Path::new("/a/crates/factory/../../target/guest"));
+        assert_eq!(d, Path::new("/a/target/guest"));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = "[hypervisor.qemu]\nkernel = \"k\"\nkernal_params = \"x\"\n";
+        let e = parse("f.toml", text, Path::new("/")).expect_err("unknown key");
+        let msg = e.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("kernal_params"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn semantic_errors_find_their_line() {
+        let text = "[hypervisor.qemu]\nkernel = \"k\"\ndefault_vcpus = 0\n";
+        let e = parse("f.toml", text, Path::new("/")).expect_err("zero vcpus");
+        assert_eq!(
+            e.to_string(),
+            "f.toml line 3: default_vcpus must be at least 1"
+        );
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_base() {
+        let text = "[hypervisor.qemu]\nkernel = \"g/k\"\npath = \"bin/qemu\"\n";
+        let s = parse("f.toml", text, Path::new("/etc/x")).expect("ok");
+        assert_eq!(s.vm.hypervisor.kernel, Path::new("/etc/x/g/k"));
+        assert_eq!(s.vm.hypervisor.qemu_path, Path::new("/etc/x/bin/qemu"));
+        assert!(!s.template, "Kata's default: no template");
+        assert_eq!(s.vm.hypervisor.max_memory_mib, 256);
+    }
+
+    #[test]
+    fn key_line_respects_sections() {
+        let text = "[a]\nx = 1\n[b]\n x = 2\n";
+        assert_eq!(key_line(text, "b", "x"), Some(4));
+        assert_eq!(key_line(text, "c", "x"), None);
+    }
+}

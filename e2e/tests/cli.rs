@@ -1,0 +1,216 @@
+//! The `vmfactory` binary on real QEMU: `init` (a template and a VM-cache server keeping 2
+//! VMs, run in the background as a child of the test) → `status --json` (the template's
+//! metadata, the server's pid and VMs) → `get --vcpus 2 --memory 512` (a VM grown by hotplug,
+//! printed as JSON and stopped when `get` exits) → `destroy` (the server quits, the template
+//! goes) → nothing left under the run root: no process, mount, socket or directory.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use vmfactory_e2e::{guest_env, GuestEnv, RunRoot};
+
+/// Bound on `init` having made the template and filled the pool (TCG: ~3 s + ~0.5 s).
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Bound on the server exiting after `destroy`.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `vmfactory` binary, built now so that it is the current code (`VMFACTORY_BIN`
+/// overrides). The e2e crate cannot use `CARGO_BIN_EXE_*` for another package's binary.
+fn vmfactory_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VMFACTORY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "vmfactory-factory", "--bin", "vmfactory"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building vmfactory failed");
+    // <target>/debug/deps/cli-<hash> → <target>/debug/vmfactory
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("vmfactory");
+    assert!(bin.is_file(), "{} missing", bin.display());
+    bin
+}
+
+/// Kills the `init` process if the test ends before it exits.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn config(env: &GuestEnv, root: &Path) -> String {
+    let root = root.display();
+    format!(
+        r#"[hypervisor.qemu]
+path = "{qemu}"
+kernel = "{kernel}"
+initrd = "{initrd}"
+default_vcpus = 1
+default_maxvcpus = 4
+default_memory = 256
+memory_slots = 2
+default_maxmemory = 1024
+accel = "auto"
+
+[factory]
+enable_template = true
+template_path = "{root}/template"
+vm_cache_number = 2
+vm_cache_endpoint = "{root}/cache.sock"
+
+[runtime]
+run_root = "{root}"
+"#,
+        qemu = env.qemu.display(),
+        kernel = env.kernel.display(),
+        initrd = env.initrd.display(),
+    )
+}
+
+fn run(bin: &Path, cfg: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .expect("run vmfactory")
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn alive(pid: u64) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn init_status_get_destroy_leaves_nothing() {
+    let Some(env) = guest_env() else { return };
+    let bin = vmfactory_bin();
+    let root = RunRoot::new();
+    // The config and the server's output live outside the run root (they are not leaks).
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let cfg = scratch.path().join("config.toml");
+    fs::write(&cfg, config(&env, root.path())).expect("write config");
+    let out_log = scratch.path().join("init.out");
+    let err_log = scratch.path().join("init.err");
+
+    let t0 = Instant::now();
+    let child = Command::new(&bin)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("init")
+        .stdout(fs::File::create(&out_log).expect("log"))
+        .stderr(fs::File::create(&err_log).expect("log"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn vmfactory init");
+    let mut server = Server(child);
+    let server_pid = u64::from(server.0.id());
+
+    // status --json until the template is there and the server holds 2 VMs.
+    let status = loop {
+        if let Ok(Some(exit)) = server.0.try_wait() {
+            panic!(
+                "init exited early ({exit}): {}",
+                fs::read_to_string(&err_log).unwrap_or_default()
+            );
+        }
+        let o = run(&bin, &cfg, &["status", "--json"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&o, "status --json")).expect("status JSON");
+        let vms = v["cache_server"]["vms"].as_array().map_or(0, Vec::len);
+        if v["template"]["present"] == true && v["cache_server"]["running"] == true && vms == 2 {
+            break v;
+        }
+        assert!(
+            t0.elapsed() < READY_TIMEOUT,
+            "not ready after {READY_TIMEOUT:?}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("init → template + 2 cached VMs in {:?}", t0.elapsed());
+    assert_eq!(status["factory"], "on");
+    let meta = &status["template"]["metadata"];
+    assert_eq!(meta["memory_mib"], 256, "{status}");
+    assert!(meta["config_hash"].as_str().is_some_and(|h| !h.is_empty()));
+    assert_eq!(status["cache_server"]["pid"], server_pid);
+    for vm in status["cache_server"]["vms"].as_array().expect("vms") {
+        let pid = vm["pid"].as_u64().expect("cached VM pid");
+        assert!(alive(pid), "cached VM {pid} runs");
+    }
+    let table = ok(&run(&bin, &cfg, &["status"]), "status");
+    assert!(table.starts_with("factory:       on"), "{table}");
+
+    // get: a VM from the server, grown to 2 vCPUs / 512 MiB, stopped when `get` exits.
+    let t = Instant::now();
+    let o = run(&bin, &cfg, &["get", "--vcpus", "2", "--memory", "512"]);
+    let got: serde_json::Value = serde_json::from_str(&ok(&o, "get")).expect("get JSON");
+    eprintln!("get (2 vCPUs, 512 MiB) in {:?}: {got}", t.elapsed());
+    let pid = got["pid"].as_u64().expect("pid");
+    assert_eq!(got["vcpus"], 2);
+    assert_eq!(got["memory_mib"], 512);
+    assert_eq!(got["source"], "cache");
+    assert!(got["agent_url"]
+        .as_str()
+        .is_some_and(|u| u.starts_with("serial://")));
+    let run_dir = PathBuf::from(got["run_dir"].as_str().expect("run_dir"));
+    assert!(run_dir.starts_with(root.path()));
+    assert!(!alive(pid), "the VM {pid} was stopped when get exited");
+    assert!(!run_dir.exists(), "its run dir is gone");
+
+    // destroy: the server quits (stopping its VMs, removing the template it made).
+    let out = ok(&run(&bin, &cfg, &["destroy"]), "destroy");
+    assert!(out.contains("stopped the VM-cache server"), "{out}");
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let exit = loop {
+        if let Some(exit) = server.0.try_wait().expect("try_wait") {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "init did not exit after destroy");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        exit.success(),
+        "init exited with {exit}: {}",
+        fs::read_to_string(&err_log).unwrap_or_default()
+    );
+    let printed = fs::read_to_string(&out_log).unwrap_or_default();
+    assert!(
+        printed.contains("template:") && printed.contains("VM-cache server: pid"),
+        "{printed}"
+    );
+    let again = ok(&run(&bin, &cfg, &["destroy"]), "second destroy");
+    assert_eq!(again.trim(), "nothing to destroy");
+    let status = ok(
+        &run(&bin, &cfg, &["status", "--json"]),
+        "status after destroy",
+    );
+    assert!(status.contains("\"factory\": \"off\""), "{status}");
+    root.assert_no_leaks();
+}

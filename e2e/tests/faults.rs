@@ -1,0 +1,490 @@
+//! Fault injection on real QEMU: QEMU SIGKILLed at each stage of a boot, during the agent
+//! wait, during a template save, during a clone's restore and during a hotplug; a guest that
+//! stops answering (QEMU SIGSTOPped); a template tmpfs with no room left for the device
+//! state; the template's state file deleted or truncated under a live factory. Each fault
+//! must end in a typed error, and `RunRoot::assert_no_leaks` must find no process, mount,
+//! socket or directory afterwards.
+//!
+//! Faults are injected through the public hooks: a [`Backends`] wrapping [`QemuBackends`]
+//! whose `before` kills QEMU at a [`NewStep`], and whose hypervisors wrap QEMU's to kill it
+//! (or fill its template tmpfs) when an operation starts.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use vmfactory_agent::Agent;
+use vmfactory_e2e::{guest_env, vm, GuestEnv, RunRoot};
+use vmfactory_factory::{
+    BaseKind, Error as FError, Factory, FactoryConfig, GetVmError, GetVmStep, SystemHost,
+    TemplateError, TemplateFactory, STATE_FILE,
+};
+use vmfactory_hypervisor::{Hypervisor, HypervisorConfig, QemuState, VmSize, VmStatus};
+use vmfactory_proxy::{Proxy, ProxyKind};
+use vmfactory_vm::{
+    Backends, Error as VmError, NewStep, QemuBackends, Vm, VmAgentConfig, VmConfig,
+};
+
+/// Ready bound for scenarios where QEMU dies before the agent answers. Generous on purpose:
+/// `Vm::new`'s agent wait asks the hypervisor for its state after each failed check and fails
+/// at once with a hypervisor error; running out this bound (`AgentNotReady`) would mean it
+/// no longer notices.
+const DEAD_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where a [`FaultyHv`] strikes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HvFault {
+    /// SIGKILL QEMU as `save_template` starts.
+    KillOnSave,
+    /// Fill the template tmpfs (memory file's directory) before `save_template`.
+    FillOnSave,
+    /// SIGKILL a clone's QEMU as soon as it has a pid, while `start` loads the template.
+    KillOnCloneStart,
+    /// SIGKILL QEMU as `add_vcpus` starts.
+    KillOnAddVcpus,
+}
+
+/// [`QemuBackends`] with faults.
+#[derive(Debug, Default)]
+struct Faulty {
+    kill_at: Option<NewStep>,
+    /// Kill this long after `kill_at` begins (in a task), instead of right away.
+    kill_delay: Option<Duration>,
+    hv_fault: Option<HvFault>,
+    hvs: Mutex<HashMap<String, Arc<dyn Hypervisor>>>,
+}
+
+impl Faulty {
+    fn at(step: NewStep) -> Self {
+        Self {
+            kill_at: Some(step),
+            ..Self::default()
+        }
+    }
+
+    fn hv(fault: HvFault) -> Self {
+        Self {
+            hv_fault: Some(fault),
+            ..Self::default()
+        }
+    }
+}
+
+fn sigkill(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+#[async_trait]
+impl Backends for Faulty {
+    fn hypervisor(
+        &self,
+        id: &str,
+        config: &HypervisorConfig,
+        run_dir: &Path,
+    ) -> vmfactory_vm::Result<Arc<dyn Hypervisor>> {
+        let inner = QemuBackends.hypervisor(id, config, run_dir)?;
+        self.hvs
+            .lock()
+            .expect("lock")
+            .insert(id.to_owned(), inner.clone());
+        Ok(Arc::new(FaultyHv {
+            inner,
+            fault: self.hv_fault,
+        }))
+    }
+
+    async fn attach_hypervisor(
+        &self,
+        state: QemuState,
+    ) -> vmfactory_vm::Result<Arc<dyn Hypervisor>> {
+        QemuBackends.attach_hypervisor(state).await
+    }
+
+    fn agent(
+        &self,
+        id: &str,
+        url: &str,
+        config: &VmAgentConfig,
+    ) -> vmfactory_vm::Result<Arc<dyn Agent>> {
+        QemuBackends.agent(id, url, config)
+    }
+
+    fn proxy(&self, kind: ProxyKind) -> Arc<dyn Proxy> {
+        QemuBackends.proxy(kind)
+    }
+
+    async fn before(&self, id: &str, step: NewStep) -> vmfactory_vm::Result<()> {
+        if self.kill_at != Some(step) {
+            return Ok(());
+        }
+        let hv = self.hvs.lock().expect("lock").get(id).cloned();
+        if let Some(hv) = hv {
+            match self.kill_delay {
+                None => sigkill(hv.pid()),
+                Some(d) => {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(d).await;
+                        sigkill(hv.pid());
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A QEMU hypervisor with one fault.
+#[derive(Debug)]
+struct FaultyHv {
+    inner: Arc<dyn Hypervisor>,
+    fault: Option<HvFault>,
+}
+
+/// Fills the file system holding `dir` with a filler file until it is full.
+fn fill(dir: &Path) {
+    use std::io::Write;
+    let Ok(mut f) = std::fs::File::create(dir.join("filler")) else {
+        return;
+    };
+    let chunk = vec![0xa5u8; 1 << 20];
+    while f.write_all(&chunk).is_ok() {}
+    while f.write_all(&chunk[..4096]).is_ok() {}
+    while f.write_all(&chunk[..1]).is_ok() {}
+}
+
+#[async_trait]
+impl Hypervisor for FaultyHv {
+    fn id(&self) -> &str {
+        self.inner.id()
+    }
+    fn config(&self) -> &HypervisorConfig {
+        self.inner.config()
+    }
+    fn run_dir(&self) -> &Path {
+        self.inner.run_dir()
+    }
+    async fn start(&self) -> vmfactory_hypervisor::Result<()> {
+        if self.fault == Some(HvFault::KillOnCloneStart) && self.config().boot_from_template {
+            // `pid()` is known only once `start` returns: find QEMU by its run directory.
+            let dir = self.inner.run_dir().to_string_lossy().into_owned();
+            let killer = tokio::spawn(async move {
+                loop {
+                    let pid = vmfactory_e2e::processes_mentioning(&dir)
+                        .first()
+                        .and_then(|l| l.strip_prefix("process "))
+                        .and_then(|l| l.split(':').next())
+                        .and_then(|p| p.parse::<u32>().ok());
+                    if pid.is_some() {
+                        sigkill(pid);
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+            });
+            let res = self.inner.start().await;
+            killer.abort();
+            return res;
+        }
+        self.inner.start().await
+    }
+    async fn stop(&self) -> vmfactory_hypervisor::Result<()> {
+        self.inner.stop().await
+    }
+    async fn pause(&self) -> vmfactory_hypervisor::Result<()> {
+        self.inner.pause().await
+    }
+    async fn resume(&self) -> vmfactory_hypervisor::Result<()> {
+        self.inner.resume().await
+    }
+    async fn save_template(&self) -> vmfactory_hypervisor::Result<()> {
+        match self.fault {
+            Some(HvFault::KillOnSave) => sigkill(self.inner.pid()),
+            Some(HvFault::FillOnSave) => {
+                if let Some(dir) = self.config().memory_path.as_deref().and_then(Path::parent) {
+                    let dir = dir.to_owned();
+                    let _ = tokio::task::spawn_blocking(move || fill(&dir)).await;
+                }
+            }
+            _ => {}
+        }
+        self.inner.save_template().await
+    }
+    async fn add_vcpus(&self, n: u32) -> vmfactory_hypervisor::Result<u32> {
+        if self.fault == Some(HvFault::KillOnAddVcpus) {
+            sigkill(self.inner.pid());
+        }
+        self.inner.add_vcpus(n).await
+    }
+    async fn add_memory(&self, mib: u64) -> vmfactory_hypervisor::Result<u64> {
+        self.inner.add_memory(mib).await
+    }
+    async fn status(&self) -> vmfactory_hypervisor::Result<VmStatus> {
+        self.inner.status().await
+    }
+    async fn size(&self) -> vmfactory_hypervisor::Result<VmSize> {
+        self.inner.size().await
+    }
+    fn pid(&self) -> Option<u32> {
+        self.inner.pid()
+    }
+    fn console_address(&self) -> PathBuf {
+        self.inner.console_address()
+    }
+    fn console_log_path(&self) -> PathBuf {
+        self.inner.console_log_path()
+    }
+    fn agent_url(&self) -> String {
+        self.inner.agent_url()
+    }
+    async fn state(&self) -> QemuState {
+        self.inner.state().await
+    }
+    async fn detach(&self) -> vmfactory_hypervisor::Result<QemuState> {
+        self.inner.detach().await
+    }
+}
+
+fn vm_config(env: &GuestEnv, root: &RunRoot) -> VmConfig {
+    let mut cfg = VmConfig::new(vm::config(env));
+    cfg.run_root = root.path().to_owned();
+    cfg
+}
+
+/// SIGKILL at `step` of `Vm::new`: a typed error and nothing left.
+async fn kill_at(step: NewStep, delay: Option<Duration>) -> VmError {
+    let env = guest_env().expect("checked by the caller");
+    let root = RunRoot::new();
+    let mut cfg = vm_config(&env, &root);
+    cfg.agent.ready_timeout = DEAD_READY_TIMEOUT;
+    let mut faulty = Faulty::at(step);
+    faulty.kill_delay = delay;
+    let err = Vm::new_with(cfg, &faulty)
+        .await
+        .expect_err("QEMU was killed");
+    assert!(!err.to_string().contains('\n'), "{err}");
+    root.assert_no_leaks();
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_during_boot() {
+    if guest_env().is_none() {
+        return;
+    }
+    // Right after QEMU started, before the proxy attaches to its console.
+    let err = kill_at(NewStep::StartProxy, None).await;
+    assert!(
+        matches!(err, VmError::Proxy { .. } | VmError::Hypervisor { .. }),
+        "{err:?}"
+    );
+    // Before the agent client exists, and as the agent wait begins: the wait notices that
+    // QEMU is gone (a hypervisor error), instead of running out its timeout.
+    for step in [NewStep::CreateAgent, NewStep::CheckAgent] {
+        let err = kill_at(step, None).await;
+        assert!(
+            matches!(err, VmError::Hypervisor { .. }),
+            "{step:?}: {err:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_during_the_agent_wait() {
+    if guest_env().is_none() {
+        return;
+    }
+    // The guest is still booting (a TCG boot takes ~2 s) when QEMU dies.
+    let err = kill_at(NewStep::CheckAgent, Some(Duration::from_millis(300))).await;
+    assert!(matches!(err, VmError::Hypervisor { .. }), "{err:?}");
+}
+
+/// A template made with `faulty` at a path under `root`: must fail typed and leave nothing.
+async fn failing_template(env: &GuestEnv, faulty: Faulty) -> FError {
+    let root = RunRoot::new();
+    let cfg = vm_config(env, &root);
+    let err = TemplateFactory::new_with(
+        &cfg,
+        root.path().join("template"),
+        Arc::new(faulty),
+        Arc::new(SystemHost),
+    )
+    .await
+    .expect_err("the template cannot be made");
+    assert!(!err.to_string().contains('\n'), "{err}");
+    root.assert_no_leaks();
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_during_template_save() {
+    let Some(env) = guest_env() else { return };
+    let err = failing_template(&env, Faulty::hv(HvFault::KillOnSave)).await;
+    assert!(
+        matches!(
+            err,
+            FError::Template(TemplateError::Vm { step: "save", .. })
+        ),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_tmpfs_full_at_save() {
+    let Some(env) = guest_env() else { return };
+    let err = failing_template(&env, Faulty::hv(HvFault::FillOnSave)).await;
+    assert!(
+        matches!(
+            err,
+            FError::Template(TemplateError::Vm { step: "save", .. })
+        ),
+        "{err:?}"
+    );
+}
+
+/// A template factory with `backends`, its path under `root`.
+async fn template_factory(
+    env: &GuestEnv,
+    root: &RunRoot,
+    backends: Arc<dyn Backends>,
+) -> (FactoryConfig, Factory) {
+    let mut cfg = FactoryConfig::new(vm_config(env, root));
+    cfg.template = true;
+    cfg.template_path = root.path().join("template");
+    let f = Factory::new_with(&cfg, backends, Arc::new(SystemHost))
+        .await
+        .expect("factory");
+    assert_eq!(f.kind(), BaseKind::Template);
+    (cfg, f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_killed_during_clone_restore_and_hotplug() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let (cfg, f) =
+        template_factory(&env, &root, Arc::new(Faulty::hv(HvFault::KillOnCloneStart))).await;
+    let err = f.get_vm(&cfg.vm).await.expect_err("the clone was killed");
+    assert!(
+        matches!(
+            err,
+            FError::Template(TemplateError::Vm { step: "clone", .. })
+        ),
+        "{err:?}"
+    );
+    f.close().await.expect("close");
+    root.assert_no_leaks();
+
+    let root = RunRoot::new();
+    let (mut cfg, f) =
+        template_factory(&env, &root, Arc::new(Faulty::hv(HvFault::KillOnAddVcpus))).await;
+    cfg.vm.hypervisor.vcpus = 2;
+    let err = f.get_vm(&cfg.vm).await.expect_err("killed during hotplug");
+    assert!(
+        matches!(
+            err,
+            FError::GetVm(GetVmError::Step {
+                step: GetVmStep::AddCpus,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    f.close().await.expect("close");
+    root.assert_no_leaks();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_stops_answering() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let mut cfg = vm_config(&env, &root);
+    cfg.agent.call_timeout = Duration::from_secs(2);
+    let v = Vm::new(cfg).await.expect("boot");
+    let pid = v.hypervisor().pid().expect("pid");
+    kill(
+        Pid::from_raw(i32::try_from(pid).expect("pid")),
+        Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
+    // A hang guard, not a timing assertion: the call must end by itself.
+    let res = tokio::time::timeout(Duration::from_secs(30), v.agent().check())
+        .await
+        .expect("the call ends within its bound");
+    assert!(
+        matches!(res, Err(vmfactory_agent::Error::Timeout { .. })),
+        "{res:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(60), v.stop())
+        .await
+        .expect("stop ends")
+        .expect("stop kills a stopped QEMU");
+    root.assert_no_leaks();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_state_deleted_or_truncated_under_a_live_factory() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let (cfg, f) = template_factory(&env, &root, Arc::new(QemuBackends)).await;
+    let state = cfg.template_path.join(STATE_FILE);
+    let bytes = std::fs::read(&state).expect("state");
+
+    // Truncated: fetch still sees a non-empty file; the clone fails to load it.
+    std::fs::write(&state, &bytes[..bytes.len() / 2]).expect("truncate");
+    let t = std::time::Instant::now();
+    let err = f.get_vm(&cfg.vm).await.expect_err("truncated state");
+    eprintln!("get_vm on a truncated state failed in {:?}", t.elapsed());
+    assert!(
+        matches!(
+            err,
+            FError::Template(TemplateError::Vm { step: "clone", .. })
+        ),
+        "{err:?}"
+    );
+
+    // Deleted: fetch refuses it, the clone fails.
+    std::fs::remove_file(&state).expect("rm");
+    let t = std::time::Instant::now();
+    let err = f.get_vm(&cfg.vm).await.expect_err("no state");
+    eprintln!("get_vm on a deleted state failed in {:?}", t.elapsed());
+    assert!(
+        matches!(
+            err,
+            FError::Template(TemplateError::Vm { step: "clone", .. })
+        ),
+        "{err:?}"
+    );
+    assert!(matches!(
+        TemplateFactory::fetch(&cfg.vm, &cfg.template_path).await,
+        Err(FError::Template(TemplateError::Missing { .. }))
+    ));
+    let mut fetch = cfg.clone();
+    fetch.fetch_only = true;
+    assert!(matches!(
+        Factory::new(&fetch).await,
+        Err(FError::Template(TemplateError::Missing { .. }))
+    ));
+    // A new template factory on the occupied path never mounts over it: it falls back to
+    // direct VMs (logged).
+    let other = Factory::new(&cfg).await.expect("fallback");
+    assert_eq!(other.kind(), BaseKind::Direct);
+    other.close().await.expect("close");
+
+    // Closing the broken factory removes the template; the next one rebuilds it.
+    f.close().await.expect("close");
+    let rebuilt = Factory::new(&cfg).await.expect("rebuilt");
+    assert_eq!(rebuilt.kind(), BaseKind::Template);
+    let v = rebuilt
+        .get_vm(&cfg.vm)
+        .await
+        .expect("a clone of the new template");
+    v.stop().await.expect("stop");
+    rebuilt.close().await.expect("close");
+    root.assert_no_leaks();
+}
