@@ -74,19 +74,29 @@ impl Proc {
             .map_err(|e| Error::io("Creating", stderr_path, e))?
             .into_std()
             .await;
-        let child = Command::new(binary)
-            .args(args)
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             // A VM outlives a dropped handle on purpose (it may be handed to another process);
             // `stop` is what ends it. tokio reaps dropped children in the background.
-            .kill_on_drop(false)
-            .spawn()
-            .map_err(|source| Error::Spawn {
-                binary: binary.to_owned(),
-                source,
-            })?;
+            .kill_on_drop(false);
+        // Everything QEMU and the vsock backend create (QMP, console and agent sockets, logs,
+        // the template's memory file) is for its owner only: umask 0177 gives 0600 sockets
+        // and files (neither creates directories).
+        // SAFETY: the closure runs in the forked child before exec and only calls umask(2),
+        // which is async-signal-safe and cannot fail.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| Error::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })?;
         let pid = child.id().unwrap_or(0);
         let start_time = match proc_stat(pid).await {
             ProcStat::Alive(t) => t,

@@ -1,0 +1,123 @@
+//! Isolation of clones on real QEMU: clones of one template get RNG states of their own, a
+//! clock set to the host's although the template is older, and private memory (the template's
+//! memory file is unchanged after they ran); the template directory is 0700 and every socket
+//! of the run root 0600.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use vmfactory_e2e::{guest_env, vm, RunRoot};
+use vmfactory_factory::{BaseKind, Factory, FactoryConfig};
+use vmfactory_vm::{Vm, VmConfig};
+
+/// How long the template ages before clones are taken (their clocks must not show it).
+const TEMPLATE_AGE: Duration = Duration::from_secs(5);
+
+fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    assert!(out.status.success(), "sha256sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn sockets_under(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let Ok(ft) = entry.file_type() else { continue };
+            if ft.is_dir() {
+                stack.push(entry.path());
+            } else if ft.is_socket() {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+async fn clock_skew(v: &Vm) -> Duration {
+    let guest = v.agent().guest_time().await.expect("guest time");
+    let host = SystemTime::now();
+    host.duration_since(guest)
+        .or_else(|_| guest.duration_since(host))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_share_no_randomness_time_or_memory() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let mut vm_cfg = VmConfig::new(vm::config(&env));
+    vm_cfg.run_root = root.path().to_owned();
+    let mut cfg = FactoryConfig::new(vm_cfg);
+    cfg.template = true;
+    cfg.template_path = root.path().join("template");
+    let factory = Factory::new(&cfg).await.expect("template factory");
+    assert_eq!(factory.kind(), BaseKind::Template);
+
+    let tpl_mode = std::fs::metadata(&cfg.template_path)
+        .expect("template dir")
+        .permissions();
+    assert_eq!(tpl_mode.mode() & 0o777, 0o700, "template directory mode");
+    let memory = cfg.template_path.join("memory");
+    let before = sha256(&memory);
+
+    // The template's own RNG stream: a clone straight from the base, resumed, not reseeded.
+    let raw = factory
+        .base()
+        .get_base_vm(&cfg.vm)
+        .await
+        .expect("base clone");
+    raw.resume().await.expect("resume");
+    raw.wait_ready().await.expect("agent");
+    let template_random = raw.agent().random(32).await.expect("random");
+
+    tokio::time::sleep(TEMPLATE_AGE).await;
+    let a = factory.get_vm(&cfg.vm).await.expect("clone a");
+    let b = factory.get_vm(&cfg.vm).await.expect("clone b");
+    let ra = a.agent().random(32).await.expect("random a");
+    let rb = b.agent().random(32).await.expect("random b");
+    assert_ne!(ra, rb, "two clones return the same randomness");
+    assert_ne!(ra, template_random);
+    assert_ne!(rb, template_random);
+    for v in [&a, &b] {
+        let skew = clock_skew(v).await;
+        assert!(
+            skew < Duration::from_secs(1),
+            "clone {} clock off by {skew:?}",
+            v.id()
+        );
+    }
+
+    // Make the clones write to their memory: the agent allocates and fills buffers.
+    for v in [&a, &b, &raw] {
+        for _ in 0..8 {
+            v.agent().random(1 << 20).await.expect("random 1 MiB");
+        }
+    }
+    let sockets = sockets_under(root.path());
+    assert!(!sockets.is_empty(), "no sockets found under the run root");
+    for s in &sockets {
+        let mode = std::fs::metadata(s).expect("socket").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} has mode {mode:o}", s.display());
+    }
+    for v in [a, b, raw] {
+        v.stop().await.expect("stop");
+    }
+    assert_eq!(
+        sha256(&memory),
+        before,
+        "a clone changed the template's memory file"
+    );
+    factory.close().await.expect("close");
+    root.assert_no_leaks();
+}
