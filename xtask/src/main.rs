@@ -69,7 +69,7 @@ fn main() -> Result<()> {
         }
         Cmd::E2e { args } => {
             prerequisites()?;
-            cargo_test(&["-p", "vmfactory-e2e"], &args)
+            e2e_with_summary(&args)
         }
         Cmd::Bench { runs, pss } => {
             tools::ensure_qemu()?;
@@ -104,4 +104,67 @@ fn cargo_test(selection: &[&str], extra: &[String]) -> Result<()> {
         cmd.env("CI", "true");
     }
     run(&mut cmd)
+}
+
+/// Runs the real-QEMU suite, printing one line per scenario (`ok`/`FAIL` and its name) as it
+/// finishes; everything else the tests print goes to stderr.
+fn e2e_with_summary(extra: &[String]) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args(["test", "-p", "vmfactory-e2e", "--"])
+        .args(extra)
+        .env("VMFACTORY_GUEST_DIR", guest::guest_dir())
+        .env("VMFACTORY_VHOST_DEVICE_VSOCK", tools::vhost_device_vsock())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let (mut passed, mut failed) = (0, 0);
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            match scenario_result(&line) {
+                Some((name, true)) => {
+                    passed += 1;
+                    println!("ok    {name}");
+                }
+                Some((name, false)) => {
+                    failed += 1;
+                    println!("FAIL  {name}");
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("e2e: {passed} passed, {failed} failed");
+    anyhow::ensure!(status.success(), "The e2e suite failed ({status})");
+    Ok(())
+}
+
+/// `test NAME ... ok` → `(NAME, true)`, `test NAME ... FAILED` → `(NAME, false)`.
+fn scenario_result(line: &str) -> Option<(&str, bool)> {
+    let rest = line.strip_prefix("test ")?;
+    let (name, outcome) = rest.rsplit_once(" ... ")?;
+    match outcome.trim() {
+        "ok" => Some((name, true)),
+        "FAILED" => Some((name, false)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::scenario_result;
+
+    #[test]
+    fn scenario_lines() {
+        assert_eq!(scenario_result("test boot ... ok"), Some(("boot", true)));
+        assert_eq!(
+            scenario_result("test a::b ... FAILED"),
+            Some(("a::b", false))
+        );
+        assert_eq!(scenario_result("test result: ok. 3 passed"), None);
+        assert_eq!(scenario_result("running 3 tests"), None);
+    }
 }
