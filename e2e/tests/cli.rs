@@ -214,3 +214,76 @@ fn init_status_get_destroy_leaves_nothing() {
     assert!(status.contains("\"factory\": \"off\""), "{status}");
     root.assert_no_leaks();
 }
+
+/// The VM-cache server SIGKILLed while clients wait: every client gets a VM or an error (none
+/// hangs), and `destroy` afterwards stops the server's orphaned VMs, removes its stale socket
+/// and its template: nothing is left.
+#[test]
+fn killed_server_leaves_nothing_after_destroy() {
+    let Some(env) = guest_env() else { return };
+    let bin = vmfactory_bin();
+    let root = RunRoot::new();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let cfg = scratch.path().join("config.toml");
+    fs::write(&cfg, config(&env, root.path())).expect("write config");
+    let child = Command::new(&bin)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("init")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn vmfactory init");
+    let mut server = Server(child);
+    let t0 = Instant::now();
+    loop {
+        let o = run(&bin, &cfg, &["status", "--json"]);
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&o, "status --json")).expect("status JSON");
+        if v["cache_server"]["vms"].as_array().map_or(0, Vec::len) == 2 {
+            break;
+        }
+        assert!(t0.elapsed() < READY_TIMEOUT, "not ready: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Four clients at once (two more than the pool holds), then the server dies.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(&bin)
+                .arg("--config")
+                .arg(&cfg)
+                .arg("get")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn get")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    server.0.kill().expect("SIGKILL the server");
+    server.0.wait().expect("reap the server");
+    let (mut got, mut failed) = (0, 0);
+    for c in clients {
+        let out = c.wait_with_output().expect("client exits");
+        match out.status.code() {
+            Some(0) => got += 1,
+            Some(1) => {
+                failed += 1;
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(err.trim_end().lines().count(), 1, "one-line error: {err}");
+            }
+            other => panic!(
+                "client exit {other:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+    eprintln!("after the kill: {got} clients got a VM, {failed} got an error");
+
+    let out = ok(&run(&bin, &cfg, &["destroy"]), "destroy after the kill");
+    assert!(out.contains("stale socket"), "{out}");
+    assert!(out.contains("orphaned VM"), "{out}");
+    root.assert_no_leaks();
+}

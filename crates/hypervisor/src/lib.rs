@@ -49,6 +49,7 @@ pub use config::{
 pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 #[cfg(feature = "test-utils")]
 pub use fake::{FakeCall, FakeHypervisor, FakeStep};
+pub use process::kill_processes_naming;
 pub use qemu::Qemu;
 pub use qmp::QmpClient;
 pub use state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};

@@ -20,6 +20,54 @@ use crate::wait::wait_until;
 /// How long a process gets after SIGKILL before it is declared unkillable.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// SIGKILLs every live process whose command line names `run_dir` (the QEMU and vsock
+/// backend of a VM whose owner died before recording their pids: their sockets live in the
+/// run dir, so their command lines name it), waits for them to exit, and returns their pids.
+/// For cleaning up after a crash; a VM with a recorded wire form is stopped through it instead.
+pub async fn kill_processes_naming(run_dir: &Path) -> Vec<u32> {
+    let needle = run_dir.as_os_str().as_encoded_bytes().to_vec();
+    let me = std::process::id();
+    let mut killed = Vec::new();
+    let Ok(mut entries) = tokio::fs::read_dir("/proc").await else {
+        return killed;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmdline) = tokio::fs::read(entry.path().join("cmdline")).await else {
+            continue;
+        };
+        let names_dir = cmdline
+            .windows(needle.len().max(1))
+            .any(|w| w == needle.as_slice());
+        if !names_dir || proc_stat(pid).await == ProcStat::Dead {
+            continue;
+        }
+        let Ok(raw) = i32::try_from(pid) else {
+            continue;
+        };
+        if kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
+            warn!(pid, dir = %run_dir.display(), "killed a stray process of a VM");
+            killed.push(pid);
+        }
+    }
+    for &pid in &killed {
+        wait_until(KILL_WAIT, || async {
+            (proc_stat(pid).await == ProcStat::Dead).then_some(())
+        })
+        .await;
+    }
+    killed
+}
+
 /// Liveness of a pid as seen in `/proc`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ProcStat {

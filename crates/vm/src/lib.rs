@@ -55,6 +55,7 @@ mod config;
 mod error;
 mod handover;
 mod ops;
+mod orphans;
 mod sandbox;
 #[cfg(test)]
 mod testing;

@@ -1,5 +1,6 @@
-//! `vmfactory destroy`: stop the VM-cache server and remove the template (Kata's
-//! `kata-runtime factory destroy`). Idempotent: with nothing there it succeeds.
+//! `vmfactory destroy`: stop the VM-cache server, stop VMs no process owns any more, and
+//! remove the template (Kata's `kata-runtime factory destroy`). Idempotent: with nothing
+//! there it succeeds.
 
 use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
@@ -63,6 +64,18 @@ pub async fn run(s: &Settings) -> CmdResult {
                 })?;
                 done.push(format!("removed the stale socket {}", s.endpoint.display()));
             }
+        }
+    }
+    // VMs no process owns any more (a server that died with VMs in its pool or in flight):
+    // stopped and removed. VMs owned by a live process (a `get --hold`) are left alone.
+    if exists(&s.vm.run_root.join("vm")).await {
+        let reaped = vmfactory_vm::Vm::reap_orphans(&s.vm.run_root)
+            .await
+            .with_context(|| {
+                format!("Cannot reap orphaned VMs under {}", s.vm.run_root.display())
+            })?;
+        if !reaped.is_empty() {
+            done.push(format!("stopped {} orphaned VM(s)", reaped.len()));
         }
     }
     // The server removes a template it made when it stops; what is left is removed here.
