@@ -246,6 +246,12 @@ pub fn report(r: &Report) -> Result<std::path::PathBuf> {
     );
     row(&format!("get_vm, cache hit (n={n})"), &f.cache_hit_ms);
     println!(
+        "{:<40} {:>9.1} ms   ({:.1} VMs/s)",
+        format!("{} concurrent get_vm, template", f.concurrent_get_vm),
+        f.concurrent_get_vm_ms,
+        f.concurrent_get_vm_per_s
+    );
+    println!(
         "{:<40} {:>12.3}   (target <= 0.05)",
         "clone_ratio", r.clone_ratio
     );

@@ -12,6 +12,9 @@ use vmfactory_vm::VmConfig;
 
 use crate::bench::Stat;
 
+/// `get_vm` calls made at once for the throughput row.
+const CONCURRENT: usize = 8;
+
 /// `get_vm` timings.
 #[derive(Debug, Serialize)]
 pub struct FactoryReport {
@@ -25,6 +28,30 @@ pub struct FactoryReport {
     pub get_vm_template_ratio: f64,
     /// Cache hit ÷ direct `get_vm` (target ≤ 0.005, and a hit ≤ 5 ms).
     pub cache_hit_ratio: f64,
+    /// `get_vm` calls made at once on the template factory.
+    pub concurrent_get_vm: usize,
+    /// Time until all of them returned ready VMs.
+    pub concurrent_get_vm_ms: f64,
+    /// Ready VMs per second at that concurrency.
+    pub concurrent_get_vm_per_s: f64,
+}
+
+/// `n` concurrent `get_vm` calls on `factory`: the time until all returned ready VMs.
+async fn concurrent_get_vm(factory: &Factory, cfg: &VmConfig, n: usize) -> Result<Duration> {
+    let t0 = Instant::now();
+    let results = futures::future::join_all((0..n).map(|_| factory.get_vm(cfg))).await;
+    let took = t0.elapsed();
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Ok(vm) => vm.stop().await?,
+            Err(e) => first_err = first_err.or(Some(e)),
+        }
+    }
+    if let Some(e) = first_err {
+        return Err(e.into());
+    }
+    Ok(took)
 }
 
 fn factory_config(env: &GuestEnv, root: &Path, template: bool, cache: u32) -> FactoryConfig {
@@ -86,13 +113,14 @@ pub async fn run(env: &GuestEnv, root: &Path, runs: usize) -> Result<FactoryRepo
             template_t.extend(time_get_vm(&template, &template_cfg.vm, 1, 0).await?);
             hit_t.extend(time_get_vm(&cache, &cache_cfg.vm, 1, 1).await?);
         }
-        anyhow::Ok(())
+        eprintln!("bench: {CONCURRENT} concurrent get_vm on the template factory ...");
+        anyhow::Ok(concurrent_get_vm(&template, &template_cfg.vm, CONCURRENT).await?)
     }
     .await;
     for f in [&direct, &template, &cache] {
         f.close().await?;
     }
-    timed?;
+    let concurrent = timed?;
     let get_vm_direct_ms = Stat::of(&direct_t);
     let get_vm_template_ms = Stat::of(&template_t);
     let cache_hit_ms = Stat::of(&hit_t);
@@ -102,5 +130,8 @@ pub async fn run(env: &GuestEnv, root: &Path, runs: usize) -> Result<FactoryRepo
         get_vm_direct_ms,
         get_vm_template_ms,
         cache_hit_ms,
+        concurrent_get_vm: CONCURRENT,
+        concurrent_get_vm_ms: concurrent.as_secs_f64() * 1000.0,
+        concurrent_get_vm_per_s: CONCURRENT as f64 / concurrent.as_secs_f64(),
     })
 }

@@ -48,7 +48,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         runs: usize,
         /// Numbers of idle VMs to measure PSS with.
-        #[arg(long, value_delimiter = ',', default_value = "4")]
+        #[arg(long, value_delimiter = ',', default_value = "4,8")]
         pss: Vec<usize>,
     },
 }
