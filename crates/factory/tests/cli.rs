@@ -436,8 +436,52 @@ fn bad_configs_fail_with_2_and_one_line() {
             Box::new(|t: &str| t.replace("vm_cache_number = 0", "vm_cache_number = -1")),
             vec!["line 14"],
         ),
+        (
+            "huge max memory",
+            Box::new(|t: &str| {
+                t.replace(
+                    "default_maxmemory = 1024",
+                    "default_maxmemory = 99999999999",
+                )
+            }),
+            vec![],
+        ),
+        (
+            "zero max vcpus",
+            Box::new(|t: &str| t.replace("default_maxvcpus = 4", "default_maxvcpus = 0")),
+            vec![],
+        ),
+        (
+            "negative memory slots",
+            Box::new(|t: &str| t.replace("memory_slots = 2", "memory_slots = -2")),
+            vec!["line 7"],
+        ),
+        (
+            "machine type of the wrong type",
+            Box::new(|t: &str| t.replace("accel = \"tcg\"", "accel = \"tcg\"\nmachine_type = 35")),
+            vec!["line 10"],
+        ),
+        (
+            "unknown agent channel",
+            Box::new(|t: &str| {
+                t.replace(
+                    "accel = \"tcg\"",
+                    "accel = \"tcg\"\nagent_channel = \"pigeon\"",
+                )
+            }),
+            vec!["line 10", "pigeon"],
+        ),
+        (
+            "relative template path",
+            Box::new(|t: &str| {
+                let start = t.find("template_path = ").expect("key");
+                let end = start + t[start..].find('\n').expect("eol");
+                format!("{}template_path = \"tpl\"{}", &t[..start], &t[end..])
+            }),
+            vec![],
+        ),
     ];
-    assert!(cases.len() >= 10);
+    assert!(cases.len() >= 25, "{} bad configs", cases.len());
     for (what, edit, needles) in cases {
         let text = edit(&good);
         assert_ne!(text, good, "{what}: the edit changed nothing");
