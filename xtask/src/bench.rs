@@ -111,7 +111,9 @@ pub async fn run(runs: usize, pss_counts: &[usize]) -> Result<Report> {
     }
     let template_resident_mib = resident_mib(&tpl_dir.path().join("memory"))?;
     // The factories keep their VMs under a tmpfs run root, as the default `/run/vc` is.
-    let run_root = tempfile::Builder::new().prefix("vmf-bench-run-").tempdir_in("/dev/shm")?;
+    let run_root = tempfile::Builder::new()
+        .prefix("vmf-bench-run-")
+        .tempdir_in("/dev/shm")?;
     let factory = crate::bench_factory::run(&env, run_root.path(), runs).await?;
 
     let cold_boot_ms = Stat::of(&cold);

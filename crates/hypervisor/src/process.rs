@@ -25,7 +25,9 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 /// run dir, so their command lines name it), waits for them to exit, and returns their pids.
 /// For cleaning up after a crash; a VM with a recorded wire form is stopped through it instead.
 pub async fn kill_processes_naming(run_dir: &Path) -> Vec<u32> {
-    let needle = run_dir.as_os_str().as_encoded_bytes().to_vec();
+    // The files in the run dir, not the dir's name alone (`/x/vm/a` must not match `/x/vm/ab`).
+    let mut needle = run_dir.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
     let me = std::process::id();
     let mut killed = Vec::new();
     let Ok(mut entries) = tokio::fs::read_dir("/proc").await else {

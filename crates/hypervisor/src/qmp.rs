@@ -307,6 +307,13 @@ async fn read_loop<R: AsyncRead + Send + Unpin>(
                 debug!("qmp connection closed");
                 break;
             }
+            // QEMU exiting (after `quit`, or killed) resets the socket: the connection is
+            // over either way, and a command still waiting gets `Disconnected`, which is
+            // where a failure is reported.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                debug!(error = %e, "qmp connection reset");
+                break;
+            }
             Err(e) => {
                 warn!(error = %e, "qmp read failed");
                 break;

@@ -105,6 +105,12 @@ impl Store {
         Ok(self.vm_dir(id)?.join(STATE_FILE))
     }
 
+    /// Path of a VM's lock file. Its presence marks a directory that a VM's owner locked at
+    /// least once (a template or other directory under `vm/` has none).
+    pub fn lock_path(&self, id: &str) -> Result<PathBuf> {
+        Ok(self.vm_dir(id)?.join(LOCK_FILE))
+    }
+
     /// Creates the directory of VM `id` with mode 0700 (and the root and `vm/` with 0700 if
     /// missing) and returns its path. Fails with [`Error::AlreadyExists`] if it exists.
     pub async fn create_vm_dir(&self, id: &str) -> Result<PathBuf> {

@@ -27,6 +27,14 @@ impl Vm {
             .map_err(|e| Error::storage("", "list", e))?;
         let mut reaped = Vec::new();
         for id in ids {
+            // Only directories a VM owner ever locked are VMs: Kata's default layout keeps the
+            // template (a tmpfs mount) at `<run_root>/vm/template`, among the VMs.
+            let lock_path = store
+                .lock_path(&id)
+                .map_err(|e| Error::storage(&id, "lock", e))?;
+            if !tokio::fs::try_exists(&lock_path).await.unwrap_or(false) {
+                continue;
+            }
             let lock = match store.lock(&id).await {
                 Ok(lock) => lock,
                 // Owned by a live handle, or gone in the meantime.
@@ -80,5 +88,44 @@ impl Vm {
             let _ = tokio::fs::remove_dir(run_root.join("vm")).await;
         }
         Ok(reaped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn directories_never_locked_are_not_vms() {
+        let root = tempfile::tempdir().unwrap();
+        // Kata's default layout: the template lives among the VMs, without a lock file.
+        let tpl = root.path().join("vm/template");
+        std::fs::create_dir_all(&tpl).unwrap();
+        std::fs::write(tpl.join("memory"), b"guest ram").unwrap();
+        std::fs::write(tpl.join("metadata.json"), b"{}").unwrap();
+        assert!(Vm::reap_orphans(root.path()).await.unwrap().is_empty());
+        assert!(tpl.join("memory").exists(), "the template was left alone");
+        assert!(!tpl.join("lock").exists(), "no lock file was created in it");
+    }
+
+    #[tokio::test]
+    async fn an_unowned_vm_without_state_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        store.create_vm_dir("abandoned").await.unwrap();
+        drop(store.lock("abandoned").await.unwrap());
+        let reaped = Vm::reap_orphans(root.path()).await.unwrap();
+        assert_eq!(reaped, vec!["abandoned".to_owned()]);
+        assert!(!root.path().join("vm").exists());
+    }
+
+    #[tokio::test]
+    async fn a_locked_vm_is_left_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::new(root.path());
+        store.create_vm_dir("owned").await.unwrap();
+        let _lock = store.lock("owned").await.unwrap();
+        assert!(Vm::reap_orphans(root.path()).await.unwrap().is_empty());
+        assert!(root.path().join("vm/owned").exists());
     }
 }
