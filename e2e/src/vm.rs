@@ -201,3 +201,24 @@ pub async fn boot_clone(
     }
     Ok((vm, loaded, t0.elapsed()))
 }
+
+/// A template factory config for `env` with everything under `root`: VMs in
+/// `<root>/vm/<id>/`, the template (a tmpfs) at `<root>/template`.
+pub fn template_factory_config(env: &GuestEnv, root: &Path) -> vmfactory_factory::FactoryConfig {
+    let mut vm_cfg = vmfactory_vm::VmConfig::new(config(env));
+    vm_cfg.run_root = root.to_owned();
+    let mut cfg = vmfactory_factory::FactoryConfig::new(vm_cfg);
+    cfg.template = true;
+    cfg.template_path = root.join("template");
+    cfg
+}
+
+/// How far the guest clock of `vm` is from the host's, either way.
+pub async fn clock_skew(vm: &vmfactory_vm::Vm) -> Result<Duration> {
+    let guest = vm.agent().guest_time().await?;
+    let host = std::time::SystemTime::now();
+    Ok(host
+        .duration_since(guest)
+        .or_else(|_| guest.duration_since(host))
+        .unwrap_or_default())
+}

@@ -3,30 +3,20 @@
 //! the guest; `fetch` refusing a template made for another memory size; a cache of 2 over a
 //! template handing out 3 VMs; `close` leaving no process, mount or directory.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use vmfactory_agent::HealthStatus;
 use vmfactory_e2e::{guest_env, mounts_under, vm, GuestEnv, RunRoot};
 use vmfactory_factory::{BaseKind, Error, Factory, FactoryConfig, TemplateError, TemplateFactory};
 use vmfactory_hypervisor::VmStatus;
-use vmfactory_vm::{Vm, VmConfig};
+use vmfactory_vm::Vm;
 
 fn factory_config(env: &GuestEnv, root: &RunRoot) -> FactoryConfig {
-    let mut vm_cfg = VmConfig::new(vm::config(env));
-    vm_cfg.run_root = root.path().to_owned();
-    let mut cfg = FactoryConfig::new(vm_cfg);
-    cfg.template = true;
-    cfg.template_path = root.path().join("template");
-    cfg
+    vm::template_factory_config(env, root.path())
 }
 
-/// The guest clock's distance from the host's.
 async fn clock_skew(v: &Vm) -> Duration {
-    let guest = v.agent().guest_time().await.expect("guest time");
-    let host = SystemTime::now();
-    host.duration_since(guest)
-        .or_else(|_| guest.duration_since(host))
-        .unwrap_or_default()
+    vm::clock_skew(v).await.expect("guest time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

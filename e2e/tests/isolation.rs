@@ -6,11 +6,10 @@
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use vmfactory_e2e::{guest_env, vm, RunRoot};
-use vmfactory_factory::{BaseKind, Factory, FactoryConfig};
-use vmfactory_vm::{Vm, VmConfig};
+use vmfactory_factory::{BaseKind, Factory};
 
 /// How long the template ages before clones are taken (their clocks must not show it).
 const TEMPLATE_AGE: Duration = Duration::from_secs(5);
@@ -44,23 +43,11 @@ fn sockets_under(root: &Path) -> Vec<PathBuf> {
     found
 }
 
-async fn clock_skew(v: &Vm) -> Duration {
-    let guest = v.agent().guest_time().await.expect("guest time");
-    let host = SystemTime::now();
-    host.duration_since(guest)
-        .or_else(|_| guest.duration_since(host))
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clones_share_no_randomness_time_or_memory() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let mut vm_cfg = VmConfig::new(vm::config(&env));
-    vm_cfg.run_root = root.path().to_owned();
-    let mut cfg = FactoryConfig::new(vm_cfg);
-    cfg.template = true;
-    cfg.template_path = root.path().join("template");
+    let cfg = vm::template_factory_config(&env, root.path());
     let factory = Factory::new(&cfg).await.expect("template factory");
     assert_eq!(factory.kind(), BaseKind::Template);
 
@@ -90,7 +77,7 @@ async fn clones_share_no_randomness_time_or_memory() {
     assert_ne!(ra, template_random);
     assert_ne!(rb, template_random);
     for v in [&a, &b] {
-        let skew = clock_skew(v).await;
+        let skew = vm::clock_skew(v).await.expect("guest time");
         assert!(
             skew < Duration::from_secs(1),
             "clone {} clock off by {skew:?}",

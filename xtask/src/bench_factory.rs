@@ -55,11 +55,8 @@ async fn concurrent_get_vm(factory: &Factory, cfg: &VmConfig, n: usize) -> Resul
 }
 
 fn factory_config(env: &GuestEnv, root: &Path, template: bool, cache: u32) -> FactoryConfig {
-    let mut vm_cfg = VmConfig::new(vm::config(env));
-    vm_cfg.run_root = root.to_owned();
-    let mut cfg = FactoryConfig::new(vm_cfg);
+    let mut cfg = vm::template_factory_config(env, root);
     cfg.template = template;
-    cfg.template_path = root.join("template");
     cfg.cache = cache;
     cfg
 }

@@ -113,18 +113,7 @@ impl TemplateFactory {
         backends: Arc<dyn Backends>,
         host: Arc<dyn TemplateHost>,
     ) -> Result<Self> {
-        let path = path.into();
-        let base = base_config(config);
-        let tpl = template_vm_config(&base, &path);
-        tpl.validate_shape().map_err(TemplateError::Config)?;
-        let this = Self {
-            config: base,
-            path,
-            backends,
-            host,
-            owned: true,
-            closed: AtomicBool::new(false),
-        };
+        let (this, tpl) = Self::open(config, path.into(), backends, host, true)?;
 
         if this.is_occupied().await? {
             return match this.check().await {
@@ -155,6 +144,29 @@ impl TemplateFactory {
         }
     }
 
+    /// The factory handle for `config` at `path` (`owned`: its `close` removes the template),
+    /// and the template VM's config, checked for shape.
+    fn open(
+        config: &VmConfig,
+        path: PathBuf,
+        backends: Arc<dyn Backends>,
+        host: Arc<dyn TemplateHost>,
+        owned: bool,
+    ) -> Result<(Self, VmConfig)> {
+        let base = base_config(config);
+        let tpl = template_vm_config(&base, &path);
+        tpl.validate_shape().map_err(TemplateError::Config)?;
+        let this = Self {
+            config: base,
+            path,
+            backends,
+            host,
+            owned,
+            closed: AtomicBool::new(false),
+        };
+        Ok((this, tpl))
+    }
+
     /// Opens the existing template at `path` for `config`, with QEMU and the real host; see
     /// [`TemplateFactory::fetch_with`].
     pub async fn fetch(config: &VmConfig, path: impl Into<PathBuf>) -> Result<Self> {
@@ -171,19 +183,7 @@ impl TemplateFactory {
         backends: Arc<dyn Backends>,
         host: Arc<dyn TemplateHost>,
     ) -> Result<Self> {
-        let path = path.into();
-        let base = base_config(config);
-        template_vm_config(&base, &path)
-            .validate_shape()
-            .map_err(TemplateError::Config)?;
-        let this = Self {
-            config: base,
-            path,
-            backends,
-            host,
-            owned: false,
-            closed: AtomicBool::new(false),
-        };
+        let (this, _) = Self::open(config, path.into(), backends, host, false)?;
         this.check().await?;
         debug!(path = %this.path.display(), "template fetched");
         Ok(this)

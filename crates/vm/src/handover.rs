@@ -34,17 +34,10 @@ impl Vm {
         let span = info_span!("vm", vm = %id);
         async move {
             let mut partial = Partial::new(&id, Store::new(&state.config.run_root), true);
-            match Self::attach(&mut partial, state, backends).await {
-                Ok(vm) => {
-                    info!(pid = ?vm.hypervisor.pid(), "VM re-attached");
-                    Ok(vm)
-                }
-                Err(e) => {
-                    warn!(error = %e, "re-attaching failed, releasing");
-                    partial.undo().await;
-                    Err(e)
-                }
-            }
+            let attached = Self::attach(&mut partial, state, backends).await;
+            partial
+                .finish(attached, "VM re-attached", "re-attaching failed, releasing")
+                .await
         }
         .instrument(span)
         .await

@@ -97,6 +97,27 @@ impl Partial {
 
     /// Undoes every step taken: stop the proxy, disconnect the agent, stop (or, re-attaching,
     /// release) the hypervisor, destroy the directory if created here, release the lock.
+    /// Returns `result`'s VM, logging `done`; on an error logs `failed`, undoes every step
+    /// this partial recorded and returns the error.
+    pub(crate) async fn finish(
+        self,
+        result: Result<Vm>,
+        done: &'static str,
+        failed: &'static str,
+    ) -> Result<Vm> {
+        match result {
+            Ok(vm) => {
+                info!(pid = ?vm.hypervisor.pid(), "{done}");
+                Ok(vm)
+            }
+            Err(e) => {
+                warn!(error = %e, "{failed}");
+                self.undo().await;
+                Err(e)
+            }
+        }
+    }
+
     pub(crate) async fn undo(self) {
         if let Some(proxy) = self.proxy {
             proxy.stop().await;
@@ -147,17 +168,10 @@ impl Vm {
         async move {
             info!("creating VM");
             let mut partial = Partial::new(&id, Store::new(&config.run_root), false);
-            match Self::create(&mut partial, config, backends).await {
-                Ok(vm) => {
-                    info!(pid = ?vm.hypervisor.pid(), "VM created");
-                    Ok(vm)
-                }
-                Err(e) => {
-                    warn!(error = %e, "creating VM failed, undoing");
-                    partial.undo().await;
-                    Err(e)
-                }
-            }
+            let created = Self::create(&mut partial, config, backends).await;
+            partial
+                .finish(created, "VM created", "creating VM failed, undoing")
+                .await
         }
         .instrument(span)
         .await
