@@ -5,10 +5,14 @@
 //! reused pid is never signalled. Without a `Child` to wait on, exit is detected by polling
 //! `/proc/PID/stat` (gone, or a zombie waiting for its real parent) with [`wait_until`].
 
+#[cfg(test)]
+use std::os::fd::AsFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -119,6 +123,19 @@ impl Proc {
         args: &[std::ffi::OsString],
         stderr_path: &Path,
     ) -> Result<Self> {
+        Self::spawn_with_fd(what, binary, args, stderr_path, None).await
+    }
+
+    /// [`Proc::spawn`], and the child inherits `inherit` under the same number (every other
+    /// descriptor of ours stays close-on-exec). The caller keeps ownership of `inherit` and may
+    /// close it once this returns.
+    pub(crate) async fn spawn_with_fd(
+        what: &'static str,
+        binary: &Path,
+        args: &[std::ffi::OsString],
+        stderr_path: &Path,
+        inherit: Option<BorrowedFd<'_>>,
+    ) -> Result<Self> {
         let stderr = tokio::fs::File::create(stderr_path)
             .await
             .map_err(|e| Error::io("Creating", stderr_path, e))?
@@ -135,11 +152,17 @@ impl Proc {
         // Everything QEMU and the vsock backend create (QMP, console and agent sockets, logs,
         // the template's memory file) is for its owner only: umask 0177 gives 0600 sockets
         // and files (neither creates directories).
-        // SAFETY: the closure runs in the forked child before exec and only calls umask(2),
-        // which is async-signal-safe and cannot fail.
+        let inherit = inherit.map(|fd| fd.as_raw_fd());
+        // SAFETY: the closure runs in the forked child before exec and only calls umask(2) and
+        // fcntl(2), which are async-signal-safe. `inherit` is open in the parent for the whole
+        // spawn (the caller borrows it), hence in the child; clearing its close-on-exec flag
+        // in the child alone leaves the parent's descriptor and other children untouched.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+                if let Some(fd) = inherit {
+                    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+                }
                 Ok(())
             });
         }
@@ -325,5 +348,33 @@ mod tests {
         drop(spawned);
         attached.signal("t", Signal::SIGKILL).await.expect("kill");
         assert!(attached.wait_exit(Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn spawn_with_fd_passes_that_descriptor_only() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let passed = std::fs::File::open("/dev/null").expect("open");
+        let kept = std::fs::File::open("/dev/null").expect("open");
+        let (p, k) = (passed.as_raw_fd(), kept.as_raw_fd());
+        // Exit 0 only when the child has the passed descriptor and not the other one.
+        let script = format!("test -e /proc/self/fd/{p} && ! test -e /proc/self/fd/{k}");
+        let mut child = Proc::spawn_with_fd(
+            "sh",
+            Path::new("sh"),
+            &["-c".into(), script.into()],
+            &dir.path().join("stderr"),
+            Some(passed.as_fd()),
+        )
+        .await
+        .expect("spawn sh");
+        assert!(child.wait_exit(Duration::from_secs(10)).await, "sh exits");
+        let status = child.try_exited().await.flatten().expect("status");
+        assert!(
+            status.success(),
+            "descriptors seen by the child: {status:?}"
+        );
+        // Ours stays close-on-exec.
+        let flags = fcntl(p, FcntlArg::F_GETFD).expect("flags");
+        assert!(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC));
     }
 }

@@ -9,6 +9,7 @@
 
 mod ops;
 
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -233,12 +234,19 @@ impl Inner {
         }
 
         let args = qemu_args(&self.id, &self.config, &self.paths, accel);
+        // A clone's device state, opened here so that a missing file fails before QEMU runs.
+        let state = if self.config.boot_from_template {
+            Some(ops::open_state(&self.config).await?)
+        } else {
+            None
+        };
         debug!(vm = %self.id, args = ?args, "spawning qemu");
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_with_fd(
             "QEMU",
             &self.config.qemu_path,
             &args,
             &self.paths.qemu_stderr,
+            state.as_ref().map(AsFd::as_fd),
         )
         .await?;
         let qemu = partial.qemu.insert(proc);
@@ -249,8 +257,9 @@ impl Inner {
             .await
             .map_err(|e| Error::qmp(&self.id, e))?;
 
-        if self.config.boot_from_template {
-            ops::incoming(&self.id, &qmp, &self.config).await?;
+        if let Some(state) = state {
+            // Ours is closed once QEMU has taken the state (QEMU's copy has the same number).
+            ops::incoming(&self.id, &qmp, state.as_raw_fd()).await?;
         }
         let (Some(qemu), backend) = (partial.qemu.take(), partial.backend.take()) else {
             return Err(Error::NotRunning {

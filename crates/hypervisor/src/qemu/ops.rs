@@ -2,6 +2,7 @@
 //! `x-ignore-shared`) and CPU / memory hotplug.
 
 use std::collections::BTreeSet;
+use std::os::fd::{OwnedFd, RawFd};
 
 use qapi::qmp::{
     device_add, device_del, migrate, migrate_incoming, migrate_set_capabilities, object_add,
@@ -130,22 +131,26 @@ async fn wait_migration(
     }
 }
 
-/// Loads a clone's device state (`migrate-incoming exec:cat STATE`); the VM stays paused.
-#[instrument(skip(qmp, cfg))]
-pub(super) async fn incoming(id: &str, qmp: &QmpClient, cfg: &HypervisorConfig) -> Result<()> {
+/// Opens a clone's device state for [`incoming`]; QEMU inherits the descriptor.
+pub(super) async fn open_state(cfg: &HypervisorConfig) -> Result<OwnedFd> {
     let state = cfg
         .devices_state_path
         .as_deref()
         .ok_or(crate::ConfigError::TemplateWithoutStatePath)?;
-    // `exec:cat` of a missing file never completes nor fails the incoming migration in QEMU
-    // 7.2: without this check the clone would wait out `MIGRATION_TIMEOUT`.
-    if let Err(source) = tokio::fs::metadata(state).await {
-        return Err(Error::Io {
+    let file = tokio::fs::File::open(state)
+        .await
+        .map_err(|source| Error::Io {
             op: "Reading template state",
             path: state.to_owned(),
             source,
-        });
-    }
+        })?;
+    Ok(file.into_std().await.into())
+}
+
+/// Loads a clone's device state (`migrate-incoming fd:N`, `state` being the descriptor from
+/// [`open_state`] that QEMU inherited); the VM stays paused.
+#[instrument(skip(qmp))]
+pub(super) async fn incoming(id: &str, qmp: &QmpClient, state: RawFd) -> Result<()> {
     set_ignore_shared(id, qmp).await?;
     let events = qmp.subscribe();
     qmp.execute(migrate_incoming {
