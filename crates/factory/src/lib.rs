@@ -35,8 +35,8 @@ pub use factory::{BaseKind, Factory};
 pub use get_vm::{config_difference, GetVmError, GetVmStep};
 pub use host::{MountOutcome, SystemHost, TemplateHost};
 pub use metadata::{
-    CloneKey, FileIdentity, TemplateError, TemplateMetadata, MEMORY_FILE, METADATA_FILE,
-    STATE_FILE, TEMPLATE_METADATA_VERSION,
+    CloneKey, FileIdentity, TemplateError, TemplateMetadata, MAX_METADATA_SIZE, MEMORY_FILE,
+    METADATA_FILE, STATE_FILE, TEMPLATE_METADATA_VERSION,
 };
 pub use template::{
     base_config, clone_vm_config, template_vm_config, TemplateFactory, AGENT_LISTENING_PREFIX,

@@ -30,8 +30,8 @@ pub const METADATA_FILE: &str = "metadata.json";
 pub const MEMORY_FILE: &str = "memory";
 /// The template device-state file in a template directory.
 pub const STATE_FILE: &str = "state";
-/// Longest metadata file read.
-const MAX_METADATA_SIZE: u64 = 64 * 1024;
+/// Longest metadata file [`TemplateMetadata::load`] reads, in bytes (a real one is about 1 KiB).
+pub const MAX_METADATA_SIZE: u64 = 64 * 1024;
 
 /// Errors of template creation, fetching and removal.
 #[derive(Debug, thiserror::Error)]

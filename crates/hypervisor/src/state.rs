@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cmdline::RunPaths;
 use crate::config::{Accel, HypervisorConfig};
+use crate::process::Proc;
 
 /// Version of the [`QemuState`] layout; bumped on incompatible changes.
 pub const QEMU_STATE_VERSION: u32 = 1;
@@ -53,6 +54,16 @@ impl QemuState {
     /// The console socket.
     pub fn console_address(&self) -> PathBuf {
         self.paths.console.clone()
+    }
+
+    /// Whether the QEMU recorded here still runs: a pid and start time are recorded, and that
+    /// pid is alive (not a zombie) and started at that time, so a reused pid does not count.
+    /// The same test [`crate::Qemu::attach`] applies; reads `/proc` only, signals nothing.
+    pub async fn qemu_alive(&self) -> bool {
+        match (self.pid, self.pid_start_time) {
+            (Some(pid), Some(start)) => Proc::attach("QEMU", pid, start).await.is_some(),
+            _ => false,
+        }
     }
 }
 
@@ -140,5 +151,39 @@ mod tests {
         let json = serde_json::to_string(&st).expect("serialize");
         let back: QemuState = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, st);
+    }
+
+    #[tokio::test]
+    async fn qemu_alive_needs_the_same_pid_and_start_time() {
+        use crate::process::{proc_stat, ProcStat};
+        let me = std::process::id();
+        let ProcStat::Alive(start) = proc_stat(me).await else {
+            panic!("this process must be alive");
+        };
+        let mut st = QemuState {
+            version: QEMU_STATE_VERSION,
+            id: "vm".into(),
+            config: HypervisorConfig::new("/k", None),
+            accel: Accel::Tcg,
+            paths: RunPaths::new("/r"),
+            pid: Some(me),
+            pid_start_time: Some(start),
+            backend: None,
+            created_run_dir: false,
+            vcpus: 1,
+            memory_mib: 256,
+            next_cpu_id: 1,
+            next_mem_id: 1,
+            agent_url: "serial:///r/agent.sock".into(),
+        };
+        assert!(st.qemu_alive().await);
+        // A reused pid (another start time) is not the recorded QEMU.
+        st.pid_start_time = Some(start + 1);
+        assert!(!st.qemu_alive().await);
+        st.pid_start_time = None;
+        assert!(!st.qemu_alive().await);
+        st.pid = None;
+        st.pid_start_time = Some(start);
+        assert!(!st.qemu_alive().await);
     }
 }

@@ -66,6 +66,30 @@ pub enum Command {
         #[command(subcommand)]
         cmd: ConfigCommand,
     },
+    /// Check and print what vmfactory stores, as JSON: the template metadata, a VM's saved
+    /// state, a VM wire form. Read-only: takes no lock and changes nothing.
+    Inspect {
+        /// What to inspect.
+        #[command(subcommand)]
+        what: InspectCommand,
+    },
+}
+
+/// `inspect` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum InspectCommand {
+    /// The template metadata under `[factory] template_path`.
+    Template,
+    /// The saved state of a VM under `[runtime] run_root`, and whether its QEMU still runs.
+    Vm {
+        /// The VM id (the name of its directory `<run_root>/vm/<ID>`).
+        id: String,
+    },
+    /// A VM wire form (what the VM-cache server hands out); needs no configuration.
+    Wire {
+        /// The file holding it, or `-` for standard input.
+        file: PathBuf,
+    },
 }
 
 /// `config` subcommands.

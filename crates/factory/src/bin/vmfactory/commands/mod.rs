@@ -3,12 +3,13 @@
 mod destroy;
 mod get;
 mod init;
+mod inspect;
 mod status;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::cli::{Cli, Command, ConfigCommand};
+use crate::cli::{Cli, Command, ConfigCommand, InspectCommand};
 use crate::config_file::{self, DEFAULT_TOML};
 use crate::CmdResult;
 
@@ -20,6 +21,13 @@ pub async fn run(cli: Cli) -> CmdResult {
     {
         print!("{DEFAULT_TOML}");
         return Ok(());
+    }
+    // A wire form carries its own config: checking one needs no configuration file.
+    if let Command::Inspect {
+        what: InspectCommand::Wire { file },
+    } = &cli.cmd
+    {
+        return inspect::wire(file).await;
     }
     let source = config_file::choose(cli.config.as_deref()).await;
     let settings = config_file::load(&source).await?;
@@ -40,6 +48,11 @@ pub async fn run(cli: Cli) -> CmdResult {
             println!("{}: OK", settings.origin);
             Ok(())
         }
+        Command::Inspect { what } => match what {
+            InspectCommand::Template => inspect::template(&settings).await,
+            InspectCommand::Vm { id } => inspect::vm(&settings, &id).await,
+            InspectCommand::Wire { file } => inspect::wire(&file).await,
+        },
         Command::Config {
             cmd: ConfigCommand::Default,
         } => Ok(()),

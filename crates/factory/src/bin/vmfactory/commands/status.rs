@@ -1,4 +1,5 @@
-//! `vmfactory status`: the template, the VM-cache server and its VMs.
+//! `vmfactory status`: the template, the VM-cache server and its VMs. Template metadata that
+//! is corrupt, truncated, of another version or oversized is reported and exits 2.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,8 +10,9 @@ use vmfactory_factory::{CacheClient, TemplateError, TemplateMetadata};
 use vmfactory_vm::VmInfo;
 
 use super::exists;
+use super::inspect::is_bad_metadata;
 use crate::config_file::{chain, Settings};
-use crate::CmdResult;
+use crate::{CmdResult, Failure};
 
 /// What `status --json` prints.
 #[derive(Debug, Serialize)]
@@ -38,6 +40,9 @@ pub struct TemplateReport {
     pub metadata: Option<TemplateMetadata>,
     /// Why the metadata does not load (corrupt, another version, ...).
     pub error: Option<String>,
+    /// The load error when it says the metadata file itself is bad: `status` then exits 2.
+    #[serde(skip)]
+    pub bad_metadata: Option<TemplateError>,
 }
 
 /// The server part of [`StatusReport`].
@@ -65,7 +70,12 @@ pub async fn run(s: &Settings, json: bool) -> CmdResult {
     } else {
         print!("{}", table(&report));
     }
-    Ok(())
+    // Bad stored input is a usage error, as for `inspect template`; the report above still
+    // shows everything else.
+    match report.template.bad_metadata {
+        Some(e) => Err(Failure::usage(e)),
+        None => Ok(()),
+    }
 }
 
 async fn gather(s: &Settings) -> StatusReport {
@@ -81,10 +91,13 @@ async fn gather(s: &Settings) -> StatusReport {
 }
 
 async fn template_report(enabled: bool, path: &Path) -> TemplateReport {
-    let (present, metadata, error) = match TemplateMetadata::load(path).await {
-        Ok(m) => (true, Some(m), None),
-        Err(TemplateError::Missing { .. }) => (false, None, None),
-        Err(e) => (true, None, Some(chain(&e))),
+    let (present, metadata, error, bad_metadata) = match TemplateMetadata::load(path).await {
+        Ok(m) => (true, Some(m), None, None),
+        Err(TemplateError::Missing { .. }) => (false, None, None, None),
+        Err(e) => {
+            let error = Some(chain(&e));
+            (true, None, error, is_bad_metadata(&e).then_some(e))
+        }
     };
     TemplateReport {
         enabled,
@@ -92,6 +105,7 @@ async fn template_report(enabled: bool, path: &Path) -> TemplateReport {
         present,
         metadata,
         error,
+        bad_metadata,
     }
 }
 
