@@ -1,6 +1,6 @@
 //! Booting real VMs: configs, boot-to-ready, templates and clones, driven only through the
 //! public APIs of `vmfactory-hypervisor` and `vmfactory-agent`. Shared by the e2e tests and by
-//! `cargo xtask demo|bench`, so every operation returns an error instead of panicking.
+//! `cargo xtask bench`, so every operation returns an error instead of panicking.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

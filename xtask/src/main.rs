@@ -23,8 +23,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// The main job: install QEMU if missing, build the guest image, boot a VM, make a
-    /// template, clone it, print the timings.
+    /// The README's first command: install QEMU if missing, build the guest image and the
+    /// `vmfactory` CLI, make a template with `vmfactory init`, hand out two VMs with
+    /// `vmfactory get`, compare with a cold boot, destroy it all and check nothing is left.
     Demo,
     /// Build the guest image (kernel + initramfs with the static agent) into target/guest.
     Guest,
@@ -59,7 +60,7 @@ fn main() -> Result<()> {
         Cmd::Demo => {
             tools::ensure_qemu()?;
             guest::build(false)?;
-            tokio::runtime::Runtime::new()?.block_on(demo::run())
+            demo::run()
         }
         Cmd::Guest => guest::build(false).map(drop),
         Cmd::Tools => prerequisites(),
