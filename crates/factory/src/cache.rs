@@ -32,6 +32,7 @@ use vmfactory_vm::{Vm, VmConfig, VmInfo};
 
 use crate::base::FactoryBase;
 use crate::error::{Error, Result};
+use crate::get_vm::check_size;
 
 /// First pause of a worker after the base failed; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -111,7 +112,8 @@ impl CacheFactory {
 }
 
 /// A fresh VM from `base` (see [`FactoryBase::hands_out_fresh`]): resumed if it came paused,
-/// its agent answering, its RNG reseeded and its clock set. A VM that fails to get there is
+/// its agent answering, its RNG reseeded, its clock set and its recorded size checked against
+/// the hypervisor's (so that a hit needs none of this). A VM that fails to get there is
 /// stopped.
 async fn make_ready(base: &dyn FactoryBase, config: &VmConfig) -> Result<Vm> {
     let vm = base.get_base_vm(config).await?;
@@ -126,7 +128,8 @@ async fn make_ready(base: &dyn FactoryBase, config: &VmConfig) -> Result<Vm> {
         if !base.hands_out_fresh() {
             tokio::try_join!(vm.reseed_rng(), vm.sync_time())?;
         }
-        vmfactory_vm::Result::Ok(())
+        check_size(&vm).await?;
+        Result::<()>::Ok(())
     }
     .await;
     if let Err(e) = ready {
@@ -308,6 +311,29 @@ mod tests {
             vm.stop().await.expect("stop");
         }
         assert_eq!(b.live().await, 0);
+        assert_eq!(b.vm_dirs(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_vm_whose_size_is_wrong_never_enters_the_pool() {
+        let b = FakeBackends::new();
+        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Size);
+        let c = CacheFactory::new(
+            1,
+            Arc::new(DirectFactory::with_backends(b.config(), b.clone())),
+        );
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while b.boots.load(Ordering::SeqCst) < 2 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .expect("the worker retries");
+        assert_eq!(c.ready().await, 0, "nothing pooled");
+        *b.hv_fail.lock().expect("lock") = None;
+        wait_ready(&c, 1).await;
+        c.close().await.expect("close");
+        assert_eq!(b.live().await, 0, "the failed VMs were stopped");
         assert_eq!(b.vm_dirs(), 0);
     }
 

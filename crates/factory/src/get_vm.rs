@@ -208,32 +208,45 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(
             });
         }
     }
-    if want_cpus > 0 || want_mib > 0 {
+    let hotplugged = want_cpus > 0 || want_mib > 0;
+    if hotplugged {
         vm.online_cpu_memory()
             .await
             .map_err(step(GetVmStep::Online))?;
     }
 
+    // A fresh VM from a cache had its size checked when it entered the pool, and nothing
+    // changed it since unless this call hot-added; everything else is checked here.
+    if hotplugged || !fresh {
+        check_size(vm).await?;
+    }
+    let (vcpus, memory_mib) = vm.recorded_size().await;
+    debug!(vcpus, memory_mib, "VM ready");
+    Ok(())
+}
+
+/// Checks the VM's recorded size against the one its hypervisor reports (two QMP queries).
+pub(crate) async fn check_size(vm: &Vm) -> std::result::Result<(), GetVmError> {
+    let id = vm.id();
     let actual = vm.hypervisor().size().await.map_err(|e| GetVmError::Step {
-        id: id.clone(),
+        id: id.to_owned(),
         step: GetVmStep::Size,
         source: Box::new(vmfactory_vm::Error::Hypervisor {
-            id: id.clone(),
+            id: id.to_owned(),
             op: "size",
             source: Box::new(e),
         }),
     })?;
-    let rec = vm.status().await.map_err(step(GetVmStep::Status))?;
-    if (rec.vcpus, rec.memory_mib) != (actual.vcpus, actual.memory_mib) {
+    let (vcpus, mib) = vm.recorded_size().await;
+    if (vcpus, mib) != (actual.vcpus, actual.memory_mib) {
         return Err(GetVmError::SizeMismatch {
-            id,
-            recorded_vcpus: rec.vcpus,
-            recorded_mib: rec.memory_mib,
+            id: id.to_owned(),
+            recorded_vcpus: vcpus,
+            recorded_mib: mib,
             vcpus: actual.vcpus,
             mib: actual.memory_mib,
         });
     }
-    debug!(vcpus = rec.vcpus, memory_mib = rec.memory_mib, "VM ready");
     Ok(())
 }
 
@@ -397,8 +410,42 @@ mod tests {
             !b.hv(vm.id()).calls().contains(&H::Resume),
             "a running VM is not resumed"
         );
+        let sizes = |vm: &Vm| {
+            b.hv(vm.id())
+                .calls()
+                .iter()
+                .filter(|c| **c == H::Size)
+                .count()
+        };
+        assert_eq!(
+            sizes(&vm),
+            2,
+            "checked in the pool, and again after the hotplug"
+        );
+        vm.stop().await.expect("stop");
+        // A hit that needs no hotplug asks the hypervisor nothing more: its size was checked
+        // when it entered the pool.
+        let vm = f.get_vm(&b.config()).await.expect("vm");
+        assert_eq!(sizes(&vm), 1, "checked once, in the pool");
+        assert_eq!(vm.recorded_size().await, (1, 256));
         vm.stop().await.expect("stop");
         f.close().await.expect("close");
         assert_eq!(b.live().await, 0);
+    }
+
+    #[tokio::test]
+    async fn template_clones_are_size_checked_in_get_vm() {
+        let b = FakeBackends::new();
+        let f = template_factory(&b).await;
+        let vm = f.get_vm(&b.config()).await.expect("vm");
+        let sizes = b
+            .hv(vm.id())
+            .calls()
+            .iter()
+            .filter(|c| **c == H::Size)
+            .count();
+        assert_eq!(sizes, 1);
+        vm.stop().await.expect("stop");
+        f.close().await.expect("close");
     }
 }

@@ -172,6 +172,13 @@ impl Vm {
             .map_err(|e| Error::agent(&self.id, "set_guest_date_time", e))
     }
 
+    /// The recorded size, `(vCPUs, MiB)`: boot size plus what was hot-added. Asks nothing of
+    /// the hypervisor.
+    pub async fn recorded_size(&self) -> (u32, u64) {
+        let inner = self.inner.lock().await;
+        (inner.vcpus, inner.memory_mib)
+    }
+
     /// The VM's pid, recorded size and run state. Works on a stopped or detached handle too
     /// (the run state is then `Stopped`).
     pub async fn status(&self) -> Result<VmInfo> {
