@@ -136,7 +136,7 @@ async fn make_ready(base: &dyn FactoryBase, config: &VmConfig) -> Result<Vm> {
         if let Err(stop) = vm.stop().await {
             warn!(vm = %vm.id(), error = %stop, "stopping a VM that did not get ready failed");
         }
-        return Err(e.into());
+        return Err(e);
     }
     Ok(vm)
 }
