@@ -155,7 +155,7 @@ impl Factory {
 }
 
 /// Resume, reseed, set time (all three skipped for a `fresh` running VM), hot-add, online,
-/// check the size.
+/// check the size (except for a `fresh` VM that needed no hotplug: checked in its pool).
 async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(), GetVmError> {
     let id = vm.id().to_owned();
     let step = |step| {
@@ -171,14 +171,32 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(
     if paused {
         vm.resume().await.map_err(step(GetVmStep::Resume))?;
     }
-    if paused || !fresh {
-        // Independent agent calls: one round trip's wait instead of two.
-        let (reseeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
-        reseeded.map_err(step(GetVmStep::ReseedRng))?;
-        timed.map_err(step(GetVmStep::SyncTime))?;
-    }
-
     let want_cpus = config.hypervisor.vcpus.saturating_sub(st.vcpus);
+    let want_mib = config.hypervisor.memory_mib.saturating_sub(st.memory_mib);
+    let hotplug = want_cpus > 0 || want_mib > 0;
+    // A fresh VM from a cache had its size checked when it entered the pool; anything else is
+    // checked here: after the hotplug if there is one, else beside the agent calls (the size
+    // comes from QMP alone).
+    let size_now = !hotplug && !fresh;
+    let agent_calls = async {
+        if paused || !fresh {
+            // Independent agent calls: one round trip's wait instead of two.
+            let (reseeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
+            reseeded.map_err(step(GetVmStep::ReseedRng))?;
+            timed.map_err(step(GetVmStep::SyncTime))?;
+        }
+        Ok(())
+    };
+    let size = async {
+        if size_now {
+            check_size(vm).await?;
+        }
+        Ok(())
+    };
+    let (called, sized) = tokio::join!(agent_calls, size);
+    called?;
+    sized?;
+
     if want_cpus > 0 {
         let added = vm
             .add_cpus(want_cpus)
@@ -193,7 +211,6 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(
             });
         }
     }
-    let want_mib = config.hypervisor.memory_mib.saturating_sub(st.memory_mib);
     if want_mib > 0 {
         let added = vm
             .add_memory(want_mib)
@@ -208,16 +225,10 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(
             });
         }
     }
-    let hotplugged = want_cpus > 0 || want_mib > 0;
-    if hotplugged {
+    if hotplug {
         vm.online_cpu_memory()
             .await
             .map_err(step(GetVmStep::Online))?;
-    }
-
-    // A fresh VM from a cache had its size checked when it entered the pool, and nothing
-    // changed it since unless this call hot-added; everything else is checked here.
-    if hotplugged || !fresh {
         check_size(vm).await?;
     }
     let (vcpus, memory_mib) = vm.recorded_size().await;
@@ -446,6 +457,17 @@ mod tests {
             .count();
         assert_eq!(sizes, 1);
         vm.stop().await.expect("stop");
+        // Checked beside the reseed and clock set: a failure there still stops the VM.
+        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Size);
+        assert!(matches!(
+            f.get_vm(&b.config()).await,
+            Err(Error::GetVm(GetVmError::Step {
+                step: GetVmStep::Size,
+                ..
+            }))
+        ));
+        assert_eq!(b.live().await, 0);
+        assert_eq!(b.vm_dirs(), 0);
         f.close().await.expect("close");
     }
 }

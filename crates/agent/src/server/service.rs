@@ -188,7 +188,7 @@ impl health_ttrpc::Health for GuestAgent {
 
 #[async_trait]
 impl agent_ttrpc::AgentService for GuestAgent {
-    #[instrument(skip_all, fields(wait = req.wait, nb_cpus = req.nb_cpus, cpu_only = req.cpu_only))]
+    #[instrument(level = "debug", skip_all, fields(wait = req.wait, nb_cpus = req.nb_cpus, cpu_only = req.cpu_only))]
     async fn online_cpu_mem(
         &self,
         _ctx: &TtrpcContext,
@@ -219,7 +219,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
         Ok(Empty::new())
     }
 
-    #[instrument(skip_all, fields(len = req.data.len()))]
+    #[instrument(level = "debug", skip_all, fields(len = req.data.len()))]
     async fn reseed_random_dev(
         &self,
         _ctx: &TtrpcContext,
@@ -231,7 +231,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
         Ok(Empty::new())
     }
 
-    #[instrument(skip_all, fields(sec = req.Sec, usec = req.Usec))]
+    #[instrument(level = "debug", skip_all, fields(sec = req.Sec, usec = req.Usec))]
     async fn set_guest_date_time(
         &self,
         _ctx: &TtrpcContext,
