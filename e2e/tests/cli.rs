@@ -287,3 +287,68 @@ fn killed_server_leaves_nothing_after_destroy() {
     assert!(out.contains("orphaned VM"), "{out}");
     root.assert_no_leaks();
 }
+
+/// Exit 2 and one line, naming the file.
+fn bad_input(o: &Output, what: &str, names: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{what}: one line: {err}");
+    assert!(err.contains(names), "{what}: {err}");
+}
+
+#[test]
+fn template_only_get_and_damaged_template_files() {
+    let Some(env) = guest_env() else { return };
+    let bin = vmfactory_bin();
+    let root = RunRoot::new();
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let cfg = scratch.path().join("config.toml");
+    let text = config(&env, root.path()).replace("vm_cache_number = 2", "vm_cache_number = 0");
+    fs::write(&cfg, text).expect("write config");
+
+    // Without a cache, `init` makes the template and exits.
+    ok(&run(&bin, &cfg, &["init"]), "init");
+    let o = run(&bin, &cfg, &["get"]);
+    let got: serde_json::Value = serde_json::from_str(&ok(&o, "get")).expect("get JSON");
+    assert_eq!(got["source"], "template", "{got}");
+
+    // Damaged stored files: bad input (2), one line naming the file, the template kept as it
+    // is (get changes nothing) and no VM left running.
+    let tpl = root.path().join("template");
+    let (meta, state) = (tpl.join("metadata.json"), tpl.join("state"));
+    let (meta_ok, state_ok) = (
+        fs::read(&meta).expect("meta"),
+        fs::read(&state).expect("state"),
+    );
+    let half = &state_ok[..state_ok.len() / 2];
+    for (what, file, bytes, names) in [
+        (
+            "corrupt metadata",
+            &meta,
+            &b"{\"version\": "[..],
+            "metadata.json",
+        ),
+        ("truncated state", &state, half, "state"),
+        ("empty state", &state, &b""[..], "state"),
+    ] {
+        fs::write(file, bytes).expect("damage");
+        bad_input(&run(&bin, &cfg, &["get"]), what, names);
+        assert_eq!(
+            fs::read(file).expect("read"),
+            bytes,
+            "{what}: left as it was"
+        );
+        fs::write(&meta, &meta_ok).expect("restore");
+        fs::write(&state, &state_ok).expect("restore");
+    }
+    assert_eq!(
+        vmfactory_e2e::processes_mentioning(&root.path().join("vm").to_string_lossy()).len(),
+        0,
+        "no VM left by the failed gets"
+    );
+    let o = run(&bin, &cfg, &["get"]);
+    ok(&o, "get after the files were restored");
+
+    ok(&run(&bin, &cfg, &["destroy"]), "destroy");
+    root.assert_no_leaks();
+}

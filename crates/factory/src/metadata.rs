@@ -345,6 +345,11 @@ pub struct TemplateMetadata {
     pub memory_mib: u64,
     /// When the template was made, seconds since the epoch.
     pub created_at_secs: u64,
+    /// The device state file's size in bytes, so that a truncated one is refused before a
+    /// clone tries to load it (absent in metadata written before it was recorded: then the
+    /// state file need only be non-empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_bytes: Option<u64>,
 }
 
 impl TemplateMetadata {
@@ -359,6 +364,7 @@ impl TemplateMetadata {
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs(),
+            state_bytes: None,
         }
     }
 

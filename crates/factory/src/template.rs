@@ -246,7 +246,7 @@ impl TemplateFactory {
         let key = CloneKey::gather(&self.config.hypervisor, self.host.as_ref()).await?;
         meta.check(&key)?;
         check_size(&self.path.join(MEMORY_FILE), Some(meta.memory_mib << 20)).await?;
-        check_size(&self.path.join(STATE_FILE), None).await
+        check_size(&self.path.join(STATE_FILE), meta.state_bytes).await
     }
 
     /// The creation steps; `made` records what to undo.
@@ -265,8 +265,15 @@ impl TemplateFactory {
         made.files = true;
         save_template_vm(tpl, self.backends.as_ref()).await?;
         check_size(&self.path.join(MEMORY_FILE), Some(key.memory_mib << 20)).await?;
-        check_size(&self.path.join(STATE_FILE), None).await?;
-        TemplateMetadata::new(key).write(&self.path).await
+        let state = self.path.join(STATE_FILE);
+        check_size(&state, None).await?;
+        let state_bytes = tokio::fs::metadata(&state)
+            .await
+            .map_err(|e| TemplateError::io("stat", &state, e))?
+            .len();
+        let mut meta = TemplateMetadata::new(key);
+        meta.state_bytes = Some(state_bytes);
+        meta.write(&self.path).await
     }
 
     /// Undoes a failed creation: files, mount, directory (the VM was stopped already).
@@ -609,6 +616,19 @@ mod tests {
         fetch(cfg, host.clone())
             .await
             .expect("proxy does not matter");
+
+        // The metadata records the state's size: a truncated state is refused up front.
+        let state = std::fs::read(path.join(STATE_FILE)).expect("state");
+        let full = state.len() as u64;
+        assert!(full > 1, "the fake saves a real state");
+        std::fs::write(path.join(STATE_FILE), &state[..state.len() / 2]).expect("truncate");
+        assert!(matches!(
+            fetch(b.config(), host.clone()).await,
+            Err(Error::Template(TemplateError::FileSize { expected, found, .. }))
+                if expected == full && found == full / 2
+        ));
+        std::fs::write(path.join(STATE_FILE), &state).expect("restore");
+        fetch(b.config(), host.clone()).await.expect("whole again");
 
         std::fs::remove_file(path.join(STATE_FILE)).expect("rm");
         assert!(matches!(

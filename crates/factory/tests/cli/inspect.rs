@@ -256,7 +256,7 @@ fn bad_stored_inputs_fail_with_2_and_one_line_and_change_nothing() {
     // (what, damage, arguments, substrings of the error line); `@dir` is the scratch dir, and
     // a `-` argument gets the (damaged) wire file on standard input.
     let mut cases: Vec<(&str, Damage, Vec<&str>, Vec<&str>)> = Vec::new();
-    for args in [&["inspect", "template"][..], &["status"][..]] {
+    for args in [&["inspect", "template"][..], &["status"][..], &["get"][..]] {
         cases.extend([
             (
                 "metadata corrupt",
@@ -411,7 +411,7 @@ fn bad_stored_inputs_fail_with_2_and_one_line_and_change_nothing() {
             vec!["Invalid VM id"],
         ));
     }
-    assert_eq!(cases.len(), 33, "bad stored inputs");
+    assert_eq!(cases.len(), 38, "bad stored inputs");
 
     for (what, damage, args, needles) in cases {
         let st = Stored::new();

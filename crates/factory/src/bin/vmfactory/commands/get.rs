@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context};
 use serde::Serialize;
 use tracing::warn;
-use vmfactory_factory::{BaseKind, Factory, FactoryConfig};
+use vmfactory_factory::{BaseKind, Error as FactoryError, Factory, FactoryConfig};
 use vmfactory_vm::Vm;
 
+use super::inspect::is_bad_template;
 use crate::config_file::Settings;
 use crate::progress::Step;
 use crate::{CmdResult, Failure};
@@ -69,21 +70,33 @@ pub async fn run(s: &Settings, vcpus: Option<u32>, memory: Option<u64>, hold: bo
         config.template = true;
         config.fetch_only = true;
     }
-    let factory = Factory::new(&config).await.with_context(|| {
-        if s.cache_number > 0 {
-            format!(
-                "No VM-cache server answers on {} (run `vmfactory init`)",
-                s.endpoint.display()
-            )
-        } else if s.template {
-            format!(
-                "No usable template at {} (run `vmfactory init`)",
-                s.template_path.display()
-            )
-        } else {
-            "Cannot build the factory".to_owned()
+    let factory = match Factory::new(&config).await {
+        Ok(f) => f,
+        Err(e) => {
+            // A template whose stored files are damaged is bad input, as for `status` and
+            // `inspect`; a missing one or another failure is a runtime failure.
+            let bad = matches!(&e, FactoryError::Template(t) if is_bad_template(t));
+            let context = if s.cache_number > 0 {
+                format!(
+                    "No VM-cache server answers on {} (run `vmfactory init`)",
+                    s.endpoint.display()
+                )
+            } else if s.template {
+                format!(
+                    "No usable template at {} (run `vmfactory init`)",
+                    s.template_path.display()
+                )
+            } else {
+                "Cannot build the factory".to_owned()
+            };
+            let error = anyhow::Error::new(e).context(context);
+            return Err(if bad {
+                Failure::usage(error)
+            } else {
+                error.into()
+            });
         }
-    })?;
+    };
     let mut request = s.vm.clone();
     request.hypervisor.vcpus = vcpus;
     request.hypervisor.memory_mib = memory;

@@ -186,6 +186,12 @@ pub fn is_bad_metadata(e: &TemplateError) -> bool {
     }
 }
 
+/// Whether a template's stored files are bad: its metadata (see [`is_bad_metadata`]), or a
+/// memory or state file truncated or grown against the size its metadata records.
+pub fn is_bad_template(e: &TemplateError) -> bool {
+    matches!(e, TemplateError::FileSize { .. }) || is_bad_metadata(e)
+}
+
 /// Whether a persist error is about a file's content or kind (as opposed to its absence, a
 /// failing read or an unusable id).
 fn is_bad_file(e: &PersistError) -> bool {
