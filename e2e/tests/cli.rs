@@ -108,15 +108,47 @@ fn alive(pid: u64) -> bool {
     })
 }
 
+/// One scenario's CLI, run root and config file; the config (and any output) live outside the
+/// run root, in `scratch`, so they are not leaks.
+struct Setup {
+    bin: PathBuf,
+    root: RunRoot,
+    scratch: tempfile::TempDir,
+    cfg: PathBuf,
+}
+
+impl Setup {
+    /// `None` when the guest image is missing outside CI (see `guest_env`). `cache` is
+    /// `vm_cache_number`.
+    fn new(cache: u32) -> Option<Self> {
+        let env = guest_env()?;
+        let bin = vmfactory_bin();
+        let root = RunRoot::new();
+        let scratch = tempfile::tempdir().expect("scratch dir");
+        let cfg = scratch.path().join("config.toml");
+        let text = config(&env, root.path())
+            .replace("vm_cache_number = 2", &format!("vm_cache_number = {cache}"));
+        fs::write(&cfg, text).expect("write config");
+        Some(Self {
+            bin,
+            root,
+            scratch,
+            cfg,
+        })
+    }
+}
+
 #[test]
 fn init_status_get_destroy_leaves_nothing() {
-    let Some(env) = guest_env() else { return };
-    let bin = vmfactory_bin();
-    let root = RunRoot::new();
-    // The config and the server's output live outside the run root (they are not leaks).
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    let cfg = scratch.path().join("config.toml");
-    fs::write(&cfg, config(&env, root.path())).expect("write config");
+    let Some(Setup {
+        bin,
+        root,
+        scratch,
+        cfg,
+    }) = Setup::new(2)
+    else {
+        return;
+    };
     let out_log = scratch.path().join("init.out");
     let err_log = scratch.path().join("init.err");
 
@@ -220,12 +252,15 @@ fn init_status_get_destroy_leaves_nothing() {
 /// and its template: nothing is left.
 #[test]
 fn killed_server_leaves_nothing_after_destroy() {
-    let Some(env) = guest_env() else { return };
-    let bin = vmfactory_bin();
-    let root = RunRoot::new();
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    let cfg = scratch.path().join("config.toml");
-    fs::write(&cfg, config(&env, root.path())).expect("write config");
+    let Some(Setup {
+        bin,
+        root,
+        cfg,
+        scratch: _scratch,
+    }) = Setup::new(2)
+    else {
+        return;
+    };
     let child = Command::new(&bin)
         .arg("--config")
         .arg(&cfg)
@@ -298,13 +333,15 @@ fn bad_input(o: &Output, what: &str, names: &str) {
 
 #[test]
 fn template_only_get_and_damaged_template_files() {
-    let Some(env) = guest_env() else { return };
-    let bin = vmfactory_bin();
-    let root = RunRoot::new();
-    let scratch = tempfile::tempdir().expect("scratch dir");
-    let cfg = scratch.path().join("config.toml");
-    let text = config(&env, root.path()).replace("vm_cache_number = 2", "vm_cache_number = 0");
-    fs::write(&cfg, text).expect("write config");
+    let Some(Setup {
+        bin,
+        root,
+        cfg,
+        scratch: _scratch,
+    }) = Setup::new(0)
+    else {
+        return;
+    };
 
     // Without a cache, `init` makes the template and exits.
     ok(&run(&bin, &cfg, &["init"]), "init");
