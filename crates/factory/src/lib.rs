@@ -30,7 +30,7 @@ pub use cache::CacheFactory;
 pub use cache_service::{CacheClient, CacheServer, CacheServiceError};
 pub use config::{FactoryConfig, DEFAULT_TEMPLATE_PATH};
 pub use direct::DirectFactory;
-pub use error::{Error, Result};
+pub use error::{error_chain, Error, Result};
 pub use factory::{BaseKind, Factory};
 pub use get_vm::{config_difference, GetVmError, GetVmStep};
 pub use host::{MountOutcome, SystemHost, TemplateHost};

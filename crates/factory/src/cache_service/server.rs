@@ -19,7 +19,7 @@ use super::error::{CacheServiceError, Result};
 use super::protocols::cache::{GrpcStatus, GrpcVM, GrpcVMConfig};
 use super::protocols::cache_ttrpc;
 use super::socket;
-use crate::FactoryBase;
+use crate::{error_chain, FactoryBase};
 
 /// A running VM-cache server on a unix socket.
 ///
@@ -201,17 +201,6 @@ fn status(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(get_status(code, msg.to_string()))
 }
 
-/// An error and its sources, one line (the status message is all a client sees).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
-}
 
 impl Service {
     /// Takes a base VM in a task of its own, so that a client hanging up mid-call (which
@@ -242,7 +231,7 @@ impl Service {
         });
         match rx.await {
             Ok(Ok(taken)) => Ok(taken),
-            Ok(Err(e)) => Err(status(Code::INTERNAL, chain(&e))),
+            Ok(Err(e)) => Err(status(Code::INTERNAL, error_chain(&e))),
             Err(_) => Err(status(Code::INTERNAL, "base VM task failed")),
         }
     }
@@ -264,10 +253,10 @@ impl cache_ttrpc::CacheService for Service {
                 if let Err(e) = vm.stop().await {
                     warn!(vm = %vm.id(), error = %e, "stopping it failed");
                 }
-                return Err(status(Code::INTERNAL, chain(&e)));
+                return Err(status(Code::INTERNAL, error_chain(&e)));
             }
         };
-        let state = VmState::from_wire(&bytes).map_err(|e| status(Code::INTERNAL, chain(&e)))?;
+        let state = VmState::from_wire(&bytes).map_err(|e| status(Code::INTERNAL, error_chain(&e)))?;
         debug!(vm = %state.id, "handing out a VM");
         Ok(convert::vm_to_grpc(&state, bytes))
     }

@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use vmfactory_factory::{template_vm_config, FactoryConfig, DEFAULT_TEMPLATE_PATH};
+use vmfactory_factory::{error_chain, template_vm_config, FactoryConfig, DEFAULT_TEMPLATE_PATH};
 use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
 use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{VmAgentConfig, VmConfig};
@@ -564,12 +564,12 @@ impl Settings {
             .factory_config()
             .validate()
             .err()
-            .map(|e| chain(&e))
+            .map(|e| error_chain(&e))
             .or_else(|| {
                 self.template
                     .then(|| template_vm_config(&self.vm, &self.template_path).validate_shape())
                     .and_then(Result::err)
-                    .map(|e| chain(&e))
+                    .map(|e| error_chain(&e))
             });
         match backstop {
             Some(message) => Err(ConfigFileError::Invalid {
@@ -593,7 +593,7 @@ impl Settings {
                     Hv::ImageUnreadable { .. } => Some("image"),
                     _ => None,
                 };
-                let mut message = chain(&e);
+                let mut message = error_chain(&e);
                 if self.origin == "embedded default" {
                     message.push_str(" (run `cargo xtask guest`, or set VMFACTORY_GUEST_DIR)");
                 }
@@ -609,23 +609,12 @@ impl Settings {
             Err(e) => Err(ConfigFileError::Invalid {
                 origin: self.origin.clone(),
                 line: None,
-                message: chain(&e),
+                message: error_chain(&e),
             }),
         }
     }
 }
 
-/// An error and its sources on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(cause) = src {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        src = cause.source();
-    }
-    s
-}
 
 #[cfg(test)]
 mod tests {

@@ -6,12 +6,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::Serialize;
-use vmfactory_factory::{CacheClient, TemplateError, TemplateMetadata};
+use vmfactory_factory::{error_chain, CacheClient, TemplateError, TemplateMetadata};
 use vmfactory_vm::VmInfo;
 
 use super::exists;
 use super::inspect::is_bad_metadata;
-use crate::config_file::{chain, Settings};
+use crate::config_file::Settings;
 use crate::{CmdResult, Failure};
 
 /// What `status --json` prints.
@@ -95,7 +95,7 @@ async fn template_report(enabled: bool, path: &Path) -> TemplateReport {
         Ok(m) => (true, Some(m), None, None),
         Err(TemplateError::Missing { .. }) => (false, None, None, None),
         Err(e) => {
-            let error = Some(chain(&e));
+            let error = Some(error_chain(&e));
             (true, None, error, is_bad_metadata(&e).then_some(e))
         }
     };
@@ -131,7 +131,7 @@ async fn server_report(n: u32, endpoint: &Path) -> ServerReport {
             r.pid = Some(st.pid);
             r.vms = st.vms;
         }
-        Err(e) => r.error = Some(chain(&e)),
+        Err(e) => r.error = Some(error_chain(&e)),
     }
     r
 }
