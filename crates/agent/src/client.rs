@@ -225,7 +225,10 @@ fn is_deadline(e: &ttrpc::Error) -> bool {
     matches!(e, ttrpc::Error::Others(m) if m.contains("deadline elapsed"))
 }
 
-fn is_connection_error(e: &ttrpc::Error) -> bool {
+/// Whether a ttRPC call failed because its connection is gone (socket error, closed, EOF), so
+/// that the caller should drop the connection and dial again. Shared by every ttRPC client of
+/// the workspace (the agent here, the VM-cache client in the factory crate).
+pub fn is_connection_error(e: &ttrpc::Error) -> bool {
     matches!(
         e,
         ttrpc::Error::Socket(_)

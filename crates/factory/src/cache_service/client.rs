@@ -13,6 +13,7 @@ use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 use tracing::{debug, info, instrument, warn};
 use ttrpc::asynchronous::transport::Socket;
+use vmfactory_agent::client::is_connection_error;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig, VmInfo};
 
 use super::convert;
@@ -64,17 +65,6 @@ impl fmt::Debug for CacheClient {
             .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
-}
-
-fn is_connection_error(e: &ttrpc::Error) -> bool {
-    matches!(
-        e,
-        ttrpc::Error::Socket(_)
-            | ttrpc::Error::LocalClosed
-            | ttrpc::Error::RemoteClosed
-            | ttrpc::Error::Eof
-            | ttrpc::Error::Nix(_)
-    )
 }
 
 async fn dial(endpoint: &Path) -> Result<CacheServiceClient> {

@@ -201,7 +201,6 @@ fn status(code: Code, msg: impl ToString) -> ttrpc::Error {
     ttrpc::Error::RpcStatus(get_status(code, msg.to_string()))
 }
 
-
 impl Service {
     /// Takes a base VM in a task of its own, so that a client hanging up mid-call (which
     /// cancels the handler) cannot drop a VM half made: if nobody takes the VM, it is stopped.
@@ -256,7 +255,8 @@ impl cache_ttrpc::CacheService for Service {
                 return Err(status(Code::INTERNAL, error_chain(&e)));
             }
         };
-        let state = VmState::from_wire(&bytes).map_err(|e| status(Code::INTERNAL, error_chain(&e)))?;
+        let state =
+            VmState::from_wire(&bytes).map_err(|e| status(Code::INTERNAL, error_chain(&e)))?;
         debug!(vm = %state.id, "handing out a VM");
         Ok(convert::vm_to_grpc(&state, bytes))
     }
