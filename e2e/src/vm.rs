@@ -50,6 +50,16 @@ pub fn template_config(mut cfg: HypervisorConfig, dir: &Path) -> HypervisorConfi
     cfg
 }
 
+/// A template directory `<root>/tpl`, created, and the config of a template saved there.
+pub fn template_in(env: &GuestEnv, root: &Path) -> (PathBuf, HypervisorConfig) {
+    let dir = root.join("tpl");
+    if let Err(e) = std::fs::create_dir(&dir) {
+        panic!("creating {}: {e}", dir.display());
+    }
+    let cfg = template_config(config(env), &dir);
+    (dir, cfg)
+}
+
 /// Clone side of a template config.
 pub fn clone_config(template: &HypervisorConfig) -> HypervisorConfig {
     let mut cfg = template.clone();

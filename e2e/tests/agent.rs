@@ -100,9 +100,7 @@ async fn set_guest_date_time_moves_the_clock() {
 async fn reseed_makes_clones_diverge() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let tpl_dir = root.path().join("tpl");
-    std::fs::create_dir(&tpl_dir).unwrap();
-    let tpl = vm::template_config(vm::config(&env), &tpl_dir);
+    let (tpl_dir, tpl) = vm::template_in(&env, root.path());
     vm::make_template(root.path(), tpl.clone()).await.unwrap();
     let mut clones = Vec::new();
     for id in ["a", "b"] {

@@ -71,9 +71,7 @@ async fn cpu_and_memory_hotplug_are_onlined() {
 async fn template_save_and_two_clones() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let tpl_dir = root.path().join("tpl");
-    std::fs::create_dir(&tpl_dir).unwrap();
-    let tpl = vm::template_config(vm::config(&env), &tpl_dir);
+    let (tpl_dir, tpl) = vm::template_in(&env, root.path());
     let made = vm::make_template(root.path(), tpl.clone()).await.unwrap();
     eprintln!("template made in {made:?}");
     assert!(tpl_dir.join("state").metadata().unwrap().len() > 0);
@@ -112,9 +110,7 @@ async fn template_save_and_two_clones() {
 async fn clone_grows_by_hotplug_and_stays_healthy() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let tpl_dir = root.path().join("tpl");
-    std::fs::create_dir(&tpl_dir).unwrap();
-    let tpl = vm::template_config(vm::config(&env), &tpl_dir);
+    let (tpl_dir, tpl) = vm::template_in(&env, root.path());
     vm::make_template(root.path(), tpl.clone()).await.unwrap();
     let (c, _, _) = vm::boot_clone(root.path(), "clone", &tpl).await.unwrap();
     let before = c.agent.resources().await.unwrap();

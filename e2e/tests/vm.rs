@@ -142,9 +142,7 @@ async fn failed_new_leaves_nothing() {
 async fn template_and_clone_through_vm() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let tpl_dir = root.path().join("tpl");
-    std::fs::create_dir(&tpl_dir).unwrap();
-    let tpl = vm::template_config(vm::config(&env), &tpl_dir);
+    let (tpl_dir, tpl) = vm::template_in(&env, root.path());
 
     let template = Vm::new(vm_config(&root, tpl.clone())).await.unwrap();
     // The guest agent re-listens once the host lets go: only then is the state clean to save.
