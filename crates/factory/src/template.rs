@@ -246,7 +246,9 @@ impl TemplateFactory {
         let key = CloneKey::gather(&self.config.hypervisor, self.host.as_ref()).await?;
         meta.check(&key)?;
         check_size(&self.path.join(MEMORY_FILE), Some(meta.memory_mib << 20)).await?;
-        check_size(&self.path.join(STATE_FILE), meta.state_bytes).await
+        check_size(&self.path.join(STATE_FILE), meta.state_bytes)
+            .await
+            .map(drop)
     }
 
     /// The creation steps; `made` records what to undo.
@@ -265,12 +267,7 @@ impl TemplateFactory {
         made.files = true;
         save_template_vm(tpl, self.backends.as_ref()).await?;
         check_size(&self.path.join(MEMORY_FILE), Some(key.memory_mib << 20)).await?;
-        let state = self.path.join(STATE_FILE);
-        check_size(&state, None).await?;
-        let state_bytes = tokio::fs::metadata(&state)
-            .await
-            .map_err(|e| TemplateError::io("stat", &state, e))?
-            .len();
+        let state_bytes = check_size(&self.path.join(STATE_FILE), None).await?;
         let mut meta = TemplateMetadata::new(key);
         meta.state_bytes = Some(state_bytes);
         meta.write(&self.path).await
@@ -364,8 +361,9 @@ async fn create_dir(path: &Path) -> TResult<bool> {
     }
 }
 
-/// Checks that `path` exists with `expected` bytes (or, with `None`, is not empty).
-async fn check_size(path: &Path, expected: Option<u64>) -> TResult<()> {
+/// Checks that `path` exists with `expected` bytes (or, with `None`, is not empty); returns
+/// its size.
+async fn check_size(path: &Path, expected: Option<u64>) -> TResult<u64> {
     let found = match tokio::fs::metadata(path).await {
         Ok(m) => m.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -386,7 +384,7 @@ async fn check_size(path: &Path, expected: Option<u64>) -> TResult<()> {
             expected: 1,
             found,
         }),
-        _ => Ok(()),
+        _ => Ok(found),
     }
 }
 
