@@ -251,10 +251,27 @@ mod tests {
             .arg(root.path().join("marker"))
             .spawn()
             .unwrap();
-        let leaks = root.leaks();
+        // `spawn` returns once `sh` is exec'd, yet one CI run found no such process on its
+        // first look (not reproduced here). Look again until it shows, for up to 10 s; if it
+        // never does, the message says what /proc held for the child.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let leaks = loop {
+            let leaks = root.leaks();
+            if leaks.iter().any(|l| l.starts_with("process"))
+                || std::time::Instant::now() > deadline
+            {
+                break leaks;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let seen = fs::read(format!("/proc/{}/cmdline", child.id()));
         child.kill().unwrap();
         child.wait().unwrap();
-        assert!(leaks.iter().any(|l| l.starts_with("process")), "{leaks:?}");
+        assert!(
+            leaks.iter().any(|l| l.starts_with("process")),
+            "leaks {leaks:?}; /proc/{}/cmdline reads {seen:?}",
+            child.id()
+        );
         assert!(root.leaks().is_empty());
     }
 }
