@@ -103,8 +103,10 @@ impl TemplateFactory {
 
     /// Makes a template of `config` at `path`: creates the directory (0700), mounts a tmpfs
     /// (or falls back to the plain directory where mounting is not permitted), boots the
-    /// template VM, disconnects from its agent and waits until the agent has re-listened (its
-    /// console line, not a sleep), pauses, saves and stops it, and writes the metadata. A
+    /// template VM, warms it up (one RNG reseed and clock set, so clones resume with a ready
+    /// CRNG and the agent's handler pages mapped), disconnects from its agent and waits until
+    /// the agent has re-listened (its console line, not a sleep), pauses, saves and stops it,
+    /// and writes the metadata. A
     /// failure cleans up what this call created (VM, files, mount, directory) and is returned.
     /// A usable template already at `path` is adopted; see the module docs.
     pub async fn new_with(
@@ -303,8 +305,8 @@ struct Made {
     files: bool,
 }
 
-/// Boots the template VM, waits for its agent to re-listen after a disconnect, pauses, saves,
-/// and stops it (also on failure).
+/// Boots the template VM, warms it up, waits for its agent to re-listen after a disconnect,
+/// pauses, saves, and stops it (also on failure).
 async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> TResult<()> {
     let vm = Vm::new_with(tpl.clone(), backends)
         .await
@@ -318,6 +320,11 @@ async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> TResult<()
             .ok_or_else(|| TemplateError::NoConsole {
                 id: vm.id().to_owned(),
             })?;
+        // Run the guest side of `get_vm` once before saving: every clone then resumes with
+        // it done (a ready CRNG, the agent's handler pages mapped) instead of doing it first.
+        let (seeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
+        seeded.map_err(|e| TemplateError::vm("warm-up reseed", e))?;
+        timed.map_err(|e| TemplateError::vm("warm-up time sync", e))?;
         vm.disconnect()
             .await
             .map_err(|e| TemplateError::vm("disconnect", e))?;
@@ -457,11 +464,18 @@ mod tests {
         let hv = b.hv(&tpl_ids[0]);
         use vmfactory_hypervisor::FakeCall as H;
         assert_eq!(hv.calls()[1..4], [H::Pause, H::SaveTemplate, H::Stop]);
-        assert_eq!(
-            b.agent(&tpl_ids[0]).count("disconnect"),
-            2,
-            "disconnect, then stop"
-        );
+        let agent = b.agent(&tpl_ids[0]);
+        assert_eq!(agent.count("disconnect"), 2, "disconnect, then stop");
+        // Warmed up before the save: clones resume with the guest side of get_vm done once.
+        let names: Vec<&str> = agent.calls().iter().map(|c| c.method()).collect();
+        let disconnect = names.iter().position(|n| *n == "disconnect");
+        for warm in ["reseed_random_dev", "set_guest_date_time"] {
+            let at = names.iter().position(|n| *n == warm);
+            assert!(
+                at.is_some() && at < disconnect,
+                "{warm} before the save: {names:?}"
+            );
+        }
         assert_eq!(b.live().await, 0);
         assert_eq!(b.vm_dirs(), 0);
 
@@ -548,6 +562,22 @@ mod tests {
             assert!(!b.template_path().exists(), "{step:?}");
             assert_eq!(b.live().await, 0, "{step:?}");
             assert_eq!(b.vm_dirs(), 0, "{step:?}");
+        }
+        // The warm-up fails: nothing is saved and everything is cleaned up.
+        for method in ["reseed_random_dev", "set_guest_date_time"] {
+            let b = FakeBackends::new();
+            b.agent_fail.lock().expect("lock").push(method);
+            let host = Arc::new(FakeHost::default());
+            let err = new_template(&b, &host).await.expect_err("fails");
+            assert!(
+                matches!(err, Error::Template(TemplateError::Vm { .. })),
+                "{method}: {err:?}"
+            );
+            assert!(err.to_string().contains("warm-up"), "{method}: {err}");
+            assert_eq!(host.depth(&b.template_path()), 0, "{method}");
+            assert!(!b.template_path().exists(), "{method}");
+            assert_eq!(b.live().await, 0, "{method}");
+            assert_eq!(b.vm_dirs(), 0, "{method}");
         }
         // The agent never re-listens: bounded wait, then cleanup.
         let b = FakeBackends::new();

@@ -1,8 +1,9 @@
 //! The three ttRPC services of the guest agent, on one [`GuestAgent`].
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -35,6 +36,9 @@ nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
 pub struct GuestAgent {
     cfg: GuestConfig,
     started: Instant,
+    /// The random device, opened by the first reseed and kept: a template's clones then
+    /// inherit it open instead of each walking the path again on `get_vm`'s path.
+    random_dev: OnceLock<File>,
 }
 
 impl GuestAgent {
@@ -43,6 +47,7 @@ impl GuestAgent {
         GuestAgent {
             cfg,
             started: Instant::now(),
+            random_dev: OnceLock::new(),
         }
     }
 
@@ -84,25 +89,28 @@ impl GuestAgent {
     /// wake-up or spawn, which under TCG was most of the call (reseed is on `get_vm`'s path).
     pub async fn reseed(&self, data: Vec<u8>) -> Result<()> {
         let dev = self.cfg.paths.dev.join("random");
-        let reseed = move || {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .open(&dev)
-                .map_err(|e| Error::io("open", dev.display(), e))?;
-            f.write_all(&data)
-                .map_err(|e| Error::io("write", dev.display(), e))?;
-            let bits =
-                libc::c_int::try_from(data.len().saturating_mul(8)).unwrap_or(libc::c_int::MAX);
-            // SAFETY: the fd is open for the whole call and the ioctl reads one c_int from a
-            // valid pointer.
-            unsafe { rnd_add_to_ent_cnt(f.as_raw_fd(), &bits) }
-                .map_err(|e| Error::sys("RNDADDTOENTCNT", dev.display(), e))?;
-            // SAFETY: the fd is open for the whole call and RNDRESEEDCRNG takes no argument.
-            unsafe { rnd_reseed_crng(f.as_raw_fd()) }
-                .map_err(|e| Error::sys("RNDRESEEDCRNG", dev.display(), e))?;
-            Ok(())
+        let mut f = match self.random_dev.get() {
+            Some(f) => f,
+            None => {
+                let opened = OpenOptions::new()
+                    .write(true)
+                    .open(&dev)
+                    .map_err(|e| Error::io("open", dev.display(), e))?;
+                // Two first reseeds at once: one file is kept, the other closed.
+                self.random_dev.get_or_init(|| opened)
+            }
         };
-        reseed()
+        f.write_all(&data)
+            .map_err(|e| Error::io("write", dev.display(), e))?;
+        let bits = libc::c_int::try_from(data.len().saturating_mul(8)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: the fd is open for the whole call and the ioctl reads one c_int from a valid
+        // pointer.
+        unsafe { rnd_add_to_ent_cnt(f.as_raw_fd(), &bits) }
+            .map_err(|e| Error::sys("RNDADDTOENTCNT", dev.display(), e))?;
+        // SAFETY: the fd is open for the whole call and RNDRESEEDCRNG takes no argument.
+        unsafe { rnd_reseed_crng(f.as_raw_fd()) }
+            .map_err(|e| Error::sys("RNDRESEEDCRNG", dev.display(), e))?;
+        Ok(())
     }
 
     /// Reads `len` bytes from the guest's urandom.
@@ -209,6 +217,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
             let agent = GuestAgent {
                 cfg: self.cfg.clone(),
                 started: self.started,
+                random_dev: OnceLock::new(),
             };
             tokio::spawn(async move {
                 if let Err(e) = agent.online_cpu_mem(req).await {
@@ -326,5 +335,33 @@ impl diag_ttrpc::Diagnostics for GuestAgent {
             system,
         }
         .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent_over(dev: &std::path::Path) -> GuestAgent {
+        let mut cfg = GuestConfig::default();
+        cfg.paths.dev = dev.to_owned();
+        GuestAgent::new(cfg)
+    }
+
+    #[tokio::test]
+    async fn reseed_opens_the_random_device_once_and_keeps_it() {
+        let dev = tempfile::tempdir().expect("tempdir");
+        let agent = agent_over(dev.path());
+        // No device yet: an open error, and nothing is kept.
+        let err = agent.reseed(vec![1, 2]).await.expect_err("no device");
+        assert!(err.to_string().contains("open"), "{err}");
+        // A plain file stands in for the device: the data is written, then the entropy ioctl
+        // fails (a file is no random device).
+        let random = dev.path().join("random");
+        std::fs::write(&random, b"").expect("file");
+        agent.reseed(vec![1, 2]).await.expect_err("ioctl on a file");
+        agent.reseed(vec![3]).await.expect_err("ioctl on a file");
+        // The second write went on where the first ended: the same open file, not a reopen.
+        assert_eq!(std::fs::read(&random).expect("read"), [1, 2, 3]);
     }
 }
