@@ -93,15 +93,48 @@ pub(crate) fn parse_stat(stat: &str) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// Whether a `/proc` state letter means exited (zombie or dead).
+fn exited(state: char) -> bool {
+    matches!(state, 'Z' | 'X' | 'x')
+}
+
 /// Reads the liveness of `pid`.
+///
+/// A multi-threaded process is dead only once every thread is: its leader turns zombie as
+/// soon as it exits, while the other threads may still be exiting and holding the process's
+/// memory and files (measured: a SIGKILLed QEMU's leader was a zombie while the process
+/// still mapped the template's memory file, so unmounting the template failed with EBUSY).
 pub(crate) async fn proc_stat(pid: u32) -> ProcStat {
-    match tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await {
-        Ok(s) => match parse_stat(&s) {
-            Some(('Z' | 'X' | 'x', _)) | None => ProcStat::Dead,
-            Some((_, start)) => ProcStat::Alive(start),
-        },
-        Err(_) => ProcStat::Dead,
+    let Ok(stat) = tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await else {
+        return ProcStat::Dead;
+    };
+    match parse_stat(&stat) {
+        None => ProcStat::Dead,
+        Some((state, start)) if exited(state) => {
+            if threads_exited(pid).await {
+                ProcStat::Dead
+            } else {
+                ProcStat::Alive(start)
+            }
+        }
+        Some((_, start)) => ProcStat::Alive(start),
     }
+}
+
+/// Whether every thread of `pid` has exited (or the process is gone).
+async fn threads_exited(pid: u32) -> bool {
+    let Ok(mut tasks) = tokio::fs::read_dir(format!("/proc/{pid}/task")).await else {
+        return true;
+    };
+    while let Ok(Some(task)) = tasks.next_entry().await {
+        let Ok(stat) = tokio::fs::read_to_string(task.path().join("stat")).await else {
+            continue;
+        };
+        if parse_stat(&stat).is_some_and(|(state, _)| !exited(state)) {
+            return false;
+        }
+    }
+    true
 }
 
 /// A process this crate manages.
@@ -298,6 +331,44 @@ mod tests {
                     1000 100";
         assert_eq!(parse_stat(stat), Some(('S', 987654)));
         assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[tokio::test]
+    async fn a_zombie_leader_with_a_live_thread_is_not_dead() {
+        // The main thread exits alone (exit(2), not exit_group) while another sleeps 2 s.
+        let script = "import threading, time, ctypes\n\
+                      threading.Thread(target=time.sleep, args=(2,)).start()\n\
+                      ctypes.CDLL(None).syscall(60, 0)\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .spawn()
+            .expect("python3 is on every machine this project runs on");
+        let pid = child.id();
+        let leader_exited = async {
+            loop {
+                let stat = tokio::fs::read_to_string(format!("/proc/{pid}/stat")).await;
+                if stat
+                    .ok()
+                    .and_then(|s| parse_stat(&s))
+                    .is_some_and(|(st, _)| exited(st))
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), leader_exited)
+            .await
+            .expect("the leader exits");
+        assert!(
+            matches!(proc_stat(pid).await, ProcStat::Alive(_)),
+            "a thread still runs"
+        );
+        let gone = wait_until(Duration::from_secs(10), || async {
+            (proc_stat(pid).await == ProcStat::Dead).then_some(())
+        });
+        assert!(gone.await.is_some(), "dead once the thread ends");
+        child.wait().expect("reap");
     }
 
     #[tokio::test]
