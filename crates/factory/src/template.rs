@@ -106,8 +106,8 @@ impl TemplateFactory {
     /// template VM, warms it up (one RNG reseed and clock set, so clones resume with a ready
     /// CRNG and the agent's handler pages mapped), disconnects from its agent and waits until
     /// the agent has re-listened (its console line, not a sleep), pauses, saves and stops it,
-    /// and writes the metadata. A
-    /// failure cleans up what this call created (VM, files, mount, directory) and is returned.
+    /// and writes the metadata. A failure cleans up what this call created (VM, files, mount,
+    /// directory) and is returned.
     /// A usable template already at `path` is adopted; see the module docs.
     pub async fn new_with(
         config: &VmConfig,
