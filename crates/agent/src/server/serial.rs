@@ -177,22 +177,23 @@ async fn accept(
     label: &str,
     kept: &Kept,
 ) -> io::Result<(SerialConn, oneshot::Receiver<()>)> {
-    let (fd, own) = if opener.keep_open {
-        let open = match port.take() {
-            Some(open) => open,
-            None => KeptPort::open(opener)?,
-        };
-        let open = port.insert(open);
-        (open.fd.try_clone()?, None)
+    // A kept port (opened the first time) or, without `keep_open`, one for this session only.
+    let own = if opener.keep_open {
+        None
     } else {
-        let open = KeptPort::open(opener)?;
-        let fd = open.fd.try_clone()?;
-        (fd, Some(open))
+        Some(KeptPort::open(opener)?)
     };
-    let waiting = own
-        .as_ref()
-        .or(port.as_ref())
-        .ok_or_else(|| io::Error::other("no port to wait on"))?;
+    let waiting: &KeptPort = match &own {
+        Some(own) => own,
+        None => {
+            let open = match port.take() {
+                Some(open) => open,
+                None => KeptPort::open(opener)?,
+            };
+            port.insert(open)
+        }
+    };
+    let fd = waiting.fd.try_clone()?;
     // A hello already read by the previous session means its host is here: no need to wait.
     let pending = std::mem::take(&mut *kept.lock());
     if pending.is_empty() {
