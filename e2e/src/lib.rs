@@ -1,6 +1,7 @@
 //! Harness for the real-QEMU end-to-end tests: finds the guest image and host tools, decides
-//! between running and skipping (never skipping under `CI=true`), and checks after each
-//! scenario that nothing leaked: no process, mount, socket or directory of the test left.
+//! between running and skipping (never skipping under `CI=true`, nor under `cargo xtask
+//! test|e2e`, which install the prerequisites first and set [`REQUIRE_ENV`]), and checks after
+//! each scenario that nothing leaked: no process, mount, socket or directory of the test left.
 //!
 //! Every scenario runs under its own temporary run root, and every path QEMU or a helper
 //! process is given lies under it; that is what makes the leak check exact.
@@ -30,10 +31,18 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-fn is_ci() -> bool {
-    std::env::var("CI")
-        .map(|v| v == "true" || v == "1")
-        .unwrap_or(false)
+/// Set to `1` (by `cargo xtask test` and `cargo xtask e2e`), a missing prerequisite fails the
+/// real-QEMU tests instead of skipping them, as `CI=true` does.
+pub const REQUIRE_ENV: &str = "VMFACTORY_E2E_REQUIRE";
+
+/// Whether the real-QEMU tests must run: `CI=true` or [`REQUIRE_ENV`]`=1`.
+fn required() -> bool {
+    let set = |var: &str| {
+        std::env::var(var)
+            .map(|v| v == "true" || v == "1")
+            .unwrap_or(false)
+    };
+    set("CI") || set(REQUIRE_ENV)
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -46,7 +55,8 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 /// Returns the environment, or `None` (with a message) when a prerequisite is missing.
 ///
 /// # Panics
-/// Under `CI=true` a missing prerequisite panics: the e2e tier must run there.
+/// Under `CI=true` (or [`REQUIRE_ENV`]`=1`) a missing prerequisite panics: the e2e tier must
+/// run there.
 pub fn guest_env() -> Option<GuestEnv> {
     let dir = std::env::var_os("VMFACTORY_GUEST_DIR")
         .map(PathBuf::from)
@@ -63,8 +73,8 @@ pub fn guest_env() -> Option<GuestEnv> {
     };
     if let Some(why) = missing {
         assert!(
-            !is_ci(),
-            "CI=true and a real-QEMU prerequisite is missing: {why}"
+            !required(),
+            "the real-QEMU tests must run here (CI=true or {REQUIRE_ENV}=1), but {why}"
         );
         eprintln!("SKIPPED: {why}");
         return None;
@@ -86,8 +96,9 @@ pub fn guest_env_with_vsock_backend() -> Option<GuestEnv> {
     let env = guest_env()?;
     if env.vhost_device_vsock.is_none() {
         assert!(
-            !is_ci(),
-            "CI=true and vhost-device-vsock is missing (run `cargo xtask tools`)"
+            !required(),
+            "the real-QEMU tests must run here (CI=true or {REQUIRE_ENV}=1), but \
+             vhost-device-vsock is missing (run `cargo xtask tools`)"
         );
         eprintln!("SKIPPED: vhost-device-vsock is not installed (run `cargo xtask tools`)");
         return None;

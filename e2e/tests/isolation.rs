@@ -1,7 +1,7 @@
 //! Isolation of clones on real QEMU: clones of one template get RNG states of their own, a
-//! clock set to the host's although the template is older, and private memory (the template's
-//! memory file is unchanged after they ran); the template directory is 0700 and every socket
-//! of the run root 0600.
+//! clock set to the host's although the template was made minutes earlier, and private memory
+//! (the template's memory file is unchanged after they ran); the template directory is 0700
+//! and every socket of the run root 0600.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -11,8 +11,13 @@ use std::time::Duration;
 use vmfactory_e2e::{guest_env, vm, RunRoot};
 use vmfactory_factory::{BaseKind, Factory};
 
-/// How long the template ages before clones are taken (their clocks must not show it).
-const TEMPLATE_AGE: Duration = Duration::from_secs(5);
+/// How long the template ages before clones are taken: a clone resumes with the clock the
+/// template was saved with, so an unsynced clone is this far behind; `get_vm`'s must not be.
+/// Only wall time: nothing runs meanwhile, so CI pays two minutes of waiting, not of CPU.
+const TEMPLATE_AGE: Duration = Duration::from_secs(120);
+
+/// How far off a clone's clock may be after `get_vm`.
+const MAX_SKEW: Duration = Duration::from_secs(1);
 
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum")
@@ -48,6 +53,8 @@ async fn clones_share_no_randomness_time_or_memory() {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
     let cfg = vm::template_factory_config(&env, root.path());
+    // Before the template exists: its clock is set while it is made, so it can't be older.
+    let made = std::time::Instant::now();
     let factory = Factory::new(&cfg).await.expect("template factory");
     assert_eq!(factory.kind(), BaseKind::Template);
 
@@ -58,7 +65,10 @@ async fn clones_share_no_randomness_time_or_memory() {
     let memory = cfg.template_path.join("memory");
     let before = sha256(&memory);
 
-    // The template's own RNG stream: a clone straight from the base, resumed, not reseeded.
+    // Age the template, then take a clone straight from the base: resumed, neither reseeded
+    // nor given the time. Its clock shows the template's age, and its RNG stream is the
+    // template's own.
+    tokio::time::sleep(TEMPLATE_AGE).await;
     let raw = factory
         .base()
         .get_base_vm(&cfg.vm)
@@ -66,9 +76,18 @@ async fn clones_share_no_randomness_time_or_memory() {
         .expect("base clone");
     raw.resume().await.expect("resume");
     raw.wait_ready().await.expect("agent");
+    let raw_skew = vm::clock_skew(&raw).await.expect("guest time");
+    eprintln!(
+        "unsynced clone of a template made at most {:?} ago: clock off by {raw_skew:?}",
+        made.elapsed()
+    );
+    assert!(
+        raw_skew + MAX_SKEW >= TEMPLATE_AGE && raw_skew <= made.elapsed() + MAX_SKEW,
+        "an unsynced clone of a template made {:?} ago is {raw_skew:?} off",
+        made.elapsed()
+    );
     let template_random = raw.agent().random(32).await.expect("random");
 
-    tokio::time::sleep(TEMPLATE_AGE).await;
     let a = factory.get_vm(&cfg.vm).await.expect("clone a");
     let b = factory.get_vm(&cfg.vm).await.expect("clone b");
     let ra = a.agent().random(32).await.expect("random a");
@@ -78,10 +97,12 @@ async fn clones_share_no_randomness_time_or_memory() {
     assert_ne!(rb, template_random);
     for v in [&a, &b] {
         let skew = vm::clock_skew(v).await.expect("guest time");
+        eprintln!("clone {} after get_vm: clock off by {skew:?}", v.id());
         assert!(
-            skew < Duration::from_secs(1),
-            "clone {} clock off by {skew:?}",
-            v.id()
+            skew < MAX_SKEW,
+            "clone {} of a template made {:?} ago: clock off by {skew:?}",
+            v.id(),
+            made.elapsed()
         );
     }
 

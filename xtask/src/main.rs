@@ -56,6 +56,14 @@ enum Cmd {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The libraries' logs (e.g. why `accel = auto` chose TCG) on stderr; `RUST_LOG` filters.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match cli.cmd {
         Cmd::Demo => {
             tools::ensure_qemu()?;
@@ -90,19 +98,28 @@ fn prerequisites() -> Result<()> {
     Ok(())
 }
 
-fn cargo_test(selection: &[&str], extra: &[String]) -> Result<()> {
+/// `cargo test` with the guest image and host tools that [`prerequisites`] provided, and
+/// real-QEMU tests that fail instead of skipping when one is missing anyway
+/// (`vmfactory_e2e::REQUIRE_ENV`).
+fn test_command() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace_root())
         .arg("test")
-        .args(selection)
         .env("VMFACTORY_GUEST_DIR", guest::guest_dir())
-        .env("VMFACTORY_VHOST_DEVICE_VSOCK", tools::vhost_device_vsock());
-    if !extra.is_empty() {
-        cmd.arg("--").args(extra);
-    }
+        .env("VMFACTORY_VHOST_DEVICE_VSOCK", tools::vhost_device_vsock())
+        .env("VMFACTORY_E2E_REQUIRE", "1");
     if is_ci() {
         cmd.env("CI", "true");
+    }
+    cmd
+}
+
+fn cargo_test(selection: &[&str], extra: &[String]) -> Result<()> {
+    let mut cmd = test_command();
+    cmd.args(selection);
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
     }
     run(&mut cmd)
 }
@@ -111,13 +128,10 @@ fn cargo_test(selection: &[&str], extra: &[String]) -> Result<()> {
 /// finishes; everything else the tests print goes to stderr.
 fn e2e_with_summary(extra: &[String]) -> Result<()> {
     use std::io::{BufRead, BufReader};
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root())
-        .args(["test", "-p", "vmfactory-e2e", "--"])
+    println!("e2e: real QEMU, accelerator {}", e2e_accel()?);
+    let mut cmd = test_command();
+    cmd.args(["-p", "vmfactory-e2e", "--"])
         .args(extra)
-        .env("VMFACTORY_GUEST_DIR", guest::guest_dir())
-        .env("VMFACTORY_VHOST_DEVICE_VSOCK", tools::vhost_device_vsock())
         .stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn()?;
     let (mut passed, mut failed) = (0, 0);
@@ -141,6 +155,22 @@ fn e2e_with_summary(extra: &[String]) -> Result<()> {
     println!("e2e: {passed} passed, {failed} failed");
     anyhow::ensure!(status.success(), "The e2e suite failed ({status})");
     Ok(())
+}
+
+/// What `accel = auto` (the suite's setting) resolves to on this host, and why: the same probe
+/// the library runs (`vmfactory_hypervisor::resolve_accel`).
+fn e2e_accel() -> Result<String> {
+    let guest = guest::guest_dir();
+    let cfg = vmfactory_hypervisor::HypervisorConfig::new(
+        guest.join("vmlinuz"),
+        Some(guest.join("initramfs.cpio")),
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    let accel = rt.block_on(vmfactory_hypervisor::resolve_accel(&cfg));
+    Ok(match accel.as_str() {
+        "kvm" => "kvm (the probe boot under /dev/kvm worked)".to_string(),
+        other => format!("{other} (KVM unusable here; `RUST_LOG=info cargo xtask e2e` says why)"),
+    })
 }
 
 /// `test NAME ... ok` → `(NAME, true)`, `test NAME ... FAILED` → `(NAME, false)`.
@@ -167,5 +197,40 @@ mod tests {
         );
         assert_eq!(scenario_result("test result: ok. 3 passed"), None);
         assert_eq!(scenario_result("running 3 tests"), None);
+    }
+
+    /// The README's library examples are `ignore`d there; each crate's docs carry the same
+    /// lines as a compiled doc test. This keeps the two from drifting apart.
+    #[test]
+    fn readme_examples_are_the_compiled_doc_tests() {
+        let root = crate::util::workspace_root();
+        let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+        for krate in ["hypervisor", "agent"] {
+            let heading = format!("### Using the {krate} crate alone");
+            let after = readme
+                .split_once(&heading)
+                .unwrap_or_else(|| panic!("README has no {heading:?}"))
+                .1;
+            let block = after
+                .split_once("```rust,ignore\n")
+                .and_then(|(_, rest)| rest.split_once("```"))
+                .unwrap_or_else(|| panic!("no example under {heading:?}"))
+                .0;
+            let lib_path = root.join("crates").join(krate).join("src/lib.rs");
+            let lib = std::fs::read_to_string(&lib_path).expect("lib.rs");
+            let doc: Vec<&str> = lib
+                .lines()
+                .filter_map(|l| l.strip_prefix("//! ").or(l.strip_prefix("//!")))
+                .collect();
+            let lines: Vec<&str> = block.lines().filter(|l| !l.trim().is_empty()).collect();
+            assert!(lines.len() >= 4, "{krate}: example too short: {block}");
+            for line in lines {
+                assert!(
+                    doc.contains(&line),
+                    "{krate}: README line {line:?} is not in {}'s doc test",
+                    lib_path.display()
+                );
+            }
+        }
     }
 }

@@ -7,6 +7,23 @@
 //!
 //! It does not know about QEMU, run directories or VMs: `vmfactory-vm` chooses the channel and
 //! hands this crate an agent URL.
+//!
+//! # Example
+//!
+//! The README's example, compiled here (not run: it needs a guest):
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use vmfactory_agent::{Agent, KataAgent};
+//!
+//! # async fn example() -> vmfactory_agent::Result<()> {
+//! let agent = KataAgent::new("serial:///run/vc/vm/vm1/agent.sock", Duration::from_secs(5))?;
+//! agent.check().await?;                   // grpc.Health/Check over ttRPC
+//! agent.online_cpu_mem(true, 1, true).await?;
+//! println!("{:?}", agent.resources().await?); // our diagnostics service: CPUs, MemTotal, blocks
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 pub mod client;

@@ -20,6 +20,23 @@
 //!   (`query-migrate`), this crate reads raw JSON.
 //!
 //! With the `test-utils` feature, [`FakeHypervisor`] stands in for QEMU in other crates' tests.
+//!
+//! # Example
+//!
+//! The README's example, compiled here (not run: it needs QEMU and a guest image):
+//!
+//! ```no_run
+//! use vmfactory_hypervisor::{Hypervisor, HypervisorConfig, Qemu};
+//!
+//! # async fn example() -> vmfactory_hypervisor::Result<()> {
+//! let cfg = HypervisorConfig::new("target/guest/vmlinuz", Some("target/guest/initramfs.cpio".into()));
+//! let vm = Qemu::new("vm1", cfg, "/run/vc/vm/vm1")?;
+//! vm.start().await?;                      // spawn QEMU, negotiate QMP
+//! vm.add_vcpus(1).await?;                 // hotplug through query-hotpluggable-cpus + device_add
+//! vm.stop().await?;                       // quit, SIGKILL after a bound, reap, remove sockets
+//! # Ok(())
+//! # }
+//! ```
 
 #![deny(missing_docs)]
 
