@@ -256,10 +256,14 @@ mod tests {
         assert_eq!(root.leaks().len(), 2);
         fs::remove_dir_all(root.path().join("vm")).unwrap();
 
-        // `sh -c CMD NAME` keeps NAME (a path under the root) in its command line.
+        // `sh -c CMD NAME` keeps NAME (a path under the root) in its command line. `read` is a
+        // builtin waiting on a pipe nobody writes: no child process. (With `sleep 30; true`,
+        // sh forked, and a fork not yet exec'd still showed sh's command line after sh was
+        // killed: the last check below once failed that way on a loaded machine.)
         let mut child = std::process::Command::new("sh")
-            .args(["-c", "sleep 30; true"])
+            .args(["-c", "read -r line"])
             .arg(root.path().join("marker"))
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap();
         // `spawn` returns once `sh` is exec'd, yet one CI run found no such process on its
@@ -283,6 +287,7 @@ mod tests {
             "leaks {leaks:?}; /proc/{}/cmdline reads {seen:?}",
             child.id()
         );
-        assert!(root.leaks().is_empty());
+        let left = root.leaks();
+        assert!(left.is_empty(), "after kill and wait: {left:?}");
     }
 }
