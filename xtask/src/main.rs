@@ -157,19 +157,19 @@ fn e2e_with_summary(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// What `accel = auto` (the suite's setting) resolves to on this host, and why: the same probe
-/// the library runs (`vmfactory_hypervisor::resolve_accel`).
+/// What `accel = auto` (the suite's setting) resolves to on this host: the same probe the
+/// library runs (`vmfactory_hypervisor::resolve_accel`, which logs why at `info`).
 fn e2e_accel() -> Result<String> {
+    use vmfactory_hypervisor::{resolve_accel, Accel, HypervisorConfig};
     let guest = guest::guest_dir();
-    let cfg = vmfactory_hypervisor::HypervisorConfig::new(
-        guest.join("vmlinuz"),
-        Some(guest.join("initramfs.cpio")),
-    );
+    let cfg = HypervisorConfig::new(guest.join("vmlinuz"), Some(guest.join("initramfs.cpio")));
     let rt = tokio::runtime::Runtime::new()?;
-    let accel = rt.block_on(vmfactory_hypervisor::resolve_accel(&cfg));
-    Ok(match accel.as_str() {
-        "kvm" => "kvm (the probe boot under /dev/kvm worked)".to_string(),
-        other => format!("{other} (KVM unusable here; `RUST_LOG=info cargo xtask e2e` says why)"),
+    Ok(match rt.block_on(resolve_accel(&cfg)) {
+        Accel::Kvm => "kvm (a probe boot under /dev/kvm worked)".to_string(),
+        other => format!(
+            "{} (KVM unusable here; `RUST_LOG=info cargo xtask e2e` says why)",
+            other.as_str()
+        ),
     })
 }
 
