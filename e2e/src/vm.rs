@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use vmfactory_agent::{Agent, HealthStatus, KataAgent};
-use vmfactory_hypervisor::{Accel, AgentChannel, Hypervisor, HypervisorConfig, Qemu};
+use vmfactory_hypervisor::{
+    Accel, AgentChannel, Hypervisor, HypervisorConfig, Qemu, TemplatePaths, TemplateRole,
+};
 
 use crate::GuestEnv;
 
@@ -44,9 +46,10 @@ pub fn config(env: &GuestEnv) -> HypervisorConfig {
 
 /// Template side of `cfg`: RAM in `dir/memory`, device state in `dir/state`.
 pub fn template_config(mut cfg: HypervisorConfig, dir: &Path) -> HypervisorConfig {
-    cfg.boot_to_be_template = true;
-    cfg.memory_path = Some(dir.join("memory"));
-    cfg.devices_state_path = Some(dir.join("state"));
+    cfg.template = Some(TemplateRole::SaveTo(TemplatePaths {
+        memory: dir.join("memory"),
+        state: dir.join("state"),
+    }));
     cfg
 }
 
@@ -63,8 +66,9 @@ pub fn template_in(env: &GuestEnv, root: &Path) -> (PathBuf, HypervisorConfig) {
 /// Clone side of a template config.
 pub fn clone_config(template: &HypervisorConfig) -> HypervisorConfig {
     let mut cfg = template.clone();
-    cfg.boot_to_be_template = false;
-    cfg.boot_from_template = true;
+    if let Some(role) = cfg.template.take() {
+        cfg.template = Some(TemplateRole::CloneFrom(role.paths().clone()));
+    }
     cfg
 }
 

@@ -170,7 +170,7 @@ impl Hypervisor for FaultyHv {
         self.inner.run_dir()
     }
     async fn start(&self) -> vmfactory_hypervisor::Result<()> {
-        if self.fault == Some(HvFault::KillOnCloneStart) && self.config().boot_from_template {
+        if self.fault == Some(HvFault::KillOnCloneStart) && self.config().clones_template() {
             // `pid()` is known only once `start` returns: find QEMU by its run directory.
             let dir = self.inner.run_dir().to_string_lossy().into_owned();
             let killer = tokio::spawn(async move {
@@ -206,7 +206,12 @@ impl Hypervisor for FaultyHv {
         match self.fault {
             Some(HvFault::KillOnSave) => sigkill(self.inner.pid()),
             Some(HvFault::FillOnSave) => {
-                if let Some(dir) = self.config().memory_path.as_deref().and_then(Path::parent) {
+                if let Some(dir) = self
+                    .config()
+                    .template
+                    .as_ref()
+                    .and_then(|t| t.paths().memory.parent())
+                {
                     let dir = dir.to_owned();
                     let _ = tokio::task::spawn_blocking(move || fill(&dir)).await;
                 }

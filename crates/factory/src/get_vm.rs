@@ -16,7 +16,6 @@ use vmfactory_vm::{Vm, VmConfig};
 use crate::error::Result;
 use crate::factory::Factory;
 use crate::metadata::first_difference;
-use crate::template::base_config;
 
 /// A step of [`Factory::get_vm`] after the base VM was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,11 +100,11 @@ pub enum GetVmError {
 /// adapted to: anything but boot vCPUs, boot memory, the template flags and paths, and the
 /// proxy. Returns `(field, base value, requested value)`.
 pub fn config_difference(base: &VmConfig, request: &VmConfig) -> Option<(String, String, String)> {
-    let mut req = base_config(request);
+    let mut req = request.without_template();
     req.hypervisor.vcpus = base.hypervisor.vcpus;
     req.hypervisor.memory_mib = base.hypervisor.memory_mib;
     req.proxy = base.proxy;
-    let base = base_config(base);
+    let base = base.without_template();
     if req == base {
         return None;
     }
@@ -295,7 +294,7 @@ mod tests {
         assert_eq!((st.vcpus, st.memory_mib, st.cpu_delta), (2, 512, 0));
         assert_eq!(st.state, VmStatus::Running);
         let hv = b.hv(vm.id());
-        assert!(hv.config().boot_from_template);
+        assert!(hv.config().clones_template());
         assert_eq!(hv.size(), (2, 512));
         let calls = hv.calls();
         let pos = |c: &H| calls.iter().position(|x| x == c).expect("called");
@@ -332,7 +331,7 @@ mod tests {
         );
         let vm = f.get_vm(&req).await.expect("direct vm");
         let hv = b.hv(vm.id());
-        assert!(!hv.config().boot_from_template, "not a clone");
+        assert!(!hv.config().clones_template(), "not a clone");
         assert_eq!(hv.config().kernel_params, "debug");
         vm.stop().await.expect("stop");
         let mut req = b.config();

@@ -39,5 +39,5 @@ pub use metadata::{
     METADATA_FILE, STATE_FILE, TEMPLATE_METADATA_VERSION,
 };
 pub use template::{
-    base_config, clone_vm_config, template_vm_config, TemplateFactory, AGENT_LISTENING_PREFIX,
+    clone_vm_config, template_paths, template_vm_config, TemplateFactory, AGENT_LISTENING_PREFIX,
 };

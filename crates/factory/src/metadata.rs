@@ -4,9 +4,8 @@
 //!
 //! # What a clone must match ([`CloneKey`])
 //! A clone maps the template's RAM and loads its device state, so QEMU must build the same
-//! machine from the same guest: every field of the hypervisor config except the template flags
-//! and paths (`boot_to_be_template`, `boot_from_template`, `memory_path`,
-//! `devices_state_path`) and the image (templates have none). That includes boot vCPUs and
+//! machine from the same guest: every field of the hypervisor config except the template role
+//! (its files) and the image (templates have none). That includes boot vCPUs and
 //! memory, `max_vcpus`, memory slots and `max_memory_mib` (they shape the machine), machine
 //! type, accelerator, kernel, initrd, kernel parameters, the agent channel, the QEMU binary and
 //! its version, and the identity of the kernel and initrd files (path, size and mtime: cheap,

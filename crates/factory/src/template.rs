@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tracing::{debug, info, warn};
+use vmfactory_hypervisor::{TemplatePaths, TemplateRole};
 use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
@@ -64,33 +65,27 @@ impl fmt::Debug for TemplateFactory {
     }
 }
 
-/// `config` without template flags and paths: the base config of a template factory.
-pub fn base_config(config: &VmConfig) -> VmConfig {
-    let mut c = config.clone();
-    c.hypervisor.boot_to_be_template = false;
-    c.hypervisor.boot_from_template = false;
-    c.hypervisor.memory_path = None;
-    c.hypervisor.devices_state_path = None;
-    c
+/// The files of the template at `path`.
+pub fn template_paths(path: &Path) -> TemplatePaths {
+    TemplatePaths {
+        memory: path.join(MEMORY_FILE),
+        state: path.join(STATE_FILE),
+    }
 }
 
 /// The config of the VM saved as the template at `path` (always with the builtin proxy, which
 /// shows the agent re-listening).
 pub fn template_vm_config(base: &VmConfig, path: &Path) -> VmConfig {
-    let mut c = base_config(base);
-    c.hypervisor.boot_to_be_template = true;
-    c.hypervisor.memory_path = Some(path.join(MEMORY_FILE));
-    c.hypervisor.devices_state_path = Some(path.join(STATE_FILE));
+    let mut c = base.clone();
+    c.hypervisor.template = Some(TemplateRole::SaveTo(template_paths(path)));
     c.proxy = ProxyKind::Builtin;
     c
 }
 
 /// The config a clone of the template at `path` boots with.
 pub fn clone_vm_config(base: &VmConfig, path: &Path) -> VmConfig {
-    let mut c = base_config(base);
-    c.hypervisor.boot_from_template = true;
-    c.hypervisor.memory_path = Some(path.join(MEMORY_FILE));
-    c.hypervisor.devices_state_path = Some(path.join(STATE_FILE));
+    let mut c = base.clone();
+    c.hypervisor.template = Some(TemplateRole::CloneFrom(template_paths(path)));
     c
 }
 
@@ -155,7 +150,7 @@ impl TemplateFactory {
         host: Arc<dyn TemplateHost>,
         owned: bool,
     ) -> Result<(Self, VmConfig)> {
-        let base = base_config(config);
+        let base = config.without_template();
         let tpl = template_vm_config(&base, &path);
         tpl.validate_shape().map_err(TemplateError::Config)?;
         let this = Self {
@@ -459,7 +454,7 @@ mod tests {
         let mode = std::fs::metadata(&path).expect("dir").permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         // The template VM: booted with the flags, waited for, paused, saved, stopped.
-        let tpl_ids = b.ids_where(|c| c.boot_to_be_template);
+        let tpl_ids = b.ids_where(|c| c.saves_template());
         assert_eq!(tpl_ids.len(), 1);
         let hv = b.hv(&tpl_ids[0]);
         use vmfactory_hypervisor::FakeCall as H;
@@ -483,9 +478,9 @@ mod tests {
         let clone = t.get_base_vm(t.config()).await.expect("clone");
         assert_eq!(clone.status().await.expect("s").state, VmStatus::Paused);
         let hc = &b.hv(clone.id()).config().clone();
-        assert!(hc.boot_from_template && !hc.boot_to_be_template);
+        assert!(hc.clones_template() && !hc.saves_template());
         assert_eq!(
-            hc.memory_path.as_deref(),
+            hc.template.as_ref().map(|t| t.paths().memory.as_path()),
             Some(path.join(MEMORY_FILE).as_path())
         );
         clone.stop().await.expect("stop");
@@ -510,11 +505,7 @@ mod tests {
             .expect("adopts the existing template");
         assert_eq!(host.depth(&b.template_path()), 1);
         assert_eq!(host.mount_calls.load(Ordering::SeqCst), 1);
-        assert_eq!(
-            b.ids_where(|c| c.boot_to_be_template).len(),
-            1,
-            "booted once"
-        );
+        assert_eq!(b.ids_where(|c| c.saves_template()).len(), 1, "booted once");
 
         // Another config on the same path: refused, the mount left alone.
         let mut other = b.config();

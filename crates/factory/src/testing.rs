@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 use vmfactory_agent::{Agent, FakeAgent};
 use vmfactory_hypervisor::{
-    FakeHypervisor, FakeStep, Hypervisor, HypervisorConfig, QemuState, VmStatus,
+    FakeHypervisor, FakeStep, Hypervisor, HypervisorConfig, QemuState, TemplateRole, VmStatus,
 };
 use vmfactory_proxy::{Proxy, ProxyKind};
 use vmfactory_vm::{Backends, NewStep, VmAgentConfig, VmConfig};
@@ -175,14 +175,12 @@ impl Backends for FakeBackends {
     ) -> vmfactory_vm::Result<Arc<dyn Hypervisor>> {
         self.boots.fetch_add(1, Ordering::SeqCst);
         let hv = FakeHypervisor::new(id, config.clone(), run_dir);
-        if config.boot_to_be_template {
+        if let Some(TemplateRole::SaveTo(paths)) = &config.template {
             hv.fail_at(*self.template_fail.lock().expect("lock"));
             // What QEMU would write: the RAM file now, the state file on save (here: now).
-            if let (Some(mem), Some(state)) = (&config.memory_path, &config.devices_state_path) {
-                let f = std::fs::File::create(mem).expect("memory file");
-                f.set_len(config.memory_mib << 20).expect("size");
-                std::fs::write(state, b"device state").expect("state file");
-            }
+            let f = std::fs::File::create(&paths.memory).expect("memory file");
+            f.set_len(config.memory_mib << 20).expect("size");
+            std::fs::write(&paths.state, b"device state").expect("state file");
         } else {
             hv.fail_at(*self.hv_fail.lock().expect("lock"));
         }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vmfactory_hypervisor::{
-    Accel, AgentChannel, ConfigError as HvError, HypervisorConfig, MachineType,
+    Accel, AgentChannel, ConfigError as HvError, HypervisorConfig, MachineType, TemplatePaths,
+    TemplateRole,
 };
 use vmfactory_vm::{ConfigError as VmError, VmConfig};
 
@@ -175,33 +176,16 @@ fn bad_hypervisor_configs() {
             Box::new(|h| h.machine = MachineType::Microvm),
             |e| matches!(e, HvError::HotplugUnsupported { .. }),
         ),
-        (
-            "both template flags",
-            Box::new(|h| {
-                h.boot_to_be_template = true;
-                h.boot_from_template = true;
-            }),
-            |e| matches!(e, HvError::BothTemplateFlags),
-        ),
-        (
-            "template without memory path",
-            Box::new(|h| h.boot_to_be_template = true),
-            |e| matches!(e, HvError::TemplateWithoutMemoryPath),
-        ),
-        (
-            "clone without state path",
-            Box::new(|h| {
-                h.boot_from_template = true;
-                h.memory_path = Some("/m".into());
-            }),
-            |e| matches!(e, HvError::TemplateWithoutStatePath),
-        ),
+        // Both roles at once, or a role without its memory or state path, cannot be written
+        // since the role is one typed value (`TemplateRole`); the hypervisor crate's serde test
+        // shows such JSON does not parse.
         (
             "template with an image",
             Box::new(|h| {
-                h.boot_to_be_template = true;
-                h.memory_path = Some("/m".into());
-                h.devices_state_path = Some("/s".into());
+                h.template = Some(TemplateRole::SaveTo(TemplatePaths {
+                    memory: "/m".into(),
+                    state: "/s".into(),
+                }));
                 h.image = Some(h.kernel.with_file_name("image"));
             }),
             |e| matches!(e, HvError::TemplateWithImage),
@@ -209,9 +193,10 @@ fn bad_hypervisor_configs() {
         (
             "template without initrd",
             Box::new(|h| {
-                h.boot_to_be_template = true;
-                h.memory_path = Some("/m".into());
-                h.devices_state_path = Some("/s".into());
+                h.template = Some(TemplateRole::SaveTo(TemplatePaths {
+                    memory: "/m".into(),
+                    state: "/s".into(),
+                }));
                 h.initrd = None;
             }),
             |e| matches!(e, HvError::TemplateWithoutInitrd),
@@ -219,9 +204,47 @@ fn bad_hypervisor_configs() {
         (
             "hybrid vsock template",
             Box::new(|h| {
-                h.boot_to_be_template = true;
-                h.memory_path = Some("/m".into());
-                h.devices_state_path = Some("/s".into());
+                h.template = Some(TemplateRole::SaveTo(TemplatePaths {
+                    memory: "/m".into(),
+                    state: "/s".into(),
+                }));
+                h.agent_channel = AgentChannel::HybridVsock {
+                    backend: "/b".into(),
+                    guest_cid: 3,
+                };
+            }),
+            |e| matches!(e, HvError::HybridVsockWithTemplate),
+        ),
+        // The same rules for the other role, a clone.
+        (
+            "clone with an image",
+            Box::new(|h| {
+                h.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+                    memory: "/m".into(),
+                    state: "/s".into(),
+                }));
+                h.image = Some(h.kernel.with_file_name("image"));
+            }),
+            |e| matches!(e, HvError::TemplateWithImage),
+        ),
+        (
+            "clone without initrd",
+            Box::new(|h| {
+                h.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+                    memory: "/m".into(),
+                    state: "/s".into(),
+                }));
+                h.initrd = None;
+            }),
+            |e| matches!(e, HvError::TemplateWithoutInitrd),
+        ),
+        (
+            "hybrid vsock clone",
+            Box::new(|h| {
+                h.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+                    memory: "/m".into(),
+                    state: "/s".into(),
+                }));
                 h.agent_channel = AgentChannel::HybridVsock {
                     backend: "/b".into(),
                     guest_cid: 3,

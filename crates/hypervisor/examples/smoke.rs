@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use vmfactory_hypervisor::{Accel, Hypervisor, HypervisorConfig, Qemu, Result};
+use vmfactory_hypervisor::{
+    Accel, Hypervisor, HypervisorConfig, Qemu, Result, TemplatePaths, TemplateRole,
+};
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -27,9 +29,11 @@ async fn main() -> Result<()> {
     cfg.max_vcpus = 4;
     cfg.memory_slots = 4;
     cfg.max_memory_mib = 2048;
-    cfg.boot_to_be_template = true;
-    cfg.memory_path = Some(tpl.join("memory"));
-    cfg.devices_state_path = Some(tpl.join("state"));
+    let paths = TemplatePaths {
+        memory: tpl.join("memory"),
+        state: tpl.join("state"),
+    };
+    cfg.template = Some(TemplateRole::SaveTo(paths.clone()));
 
     let t = Instant::now();
     let vm = Qemu::new("tpl", cfg.clone(), work.join("tpl"))?;
@@ -67,8 +71,7 @@ async fn main() -> Result<()> {
     vm.stop().await?;
 
     let mut clone_cfg = cfg.clone();
-    clone_cfg.boot_to_be_template = false;
-    clone_cfg.boot_from_template = true;
+    clone_cfg.template = Some(TemplateRole::CloneFrom(paths));
     let mut clones = Vec::new();
     for i in 0..2 {
         let t = Instant::now();

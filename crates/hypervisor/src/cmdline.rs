@@ -8,7 +8,9 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
-use crate::config::{Accel, AgentChannel, HypervisorConfig, MachineType, AGENT_VSOCK_PORT};
+use crate::config::{
+    Accel, AgentChannel, HypervisorConfig, MachineType, TemplateRole, AGENT_VSOCK_PORT,
+};
 
 /// The files and sockets a VM keeps in its run directory.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -82,14 +84,11 @@ pub(crate) enum BackendKind {
 impl BackendKind {
     /// The boot memory kind for `cfg`.
     pub(crate) fn for_config(cfg: &HypervisorConfig) -> Self {
-        if cfg.boot_to_be_template {
-            Self::File { share: true }
-        } else if cfg.boot_from_template {
-            Self::File { share: false }
-        } else if matches!(cfg.agent_channel, AgentChannel::HybridVsock { .. }) {
-            Self::Memfd
-        } else {
-            Self::Ram
+        match cfg.template {
+            Some(TemplateRole::SaveTo(_)) => Self::File { share: true },
+            Some(TemplateRole::CloneFrom(_)) => Self::File { share: false },
+            None if matches!(cfg.agent_channel, AgentChannel::HybridVsock { .. }) => Self::Memfd,
+            None => Self::Ram,
         }
     }
 }
@@ -160,8 +159,11 @@ fn memory_object(cfg: &HypervisorConfig) -> OsString {
         BackendKind::Ram => format!("memory-backend-ram,id=mem0,{size}").into(),
         BackendKind::Memfd => format!("memory-backend-memfd,id=mem0,{size},share=on").into(),
         BackendKind::File { share } => {
-            // validate() guarantees memory_path with a template flag.
-            let path = cfg.memory_path.as_deref().unwrap_or(Path::new("memory"));
+            // A file backend is chosen only for a template role, which carries the path.
+            let path = cfg
+                .template
+                .as_ref()
+                .map_or(Path::new("memory"), |t| t.paths().memory.as_path());
             let share = if share { "on" } else { "off" };
             opt(&[
                 OsStr::new(&format!("memory-backend-file,id=mem0,{size},mem-path=")),
@@ -232,7 +234,7 @@ pub fn qemu_args(
     // QEMU need not read them into fw_cfg again (~10-15 ms of every clone's start, measured).
     // The config still names them: they are part of the template's identity (its metadata),
     // and the RAM blocks a clone restores are the same without them.
-    if !cfg.boot_from_template {
+    if !cfg.clones_template() {
         push(&["-kernel".as_ref(), cfg.kernel.as_os_str()]);
         if let Some(initrd) = &cfg.initrd {
             push(&["-initrd".as_ref(), initrd.as_os_str()]);
@@ -301,7 +303,7 @@ pub fn qemu_args(
             ]);
         }
     }
-    if cfg.boot_from_template {
+    if cfg.clones_template() {
         push(&["-S".as_ref(), "-incoming".as_ref(), "defer".as_ref()]);
     }
     a
@@ -310,6 +312,7 @@ pub fn qemu_args(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TemplatePaths;
 
     fn args_string(args: &[OsString]) -> String {
         args.iter()
@@ -398,9 +401,11 @@ mod tests {
     #[test]
     fn template_and_clone_lines() {
         let mut c = base();
-        c.boot_to_be_template = true;
-        c.memory_path = Some("/tpl,x/memory".into());
-        c.devices_state_path = Some("/tpl,x/state".into());
+        let files = TemplatePaths {
+            memory: "/tpl,x/memory".into(),
+            state: "/tpl,x/state".into(),
+        };
+        c.template = Some(TemplateRole::SaveTo(files.clone()));
         let paths = RunPaths::new("/run/a,b");
         let args = qemu_args("tpl", &c, &paths, Accel::Tcg);
         assert_eq!(
@@ -418,8 +423,7 @@ mod tests {
             .all(|v| v.to_string_lossy().contains("/run/a,,b/")));
         assert!(!args_string(&args).contains("-incoming"));
 
-        c.boot_to_be_template = false;
-        c.boot_from_template = true;
+        c.template = Some(TemplateRole::CloneFrom(files));
         let args = qemu_args("clone", &c, &paths, Accel::Tcg);
         assert_eq!(
             values(&args, "-object"),

@@ -155,6 +155,36 @@ pub enum AgentChannel {
     },
 }
 
+/// The files of a template: its guest memory (on a tmpfs) and its device state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatePaths {
+    /// The guest memory file: written by the template VM, mapped privately by each clone.
+    pub memory: PathBuf,
+    /// The device state written by [`crate::Hypervisor::save_template`], loaded by each clone.
+    pub state: PathBuf,
+}
+
+/// The part a VM plays in templating. One value, so a VM can neither be both nor lack a path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateRole {
+    /// Boot with RAM in a shared file at `memory`, so the VM can be saved as a template.
+    SaveTo(TemplatePaths),
+    /// Boot as a clone: map `memory` privately and load `state`. The VM stays paused after
+    /// start.
+    CloneFrom(TemplatePaths),
+}
+
+impl TemplateRole {
+    /// The template's files.
+    pub fn paths(&self) -> &TemplatePaths {
+        match self {
+            Self::SaveTo(p) | Self::CloneFrom(p) => p,
+        }
+    }
+}
+
 /// Largest memory a VM may have or grow to, in MiB (16 TiB): above any host this runs on, and
 /// small enough that every size derived from it in bytes fits in a `u64`.
 pub const MAX_MEMORY_MIB: u64 = 16 << 20;
@@ -193,19 +223,9 @@ pub struct HypervisorConfig {
     pub machine: MachineType,
     /// The accelerator.
     pub accel: Accel,
-    /// Boot with RAM in a shared file at `memory_path`, so the VM can be saved as a template.
+    /// The part this VM plays in templating, if any: saved as a template, or cloned from one.
     #[serde(default)]
-    pub boot_to_be_template: bool,
-    /// Boot as a clone: map `memory_path` privately and load `devices_state_path`. The VM stays
-    /// paused after start.
-    #[serde(default)]
-    pub boot_from_template: bool,
-    /// The template memory file (on a tmpfs).
-    #[serde(default)]
-    pub memory_path: Option<PathBuf>,
-    /// The template device-state file written by [`crate::Hypervisor::save_template`].
-    #[serde(default)]
-    pub devices_state_path: Option<PathBuf>,
+    pub template: Option<TemplateRole>,
     /// The agent channel.
     pub agent_channel: AgentChannel,
     /// TCG translation-block cache size in MiB (`-accel tcg,tb-size=`); QEMU's default when
@@ -231,10 +251,7 @@ impl HypervisorConfig {
             max_memory_mib: 256,
             machine: MachineType::Q35,
             accel: Accel::Auto,
-            boot_to_be_template: false,
-            boot_from_template: false,
-            memory_path: None,
-            devices_state_path: None,
+            template: None,
             agent_channel: AgentChannel::VirtioSerial,
             tcg_tb_size_mib: None,
         }
@@ -250,9 +267,40 @@ impl HypervisorConfig {
         }
     }
 
-    /// Whether either template flag is set.
-    pub fn is_template_related(&self) -> bool {
-        self.boot_to_be_template || self.boot_from_template
+    /// Whether this VM boots to be saved as a template.
+    pub fn saves_template(&self) -> bool {
+        matches!(self.template, Some(TemplateRole::SaveTo(_)))
+    }
+
+    /// Whether this VM boots as a clone of a template.
+    pub fn clones_template(&self) -> bool {
+        matches!(self.template, Some(TemplateRole::CloneFrom(_)))
+    }
+
+    /// This config without its template role: what a template, its clones and a plain VM of the
+    /// same shape have in common. Configs are compared through it.
+    pub fn without_template(&self) -> Self {
+        Self {
+            template: None,
+            ..self.clone()
+        }
+    }
+
+    /// Checks that a VM of this config can be saved as a template and cloned: an initrd guest
+    /// (a disk image would be one writable disk shared by every clone), and no hybrid vsock
+    /// (its vhost-user device blocks migration). [`HypervisorConfig::validate_shape`] applies it
+    /// to any config with a template role; a factory applies it before it gives one.
+    pub fn check_templatable(&self) -> Result<(), ConfigError> {
+        if self.image.is_some() {
+            return Err(ConfigError::TemplateWithImage);
+        }
+        if self.initrd.is_none() {
+            return Err(ConfigError::TemplateWithoutInitrd);
+        }
+        if matches!(self.agent_channel, AgentChannel::HybridVsock { .. }) {
+            return Err(ConfigError::HybridVsockWithTemplate);
+        }
+        Ok(())
     }
 
     /// Checks the config; returns the first problem found.
@@ -315,25 +363,8 @@ impl HypervisorConfig {
                 machine: self.machine,
             });
         }
-        if self.boot_to_be_template && self.boot_from_template {
-            return Err(ConfigError::BothTemplateFlags);
-        }
-        if self.is_template_related() {
-            if self.memory_path.is_none() {
-                return Err(ConfigError::TemplateWithoutMemoryPath);
-            }
-            if self.devices_state_path.is_none() {
-                return Err(ConfigError::TemplateWithoutStatePath);
-            }
-            if self.image.is_some() {
-                return Err(ConfigError::TemplateWithImage);
-            }
-            if self.initrd.is_none() {
-                return Err(ConfigError::TemplateWithoutInitrd);
-            }
-            if matches!(self.agent_channel, AgentChannel::HybridVsock { .. }) {
-                return Err(ConfigError::HybridVsockWithTemplate);
-            }
+        if self.template.is_some() {
+            self.check_templatable()?;
         }
         match self.agent_channel {
             AgentChannel::Vsock { guest_cid } | AgentChannel::HybridVsock { guest_cid, .. }
@@ -372,10 +403,15 @@ mod tests {
         (dir, cfg)
     }
 
+    fn paths() -> TemplatePaths {
+        TemplatePaths {
+            memory: "/tpl/memory".into(),
+            state: "/tpl/state".into(),
+        }
+    }
+
     fn template(mut c: HypervisorConfig) -> HypervisorConfig {
-        c.boot_to_be_template = true;
-        c.memory_path = Some("/tpl/memory".into());
-        c.devices_state_path = Some("/tpl/state".into());
+        c.template = Some(TemplateRole::SaveTo(paths()));
         c
     }
 
@@ -451,30 +487,6 @@ mod tests {
                 |e| matches!(e, ConfigError::HotplugUnsupported { .. }),
             ),
             (
-                "both template flags",
-                |c| {
-                    *c = template(c.clone());
-                    c.boot_from_template = true;
-                },
-                |e| matches!(e, ConfigError::BothTemplateFlags),
-            ),
-            (
-                "template without memory path",
-                |c| {
-                    *c = template(c.clone());
-                    c.memory_path = None;
-                },
-                |e| matches!(e, ConfigError::TemplateWithoutMemoryPath),
-            ),
-            (
-                "template without state path",
-                |c| {
-                    *c = template(c.clone());
-                    c.devices_state_path = None;
-                },
-                |e| matches!(e, ConfigError::TemplateWithoutStatePath),
-            ),
-            (
                 "template with image",
                 |c| {
                     *c = template(c.clone());
@@ -520,10 +532,11 @@ mod tests {
         }
         // A valid template and a valid clone.
         assert!(template(base.clone()).validate().is_ok());
-        let mut clone = template(base);
-        clone.boot_to_be_template = false;
-        clone.boot_from_template = true;
+        let mut clone = base;
+        clone.template = Some(TemplateRole::CloneFrom(paths()));
         assert!(clone.validate().is_ok());
+        assert!(clone.clones_template() && !clone.saves_template());
+        assert_eq!(clone.without_template().template, None);
         drop(dir);
     }
 
@@ -565,6 +578,30 @@ mod tests {
         assert!(serde_json::from_str::<HypervisorConfig>(&bad).is_err());
         let bad = json.replace("\"auto\"", "\"hvf\"");
         assert!(serde_json::from_str::<HypervisorConfig>(&bad).is_err());
+        // One template role, with both paths: anything else does not parse.
+        let mut tpl = HypervisorConfig::new("/k", None);
+        tpl.template = Some(TemplateRole::SaveTo(TemplatePaths {
+            memory: "/t/memory".into(),
+            state: "/t/state".into(),
+        }));
+        let json = serde_json::to_string(&tpl).expect("serialize");
+        assert_eq!(
+            serde_json::from_str::<HypervisorConfig>(&json).expect("deserialize"),
+            tpl
+        );
+        for bad in [
+            json.replace(",\"state\":\"/t/state\"", ""),
+            json.replace("\"save_to\"", "\"save_and_clone\""),
+            json.replace(
+                "}}",
+                "},\"clone_from\":{\"memory\":\"/m\",\"state\":\"/s\"}}",
+            ),
+        ] {
+            assert!(
+                serde_json::from_str::<HypervisorConfig>(&bad).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

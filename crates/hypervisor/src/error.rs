@@ -76,20 +76,11 @@ pub enum ConfigError {
     /// Memory slots are configured but there is no room above the boot memory to plug into.
     #[error("Memory slots need max_memory_mib above memory_mib")]
     SlotsWithoutMaxMemory,
-    /// Both `boot_to_be_template` and `boot_from_template` are set.
-    #[error("A VM cannot both be a template and boot from one")]
-    BothTemplateFlags,
-    /// A template flag is set but `memory_path` is not.
-    #[error("A template flag needs memory_path")]
-    TemplateWithoutMemoryPath,
-    /// A template flag is set but `devices_state_path` is not.
-    #[error("A template flag needs devices_state_path")]
-    TemplateWithoutStatePath,
-    /// A template flag is set with a disk image: clones would share a writable disk.
+    /// A template role is set with a disk image: clones would share a writable disk.
     #[error("Only initrd guests can be templated (a disk image is configured)")]
     TemplateWithImage,
-    /// A template flag is set but no initrd is.
-    #[error("A template flag needs an initrd")]
+    /// A template role is set but no initrd is.
+    #[error("Only initrd guests can be templated (no initrd is configured)")]
     TemplateWithoutInitrd,
     /// Hybrid vsock uses a non-migratable vhost-user device, so it cannot be templated.
     #[error("Hybrid vsock cannot be used with templates")]

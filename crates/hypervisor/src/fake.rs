@@ -186,7 +186,7 @@ impl Hypervisor for FakeHypervisor {
             });
         }
         self.config.validate_shape()?;
-        g.status = if self.config.boot_from_template {
+        g.status = if self.config.clones_template() {
             VmStatus::Paused
         } else {
             VmStatus::Running
@@ -212,10 +212,10 @@ impl Hypervisor for FakeHypervisor {
 
     async fn save_template(&self) -> Result<()> {
         let mut g = self.enter(FakeCall::SaveTemplate, FakeStep::SaveTemplate, true)?;
-        if !self.config.boot_to_be_template {
+        if !self.config.saves_template() {
             return Err(Error::Unsupported {
                 id: self.id.clone(),
-                what: "Saving a template (boot_to_be_template not set)",
+                what: "Saving a template (the VM has no save-to template role)",
             });
         }
         g.status = VmStatus::PostMigrate;

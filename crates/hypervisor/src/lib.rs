@@ -60,8 +60,8 @@ pub mod wait;
 pub use accel::resolve_accel;
 pub use cmdline::RunPaths;
 pub use config::{
-    Accel, AgentChannel, HypervisorConfig, MachineType, AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS,
-    MAX_MEMORY_MIB,
+    Accel, AgentChannel, HypervisorConfig, MachineType, TemplatePaths, TemplateRole,
+    AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS, MAX_MEMORY_MIB,
 };
 pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 #[cfg(feature = "test-utils")]
@@ -87,8 +87,8 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// The run directory (sockets and logs live here).
     fn run_dir(&self) -> &Path;
 
-    /// Boots the VM: spawns the hypervisor, connects and negotiates QMP. With
-    /// `boot_from_template` it also loads the template state; the VM then stays paused until
+    /// Boots the VM: spawns the hypervisor, connects and negotiates QMP. As a clone
+    /// ([`TemplateRole::CloneFrom`]) it also loads the template state; the VM then stays paused until
     /// [`resume`](Hypervisor::resume). Any failure tears down what was created.
     async fn start(&self) -> Result<()>;
 
@@ -103,7 +103,7 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     async fn resume(&self) -> Result<()>;
 
     /// Saves the VM as a template: pause, `x-ignore-shared`, migrate the device state to
-    /// `devices_state_path` and wait for completion. Needs `boot_to_be_template`. The VM is
+    /// the template's state file and wait for completion. Needs [`TemplateRole::SaveTo`]. The VM is
     /// left in `postmigrate`; stop it afterwards.
     async fn save_template(&self) -> Result<()>;
 

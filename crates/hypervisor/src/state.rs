@@ -8,8 +8,9 @@ use crate::cmdline::RunPaths;
 use crate::config::{Accel, HypervisorConfig};
 use crate::process::Proc;
 
-/// Version of the [`QemuState`] layout; bumped on incompatible changes.
-pub const QEMU_STATE_VERSION: u32 = 1;
+/// Version of the [`QemuState`] layout; bumped on incompatible changes (2: the config's template
+/// role is one typed field instead of two flags and two paths).
+pub const QEMU_STATE_VERSION: u32 = 2;
 
 /// Everything another process needs to re-attach to a running VM
 /// (see [`crate::Qemu::attach`]). Produced by [`crate::Hypervisor::state`].

@@ -109,6 +109,15 @@ impl VmConfig {
         }
     }
 
+    /// This config without the hypervisor's template role
+    /// ([`HypervisorConfig::without_template`]).
+    pub fn without_template(&self) -> Self {
+        Self {
+            hypervisor: self.hypervisor.without_template(),
+            ..self.clone()
+        }
+    }
+
     /// Checks everything except that the kernel, initrd and image are readable (no file
     /// system access, so it may run anywhere).
     pub fn validate_shape(&self) -> std::result::Result<(), ConfigError> {

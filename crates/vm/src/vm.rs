@@ -212,7 +212,7 @@ impl Vm {
         p.agent = Some(agent.clone());
 
         step(NewStep::CheckAgent).await?;
-        if config.hypervisor.boot_from_template {
+        if config.hypervisor.clones_template() {
             debug!("paused clone: agent check skipped");
         } else {
             wait_ready(&id, agent.as_ref(), hv.as_ref(), config.agent.ready_timeout).await?;
@@ -484,7 +484,7 @@ mod tests {
     use crate::testing::{new_vm, Harness};
     use std::sync::atomic::Ordering;
     use vmfactory_agent::FakeCall as AgentCall;
-    use vmfactory_hypervisor::{FakeCall, FakeStep, VmStatus};
+    use vmfactory_hypervisor::{FakeCall, FakeStep, TemplatePaths, TemplateRole, VmStatus};
 
     const ALL_STEPS: [NewStep; 9] = [
         NewStep::Validate,
@@ -656,9 +656,10 @@ mod tests {
         std::fs::write(h.root().join("initrd"), b"i").expect("initrd");
         let mut cfg = h.config();
         cfg.hypervisor.initrd = Some(h.root().join("initrd"));
-        cfg.hypervisor.boot_from_template = true;
-        cfg.hypervisor.memory_path = Some(h.root().join("memory"));
-        cfg.hypervisor.devices_state_path = Some(h.root().join("state"));
+        cfg.hypervisor.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+            memory: h.root().join("memory"),
+            state: h.root().join("state"),
+        }));
         h.agent.fail("check");
         let vm = Vm::new_with(cfg, &h).await.expect("clone");
         assert_eq!(h.agent.count("check"), 0);

@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 use vmfactory_agent::{Agent, FakeAgent};
-use vmfactory_hypervisor::{FakeHypervisor, Hypervisor, HypervisorConfig, QemuState};
+use vmfactory_hypervisor::{
+    FakeHypervisor, Hypervisor, HypervisorConfig, QemuState, TemplatePaths, TemplateRole,
+};
 use vmfactory_proxy::{NoProxy, Proxy, ProxyKind};
 use vmfactory_vm::{Backends, Vm, VmAgentConfig, VmConfig, VmInfo};
 
@@ -101,9 +103,10 @@ impl Root {
         let mut cfg = self.config();
         let hv = &mut cfg.hypervisor;
         hv.initrd = Some(self.path().join("initrd"));
-        hv.memory_path = Some(self.path().join("memory"));
-        hv.devices_state_path = Some(self.path().join("state"));
-        hv.boot_from_template = true;
+        hv.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+            memory: self.path().join("memory"),
+            state: self.path().join("state"),
+        }));
         cfg
     }
 

@@ -23,7 +23,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::accel::resolve_accel;
 use crate::cmdline::{agent_url, qemu_args, vsock_backend_args, RunPaths};
-use crate::config::{Accel, AgentChannel, HypervisorConfig};
+use crate::config::{Accel, AgentChannel, HypervisorConfig, TemplateRole};
 use crate::error::{Error, Result};
 use crate::process::{tail, Proc};
 use crate::qmp::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
@@ -235,10 +235,9 @@ impl Inner {
 
         let args = qemu_args(&self.id, &self.config, &self.paths, accel);
         // A clone's device state, opened here so that a missing file fails before QEMU runs.
-        let state = if self.config.boot_from_template {
-            Some(ops::open_state(&self.config).await?)
-        } else {
-            None
+        let state = match &self.config.template {
+            Some(TemplateRole::CloneFrom(paths)) => Some(ops::open_state(&paths.state).await?),
+            _ => None,
         };
         debug!(vm = %self.id, args = ?args, "spawning qemu");
         let proc = Proc::spawn_with_fd(

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::os::fd::{OwnedFd, RawFd};
+use std::path::Path;
 
 use qapi::qmp::{
     device_add, device_del, migrate, migrate_incoming, migrate_set_capabilities, object_add,
@@ -16,7 +17,7 @@ use tracing::{info, instrument, warn};
 
 use super::{Inner, Running, MIGRATION_TIMEOUT};
 use crate::cmdline::{load_uri, save_uri, BackendKind};
-use crate::config::HypervisorConfig;
+use crate::config::{TemplatePaths, TemplateRole};
 use crate::error::{Error, Result};
 use crate::qmp::QmpClient;
 use crate::state::VmSize;
@@ -131,12 +132,8 @@ async fn wait_migration(
     }
 }
 
-/// Opens a clone's device state for [`incoming`]; QEMU inherits the descriptor.
-pub(super) async fn open_state(cfg: &HypervisorConfig) -> Result<OwnedFd> {
-    let state = cfg
-        .devices_state_path
-        .as_deref()
-        .ok_or(crate::ConfigError::TemplateWithoutStatePath)?;
+/// Opens a clone's device state file `state` for [`incoming`]; QEMU inherits the descriptor.
+pub(super) async fn open_state(state: &Path) -> Result<OwnedFd> {
     let file = tokio::fs::File::open(state)
         .await
         .map_err(|source| Error::Io {
@@ -170,10 +167,10 @@ pub(super) async fn incoming(id: &str, qmp: &QmpClient, state: RawFd) -> Result<
 pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> {
     let id = &inner.id;
     let cfg = &inner.config;
-    let (true, Some(state)) = (cfg.boot_to_be_template, cfg.devices_state_path.as_deref()) else {
+    let Some(TemplateRole::SaveTo(TemplatePaths { state, .. })) = &cfg.template else {
         return Err(Error::Unsupported {
             id: id.clone(),
-            what: "Saving a template (boot_to_be_template not set)",
+            what: "Saving a template (the VM has no save-to template role)",
         });
     };
     r.qmp
@@ -373,7 +370,7 @@ pub(super) async fn add_memory(inner: &Inner, r: &mut Running, mib: u64) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+    use crate::config::HypervisorConfig;
 
     #[test]
     fn backend_objects_match_boot_memory() {
