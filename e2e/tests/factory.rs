@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use vmfactory_agent::HealthStatus;
 use vmfactory_e2e::{guest_env, mounts_under, vm, GuestEnv, RunRoot};
-use vmfactory_factory::{BaseKind, Error, Factory, FactoryConfig, TemplateError, TemplateFactory};
+use vmfactory_factory::{BaseKind, Factory, FactoryConfig, TemplateError, TemplateFactory};
 use vmfactory_hypervisor::VmStatus;
 use vmfactory_vm::Vm;
 
@@ -77,11 +77,11 @@ async fn template_get_vm_reseed_time_hotplug_fetch_and_close() {
 
     // A template made for 256 MiB refuses a 512 MiB config, naming the field.
     match TemplateFactory::fetch(&big, &cfg.template_path).await {
-        Err(Error::Template(TemplateError::Mismatch {
+        Err(TemplateError::Mismatch {
             field,
             template,
             config,
-        })) => {
+        }) => {
             assert_eq!(
                 (field.as_str(), template.as_str(), config.as_str()),
                 ("memory_mib", "256", "512")

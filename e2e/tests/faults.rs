@@ -20,8 +20,8 @@ use nix::unistd::Pid;
 use vmfactory_agent::Agent;
 use vmfactory_e2e::{guest_env, vm, GuestEnv, RunRoot};
 use vmfactory_factory::{
-    BaseKind, Error as FError, Factory, FactoryConfig, GetVmError, GetVmStep, SystemHost,
-    TemplateError, TemplateFactory, STATE_FILE,
+    BaseError, BaseKind, Factory, FactoryConfig, GetVmError, GetVmStep, NewFactoryError,
+    SystemHost, TemplateError, TemplateFactory, TemplateStep, STATE_FILE,
 };
 use vmfactory_hypervisor::{Hypervisor, HypervisorConfig, QemuState, VmSize, VmStatus};
 use vmfactory_proxy::{Proxy, ProxyKind};
@@ -310,7 +310,7 @@ async fn qemu_killed_during_the_agent_wait() {
 }
 
 /// A template made with `faulty` at a path under `root`: must fail typed and leave nothing.
-async fn failing_template(env: &GuestEnv, faulty: Faulty) -> FError {
+async fn failing_template(env: &GuestEnv, faulty: Faulty) -> TemplateError {
     let root = RunRoot::new();
     let cfg = vm_config(env, &root);
     let err = TemplateFactory::new_with(
@@ -333,7 +333,10 @@ async fn qemu_killed_during_template_save() {
     assert!(
         matches!(
             err,
-            FError::Template(TemplateError::Vm { step: "save", .. })
+            TemplateError::Vm {
+                step: TemplateStep::Save,
+                ..
+            }
         ),
         "{err:?}"
     );
@@ -346,7 +349,10 @@ async fn template_tmpfs_full_at_save() {
     assert!(
         matches!(
             err,
-            FError::Template(TemplateError::Vm { step: "save", .. })
+            TemplateError::Vm {
+                step: TemplateStep::Save,
+                ..
+            }
         ),
         "{err:?}"
     );
@@ -378,7 +384,10 @@ async fn qemu_killed_during_clone_restore_and_hotplug() {
     assert!(
         matches!(
             err,
-            FError::Template(TemplateError::Vm { step: "clone", .. })
+            GetVmError::Base(BaseError::Template(TemplateError::Vm {
+                step: TemplateStep::Clone,
+                ..
+            }))
         ),
         "{err:?}"
     );
@@ -393,10 +402,10 @@ async fn qemu_killed_during_clone_restore_and_hotplug() {
     assert!(
         matches!(
             err,
-            FError::GetVm(GetVmError::Step {
+            GetVmError::Step {
                 step: GetVmStep::AddCpus,
                 ..
-            })
+            }
         ),
         "{err:?}"
     );
@@ -448,7 +457,10 @@ async fn template_state_deleted_or_truncated_under_a_live_factory() {
     assert!(
         matches!(
             err,
-            FError::Template(TemplateError::Vm { step: "clone", .. })
+            GetVmError::Base(BaseError::Template(TemplateError::Vm {
+                step: TemplateStep::Clone,
+                ..
+            }))
         ),
         "{err:?}"
     );
@@ -461,19 +473,22 @@ async fn template_state_deleted_or_truncated_under_a_live_factory() {
     assert!(
         matches!(
             err,
-            FError::Template(TemplateError::Vm { step: "clone", .. })
+            GetVmError::Base(BaseError::Template(TemplateError::Vm {
+                step: TemplateStep::Clone,
+                ..
+            }))
         ),
         "{err:?}"
     );
     assert!(matches!(
         TemplateFactory::fetch(&cfg.vm, &cfg.template_path).await,
-        Err(FError::Template(TemplateError::Missing { .. }))
+        Err(TemplateError::Missing { .. })
     ));
     let mut fetch = cfg.clone();
     fetch.fetch_only = true;
     assert!(matches!(
         Factory::new(&fetch).await,
-        Err(FError::Template(TemplateError::Missing { .. }))
+        Err(NewFactoryError::Template(TemplateError::Missing { .. }))
     ));
     // A new template factory on the occupied path never mounts over it: it falls back to
     // direct VMs (logged).

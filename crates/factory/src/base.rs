@@ -1,17 +1,39 @@
-//! [`FactoryBase`]: a source of base VMs.
+//! [`FactoryBase`]: a source of base VMs, and [`BaseError`], what its operations fail with.
 
 use std::fmt;
 
 use async_trait::async_trait;
 use vmfactory_vm::{Vm, VmConfig, VmInfo};
 
-use crate::error::Result;
+use crate::template::TemplateError;
+
+/// Why a [`FactoryBase`] could not hand out a VM or close.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BaseError {
+    /// The base was closed.
+    #[error("The {what} factory is closed")]
+    Closed {
+        /// Which base (`direct`, `template`, `cache`, `VM-cache client`).
+        what: &'static str,
+    },
+    /// Booting or preparing a VM failed.
+    #[error(transparent)]
+    Vm(#[from] vmfactory_vm::Error),
+    /// Cloning or removing a template failed.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// A base defined outside this crate's core (the VM-cache client, a caller's own) failed;
+    /// its own error is the source, to downcast where a caller needs its variants.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
 
 /// A source of base VMs, all made from one [`VmConfig`] (the seed's `FactoryBase`).
 ///
 /// A base VM has the base config's size. What it is in depends on the kind: a direct base
 /// hands out running VMs; a template base hands out paused clones (resume them); a cache hands
-/// out what its own base made. `get_vm` in this crate turns a base VM into the VM a caller
+/// out what its own base made. [`crate::Factory::get_vm`] turns a base VM into the VM a caller
 /// asked for.
 #[async_trait]
 pub trait FactoryBase: Send + Sync + fmt::Debug {
@@ -19,8 +41,8 @@ pub trait FactoryBase: Send + Sync + fmt::Debug {
     fn config(&self) -> &VmConfig;
 
     /// A new base VM for `config`, which must equal [`FactoryBase::config`] in everything
-    /// the base fixes (callers check with [`crate::FactoryConfig`]'s rules).
-    async fn get_base_vm(&self, config: &VmConfig) -> Result<Vm>;
+    /// the base fixes (callers check with [`crate::config_difference`]).
+    async fn get_base_vm(&self, config: &VmConfig) -> Result<Vm, BaseError>;
 
     /// Whether the VMs this base hands out are already fresh: running, their agent
     /// answering, their RNG reseeded from host entropy and their clock set, each for that VM
@@ -36,5 +58,5 @@ pub trait FactoryBase: Send + Sync + fmt::Debug {
 
     /// Releases everything the base holds (cached VMs, the template and its mount).
     /// Idempotent.
-    async fn close(&self) -> Result<()>;
+    async fn close(&self) -> Result<(), BaseError>;
 }

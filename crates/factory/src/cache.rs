@@ -30,9 +30,9 @@ use tracing::{debug, info, warn, Instrument};
 use vmfactory_hypervisor::VmStatus;
 use vmfactory_vm::{Vm, VmConfig, VmInfo};
 
-use crate::base::FactoryBase;
-use crate::error::{Error, Result};
-use crate::get_vm::check_size;
+use crate::base::{BaseError, FactoryBase};
+
+type Result<T> = std::result::Result<T, BaseError>;
 
 /// First pause of a worker after the base failed; doubles up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -128,7 +128,7 @@ async fn make_ready(base: &dyn FactoryBase, config: &VmConfig) -> Result<Vm> {
         if !base.hands_out_fresh() {
             tokio::try_join!(vm.reseed_rng(), vm.sync_time())?;
         }
-        check_size(&vm).await?;
+        vm.verify_size().await?;
         Result::<()>::Ok(())
     }
     .await;
@@ -194,7 +194,7 @@ impl FactoryBase for CacheFactory {
     /// A pooled VM (freeing its slot for a worker), or on a miss one straight from the base.
     async fn get_base_vm(&self, config: &VmConfig) -> Result<Vm> {
         if self.is_closed() {
-            return Err(Error::Closed { what: "cache" });
+            return Err(BaseError::Closed { what: "cache" });
         }
         let taken = self.shared.pool.lock().await.pop_front();
         if let Some(vm) = taken {
@@ -242,7 +242,7 @@ impl FactoryBase for CacheFactory {
         for vm in vms {
             if let Err(e) = vm.stop().await {
                 warn!(vm = %vm.id(), error = %e, "stopping a cached VM failed");
-                first_err.get_or_insert(Error::from(e));
+                first_err.get_or_insert(BaseError::from(e));
             }
         }
         if let Err(e) = self.shared.base.close().await {
@@ -304,7 +304,7 @@ mod tests {
         c.close().await.expect("idempotent");
         assert!(matches!(
             c.get_base_vm(c.config()).await,
-            Err(Error::Closed { what: "cache" })
+            Err(BaseError::Closed { what: "cache" })
         ));
         assert_eq!(b.live().await, 3, "only the handed-out VMs run");
         for vm in vms {
@@ -364,7 +364,7 @@ mod tests {
         // The base fails: the caller gets its error, not a hang.
         assert!(matches!(
             c.get_base_vm(c.config()).await,
-            Err(Error::Vm(vmfactory_vm::Error::Hypervisor {
+            Err(BaseError::Vm(vmfactory_vm::Error::Hypervisor {
                 op: "start",
                 ..
             }))

@@ -6,7 +6,33 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use vmfactory_vm::VmConfig;
 
-use crate::error::{Error, Result};
+/// Why a [`FactoryConfig`] cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FactoryConfigError {
+    /// `fetch_only` without `template`.
+    #[error("fetch_only needs template = true")]
+    FetchOnlyWithoutTemplate,
+    /// A cache over a fetch-only template (Kata refuses it too).
+    #[error("A cache cannot use a fetch-only template")]
+    CacheOverFetchOnly,
+    /// A VM-cache client that would also make its own base VMs.
+    #[error("A VM-cache client cannot also use a template or a local cache")]
+    ClientWithLocalBase,
+    /// The template path is relative.
+    #[error("template_path {path} is not absolute")]
+    RelativeTemplatePath {
+        /// The configured path.
+        path: PathBuf,
+    },
+    /// `template` is on but the base VM cannot be templated (see
+    /// [`vmfactory_hypervisor::HypervisorConfig::check_templatable`]).
+    #[error("The base VM cannot be templated")]
+    NotTemplatable(#[source] vmfactory_hypervisor::ConfigError),
+    /// The base VM config is invalid.
+    #[error("Invalid base VM config")]
+    Vm(#[from] vmfactory_vm::ConfigError),
+}
 
 /// Default template directory (a tmpfs is mounted here).
 pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
@@ -52,33 +78,29 @@ impl FactoryConfig {
     }
 
     /// Checks the combination of options and the VM config's shape (no file access).
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), FactoryConfigError> {
         if self.fetch_only && !self.template {
-            return Err(Error::Config("fetch_only needs template = true".into()));
+            return Err(FactoryConfigError::FetchOnlyWithoutTemplate);
         }
         if self.fetch_only && self.cache > 0 {
-            // Kata: a fetch-only template factory cannot feed a cache.
-            return Err(Error::Config(
-                "A cache cannot use a fetch-only template".into(),
-            ));
+            return Err(FactoryConfigError::CacheOverFetchOnly);
+        }
+        if self.cache_endpoint.is_some() && (self.template || self.cache > 0) {
+            // The server owns templates and pools.
+            return Err(FactoryConfigError::ClientWithLocalBase);
         }
         if !self.template_path.is_absolute() {
-            return Err(Error::Config(format!(
-                "template_path {} is not absolute",
-                self.template_path.display()
-            )));
-        }
-        if self.template && self.vm.hypervisor.image.is_some() {
-            return Err(Error::Config(
-                "A template cannot use a disk image (clones would share it)".into(),
-            ));
-        }
-        if self.template && self.vm.hypervisor.initrd.is_none() {
-            return Err(Error::Config(
-                "A template needs an initrd guest (no image)".into(),
-            ));
+            return Err(FactoryConfigError::RelativeTemplatePath {
+                path: self.template_path.clone(),
+            });
         }
         self.vm.validate_shape()?;
+        if self.template {
+            self.vm
+                .hypervisor
+                .check_templatable()
+                .map_err(FactoryConfigError::NotTemplatable)?;
+        }
         Ok(())
     }
 }
@@ -98,13 +120,22 @@ mod tests {
         cfg().validate().unwrap();
         let mut c = cfg();
         c.fetch_only = true;
-        assert!(matches!(c.validate(), Err(Error::Config(_))));
+        assert!(matches!(
+            c.validate(),
+            Err(FactoryConfigError::FetchOnlyWithoutTemplate)
+        ));
         c.template = true;
         c.validate().unwrap();
         c.cache = 2;
-        assert!(matches!(c.validate(), Err(Error::Config(_))));
+        assert!(matches!(
+            c.validate(),
+            Err(FactoryConfigError::CacheOverFetchOnly)
+        ));
         let mut c = cfg();
         c.template_path = "rel".into();
-        assert!(matches!(c.validate(), Err(Error::Config(_))));
+        assert!(matches!(
+            c.validate(),
+            Err(FactoryConfigError::RelativeTemplatePath { .. })
+        ));
     }
 }

@@ -8,8 +8,9 @@ use async_trait::async_trait;
 use tracing::debug;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
-use crate::base::FactoryBase;
-use crate::error::{Error, Result};
+use crate::base::{BaseError, FactoryBase};
+
+type Result<T> = std::result::Result<T, BaseError>;
 
 /// Boots a new VM for each [`FactoryBase::get_base_vm`]: running, agent ready.
 pub struct DirectFactory {
@@ -52,7 +53,7 @@ impl FactoryBase for DirectFactory {
     /// `Vm::new(config)`: boots `config` (normally [`FactoryBase::config`]).
     async fn get_base_vm(&self, config: &VmConfig) -> Result<Vm> {
         if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed { what: "direct" });
+            return Err(BaseError::Closed { what: "direct" });
         }
         debug!("direct factory: booting a VM");
         Ok(Vm::new_with(config.clone(), self.backends.as_ref()).await?)
@@ -83,7 +84,7 @@ mod tests {
         f.close().await.expect("idempotent");
         assert!(matches!(
             f.get_base_vm(f.config()).await,
-            Err(Error::Closed { what: "direct" })
+            Err(BaseError::Closed { what: "direct" })
         ));
         vm1.stop().await.expect("stop");
         vm2.stop().await.expect("stop");

@@ -13,9 +13,9 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use vmfactory_hypervisor::VmStatus;
 use vmfactory_vm::{Vm, VmConfig};
 
-use crate::error::Result;
+use crate::base::BaseError;
 use crate::factory::Factory;
-use crate::metadata::first_difference;
+use crate::template::first_difference;
 
 /// A step of [`Factory::get_vm`] after the base VM was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,10 +53,19 @@ impl fmt::Display for GetVmStep {
     }
 }
 
-/// Why a base VM could not be made into the requested VM. The VM was stopped.
+/// Why [`Factory::get_vm`] failed. Whatever VM it had taken or booted was stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GetVmError {
+    /// The requested config is invalid (or its guest files are unreadable).
+    #[error("Invalid VM request")]
+    Request(#[from] vmfactory_vm::ConfigError),
+    /// The request differs from the base config, and booting a direct VM for it failed.
+    #[error("Booting a direct VM for the request failed")]
+    Direct(#[source] Box<vmfactory_vm::Error>),
+    /// The base could not hand out a VM.
+    #[error(transparent)]
+    Base(#[from] BaseError),
     /// A step failed.
     #[error("The {step} of VM {id} failed")]
     Step {
@@ -79,20 +88,6 @@ pub enum GetVmError {
         wanted: u64,
         /// How much was added.
         added: u64,
-    },
-    /// The recorded size differs from what the hypervisor reports.
-    #[error("VM {id} records {recorded_vcpus} vCPUs / {recorded_mib} MiB, the hypervisor reports {vcpus} / {mib}")]
-    SizeMismatch {
-        /// The VM id.
-        id: String,
-        /// Recorded vCPUs.
-        recorded_vcpus: u32,
-        /// Recorded memory.
-        recorded_mib: u64,
-        /// vCPUs the hypervisor reports.
-        vcpus: u32,
-        /// Memory the hypervisor reports.
-        mib: u64,
     },
 }
 
@@ -130,12 +125,14 @@ impl Factory {
     /// the vCPUs and memory `config` asks for beyond the base VM's size, onlines them, and
     /// checks the recorded size against the hypervisor's. Never shrinks (see the module docs).
     /// Any failure stops the VM and returns the error.
-    pub async fn get_vm(&self, config: &VmConfig) -> Result<Vm> {
+    pub async fn get_vm(&self, config: &VmConfig) -> Result<Vm, GetVmError> {
         config.validate_async().await?;
         let base_cfg = self.config();
         if let Some((field, base, requested)) = config_difference(base_cfg, config) {
             info!(%field, %base, %requested, "request differs from the factory's base config, booting a direct VM");
-            return Ok(Vm::new_with(config.clone(), self.backends()).await?);
+            return Vm::new_with(config.clone(), self.backends())
+                .await
+                .map_err(|e| GetVmError::Direct(Box::new(e)));
         }
         let vm = self.base().get_base_vm(base_cfg).await?;
         let span = info_span!("get_vm", vm = %vm.id());
@@ -147,7 +144,7 @@ impl Factory {
                 if let Err(stop) = vm.stop().await {
                     warn!(vm = %vm.id(), error = %stop, "stopping the VM after a failed get_vm failed");
                 }
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -155,7 +152,7 @@ impl Factory {
 
 /// Resume, reseed, set time (all three skipped for a `fresh` running VM), hot-add, online,
 /// check the size (except for a `fresh` VM that needed no hotplug: checked in its pool).
-async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(), GetVmError> {
+async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> Result<(), GetVmError> {
     let id = vm.id().to_owned();
     let step = |step| {
         let id = id.clone();
@@ -184,13 +181,13 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(
             reseeded.map_err(step(GetVmStep::ReseedRng))?;
             timed.map_err(step(GetVmStep::SyncTime))?;
         }
-        Ok(())
+        Ok::<(), GetVmError>(())
     };
     let size = async {
         if size_now {
-            check_size(vm).await?;
+            vm.verify_size().await.map_err(step(GetVmStep::Size))?;
         }
-        Ok(())
+        Ok::<(), GetVmError>(())
     };
     let (called, sized) = tokio::join!(agent_calls, size);
     called?;
@@ -228,42 +225,16 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> std::result::Result<(
         vm.online_cpu_memory()
             .await
             .map_err(step(GetVmStep::Online))?;
-        check_size(vm).await?;
+        vm.verify_size().await.map_err(step(GetVmStep::Size))?;
     }
     let (vcpus, memory_mib) = vm.recorded_size().await;
     debug!(vcpus, memory_mib, "VM ready");
     Ok(())
 }
 
-/// Checks the VM's recorded size against the one its hypervisor reports (two QMP queries).
-pub(crate) async fn check_size(vm: &Vm) -> std::result::Result<(), GetVmError> {
-    let id = vm.id();
-    let actual = vm.hypervisor().size().await.map_err(|e| GetVmError::Step {
-        id: id.to_owned(),
-        step: GetVmStep::Size,
-        source: Box::new(vmfactory_vm::Error::Hypervisor {
-            id: id.to_owned(),
-            op: "size",
-            source: Box::new(e),
-        }),
-    })?;
-    let (vcpus, mib) = vm.recorded_size().await;
-    if (vcpus, mib) != (actual.vcpus, actual.memory_mib) {
-        return Err(GetVmError::SizeMismatch {
-            id: id.to_owned(),
-            recorded_vcpus: vcpus,
-            recorded_mib: mib,
-            vcpus: actual.vcpus,
-            mib: actual.memory_mib,
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Error;
     use crate::factory::BaseKind;
     use crate::testing::{FakeBackends, FakeHost};
     use crate::FactoryConfig;
@@ -372,7 +343,7 @@ mod tests {
             *b.hv_fail.lock().expect("lock") = hv_fail;
             let err = f.get_vm(&req).await.expect_err("fails");
             assert!(
-                matches!(err, Error::GetVm(GetVmError::Step { step, .. }) if step == want),
+                matches!(err, GetVmError::Step { step, .. } if step == want),
                 "{want:?}: {err:?}"
             );
             assert_eq!(b.live().await, 0, "{want:?}: the VM was stopped");
@@ -382,24 +353,24 @@ mod tests {
         *b.hv_fail.lock().expect("lock") = Some(FakeStep::Resume);
         assert!(matches!(
             f.get_vm(&req).await,
-            Err(Error::GetVm(GetVmError::Step {
+            Err(GetVmError::Step {
                 step: GetVmStep::Resume,
                 ..
-            }))
+            })
         ));
         *b.hv_fail.lock().expect("lock") = Some(FakeStep::Size);
         assert!(matches!(
             f.get_vm(&req).await,
-            Err(Error::GetVm(GetVmError::Step {
+            Err(GetVmError::Step {
                 step: GetVmStep::Size,
                 ..
-            }))
+            })
         ));
         assert_eq!(b.live().await, 0);
         // An invalid request is refused before any VM exists.
         let mut bad = b.config();
         bad.hypervisor.vcpus = 9;
-        assert!(matches!(f.get_vm(&bad).await, Err(Error::VmConfig(_))));
+        assert!(matches!(f.get_vm(&bad).await, Err(GetVmError::Request(_))));
         f.close().await.expect("close");
     }
 
@@ -460,10 +431,10 @@ mod tests {
         *b.hv_fail.lock().expect("lock") = Some(FakeStep::Size);
         assert!(matches!(
             f.get_vm(&b.config()).await,
-            Err(Error::GetVm(GetVmError::Step {
+            Err(GetVmError::Step {
                 step: GetVmStep::Size,
                 ..
-            }))
+            })
         ));
         assert_eq!(b.live().await, 0);
         assert_eq!(b.vm_dirs(), 0);

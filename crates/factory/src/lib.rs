@@ -5,7 +5,14 @@
 //! - [`FactoryBase`], the source of base VMs, and its kinds: direct (a new VM per call),
 //!   template (a clone of a saved VM per call) and cache (a pool of ready VMs from another base);
 //! - [`FactoryConfig`], the configuration a [`FactoryBase`] is built from;
-//! - the VM-cache server and its client.
+//! - the VM-cache server and its client ([`cache_service`]), on top of the core: they use
+//!   [`FactoryBase`] and the core never names them; [`Factory::new`] (in `setup.rs`) is the
+//!   one place that chooses between a local base and a VM-cache client.
+//!
+//! Errors are per operation, beside it: [`FactoryConfigError`] (`FactoryConfig::validate`),
+//! [`NewFactoryError`] ([`Factory::new`]), [`BaseError`] (a [`FactoryBase`]'s `get_base_vm`
+//! and `close`), [`GetVmError`] ([`Factory::get_vm`]), [`TemplateError`] (making, fetching
+//! and removing templates) and [`CacheServiceError`] (the VM-cache server and client).
 //!
 //! It does not own the VM itself (`vmfactory-vm`), QEMU (`vmfactory-hypervisor`) or the agent
 //! protocol (`vmfactory-agent`).
@@ -16,28 +23,26 @@ mod cache;
 pub mod cache_service;
 mod config;
 mod direct;
-mod error;
 mod factory;
 mod get_vm;
-mod host;
-mod metadata;
+mod report;
+mod setup;
 mod template;
 #[cfg(test)]
 mod testing;
 
-pub use base::FactoryBase;
+pub use base::{BaseError, FactoryBase};
 pub use cache::CacheFactory;
 pub use cache_service::{CacheClient, CacheServer, CacheServiceError};
-pub use config::{FactoryConfig, DEFAULT_TEMPLATE_PATH};
+pub use config::{FactoryConfig, FactoryConfigError, DEFAULT_TEMPLATE_PATH};
 pub use direct::DirectFactory;
-pub use error::{error_chain, Error, Result};
 pub use factory::{BaseKind, Factory};
 pub use get_vm::{config_difference, GetVmError, GetVmStep};
-pub use host::{MountOutcome, SystemHost, TemplateHost};
-pub use metadata::{
-    CloneKey, FileIdentity, TemplateError, TemplateMetadata, MAX_METADATA_SIZE, MEMORY_FILE,
-    METADATA_FILE, STATE_FILE, TEMPLATE_METADATA_VERSION,
-};
+pub use report::error_chain;
+pub use setup::NewFactoryError;
 pub use template::{
-    clone_vm_config, template_paths, template_vm_config, TemplateFactory, AGENT_LISTENING_PREFIX,
+    clone_vm_config, template_paths, template_vm_config, CloneKey, FileIdentity, MountOutcome,
+    SystemHost, TemplateError, TemplateFactory, TemplateHost, TemplateMetadata, TemplateStep,
+    AGENT_LISTENING_PREFIX, MAX_METADATA_SIZE, MEMORY_FILE, METADATA_FILE, STATE_FILE,
+    TEMPLATE_METADATA_VERSION,
 };

@@ -17,8 +17,7 @@ use vmfactory_hypervisor::{
 use vmfactory_proxy::{Proxy, ProxyKind};
 use vmfactory_vm::{Backends, NewStep, VmAgentConfig, VmConfig};
 
-use crate::host::{MountOutcome, TemplateHost};
-use crate::metadata::{TemplateError, MEMORY_FILE, STATE_FILE};
+use crate::template::{MountOutcome, TemplateError, TemplateHost, MEMORY_FILE, STATE_FILE};
 
 /// The line the fake guest agent "prints" when it re-listens.
 const LISTENING: &str = "vmfactory-agent: listening on agent.channel.0";

@@ -15,7 +15,8 @@ use vmfactory_hypervisor::{
 use vmfactory_vm::{ConfigError as VmError, VmConfig};
 
 use vmfactory_factory::{
-    CacheServiceError, Error, Factory, FactoryConfig, TemplateError, TemplateMetadata,
+    CacheServiceError, Factory, FactoryConfig, FactoryConfigError, GetVmError, NewFactoryError,
+    TemplateError, TemplateMetadata,
 };
 
 /// A scratch area: real guest files in `files/`, the run root `run/` and template path
@@ -371,11 +372,16 @@ fn runtime() -> tokio::runtime::Runtime {
 #[tokio::test]
 async fn bad_factory_configs() {
     let s = Scratch::new();
-    let cases: Vec<Case<FactoryConfig, Error>> = vec![
+    let cases: Vec<Case<FactoryConfig, NewFactoryError>> = vec![
         (
             "fetch-only without template",
             Box::new(|f| f.fetch_only = true),
-            |e| matches!(e, Error::Config(_)),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::Config(FactoryConfigError::FetchOnlyWithoutTemplate)
+                )
+            },
         ),
         (
             "cache with fetch-only",
@@ -384,12 +390,22 @@ async fn bad_factory_configs() {
                 f.fetch_only = true;
                 f.cache = 2;
             }),
-            |e| matches!(e, Error::Config(_)),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::Config(FactoryConfigError::CacheOverFetchOnly)
+                )
+            },
         ),
         (
             "relative template path",
             Box::new(|f| f.template_path = "tpl".into()),
-            |e| matches!(e, Error::Config(_)),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::Config(FactoryConfigError::RelativeTemplatePath { .. })
+                )
+            },
         ),
         (
             "template with an image instead of an initrd",
@@ -397,7 +413,14 @@ async fn bad_factory_configs() {
                 f.template = true;
                 f.vm.hypervisor.image = f.vm.hypervisor.initrd.take();
             }),
-            |e| matches!(e, Error::Config(_)),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::Config(FactoryConfigError::NotTemplatable(
+                        HvError::TemplateWithImage
+                    ))
+                )
+            },
         ),
         (
             "template with an image besides the initrd",
@@ -405,7 +428,14 @@ async fn bad_factory_configs() {
                 f.template = true;
                 f.vm.hypervisor.image = f.vm.hypervisor.initrd.clone();
             }),
-            |e| matches!(e, Error::Config(_)),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::Config(FactoryConfigError::NotTemplatable(
+                        HvError::TemplateWithImage
+                    ))
+                )
+            },
         ),
         (
             "cache client with a template",
@@ -413,7 +443,12 @@ async fn bad_factory_configs() {
                 f.template = true;
                 f.cache_endpoint = Some("/nonexistent/cache.sock".into());
             }),
-            |e| matches!(e, Error::Config(_)),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::Config(FactoryConfigError::ClientWithLocalBase)
+                )
+            },
         ),
         (
             "cache client with a local cache",
@@ -421,12 +456,22 @@ async fn bad_factory_configs() {
                 f.cache = 1;
                 f.cache_endpoint = Some("/nonexistent/cache.sock".into());
             }),
-            |e| matches!(e, Error::Config(_)),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::Config(FactoryConfigError::ClientWithLocalBase)
+                )
+            },
         ),
         (
             "cache endpoint nobody serves",
             Box::new(|f| f.cache_endpoint = Some("/nonexistent/cache.sock".into())),
-            |e| matches!(e, Error::CacheService(CacheServiceError::Connect { .. })),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::CacheService(CacheServiceError::Connect { .. })
+                )
+            },
         ),
         (
             "fetch-only with no template there",
@@ -434,10 +479,15 @@ async fn bad_factory_configs() {
                 f.template = true;
                 f.fetch_only = true;
             }),
-            |e| matches!(e, Error::Template(TemplateError::Missing { .. })),
+            |e| matches!(e, NewFactoryError::Template(TemplateError::Missing { .. })),
         ),
         ("zero vCPUs", Box::new(|f| f.vm.hypervisor.vcpus = 0), |e| {
-            matches!(e, Error::VmConfig(VmError::Hypervisor(HvError::ZeroVcpus)))
+            matches!(
+                e,
+                NewFactoryError::Config(FactoryConfigError::Vm(VmError::Hypervisor(
+                    HvError::ZeroVcpus
+                )))
+            )
         }),
         (
             "huge template memory",
@@ -449,14 +499,23 @@ async fn bad_factory_configs() {
             |e| {
                 matches!(
                     e,
-                    Error::VmConfig(VmError::Hypervisor(HvError::MemoryOverLimit { .. }))
+                    NewFactoryError::Config(FactoryConfigError::Vm(VmError::Hypervisor(
+                        HvError::MemoryOverLimit { .. }
+                    )))
                 )
             },
         ),
         (
             "relative run root",
             Box::new(|f| f.vm.run_root = "run".into()),
-            |e| matches!(e, Error::VmConfig(VmError::RelativeRunRoot { .. })),
+            |e| {
+                matches!(
+                    e,
+                    NewFactoryError::Config(FactoryConfigError::Vm(
+                        VmError::RelativeRunRoot { .. }
+                    ))
+                )
+            },
         ),
     ];
     for (name, edit, want) in cases {
@@ -464,7 +523,7 @@ async fn bad_factory_configs() {
         edit(&mut f);
         // `Factory::new` runs `validate` first; a case that passes it fails in `new`.
         let err = match f.validate() {
-            Err(e) => e,
+            Err(e) => NewFactoryError::from(e),
             Ok(()) => Factory::new(&f).await.expect_err(name),
         };
         assert!(want(&err), "{name}: {err:?}");
@@ -504,7 +563,7 @@ async fn get_vm_with_missing_guest_files() {
         edit(&mut v);
         let err = f.get_vm(&v).await.expect_err(name);
         assert!(
-            matches!(err, Error::VmConfig(VmError::Hypervisor(_))),
+            matches!(err, GetVmError::Request(VmError::Hypervisor(_))),
             "{name}: {err:?}"
         );
         one_line(name, &err);

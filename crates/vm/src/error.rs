@@ -186,6 +186,20 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The recorded size differs from what the hypervisor reports.
+    #[error("VM {id} records {recorded_vcpus} vCPUs / {recorded_mib} MiB, the hypervisor reports {vcpus} / {mib}")]
+    SizeMismatch {
+        /// VM id.
+        id: String,
+        /// Recorded vCPUs.
+        recorded_vcpus: u32,
+        /// Recorded memory in MiB.
+        recorded_mib: u64,
+        /// vCPUs the hypervisor reports.
+        vcpus: u32,
+        /// Memory in MiB the hypervisor reports.
+        mib: u64,
+    },
     /// The VM was stopped or detached through this handle.
     #[error("VM {id} is {state} through this handle")]
     NotOwned {

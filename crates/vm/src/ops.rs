@@ -179,6 +179,27 @@ impl Vm {
         (inner.vcpus, inner.memory_mib)
     }
 
+    /// Checks the recorded size against the one the hypervisor reports (two QMP queries):
+    /// [`Error::SizeMismatch`] if they differ.
+    pub async fn verify_size(&self) -> Result<()> {
+        let actual = self
+            .hypervisor
+            .size()
+            .await
+            .map_err(|e| Error::hv(&self.id, "size", e))?;
+        let (vcpus, mib) = self.recorded_size().await;
+        if (vcpus, mib) != (actual.vcpus, actual.memory_mib) {
+            return Err(Error::SizeMismatch {
+                id: self.id.clone(),
+                recorded_vcpus: vcpus,
+                recorded_mib: mib,
+                vcpus: actual.vcpus,
+                mib: actual.memory_mib,
+            });
+        }
+        Ok(())
+    }
+
     /// The VM's pid, recorded size and run state. Works on a stopped or detached handle too
     /// (the run state is then `Stopped`).
     pub async fn status(&self) -> Result<VmInfo> {
@@ -217,6 +238,21 @@ mod tests {
     use crate::testing::{new_vm, Harness};
     use vmfactory_agent::{Agent, FakeCall as AgentCall};
     use vmfactory_hypervisor::{FakeCall, FakeStep};
+
+    #[tokio::test]
+    async fn verify_size_asks_the_hypervisor() {
+        let h = Harness::new();
+        let vm = new_vm(&h).await;
+        vm.add_cpus(1).await.expect("cpus");
+        vm.verify_size().await.expect("recorded size is the VM's");
+        h.hv().fail_at(Some(FakeStep::Size));
+        assert!(matches!(
+            vm.verify_size().await,
+            Err(Error::Hypervisor { op: "size", .. })
+        ));
+        h.hv().fail_at(None);
+        vm.stop().await.expect("stop");
+    }
 
     #[tokio::test]
     async fn hotplug_bookkeeping_and_online() {

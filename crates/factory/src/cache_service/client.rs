@@ -19,7 +19,7 @@ use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig, VmInfo};
 use super::convert;
 use super::error::{CacheServiceError, Result};
 use super::protocols::cache_ttrpc::CacheServiceClient;
-use crate::FactoryBase;
+use crate::{BaseError, FactoryBase};
 
 /// Bound on `Config`, `Status` and `Quit`.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -210,8 +210,11 @@ impl FactoryBase for CacheClient {
 
     /// `config` is not sent: the server makes every VM from its own base config
     /// ([`FactoryBase::config`] here), as in Kata.
-    async fn get_base_vm(&self, _config: &VmConfig) -> crate::Result<Vm> {
-        Ok(self.take_vm().await?)
+    /// Failures are [`BaseError::Other`] holding the [`CacheServiceError`].
+    async fn get_base_vm(&self, _config: &VmConfig) -> std::result::Result<Vm, BaseError> {
+        self.take_vm()
+            .await
+            .map_err(|e| BaseError::Other(Box::new(e)))
     }
 
     /// The server's cached VMs; empty (and logged) when the server cannot be asked.
@@ -226,7 +229,7 @@ impl FactoryBase for CacheClient {
     }
 
     /// Disconnects; the server keeps running. Idempotent.
-    async fn close(&self) -> crate::Result<()> {
+    async fn close(&self) -> std::result::Result<(), BaseError> {
         *self.conn.lock().await = Conn::Closed;
         Ok(())
     }
@@ -412,7 +415,8 @@ mod tests {
         ));
         assert!(matches!(
             c.get_base_vm(&root.config()).await,
-            Err(crate::Error::CacheService(CacheServiceError::Closed { .. }))
+            Err(BaseError::Other(e))
+                if matches!(e.downcast_ref(), Some(CacheServiceError::Closed { .. }))
         ));
         assert!(!server.is_stopped(), "close does not Quit the server");
         assert_eq!(base.closes.load(Ordering::SeqCst), 0);

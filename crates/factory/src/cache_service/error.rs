@@ -117,7 +117,7 @@ pub enum CacheServiceError {
 
     /// Closing the base factory while stopping the server failed.
     #[error("Failed to close the base factory of the VM-cache server")]
-    CloseBase(#[source] Box<crate::Error>),
+    CloseBase(#[source] Box<crate::BaseError>),
 
     /// Installing a signal handler failed.
     #[error("Failed to install a handler for {signal}")]

@@ -15,7 +15,9 @@ use vmfactory_hypervisor::{
 use vmfactory_proxy::{NoProxy, Proxy, ProxyKind};
 use vmfactory_vm::{Backends, Vm, VmAgentConfig, VmConfig, VmInfo};
 
-use crate::{Error, FactoryBase, Result};
+use crate::{BaseError, FactoryBase};
+
+type Result<T> = std::result::Result<T, BaseError>;
 
 /// Fake parts for every VM.
 #[derive(Debug, Default)]
@@ -147,7 +149,7 @@ impl FakeBase {
 
     async fn make(&self) -> Result<Vm> {
         if self.fail.load(Ordering::SeqCst) {
-            return Err(Error::Config("injected base failure".into()));
+            return Err(BaseError::Other("injected base failure".into()));
         }
         self.made.fetch_add(1, Ordering::SeqCst);
         Ok(Vm::new_with(self.config.clone(), &FakeBackends).await?)

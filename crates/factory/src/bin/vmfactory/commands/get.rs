@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{anyhow, Context};
 use serde::Serialize;
 use tracing::warn;
-use vmfactory_factory::{BaseKind, Error as FactoryError, Factory, FactoryConfig};
+use vmfactory_factory::{BaseKind, Factory, FactoryConfig, NewFactoryError as FactoryError};
 use vmfactory_vm::Vm;
 
 use super::inspect::is_bad_template;

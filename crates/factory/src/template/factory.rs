@@ -1,6 +1,6 @@
 //! [`TemplateFactory`]: base VMs cloned from a saved template VM (the seed's `template.go`).
 //!
-//! A template lives in one directory (default [`crate::config::DEFAULT_TEMPLATE_PATH`]):
+//! A template lives in one directory (default [`crate::DEFAULT_TEMPLATE_PATH`]):
 //! `memory` (the guest RAM), `state` (QEMU's device state) and `metadata.json`
 //! ([`TemplateMetadata`]). [`TemplateFactory::new`] makes one, [`TemplateFactory::fetch`]
 //! opens an existing one, and each [`FactoryBase::get_base_vm`] boots a clone of it, paused.
@@ -27,12 +27,10 @@ use vmfactory_hypervisor::{TemplatePaths, TemplateRole};
 use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
-use crate::base::FactoryBase;
-use crate::error::{Error, Result};
-use crate::host::{MountOutcome, SystemHost, TemplateHost};
-use crate::metadata::{
-    CloneKey, TemplateError, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE,
-};
+use super::error::{TemplateError, TemplateStep};
+use super::host::{MountOutcome, SystemHost, TemplateHost};
+use super::metadata::{CloneKey, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE};
+use crate::base::{BaseError, FactoryBase};
 
 /// What the guest agent prints on the console each time it waits for a host.
 pub const AGENT_LISTENING_PREFIX: &str = "vmfactory-agent: listening on";
@@ -43,7 +41,7 @@ const TMPFS_EXTRA_BYTES: u64 = 8 << 20;
 /// How many mounts `destroy` takes off one path at most (one, unless someone stacked them).
 const MAX_UNMOUNTS: usize = 8;
 
-type TResult<T> = std::result::Result<T, TemplateError>;
+type Result<T> = std::result::Result<T, TemplateError>;
 
 /// A factory of clones of one template.
 pub struct TemplateFactory {
@@ -121,8 +119,7 @@ impl TemplateFactory {
                 Err(reason) => Err(TemplateError::Occupied {
                     path: this.path.clone(),
                     reason: Box::new(reason),
-                }
-                .into()),
+                }),
             };
         }
 
@@ -136,7 +133,7 @@ impl TemplateFactory {
             Err(e) => {
                 warn!(error = %e, path = %this.path.display(), "creating the template failed, cleaning up");
                 this.undo(made).await;
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -202,7 +199,7 @@ impl TemplateFactory {
         match tokio::fs::remove_dir(path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(TemplateError::io("remove", path, e).into()),
+            Err(e) => Err(TemplateError::io("remove", path, e)),
         }
     }
 
@@ -218,11 +215,11 @@ impl TemplateFactory {
 
     /// The loaded, checked metadata of the template.
     pub async fn metadata(&self) -> Result<TemplateMetadata> {
-        Ok(TemplateMetadata::load(&self.path).await?)
+        TemplateMetadata::load(&self.path).await
     }
 
     /// Whether the path is a mount point or a non-empty directory.
-    async fn is_occupied(&self) -> TResult<bool> {
+    async fn is_occupied(&self) -> Result<bool> {
         if self.host.mount_type(&self.path).await?.is_some() {
             return Ok(true);
         }
@@ -238,7 +235,7 @@ impl TemplateFactory {
     }
 
     /// Checks the template at the path against the config: metadata, then files.
-    async fn check(&self) -> TResult<()> {
+    async fn check(&self) -> Result<()> {
         let meta = TemplateMetadata::load(&self.path).await?;
         let key = CloneKey::gather(&self.config.hypervisor, self.host.as_ref()).await?;
         meta.check(&key)?;
@@ -249,7 +246,7 @@ impl TemplateFactory {
     }
 
     /// The creation steps; `made` records what to undo.
-    async fn make(&self, tpl: &VmConfig, made: &mut Made) -> TResult<()> {
+    async fn make(&self, tpl: &VmConfig, made: &mut Made) -> Result<()> {
         made.dir = create_dir(&self.path).await?;
         let size = (self.config.hypervisor.memory_mib << 20) + TMPFS_EXTRA_BYTES;
         match self.host.mount_tmpfs(&self.path, size).await? {
@@ -302,10 +299,10 @@ struct Made {
 
 /// Boots the template VM, warms it up, waits for its agent to re-listen after a disconnect,
 /// pauses, saves, and stops it (also on failure).
-async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> TResult<()> {
+async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> Result<()> {
     let vm = Vm::new_with(tpl.clone(), backends)
         .await
-        .map_err(|e| TemplateError::vm("boot", e))?;
+        .map_err(|e| TemplateError::vm(TemplateStep::Boot, e))?;
     let saved = async {
         // QEMU drops console output while no console client is connected: subscribe (the
         // proxy is connected) before disconnecting.
@@ -318,11 +315,11 @@ async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> TResult<()
         // Run the guest side of `get_vm` once before saving: every clone then resumes with
         // it done (a ready CRNG, the agent's handler pages mapped) instead of doing it first.
         let (seeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
-        seeded.map_err(|e| TemplateError::vm("warm-up reseed", e))?;
-        timed.map_err(|e| TemplateError::vm("warm-up time sync", e))?;
+        seeded.map_err(|e| TemplateError::vm(TemplateStep::WarmUpReseed, e))?;
+        timed.map_err(|e| TemplateError::vm(TemplateStep::WarmUpTimeSync, e))?;
         vm.disconnect()
             .await
-            .map_err(|e| TemplateError::vm("disconnect", e))?;
+            .map_err(|e| TemplateError::vm(TemplateStep::Disconnect, e))?;
         vmfactory_proxy::wait_for_line(&mut lines, tpl.agent.ready_timeout, |l| {
             l.contains(AGENT_LISTENING_PREFIX)
         })
@@ -333,16 +330,21 @@ async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> TResult<()
         })?;
         vm.pause()
             .await
-            .map_err(|e| TemplateError::vm("pause", e))?;
-        vm.save().await.map_err(|e| TemplateError::vm("save", e))
+            .map_err(|e| TemplateError::vm(TemplateStep::Pause, e))?;
+        vm.save()
+            .await
+            .map_err(|e| TemplateError::vm(TemplateStep::Save, e))
     }
     .await;
-    let stopped = vm.stop().await.map_err(|e| TemplateError::vm("stop", e));
+    let stopped = vm
+        .stop()
+        .await
+        .map_err(|e| TemplateError::vm(TemplateStep::Stop, e));
     saved.and(stopped)
 }
 
 /// Creates `path` (and its parents) with mode 0700; true if `path` itself was created.
-async fn create_dir(path: &Path) -> TResult<bool> {
+async fn create_dir(path: &Path) -> Result<bool> {
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent)
             .await
@@ -365,7 +367,7 @@ async fn create_dir(path: &Path) -> TResult<bool> {
 
 /// Checks that `path` exists with `expected` bytes (or, with `None`, is not empty); returns
 /// its size.
-async fn check_size(path: &Path, expected: Option<u64>) -> TResult<u64> {
+async fn check_size(path: &Path, expected: Option<u64>) -> Result<u64> {
     let found = match tokio::fs::metadata(path).await {
         Ok(m) => m.len(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -391,7 +393,7 @@ async fn check_size(path: &Path, expected: Option<u64>) -> TResult<u64> {
 }
 
 /// Removes `path` if it exists.
-async fn remove_file(path: &Path) -> TResult<()> {
+async fn remove_file(path: &Path) -> Result<()> {
     match tokio::fs::remove_file(path).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -407,20 +409,20 @@ impl FactoryBase for TemplateFactory {
 
     /// A clone of the template, paused (resume it). Its hypervisor config is the template's;
     /// `config` contributes the proxy kind.
-    async fn get_base_vm(&self, config: &VmConfig) -> Result<Vm> {
+    async fn get_base_vm(&self, config: &VmConfig) -> std::result::Result<Vm, BaseError> {
         if self.closed.load(Ordering::SeqCst) {
-            return Err(Error::Closed { what: "template" });
+            return Err(BaseError::Closed { what: "template" });
         }
         let mut clone = clone_vm_config(&self.config, &self.path);
         clone.proxy = config.proxy;
         Vm::new_with(clone, self.backends.as_ref())
             .await
-            .map_err(|e| TemplateError::vm("clone", e).into())
+            .map_err(|e| TemplateError::vm(TemplateStep::Clone, e).into())
     }
 
     /// Marks the factory closed; if it owns the template, removes it ([`TemplateFactory::destroy`]).
     /// Idempotent.
-    async fn close(&self) -> Result<()> {
+    async fn close(&self) -> std::result::Result<(), BaseError> {
         self.closed.store(true, Ordering::SeqCst);
         if self.owned {
             Self::destroy(&self.path, self.host.as_ref()).await?;
@@ -491,7 +493,7 @@ mod tests {
         t.close().await.expect("close is idempotent");
         assert!(matches!(
             t.get_base_vm(t.config()).await,
-            Err(Error::Closed { what: "template" })
+            Err(BaseError::Closed { what: "template" })
         ));
     }
 
@@ -514,7 +516,7 @@ mod tests {
             .await
             .expect_err("occupied");
         match err {
-            Error::Template(TemplateError::Occupied { reason, .. }) => assert!(
+            TemplateError::Occupied { reason, .. } => assert!(
                 matches!(*reason, TemplateError::Mismatch { ref field, .. } if field == "memory_mib")
             ),
             other => panic!("{other:?}"),
@@ -545,10 +547,7 @@ mod tests {
             let host = Arc::new(FakeHost::default());
             *b.template_fail.lock().expect("lock") = Some(step);
             let err = new_template(&b, &host).await.expect_err("fails");
-            assert!(
-                matches!(err, Error::Template(TemplateError::Vm { .. })),
-                "{step:?}: {err:?}"
-            );
+            assert!(matches!(err, TemplateError::Vm { .. }), "{step:?}: {err:?}");
             assert_eq!(host.depth(&b.template_path()), 0, "{step:?}");
             assert!(!b.template_path().exists(), "{step:?}");
             assert_eq!(b.live().await, 0, "{step:?}");
@@ -560,10 +559,7 @@ mod tests {
             b.agent_fail.lock().expect("lock").push(method);
             let host = Arc::new(FakeHost::default());
             let err = new_template(&b, &host).await.expect_err("fails");
-            assert!(
-                matches!(err, Error::Template(TemplateError::Vm { .. })),
-                "{method}: {err:?}"
-            );
+            assert!(matches!(err, TemplateError::Vm { .. }), "{method}: {err:?}");
             assert!(err.to_string().contains("warm-up"), "{method}: {err}");
             assert_eq!(host.depth(&b.template_path()), 0, "{method}");
             assert!(!b.template_path().exists(), "{method}");
@@ -575,10 +571,7 @@ mod tests {
         b.relisten.store(false, Ordering::SeqCst);
         let host = Arc::new(FakeHost::default());
         let err = new_template(&b, &host).await.expect_err("fails");
-        assert!(
-            matches!(err, Error::Template(TemplateError::Relisten { .. })),
-            "{err:?}"
-        );
+        assert!(matches!(err, TemplateError::Relisten { .. }), "{err:?}");
         assert!(!b.template_path().exists());
         assert_eq!(b.live().await, 0);
         // A non-empty directory that is no template is refused and left alone.
@@ -588,7 +581,7 @@ mod tests {
         let err = new_template(&b, &host).await.expect_err("occupied");
         assert!(matches!(
             err,
-            Error::Template(TemplateError::Occupied { ref reason, .. })
+            TemplateError::Occupied { ref reason, .. }
                 if matches!(**reason, TemplateError::Missing { .. })
         ));
         assert!(b.template_path().join("other").is_file());
@@ -611,7 +604,7 @@ mod tests {
         assert!(path.join(METADATA_FILE).is_file());
 
         let field = |r: Result<TemplateFactory>| match r {
-            Err(Error::Template(TemplateError::Mismatch { field, .. })) => field,
+            Err(TemplateError::Mismatch { field, .. }) => field,
             other => panic!("{other:?}"),
         };
         let mut cfg = b.config();
@@ -643,7 +636,7 @@ mod tests {
         std::fs::write(path.join(STATE_FILE), &state[..state.len() / 2]).expect("truncate");
         assert!(matches!(
             fetch(b.config(), host.clone()).await,
-            Err(Error::Template(TemplateError::FileSize { expected, found, .. }))
+            Err(TemplateError::FileSize { expected, found, .. })
                 if expected == full && found == full / 2
         ));
         std::fs::write(path.join(STATE_FILE), &state).expect("restore");
@@ -652,22 +645,22 @@ mod tests {
         std::fs::remove_file(path.join(STATE_FILE)).expect("rm");
         assert!(matches!(
             fetch(b.config(), host.clone()).await,
-            Err(Error::Template(TemplateError::Missing { path })) if path.ends_with(STATE_FILE)
+            Err(TemplateError::Missing { path }) if path.ends_with(STATE_FILE)
         ));
         std::fs::File::create(path.join(MEMORY_FILE)).expect("truncate");
         assert!(matches!(
             fetch(b.config(), host.clone()).await,
-            Err(Error::Template(TemplateError::FileSize { found: 0, .. }))
+            Err(TemplateError::FileSize { found: 0, .. })
         ));
         std::fs::write(path.join(METADATA_FILE), b"garbage").expect("corrupt");
         assert!(matches!(
             fetch(b.config(), host.clone()).await,
-            Err(Error::Template(TemplateError::Corrupt { .. }))
+            Err(TemplateError::Corrupt { .. })
         ));
         t.close().await.expect("close");
         assert!(matches!(
             fetch(b.config(), host.clone()).await,
-            Err(Error::Template(TemplateError::Missing { .. }))
+            Err(TemplateError::Missing { .. })
         ));
     }
 

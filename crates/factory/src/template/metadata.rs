@@ -1,6 +1,6 @@
 //! Template metadata (`<template>/metadata.json`): what a template was made from, so a later
 //! `fetch` can refuse a stale or mismatched one with an error naming the field. The seed left
-//! this as a TODO. Also [`TemplateError`], the template operations' error.
+//! this as a TODO.
 //!
 //! # What a clone must match ([`CloneKey`])
 //! A clone maps the template's RAM and loads its device state, so QEMU must build the same
@@ -19,7 +19,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
 
-use crate::host::TemplateHost;
+use super::error::TemplateError;
+use super::host::TemplateHost;
 
 /// The metadata format version this build writes and reads.
 pub const TEMPLATE_METADATA_VERSION: u32 = 1;
@@ -31,170 +32,6 @@ pub const MEMORY_FILE: &str = "memory";
 pub const STATE_FILE: &str = "state";
 /// Longest metadata file [`TemplateMetadata::load`] reads, in bytes (a real one is about 1 KiB).
 pub const MAX_METADATA_SIZE: u64 = 64 * 1024;
-
-/// Errors of template creation, fetching and removal.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TemplateError {
-    /// The template's metadata does not match the config in `field`.
-    #[error("Template does not match the config in {field}: template has {template}, config has {config}")]
-    Mismatch {
-        /// The field (a [`CloneKey`] field name, e.g. `memory_mib`, `kernel_file`).
-        field: String,
-        /// The template's value.
-        template: String,
-        /// The config's value.
-        config: String,
-    },
-    /// A template file is missing.
-    #[error("Template file {path} is missing")]
-    Missing {
-        /// The missing file.
-        path: PathBuf,
-    },
-    /// A template file has the wrong size (a truncated memory file, an empty state file).
-    #[error("Template file {path} has {found} bytes, expected {expected}")]
-    FileSize {
-        /// The file.
-        path: PathBuf,
-        /// The expected size (for the state file: at least 1).
-        expected: u64,
-        /// The size found.
-        found: u64,
-    },
-    /// The metadata file is not valid metadata JSON.
-    #[error("Template metadata {path} is corrupt")]
-    Corrupt {
-        /// The metadata file.
-        path: PathBuf,
-        /// The JSON error.
-        #[source]
-        source: serde_json::Error,
-    },
-    /// The metadata's recorded hash does not match its fields (edited or damaged).
-    #[error("Template metadata {path} fails its hash check")]
-    HashMismatch {
-        /// The metadata file.
-        path: PathBuf,
-    },
-    /// The metadata has a format version this build does not read.
-    #[error("Template metadata {path} has version {found}, this build reads {supported}")]
-    UnsupportedVersion {
-        /// The metadata file.
-        path: PathBuf,
-        /// The version found.
-        found: u32,
-        /// The version this build reads.
-        supported: u32,
-    },
-    /// Reading or writing the metadata file failed.
-    #[error("Template metadata {path} could not be {op}")]
-    Persist {
-        /// `read` or `written`.
-        op: &'static str,
-        /// The metadata file.
-        path: PathBuf,
-        /// The persist error.
-        #[source]
-        source: vmfactory_persist::Error,
-    },
-    /// A file-system operation failed.
-    #[error("Failed to {op} {path}")]
-    Io {
-        /// What was attempted.
-        op: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Mounting the template tmpfs failed (other than not being permitted).
-    #[error("Mounting a tmpfs at {path} failed")]
-    Mount {
-        /// The mount point.
-        path: PathBuf,
-        /// The errno.
-        #[source]
-        source: nix::errno::Errno,
-    },
-    /// Unmounting the template tmpfs failed.
-    #[error("Unmounting {path} failed")]
-    Unmount {
-        /// The mount point.
-        path: PathBuf,
-        /// The errno.
-        #[source]
-        source: nix::errno::Errno,
-    },
-    /// The template path is a mount point or a non-empty directory that holds no usable
-    /// template for this config; it is left alone (never mounted over).
-    #[error("Template path {path} is in use and holds no usable template")]
-    Occupied {
-        /// The template path.
-        path: PathBuf,
-        /// Why the existing content is not usable.
-        #[source]
-        reason: Box<TemplateError>,
-    },
-    /// `<qemu> --version` could not be run or failed.
-    #[error("Cannot get the version of {qemu}")]
-    QemuVersion {
-        /// The QEMU binary.
-        qemu: PathBuf,
-        /// What went wrong.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The template VM's proxy does not read the console, so the agent's re-listen cannot be
-    /// seen.
-    #[error("The console proxy of template VM {id} does not read the console")]
-    NoConsole {
-        /// The template VM id.
-        id: String,
-    },
-    /// The agent of the template VM did not re-listen after the host disconnected.
-    #[error("The agent of template VM {id} did not re-listen")]
-    Relisten {
-        /// The template VM id.
-        id: String,
-        /// The wait's error.
-        #[source]
-        source: vmfactory_proxy::Error,
-    },
-    /// A VM step of the template flow failed.
-    #[error("Template VM {step} failed")]
-    Vm {
-        /// `boot`, `disconnect`, `pause`, `save`, `stop`, or `clone`.
-        step: &'static str,
-        /// The VM error (boxed: it is large).
-        #[source]
-        source: Box<vmfactory_vm::Error>,
-    },
-    /// The template config is invalid.
-    #[error("Invalid template config")]
-    Config(#[source] vmfactory_vm::ConfigError),
-    /// A blocking task failed.
-    #[error("A blocking template task failed")]
-    Task(#[source] tokio::task::JoinError),
-}
-
-impl TemplateError {
-    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            op,
-            path: path.to_owned(),
-            source,
-        }
-    }
-
-    pub(crate) fn vm(step: &'static str, source: vmfactory_vm::Error) -> Self {
-        Self::Vm {
-            step,
-            source: Box::new(source),
-        }
-    }
-}
 
 /// Which file, how large, last modified when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use tracing::debug;
 
-use crate::metadata::TemplateError;
+use super::error::TemplateError;
 
 /// Where the kernel lists this process's mounts.
 const MOUNTINFO: &str = "/proc/self/mountinfo";

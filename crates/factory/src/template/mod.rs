@@ -1,0 +1,21 @@
+//! Templates: a VM saved once and cloned for every base VM, with the metadata that tells
+//! whether a saved template still matches a config, the host operations (mounts, QEMU's
+//! version) it needs, and [`TemplateError`], the error of all of them.
+//!
+//! Inside, modules depend one way: `factory` → `metadata` → `host` → `error`.
+
+mod error;
+mod factory;
+mod host;
+mod metadata;
+
+pub use error::{TemplateError, TemplateStep};
+pub use factory::{
+    clone_vm_config, template_paths, template_vm_config, TemplateFactory, AGENT_LISTENING_PREFIX,
+};
+pub use host::{MountOutcome, SystemHost, TemplateHost};
+pub(crate) use metadata::first_difference;
+pub use metadata::{
+    CloneKey, FileIdentity, TemplateMetadata, MAX_METADATA_SIZE, MEMORY_FILE, METADATA_FILE,
+    STATE_FILE, TEMPLATE_METADATA_VERSION,
+};
