@@ -234,7 +234,7 @@ fn build_agent(quiet: bool) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&root)
-        .args(["build", "-p", "vmfactory-agent", "--bin", "vmfactory-agent"])
+        .args(["build", "-p", "vmfactory-guest", "--bin", "vmfactory-agent"])
         .args(["--profile", "agent-static", "--target", GUEST_TARGET])
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env("RUSTFLAGS", "-C target-feature=+crt-static");

@@ -9,7 +9,7 @@ use thiserror::Error;
 /// Result of every fallible operation of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Everything that can go wrong in the agent client, the transports and the guest agent.
+/// Everything that can go wrong in the agent client and its transports.
 #[derive(Debug, Error)]
 pub enum Error {
     /// The agent URL could not be parsed.
@@ -84,36 +84,6 @@ pub enum Error {
         reason: String,
     },
 
-    /// A guest-side system operation failed (mount, sysfs write, ioctl, ...).
-    #[error("Failed to {op} {target}")]
-    Sys {
-        /// What was being done.
-        op: &'static str,
-        /// What it was done to.
-        target: String,
-        /// The errno.
-        #[source]
-        source: nix::Error,
-    },
-
-    /// The guest has no virtio port with the requested name.
-    #[error("No virtio port named {name} under {dir}")]
-    PortNotFound {
-        /// The port name looked for (`agent.channel.0`).
-        name: String,
-        /// The directory that was scanned.
-        dir: PathBuf,
-    },
-
-    /// Waiting for a guest-side condition (CPUs or memory online) timed out.
-    #[error("Timed out after {timeout:?} waiting for {what}")]
-    WaitTimeout {
-        /// What was awaited.
-        what: String,
-        /// How long it was awaited.
-        timeout: Duration,
-    },
-
     /// The operation is not supported by this agent or on this platform.
     #[error("Unsupported: {0}")]
     Unsupported(&'static str),
@@ -137,24 +107,8 @@ impl Error {
         }
     }
 
-    /// Builds an [`Error::Sys`].
-    pub(crate) fn sys(
-        op: &'static str,
-        target: impl std::fmt::Display,
-        source: nix::Error,
-    ) -> Self {
-        Error::Sys {
-            op,
-            target: target.to_string(),
-            source,
-        }
-    }
-
     /// True when the error is a per-call or dial timeout.
     pub fn is_timeout(&self) -> bool {
-        matches!(
-            self,
-            Error::Timeout { .. } | Error::DialTimeout { .. } | Error::WaitTimeout { .. }
-        )
+        matches!(self, Error::Timeout { .. } | Error::DialTimeout { .. })
     }
 }

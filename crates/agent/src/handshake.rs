@@ -14,7 +14,7 @@
 //! A ttRPC frame starts with its length as a big-endian `u32` of at most 4 MiB, so its first
 //! byte is always `0`; a `SYNC` line starts with `S`. That lets the guest see, at every frame
 //! boundary, whether the next bytes belong to the current session or start a new one (see
-//! `server::serial`). A host whose handshake is not answered in time reconnects and tries again.
+//! `vmfactory-guest`'s `server::serial`, the guest side). A host whose handshake is not answered in time reconnects and tries again.
 
 use std::path::Path;
 use std::time::Duration;

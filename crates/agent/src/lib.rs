@@ -1,12 +1,18 @@
-//! Host client of the Kata agent protocol over ttRPC, and the vmfactory guest agent.
+//! The Kata agent protocol, its host client and transports.
 //!
 //! This crate owns:
 //! - the protocol subset (`grpc.Health`, `grpc.AgentService`, and our own
-//!   `vmfactory.diag.Diagnostics`), generated from `protos/` by ttrpc-codegen;
-//! - init duties of the guest agent when it runs as `/init` ([`init`]).
+//!   `vmfactory.diag.Diagnostics`), generated from `protos/` by ttrpc-codegen ([`protocols`]),
+//!   with its own request/response [`types`] converted to and from the wire in one place;
+//! - the host client: the object-safe [`Agent`] trait and [`KataAgent`], and `FakeAgent` for
+//!   other crates' tests (feature `test-utils`);
+//! - the transports ([`AgentUrl`]: virtio-serial, vsock, hybrid vsock, unix) and the session
+//!   [`handshake`] of a virtio-serial port, both sides of it;
+//! - what host and guest agree on about the agent's endpoints and console lines ([`channel`]).
 //!
-//! It does not know about QEMU, run directories or VMs: `vmfactory-vm` chooses the channel and
-//! hands this crate an agent URL.
+//! It does not hold the guest agent program: that is `vmfactory-guest`, which depends on this
+//! crate for the protocol. Nor does it know about QEMU, run directories or VMs: `vmfactory-vm`
+//! chooses the channel and hands this crate an agent URL.
 //!
 //! # Example
 //!
@@ -26,19 +32,19 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod channel;
 pub mod client;
 mod convert;
 pub mod error;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
 pub mod handshake;
-pub mod init;
 pub mod protocols;
-pub mod server;
 pub mod transport;
 pub mod types;
 pub mod url;
 
+pub use channel::{AGENT_PORT_NAME, AGENT_VSOCK_PORT, READY_LINE};
 pub use client::{Agent, AgentConfig, KataAgent};
 pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-utils"))]
@@ -48,5 +54,6 @@ pub use types::{
 };
 pub use url::AgentUrl;
 
-/// The crate version, reported by the guest agent as `agent_version`.
+/// The crate version; the guest agent reports it as `agent_version`, so a host can compare it
+/// with its own.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -5,97 +5,33 @@
 //! The services only touch the guest through [`GuestPaths`] and [`GuestClock`], so tests run them
 //! in-process against a fake sysfs tree and a fake clock.
 
+mod config;
 mod serial;
 mod service;
 pub mod sysfs;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use nix::sys::time::TimeSpec;
-use nix::time::{clock_settime, ClockId};
 use tracing::{info, warn};
 use ttrpc::asynchronous::transport::Listener;
 use ttrpc::r#async::{Server, Service};
+use vmfactory_agent::channel::listening_line;
+use vmfactory_agent::protocols::{agent_ttrpc, diag_ttrpc, health_ttrpc};
 
+use crate::console::console_line;
 use crate::error::{Error, Result};
-use crate::init::console_line;
 
+pub use config::{GuestClock, GuestConfig, SystemClock};
 pub use serial::{serial_listener, FdStream, PortOpener, SerialConn};
 pub use service::GuestAgent;
 pub use sysfs::GuestPaths;
 
-/// Name of the virtio-serial port the agent serves on.
-pub const AGENT_PORT_NAME: &str = "agent.channel.0";
-
-/// vsock port the agent serves on.
-pub const AGENT_VSOCK_PORT: u32 = 1024;
-
-/// The guest wall clock, injectable so tests never set the host's clock.
-pub trait GuestClock: Send + Sync + fmt::Debug {
-    /// Reads the wall clock.
-    fn now(&self) -> SystemTime;
-    /// Sets the wall clock.
-    fn set(&self, t: SystemTime) -> Result<()>;
-}
-
-/// The real `CLOCK_REALTIME`.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SystemClock;
-
-impl GuestClock for SystemClock {
-    fn now(&self) -> SystemTime {
-        SystemTime::now()
-    }
-
-    fn set(&self, t: SystemTime) -> Result<()> {
-        let d = t
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_err(|_| Error::Unsupported("setting the clock before 1970"))?;
-        clock_settime(ClockId::CLOCK_REALTIME, TimeSpec::from_duration(d))
-            .map_err(|e| Error::sys("set", "CLOCK_REALTIME", e))
-    }
-}
-
-/// Configuration of the guest server.
-#[derive(Debug, Clone)]
-pub struct GuestConfig {
-    /// Roots of sysfs, procfs and devtmpfs.
-    pub paths: GuestPaths,
-    /// The wall clock `SetGuestDateTime` sets and `GetTime` reads.
-    pub clock: Arc<dyn GuestClock>,
-    /// Name of the virtio-serial port to serve on.
-    pub port_name: String,
-    /// vsock port to serve on when the guest has vsock (`None`: do not).
-    pub vsock_port: Option<u32>,
-    /// How long `OnlineCPUMem` waits for hot-plugged CPUs to appear.
-    pub online_timeout: Duration,
-    /// How long [`serve_guest`] waits for the virtio port to appear.
-    pub port_timeout: Duration,
-    /// Reported as `AgentDetails.init_daemon`.
-    pub init_daemon: bool,
-}
-
-impl Default for GuestConfig {
-    fn default() -> Self {
-        GuestConfig {
-            paths: GuestPaths::default(),
-            clock: Arc::new(SystemClock),
-            port_name: AGENT_PORT_NAME.to_owned(),
-            vsock_port: Some(AGENT_VSOCK_PORT),
-            online_timeout: Duration::from_secs(5),
-            port_timeout: Duration::from_secs(10),
-            init_daemon: std::process::id() == 1,
-        }
-    }
-}
-
 /// The ttRPC service map of all three services, ready for [`Server::register_service`].
 pub fn services(agent: Arc<GuestAgent>) -> HashMap<String, Service> {
-    use crate::protocols::{agent_ttrpc, diag_ttrpc, health_ttrpc};
     let mut map = health_ttrpc::create_health(agent.clone());
     map.extend(agent_ttrpc::create_agent_service(agent.clone()));
     map.extend(diag_ttrpc::create_diagnostics(agent));
@@ -119,10 +55,10 @@ impl AgentServer {
         let mut server = Server::new()
             .add_listener(listener)
             .register_service(services(agent));
-        server.start().await.map_err(|source| Error::Rpc {
-            method: "Server::start",
-            source,
-        })?;
+        server
+            .start()
+            .await
+            .map_err(|source| Error::Start { source })?;
         Ok(AgentServer { server })
     }
 
@@ -159,7 +95,7 @@ pub async fn serve_guest(cfg: GuestConfig) -> Result<()> {
         Some(port) => match vsock_listener(port) {
             Ok(l) => {
                 let server = AgentServer::start(agent.clone(), l).await?;
-                console_line(&format!("vmfactory-agent: listening on vsock port {port}"));
+                console_line(&listening_line(&format!("vsock port {port}")));
                 Some(server)
             }
             Err(e) => {
@@ -194,7 +130,7 @@ fn vsock_listener(port: u32) -> std::io::Result<Listener> {
 
 /// Polls sysfs for the agent port: the port's name arrives from the host some time after the
 /// virtio_console driver probed, and there is no udev here to tell us.
-async fn wait_for_port(cfg: &GuestConfig) -> Result<std::path::PathBuf> {
+async fn wait_for_port(cfg: &GuestConfig) -> Result<PathBuf> {
     let deadline = tokio::time::Instant::now() + cfg.port_timeout;
     loop {
         let paths = cfg.paths.clone();

@@ -5,7 +5,7 @@
 //! [`reap_children`], which is an async task.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -15,24 +15,58 @@ use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::Mode;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use thiserror::Error;
 use tracing::{debug, info, warn};
 
-use crate::error::{Error, Result};
-
-/// Line printed on the console once the init duties are done.
-pub const READY_LINE: &str = "vmfactory-agent: ready";
+use crate::console::{console_line, source_chain};
 
 /// Where [`load_modules`] finds its modules by default.
 pub const MODULES_DIR: &str = "/lib/modules";
 
-/// Writes one line to the console (stdout), flushing it at once.
-///
-/// Console lines are the host's only view of the guest before the agent channel is up; write
-/// errors are ignored because there is nowhere else to report them.
-pub fn console_line(line: &str) {
-    let mut out = io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
+/// What a PID 1 duty can fail at. [`init_guest`] prints it on the console and goes on.
+#[derive(Debug, Error)]
+pub enum InitError {
+    /// A file operation failed (a mount point, the module list, a module file).
+    #[error("Failed to {op} {}", path.display())]
+    Io {
+        /// What was being done ("create", "read", "open").
+        op: &'static str,
+        /// The file it was done to.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A system call failed (mount, dup2, finit_module).
+    #[error("Failed to {op} {}", path.display())]
+    Sys {
+        /// What was being done ("mount", "load module", ...).
+        op: &'static str,
+        /// The file it was done to.
+        path: PathBuf,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+}
+
+impl InitError {
+    fn io(op: &'static str, path: &Path, source: io::Error) -> Self {
+        InitError::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
+
+    fn sys(op: &'static str, path: &Path, source: nix::Error) -> Self {
+        InitError::Sys {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
 }
 
 /// Performs all PID 1 duties in order: mounts, console, modules. Failures are logged and do not
@@ -57,8 +91,8 @@ pub fn init_guest() {
 
 /// Mounts `fstype` at `target`, creating the directory first; an already mounted target
 /// (`EBUSY`) counts as success.
-pub fn mount_fs(source: &str, target: &Path, fstype: &str) -> Result<()> {
-    fs::create_dir_all(target).map_err(|e| Error::io("create", target.display(), e))?;
+pub fn mount_fs(source: &str, target: &Path, fstype: &str) -> Result<(), InitError> {
+    fs::create_dir_all(target).map_err(|e| InitError::io("create", target, e))?;
     let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     let flags = if fstype == "devtmpfs" {
         MsFlags::MS_NOSUID
@@ -67,13 +101,13 @@ pub fn mount_fs(source: &str, target: &Path, fstype: &str) -> Result<()> {
     };
     match mount(Some(source), target, Some(fstype), flags, None::<&str>) {
         Ok(()) | Err(Errno::EBUSY) => Ok(()),
-        Err(e) => Err(Error::sys("mount", target.display(), e)),
+        Err(e) => Err(InitError::sys("mount", target, e)),
     }
 }
 
 /// Makes sure fds 0, 1 and 2 are open, pointing them at `console` if they are not (the kernel
 /// leaves them closed when the initramfs has no `/dev/console` node).
-pub fn ensure_console_stdio(console: &Path) -> Result<()> {
+pub fn ensure_console_stdio(console: &Path) -> Result<(), InitError> {
     let closed: Vec<i32> = (0..3)
         .filter(|fd| fcntl(*fd, FcntlArg::F_GETFD) == Err(Errno::EBADF))
         .collect();
@@ -81,10 +115,10 @@ pub fn ensure_console_stdio(console: &Path) -> Result<()> {
         return Ok(());
     }
     let fd = nix::fcntl::open(console, OFlag::O_RDWR | OFlag::O_NOCTTY, Mode::empty())
-        .map_err(|e| Error::sys("open", console.display(), e))?;
+        .map_err(|e| InitError::sys("open", console, e))?;
     for target in &closed {
         if *target != fd {
-            nix::unistd::dup2(fd, *target).map_err(|e| Error::sys("dup2", console.display(), e))?;
+            nix::unistd::dup2(fd, *target).map_err(|e| InitError::sys("dup2", console, e))?;
         }
     }
     if fd > 2 {
@@ -95,9 +129,9 @@ pub fn ensure_console_stdio(console: &Path) -> Result<()> {
 
 /// Reads `<dir>/load-order` (one module file name per line, `#` comments and blank lines
 /// ignored) and returns the module paths in order.
-pub fn module_load_order(dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn module_load_order(dir: &Path) -> Result<Vec<PathBuf>, InitError> {
     let list = dir.join("load-order");
-    let text = fs::read_to_string(&list).map_err(|e| Error::io("read", list.display(), e))?;
+    let text = fs::read_to_string(&list).map_err(|e| InitError::io("read", &list, e))?;
     Ok(parse_load_order(dir, &text))
 }
 
@@ -141,15 +175,15 @@ pub fn load_modules(dir: &Path) -> usize {
 }
 
 /// Loads one module file with `finit_module`; `EEXIST` counts as success.
-pub fn load_module(path: &Path) -> Result<()> {
-    let file = fs::File::open(path).map_err(|e| Error::io("open", path.display(), e))?;
+pub fn load_module(path: &Path) -> Result<(), InitError> {
+    let file = fs::File::open(path).map_err(|e| InitError::io("open", path, e))?;
     match finit_module(&file, c"", ModuleInitFlags::empty()) {
         Ok(()) => {
             debug!(module = %path.display(), fd = file.as_raw_fd(), "module loaded");
             Ok(())
         }
         Err(Errno::EEXIST) => Ok(()),
-        Err(e) => Err(Error::sys("load module", path.display(), e)),
+        Err(e) => Err(InitError::sys("load module", path, e)),
     }
 }
 
@@ -185,17 +219,6 @@ pub fn reap_exited() {
     }
 }
 
-/// Formats the source chain of an error (`a: b: c`) for console lines.
-pub fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push(s.to_string());
-        cur = s.source();
-    }
-    out.join(": ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,8 +245,14 @@ mod tests {
         assert_eq!(load_modules(dir.path()), 0);
         assert!(matches!(
             module_load_order(dir.path()),
-            Err(Error::Io { .. })
+            Err(InitError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn error_text_names_the_operation_and_path() {
+        let err = module_load_order(Path::new("/nonexistent")).expect_err("no list");
+        assert_eq!(err.to_string(), "Failed to read /nonexistent/load-order");
     }
 
     #[test]

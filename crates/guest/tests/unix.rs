@@ -5,8 +5,8 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use common::{agent, url, FakeGuest};
-use vmfactory_agent::server::{AgentServer, GuestAgent};
 use vmfactory_agent::{Agent, Error, HealthStatus, KataAgent};
+use vmfactory_guest::server::{AgentServer, GuestAgent};
 
 const T: Duration = Duration::from_secs(5);
 

@@ -10,7 +10,7 @@
 //!    means connected, `EPOLLERR` fails, `EPOLLHUP` means "not yet". The port itself cannot be
 //!    given to tokio's `AsyncFd` for this wait (it keeps HUP readiness sticky, so it would
 //!    spin): a private epoll instance watches the port, and tokio watches that instance;
-//! 3. reads the host's `SYNC <nonce>` line (see [`crate::handshake`]), discarding anything
+//! 3. reads the host's `SYNC <nonce>` line (see [`vmfactory_agent::handshake`]), discarding anything
 //!    before it, and answers `SYNCED <nonce>`;
 //! 4. yields a duplicate of the port fd as a [`SerialConn`] (tokio `AsyncFd` based), whose
 //!    reader follows ttRPC frame boundaries: bytes that do not start a frame (a new host's
@@ -42,9 +42,10 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
+use vmfactory_agent::channel::listening_line;
+use vmfactory_agent::handshake;
 
-use crate::handshake;
-use crate::init::console_line;
+use crate::console::console_line;
 
 type OpenFn = dyn Fn() -> io::Result<OwnedFd> + Send + Sync;
 
@@ -200,7 +201,7 @@ async fn accept(
         // Armed before the announcement: a template saved right after it has the wait set up.
         waiting.waiter.arm(waiting.fd.as_fd())?;
     }
-    console_line(&format!("vmfactory-agent: listening on {label}"));
+    console_line(&listening_line(label));
     if pending.is_empty() {
         waiting.waiter.wait(waiting.fd.as_fd()).await?;
     }

@@ -1,4 +1,4 @@
-//! Shared helpers of the protocol tests: a fake guest tree, a fake clock, an in-process server.
+//! Shared helpers of the server tests: a fake guest tree, a fake clock, an in-process server.
 #![allow(dead_code)]
 
 use std::fs;
@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use vmfactory_agent::server::{AgentServer, GuestAgent, GuestClock, GuestConfig, GuestPaths};
 use vmfactory_agent::{AgentConfig, AgentUrl, KataAgent};
+use vmfactory_guest::server::{AgentServer, GuestAgent, GuestClock, GuestConfig, GuestPaths};
 
 /// A settable clock that never touches the host's.
 #[derive(Debug)]
@@ -18,7 +18,7 @@ impl GuestClock for FakeClock {
         *self.0.lock().expect("clock lock")
     }
 
-    fn set(&self, t: SystemTime) -> vmfactory_agent::Result<()> {
+    fn set(&self, t: SystemTime) -> vmfactory_guest::Result<()> {
         *self.0.lock().expect("clock lock") = t;
         Ok(())
     }

@@ -8,7 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tracing::{error, info};
-use vmfactory_agent::init::{self, console_line, READY_LINE};
+use vmfactory_agent::READY_LINE;
+use vmfactory_guest::console::{console_line, source_chain};
+use vmfactory_guest::init;
+use vmfactory_guest::server::{serve_guest, serve_unix, GuestConfig};
 
 const USAGE: &str = "\
 usage: vmfactory-agent [--init] [--serve-unix PATH]
@@ -93,16 +96,14 @@ fn guest_main(pid1: bool) -> ExitCode {
         }
         let mut backoff = Duration::from_millis(100);
         loop {
-            let task = tokio::spawn(vmfactory_agent::server::serve_guest(
-                vmfactory_agent::server::GuestConfig::default(),
-            ));
+            let task = tokio::spawn(serve_guest(GuestConfig::default()));
             match task.await {
                 Ok(Ok(())) => info!("guest server stopped"),
                 Ok(Err(e)) => {
                     error!(error = %e, "guest server failed");
                     console_line(&format!(
                         "vmfactory-agent: serve failed: {e}: {}",
-                        init::source_chain(&e)
+                        source_chain(&e)
                     ));
                 }
                 Err(e) => {
@@ -125,11 +126,10 @@ fn host_main(path: &str) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cfg = vmfactory_agent::server::GuestConfig::default();
-    match rt.block_on(vmfactory_agent::server::serve_unix(cfg, path.as_ref())) {
+    match rt.block_on(serve_unix(GuestConfig::default(), path.as_ref())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vmfactory-agent: {e}: {}", init::source_chain(&e));
+            eprintln!("vmfactory-agent: {e}: {}", source_chain(&e));
             ExitCode::FAILURE
         }
     }

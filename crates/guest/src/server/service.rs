@@ -12,10 +12,16 @@ use tracing::{info, instrument, warn};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{get_status, Code};
 
-use super::{sysfs, GuestConfig};
+use vmfactory_agent::protocols::{
+    agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc,
+};
+use vmfactory_agent::types::{
+    self, AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Uptime,
+};
+
+use super::config::GuestConfig;
+use super::sysfs;
 use crate::error::{Error, Result};
-use crate::protocols::{agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc};
-use crate::types::{self, AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Uptime};
 
 /// Largest `GetRandom` request served.
 pub const MAX_RANDOM_LEN: u32 = 1 << 20;
@@ -140,7 +146,7 @@ impl GuestAgent {
         Ok(GuestDetails {
             mem_block_size_bytes,
             agent_details: Some(AgentDetails {
-                version: crate::VERSION.to_owned(),
+                version: vmfactory_agent::VERSION.to_owned(),
                 init_daemon: self.cfg.init_daemon,
                 ..Default::default()
             }),
@@ -188,7 +194,7 @@ impl health_ttrpc::Health for GuestAgent {
     ) -> ttrpc::Result<health::VersionCheckResponse> {
         Ok(types::VersionInfo {
             grpc_version: GRPC_VERSION.to_owned(),
-            agent_version: crate::VERSION.to_owned(),
+            agent_version: vmfactory_agent::VERSION.to_owned(),
         }
         .into())
     }

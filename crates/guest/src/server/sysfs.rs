@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
+use vmfactory_agent::types::Resources;
+
 use crate::error::{Error, Result};
-use crate::types::Resources;
 
 /// Roots of the pseudo file systems the guest server reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,8 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use ttrpc::asynchronous::transport::Listener;
 use vmfactory_agent::handshake::{ack_line, hello_line, host_handshake};
-use vmfactory_agent::server::{serial_listener, AgentServer, FdStream, PortOpener};
 use vmfactory_agent::{Agent, AgentConfig, HealthStatus, KataAgent};
+use vmfactory_guest::server::{serial_listener, AgentServer, FdStream, PortOpener};
 
 const T: Duration = Duration::from_secs(5);
 
