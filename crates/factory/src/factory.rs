@@ -57,7 +57,7 @@ impl Factory {
         }
     }
 
-    /// The base (a [`CacheFactory`] around the kind's base when cached).
+    /// The base (a [`crate::CacheFactory`] around the kind's base when cached).
     pub fn base(&self) -> &Arc<dyn FactoryBase> {
         &self.base
     }
