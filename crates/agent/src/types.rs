@@ -1,5 +1,5 @@
 //! The crate's own request and response types, independent of the generated protobuf code.
-//! [`crate::convert`] is the only place that maps them to and from the wire types.
+//! The private `convert` module is the only place that maps them to and from the wire types.
 
 use std::time::{Duration, SystemTime};
 

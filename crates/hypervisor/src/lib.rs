@@ -19,7 +19,7 @@
 //! - qapi 0.15's types follow QEMU 9.1's schema; where a 9.1 type may not match what 7.2 sends
 //!   (`query-migrate`), this crate reads raw JSON.
 //!
-//! With the `test-utils` feature, [`FakeHypervisor`] stands in for QEMU in other crates' tests.
+//! With the `test-utils` feature, `FakeHypervisor` stands in for QEMU in other crates' tests.
 //!
 //! # Example
 //!
