@@ -24,7 +24,7 @@ fn vmfactory_bin() -> PathBuf {
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "-p", "vmfactory-factory", "--bin", "vmfactory"])
+        .args(["build", "-p", "vmfactory"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
         .expect("run cargo build");

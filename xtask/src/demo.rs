@@ -136,15 +136,14 @@ fn vmfactory(root: &Path, args: &[&str]) -> Result<(String, Duration)> {
     Ok((String::from_utf8_lossy(&out.stdout).into_owned(), took))
 }
 
-/// `cargo build --release -p vmfactory-factory --bin vmfactory` into the workspace's target.
+/// `cargo build --release -p vmfactory` into the workspace's target.
 fn build_cli(root: &Path) -> Result<()> {
-    println!("building the CLI: cargo build --release -p vmfactory-factory --bin vmfactory");
+    println!("building the CLI: cargo build --release -p vmfactory");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run_cmd(
         Command::new(cargo)
             .current_dir(root)
-            .args(["build", "--release", "-p", "vmfactory-factory"])
-            .args(["--bin", "vmfactory"])
+            .args(["build", "--release", "-p", "vmfactory"])
             .env_remove("CARGO_TARGET_DIR"),
     )?;
     ensure!(root.join(BIN).is_file(), "The build left no {BIN}");

@@ -1,9 +1,10 @@
-//! Project automation: `cargo xtask <guest|tools|test|e2e|bench|demo>`.
+//! Project automation: `cargo xtask <guest|tools|lint|test|e2e|bench|demo>`.
 
 mod bench;
 mod bench_factory;
 mod demo;
 mod guest;
+mod lint;
 mod tools;
 mod util;
 
@@ -31,7 +32,9 @@ enum Cmd {
     Guest,
     /// Install what the tests need: QEMU (apt) and vhost-device-vsock (crates.io).
     Tools,
-    /// Run every test: unit, protocol and real-QEMU end-to-end.
+    /// Fail on any lint problem: `cargo fmt --check`, clippy and rustdoc with `-D warnings`.
+    Lint,
+    /// Run the lints (as `lint`), then every test: unit, protocol and real-QEMU end-to-end.
     Test {
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true)]
@@ -72,7 +75,9 @@ fn main() -> Result<()> {
         }
         Cmd::Guest => guest::build(false).map(drop),
         Cmd::Tools => prerequisites(),
+        Cmd::Lint => lint::run(),
         Cmd::Test { args } => {
+            lint::run()?;
             prerequisites()?;
             cargo_test(&["--workspace"], &args)
         }

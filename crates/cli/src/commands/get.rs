@@ -11,8 +11,8 @@ use vmfactory_vm::Vm;
 
 use super::inspect::is_bad_template;
 use crate::config_file::Settings;
+use crate::failure::{CmdResult, Failure};
 use crate::progress::Step;
-use crate::{CmdResult, Failure};
 
 /// What `get` prints.
 #[derive(Debug, Serialize)]

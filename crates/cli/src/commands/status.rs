@@ -9,10 +9,10 @@ use serde::Serialize;
 use vmfactory_factory::{error_chain, CacheClient, TemplateError, TemplateMetadata};
 use vmfactory_vm::VmInfo;
 
-use super::exists;
 use super::inspect::is_bad_metadata;
 use crate::config_file::Settings;
-use crate::{CmdResult, Failure};
+use crate::failure::{CmdResult, Failure};
+use crate::probe::exists;
 
 /// What `status --json` prints.
 #[derive(Debug, Serialize)]

@@ -1,5 +1,11 @@
 //! `vmfactory`: the command-line face of the factory (the successor of `kata-runtime factory`).
 //!
+//! This crate owns the command line (`cli`), the configuration file and its checks
+//! (`config_file`, with the embedded `config/default.toml`), the subcommands (`commands`),
+//! exit codes (`failure`) and progress output. It does not own how VMs are made, cloned,
+//! pooled or served: that is `vmfactory-factory` and the crates under it, used through their
+//! public APIs only.
+//!
 //! Exit codes: 0 success, 1 a runtime failure, 2 bad usage or a bad configuration. A failure
 //! is reported as one line, `vmfactory: <message and its causes>`; `--verbose` prints the
 //! causes one per line instead. Logs go to stderr through `tracing` (`RUST_LOG`, default
@@ -8,6 +14,8 @@
 mod cli;
 mod commands;
 mod config_file;
+mod failure;
+mod probe;
 mod progress;
 
 use std::process::ExitCode;
@@ -16,47 +24,7 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Cli, LogFormat};
-use crate::config_file::ConfigFileError;
-
-/// A failed command: its exit code and the error.
-#[derive(Debug)]
-pub struct Failure {
-    code: u8,
-    error: anyhow::Error,
-}
-
-/// Exit code of a runtime failure.
-pub const EXIT_FAILURE: u8 = 1;
-/// Exit code of bad usage or a bad configuration.
-pub const EXIT_USAGE: u8 = 2;
-
-impl Failure {
-    /// Bad usage or configuration (exit 2).
-    pub fn usage(error: impl Into<anyhow::Error>) -> Self {
-        Self {
-            code: EXIT_USAGE,
-            error: error.into(),
-        }
-    }
-}
-
-impl From<anyhow::Error> for Failure {
-    fn from(error: anyhow::Error) -> Self {
-        Self {
-            code: EXIT_FAILURE,
-            error,
-        }
-    }
-}
-
-impl From<ConfigFileError> for Failure {
-    fn from(error: ConfigFileError) -> Self {
-        Self::usage(error)
-    }
-}
-
-/// Result of a command.
-pub type CmdResult = Result<(), Failure>;
+use crate::failure::{EXIT_FAILURE, EXIT_USAGE};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

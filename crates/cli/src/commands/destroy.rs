@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use vmfactory_factory::{CacheClient, SystemHost, TemplateFactory, METADATA_FILE};
 
-use super::{exists, process_alive, wait_until};
 use crate::config_file::Settings;
+use crate::failure::CmdResult;
+use crate::probe::{exists, process_alive, wait_until};
 use crate::progress::Step;
-use crate::CmdResult;
 
 /// Bound on the server stopping after `Quit` (it stops its cached VMs first).
 const STOP_TIMEOUT: Duration = Duration::from_secs(120);

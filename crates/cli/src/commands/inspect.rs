@@ -18,7 +18,7 @@ use vmfactory_persist::{Error as PersistError, Store};
 use vmfactory_vm::{Error as VmError, VmState, MAX_WIRE_SIZE};
 
 use crate::config_file::Settings;
-use crate::{CmdResult, Failure};
+use crate::failure::{CmdResult, Failure};
 
 /// What `inspect template` prints.
 #[derive(Debug, Serialize)]
@@ -276,7 +276,13 @@ mod tests {
 
     #[test]
     fn failures_keep_their_code() {
-        assert_eq!(classify(true, anyhow!("x")).code, crate::EXIT_USAGE);
-        assert_eq!(classify(false, anyhow!("x")).code, crate::EXIT_FAILURE);
+        assert_eq!(
+            classify(true, anyhow!("x")).code,
+            crate::failure::EXIT_USAGE
+        );
+        assert_eq!(
+            classify(false, anyhow!("x")).code,
+            crate::failure::EXIT_FAILURE
+        );
     }
 }

@@ -13,7 +13,7 @@ use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{VmAgentConfig, VmConfig};
 
 /// The embedded default configuration.
-pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
 /// The system-wide configuration, used when `--config` is not given and the file exists.
 pub const SYSTEM_CONFIG: &str = "/etc/vmfactory/config.toml";

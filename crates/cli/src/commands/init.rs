@@ -11,8 +11,8 @@ use vmfactory_factory::{
 };
 
 use crate::config_file::Settings;
+use crate::failure::{CmdResult, Failure};
 use crate::progress::Step;
-use crate::{CmdResult, Failure};
 
 /// How often the fill progress asks the pool for its size.
 const FILL_POLL: Duration = Duration::from_millis(200);

@@ -6,12 +6,9 @@ mod init;
 mod inspect;
 mod status;
 
-use std::path::Path;
-use std::time::{Duration, Instant};
-
 use crate::cli::{Cli, Command, ConfigCommand, InspectCommand};
 use crate::config_file::{self, DEFAULT_TOML};
-use crate::CmdResult;
+use crate::failure::CmdResult;
 
 /// Runs the command `cli` asks for.
 pub async fn run(cli: Cli) -> CmdResult {
@@ -57,34 +54,4 @@ pub async fn run(cli: Cli) -> CmdResult {
             cmd: ConfigCommand::Default,
         } => Ok(()),
     }
-}
-
-/// Whether process `pid` is alive (a zombie is not).
-pub fn process_alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|s| s.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// Polls `cond` every 50 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Whether anything (file, socket, dangling link) is at `path`.
-pub async fn exists(path: &Path) -> bool {
-    tokio::fs::symlink_metadata(path).await.is_ok()
 }
