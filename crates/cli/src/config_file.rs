@@ -7,7 +7,10 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use vmfactory_factory::{error_chain, template_vm_config, FactoryConfig, DEFAULT_TEMPLATE_PATH};
+use vmfactory_factory::cache_service::check_endpoint;
+use vmfactory_factory::{
+    error_chain, CacheServiceError, FactoryConfig, FactoryConfigError, DEFAULT_TEMPLATE_PATH,
+};
 use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
 use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{VmAgentConfig, VmConfig};
@@ -20,9 +23,6 @@ pub const SYSTEM_CONFIG: &str = "/etc/vmfactory/config.toml";
 
 /// Where the VM-cache server listens by default (Kata's `vm_cache_endpoint` is a socket path).
 pub const DEFAULT_CACHE_ENDPOINT: &str = "/run/vc/cache.sock";
-
-/// Longest unix socket path (`sun_path` is 108 bytes with the terminating NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 /// Where relative guest paths of the embedded default point: `$VMFACTORY_GUEST_DIR`, else the
 /// `target/guest` of the checkout this binary was built from (what `cargo xtask guest` fills).
@@ -442,6 +442,96 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
 
 const QEMU: &str = "hypervisor.qemu";
 
+/// The section, key and message, in the file's own names, of a rule the library refused.
+/// `None` for a rule that no single key breaks (e.g. a run root too long for its sockets).
+fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, String)> {
+    use vmfactory_hypervisor::ConfigError as Hv;
+    use vmfactory_vm::ConfigError as Vm;
+    use FactoryConfigError as F;
+    Some(match e {
+        F::RelativeTemplatePath { path } => (
+            "factory",
+            "template_path",
+            format!("template_path must be an absolute path, not {}", path.display()),
+        ),
+        F::NotTemplatable(Hv::TemplateWithImage) => (
+            QEMU,
+            "image",
+            "enable_template needs an initrd guest: a disk image cannot be shared by clones".into(),
+        ),
+        F::NotTemplatable(Hv::TemplateWithoutInitrd) => (
+            "factory",
+            "enable_template",
+            "enable_template needs [hypervisor.qemu] initrd".into(),
+        ),
+        F::NotTemplatable(Hv::HybridVsockWithTemplate) => (
+            QEMU,
+            "agent_channel",
+            "enable_template cannot use agent_channel = \"hybrid-vsock\" (it blocks migration)"
+                .into(),
+        ),
+        F::Vm(Vm::Hypervisor(hv)) => match hv {
+            Hv::ZeroVcpus => (
+                QEMU,
+                "default_vcpus",
+                "default_vcpus must be at least 1".into(),
+            ),
+            Hv::TooManyVcpus { vcpus, max_vcpus } => (
+                QEMU,
+                "default_maxvcpus",
+                format!("default_vcpus ({vcpus}) exceeds default_maxvcpus ({max_vcpus})"),
+            ),
+            Hv::ZeroMemory => (
+                QEMU,
+                "default_memory",
+                "default_memory must be at least 1 MiB".into(),
+            ),
+            Hv::TooMuchMemory {
+                memory_mib,
+                max_memory_mib,
+            } => (
+                QEMU,
+                "default_maxmemory",
+                format!(
+                    "default_memory ({memory_mib} MiB) exceeds default_maxmemory ({max_memory_mib} MiB)"
+                ),
+            ),
+            Hv::MemoryOverLimit { limit, .. } => (
+                QEMU,
+                "default_maxmemory",
+                format!("default_maxmemory exceeds {limit} MiB"),
+            ),
+            Hv::SlotsWithoutMaxMemory => (
+                QEMU,
+                "memory_slots",
+                "memory_slots needs default_maxmemory above default_memory".into(),
+            ),
+            Hv::HotplugUnsupported { machine } => (
+                QEMU,
+                "machine_type",
+                format!(
+                    "machine_type = \"{machine}\" does not support hotplug: set default_maxvcpus = default_vcpus and memory_slots = 0"
+                ),
+            ),
+            _ => return None,
+        },
+        F::Vm(Vm::ZeroTimeout { what }) => {
+            let key = match *what {
+                "dial" => "dial_timeout_ms",
+                "call" => "call_timeout_ms",
+                _ => "ready_timeout_ms",
+            };
+            ("agent", key, format!("{key} must not be 0"))
+        }
+        F::Vm(Vm::RelativeRunRoot { path }) => (
+            "runtime",
+            "run_root",
+            format!("run_root must be an absolute path, not {}", path.display()),
+        ),
+        _ => return None,
+    })
+}
+
 impl Settings {
     /// An [`ConfigFileError::Invalid`] about `[section] key`.
     fn invalid(&self, section: &str, key: &str, message: String) -> ConfigFileError {
@@ -461,123 +551,33 @@ impl Settings {
         c
     }
 
-    /// Checks the values, naming the key at fault (no file access).
+    /// Checks the values with the library's own rules (no file access) and names the key at
+    /// fault: the VM-cache endpoint with [`check_endpoint`], the rest with
+    /// [`FactoryConfig::validate`].
     pub fn check(&self) -> Result<(), ConfigFileError> {
-        let hv = &self.vm.hypervisor;
-        if hv.vcpus == 0 {
-            return Err(self.invalid(
-                QEMU,
-                "default_vcpus",
-                "default_vcpus must be at least 1".into(),
-            ));
-        }
-        if hv.vcpus > hv.max_vcpus {
-            return Err(self.invalid(
-                QEMU,
-                "default_maxvcpus",
-                format!(
-                    "default_vcpus ({}) exceeds default_maxvcpus ({})",
-                    hv.vcpus, hv.max_vcpus
+        if let Err(e) = check_endpoint(&self.endpoint) {
+            let message = match &e {
+                CacheServiceError::RelativeEndpoint { path } => format!(
+                    "vm_cache_endpoint must be an absolute path, not {}",
+                    path.display()
                 ),
-            ));
+                CacheServiceError::EndpointTooLong { max, .. } => {
+                    format!("vm_cache_endpoint is longer than {max} bytes")
+                }
+                other => error_chain(other),
+            };
+            return Err(self.invalid("factory", "vm_cache_endpoint", message));
         }
-        if hv.memory_mib == 0 {
-            return Err(self.invalid(
-                QEMU,
-                "default_memory",
-                "default_memory must be at least 1 MiB".into(),
-            ));
-        }
-        if hv.memory_mib > hv.max_memory_mib {
-            return Err(self.invalid(
-                QEMU,
-                "default_maxmemory",
-                format!(
-                    "default_memory ({} MiB) exceeds default_maxmemory ({} MiB)",
-                    hv.memory_mib, hv.max_memory_mib
-                ),
-            ));
-        }
-        if hv.memory_slots > 0 && hv.max_memory_mib == hv.memory_mib {
-            return Err(self.invalid(
-                QEMU,
-                "memory_slots",
-                "memory_slots needs default_maxmemory above default_memory".into(),
-            ));
-        }
-        for (key, t) in [
-            ("dial_timeout_ms", self.vm.agent.dial_timeout),
-            ("call_timeout_ms", self.vm.agent.call_timeout),
-            ("ready_timeout_ms", self.vm.agent.ready_timeout),
-        ] {
-            if t.is_zero() {
-                return Err(self.invalid("agent", key, format!("{key} must not be 0")));
-            }
-        }
-        for (section, key, path) in [
-            ("runtime", "run_root", &self.vm.run_root),
-            ("factory", "template_path", &self.template_path),
-            ("factory", "vm_cache_endpoint", &self.endpoint),
-        ] {
-            if !path.is_absolute() {
-                return Err(self.invalid(
-                    section,
-                    key,
-                    format!("{key} must be an absolute path, not {}", path.display()),
-                ));
-            }
-        }
-        if self.endpoint.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(self.invalid(
-                "factory",
-                "vm_cache_endpoint",
-                format!("vm_cache_endpoint is longer than {MAX_SOCKET_PATH} bytes"),
-            ));
-        }
-        if self.template {
-            if hv.image.is_some() {
-                return Err(self.invalid(
-                    QEMU,
-                    "image",
-                    "enable_template needs an initrd guest: a disk image cannot be shared by clones"
-                        .into(),
-                ));
-            }
-            if hv.initrd.is_none() {
-                return Err(self.invalid(
-                    "factory",
-                    "enable_template",
-                    "enable_template needs [hypervisor.qemu] initrd".into(),
-                ));
-            }
-            if matches!(hv.agent_channel, AgentChannel::HybridVsock { .. }) {
-                return Err(self.invalid(
-                    QEMU,
-                    "agent_channel",
-                    "enable_template cannot use agent_channel = \"hybrid-vsock\" (it blocks migration)"
-                        .into(),
-                ));
-            }
-        }
-        // The library's own checks, as a backstop (machine/hotplug, CIDs, run root length).
-        let backstop = self
-            .factory_config()
-            .validate()
-            .err()
-            .map(|e| error_chain(&e))
-            .or_else(|| {
-                self.template
-                    .then(|| template_vm_config(&self.vm, &self.template_path).validate_shape())
-                    .and_then(Result::err)
-                    .map(|e| error_chain(&e))
-            });
-        match backstop {
-            Some(message) => Err(ConfigFileError::Invalid {
-                origin: self.origin.clone(),
-                line: None,
-                message,
+        match self.factory_config().validate() {
+            Ok(()) => Ok(()),
+            Err(e) => Err(match config_key(&e) {
+                Some((section, key, message)) => self.invalid(section, key, message),
+                None => ConfigFileError::Invalid {
+                    origin: self.origin.clone(),
+                    line: None,
+                    message: error_chain(&e),
+                },
             }),
-            None => Ok(()),
         }
     }
 

@@ -23,7 +23,7 @@ pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Longest unix socket path (`sun_path` is 108 bytes with the terminating NUL).
-const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// Length of a VM id (a hyphenated UUID).
 const ID_LEN: usize = 36;

@@ -65,6 +65,7 @@ mod wire;
 pub use backends::{Backends, NewStep, QemuBackends};
 pub use config::{
     VmAgentConfig, VmConfig, DEFAULT_CALL_TIMEOUT, DEFAULT_DIAL_TIMEOUT, DEFAULT_READY_TIMEOUT,
+    MAX_SOCKET_PATH,
 };
 pub use error::{ConfigError, Error, Result, WireError};
 pub use ops::{VmInfo, ENTROPY_SOURCE, RESEED_BYTES};

@@ -88,6 +88,7 @@ impl CacheClient {
 
     /// [`CacheClient::connect`], re-attaching VMs with parts from `backends`.
     pub async fn connect_with(endpoint: &Path, backends: Arc<dyn Backends>) -> Result<Self> {
+        super::socket::check_endpoint(endpoint)?;
         let client = dial(endpoint).await?;
         let mut this = Self {
             endpoint: endpoint.to_owned(),

@@ -14,6 +14,24 @@ pub type Result<T> = std::result::Result<T, CacheServiceError>;
 /// [`vmfactory_vm::Error`] and [`ttrpc::Error`] sources are boxed: they are large.
 #[derive(Debug, Error)]
 pub enum CacheServiceError {
+    /// The socket path is relative.
+    #[error("VM-cache socket path {path} is not absolute")]
+    RelativeEndpoint {
+        /// The path.
+        path: PathBuf,
+    },
+
+    /// The socket path does not fit in a unix socket address.
+    #[error("VM-cache socket path {path} is too long ({len} bytes, at most {max})")]
+    EndpointTooLong {
+        /// The path.
+        path: PathBuf,
+        /// Its length in bytes.
+        len: usize,
+        /// The longest that fits.
+        max: usize,
+    },
+
     /// Another server answers on the socket.
     #[error("VM-cache socket {path} is in use by a running server")]
     SocketInUse {

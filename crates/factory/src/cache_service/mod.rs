@@ -38,3 +38,4 @@ mod testing;
 pub use client::{CacheClient, CacheStatus, CALL_TIMEOUT, GET_BASE_VM_TIMEOUT};
 pub use error::{CacheServiceError, Result};
 pub use server::CacheServer;
+pub use socket::check_endpoint;

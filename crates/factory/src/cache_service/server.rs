@@ -50,6 +50,7 @@ impl CacheServer {
     /// [`CacheServiceError::NotASocket`] when another kind of file is in the way; a stale socket
     /// (nobody listening) is replaced. The base config is encoded once, here.
     pub async fn start(base: Arc<dyn FactoryBase>, socket: &Path) -> Result<Self> {
+        socket::check_endpoint(socket)?;
         let config = convert::config_to_grpc(base.config())?;
         socket::clear_stale(socket).await?;
         let listener = socket::bind(socket).await?;

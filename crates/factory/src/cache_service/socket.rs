@@ -16,10 +16,31 @@ use futures::stream::Stream;
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
+use vmfactory_vm::MAX_SOCKET_PATH;
+
 use super::error::{CacheServiceError, Result};
 
 /// The socket's mode.
 pub(crate) const SOCKET_MODE: u32 = 0o600;
+
+/// Checks that `path` can be a VM-cache socket: absolute, and short enough for a unix socket
+/// address. The server and the client both check it first.
+pub fn check_endpoint(path: &Path) -> Result<()> {
+    if !path.is_absolute() {
+        return Err(CacheServiceError::RelativeEndpoint {
+            path: path.to_owned(),
+        });
+    }
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(CacheServiceError::EndpointTooLong {
+            path: path.to_owned(),
+            len,
+            max: MAX_SOCKET_PATH,
+        });
+    }
+    Ok(())
+}
 
 /// Makes `path` free for a new server: fails if a server answers there or if something other
 /// than a socket is in the way; removes a stale socket (nobody listening).
@@ -121,6 +142,20 @@ pub(crate) fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_must_be_absolute_and_fit_a_socket_address() {
+        check_endpoint(Path::new("/run/vc/cache.sock")).expect("ok");
+        assert!(matches!(
+            check_endpoint(Path::new("cache.sock")),
+            Err(CacheServiceError::RelativeEndpoint { .. })
+        ));
+        let long = format!("/{}", "x".repeat(MAX_SOCKET_PATH));
+        assert!(matches!(
+            check_endpoint(Path::new(&long)),
+            Err(CacheServiceError::EndpointTooLong { len, max: MAX_SOCKET_PATH, .. }) if len == MAX_SOCKET_PATH + 1
+        ));
+    }
 
     #[tokio::test]
     async fn bind_sets_the_mode_and_clear_stale_tells_live_from_stale() {
