@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use vmfactory_agent::{Agent, HealthStatus, KataAgent};
+use vmfactory_agent::{Agent, AgentConfig, HealthStatus, KataAgent};
 use vmfactory_hypervisor::{
     Accel, AgentChannel, Hypervisor, HypervisorConfig, Qemu, TemplatePaths, TemplateRole,
 };
@@ -97,13 +97,13 @@ impl TestVm {
         vm.start()
             .await
             .with_context(|| format!("Cannot start VM {id}"))?;
-        let agent = match KataAgent::new(vm.agent_url().as_str(), CALL_TIMEOUT) {
-            Ok(agent) => agent,
-            Err(e) => {
-                let _ = vm.stop().await;
-                return Err(e.into());
-            }
-        };
+        let agent = KataAgent::with_config(
+            vmfactory_vm::agent_url(&vm.agent_endpoint()),
+            AgentConfig {
+                call_timeout: CALL_TIMEOUT,
+                dial_timeout: CALL_TIMEOUT,
+            },
+        );
         Ok(Self { vm, agent })
     }
 

@@ -4,9 +4,9 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use vmfactory_agent::{Agent, HealthStatus, KataAgent};
-use vmfactory_e2e::vm::{self, TestVm, CALL_TIMEOUT, LISTENING_LINE};
+use vmfactory_e2e::vm::{self, TestVm, LISTENING_LINE};
 use vmfactory_e2e::{guest_env, guest_env_with_vsock_backend, RunRoot};
-use vmfactory_hypervisor::Hypervisor;
+use vmfactory_hypervisor::{AgentEndpoint, Hypervisor};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serial_check_survives_three_reconnects() {
@@ -21,7 +21,7 @@ async fn serial_check_survives_three_reconnects() {
         t.agent.disconnect().await.unwrap();
         t.wait_console(LISTENING_LINE, listening + 1).await.unwrap();
         // A fresh client, as another process would dial.
-        let fresh = KataAgent::new(t.vm.agent_url().as_str(), CALL_TIMEOUT).unwrap();
+        let fresh = KataAgent::with_config(t.agent.url().clone(), t.agent.config());
         let t0 = Instant::now();
         assert_eq!(fresh.check().await.unwrap(), HealthStatus::Serving);
         eprintln!("reconnect {round}: Check answered in {:?}", t0.elapsed());
@@ -44,9 +44,9 @@ async fn hybrid_vsock_serves_check_and_diagnostics() {
     let cfg = vm::hybrid_vsock_config(vm::config(&env), backend);
     let (t, boot) = TestVm::boot(root.path(), "vm", cfg).await.unwrap();
     assert!(
-        t.vm.agent_url().starts_with("hvsock://"),
-        "{}",
-        t.vm.agent_url()
+        matches!(t.vm.agent_endpoint(), AgentEndpoint::HybridVsock { .. }),
+        "{:?}",
+        t.vm.agent_endpoint()
     );
     eprintln!("hybrid vsock: Check answered {boot:?} after QEMU start");
     let resources = t.agent.resources().await.unwrap();

@@ -17,13 +17,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use vmfactory_agent::Agent;
+use vmfactory_agent::{Agent, AgentUrl};
 use vmfactory_e2e::{guest_env, vm, GuestEnv, RunRoot};
 use vmfactory_factory::{
     BaseError, BaseKind, Factory, FactoryConfig, GetVmError, GetVmStep, NewFactoryError,
     SystemHost, TemplateError, TemplateFactory, TemplateStep, STATE_FILE,
 };
-use vmfactory_hypervisor::{Hypervisor, HypervisorConfig, QemuState, VmSize, VmStatus};
+use vmfactory_hypervisor::{
+    AgentEndpoint, Hypervisor, HypervisorConfig, QemuState, VmSize, VmStatus,
+};
 use vmfactory_proxy::{Proxy, ProxyKind};
 use vmfactory_vm::{
     Backends, Error as VmError, NewStep, QemuBackends, Vm, VmAgentConfig, VmConfig,
@@ -109,7 +111,7 @@ impl Backends for Faulty {
     fn agent(
         &self,
         id: &str,
-        url: &str,
+        url: &AgentUrl,
         config: &VmAgentConfig,
     ) -> vmfactory_vm::Result<Arc<dyn Agent>> {
         QemuBackends.agent(id, url, config)
@@ -244,8 +246,8 @@ impl Hypervisor for FaultyHv {
     fn console_log_path(&self) -> PathBuf {
         self.inner.console_log_path()
     }
-    fn agent_url(&self) -> String {
-        self.inner.agent_url()
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        self.inner.agent_endpoint()
     }
     async fn state(&self) -> QemuState {
         self.inner.state().await

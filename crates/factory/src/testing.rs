@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
-use vmfactory_agent::{Agent, FakeAgent};
+use vmfactory_agent::{Agent, AgentUrl, FakeAgent};
 use vmfactory_hypervisor::{
     FakeHypervisor, FakeStep, Hypervisor, HypervisorConfig, QemuState, TemplateRole, VmStatus,
 };
@@ -33,14 +33,9 @@ pub(crate) struct TestProxy {
 
 #[async_trait]
 impl Proxy for TestProxy {
-    async fn start(
-        &self,
-        _id: &str,
-        _c: &Path,
-        agent_url: &str,
-    ) -> vmfactory_proxy::Result<String> {
+    async fn start(&self, _id: &str, _c: &Path) -> vmfactory_proxy::Result<()> {
         self.running.store(true, Ordering::SeqCst);
-        Ok(agent_url.to_owned())
+        Ok(())
     }
 
     async fn stop(&self) {
@@ -200,7 +195,7 @@ impl Backends for FakeBackends {
     fn agent(
         &self,
         id: &str,
-        _url: &str,
+        _url: &AgentUrl,
         _c: &VmAgentConfig,
     ) -> vmfactory_vm::Result<Arc<dyn Agent>> {
         let agent = Arc::new(FakeAgent::new());

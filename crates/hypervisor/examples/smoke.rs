@@ -39,10 +39,10 @@ async fn main() -> Result<()> {
     let vm = Qemu::new("tpl", cfg.clone(), work.join("tpl"))?;
     vm.start().await?;
     println!(
-        "template vm started in {:?}, pid {:?}, agent {}",
+        "template vm started in {:?}, pid {:?}, agent {:?}",
         t.elapsed(),
         vm.pid(),
-        vm.agent_url()
+        vm.agent_endpoint()
     );
     println!("status {:?}", vm.status().await?);
     vm.pause().await?;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{
     Accel, AgentChannel, HypervisorConfig, MachineType, TemplateRole, AGENT_VSOCK_PORT,
 };
+use crate::endpoint::AgentEndpoint;
 
 /// The files and sockets a VM keeps in its run directory.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -123,15 +124,21 @@ pub fn load_uri(fd: std::os::fd::RawFd) -> String {
     format!("fd:{fd}")
 }
 
-/// The agent address, as a URL the agent crate parses: `serial://PATH`, `vsock://CID:PORT` or
-/// `hvsock://PATH:PORT`.
-pub fn agent_url(channel: &AgentChannel, paths: &RunPaths) -> String {
+/// Where the host reaches the agent over `channel`: the sockets this command line creates in
+/// `paths`, or the guest's vsock address.
+pub fn agent_endpoint(channel: &AgentChannel, paths: &RunPaths) -> AgentEndpoint {
     match channel {
-        AgentChannel::VirtioSerial => format!("serial://{}", paths.agent.display()),
-        AgentChannel::Vsock { guest_cid } => format!("vsock://{guest_cid}:{AGENT_VSOCK_PORT}"),
-        AgentChannel::HybridVsock { .. } => {
-            format!("hvsock://{}:{AGENT_VSOCK_PORT}", paths.hvsock.display())
-        }
+        AgentChannel::VirtioSerial => AgentEndpoint::VirtioSerial {
+            path: paths.agent.clone(),
+        },
+        AgentChannel::Vsock { guest_cid } => AgentEndpoint::Vsock {
+            cid: *guest_cid,
+            port: AGENT_VSOCK_PORT,
+        },
+        AgentChannel::HybridVsock { .. } => AgentEndpoint::HybridVsock {
+            path: paths.hvsock.clone(),
+            port: AGENT_VSOCK_PORT,
+        },
     }
 }
 
@@ -372,8 +379,10 @@ mod tests {
         ));
         assert!(!s.contains("-incoming"));
         assert_eq!(
-            agent_url(&base().agent_channel, &paths),
-            "serial:///run/vm1/agent.sock"
+            agent_endpoint(&base().agent_channel, &paths),
+            AgentEndpoint::VirtioSerial {
+                path: "/run/vm1/agent.sock".into()
+            }
         );
     }
 
@@ -463,7 +472,10 @@ mod tests {
         c.agent_channel = AgentChannel::Vsock { guest_cid: 5 };
         let args = qemu_args("x", &c, &paths, Accel::Tcg);
         assert!(args_string(&args).contains("-device vhost-vsock-pci,guest-cid=5"));
-        assert_eq!(agent_url(&c.agent_channel, &paths), "vsock://5:1024");
+        assert_eq!(
+            agent_endpoint(&c.agent_channel, &paths),
+            AgentEndpoint::Vsock { cid: 5, port: 1024 }
+        );
 
         c.agent_channel = AgentChannel::HybridVsock {
             backend: "/bin/vhost-device-vsock".into(),
@@ -477,8 +489,11 @@ mod tests {
              -device vhost-user-vsock-pci,chardev=vs0"
         ));
         assert_eq!(
-            agent_url(&c.agent_channel, &paths),
-            "hvsock:///r/vm.vsock:1024"
+            agent_endpoint(&c.agent_channel, &paths),
+            AgentEndpoint::HybridVsock {
+                path: "/r/vm.vsock".into(),
+                port: 1024
+            }
         );
         assert_eq!(
             args_string(&vsock_backend_args(3, &paths)),

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use crate::cmdline::{agent_url, RunPaths};
+use crate::cmdline::{agent_endpoint, RunPaths};
 use crate::config::HypervisorConfig;
+use crate::endpoint::AgentEndpoint;
 use crate::error::{Error, Result};
 use crate::state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
 use crate::Hypervisor;
@@ -283,8 +284,8 @@ impl Hypervisor for FakeHypervisor {
         self.paths.console_log.clone()
     }
 
-    fn agent_url(&self) -> String {
-        agent_url(&self.config.agent_channel, &self.paths)
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        agent_endpoint(&self.config.agent_channel, &self.paths)
     }
 
     async fn state(&self) -> QemuState {
@@ -303,7 +304,6 @@ impl Hypervisor for FakeHypervisor {
             memory_mib: g.memory_mib,
             next_cpu_id: g.vcpus,
             next_mem_id: g.slots_used + 1,
-            agent_url: self.agent_url(),
         }
     }
 

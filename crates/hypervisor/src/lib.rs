@@ -4,8 +4,8 @@
 //! This crate owns: the QEMU command line ([`cmdline`]), the QMP client ([`qmp`]), QEMU and
 //! `vhost-device-vsock` processes, template save / boot-from-template (migration with
 //! `x-ignore-shared`), CPU and memory hotplug, and the wire form ([`QemuState`]) another process
-//! uses to re-attach to a running VM. It does not own the guest agent (it only reports the
-//! agent's address as a URL, see [`Hypervisor::agent_url`]), the console proxy, template
+//! uses to re-attach to a running VM. It does not own the guest agent (it only reports where
+//! the agent listens, see [`Hypervisor::agent_endpoint`]), the console proxy, template
 //! metadata or run-directory bookkeeping: those live in the `agent`, `proxy`, `factory` and
 //! `persist` crates.
 //!
@@ -48,6 +48,7 @@ use async_trait::async_trait;
 pub mod accel;
 pub mod cmdline;
 pub mod config;
+mod endpoint;
 pub mod error;
 #[cfg(feature = "test-utils")]
 pub mod fake;
@@ -63,6 +64,7 @@ pub use config::{
     Accel, AgentChannel, HypervisorConfig, MachineType, TemplatePaths, TemplateRole,
     AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS, MAX_MEMORY_MIB,
 };
+pub use endpoint::AgentEndpoint;
 pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 #[cfg(feature = "test-utils")]
 pub use fake::{FakeCall, FakeHypervisor, FakeStep};
@@ -132,8 +134,8 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// The file the serial console is logged to.
     fn console_log_path(&self) -> PathBuf;
 
-    /// Where the agent listens: `serial://PATH`, `vsock://CID:PORT` or `hvsock://PATH:PORT`.
-    fn agent_url(&self) -> String;
+    /// Where the agent listens, derived from the config's agent channel and the run directory.
+    fn agent_endpoint(&self) -> AgentEndpoint;
 
     /// The wire form of this VM (for another process to re-attach).
     async fn state(&self) -> QemuState;

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cmdline::RunPaths;
+use crate::cmdline::{agent_endpoint, RunPaths};
 use crate::config::{Accel, HypervisorConfig};
+use crate::endpoint::AgentEndpoint;
 use crate::process::Proc;
 
 /// Version of the [`QemuState`] layout; bumped on incompatible changes (2: the config's template
@@ -42,8 +43,6 @@ pub struct QemuState {
     pub next_cpu_id: u32,
     /// Next `memN` / `dimmN` id.
     pub next_mem_id: u32,
-    /// The agent URL (`serial://…`, `vsock://…`, `hvsock://…`).
-    pub agent_url: String,
 }
 
 impl QemuState {
@@ -55,6 +54,11 @@ impl QemuState {
     /// The console socket.
     pub fn console_address(&self) -> PathBuf {
         self.paths.console.clone()
+    }
+
+    /// Where the agent listens (derived from the config and paths, so it is not stored).
+    pub fn agent_endpoint(&self) -> AgentEndpoint {
+        agent_endpoint(&self.config.agent_channel, &self.paths)
     }
 
     /// Whether the QEMU recorded here still runs: a pid and start time are recorded, and that
@@ -147,10 +151,20 @@ mod tests {
             memory_mib: 256,
             next_cpu_id: 1,
             next_mem_id: 1,
-            agent_url: "serial:///r/agent.sock".into(),
         };
         let json = serde_json::to_string(&st).expect("serialize");
         let back: QemuState = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, st);
+        assert_eq!(
+            back.agent_endpoint(),
+            AgentEndpoint::VirtioSerial {
+                path: "/r/agent.sock".into()
+            }
+        );
+        // A state saved while the URL was still stored as well reads the same.
+        let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
+        old["agent_url"] = "serial:///r/agent.sock".into();
+        let back: QemuState = serde_json::from_value(old).expect("deserialize");
         assert_eq!(back, st);
     }
 
@@ -175,7 +189,6 @@ mod tests {
             memory_mib: 256,
             next_cpu_id: 1,
             next_mem_id: 1,
-            agent_url: "serial:///r/agent.sock".into(),
         };
         assert!(st.qemu_alive().await);
         // A reused pid (another start time) is not the recorded QEMU.

@@ -121,7 +121,7 @@ impl BuiltinProxy {
 
 #[async_trait]
 impl Proxy for BuiltinProxy {
-    async fn start(&self, vm_id: &str, console_address: &Path, agent_url: &str) -> Result<String> {
+    async fn start(&self, vm_id: &str, console_address: &Path) -> Result<()> {
         let mut task = self.task.lock().await;
         if let Some(old) = task.take() {
             old.shutdown().await;
@@ -146,7 +146,7 @@ impl Proxy for BuiltinProxy {
             handle,
         });
         info!(vm_id, console = %console_address.display(), "console proxy started");
-        Ok(agent_url.to_owned())
+        Ok(())
     }
 
     async fn stop(&self) {
@@ -356,11 +356,7 @@ mod tests {
 
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
-        let url = proxy
-            .start("vm1", &path, "serial:///x/agent.sock")
-            .await
-            .unwrap();
-        assert_eq!(url, "serial:///x/agent.sock");
+        proxy.start("vm1", &path).await.unwrap();
         assert!(proxy.is_running().await);
         assert_eq!(next_line(&mut rx).await, "first");
         assert_eq!(next_line(&mut rx).await, "second");
@@ -381,7 +377,7 @@ mod tests {
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
         let (started, ()) = tokio::join!(
-            proxy.start("vm1", &path, "url"),
+            proxy.start("vm1", &path),
             serve_once(&listener, b"template 1\ntemplate 2\nunterminated")
         );
         started.unwrap();
@@ -425,11 +421,10 @@ mod tests {
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
 
-        let (started, ()) = tokio::join!(proxy.start("tpl", &a, "u"), serve_once(&la, b"from a\n"));
+        let (started, ()) = tokio::join!(proxy.start("tpl", &a), serve_once(&la, b"from a\n"));
         started.unwrap();
         assert_eq!(next_line(&mut rx).await, "from a");
-        let (started, ()) =
-            tokio::join!(proxy.start("clone", &b, "u"), serve_once(&lb, b"from b\n"));
+        let (started, ()) = tokio::join!(proxy.start("clone", &b), serve_once(&lb, b"from b\n"));
         started.unwrap();
         // The same subscription carries on.
         assert_eq!(next_line(&mut rx).await, "from b");
@@ -448,7 +443,7 @@ mod tests {
         });
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
-        proxy.start("vm1", &path, "u").await.unwrap();
+        proxy.start("vm1", &path).await.unwrap();
         assert_eq!(next_line(&mut rx).await, "late");
         server.await.unwrap();
         proxy.stop().await;
@@ -462,7 +457,7 @@ mod tests {
             ..quick()
         });
         let missing = dir.path().join("missing.sock");
-        match proxy.start("vm1", &missing, "u").await {
+        match proxy.start("vm1", &missing).await {
             Err(Error::ConnectTimeout { path, last, .. }) => {
                 assert_eq!(path, missing);
                 assert_eq!(last.kind(), ErrorKind::NotFound);
@@ -474,7 +469,7 @@ mod tests {
         // A path too long for a unix socket cannot become valid by waiting.
         let long = dir.path().join("x".repeat(200));
         assert!(matches!(
-            proxy.start("vm1", &long, "u").await,
+            proxy.start("vm1", &long).await,
             Err(Error::Connect { .. })
         ));
     }
@@ -488,7 +483,7 @@ mod tests {
         proxy.stop().await; // Never started.
 
         let mut rx = proxy.subscribe().unwrap();
-        proxy.start("vm1", &path, "u").await.unwrap();
+        proxy.start("vm1", &path).await.unwrap();
         let (_conn, _) = listener.accept().await.unwrap();
         proxy.stop().await;
         assert!(!proxy.is_running().await);
@@ -509,10 +504,8 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
-        let (started, ()) = tokio::join!(
-            proxy.start("vm1", &path, "u"),
-            serve_once(&listener, b"bye\n")
-        );
+        let (started, ()) =
+            tokio::join!(proxy.start("vm1", &path), serve_once(&listener, b"bye\n"));
         started.unwrap();
         assert_eq!(next_line(&mut rx).await, "bye");
         drop(listener);
@@ -532,7 +525,7 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
-        proxy.start("vm1", &path, "u").await.unwrap();
+        proxy.start("vm1", &path).await.unwrap();
         let (_conn, _) = listener.accept().await.unwrap();
         drop(proxy);
         let closed = tokio::time::timeout(WAIT, rx.recv()).await.unwrap();
@@ -547,7 +540,7 @@ mod tests {
         let proxy: Arc<dyn Proxy> = Arc::new(BuiltinProxy::new(quick()));
         let mut rx = proxy.subscribe().unwrap();
         let (started, ()) = tokio::join!(
-            proxy.start("vm1", &path, "u"),
+            proxy.start("vm1", &path),
             serve_once(
                 &listener,
                 b"[    0.5] Run /init\r\nvmfactory-agent: listening on agent.channel.0\r\n"

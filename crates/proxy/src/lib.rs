@@ -1,8 +1,7 @@
 //! Console proxies of vmfactory VMs.
 //!
-//! A [`Proxy`] is started for each VM with the VM id, the path of the unix socket of QEMU's
-//! console chardev (QEMU is the server side) and the agent URL the `vm` crate chose; it returns
-//! the URL the host should dial to reach the agent. Two kinds exist ([`ProxyKind`]):
+//! A [`Proxy`] is started for each VM with the VM id and the path of the unix socket of QEMU's
+//! console chardev (QEMU is the server side). Two kinds exist ([`ProxyKind`]):
 //!
 //! - [`BuiltinProxy`] (`builtin`) reads the console socket in a background task and emits each
 //!   guest console line as a `tracing` event (target [`CONSOLE_TARGET`], fields `vm_id` and
@@ -12,12 +11,13 @@
 //!   instead of sleeping.
 //! - [`NoProxy`] (`none`) does nothing.
 //!
-//! Both return the agent URL unchanged. Kata Containers 1.x ran a separate `kata-proxy` process
-//! per sandbox that multiplexed several gRPC streams over the single virtio-serial port with
-//! yamux, because gRPC wanted one HTTP/2 connection per client and the serial port offers one
-//! byte stream. That is no longer needed: ttRPC carries every call of a client over a single
-//! connection, and vsock / hybrid vsock multiplex connections natively, so the host dials the
-//! agent directly and a proxy's only remaining job is the console.
+//! Neither stands between the host and the agent, so a proxy is not told the agent's address.
+//! Kata Containers 1.x ran a separate `kata-proxy` process per sandbox that multiplexed several
+//! gRPC streams over the single virtio-serial port with yamux, because gRPC wanted one HTTP/2
+//! connection per client and the serial port offers one byte stream. That is no longer needed:
+//! ttRPC carries every call of a client over a single connection, and vsock / hybrid vsock
+//! multiplex connections natively, so the host dials the agent directly and a proxy's only
+//! remaining job is the console.
 //!
 //! This crate does not choose or dial the agent channel (the `vm` and `agent` crates do), does
 //! not configure QEMU's console device (the `hypervisor` crate does), and does not store
@@ -49,9 +49,8 @@ pub use none::NoProxy;
 #[async_trait]
 pub trait Proxy: Send + Sync + Debug {
     /// Starts proxying for VM `vm_id`, whose console is the unix socket `console_address`
-    /// (QEMU listens on it), and returns the URL the host should dial to reach the agent
-    /// (`agent_url` unchanged for both kinds). Starting a started proxy retargets it.
-    async fn start(&self, vm_id: &str, console_address: &Path, agent_url: &str) -> Result<String>;
+    /// (QEMU listens on it). Starting a started proxy retargets it.
+    async fn start(&self, vm_id: &str, console_address: &Path) -> Result<()>;
 
     /// Stops proxying and waits until the proxy's task has ended. Idempotent.
     async fn stop(&self);

@@ -14,13 +14,8 @@ pub struct NoProxy;
 
 #[async_trait]
 impl Proxy for NoProxy {
-    async fn start(
-        &self,
-        _vm_id: &str,
-        _console_address: &Path,
-        agent_url: &str,
-    ) -> Result<String> {
-        Ok(agent_url.to_owned())
+    async fn start(&self, _vm_id: &str, _console_address: &Path) -> Result<()> {
+        Ok(())
     }
 
     async fn stop(&self) {}
@@ -35,17 +30,12 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn returns_the_agent_url_unchanged() {
+    async fn starts_without_a_console() {
         let proxy = NoProxy;
-        let url = proxy
-            .start(
-                "vm1",
-                Path::new("/does/not/exist"),
-                "serial:///run/vc/vm1/agent.sock",
-            )
+        proxy
+            .start("vm1", Path::new("/does/not/exist"))
             .await
             .unwrap();
-        assert_eq!(url, "serial:///run/vc/vm1/agent.sock");
         assert_eq!(proxy.kind(), ProxyKind::None);
         assert!(proxy.subscribe().is_none());
         proxy.stop().await;

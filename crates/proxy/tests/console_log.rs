@@ -69,7 +69,7 @@ async fn console_events_carry_the_vm_id() {
             .unwrap();
         conn.shutdown().await.unwrap();
     };
-    let (started, ()) = tokio::join!(proxy.start("vm-42", &path, "u"), serve);
+    let (started, ()) = tokio::join!(proxy.start("vm-42", &path), serve);
     started.unwrap();
     for expected in ["hello", "world"] {
         let line = tokio::time::timeout(Duration::from_secs(10), rx.recv())

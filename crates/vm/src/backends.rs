@@ -30,10 +30,9 @@ pub enum NewStep {
     CreateHypervisor,
     /// Starting the hypervisor.
     StartHypervisor,
-    /// Starting the console proxy with the console address and the hypervisor's agent URL
-    /// (also `from_wire`).
+    /// Starting the console proxy on the console address (also `from_wire`).
     StartProxy,
-    /// Creating the agent client for the URL the proxy returned (also `from_wire`).
+    /// Creating the agent client for the hypervisor's agent endpoint (also `from_wire`).
     CreateAgent,
     /// Waiting for the agent's `Check` (skipped for a paused clone; also `from_wire` when the
     /// VM runs).
@@ -56,8 +55,8 @@ pub trait Backends: Send + Sync + fmt::Debug {
     /// A hypervisor re-attached to the running VM `state` describes.
     async fn attach_hypervisor(&self, state: QemuState) -> Result<Arc<dyn Hypervisor>>;
 
-    /// A (not yet connected) agent client dialing `url`.
-    fn agent(&self, id: &str, url: &str, config: &VmAgentConfig) -> Result<Arc<dyn Agent>>;
+    /// A (not yet connected) agent client of VM `id` dialing `url`.
+    fn agent(&self, id: &str, url: &AgentUrl, config: &VmAgentConfig) -> Result<Arc<dyn Agent>>;
 
     /// A stopped console proxy of `kind`.
     fn proxy(&self, kind: ProxyKind) -> Arc<dyn Proxy>;
@@ -96,10 +95,9 @@ impl Backends for QemuBackends {
         Ok(Arc::new(qemu))
     }
 
-    fn agent(&self, id: &str, url: &str, config: &VmAgentConfig) -> Result<Arc<dyn Agent>> {
-        let url = AgentUrl::parse(url).map_err(|e| Error::agent(id, "create", e))?;
+    fn agent(&self, _id: &str, url: &AgentUrl, config: &VmAgentConfig) -> Result<Arc<dyn Agent>> {
         Ok(Arc::new(KataAgent::with_config(
-            url,
+            url.clone(),
             config.client_config(),
         )))
     }
@@ -120,19 +118,24 @@ mod tests {
             .hypervisor("v", &HypervisorConfig::new("/k", None), Path::new("/r/v"))
             .expect("qemu");
         assert_eq!(hv.pid(), None);
-        assert_eq!(hv.agent_url(), "serial:///r/v/agent.sock");
+        let url = crate::agent_url(&hv.agent_endpoint());
+        assert_eq!(url.to_string(), "serial:///r/v/agent.sock");
         let mut bad = HypervisorConfig::new("/k", None);
         bad.vcpus = 0;
         assert!(matches!(
             b.hypervisor("v", &bad, Path::new("/r/v")),
             Err(Error::Hypervisor { op: "create", .. })
         ));
-        b.agent("v", &hv.agent_url(), &VmAgentConfig::default())
+        let agent = b
+            .agent("v", &url, &VmAgentConfig::default())
             .expect("agent");
-        assert!(matches!(
-            b.agent("v", "tcp://x", &VmAgentConfig::default()),
-            Err(Error::Agent { op: "create", .. })
-        ));
+        let kata = agent
+            .as_any()
+            .downcast_ref::<KataAgent>()
+            .expect("a KataAgent");
+        assert_eq!(kata.url(), &url);
+        // `agent` takes a typed URL, so one that does not parse cannot reach it.
+        assert!(AgentUrl::parse("tcp://x").is_err());
         assert_eq!(b.proxy(ProxyKind::None).kind(), ProxyKind::None);
         b.before("v", NewStep::Lock).await.expect("no-op hook");
     }

@@ -7,6 +7,7 @@ use vmfactory_hypervisor::VmStatus;
 use vmfactory_persist::Store;
 
 use crate::backends::{Backends, NewStep, QemuBackends};
+use crate::endpoint::agent_url;
 use crate::error::{Error, Result};
 use crate::vm::{start_proxy, wait_ready, Inner, Ownership, Partial, Vm};
 use crate::wire::VmState;
@@ -61,10 +62,11 @@ impl Vm {
         step(NewStep::StartProxy).await?;
         let proxy = backends.proxy(state.config.proxy);
         p.proxy = Some(proxy.clone());
-        let agent_url = start_proxy(&id, hv.as_ref(), proxy.as_ref()).await?;
+        start_proxy(&id, hv.as_ref(), proxy.as_ref()).await?;
 
         step(NewStep::CreateAgent).await?;
-        let agent = backends.agent(&id, &agent_url, &state.config.agent)?;
+        let url = agent_url(&hv.agent_endpoint());
+        let agent = backends.agent(&id, &url, &state.config.agent)?;
         p.agent = Some(agent.clone());
 
         step(NewStep::CheckAgent).await?;
@@ -90,7 +92,7 @@ impl Vm {
             cpu_delta: state.cpu_delta,
             links: Vec::new(),
         };
-        let vm = Self::assemble(p, state.config, dir, agent_url, inner)?;
+        let vm = Self::assemble(p, state.config, dir, inner)?;
         vm.save_state(&*vm.inner.lock().await).await?;
         Ok(vm)
     }

@@ -30,14 +30,21 @@
 //! - [`Vm::add_memory`] updates the recorded memory, and hotplug bookkeeping is saved.
 //! - [`Vm::assign_sandbox`] refuses to replace anything but a symlink, and rolls back.
 //!
-//! Parts come from a [`Backends`] ([`QemuBackends`] for the real ones); tests use fakes.
+//! Parts come from a [`Backends`] ([`QemuBackends`] for the real ones); tests use fakes. The
+//! hypervisor reports where the agent listens as an [`AgentEndpoint`]; [`agent_url`] turns it
+//! into the [`AgentUrl`] the agent client dials, and nothing stores either: both derive from the
+//! hypervisor's config and run directory.
+//!
+//! The types of the leaf crates that this crate's API exposes (in signatures, public fields
+//! and error sources) are re-exported here, so `vmfactory-vm` is the only dependency a user
+//! needs. The leaf crates' errors are re-exported as `HypervisorError`,
+//! `HypervisorConfigError`, `AgentError`, `ProxyError` and `PersistError`.
 //!
 //! # Examples
 //! ```no_run
 //! # async fn example(kernel: std::path::PathBuf, initrd: std::path::PathBuf)
 //! # -> vmfactory_vm::Result<()> {
-//! use vmfactory_hypervisor::HypervisorConfig;
-//! use vmfactory_vm::{Vm, VmConfig};
+//! use vmfactory_vm::{HypervisorConfig, Vm, VmConfig};
 //!
 //! let vm = Vm::new(VmConfig::new(HypervisorConfig::new(kernel, Some(initrd)))).await?;
 //! vm.add_cpus(1).await?;
@@ -48,10 +55,53 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Everything a user names comes from this crate alone:
+//! ```
+//! use std::sync::Arc;
+//! use vmfactory_vm::{
+//!     agent_url, Accel, Agent, AgentChannel, AgentConfig, AgentEndpoint, AgentUrl, Error,
+//!     Hypervisor, HypervisorConfig, HypervisorError, MachineType, Proxy, ProxyKind, QemuState,
+//!     RunPaths, TemplatePaths, TemplateRole, Vm, VmConfig, VmStatus,
+//! };
+//!
+//! let mut hv = HypervisorConfig::new("/guest/vmlinuz", Some("/guest/initramfs.cpio".into()));
+//! hv.accel = Accel::Tcg;
+//! hv.machine = MachineType::Q35;
+//! hv.agent_channel = AgentChannel::Vsock { guest_cid: 3 };
+//! hv.template = Some(TemplateRole::SaveTo(TemplatePaths {
+//!     memory: "/run/vc/template/memory".into(),
+//!     state: "/run/vc/template/state".into(),
+//! }));
+//! let mut config = VmConfig::new(hv);
+//! config.proxy = ProxyKind::None;
+//! let client: AgentConfig = config.agent.client_config();
+//! assert_eq!(client.call_timeout, config.agent.call_timeout);
+//!
+//! let url: AgentUrl = agent_url(&AgentEndpoint::Vsock { cid: 3, port: 1024 });
+//! assert_eq!(url.to_string(), "vsock://3:1024");
+//!
+//! // What a `Vm` and its wire form hand out.
+//! fn parts(vm: &Vm) -> (&Arc<dyn Hypervisor>, &Arc<dyn Agent>, &Arc<dyn Proxy>, AgentUrl) {
+//!     (vm.hypervisor(), vm.agent(), vm.proxy(), vm.agent_url())
+//! }
+//! fn socket_dir(state: &QemuState) -> &RunPaths {
+//!     &state.paths
+//! }
+//! fn paused(status: &VmStatus) -> bool {
+//!     *status == VmStatus::Paused
+//! }
+//! fn qemu_gone(e: &Error) -> bool {
+//!     matches!(e, Error::Hypervisor { source, .. }
+//!         if matches!(**source, HypervisorError::ProcessGone { .. }))
+//! }
+//! # let _ = (parts, socket_dir, paused, qemu_gone);
+//! ```
 #![deny(missing_docs)]
 
 mod backends;
 mod config;
+mod endpoint;
 mod error;
 mod handover;
 mod ops;
@@ -67,8 +117,19 @@ pub use config::{
     VmAgentConfig, VmConfig, DEFAULT_CALL_TIMEOUT, DEFAULT_DIAL_TIMEOUT, DEFAULT_READY_TIMEOUT,
     MAX_SOCKET_PATH,
 };
+pub use endpoint::agent_url;
 pub use error::{ConfigError, Error, Result, WireError};
 pub use ops::{VmInfo, ENTROPY_SOURCE, RESEED_BYTES};
 pub use sandbox::{SandboxLinks, SHARED_DIR};
 pub use vm::Vm;
 pub use wire::{VmState, MAX_WIRE_SIZE, WIRE_VERSION};
+
+// The leaf types this crate's public API exposes.
+pub use vmfactory_agent::{Agent, AgentConfig, AgentUrl, Error as AgentError};
+pub use vmfactory_hypervisor::{
+    Accel, AgentChannel, AgentEndpoint, ConfigError as HypervisorConfigError,
+    Error as HypervisorError, Hypervisor, HypervisorConfig, MachineType, QemuState, RunPaths,
+    TemplatePaths, TemplateRole, VmStatus,
+};
+pub use vmfactory_persist::Error as PersistError;
+pub use vmfactory_proxy::{Error as ProxyError, Proxy, ProxyKind};

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use vmfactory_agent::{Agent, FakeAgent};
+use vmfactory_agent::{Agent, AgentUrl, FakeAgent};
 use vmfactory_hypervisor::{FakeHypervisor, FakeStep, Hypervisor, HypervisorConfig, QemuState};
 use vmfactory_persist::Store;
 use vmfactory_proxy::{Proxy, ProxyKind};
@@ -28,12 +28,7 @@ pub(crate) struct TestProxy {
 
 #[async_trait]
 impl Proxy for TestProxy {
-    async fn start(
-        &self,
-        _vm_id: &str,
-        _console: &Path,
-        agent_url: &str,
-    ) -> vmfactory_proxy::Result<String> {
+    async fn start(&self, _vm_id: &str, _console: &Path) -> vmfactory_proxy::Result<()> {
         self.starts.fetch_add(1, Ordering::SeqCst);
         if self.fail.load(Ordering::SeqCst) {
             return Err(vmfactory_proxy::Error::WaitTimeout {
@@ -41,7 +36,7 @@ impl Proxy for TestProxy {
             });
         }
         self.running.store(true, Ordering::SeqCst);
-        Ok(agent_url.to_owned())
+        Ok(())
     }
 
     async fn stop(&self) {
@@ -66,6 +61,8 @@ pub(crate) struct Harness {
     pub(crate) fail_agent_create: AtomicBool,
     pub(crate) abort_at: Mutex<Option<NewStep>>,
     pub(crate) steps: Mutex<Vec<NewStep>>,
+    /// The URLs agent clients were created for.
+    pub(crate) agent_urls: Mutex<Vec<AgentUrl>>,
 }
 
 impl Harness {
@@ -85,6 +82,7 @@ impl Harness {
             fail_agent_create: AtomicBool::new(false),
             abort_at: Mutex::new(None),
             steps: Mutex::new(Vec::new()),
+            agent_urls: Mutex::new(Vec::new()),
         }
     }
 
@@ -185,7 +183,7 @@ impl Backends for Harness {
         Ok(Arc::new(hv))
     }
 
-    fn agent(&self, id: &str, _url: &str, _config: &VmAgentConfig) -> Result<Arc<dyn Agent>> {
+    fn agent(&self, id: &str, url: &AgentUrl, _config: &VmAgentConfig) -> Result<Arc<dyn Agent>> {
         if self.fail_agent_create.load(Ordering::SeqCst) {
             return Err(Error::agent(
                 id,
@@ -193,6 +191,7 @@ impl Backends for Harness {
                 vmfactory_agent::Error::Injected { method: "create" },
             ));
         }
+        self.agent_urls.lock().expect("lock").push(url.clone());
         Ok(self.agent.clone())
     }
 

@@ -9,13 +9,14 @@ use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
-use vmfactory_agent::{Agent, HealthStatus};
+use vmfactory_agent::{Agent, AgentUrl, HealthStatus};
 use vmfactory_hypervisor::Hypervisor;
 use vmfactory_persist::{Store, VmLock};
 use vmfactory_proxy::Proxy;
 
 use crate::backends::{Backends, NewStep, QemuBackends};
 use crate::config::VmConfig;
+use crate::endpoint::agent_url;
 use crate::error::{Error, Result};
 use crate::wire::VmState;
 
@@ -63,7 +64,6 @@ pub struct Vm {
     pub(crate) hypervisor: Arc<dyn Hypervisor>,
     pub(crate) agent: Arc<dyn Agent>,
     pub(crate) proxy: Arc<dyn Proxy>,
-    pub(crate) agent_url: String,
     pub(crate) inner: Mutex<Inner>,
 }
 
@@ -156,9 +156,9 @@ impl Vm {
     /// Creates and boots a VM with parts from `backends` (the seed's `NewVM`), in the order of
     /// [`NewStep`]: validate the config; create `<run_root>/vm/<id>/` under a new UUID and lock
     /// it; create the hypervisor with that directory as its run directory and start it (a
-    /// template clone starts paused); start the proxy on the console and the agent URL; create
-    /// the agent client for the URL the proxy returns; wait for the agent's `Check` (skipped
-    /// for a paused clone, whose guest cannot answer until resumed); save the state.
+    /// template clone starts paused); start the proxy on the console; create the agent client
+    /// for the hypervisor's agent endpoint; wait for the agent's `Check` (skipped for a paused
+    /// clone, whose guest cannot answer until resumed); save the state.
     ///
     /// A failing step undoes all earlier ones: the proxy is stopped, the agent disconnected,
     /// the hypervisor stopped (QEMU killed, sockets removed), the directory destroyed.
@@ -205,10 +205,10 @@ impl Vm {
         step(NewStep::StartProxy).await?;
         let proxy = backends.proxy(config.proxy);
         p.proxy = Some(proxy.clone());
-        let agent_url = start_proxy(&id, hv.as_ref(), proxy.as_ref()).await?;
+        start_proxy(&id, hv.as_ref(), proxy.as_ref()).await?;
 
         step(NewStep::CreateAgent).await?;
-        let agent = backends.agent(&id, &agent_url, &config.agent)?;
+        let agent = backends.agent(&id, &agent_url(&hv.agent_endpoint()), &config.agent)?;
         p.agent = Some(agent.clone());
 
         step(NewStep::CheckAgent).await?;
@@ -226,7 +226,7 @@ impl Vm {
             cpu_delta: 0,
             links: Vec::new(),
         };
-        let vm = Self::assemble(p, config, dir, agent_url, inner)?;
+        let vm = Self::assemble(p, config, dir, inner)?;
         vm.save_state(&*vm.inner.lock().await).await?;
         Ok(vm)
     }
@@ -236,7 +236,6 @@ impl Vm {
         p: &mut Partial,
         config: VmConfig,
         dir: PathBuf,
-        agent_url: String,
         mut inner: Inner,
     ) -> Result<Self> {
         let (Some(hypervisor), Some(agent), Some(proxy), Some(lock)) = (
@@ -260,7 +259,6 @@ impl Vm {
             hypervisor,
             agent,
             proxy,
-            agent_url,
             inner: Mutex::new(inner),
         })
     }
@@ -295,9 +293,9 @@ impl Vm {
         &self.proxy
     }
 
-    /// The URL the agent client dials (as the proxy returned it).
-    pub fn agent_url(&self) -> &str {
-        &self.agent_url
+    /// The URL the agent client dials: the hypervisor's agent endpoint.
+    pub fn agent_url(&self) -> AgentUrl {
+        agent_url(&self.hypervisor.agent_endpoint())
     }
 
     /// Locks the bookkeeping and checks that this handle owns the VM.
@@ -320,7 +318,6 @@ impl Vm {
             id: self.id.clone(),
             config: self.config.clone(),
             hypervisor: self.hypervisor.state().await,
-            agent_url: self.agent_url.clone(),
             vcpus: inner.vcpus,
             memory_mib: inner.memory_mib,
             cpu_delta: inner.cpu_delta,
@@ -420,14 +417,10 @@ async fn destroy_dir(store: &Store, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Starts `proxy` on the hypervisor's console and agent URL; returns the URL to dial.
-pub(crate) async fn start_proxy(
-    id: &str,
-    hv: &dyn Hypervisor,
-    proxy: &dyn Proxy,
-) -> Result<String> {
+/// Starts `proxy` on the hypervisor's console.
+pub(crate) async fn start_proxy(id: &str, hv: &dyn Hypervisor, proxy: &dyn Proxy) -> Result<()> {
     proxy
-        .start(id, &hv.console_address(), &hv.agent_url())
+        .start(id, &hv.console_address())
         .await
         .map_err(|source| Error::Proxy {
             id: id.to_owned(),
@@ -511,7 +504,8 @@ mod tests {
         );
         assert!(vm.dir().join("state.json").is_file());
         assert!(uuid::Uuid::parse_str(vm.id()).is_ok());
-        assert_eq!(vm.agent_url(), vm.hypervisor().agent_url());
+        assert_eq!(vm.agent_url(), agent_url(&vm.hypervisor().agent_endpoint()));
+        assert_eq!(*h.agent_urls.lock().expect("lock"), [vm.agent_url()]);
         assert_eq!(h.hv().calls(), [FakeCall::Start]);
         assert_eq!(h.agent.calls(), [AgentCall::Check]);
         assert!(h.proxy.running.load(Ordering::SeqCst));

@@ -8,13 +8,16 @@
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use vmfactory_agent::AgentUrl;
 use vmfactory_hypervisor::{QemuState, QEMU_STATE_VERSION};
 
 use crate::config::VmConfig;
+use crate::endpoint::agent_url;
 use crate::error::{Result, WireError};
 
-/// Version of the wire envelope and of [`VmState`]; bumped on incompatible changes.
-pub const WIRE_VERSION: u32 = 1;
+/// Version of the wire envelope and of [`VmState`]; bumped on incompatible changes (2:
+/// `agent_url` is gone, the hypervisor state's config and paths give it).
+pub const WIRE_VERSION: u32 = 2;
 
 /// Largest wire form accepted (a real one is a few KiB).
 pub const MAX_WIRE_SIZE: usize = 1 << 20;
@@ -100,10 +103,9 @@ pub struct VmState {
     pub id: String,
     /// The config the VM was created with (including the proxy kind and run root).
     pub config: VmConfig,
-    /// The hypervisor's wire form (pid and start time, sockets, hot-plugged devices).
+    /// The hypervisor's wire form (pid and start time, sockets, hot-plugged devices, and so
+    /// where the agent listens: see [`VmState::agent_url`]).
     pub hypervisor: QemuState,
-    /// The URL the host dials to reach the agent (as the proxy returned it).
-    pub agent_url: String,
     /// Current vCPUs (boot + hot-added).
     pub vcpus: u32,
     /// Current memory in MiB (boot + hot-added).
@@ -116,6 +118,11 @@ impl VmState {
     /// Encodes this state (versioned JSON envelope).
     pub fn to_wire(&self) -> Result<Vec<u8>> {
         Ok(encode(VM_KIND, self)?)
+    }
+
+    /// The URL the host dials to reach the agent, from the hypervisor state.
+    pub fn agent_url(&self) -> AgentUrl {
+        agent_url(&self.hypervisor.agent_endpoint())
     }
 
     /// Decodes and checks a state; see [`VmState::check`].
@@ -173,7 +180,6 @@ mod tests {
         );
         VmState {
             id: id.into(),
-            agent_url: hv.agent_url(),
             hypervisor: hv.state().await,
             config,
             vcpus: 1,
@@ -193,6 +199,23 @@ mod tests {
         let st = state().await;
         let bytes = st.to_wire().expect("encode");
         assert_eq!(VmState::from_wire(&bytes).expect("decode"), st);
+        assert_eq!(
+            st.agent_url().to_string(),
+            format!("serial:///run/vc/vm/{}/agent.sock", st.id)
+        );
+    }
+
+    #[tokio::test]
+    async fn version_1_with_its_agent_url_is_refused_by_version() {
+        let bytes = state().await.to_wire().expect("encode");
+        let v1 = with(&bytes, |v| {
+            v["version"] = 1.into();
+            v["body"]["agent_url"] = "serial:///x".into();
+        });
+        assert!(matches!(
+            VmState::from_wire(&v1),
+            Err(Error::Wire(WireError::UnsupportedVersion { found: 1, .. }))
+        ));
     }
 
     #[tokio::test]
@@ -215,13 +238,13 @@ mod tests {
             wire_err(&big),
             WireError::TooLarge { size, .. } if size == MAX_WIRE_SIZE + 1
         ));
-        let v2 = with(&bytes, |v| v["version"] = 2.into());
+        let next = with(&bytes, |v| v["version"] = (WIRE_VERSION + 1).into());
         assert!(matches!(
-            wire_err(&v2),
+            wire_err(&next),
             WireError::UnsupportedVersion {
-                found: 2,
+                found,
                 supported: WIRE_VERSION
-            }
+            } if found == WIRE_VERSION + 1
         ));
         let kind = with(&bytes, |v| v["kind"] = CONFIG_KIND.into());
         assert!(matches!(wire_err(&kind), WireError::WrongKind { .. }));

@@ -25,7 +25,6 @@ fn valid_wire(root: &std::path::Path) -> Vec<u8> {
     let hypervisor = runtime().block_on(hv.state());
     VmState {
         id: ID.into(),
-        agent_url: hv.agent_url(),
         hypervisor,
         config,
         vcpus: 1,

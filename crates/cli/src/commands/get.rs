@@ -132,7 +132,7 @@ async fn show(vm: &Vm, source: &'static str, held: bool) -> anyhow::Result<()> {
     let out = GotVm {
         id: vm.id().to_owned(),
         pid: info.pid.or_else(|| vm.hypervisor().pid()),
-        agent_url: vm.agent_url().to_owned(),
+        agent_url: vm.agent_url().to_string(),
         console_socket: vm.hypervisor().console_address(),
         run_dir: vm.dir().to_owned(),
         vcpus: info.vcpus,

@@ -47,7 +47,7 @@ struct VmView<'a> {
     /// Its serial console socket.
     console_socket: &'a Path,
     /// Where the host reaches its agent.
-    agent_url: &'a str,
+    agent_url: String,
     /// vCPUs (boot + hot-added).
     vcpus: u32,
     /// Memory in MiB (boot + hot-added).
@@ -67,7 +67,7 @@ impl<'a> VmView<'a> {
             run_dir: hv.run_dir(),
             qmp_socket: &hv.paths.qmp,
             console_socket: &hv.paths.console,
-            agent_url: &state.agent_url,
+            agent_url: state.agent_url().to_string(),
             vcpus: state.vcpus,
             memory_mib: state.memory_mib,
             state,

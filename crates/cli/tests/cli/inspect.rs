@@ -74,7 +74,6 @@ impl Stored {
             let fake = FakeHypervisor::new(VM_ID, config.hypervisor.clone(), config.vm_dir(VM_ID));
             let state = VmState {
                 id: VM_ID.into(),
-                agent_url: fake.agent_url(),
                 hypervisor: fake.state().await,
                 config,
                 vcpus: 1,

@@ -34,7 +34,7 @@ pub(crate) fn vm_to_grpc(state: &VmState, bytes: Vec<u8>) -> GrpcVM {
     msg.id = state.id.clone();
     msg.hypervisor = bytes;
     msg.proxyPid = 0;
-    msg.proxyURL = state.agent_url.clone();
+    msg.proxyURL = state.agent_url().to_string();
     msg.cpu = state.vcpus;
     msg.memory = saturate(state.memory_mib);
     msg.cpuDelta = state.cpu_delta;

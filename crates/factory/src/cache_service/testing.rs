@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Mutex;
-use vmfactory_agent::{Agent, FakeAgent};
+use vmfactory_agent::{Agent, AgentUrl, FakeAgent};
 use vmfactory_hypervisor::{
     FakeHypervisor, Hypervisor, HypervisorConfig, QemuState, TemplatePaths, TemplateRole,
 };
@@ -52,7 +52,7 @@ impl Backends for FakeBackends {
     fn agent(
         &self,
         _id: &str,
-        _url: &str,
+        _url: &AgentUrl,
         _config: &VmAgentConfig,
     ) -> vmfactory_vm::Result<Arc<dyn Agent>> {
         Ok(Arc::new(FakeAgent::new()))

@@ -22,8 +22,9 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use tracing::{debug, info, instrument, warn};
 
 use crate::accel::resolve_accel;
-use crate::cmdline::{agent_url, qemu_args, vsock_backend_args, RunPaths};
+use crate::cmdline::{agent_endpoint, qemu_args, vsock_backend_args, RunPaths};
 use crate::config::{Accel, AgentChannel, HypervisorConfig, TemplateRole};
+use crate::endpoint::AgentEndpoint;
 use crate::error::{Error, Result};
 use crate::process::{tail, Proc};
 use crate::qmp::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
@@ -70,7 +71,6 @@ struct Inner {
     id: String,
     config: HypervisorConfig,
     paths: RunPaths,
-    agent_url: String,
     /// QEMU's pid while running, 0 otherwise (readable without the lock).
     pid: AtomicU32,
     state: Mutex<VmState>,
@@ -102,7 +102,6 @@ impl Qemu {
         };
         Self {
             inner: Arc::new(Inner {
-                agent_url: agent_url(&config.agent_channel, &paths),
                 id,
                 config,
                 paths,
@@ -196,7 +195,6 @@ impl Qemu {
             memory_mib: running.map_or(cfg.memory_mib, |r| r.memory_mib),
             next_cpu_id: running.map_or(cfg.vcpus, |r| r.next_cpu_id),
             next_mem_id: running.map_or(1, |r| r.next_mem_id),
-            agent_url: self.inner.agent_url.clone(),
         }
     }
 }
@@ -516,8 +514,8 @@ impl Hypervisor for Qemu {
         self.inner.paths.console_log.clone()
     }
 
-    fn agent_url(&self) -> String {
-        self.inner.agent_url.clone()
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        agent_endpoint(&self.inner.config.agent_channel, &self.inner.paths)
     }
 
     async fn state(&self) -> QemuState {
@@ -569,8 +567,10 @@ mod tests {
         vm.stop().await.expect("and idempotent");
         assert_eq!(vm.pid(), None);
         assert_eq!(
-            vm.agent_url(),
-            format!("serial://{}/run/agent.sock", dir.path().display())
+            vm.agent_endpoint(),
+            AgentEndpoint::VirtioSerial {
+                path: dir.path().join("run/agent.sock")
+            }
         );
         let st = vm.state().await;
         assert_eq!(st.pid, None);

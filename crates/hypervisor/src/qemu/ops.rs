@@ -480,7 +480,6 @@ mod tests {
         let paths = crate::cmdline::RunPaths::new(dir.path());
         let inner = Inner {
             id: "t".into(),
-            agent_url: String::new(),
             pid: std::sync::atomic::AtomicU32::new(0),
             state: tokio::sync::Mutex::new(super::super::VmState::Created),
             paths,
