@@ -14,36 +14,8 @@ use serde::Serialize;
 use vmfactory_e2e::vm::{self, TestVm};
 use vmfactory_hypervisor::{Hypervisor, HypervisorConfig};
 
+use crate::stat::Stat;
 use crate::util::workspace_root;
-
-/// One measured quantity over repeated runs, in milliseconds.
-#[derive(Debug, Serialize)]
-pub struct Stat {
-    /// Median.
-    pub median: f64,
-    min: f64,
-    max: f64,
-    runs: usize,
-}
-
-impl Stat {
-    /// Median, min and max of `samples`.
-    pub fn of(samples: &[Duration]) -> Self {
-        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
-        ms.sort_by(f64::total_cmp);
-        let median = match ms.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => ms[n / 2],
-            n => (ms[n / 2 - 1] + ms[n / 2]) / 2.0,
-        };
-        Self {
-            median,
-            min: ms.first().copied().unwrap_or(0.0),
-            max: ms.last().copied().unwrap_or(0.0),
-            runs: ms.len(),
-        }
-    }
-}
 
 /// Memory of N idle VMs of one kind.
 #[derive(Debug, Serialize)]

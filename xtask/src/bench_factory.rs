@@ -10,7 +10,7 @@ use vmfactory_e2e::{vm, GuestEnv};
 use vmfactory_factory::{Factory, FactoryConfig};
 use vmfactory_vm::VmConfig;
 
-use crate::bench::Stat;
+use crate::stat::Stat;
 
 /// `get_vm` calls made at once for the throughput row.
 const CONCURRENT: usize = 8;

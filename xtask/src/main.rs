@@ -5,6 +5,7 @@ mod bench_factory;
 mod demo;
 mod guest;
 mod lint;
+mod stat;
 mod tools;
 mod util;
 

@@ -9,8 +9,8 @@ use vmfactory_hypervisor::{AgentChannel, HypervisorConfig};
 use vmfactory_persist::DEFAULT_ROOT;
 use vmfactory_proxy::ProxyKind;
 
+use crate::envelope::{self, CONFIG_KIND};
 use crate::error::{ConfigError, Result};
-use crate::wire;
 
 /// Default bound on each agent call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -169,14 +169,14 @@ impl VmConfig {
 
     /// The wire form of this config (versioned JSON).
     pub fn to_wire(&self) -> Result<Vec<u8>> {
-        Ok(wire::encode(wire::CONFIG_KIND, self)?)
+        Ok(envelope::encode(CONFIG_KIND, self)?)
     }
 
     /// Decodes and shape-validates a config from its wire form. Bad bytes (corrupt, truncated,
     /// oversized, another kind or version) are a [`crate::WireError`]; a decoded but invalid config is
     /// a [`ConfigError`].
     pub fn from_wire(bytes: &[u8]) -> Result<Self> {
-        let cfg: Self = wire::decode(wire::CONFIG_KIND, bytes)?;
+        let cfg: Self = envelope::decode(CONFIG_KIND, bytes)?;
         cfg.validate_shape()?;
         Ok(cfg)
     }

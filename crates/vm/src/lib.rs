@@ -102,8 +102,10 @@
 mod backends;
 mod config;
 mod endpoint;
+mod envelope;
 mod error;
 mod handover;
+mod links;
 mod ops;
 mod orphans;
 mod sandbox;
@@ -118,11 +120,12 @@ pub use config::{
     MAX_SOCKET_PATH,
 };
 pub use endpoint::agent_url;
+pub use envelope::{MAX_WIRE_SIZE, WIRE_VERSION};
 pub use error::{ConfigError, Error, Result, WireError};
 pub use ops::{VmInfo, ENTROPY_SOURCE, RESEED_BYTES};
 pub use sandbox::{SandboxLinks, SHARED_DIR};
 pub use vm::Vm;
-pub use wire::{VmState, MAX_WIRE_SIZE, WIRE_VERSION};
+pub use wire::VmState;
 
 // The leaf types this crate's public API exposes.
 pub use vmfactory_agent::{Agent, AgentConfig, AgentUrl, Error as AgentError};

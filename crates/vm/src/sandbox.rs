@@ -2,12 +2,13 @@
 //! and socket directory lead to this VM's.
 
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument};
 
 use crate::error::{Error, Result};
+use crate::links::{make_link, remove_links};
 use crate::vm::Vm;
 
 /// Name of the VM's share directory inside its storage directory (the seed's
@@ -73,58 +74,6 @@ impl Vm {
         );
         inner.links.extend(made);
         Ok(())
-    }
-}
-
-/// Creates the symlink `link` → `target`, replacing a symlink already at `link`.
-async fn make_link(target: &Path, link: &Path) -> Result<()> {
-    match tokio::fs::symlink_metadata(link).await {
-        Ok(m) if m.file_type().is_symlink() => {
-            tokio::fs::remove_file(link)
-                .await
-                .map_err(|source| Error::Link {
-                    op: "Removing",
-                    path: link.to_owned(),
-                    source,
-                })?;
-        }
-        Ok(_) => {
-            return Err(Error::LinkExists {
-                path: link.to_owned(),
-            })
-        }
-        Err(e) if e.kind() == ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(Error::Link {
-                op: "Inspecting",
-                path: link.to_owned(),
-                source,
-            })
-        }
-    }
-    tokio::fs::symlink(target, link)
-        .await
-        .map_err(|source| Error::Link {
-            op: "Creating",
-            path: link.to_owned(),
-            source,
-        })
-}
-
-/// Removes each symlink in `links` that still leads into `vm_dir` (others were replaced by
-/// someone else and are left alone).
-pub(crate) async fn remove_links(links: &[PathBuf], vm_dir: &Path) {
-    for link in links {
-        match tokio::fs::read_link(link).await {
-            Ok(target) if target.starts_with(vm_dir) => {
-                if let Err(e) = tokio::fs::remove_file(link).await {
-                    warn!(link = %link.display(), error = %e, "cannot remove sandbox link");
-                }
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => warn!(link = %link.display(), error = %e, "cannot read sandbox link"),
-        }
     }
 }
 

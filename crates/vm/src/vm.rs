@@ -18,6 +18,7 @@ use crate::backends::{Backends, NewStep, QemuBackends};
 use crate::config::VmConfig;
 use crate::endpoint::agent_url;
 use crate::error::{Error, Result};
+use crate::links::remove_links;
 use crate::wire::VmState;
 
 /// Pause between two `Check`s that failed at once (no agent connection yet, say).
@@ -362,7 +363,7 @@ impl Vm {
                 .await
                 .map_err(|e| Error::hv(&self.id, "stop", e))?;
             let links = std::mem::take(&mut inner.links);
-            crate::sandbox::remove_links(&links, &self.dir).await;
+            remove_links(&links, &self.dir).await;
             let destroyed = destroy_dir(&self.store, &self.id).await;
             inner.ownership = Ownership::Stopped;
             info!(ok = destroyed.is_ok(), "VM stopped");

@@ -1,98 +1,14 @@
-//! Wire forms: [`VmState`], what another process needs to re-attach to a running VM (the
-//! seed's `VM.ToGrpc` / `NewVMFromGrpc`), and the envelope shared with [`crate::VmConfig`]'s.
-//!
-//! An envelope is JSON `{"kind": "...", "version": N, "body": ...}`. Decoding checks, in
-//! order: the size limit ([`MAX_WIRE_SIZE`]), that the bytes are JSON with a kind and a version,
-//! the kind, the version ([`WIRE_VERSION`]), then the body's shape. Each failure is a
-//! [`crate::WireError`] variant; nothing panics on bad input.
+//! [`VmState`]: what another process needs to re-attach to a running VM (the seed's
+//! `VM.ToGrpc` / `NewVMFromGrpc`), in the envelope of `envelope.rs`.
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use vmfactory_agent::AgentUrl;
 use vmfactory_hypervisor::{QemuState, QEMU_STATE_VERSION};
 
 use crate::config::VmConfig;
 use crate::endpoint::agent_url;
+use crate::envelope::{decode, encode, VM_KIND};
 use crate::error::{Result, WireError};
-
-/// Version of the wire envelope and of [`VmState`]; bumped on incompatible changes (2:
-/// `agent_url` is gone, the hypervisor state's config and paths give it).
-pub const WIRE_VERSION: u32 = 2;
-
-/// Largest wire form accepted (a real one is a few KiB).
-pub const MAX_WIRE_SIZE: usize = 1 << 20;
-
-/// Kind of a [`VmConfig`] wire form.
-pub(crate) const CONFIG_KIND: &str = "vmfactory-vm-config";
-
-/// Kind of a [`VmState`] wire form.
-pub(crate) const VM_KIND: &str = "vmfactory-vm";
-
-#[derive(Serialize)]
-struct EnvelopeRef<'a, T> {
-    kind: &'a str,
-    version: u32,
-    body: &'a T,
-}
-
-#[derive(Deserialize)]
-struct Header {
-    kind: String,
-    version: u32,
-}
-
-#[derive(Deserialize)]
-struct Envelope<T> {
-    body: T,
-}
-
-/// Encodes `body` in an envelope of `kind`.
-pub(crate) fn encode<T: Serialize>(
-    kind: &str,
-    body: &T,
-) -> std::result::Result<Vec<u8>, WireError> {
-    let bytes = serde_json::to_vec(&EnvelopeRef {
-        kind,
-        version: WIRE_VERSION,
-        body,
-    })
-    .map_err(WireError::Encode)?;
-    if bytes.len() > MAX_WIRE_SIZE {
-        return Err(WireError::TooLarge {
-            size: bytes.len(),
-            limit: MAX_WIRE_SIZE,
-        });
-    }
-    Ok(bytes)
-}
-
-/// Decodes an envelope of `kind`; see the module docs for the checks.
-pub(crate) fn decode<T: DeserializeOwned>(
-    kind: &'static str,
-    bytes: &[u8],
-) -> std::result::Result<T, WireError> {
-    if bytes.len() > MAX_WIRE_SIZE {
-        return Err(WireError::TooLarge {
-            size: bytes.len(),
-            limit: MAX_WIRE_SIZE,
-        });
-    }
-    let header: Header = serde_json::from_slice(bytes).map_err(WireError::Corrupt)?;
-    if header.kind != kind {
-        return Err(WireError::WrongKind {
-            expected: kind,
-            found: header.kind,
-        });
-    }
-    if header.version != WIRE_VERSION {
-        return Err(WireError::UnsupportedVersion {
-            found: header.version,
-            supported: WIRE_VERSION,
-        });
-    }
-    let env: Envelope<T> = serde_json::from_slice(bytes).map_err(WireError::Corrupt)?;
-    Ok(env.body)
-}
 
 /// A running VM as another process needs it to re-attach (see [`crate::Vm::from_wire`]), and
 /// as it is persisted in `<run_root>/vm/<id>/state.json`.
@@ -166,6 +82,7 @@ impl VmState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::{CONFIG_KIND, MAX_WIRE_SIZE, WIRE_VERSION};
     use crate::error::{ConfigError, Error};
     use vmfactory_hypervisor::{Hypervisor, HypervisorConfig};
 
