@@ -205,6 +205,64 @@ mod tests {
         assert_eq!(scenario_result("running 3 tests"), None);
     }
 
+    /// docs/architecture.md lists every internal crate dependency (normal and build) in one
+    /// block; `cargo metadata` must report exactly those, so the picture cannot drift.
+    #[test]
+    fn architecture_md_lists_the_crate_graph() {
+        use std::collections::{BTreeMap, BTreeSet};
+        let root = crate::util::workspace_root();
+        let doc = std::fs::read_to_string(root.join("docs/architecture.md")).expect("doc");
+        let block = doc
+            .split_once("## The crate graph (checked)")
+            .and_then(|(_, rest)| rest.split_once("```text\n"))
+            .and_then(|(_, rest)| rest.split_once("```"))
+            .expect("docs/architecture.md has no crate-graph block")
+            .0;
+        let documented: BTreeMap<String, BTreeSet<String>> = block
+            .lines()
+            .map(|line| {
+                let (name, deps) = line.split_once("->").expect("`crate -> deps` lines");
+                let deps = deps
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(String::from)
+                    .collect();
+                (name.trim().to_owned(), deps)
+            })
+            .collect();
+
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = std::process::Command::new(cargo)
+            .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+            .current_dir(&root)
+            .output()
+            .expect("cargo metadata");
+        assert!(out.status.success(), "cargo metadata failed");
+        let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("metadata");
+        let packages = meta["packages"].as_array().expect("packages");
+        let names: BTreeSet<&str> = packages.iter().filter_map(|p| p["name"].as_str()).collect();
+        let actual: BTreeMap<String, BTreeSet<String>> = packages
+            .iter()
+            .map(|p| {
+                let deps = p["dependencies"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d["kind"].is_null() || d["kind"] == "build")
+                    .filter_map(|d| d["name"].as_str())
+                    .filter(|d| names.contains(d))
+                    .map(String::from)
+                    .collect();
+                (p["name"].as_str().unwrap_or_default().to_owned(), deps)
+            })
+            .collect();
+        assert_eq!(
+            documented, actual,
+            "docs/architecture.md's crate graph differs from the manifests"
+        );
+    }
+
     /// The README's library examples are `ignore`d there; each crate's docs carry the same
     /// lines as a compiled doc test. This keeps the two from drifting apart.
     #[test]
