@@ -13,7 +13,7 @@ use vmfactory_factory::{
 };
 use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
 use vmfactory_proxy::ProxyKind;
-use vmfactory_vm::{VmAgentConfig, VmConfig};
+use vmfactory_vm::{AgentTimeout, VmAgentConfig, VmConfig};
 
 /// The embedded default configuration.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -516,10 +516,10 @@ fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, Str
             _ => return None,
         },
         F::Vm(Vm::ZeroTimeout { what }) => {
-            let key = match *what {
-                "dial" => "dial_timeout_ms",
-                "call" => "call_timeout_ms",
-                _ => "ready_timeout_ms",
+            let key = match what {
+                AgentTimeout::Dial => "dial_timeout_ms",
+                AgentTimeout::Call => "call_timeout_ms",
+                AgentTimeout::Ready => "ready_timeout_ms",
             };
             ("agent", key, format!("{key} must not be 0"))
         }

@@ -12,7 +12,7 @@ use vmfactory_hypervisor::{
     Accel, AgentChannel, ConfigError as HvError, HypervisorConfig, MachineType, TemplatePaths,
     TemplateRole,
 };
-use vmfactory_vm::{ConfigError as VmError, VmConfig};
+use vmfactory_vm::{AgentTimeout, ConfigError as VmError, VmConfig};
 
 use vmfactory_factory::{
     CacheServiceError, Factory, FactoryConfig, FactoryConfigError, GetVmError, NewFactoryError,
@@ -310,17 +310,38 @@ fn bad_vm_configs() {
         (
             "zero call timeout",
             Box::new(|v| v.agent.call_timeout = Duration::ZERO),
-            |e| matches!(e, VmError::ZeroTimeout { what: "call" }),
+            |e| {
+                matches!(
+                    e,
+                    VmError::ZeroTimeout {
+                        what: AgentTimeout::Call
+                    }
+                )
+            },
         ),
         (
             "zero dial timeout",
             Box::new(|v| v.agent.dial_timeout = Duration::ZERO),
-            |e| matches!(e, VmError::ZeroTimeout { what: "dial" }),
+            |e| {
+                matches!(
+                    e,
+                    VmError::ZeroTimeout {
+                        what: AgentTimeout::Dial
+                    }
+                )
+            },
         ),
         (
             "zero ready timeout",
             Box::new(|v| v.agent.ready_timeout = Duration::ZERO),
-            |e| matches!(e, VmError::ZeroTimeout { what: "ready" }),
+            |e| {
+                matches!(
+                    e,
+                    VmError::ZeroTimeout {
+                        what: AgentTimeout::Ready
+                    }
+                )
+            },
         ),
         (
             "relative run root",

@@ -10,7 +10,7 @@ use vmfactory_persist::DEFAULT_ROOT;
 use vmfactory_proxy::ProxyKind;
 
 use crate::envelope::{self, CONFIG_KIND};
-use crate::error::{ConfigError, Result};
+use crate::error::{AgentTimeout, ConfigError, Result};
 
 /// Default bound on each agent call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -125,9 +125,9 @@ impl VmConfig {
             .validate_shape()
             .map_err(ConfigError::Hypervisor)?;
         for (what, t) in [
-            ("call", self.agent.call_timeout),
-            ("dial", self.agent.dial_timeout),
-            ("ready", self.agent.ready_timeout),
+            (AgentTimeout::Call, self.agent.call_timeout),
+            (AgentTimeout::Dial, self.agent.dial_timeout),
+            (AgentTimeout::Ready, self.agent.ready_timeout),
         ] {
             if t.is_zero() {
                 return Err(ConfigError::ZeroTimeout { what });
@@ -245,7 +245,9 @@ mod tests {
         c.agent.ready_timeout = Duration::ZERO;
         assert!(matches!(
             c.validate_shape(),
-            Err(ConfigError::ZeroTimeout { what: "ready" })
+            Err(ConfigError::ZeroTimeout {
+                what: AgentTimeout::Ready
+            })
         ));
         let mut c = cfg();
         c.run_root = "run/vc".into();
@@ -315,7 +317,9 @@ mod tests {
         let bytes = c.to_wire().expect("encode");
         assert!(matches!(
             VmConfig::from_wire(&bytes),
-            Err(Error::Config(ConfigError::ZeroTimeout { what: "dial" }))
+            Err(Error::Config(ConfigError::ZeroTimeout {
+                what: AgentTimeout::Dial
+            }))
         ));
     }
 }

@@ -13,6 +13,27 @@ use crate::NewStep;
 /// Result type of the vm crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// One of the agent timeouts of [`crate::VmAgentConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentTimeout {
+    /// `call_timeout`: one agent call.
+    Call,
+    /// `dial_timeout`: reaching the agent.
+    Dial,
+    /// `ready_timeout`: the agent answering `Check` after boot.
+    Ready,
+}
+
+impl std::fmt::Display for AgentTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Call => "call",
+            Self::Dial => "dial",
+            Self::Ready => "ready",
+        })
+    }
+}
+
 /// A [`crate::VmConfig`] that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -23,8 +44,8 @@ pub enum ConfigError {
     /// An agent timeout is zero.
     #[error("Agent {what} timeout must not be zero")]
     ZeroTimeout {
-        /// Which timeout (`call`, `dial` or `ready`).
-        what: &'static str,
+        /// Which timeout.
+        what: AgentTimeout,
     },
     /// The run root is not an absolute path.
     #[error("Run root {path} is not an absolute path")]
@@ -258,11 +279,15 @@ mod tests {
         );
         assert_eq!(e.to_string(), "Hypervisor start of VM vm1 failed");
         assert!(e.source().is_some());
-        let e = Error::from(ConfigError::ZeroTimeout { what: "call" });
+        let e = Error::from(ConfigError::ZeroTimeout {
+            what: AgentTimeout::Call,
+        });
         assert!(!e.to_string().contains('\n'));
         assert!(matches!(
             e,
-            Error::Config(ConfigError::ZeroTimeout { what: "call" })
+            Error::Config(ConfigError::ZeroTimeout {
+                what: AgentTimeout::Call
+            })
         ));
     }
 }

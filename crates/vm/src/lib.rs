@@ -121,7 +121,7 @@ pub use config::{
 };
 pub use endpoint::agent_url;
 pub use envelope::{MAX_WIRE_SIZE, WIRE_VERSION};
-pub use error::{ConfigError, Error, Result, WireError};
+pub use error::{AgentTimeout, ConfigError, Error, Result, WireError};
 pub use ops::{VmInfo, ENTROPY_SOURCE, RESEED_BYTES};
 pub use sandbox::{SandboxLinks, SHARED_DIR};
 pub use vm::Vm;

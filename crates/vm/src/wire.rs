@@ -83,7 +83,7 @@ impl VmState {
 mod tests {
     use super::*;
     use crate::envelope::{CONFIG_KIND, MAX_WIRE_SIZE, WIRE_VERSION};
-    use crate::error::{ConfigError, Error};
+    use crate::error::{AgentTimeout, ConfigError, Error};
     use vmfactory_hypervisor::{Hypervisor, HypervisorConfig};
 
     async fn state() -> VmState {
@@ -187,7 +187,9 @@ mod tests {
         });
         assert!(matches!(
             VmState::from_wire(&cfg),
-            Err(Error::Config(ConfigError::ZeroTimeout { what: "call" }))
+            Err(Error::Config(ConfigError::ZeroTimeout {
+                what: AgentTimeout::Call
+            }))
         ));
     }
 }
