@@ -15,6 +15,8 @@
 //! that the recorded id matches the directory; every failure is a typed [`Error`], never a panic.
 //! VM ids are validated ([`validate_id`]) before they touch a path. [`write_atomic`] and
 //! [`read_limited`] are exported for other files with the same needs (template metadata).
+//! [`OpLock`] is the cross-process lock of a whole operation on a path (a template, a run
+//! root): shared or exclusive, its holders named when it is busy.
 //!
 //! This crate does not know what a VM's state contains (the `vm` crate defines it), does not
 //! manage sockets, processes or mounts, and does not migrate old state layouts: a state file of
@@ -41,11 +43,13 @@
 mod error;
 mod fs;
 mod id;
+mod oplock;
 mod store;
 
 pub use error::{Error, Result};
 pub use fs::{read_limited, read_limited_blocking, write_atomic, write_atomic_blocking};
 pub use id::{validate_id, MAX_ID_LEN};
+pub use oplock::{Holder, LockError, LockMode, OpLock};
 pub use store::{
     Store, VmLock, DEFAULT_MAX_STATE_SIZE, DEFAULT_ROOT, OLDEST_STATE_VERSION, STATE_VERSION,
 };
