@@ -15,6 +15,7 @@ mod cli;
 mod commands;
 mod config_file;
 mod failure;
+mod lock;
 mod probe;
 mod progress;
 

@@ -228,12 +228,18 @@ fn status_reports_an_unusable_template_and_exits_2() {
 fn destroy_is_idempotent_and_cleans_stale_state() {
     let s = Scratch::new();
     let cfg = s.write(&s.config(true, 2));
-    // Leftovers: a template directory and a socket nobody listens on.
+    // Leftovers: a template directory vmfactory made (its marker says so) and a socket nobody
+    // listens on.
     let tpl = s.path().join("tpl");
     std::fs::create_dir(&tpl).expect("mkdir");
     for f in ["memory", "state", "metadata.json"] {
         std::fs::write(tpl.join(f), b"x").expect("write");
     }
+    std::fs::write(
+        tpl.join(".vmfactory-template"),
+        br#"{"version":1,"created_dir":true,"mounted":false}"#,
+    )
+    .expect("marker");
     drop(std::os::unix::net::UnixListener::bind(s.path().join("cache.sock")).expect("bind"));
 
     let o = s.run(&cfg, &["destroy"]);
@@ -246,6 +252,24 @@ fn destroy_is_idempotent_and_cleans_stale_state() {
     let o = s.run(&cfg, &["destroy"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "nothing to destroy");
+}
+
+/// A `template_path` pointing at a directory vmfactory did not make (no marker): `destroy`
+/// touches nothing there, whatever its files are called.
+#[test]
+fn destroy_leaves_a_directory_vmfactory_did_not_make() {
+    let s = Scratch::new();
+    let cfg = s.write(&s.config(true, 0));
+    let tpl = s.path().join("tpl");
+    std::fs::create_dir(&tpl).expect("mkdir");
+    for f in ["memory", "state", "metadata.json", "notes.txt"] {
+        std::fs::write(tpl.join(f), b"precious").expect("write");
+    }
+    let o = s.run(&cfg, &["destroy"]);
+    assert_one_line_error(&o, 1, &["not a template vmfactory made", "left untouched"]);
+    for f in ["memory", "state", "metadata.json", "notes.txt"] {
+        assert_eq!(std::fs::read(tpl.join(f)).expect("kept"), b"precious");
+    }
 }
 
 #[test]

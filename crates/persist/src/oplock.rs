@@ -159,6 +159,22 @@ impl OpLock {
         self.mode
     }
 
+    /// Releases the lock and, when no other process holds or waits for it, removes the lock
+    /// file too, so a finished operation leaves nothing behind. Best effort: a lock file that
+    /// stays is harmless (the next operation reuses it).
+    pub async fn release(self) {
+        let (path, file) = (self.path.clone(), self.file.clone());
+        drop(self);
+        let tidied = tokio::task::spawn_blocking(move || {
+            match try_lock_once(&path, &file, LockMode::Exclusive) {
+                Ok(Ok(lock)) if still_at_path(&lock) => std::fs::remove_file(&file).ok(),
+                _ => None,
+            }
+        })
+        .await;
+        debug_assert!(tidied.is_ok(), "the tidy task does not panic");
+    }
+
     /// Turns an exclusive lock into a shared one in place (done making, now using): nobody
     /// else can take it exclusively in between.
     pub async fn downgrade(mut self) -> Result<Self, LockError> {
@@ -218,10 +234,7 @@ fn try_lock(
 
 /// Whether the locked file is still the one at its path (not removed by [`OpLock::remove`]).
 fn still_at_path(lock: &OpLock) -> bool {
-    let (Ok(held), Ok(now)) = (
-        lock.flock.metadata(),
-        std::fs::symlink_metadata(&lock.file),
-    ) else {
+    let (Ok(held), Ok(now)) = (lock.flock.metadata(), std::fs::symlink_metadata(&lock.file)) else {
         return false;
     };
     held.dev() == now.dev() && held.ino() == now.ino()
@@ -362,7 +375,16 @@ mod tests {
         OpLock::acquire(&path, LockMode::Shared, Duration::ZERO)
             .await
             .expect("readers share with a downgraded writer");
-        drop(r);
+        let other = OpLock::acquire(&path, LockMode::Shared, Duration::ZERO)
+            .await
+            .expect("another reader");
+        r.release().await;
+        assert!(
+            OpLock::file_for(&path).exists(),
+            "kept while another holds it"
+        );
+        other.release().await;
+        assert!(!OpLock::file_for(&path).exists(), "the last one out tidies");
         let w = OpLock::acquire(&path, LockMode::Exclusive, Duration::ZERO)
             .await
             .expect("free again");

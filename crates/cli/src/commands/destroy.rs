@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use vmfactory_factory::{CacheClient, SystemHost, TemplateFactory, METADATA_FILE};
+use vmfactory_persist::LockMode;
 
 use crate::config_file::Settings;
 use crate::failure::CmdResult;
+use crate::lock;
 use crate::probe::{exists, process_alive, wait_until};
 use crate::progress::Step;
 
@@ -66,8 +68,14 @@ pub async fn run(s: &Settings) -> CmdResult {
             }
         }
     }
+    // Nothing below runs under another command: the run root is ours alone from here.
+    let root_lock = if exists(&s.vm.run_root).await {
+        Some(lock::run_root(s, LockMode::Exclusive).await?)
+    } else {
+        None
+    };
     // VMs no process owns any more (a server that died with VMs in its pool or in flight):
-    // stopped and removed. VMs owned by a live process (a `get --hold`) are left alone.
+    // stopped and removed.
     if exists(&s.vm.run_root.join("vm")).await {
         let reaped = vmfactory_vm::Vm::reap_orphans(&s.vm.run_root)
             .await
@@ -110,6 +118,11 @@ pub async fn run(s: &Settings) -> CmdResult {
                 s.template_path.display()
             ));
         }
+    }
+    if let Some(lock) = root_lock {
+        lock.remove()
+            .await
+            .context("Cannot remove the run root's lock file")?;
     }
     if done.is_empty() {
         println!("nothing to destroy");

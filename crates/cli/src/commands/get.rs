@@ -7,11 +7,13 @@ use anyhow::{anyhow, Context};
 use serde::Serialize;
 use tracing::warn;
 use vmfactory_factory::{BaseKind, Factory, FactoryConfig, NewFactoryError as FactoryError};
+use vmfactory_persist::LockMode;
 use vmfactory_vm::Vm;
 
 use super::inspect::is_bad_template;
 use crate::config_file::Settings;
 use crate::failure::{CmdResult, Failure};
+use crate::lock;
 use crate::progress::Step;
 
 /// What `get` prints.
@@ -97,6 +99,21 @@ pub async fn run(s: &Settings, vcpus: Option<u32>, memory: Option<u64>, hold: bo
             });
         }
     };
+    // Held until the VM is stopped: `destroy` waits for or refuses a running `get`.
+    let root = lock::run_root(s, LockMode::Shared).await?;
+    let res = get_and_show(s, &factory, vcpus, memory, hold).await;
+    root.release().await;
+    res
+}
+
+/// Gets the VM from `factory`, prints it, holds it if asked, and stops it.
+async fn get_and_show(
+    s: &Settings,
+    factory: &Factory,
+    vcpus: u32,
+    memory: u64,
+    hold: bool,
+) -> CmdResult {
     let mut request = s.vm.clone();
     request.hypervisor.vcpus = vcpus;
     request.hypervisor.memory_mib = memory;

@@ -9,9 +9,11 @@ use tracing::warn;
 use vmfactory_factory::{
     CacheClient, CacheFactory, CacheServer, DirectFactory, FactoryBase, TemplateFactory,
 };
+use vmfactory_persist::LockMode;
 
 use crate::config_file::Settings;
 use crate::failure::{CmdResult, Failure};
+use crate::lock;
 use crate::progress::Step;
 
 /// How often the fill progress asks the pool for its size.
@@ -26,6 +28,15 @@ pub async fn run(s: &Settings) -> CmdResult {
         )));
     }
     s.check_files().await?;
+    // Held for the whole run, serving included: `destroy` stops the server first.
+    let root = lock::run_root(s, LockMode::Shared).await?;
+    let res = make_and_serve(s).await;
+    root.release().await;
+    res
+}
+
+/// Makes the template and/or runs the VM-cache server until it stops.
+async fn make_and_serve(s: &Settings) -> CmdResult {
     if s.cache_number > 0 {
         if let Ok(client) = CacheClient::connect(&s.endpoint).await {
             let pid = client.server_status().await.map(|st| st.pid).unwrap_or(0);

@@ -144,6 +144,32 @@ pub enum TemplateError {
         #[source]
         reason: Box<TemplateError>,
     },
+    /// Another process is making, using or removing the template (its lock is busy).
+    #[error("Template at {path} is busy")]
+    Busy {
+        /// The template path.
+        path: PathBuf,
+        /// The lock error, naming the holders.
+        #[source]
+        source: vmfactory_persist::LockError,
+    },
+    /// The path holds no template this user's vmfactory made (no marker): nothing there is
+    /// removed or reused.
+    #[error("{path} is not a template vmfactory made (no {marker} marker); left untouched")]
+    NotOurs {
+        /// The template path.
+        path: PathBuf,
+        /// The marker's file name.
+        marker: &'static str,
+    },
+    /// Processes still map the template memory (VMs cloned from it run): nothing was removed.
+    #[error("Template at {path} is still used by {} process(es) (pids {}): VMs cloned from it are running; stop them first", pids.len(), pid_list(pids))]
+    InUse {
+        /// The template path.
+        path: PathBuf,
+        /// The processes mapping its memory.
+        pids: Vec<u32>,
+    },
     /// `<qemu> --version` could not be run or failed.
     #[error("Cannot get the version of {qemu}")]
     QemuVersion {
@@ -184,6 +210,11 @@ pub enum TemplateError {
     /// A blocking task failed.
     #[error("A blocking template task failed")]
     Task(#[source] tokio::task::JoinError),
+}
+
+fn pid_list(pids: &[u32]) -> String {
+    let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+    list.join(", ")
 }
 
 impl TemplateError {

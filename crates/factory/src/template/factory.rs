@@ -15,21 +15,32 @@
 //! Ownership: a factory from `new` owns its template, and [`FactoryBase::close`] removes the
 //! files, unmounts and removes the directory. A factory from `fetch` shares a template someone
 //! else made; its `close` leaves the template alone ([`TemplateFactory::destroy`] removes it).
+//!
+//! One owner at a time, across processes: `new` holds the template's lock exclusively while it
+//! makes (or adopts) the template, and every factory holds it shared for its lifetime, so a
+//! second `new` waits for one being made and then adopts it, and removal waits for makers and
+//! refuses while a factory uses the template ([`TemplateError::Busy`] names the processes).
+//! Removal also refuses while processes map the template memory (live clones,
+//! [`TemplateError::InUse`]) and touches only what the marker `new` wrote says it made
+//! ([`TemplateError::NotOurs`] otherwise) — never half of a template.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tracing::{debug, info, warn};
 use vmfactory_hypervisor::{TemplatePaths, TemplateRole};
+use vmfactory_persist::{LockMode, OpLock};
 use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
 use super::error::{TemplateError, TemplateStep};
 use super::host::{MountOutcome, SystemHost, TemplateHost};
 use super::metadata::{CloneKey, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE};
+use super::owner::{lock_exclusive, remove_file, remove_locked, Marker, MARKER_FILE, REMOVE_WAIT};
 use crate::base::{BaseError, FactoryBase};
 
 /// What the guest agent prints on the console each time it waits for a host.
@@ -38,8 +49,12 @@ pub const AGENT_LISTENING_PREFIX: &str = "vmfactory-agent: listening on";
 /// Room on the template tmpfs beyond the guest memory (device state, metadata).
 const TMPFS_EXTRA_BYTES: u64 = 8 << 20;
 
-/// How many mounts `destroy` takes off one path at most (one, unless someone stacked them).
-const MAX_UNMOUNTS: usize = 8;
+/// How long `new` and `fetch` wait for a template another process is making (a few seconds
+/// under TCG; a nested KVM host is slower).
+const MAKE_WAIT: Duration = Duration::from_secs(120);
+/// How long a closing owner waits for the template's lock before leaving the template to
+/// `destroy`.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 type Result<T> = std::result::Result<T, TemplateError>;
 
@@ -51,6 +66,8 @@ pub struct TemplateFactory {
     host: Arc<dyn TemplateHost>,
     owned: bool,
     closed: AtomicBool,
+    /// The template's lock, held shared while the factory is open.
+    lock: tokio::sync::Mutex<Option<OpLock>>,
 }
 
 impl fmt::Debug for TemplateFactory {
@@ -109,18 +126,54 @@ impl TemplateFactory {
         host: Arc<dyn TemplateHost>,
     ) -> Result<Self> {
         let (this, tpl) = Self::open(config, path.into(), backends, host, true)?;
-
+        // A usable template of ours is shared: wait while another process makes it, then adopt.
+        let shared = OpLock::acquire(&this.path, LockMode::Shared, MAKE_WAIT)
+            .await
+            .map_err(|source| TemplateError::Busy {
+                path: this.path.clone(),
+                source,
+            })?;
+        if this.usable().await? {
+            info!(path = %this.path.display(), "reusing the template already there");
+            *this.lock.lock().await = Some(shared);
+            return Ok(this);
+        }
+        drop(shared);
+        // Making or replacing one is exclusive; someone may have made it in between.
+        let lock = match lock_exclusive(&this.path, MAKE_WAIT).await {
+            Ok(lock) => lock,
+            Err(busy) => {
+                return Err(match this.check().await {
+                    Err(reason) => TemplateError::Occupied {
+                        path: this.path.clone(),
+                        reason: Box::new(reason),
+                    },
+                    Ok(()) => busy,
+                })
+            }
+        };
+        if this.usable().await? {
+            info!(path = %this.path.display(), "reusing the template just made");
+            return this.hold(lock).await;
+        }
         if this.is_occupied().await? {
-            return match this.check().await {
-                Ok(()) => {
-                    info!(path = %this.path.display(), "reusing the template already there");
-                    Ok(this)
-                }
-                Err(reason) => Err(TemplateError::Occupied {
+            let reason = match this.check().await {
+                Err(reason) => reason,
+                Ok(()) => TemplateError::NotOurs {
+                    path: this.path.clone(),
+                    marker: MARKER_FILE,
+                },
+            };
+            // Ours but unusable (its maker died half-way, or another config) and nobody uses
+            // it: ours to replace. Anything else is left alone.
+            if let Err(refused) = remove_locked(&this.path, this.host.as_ref(), &lock).await {
+                warn!(error = %refused, "the template path is occupied");
+                return Err(TemplateError::Occupied {
                     path: this.path.clone(),
                     reason: Box::new(reason),
-                }),
-            };
+                });
+            }
+            warn!(path = %this.path.display(), error = %reason, "replaced an unusable template vmfactory made earlier");
         }
 
         let t0 = std::time::Instant::now();
@@ -128,14 +181,30 @@ impl TemplateFactory {
         match this.make(&tpl, &mut made).await {
             Ok(()) => {
                 info!(path = %this.path.display(), elapsed = ?t0.elapsed(), "template created");
-                Ok(this)
+                this.hold(lock).await
             }
             Err(e) => {
                 warn!(error = %e, path = %this.path.display(), "creating the template failed, cleaning up");
                 this.undo(made).await;
+                if let Err(e) = lock.remove().await {
+                    warn!(error = %e, "removing the template's lock file during cleanup failed");
+                }
                 Err(e)
             }
         }
+    }
+
+    /// Keeps the template's lock, shared, for the factory's lifetime.
+    async fn hold(self, lock: OpLock) -> Result<Self> {
+        let lock = lock
+            .downgrade()
+            .await
+            .map_err(|source| TemplateError::Busy {
+                path: self.path.clone(),
+                source,
+            })?;
+        *self.lock.lock().await = Some(lock);
+        Ok(self)
     }
 
     /// The factory handle for `config` at `path` (`owned`: its `close` removes the template),
@@ -157,6 +226,7 @@ impl TemplateFactory {
             host,
             owned,
             closed: AtomicBool::new(false),
+            lock: tokio::sync::Mutex::new(None),
         };
         Ok((this, tpl))
     }
@@ -178,29 +248,44 @@ impl TemplateFactory {
         host: Arc<dyn TemplateHost>,
     ) -> Result<Self> {
         let (this, _) = Self::open(config, path.into(), backends, host, false)?;
-        this.check().await?;
+        // Nothing there: say so without leaving a lock file beside nothing.
+        if let Err(e) = tokio::fs::symlink_metadata(&this.path).await {
+            return Err(match e.kind() {
+                std::io::ErrorKind::NotFound => TemplateError::Missing {
+                    path: this.path.join(METADATA_FILE),
+                },
+                _ => TemplateError::io("stat", &this.path, e),
+            });
+        }
+        let lock = OpLock::acquire(&this.path, LockMode::Shared, MAKE_WAIT)
+            .await
+            .map_err(|source| TemplateError::Busy {
+                path: this.path.clone(),
+                source,
+            })?;
+        if let Err(e) = this.check().await {
+            lock.release().await;
+            return Err(e);
+        }
+        *this.lock.lock().await = Some(lock);
         debug!(path = %this.path.display(), "template fetched");
         Ok(this)
     }
 
-    /// Removes the template at `path`: its files, its tmpfs (every mount stacked there), the
-    /// directory. Other files in the directory are left, and then so is the directory.
-    /// Idempotent.
+    /// Removes the template at `path` that vmfactory made: its files, the tmpfs it mounted
+    /// (every mount stacked there), the directory it created and the lock file. Waits for a
+    /// template being made or removed by another process; refuses, before touching anything,
+    /// a template a factory uses ([`TemplateError::Busy`]), one whose memory live clones map
+    /// ([`TemplateError::InUse`]) and a path without vmfactory's marker
+    /// ([`TemplateError::NotOurs`]). Other files in the directory are left, and then so is the
+    /// directory. Idempotent.
     pub async fn destroy(path: &Path, host: &dyn TemplateHost) -> Result<()> {
-        for name in [MEMORY_FILE, STATE_FILE, METADATA_FILE] {
-            remove_file(&path.join(name)).await?;
-        }
-        for _ in 0..MAX_UNMOUNTS {
-            if host.mount_type(path).await?.as_deref() != Some("tmpfs") {
-                break;
-            }
-            host.unmount(path).await?;
-        }
-        match tokio::fs::remove_dir(path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(TemplateError::io("remove", path, e)),
-        }
+        let lock = lock_exclusive(path, REMOVE_WAIT).await?;
+        remove_locked(path, host, &lock).await?;
+        lock.remove().await.map_err(|source| TemplateError::Busy {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The template directory.
@@ -216,6 +301,14 @@ impl TemplateFactory {
     /// The loaded, checked metadata of the template.
     pub async fn metadata(&self) -> Result<TemplateMetadata> {
         TemplateMetadata::load(&self.path).await
+    }
+
+    /// Whether the path holds a template of ours that matches the config.
+    async fn usable(&self) -> Result<bool> {
+        if !self.is_occupied().await? || Marker::load(&self.path).await?.is_none() {
+            return Ok(false);
+        }
+        Ok(self.check().await.is_ok())
     }
 
     /// Whether the path is a mount point or a non-empty directory.
@@ -256,9 +349,14 @@ impl TemplateFactory {
                 "mounting a tmpfs is not permitted here; the template uses a plain directory"
             ),
         }
+        // First thing in it: what was made, so a later removal (or a new `init` after this
+        // process died) can prove the template is vmfactory's and undo just that.
+        made.files = true;
+        Marker::new(made.dir, made.mounted)
+            .write(&self.path)
+            .await?;
         // The key before the boot: it stats the guest files and asks QEMU its version.
         let key = CloneKey::gather(&self.config.hypervisor, self.host.as_ref()).await?;
-        made.files = true;
         save_template_vm(tpl, self.backends.as_ref()).await?;
         check_size(&self.path.join(MEMORY_FILE), Some(key.memory_mib << 20)).await?;
         let state_bytes = check_size(&self.path.join(STATE_FILE), None).await?;
@@ -270,7 +368,7 @@ impl TemplateFactory {
     /// Undoes a failed creation: files, mount, directory (the VM was stopped already).
     async fn undo(&self, made: Made) {
         if made.files {
-            for name in [MEMORY_FILE, STATE_FILE, METADATA_FILE] {
+            for name in [MEMORY_FILE, STATE_FILE, METADATA_FILE, MARKER_FILE] {
                 if let Err(e) = remove_file(&self.path.join(name)).await {
                     warn!(error = %e, "removing a template file during cleanup failed");
                 }
@@ -392,15 +490,6 @@ async fn check_size(path: &Path, expected: Option<u64>) -> Result<u64> {
     }
 }
 
-/// Removes `path` if it exists.
-async fn remove_file(path: &Path) -> Result<()> {
-    match tokio::fs::remove_file(path).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(TemplateError::io("remove", path, e)),
-    }
-}
-
 #[async_trait]
 impl FactoryBase for TemplateFactory {
     fn config(&self) -> &VmConfig {
@@ -420,14 +509,40 @@ impl FactoryBase for TemplateFactory {
             .map_err(|e| TemplateError::vm(TemplateStep::Clone, e).into())
     }
 
-    /// Marks the factory closed; if it owns the template, removes it ([`TemplateFactory::destroy`]).
-    /// Idempotent.
+    /// Marks the factory closed and releases the template; if it owns the template, removes
+    /// it ([`TemplateFactory::destroy`]) — unless another factory uses it or live clones map
+    /// it: then the template stays (logged) for `destroy` to remove later, and closing still
+    /// succeeds. Idempotent.
     async fn close(&self) -> std::result::Result<(), BaseError> {
         self.closed.store(true, Ordering::SeqCst);
-        if self.owned {
-            Self::destroy(&self.path, self.host.as_ref()).await?;
+        let Some(held) = self.lock.lock().await.take() else {
+            return Ok(());
+        };
+        held.release().await;
+        if !self.owned {
+            return Ok(());
         }
-        Ok(())
+        let lock = match lock_exclusive(&self.path, CLOSE_WAIT).await {
+            Ok(lock) => lock,
+            Err(e @ TemplateError::Busy { .. }) => {
+                warn!(error = %crate::error_chain(&e), "template kept: another process uses it");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match remove_locked(&self.path, self.host.as_ref(), &lock).await {
+            Ok(()) => lock.remove().await.map_err(|source| {
+                BaseError::from(TemplateError::Busy {
+                    path: self.path.clone(),
+                    source,
+                })
+            }),
+            Err(e @ TemplateError::InUse { .. }) => {
+                warn!(error = %e, "template kept: VMs cloned from it still run; `vmfactory destroy` removes it once they are gone");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -670,11 +785,21 @@ mod tests {
         let host = FakeHost::default();
         let path = b.template_path();
         std::fs::create_dir(&path).expect("dir");
-        // As left behind by Kata's stacking `init`.
+        // As left behind by Kata's stacking `init`, in a directory vmfactory made.
         host.mounts.lock().expect("lock").insert(path.clone(), 3);
         for f in crate::testing::template_files(&path) {
             std::fs::write(f, b"x").expect("file");
         }
+        // Not provably vmfactory's: nothing is touched.
+        assert!(matches!(
+            TemplateFactory::destroy(&path, &host).await,
+            Err(TemplateError::NotOurs { .. })
+        ));
+        assert_eq!(host.depth(&path), 3);
+        assert!(crate::testing::template_files(&path)
+            .iter()
+            .all(|f| f.exists()));
+        Marker::new(true, true).write(&path).await.expect("marker");
         TemplateFactory::destroy(&path, &host)
             .await
             .expect("destroy");

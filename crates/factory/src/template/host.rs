@@ -147,6 +147,44 @@ impl TemplateHost for SystemHost {
     }
 }
 
+/// The processes that map `file` (its path in `/proc/PID/maps`): VMs cloned from a template
+/// map its memory file. Processes whose maps cannot be read (gone, or another user's when not
+/// root) are skipped.
+pub(crate) async fn processes_mapping(file: &Path) -> Vec<u32> {
+    let file = file.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut pids: Vec<u32> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                    .is_ok_and(|maps| maps_name(&maps, &file))
+            })
+            .collect();
+        pids.sort_unstable();
+        pids
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Whether a `/proc/PID/maps` text maps `file` (by path; a deleted file shows as
+/// `PATH (deleted)` and is not `file` any more).
+fn maps_name(maps: &str, file: &Path) -> bool {
+    maps.lines().any(|line| {
+        // "addr perms offset dev inode      path": the path is everything after the inode.
+        let mut rest = line;
+        for _ in 0..5 {
+            rest = rest.trim_start();
+            rest = rest.find(' ').map_or("", |i| &rest[i..]);
+        }
+        Path::new(rest.trim_start()) == file
+    })
+}
+
 /// The file-system type of the last (topmost) mount at `path` in a mountinfo text.
 pub(crate) fn parse_mount_type(info: &str, path: &Path) -> Option<String> {
     info.lines()
@@ -195,6 +233,44 @@ mod tests {
 43 22 0:40 / /tmp/t rw,relatime - tmpfs tmpfs rw
 44 43 0:41 / /tmp/t rw,relatime - ramfs ramfs rw
 ";
+
+    #[test]
+    fn maps_lines_name_their_file() {
+        let maps = "\
+7f00-7f10 rw-p 00000000 00:2a 17                         /run/vc/vm/template/memory
+7f10-7f20 r-xp 00000000 fd:01 99                         /usr/lib/libc.so.6
+7f20-7f30 rw-p 00000000 00:2a 18                         /tmp/x/memory (deleted)
+7f30-7f40 rw-p 00000000 00:00 0
+";
+        assert!(maps_name(maps, Path::new("/run/vc/vm/template/memory")));
+        assert!(!maps_name(maps, Path::new("/tmp/x/memory")), "deleted");
+        assert!(!maps_name(maps, Path::new("/run/vc/vm/template")));
+    }
+
+    #[tokio::test]
+    async fn a_mapped_file_names_this_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("memory");
+        std::fs::write(&file, vec![0u8; 4096]).expect("write");
+        assert!(processes_mapping(&file).await.is_empty());
+        let f = std::fs::File::open(&file).expect("open");
+        // SAFETY: a private read-only mapping of a file this test owns and does not change
+        // while mapped; unmapped below.
+        let addr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(4096).expect("size"),
+                nix::sys::mman::ProtFlags::PROT_READ,
+                nix::sys::mman::MapFlags::MAP_PRIVATE,
+                &f,
+                0,
+            )
+        }
+        .expect("mmap");
+        assert_eq!(processes_mapping(&file).await, [std::process::id()]);
+        // SAFETY: the mapping made above, of that length, no longer used.
+        unsafe { nix::sys::mman::munmap(addr, 4096) }.expect("munmap");
+    }
 
     #[test]
     fn mountinfo_is_parsed_with_escapes_and_stacking() {

@@ -2,12 +2,13 @@
 //! whether a saved template still matches a config, the host operations (mounts, QEMU's
 //! version) it needs, and [`TemplateError`], the error of all of them.
 //!
-//! Inside, modules depend one way: `factory` → `metadata` → `host` → `error`.
+//! Inside, modules depend one way: `factory` → `owner` → `metadata` → `host` → `error`.
 
 mod error;
 mod factory;
 mod host;
 mod metadata;
+mod owner;
 
 pub use error::{TemplateError, TemplateStep};
 pub use factory::{
@@ -19,3 +20,4 @@ pub use metadata::{
     CloneKey, FileIdentity, TemplateMetadata, MAX_METADATA_SIZE, MEMORY_FILE, METADATA_FILE,
     STATE_FILE, TEMPLATE_METADATA_VERSION,
 };
+pub use owner::MARKER_FILE;
