@@ -39,12 +39,10 @@ use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
 use super::error::{TemplateError, TemplateStep};
 use super::host::{MountOutcome, SystemHost, TemplateHost};
+use super::make::{check_size, create_dir, save_template_vm, Made};
 use super::metadata::{CloneKey, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE};
 use super::owner::{lock_exclusive, remove_file, remove_locked, Marker, MARKER_FILE, REMOVE_WAIT};
 use crate::base::{BaseError, FactoryBase};
-
-/// What the guest agent prints on the console each time it waits for a host.
-pub const AGENT_LISTENING_PREFIX: &str = "vmfactory-agent: listening on";
 
 /// Room on the template tmpfs beyond the guest memory (device state, metadata).
 const TMPFS_EXTRA_BYTES: u64 = 8 << 20;
@@ -67,7 +65,7 @@ pub struct TemplateFactory {
     owned: bool,
     closed: AtomicBool,
     /// The template's lock, held shared while the factory is open.
-    lock: tokio::sync::Mutex<Option<OpLock>>,
+    pub(super) lock: tokio::sync::Mutex<Option<OpLock>>,
 }
 
 impl fmt::Debug for TemplateFactory {
@@ -126,34 +124,35 @@ impl TemplateFactory {
         host: Arc<dyn TemplateHost>,
     ) -> Result<Self> {
         let (this, tpl) = Self::open(config, path.into(), backends, host, true)?;
-        // A usable template of ours is shared: wait while another process makes it, then adopt.
-        let shared = OpLock::acquire(&this.path, LockMode::Shared, MAKE_WAIT)
-            .await
-            .map_err(|source| TemplateError::Busy {
-                path: this.path.clone(),
-                source,
-            })?;
-        if this.usable().await? {
-            info!(path = %this.path.display(), "reusing the template already there");
-            *this.lock.lock().await = Some(shared);
-            return Ok(this);
-        }
-        drop(shared);
-        // Making or replacing one is exclusive; someone may have made it in between.
+        // Exclusive to make, replace or adopt; waits while another process makes it. When
+        // others use the template (shared holders), it exists: share it too if it is usable.
         let lock = match lock_exclusive(&this.path, MAKE_WAIT).await {
             Ok(lock) => lock,
             Err(busy) => {
-                return Err(match this.check().await {
-                    Err(reason) => TemplateError::Occupied {
-                        path: this.path.clone(),
-                        reason: Box::new(reason),
-                    },
-                    Ok(()) => busy,
-                })
+                let shared = OpLock::acquire(&this.path, LockMode::Shared, MAKE_WAIT)
+                    .await
+                    .map_err(|_| busy)?;
+                return match this.check().await {
+                    Ok(()) if Marker::load(&this.path).await?.is_some() => {
+                        info!(path = %this.path.display(), "using the template another process made");
+                        *this.lock.lock().await = Some(shared);
+                        Ok(this)
+                    }
+                    res => {
+                        shared.release().await;
+                        Err(TemplateError::Occupied {
+                            path: this.path.clone(),
+                            reason: Box::new(res.err().unwrap_or(TemplateError::NotOurs {
+                                path: this.path.clone(),
+                                marker: MARKER_FILE,
+                            })),
+                        })
+                    }
+                };
             }
         };
         if this.usable().await? {
-            info!(path = %this.path.display(), "reusing the template just made");
+            info!(path = %this.path.display(), "reusing the template already there");
             return this.hold(lock).await;
         }
         if this.is_occupied().await? {
@@ -384,109 +383,6 @@ impl TemplateFactory {
                 warn!(error = %e, "removing the template directory during cleanup failed");
             }
         }
-    }
-}
-
-/// What a template creation has done so far.
-#[derive(Debug, Default)]
-struct Made {
-    dir: bool,
-    mounted: bool,
-    files: bool,
-}
-
-/// Boots the template VM, warms it up, waits for its agent to re-listen after a disconnect,
-/// pauses, saves, and stops it (also on failure).
-async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> Result<()> {
-    let vm = Vm::new_with(tpl.clone(), backends)
-        .await
-        .map_err(|e| TemplateError::vm(TemplateStep::Boot, e))?;
-    let saved = async {
-        // QEMU drops console output while no console client is connected: subscribe (the
-        // proxy is connected) before disconnecting.
-        let mut lines = vm
-            .proxy()
-            .subscribe()
-            .ok_or_else(|| TemplateError::NoConsole {
-                id: vm.id().to_owned(),
-            })?;
-        // Run the guest side of `get_vm` once before saving: every clone then resumes with
-        // it done (a ready CRNG, the agent's handler pages mapped) instead of doing it first.
-        let (seeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
-        seeded.map_err(|e| TemplateError::vm(TemplateStep::WarmUpReseed, e))?;
-        timed.map_err(|e| TemplateError::vm(TemplateStep::WarmUpTimeSync, e))?;
-        vm.disconnect()
-            .await
-            .map_err(|e| TemplateError::vm(TemplateStep::Disconnect, e))?;
-        vmfactory_proxy::wait_for_line(&mut lines, tpl.agent.ready_timeout, |l| {
-            l.contains(AGENT_LISTENING_PREFIX)
-        })
-        .await
-        .map_err(|source| TemplateError::Relisten {
-            id: vm.id().to_owned(),
-            source,
-        })?;
-        vm.pause()
-            .await
-            .map_err(|e| TemplateError::vm(TemplateStep::Pause, e))?;
-        vm.save()
-            .await
-            .map_err(|e| TemplateError::vm(TemplateStep::Save, e))
-    }
-    .await;
-    let stopped = vm
-        .stop()
-        .await
-        .map_err(|e| TemplateError::vm(TemplateStep::Stop, e));
-    saved.and(stopped)
-}
-
-/// Creates `path` (and its parents) with mode 0700; true if `path` itself was created.
-async fn create_dir(path: &Path) -> Result<bool> {
-    if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(|e| TemplateError::io("create", parent, e))?;
-    }
-    let mut b = tokio::fs::DirBuilder::new();
-    b.mode(0o700);
-    match b.create(path).await {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            use std::os::unix::fs::PermissionsExt;
-            tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-                .await
-                .map_err(|e| TemplateError::io("chmod", path, e))?;
-            Ok(false)
-        }
-        Err(e) => Err(TemplateError::io("create", path, e)),
-    }
-}
-
-/// Checks that `path` exists with `expected` bytes (or, with `None`, is not empty); returns
-/// its size.
-async fn check_size(path: &Path, expected: Option<u64>) -> Result<u64> {
-    let found = match tokio::fs::metadata(path).await {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TemplateError::Missing {
-                path: path.to_owned(),
-            })
-        }
-        Err(e) => return Err(TemplateError::io("stat", path, e)),
-    };
-    match expected {
-        Some(expected) if found != expected => Err(TemplateError::FileSize {
-            path: path.to_owned(),
-            expected,
-            found,
-        }),
-        None if found == 0 => Err(TemplateError::FileSize {
-            path: path.to_owned(),
-            expected: 1,
-            found,
-        }),
-        _ => Ok(found),
     }
 }
 

@@ -2,18 +2,20 @@
 //! whether a saved template still matches a config, the host operations (mounts, QEMU's
 //! version) it needs, and [`TemplateError`], the error of all of them.
 //!
-//! Inside, modules depend one way: `factory` → `owner` → `metadata` → `host` → `error`.
+//! Inside, modules depend one way: `factory` → `make`, `owner` → `metadata` → `host` →
+//! `error`.
 
 mod error;
 mod factory;
 mod host;
+mod make;
 mod metadata;
 mod owner;
+#[cfg(test)]
+mod ownership_tests;
 
 pub use error::{TemplateError, TemplateStep};
-pub use factory::{
-    clone_vm_config, template_paths, template_vm_config, TemplateFactory, AGENT_LISTENING_PREFIX,
-};
+pub use factory::{clone_vm_config, template_paths, template_vm_config, TemplateFactory};
 pub use host::{MountOutcome, SystemHost, TemplateHost};
 pub(crate) use metadata::first_difference;
 pub use metadata::{

@@ -1,0 +1,113 @@
+//! The steps of making a template: its directory, the template VM's boot, warm-up and save,
+//! and the size checks of the files QEMU wrote.
+
+use std::path::Path;
+
+use vmfactory_vm::{Backends, Vm, VmConfig};
+
+use super::error::{TemplateError, TemplateStep};
+
+type Result<T> = std::result::Result<T, TemplateError>;
+
+/// What a template creation has done so far.
+#[derive(Debug, Default)]
+pub(super) struct Made {
+    pub(super) dir: bool,
+    pub(super) mounted: bool,
+    pub(super) files: bool,
+}
+
+/// Boots the template VM, warms it up, waits for its agent to re-listen after a disconnect,
+/// pauses, saves, and stops it (also on failure).
+pub(super) async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> Result<()> {
+    let vm = Vm::new_with(tpl.clone(), backends)
+        .await
+        .map_err(|e| TemplateError::vm(TemplateStep::Boot, e))?;
+    let saved = async {
+        // QEMU drops console output while no console client is connected: subscribe (the
+        // proxy is connected) before disconnecting.
+        let mut lines = vm
+            .proxy()
+            .subscribe()
+            .ok_or_else(|| TemplateError::NoConsole {
+                id: vm.id().to_owned(),
+            })?;
+        // Run the guest side of `get_vm` once before saving: every clone then resumes with
+        // it done (a ready CRNG, the agent's handler pages mapped) instead of doing it first.
+        let (seeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
+        seeded.map_err(|e| TemplateError::vm(TemplateStep::WarmUpReseed, e))?;
+        timed.map_err(|e| TemplateError::vm(TemplateStep::WarmUpTimeSync, e))?;
+        vm.disconnect()
+            .await
+            .map_err(|e| TemplateError::vm(TemplateStep::Disconnect, e))?;
+        vmfactory_proxy::wait_for_line(&mut lines, tpl.agent.ready_timeout, |l| {
+            l.contains(vmfactory_agent::channel::LISTENING_PREFIX)
+        })
+        .await
+        .map_err(|source| TemplateError::Relisten {
+            id: vm.id().to_owned(),
+            source,
+        })?;
+        vm.pause()
+            .await
+            .map_err(|e| TemplateError::vm(TemplateStep::Pause, e))?;
+        vm.save()
+            .await
+            .map_err(|e| TemplateError::vm(TemplateStep::Save, e))
+    }
+    .await;
+    let stopped = vm
+        .stop()
+        .await
+        .map_err(|e| TemplateError::vm(TemplateStep::Stop, e));
+    saved.and(stopped)
+}
+
+/// Creates `path` (and its parents) with mode 0700; true if `path` itself was created.
+pub(super) async fn create_dir(path: &Path) -> Result<bool> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(|e| TemplateError::io("create", parent, e))?;
+    }
+    let mut b = tokio::fs::DirBuilder::new();
+    b.mode(0o700);
+    match b.create(path).await {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .await
+                .map_err(|e| TemplateError::io("chmod", path, e))?;
+            Ok(false)
+        }
+        Err(e) => Err(TemplateError::io("create", path, e)),
+    }
+}
+
+/// Checks that `path` exists with `expected` bytes (or, with `None`, is not empty); returns
+/// its size.
+pub(super) async fn check_size(path: &Path, expected: Option<u64>) -> Result<u64> {
+    let found = match tokio::fs::metadata(path).await {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(TemplateError::Missing {
+                path: path.to_owned(),
+            })
+        }
+        Err(e) => return Err(TemplateError::io("stat", path, e)),
+    };
+    match expected {
+        Some(expected) if found != expected => Err(TemplateError::FileSize {
+            path: path.to_owned(),
+            expected,
+            found,
+        }),
+        None if found == 0 => Err(TemplateError::FileSize {
+            path: path.to_owned(),
+            expected: 1,
+            found,
+        }),
+        _ => Ok(found),
+    }
+}
