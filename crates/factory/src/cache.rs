@@ -266,15 +266,13 @@ impl Drop for CacheFactory {
 mod tests {
     use super::*;
     use crate::direct::DirectFactory;
-    use crate::testing::FakeBackends;
-    use std::sync::atomic::Ordering;
+    use vmfactory_hypervisor::wait::wait_until;
     use vmfactory_hypervisor::FakeStep;
+    use vmfactory_vm::FakeBackends;
 
     async fn wait_ready(c: &CacheFactory, n: usize) {
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while c.ready().await < n {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+        wait_until(Duration::from_secs(5), || async {
+            (c.ready().await >= n).then_some(())
         })
         .await
         .expect("pool filled");
@@ -282,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_n_ready_hands_out_and_refills() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let c = CacheFactory::new(
             2,
             Arc::new(DirectFactory::with_backends(b.config(), b.clone())),
@@ -294,12 +292,8 @@ mod tests {
             vms.push(c.get_base_vm(c.config()).await.expect("vm"));
         }
         wait_ready(&c, 2).await;
-        assert!(b.boots.load(Ordering::SeqCst) >= 5, "refilled");
-        assert_eq!(
-            b.boots.load(Ordering::SeqCst),
-            5,
-            "never more than n pooled"
-        );
+        assert!(b.boots() >= 5, "refilled");
+        assert_eq!(b.boots(), 5, "never more than n pooled");
         c.close().await.expect("close");
         c.close().await.expect("idempotent");
         assert!(matches!(
@@ -311,36 +305,34 @@ mod tests {
             vm.stop().await.expect("stop");
         }
         assert_eq!(b.live().await, 0);
-        assert_eq!(b.vm_dirs(), 0);
+        assert_eq!(b.vm_dir_count(), 0);
     }
 
     #[tokio::test]
     async fn a_vm_whose_size_is_wrong_never_enters_the_pool() {
-        let b = FakeBackends::new();
-        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Size);
+        let b = Arc::new(FakeBackends::new());
+        b.fail_hv_at(Some(FakeStep::Size));
         let c = CacheFactory::new(
             1,
             Arc::new(DirectFactory::with_backends(b.config(), b.clone())),
         );
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while b.boots.load(Ordering::SeqCst) < 2 {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+        wait_until(Duration::from_secs(5), || async {
+            (b.boots() >= 2).then_some(())
         })
         .await
         .expect("the worker retries");
         assert_eq!(c.ready().await, 0, "nothing pooled");
-        *b.hv_fail.lock().expect("lock") = None;
+        b.fail_hv_at(None);
         wait_ready(&c, 1).await;
         c.close().await.expect("close");
         assert_eq!(b.live().await, 0, "the failed VMs were stopped");
-        assert_eq!(b.vm_dirs(), 0);
+        assert_eq!(b.vm_dir_count(), 0);
     }
 
     #[tokio::test]
     async fn close_while_workers_boot_leaks_nothing() {
-        let b = FakeBackends::new();
-        *b.boot_delay.lock().expect("lock") = Duration::from_millis(150);
+        let b = Arc::new(FakeBackends::new());
+        b.set_boot_delay(Duration::from_millis(150));
         let c = CacheFactory::new(
             3,
             Arc::new(DirectFactory::with_backends(b.config(), b.clone())),
@@ -348,15 +340,15 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert_eq!(c.ready().await, 0, "all mid-boot");
         c.close().await.expect("close");
-        assert_eq!(b.boots.load(Ordering::SeqCst), 3);
+        assert_eq!(b.boots(), 3);
         assert_eq!(b.live().await, 0, "VMs finished after close were stopped");
-        assert_eq!(b.vm_dirs(), 0);
+        assert_eq!(b.vm_dir_count(), 0);
     }
 
     #[tokio::test]
     async fn a_miss_goes_to_the_base_and_failures_back_off() {
-        let b = FakeBackends::new();
-        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Start);
+        let b = Arc::new(FakeBackends::new());
+        b.fail_hv_at(Some(FakeStep::Start));
         let c = CacheFactory::new(
             1,
             Arc::new(DirectFactory::with_backends(b.config(), b.clone())),
@@ -370,9 +362,9 @@ mod tests {
             }))
         ));
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let tries = b.boots.load(Ordering::SeqCst);
+        let tries = b.boots();
         assert!(tries <= 3, "backing off, not spinning: {tries}");
-        *b.hv_fail.lock().expect("lock") = None;
+        b.fail_hv_at(None);
         wait_ready(&c, 1).await;
         c.close().await.expect("close");
         assert_eq!(b.live().await, 0);
@@ -380,8 +372,8 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_without_close_stops_the_workers() {
-        let b = FakeBackends::new();
-        *b.boot_delay.lock().expect("lock") = Duration::from_millis(50);
+        let b = Arc::new(FakeBackends::new());
+        b.set_boot_delay(Duration::from_millis(50));
         let c = CacheFactory::new(
             1,
             Arc::new(DirectFactory::with_backends(b.config(), b.clone())),
@@ -389,7 +381,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         drop(c);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        assert_eq!(b.boots.load(Ordering::SeqCst), 1);
+        assert_eq!(b.boots(), 1);
         assert_eq!(b.live().await, 0, "the worker stopped the VM it made");
     }
 }

@@ -68,12 +68,12 @@ impl FactoryBase for DirectFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::FakeBackends;
     use vmfactory_hypervisor::VmStatus;
+    use vmfactory_vm::FakeBackends;
 
     #[tokio::test]
     async fn boots_a_running_vm_per_call_until_closed() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let f = DirectFactory::with_backends(b.config(), b.clone());
         let vm1 = f.get_base_vm(f.config()).await.expect("vm");
         let vm2 = f.get_base_vm(f.config()).await.expect("vm");

@@ -236,11 +236,12 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> Result<(), GetVmError
 mod tests {
     use super::*;
     use crate::factory::BaseKind;
-    use crate::testing::{FakeBackends, FakeHost};
+    use crate::testing::FakeHost;
     use crate::FactoryConfig;
     use std::sync::Arc;
     use vmfactory_agent::FakeCall as A;
     use vmfactory_hypervisor::{FakeCall as H, FakeStep, Hypervisor as _};
+    use vmfactory_vm::FakeBackends;
 
     async fn template_factory(b: &Arc<FakeBackends>) -> Factory {
         let mut c = FactoryConfig::new(b.config());
@@ -255,7 +256,7 @@ mod tests {
 
     #[tokio::test]
     async fn clone_is_resumed_reseeded_timed_and_grown() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let f = template_factory(&b).await;
         let mut req = b.config();
         req.hypervisor.vcpus = 2;
@@ -292,7 +293,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_different_config_gets_a_direct_vm() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let f = template_factory(&b).await;
         let mut req = b.config();
         req.hypervisor.kernel_params = "debug".into();
@@ -322,7 +323,7 @@ mod tests {
 
     #[tokio::test]
     async fn failures_mid_get_vm_stop_the_vm() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let f = template_factory(&b).await;
         let mut req = b.config();
         req.hypervisor.vcpus = 2;
@@ -335,22 +336,18 @@ mod tests {
             ("", Some(FakeStep::AddMemory), GetVmStep::AddMemory),
         ];
         for (agent_fail, hv_fail, want) in cases {
-            *b.agent_fail.lock().expect("lock") = if agent_fail.is_empty() {
-                vec![]
-            } else {
-                vec![agent_fail]
-            };
-            *b.hv_fail.lock().expect("lock") = hv_fail;
+            b.fail_agent_methods(Some(agent_fail).filter(|m| !m.is_empty()));
+            b.fail_hv_at(hv_fail);
             let err = f.get_vm(&req).await.expect_err("fails");
             assert!(
                 matches!(err, GetVmError::Step { step, .. } if step == want),
                 "{want:?}: {err:?}"
             );
             assert_eq!(b.live().await, 0, "{want:?}: the VM was stopped");
-            assert_eq!(b.vm_dirs(), 0, "{want:?}");
+            assert_eq!(b.vm_dir_count(), 0, "{want:?}");
         }
-        *b.agent_fail.lock().expect("lock") = vec![];
-        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Resume);
+        b.fail_agent_methods([]);
+        b.fail_hv_at(Some(FakeStep::Resume));
         assert!(matches!(
             f.get_vm(&req).await,
             Err(GetVmError::Step {
@@ -358,7 +355,7 @@ mod tests {
                 ..
             })
         ));
-        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Size);
+        b.fail_hv_at(Some(FakeStep::Size));
         assert!(matches!(
             f.get_vm(&req).await,
             Err(GetVmError::Step {
@@ -376,7 +373,7 @@ mod tests {
 
     #[tokio::test]
     async fn cached_direct_vms_are_grown_too() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let mut c = FactoryConfig::new(b.config());
         c.cache = 1;
         c.template_path = b.template_path();
@@ -416,7 +413,7 @@ mod tests {
 
     #[tokio::test]
     async fn template_clones_are_size_checked_in_get_vm() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let f = template_factory(&b).await;
         let vm = f.get_vm(&b.config()).await.expect("vm");
         let sizes = b
@@ -428,7 +425,7 @@ mod tests {
         assert_eq!(sizes, 1);
         vm.stop().await.expect("stop");
         // Checked beside the reseed and clock set: a failure there still stops the VM.
-        *b.hv_fail.lock().expect("lock") = Some(FakeStep::Size);
+        b.fail_hv_at(Some(FakeStep::Size));
         assert!(matches!(
             f.get_vm(&b.config()).await,
             Err(GetVmError::Step {
@@ -437,7 +434,7 @@ mod tests {
             })
         ));
         assert_eq!(b.live().await, 0);
-        assert_eq!(b.vm_dirs(), 0);
+        assert_eq!(b.vm_dir_count(), 0);
         f.close().await.expect("close");
     }
 }

@@ -116,8 +116,9 @@ impl Factory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FakeBackends, FakeHost};
+    use crate::testing::FakeHost;
     use vmfactory_hypervisor::FakeStep;
+    use vmfactory_vm::FakeBackends;
 
     fn fconfig(b: &FakeBackends) -> FactoryConfig {
         let mut c = FactoryConfig::new(b.config());
@@ -127,7 +128,7 @@ mod tests {
 
     #[tokio::test]
     async fn builds_each_kind() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());
         let f = Factory::new_with(&fconfig(&b), b.clone(), host.clone())
             .await
@@ -171,9 +172,9 @@ mod tests {
 
     #[tokio::test]
     async fn template_failure_falls_back_to_direct_but_fetch_failure_is_an_error() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());
-        *b.template_fail.lock().expect("lock") = Some(FakeStep::SaveTemplate);
+        b.fail_template_at(Some(FakeStep::SaveTemplate));
         let mut c = fconfig(&b);
         c.template = true;
         let f = Factory::new_with(&c, b.clone(), host.clone())
@@ -194,7 +195,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_option_combinations_are_config_errors() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());
         let mut c = fconfig(&b);
         c.cache_endpoint = Some(b.root().join("cache.sock"));

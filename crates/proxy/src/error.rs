@@ -51,4 +51,12 @@ pub enum Error {
     /// The console subscription ended (the proxy was stopped or dropped).
     #[error("Console subscription closed")]
     ConsoleClosed,
+
+    /// A failure injected into a `FakeProxy`.
+    #[cfg(any(test, feature = "test-utils"))]
+    #[error("Injected failure in {method}")]
+    Injected {
+        /// The method told to fail.
+        method: &'static str,
+    },
 }

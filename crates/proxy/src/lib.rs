@@ -11,6 +11,9 @@
 //!   instead of sleeping.
 //! - [`NoProxy`] (`none`) does nothing.
 //!
+//! With the `test-utils` feature, `FakeProxy` stands in for either kind in other crates' tests:
+//! the test shows the console lines and can make `start` fail.
+//!
 //! Neither stands between the host and the agent, so a proxy is not told the agent's address.
 //! Kata Containers 1.x ran a separate `kata-proxy` process per sandbox that multiplexed several
 //! gRPC streams over the single virtio-serial port with yamux, because gRPC wanted one HTTP/2
@@ -37,11 +40,15 @@ use tracing::warn;
 mod builtin;
 mod console;
 mod error;
+#[cfg(any(test, feature = "test-utils"))]
+mod fake;
 mod kind;
 mod none;
 
 pub use builtin::{BuiltinProxy, BuiltinProxyConfig, CONSOLE_TARGET};
 pub use error::{Error, Result};
+#[cfg(any(test, feature = "test-utils"))]
+pub use fake::{FakeProxy, FakeProxyCall};
 pub use kind::ProxyKind;
 pub use none::NoProxy;
 

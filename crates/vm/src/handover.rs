@@ -140,14 +140,13 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{new_vm, Harness};
-    use std::sync::atomic::Ordering;
+    use crate::fake::FakeBackends;
     use vmfactory_hypervisor::FakeCall;
 
     #[tokio::test]
     async fn detach_and_reattach_from_the_wire_form() {
-        let h = Harness::new();
-        let vm = new_vm(&h).await;
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
         assert_eq!(vm.add_cpus(1).await.expect("cpu"), 1);
         assert_eq!(vm.add_memory(128).await.expect("mem"), 128);
         let snapshot = VmState::from_wire(&vm.to_wire().await.expect("wire")).expect("decode");
@@ -159,8 +158,8 @@ mod tests {
             Err(Error::Storage { op: "lock", .. })
         ));
         let bytes = vm.detach().await.expect("detach");
-        assert!(h.hv().calls().contains(&FakeCall::Detach));
-        assert!(!h.proxy.running.load(Ordering::SeqCst));
+        assert!(h.last_hv().calls().contains(&FakeCall::Detach));
+        assert!(!h.proxy_running());
         assert!(matches!(
             vm.add_cpus(1).await,
             Err(Error::NotOwned {
@@ -176,7 +175,7 @@ mod tests {
         assert_eq!(vm2.dir(), vm.dir());
         let st = vm2.status().await.expect("status");
         assert_eq!((st.vcpus, st.memory_mib, st.cpu_delta), (2, 384, 1));
-        assert!(h.proxy.running.load(Ordering::SeqCst));
+        assert!(h.proxy_running());
         vm2.online_cpu_memory().await.expect("online");
         vm2.stop().await.expect("stop");
         h.assert_nothing_left().await;
@@ -184,19 +183,19 @@ mod tests {
 
     #[tokio::test]
     async fn failed_reattach_releases_the_vm_for_another_try() {
-        let h = Harness::new();
-        let vm = new_vm(&h).await;
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
         let bytes = vm.detach().await.expect("detach");
-        h.agent.fail("check");
+        h.last_agent().fail("check");
         assert!(matches!(
             Vm::from_wire_with(&bytes, &h).await,
             Err(Error::AgentNotReady { .. })
         ));
-        let calls = h.hv().calls();
+        let calls = h.last_hv().calls();
         assert!(calls.contains(&FakeCall::Detach) && !calls.contains(&FakeCall::Stop));
-        assert!(!h.proxy.running.load(Ordering::SeqCst));
+        assert!(!h.proxy_running());
         assert!(vm.dir().is_dir());
-        h.agent.heal("check");
+        h.last_agent().heal("check");
         let vm2 = Vm::from_wire_with(&bytes, &h).await.expect("second try");
         vm2.stop().await.expect("stop");
         h.assert_nothing_left().await;

@@ -30,7 +30,8 @@
 //! - [`Vm::add_memory`] updates the recorded memory, and hotplug bookkeeping is saved.
 //! - [`Vm::assign_sandbox`] refuses to replace anything but a symlink, and rolls back.
 //!
-//! Parts come from a [`Backends`] ([`QemuBackends`] for the real ones); tests use fakes. The
+//! Parts come from a [`Backends`] ([`QemuBackends`] for the real ones); tests use fakes
+//! (`FakeBackends`, with the `test-utils` feature for other crates' tests). The
 //! hypervisor reports where the agent listens as an [`AgentEndpoint`]; [`agent_url`] turns it
 //! into the [`AgentUrl`] the agent client dials, and nothing stores either: both derive from the
 //! hypervisor's config and run directory.
@@ -104,13 +105,13 @@ mod config;
 mod endpoint;
 mod envelope;
 mod error;
+#[cfg(any(test, feature = "test-utils"))]
+mod fake;
 mod handover;
 mod links;
 mod ops;
 mod orphans;
 mod sandbox;
-#[cfg(test)]
-mod testing;
 mod vm;
 mod wire;
 
@@ -122,6 +123,8 @@ pub use config::{
 pub use endpoint::agent_url;
 pub use envelope::{MAX_WIRE_SIZE, WIRE_VERSION};
 pub use error::{AgentTimeout, ConfigError, Error, Result, WireError};
+#[cfg(any(test, feature = "test-utils"))]
+pub use fake::FakeBackends;
 pub use ops::{VmInfo, ENTROPY_SOURCE, RESEED_BYTES};
 pub use sandbox::{SandboxLinks, SHARED_DIR};
 pub use vm::Vm;

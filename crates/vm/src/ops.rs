@@ -235,29 +235,29 @@ pub(crate) async fn host_entropy(source: &Path) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{new_vm, Harness};
+    use crate::fake::FakeBackends;
     use vmfactory_agent::{Agent, FakeCall as AgentCall};
     use vmfactory_hypervisor::{FakeCall, FakeStep};
 
     #[tokio::test]
     async fn verify_size_asks_the_hypervisor() {
-        let h = Harness::new();
-        let vm = new_vm(&h).await;
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
         vm.add_cpus(1).await.expect("cpus");
         vm.verify_size().await.expect("recorded size is the VM's");
-        h.hv().fail_at(Some(FakeStep::Size));
+        h.last_hv().fail_at(Some(FakeStep::Size));
         assert!(matches!(
             vm.verify_size().await,
             Err(Error::Hypervisor { op: "size", .. })
         ));
-        h.hv().fail_at(None);
+        h.last_hv().fail_at(None);
         vm.stop().await.expect("stop");
     }
 
     #[tokio::test]
     async fn hotplug_bookkeeping_and_online() {
-        let h = Harness::new();
-        let vm = new_vm(&h).await;
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
         assert_eq!(vm.add_cpus(0).await.expect("none"), 0);
         assert_eq!(vm.add_cpus(2).await.expect("cpus"), 2);
         // max_vcpus is 4: only one more slot.
@@ -267,7 +267,11 @@ mod tests {
         let st = vm.status().await.expect("status");
         assert_eq!((st.vcpus, st.memory_mib, st.cpu_delta), (4, 512, 3));
         assert_eq!(st.state, VmStatus::Running);
-        assert_eq!(h.hv().size(), (4, 512), "recorded size matches the VM's");
+        assert_eq!(
+            h.last_hv().size(),
+            (4, 512),
+            "recorded size matches the VM's"
+        );
 
         // Saved state follows.
         let saved: crate::VmState = h.store().load_state(vm.id()).await.expect("load");
@@ -278,7 +282,7 @@ mod tests {
 
         vm.online_cpu_memory().await.expect("online");
         assert_eq!(
-            h.agent.calls().last(),
+            h.last_agent().calls().last(),
             Some(&AgentCall::OnlineCpuMem {
                 wait: true,
                 nb_cpus: 3,
@@ -287,7 +291,11 @@ mod tests {
         );
         assert_eq!(vm.status().await.expect("status").cpu_delta, 0);
         assert_eq!(
-            h.agent.resources().await.expect("res").online_cpu_count(),
+            h.last_agent()
+                .resources()
+                .await
+                .expect("res")
+                .online_cpu_count(),
             4
         );
         vm.stop().await.expect("stop");
@@ -295,9 +303,9 @@ mod tests {
 
     #[tokio::test]
     async fn failed_hotplug_changes_nothing() {
-        let h = Harness::new();
-        let vm = new_vm(&h).await;
-        h.hv().fail_at(Some(FakeStep::AddVcpus));
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
+        h.last_hv().fail_at(Some(FakeStep::AddVcpus));
         assert!(matches!(
             vm.add_cpus(1).await,
             Err(Error::Hypervisor {
@@ -305,7 +313,7 @@ mod tests {
                 ..
             })
         ));
-        h.hv().fail_at(None);
+        h.last_hv().fail_at(None);
         // Memory beyond max_memory_mib (1024) is refused by the hypervisor.
         assert!(matches!(
             vm.add_memory(2048).await,
@@ -314,7 +322,7 @@ mod tests {
                 ..
             })
         ));
-        h.agent.fail("online_cpu_mem");
+        h.last_agent().fail("online_cpu_mem");
         assert_eq!(vm.add_cpus(1).await.expect("cpu"), 1);
         assert!(vm.online_cpu_memory().await.is_err());
         let st = vm.status().await.expect("status");
@@ -324,8 +332,8 @@ mod tests {
 
     #[tokio::test]
     async fn pause_resume_save_reseed_time_disconnect() {
-        let h = Harness::new();
-        let vm = new_vm(&h).await;
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
         vm.pause().await.expect("pause");
         assert_eq!(vm.status().await.expect("s").state, VmStatus::Paused);
         vm.resume().await.expect("resume");
@@ -338,8 +346,8 @@ mod tests {
         let before = SystemTime::now();
         vm.sync_time().await.expect("time");
         vm.disconnect().await.expect("disconnect");
-        assert!(!h.agent.is_connected());
-        let calls = h.agent.calls();
+        assert!(!h.last_agent().is_connected());
+        let calls = h.last_agent().calls();
         let seed = calls.iter().find_map(|c| match c {
             AgentCall::ReseedRandomDev(d) => Some(d.clone()),
             _ => None,
@@ -350,7 +358,7 @@ mod tests {
             _ => None,
         });
         assert!(t.is_some_and(|t| t >= before));
-        assert!(h.hv().calls().contains(&FakeCall::SaveTemplate));
+        assert!(h.last_hv().calls().contains(&FakeCall::SaveTemplate));
         vm.stop().await.expect("stop");
         assert!(matches!(
             vm.pause().await,

@@ -80,12 +80,12 @@ impl Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{new_vm, Harness};
+    use crate::fake::FakeBackends;
 
     #[tokio::test]
     async fn links_are_made_replaced_and_removed_on_stop() {
-        let h = Harness::new();
-        let vm = new_vm(&h).await;
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
         let sb = h.root().join("sandbox");
         std::fs::create_dir(&sb).expect("mkdir");
         let links = SandboxLinks {
@@ -111,8 +111,8 @@ mod tests {
 
     #[tokio::test]
     async fn second_link_failure_rolls_back_the_first() {
-        let h = Harness::new();
-        let vm = new_vm(&h).await;
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
         let sb = h.root().join("sandbox");
         std::fs::create_dir_all(sb.join("sock")).expect("mkdir");
         let links = SandboxLinks {

@@ -244,24 +244,25 @@ mod tests {
     use vmfactory_hypervisor::VmStatus;
 
     use super::*;
-    use crate::cache_service::testing::{FakeBackends, FakeBase, Root};
     use crate::cache_service::CacheServer;
+    use crate::testing::{cache_socket, FakeBase};
+    use vmfactory_vm::FakeBackends;
 
-    async fn client(root: &Root) -> CacheClient {
-        CacheClient::connect_with(&root.socket(), Arc::new(FakeBackends))
+    async fn client(backends: &Arc<FakeBackends>) -> CacheClient {
+        CacheClient::connect_with(&cache_socket(backends), backends.clone())
             .await
             .expect("connect")
     }
 
     #[tokio::test]
     async fn config_vms_and_status_round_trip() {
-        let root = Root::new();
-        let base = FakeBase::new(root.config(), 3).await;
-        let server = CacheServer::start(base.clone(), &root.socket())
+        let backends = Arc::new(FakeBackends::new());
+        let base = FakeBase::new(&backends, backends.config(), 3).await;
+        let server = CacheServer::start(base.clone(), &cache_socket(&backends))
             .await
             .expect("start");
-        let c = client(&root).await;
-        assert_eq!(FactoryBase::config(&c), &root.config());
+        let c = client(&backends).await;
+        assert_eq!(FactoryBase::config(&c), &backends.config());
 
         let st = c.server_status().await.expect("status");
         assert_eq!(st.pid, std::process::id());
@@ -269,8 +270,8 @@ mod tests {
         assert!(st.vms.iter().all(|v| v.vcpus == 1 && v.memory_mib == 256));
         assert!(st.vms.iter().all(|v| v.state == VmStatus::Running));
 
-        let a = c.get_base_vm(&root.config()).await.expect("vm a");
-        let b = c.get_base_vm(&root.config()).await.expect("vm b");
+        let a = c.get_base_vm(&backends.config()).await.expect("vm a");
+        let b = c.get_base_vm(&backends.config()).await.expect("vm b");
         assert_ne!(a.id(), b.id());
         for vm in [&a, &b] {
             let info = vm.status().await.expect("re-attached VM answers");
@@ -289,21 +290,22 @@ mod tests {
         a.stop().await.expect("stop a");
         b.stop().await.expect("stop b");
         server.shutdown().await.expect("shutdown");
-        assert_eq!(root.vm_dirs(), Vec::<PathBuf>::new());
+        assert_eq!(backends.vm_dirs(), Vec::<PathBuf>::new());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_clients_get_distinct_vms() {
-        let root = Root::new();
-        let base = FakeBase::new(root.config(), 2).await;
-        let server = CacheServer::start(base.clone(), &root.socket())
+        let backends = Arc::new(FakeBackends::new());
+        let base = FakeBase::new(&backends, backends.config(), 2).await;
+        let server = CacheServer::start(base.clone(), &cache_socket(&backends))
             .await
             .expect("start");
         let mut tasks = Vec::new();
         for _ in 0..8 {
-            let socket = root.socket();
+            let socket = cache_socket(&backends);
+            let backends = backends.clone();
             tasks.push(tokio::spawn(async move {
-                let c = CacheClient::connect_with(&socket, Arc::new(FakeBackends))
+                let c = CacheClient::connect_with(&socket, backends)
                     .await
                     .expect("connect");
                 let vm = c.take_vm().await.expect("vm");
@@ -326,17 +328,17 @@ mod tests {
             vm.stop().await.expect("stop");
         }
         server.shutdown().await.expect("shutdown");
-        assert_eq!(root.vm_dirs(), Vec::<PathBuf>::new());
+        assert_eq!(backends.vm_dirs(), Vec::<PathBuf>::new());
     }
 
     #[tokio::test]
     async fn template_clones_arrive_paused_and_resume() {
-        let root = Root::new();
-        let base = FakeBase::new(root.clone_config(), 1).await;
-        let server = CacheServer::start(base, &root.socket())
+        let backends = Arc::new(FakeBackends::new());
+        let base = FakeBase::new(&backends, backends.clone_config(), 1).await;
+        let server = CacheServer::start(base, &cache_socket(&backends))
             .await
             .expect("start");
-        let c = client(&root).await;
+        let c = client(&backends).await;
         assert_eq!(
             c.server_status().await.expect("status").vms[0].state,
             VmStatus::Paused
@@ -351,19 +353,23 @@ mod tests {
 
     #[tokio::test]
     async fn quit_stops_the_server_and_clients_get_typed_errors() {
-        let root = Root::new();
-        let base = FakeBase::new(root.config(), 2).await;
-        let server = CacheServer::start(base.clone(), &root.socket())
+        let backends = Arc::new(FakeBackends::new());
+        let base = FakeBase::new(&backends, backends.config(), 2).await;
+        let server = CacheServer::start(base.clone(), &cache_socket(&backends))
             .await
             .expect("start");
-        let c = client(&root).await;
-        let other = client(&root).await;
+        let c = client(&backends).await;
+        let other = client(&backends).await;
         c.quit().await.expect("Quit is answered");
         server.wait().await.expect("stopped cleanly");
         assert!(server.is_stopped());
-        assert!(!root.socket().exists(), "socket removed");
+        assert!(!cache_socket(&backends).exists(), "socket removed");
         assert_eq!(base.closes.load(Ordering::SeqCst), 1);
-        assert_eq!(root.vm_dirs(), Vec::<PathBuf>::new(), "cached VMs stopped");
+        assert_eq!(
+            backends.vm_dirs(),
+            Vec::<PathBuf>::new(),
+            "cached VMs stopped"
+        );
 
         // A client still connected sees the server gone; the next call redials and fails.
         let err = other.take_vm().await.expect_err("server is gone");
@@ -380,19 +386,19 @@ mod tests {
         ));
         assert!(FactoryBase::status(&other).await.is_empty());
         assert!(matches!(
-            CacheClient::connect_with(&root.socket(), Arc::new(FakeBackends)).await,
+            CacheClient::connect_with(&cache_socket(&backends), backends.clone()).await,
             Err(CacheServiceError::Connect { .. })
         ));
     }
 
     #[tokio::test]
     async fn base_failure_is_an_rpc_error_and_close_only_disconnects() {
-        let root = Root::new();
-        let base = FakeBase::new(root.config(), 0).await;
-        let server = CacheServer::start(base.clone(), &root.socket())
+        let backends = Arc::new(FakeBackends::new());
+        let base = FakeBase::new(&backends, backends.config(), 0).await;
+        let server = CacheServer::start(base.clone(), &cache_socket(&backends))
             .await
             .expect("start");
-        let c = client(&root).await;
+        let c = client(&backends).await;
         base.fail.store(true, Ordering::SeqCst);
         let err = c.take_vm().await.expect_err("base fails");
         let CacheServiceError::Rpc {
@@ -415,13 +421,13 @@ mod tests {
             Err(CacheServiceError::Closed { .. })
         ));
         assert!(matches!(
-            c.get_base_vm(&root.config()).await,
+            c.get_base_vm(&backends.config()).await,
             Err(BaseError::Other(e))
                 if matches!(e.downcast_ref(), Some(CacheServiceError::Closed { .. }))
         ));
         assert!(!server.is_stopped(), "close does not Quit the server");
         assert_eq!(base.closes.load(Ordering::SeqCst), 0);
-        let again = client(&root).await;
+        let again = client(&backends).await;
         again.server_status().await.expect("server still serves");
         server.shutdown().await.expect("shutdown");
     }

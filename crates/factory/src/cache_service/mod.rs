@@ -32,8 +32,6 @@ mod error;
 pub mod protocols;
 mod server;
 mod socket;
-#[cfg(test)]
-mod testing;
 
 pub use client::{CacheClient, CacheStatus, CALL_TIMEOUT, GET_BASE_VM_TIMEOUT};
 pub use error::{CacheServiceError, Result};

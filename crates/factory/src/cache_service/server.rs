@@ -286,26 +286,29 @@ impl cache_ttrpc::CacheService for Service {
 mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::sync::atomic::Ordering;
+    use std::time::Duration;
 
     use super::*;
-    use crate::cache_service::testing::{FakeBase, Root};
+    use crate::testing::{cache_socket, FakeBase};
+    use vmfactory_hypervisor::wait::wait_until;
+    use vmfactory_vm::FakeBackends;
 
     #[tokio::test]
     async fn socket_is_0600_and_a_live_socket_refuses_a_second_server() {
-        let root = Root::new();
-        let base = FakeBase::new(root.config(), 1).await;
-        let server = CacheServer::start(base.clone(), &root.socket())
+        let backends = Arc::new(FakeBackends::new());
+        let base = FakeBase::new(&backends, backends.config(), 1).await;
+        let server = CacheServer::start(base.clone(), &cache_socket(&backends))
             .await
             .expect("start");
-        let mode = std::fs::metadata(root.socket())
+        let mode = std::fs::metadata(cache_socket(&backends))
             .expect("stat")
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
 
-        let other = FakeBase::new(root.config(), 0).await;
+        let other = FakeBase::new(&backends, backends.config(), 0).await;
         assert!(matches!(
-            CacheServer::start(other.clone(), &root.socket()).await,
+            CacheServer::start(other.clone(), &cache_socket(&backends)).await,
             Err(CacheServiceError::SocketInUse { .. })
         ));
         assert_eq!(other.closes.load(Ordering::SeqCst), 0);
@@ -314,39 +317,52 @@ mod tests {
         server.shutdown().await.expect("shutdown");
         server.shutdown().await.expect("shutdown is idempotent");
         assert!(server.is_stopped());
-        assert!(!root.socket().exists(), "socket removed");
+        assert!(!cache_socket(&backends).exists(), "socket removed");
         assert_eq!(base.closes.load(Ordering::SeqCst), 1, "base closed once");
-        assert_eq!(root.vm_dirs(), Vec::<PathBuf>::new(), "cached VMs stopped");
+        assert_eq!(
+            backends.vm_dirs(),
+            Vec::<PathBuf>::new(),
+            "cached VMs stopped"
+        );
     }
 
     #[tokio::test]
     async fn a_stale_socket_is_replaced() {
-        let root = Root::new();
-        drop(std::os::unix::net::UnixListener::bind(root.socket()).expect("bind"));
-        assert!(root.socket().exists());
-        let base = FakeBase::new(root.config(), 0).await;
-        let server = CacheServer::start(base, &root.socket())
+        let backends = Arc::new(FakeBackends::new());
+        drop(std::os::unix::net::UnixListener::bind(cache_socket(&backends)).expect("bind"));
+        assert!(cache_socket(&backends).exists());
+        let base = FakeBase::new(&backends, backends.config(), 0).await;
+        let server = CacheServer::start(base, &cache_socket(&backends))
             .await
             .expect("start over a stale socket");
-        let mode = std::fs::metadata(root.socket())
+        let mode = std::fs::metadata(cache_socket(&backends))
             .expect("stat")
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         server.shutdown().await.expect("shutdown");
-        assert!(!root.socket().exists());
+        assert!(!cache_socket(&backends).exists());
     }
 
     #[tokio::test]
     async fn dropping_the_handle_stops_the_server() {
-        let root = Root::new();
-        let base = FakeBase::new(root.config(), 1).await;
-        let server = CacheServer::start(base.clone(), &root.socket())
+        let backends = Arc::new(FakeBackends::new());
+        let base = FakeBase::new(&backends, backends.config(), 1).await;
+        let server = CacheServer::start(base.clone(), &cache_socket(&backends))
             .await
             .expect("start");
         drop(server);
-        crate::cache_service::testing::wait_until(|| !root.socket().exists()).await;
-        crate::cache_service::testing::wait_until(|| base.closes.load(Ordering::SeqCst) == 1).await;
+        let socket = cache_socket(&backends);
+        wait_until(Duration::from_secs(5), || async {
+            (!socket.exists()).then_some(())
+        })
+        .await
+        .expect("socket removed");
+        wait_until(Duration::from_secs(5), || async {
+            (base.closes.load(Ordering::SeqCst) == 1).then_some(())
+        })
+        .await
+        .expect("base closed");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,10 +370,10 @@ mod tests {
         use tokio::signal::unix::{signal, SignalKind};
         // Our own handler first: from here on SIGTERM cannot kill the test process.
         let _guard = signal(SignalKind::terminate()).expect("handler");
-        let root = Root::new();
-        let base = FakeBase::new(root.config(), 1).await;
+        let backends = Arc::new(FakeBackends::new());
+        let base = FakeBase::new(&backends, backends.config(), 1).await;
         let server = Arc::new(
-            CacheServer::start(base.clone(), &root.socket())
+            CacheServer::start(base.clone(), &cache_socket(&backends))
                 .await
                 .expect("start"),
         );
@@ -376,7 +392,7 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         runner.await.expect("runner").expect("clean stop");
-        assert!(!root.socket().exists());
+        assert!(!cache_socket(&backends).exists());
         assert_eq!(base.closes.load(Ordering::SeqCst), 1);
     }
 }

@@ -445,8 +445,9 @@ impl FactoryBase for TemplateFactory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{FakeBackends, FakeHost};
+    use crate::testing::FakeHost;
     use vmfactory_hypervisor::{FakeStep, Hypervisor as _, VmStatus};
+    use vmfactory_vm::FakeBackends;
 
     async fn new_template(b: &Arc<FakeBackends>, host: &Arc<FakeHost>) -> Result<TemplateFactory> {
         TemplateFactory::new_with(&b.config(), b.template_path(), b.clone(), host.clone()).await
@@ -454,7 +455,7 @@ mod tests {
 
     #[tokio::test]
     async fn new_mounts_saves_writes_metadata_and_close_removes() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());
         let t = new_template(&b, &host).await.expect("template");
         let path = b.template_path();
@@ -485,7 +486,7 @@ mod tests {
             );
         }
         assert_eq!(b.live().await, 0);
-        assert_eq!(b.vm_dirs(), 0);
+        assert_eq!(b.vm_dir_count(), 0);
 
         // Clones boot paused from the template files.
         let clone = t.get_base_vm(t.config()).await.expect("clone");
@@ -510,7 +511,7 @@ mod tests {
 
     #[tokio::test]
     async fn new_twice_never_stacks_mounts() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());
         let t1 = new_template(&b, &host).await.expect("template");
         let t2 = new_template(&b, &host)
@@ -541,7 +542,7 @@ mod tests {
 
     #[tokio::test]
     async fn plain_directory_when_mounting_is_not_permitted() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());
         host.not_permitted.store(true, Ordering::SeqCst);
         let t = new_template(&b, &host).await.expect("template");
@@ -554,20 +555,20 @@ mod tests {
     #[tokio::test]
     async fn failures_clean_up_everything() {
         for step in [FakeStep::Start, FakeStep::Pause, FakeStep::SaveTemplate] {
-            let b = FakeBackends::new();
+            let b = Arc::new(FakeBackends::new());
             let host = Arc::new(FakeHost::default());
-            *b.template_fail.lock().expect("lock") = Some(step);
+            b.fail_template_at(Some(step));
             let err = new_template(&b, &host).await.expect_err("fails");
             assert!(matches!(err, TemplateError::Vm { .. }), "{step:?}: {err:?}");
             assert_eq!(host.depth(&b.template_path()), 0, "{step:?}");
             assert!(!b.template_path().exists(), "{step:?}");
             assert_eq!(b.live().await, 0, "{step:?}");
-            assert_eq!(b.vm_dirs(), 0, "{step:?}");
+            assert_eq!(b.vm_dir_count(), 0, "{step:?}");
         }
         // The warm-up fails: nothing is saved and everything is cleaned up.
         for method in ["reseed_random_dev", "set_guest_date_time"] {
-            let b = FakeBackends::new();
-            b.agent_fail.lock().expect("lock").push(method);
+            let b = Arc::new(FakeBackends::new());
+            b.fail_agent_methods([method]);
             let host = Arc::new(FakeHost::default());
             let err = new_template(&b, &host).await.expect_err("fails");
             assert!(matches!(err, TemplateError::Vm { .. }), "{method}: {err:?}");
@@ -575,18 +576,18 @@ mod tests {
             assert_eq!(host.depth(&b.template_path()), 0, "{method}");
             assert!(!b.template_path().exists(), "{method}");
             assert_eq!(b.live().await, 0, "{method}");
-            assert_eq!(b.vm_dirs(), 0, "{method}");
+            assert_eq!(b.vm_dir_count(), 0, "{method}");
         }
         // The agent never re-listens: bounded wait, then cleanup.
-        let b = FakeBackends::new();
-        b.relisten.store(false, Ordering::SeqCst);
+        let b = Arc::new(FakeBackends::new());
+        b.set_relisten(false);
         let host = Arc::new(FakeHost::default());
         let err = new_template(&b, &host).await.expect_err("fails");
         assert!(matches!(err, TemplateError::Relisten { .. }), "{err:?}");
         assert!(!b.template_path().exists());
         assert_eq!(b.live().await, 0);
         // A non-empty directory that is no template is refused and left alone.
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         std::fs::create_dir(b.template_path()).expect("dir");
         std::fs::write(b.template_path().join("other"), b"x").expect("file");
         let err = new_template(&b, &host).await.expect_err("occupied");
@@ -600,7 +601,7 @@ mod tests {
 
     #[tokio::test]
     async fn fetch_refuses_mismatches_and_missing_files() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());
         let t = new_template(&b, &host).await.expect("template");
         let path = b.template_path();
@@ -677,7 +678,7 @@ mod tests {
 
     #[tokio::test]
     async fn destroy_takes_off_stacked_mounts() {
-        let b = FakeBackends::new();
+        let b = Arc::new(FakeBackends::new());
         let host = FakeHost::default();
         let path = b.template_path();
         std::fs::create_dir(&path).expect("dir");

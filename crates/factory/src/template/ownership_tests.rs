@@ -11,7 +11,9 @@ use super::error::TemplateError;
 use super::factory::TemplateFactory;
 use super::metadata::{MEMORY_FILE, METADATA_FILE};
 use crate::base::FactoryBase;
-use crate::testing::{FakeBackends, FakeHost};
+use vmfactory_vm::FakeBackends;
+
+use crate::testing::FakeHost;
 
 async fn new_template(
     b: &Arc<FakeBackends>,
@@ -53,9 +55,9 @@ impl Drop for Mapped {
 
 #[tokio::test]
 async fn concurrent_news_make_one_template_and_both_use_it() {
-    let b = FakeBackends::new();
+    let b = Arc::new(FakeBackends::new());
     let host = Arc::new(FakeHost::default());
-    *b.boot_delay.lock().expect("lock") = Duration::from_millis(200);
+    b.set_boot_delay(Duration::from_millis(200));
     let (t1, t2) = tokio::join!(new_template(&b, &host), new_template(&b, &host));
     let (t1, t2) = (t1.expect("first"), t2.expect("second"));
     assert_eq!(b.ids_where(|c| c.saves_template()).len(), 1, "made once");
@@ -71,7 +73,7 @@ async fn concurrent_news_make_one_template_and_both_use_it() {
 
 #[tokio::test]
 async fn destroy_refuses_a_used_or_mapped_template_before_touching_it() {
-    let b = FakeBackends::new();
+    let b = Arc::new(FakeBackends::new());
     let host = Arc::new(FakeHost::default());
     let path = b.template_path();
     let fetched = {
@@ -109,7 +111,7 @@ async fn destroy_refuses_a_used_or_mapped_template_before_touching_it() {
 
 #[tokio::test]
 async fn an_owner_closing_under_live_clones_keeps_the_template_and_succeeds() {
-    let b = FakeBackends::new();
+    let b = Arc::new(FakeBackends::new());
     let host = Arc::new(FakeHost::default());
     let path = b.template_path();
     let t = new_template(&b, &host).await.expect("template");
