@@ -389,3 +389,92 @@ fn template_only_get_and_damaged_template_files() {
     ok(&run(&bin, &cfg, &["destroy"]), "destroy");
     root.assert_no_leaks();
 }
+
+/// Issue 13's stress: 4 `init`s, 8 `get`s and a `destroy` started together, for
+/// `VMFACTORY_STRESS_ROUNDS` rounds (20). Whoever wins, after each round every command has
+/// exited 0, or 1 with one line; there is a usable template (a `get` works) or none; no QEMU
+/// runs; nothing is mounted but the template's tmpfs; nothing is under the run root but the
+/// template. A final `destroy` leaves nothing.
+#[test]
+fn concurrent_inits_gets_and_destroy_leave_a_template_or_none() {
+    let Some(Setup {
+        bin,
+        root,
+        cfg,
+        scratch: _scratch,
+    }) = Setup::new(0)
+    else {
+        return;
+    };
+    let rounds: usize = std::env::var("VMFACTORY_STRESS_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20);
+    let tpl = root.path().join("template");
+    let root_text = root.path().to_string_lossy().into_owned();
+    let mut tally = std::collections::BTreeMap::<(&str, i32), usize>::new();
+    let (mut with_template, mut without) = (0, 0);
+    for round in 0..rounds {
+        let mut cmds: Vec<&str> = [["init"; 4].as_slice(), ["get"; 8].as_slice()].concat();
+        // The destroy starts first, in the middle or last, in turn.
+        cmds.insert([0, 6, 12][round % 3], "destroy");
+        let children: Vec<(&str, Child)> = cmds
+            .into_iter()
+            .map(|cmd| {
+                let child = Command::new(&bin)
+                    .arg("--config")
+                    .arg(&cfg)
+                    .arg(cmd)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn vmfactory");
+                (cmd, child)
+            })
+            .collect();
+        for (cmd, child) in children {
+            let out = child.wait_with_output().expect("command exits");
+            let code = out.status.code().unwrap_or(-1);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                code == 0 || code == 1,
+                "round {round}: {cmd} exited {code}: {err}"
+            );
+            if code == 1 {
+                assert_eq!(
+                    err.trim_end().lines().count(),
+                    1,
+                    "round {round}: {cmd}: one line: {err}"
+                );
+            }
+            *tally.entry((cmd, code)).or_default() += 1;
+        }
+
+        let procs = vmfactory_e2e::processes_mentioning(&root_text);
+        assert!(procs.is_empty(), "round {round}: still running: {procs:?}");
+        let mounts = vmfactory_e2e::mounts_under(&root_text);
+        let entries = vmfactory_e2e::entries_under(root.path());
+        let outside: Vec<&String> = entries
+            .iter()
+            .filter(|e| !e.starts_with(&format!("entry {}", tpl.display())))
+            .collect();
+        assert!(outside.is_empty(), "round {round}: left: {outside:?}");
+        if tpl.exists() {
+            with_template += 1;
+            assert_eq!(
+                mounts,
+                [format!("mount {}", tpl.display())],
+                "round {round}: only the template is mounted"
+            );
+            ok(&run(&bin, &cfg, &["get"]), "the template left is usable");
+        } else {
+            without += 1;
+            assert!(mounts.is_empty(), "round {round}: {mounts:?}");
+        }
+    }
+    eprintln!(
+        "{rounds} rounds: {with_template} ended with a template, {without} without; exits {tally:?}"
+    );
+    ok(&run(&bin, &cfg, &["destroy"]), "final destroy");
+    root.assert_no_leaks();
+}

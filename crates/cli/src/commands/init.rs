@@ -78,6 +78,9 @@ async fn make_and_serve(s: &Settings) -> CmdResult {
     };
     if s.cache_number == 0 {
         // The template outlives this process; `vmfactory destroy` removes it.
+        if let Some(t) = template {
+            t.keep().await;
+        }
         return Ok(());
     }
 

@@ -287,6 +287,16 @@ impl TemplateFactory {
         })
     }
 
+    /// Lets go of the template without removing it, for a maker whose template outlives it
+    /// (`vmfactory init` without a VM cache): `fetch` and `destroy` find it as it is, and no
+    /// lock file is left beside it.
+    pub async fn keep(self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(lock) = self.lock.lock().await.take() {
+            lock.release().await;
+        }
+    }
+
     /// The template directory.
     pub fn path(&self) -> &Path {
         &self.path
