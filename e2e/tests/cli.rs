@@ -478,3 +478,162 @@ fn concurrent_inits_gets_and_destroy_leave_a_template_or_none() {
     ok(&run(&bin, &cfg, &["destroy"]), "final destroy");
     root.assert_no_leaks();
 }
+
+/// A `get --hold` child: started, its VM printed; SIGTERM ends it (and its VM).
+struct Held(Child);
+
+impl Held {
+    fn start(bin: &Path, cfg: &Path) -> (Self, serde_json::Value) {
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(cfg)
+            .args(["get", "--hold"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn get --hold");
+        let stdout = child.stdout.take().expect("stdout");
+        let held = Self(child);
+        // Pretty JSON, then it holds: read until the closing brace.
+        let mut text = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let line = line.expect("read get --hold");
+            text.push_str(&line);
+            if line == "}" {
+                break;
+            }
+        }
+        let vm = serde_json::from_str(&text).expect("get --hold JSON");
+        (held, vm)
+    }
+
+    fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let exit = self.0.wait().expect("get --hold exits");
+        assert!(exit.success(), "get --hold exited {exit}");
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// `destroy` while a clone of the template runs: refused with one line naming what runs,
+/// before anything is removed (the template stays whole and usable); once the clone is gone,
+/// `destroy` removes everything.
+#[test]
+fn destroy_with_a_live_clone_refuses_and_changes_nothing() {
+    let Some(Setup {
+        bin,
+        root,
+        cfg,
+        scratch: _scratch,
+    }) = Setup::new(0)
+    else {
+        return;
+    };
+    ok(&run(&bin, &cfg, &["init"]), "init");
+    let (held, vm) = Held::start(&bin, &cfg);
+    assert_eq!(vm["source"], "template", "{vm}");
+    let tpl = root.path().join("template");
+    let before = vmfactory_e2e::entries_under(&tpl);
+
+    let o = run(&bin, &cfg, &["destroy"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("in use by pid"), "{err}");
+    assert_eq!(
+        vmfactory_e2e::entries_under(&tpl),
+        before,
+        "nothing removed"
+    );
+    assert!(
+        alive(vm["pid"].as_u64().expect("pid")),
+        "the clone still runs"
+    );
+    ok(&run(&bin, &cfg, &["get"]), "the template is still usable");
+
+    held.stop();
+    ok(
+        &run(&bin, &cfg, &["destroy"]),
+        "destroy once the clone is gone",
+    );
+    root.assert_no_leaks();
+}
+
+/// A VM-cache server that handed a VM out shuts down cleanly on SIGTERM (exit 0, its pool
+/// stopped) although the VM still maps the template; the template stays whole until `destroy`
+/// after the VM is gone.
+#[test]
+fn server_sigterm_with_a_handed_out_vm_succeeds() {
+    let Some(Setup {
+        bin,
+        root,
+        cfg,
+        scratch: _scratch,
+    }) = Setup::new(1)
+    else {
+        return;
+    };
+    let child = Command::new(&bin)
+        .arg("--config")
+        .arg(&cfg)
+        .arg("init")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn vmfactory init");
+    let mut server = Server(child);
+    let t0 = Instant::now();
+    loop {
+        let v: serde_json::Value = serde_json::from_str(&ok(
+            &run(&bin, &cfg, &["status", "--json"]),
+            "status --json",
+        ))
+        .expect("status JSON");
+        if v["cache_server"]["vms"].as_array().map_or(0, Vec::len) == 1 {
+            break;
+        }
+        assert!(t0.elapsed() < READY_TIMEOUT, "not ready: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (held, vm) = Held::start(&bin, &cfg);
+    assert_eq!(vm["source"], "cache", "{vm}");
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.0.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let exit = loop {
+        if let Some(exit) = server.0.try_wait().expect("try_wait") {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = server.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err).expect("stderr");
+    }
+    assert!(exit.success(), "server exited {exit}: {err}");
+    let tpl = root.path().join("template");
+    assert!(tpl.join("metadata.json").exists(), "kept whole for the VM");
+    assert!(
+        alive(vm["pid"].as_u64().expect("pid")),
+        "the handed-out VM runs"
+    );
+
+    held.stop();
+    ok(
+        &run(&bin, &cfg, &["destroy"]),
+        "destroy once the VM is gone",
+    );
+    root.assert_no_leaks();
+}
