@@ -28,6 +28,7 @@ use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
 use super::error::{TemplateError, TemplateStep};
+use super::files::check_size;
 use super::host::{MountOutcome, SystemHost, TemplateHost};
 use super::metadata::{CloneKey, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE};
 use crate::base::{BaseError, FactoryBase};
@@ -362,33 +363,6 @@ async fn create_dir(path: &Path) -> Result<bool> {
             Ok(false)
         }
         Err(e) => Err(TemplateError::io("create", path, e)),
-    }
-}
-
-/// Checks that `path` exists with `expected` bytes (or, with `None`, is not empty); returns
-/// its size.
-async fn check_size(path: &Path, expected: Option<u64>) -> Result<u64> {
-    let found = match tokio::fs::metadata(path).await {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TemplateError::Missing {
-                path: path.to_owned(),
-            })
-        }
-        Err(e) => return Err(TemplateError::io("stat", path, e)),
-    };
-    match expected {
-        Some(expected) if found != expected => Err(TemplateError::FileSize {
-            path: path.to_owned(),
-            expected,
-            found,
-        }),
-        None if found == 0 => Err(TemplateError::FileSize {
-            path: path.to_owned(),
-            expected: 1,
-            found,
-        }),
-        _ => Ok(found),
     }
 }
 

@@ -2,10 +2,12 @@
 //! whether a saved template still matches a config, the host operations (mounts, QEMU's
 //! version) it needs, and [`TemplateError`], the error of all of them.
 //!
-//! Inside, modules depend one way: `factory` → `metadata` → `host` → `error`.
+//! Inside, modules depend one way: `factory` → `metadata` → `host` → `error`, and `factory` →
+//! `files` (the data files' kind and size) → `error`.
 
 mod error;
 mod factory;
+mod files;
 mod host;
 mod metadata;
 
