@@ -21,6 +21,10 @@ pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// The system-wide configuration, used when `--config` is not given and the file exists.
 pub const SYSTEM_CONFIG: &str = "/etc/vmfactory/config.toml";
 
+/// The largest configuration file read, in bytes (the default is about 2 KiB). The file is
+/// read as every file vmfactory reads: a symlink, a FIFO or a device is refused at once.
+pub const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
+
 /// Where the VM-cache server listens by default (Kata's `vm_cache_endpoint` is a socket path).
 pub const DEFAULT_CACHE_ENDPOINT: &str = "/run/vc/cache.sock";
 
@@ -51,14 +55,24 @@ fn normalize(path: &Path) -> PathBuf {
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
-    /// The file cannot be read.
-    #[error("Cannot read config {path}")]
+    /// The file cannot be read: missing, a symlink, not a regular file, over
+    /// [`MAX_CONFIG_SIZE`], or unreadable (the cause names the path).
+    #[error("Cannot read config")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
         #[source]
-        source: std::io::Error,
+        source: vmfactory_persist::Error,
+    },
+    /// The file is not UTF-8 text.
+    #[error("Config {path} is not UTF-8 text")]
+    NotText {
+        /// The file.
+        path: PathBuf,
+        /// Where the first bad byte is.
+        #[source]
+        source: std::string::FromUtf8Error,
     },
     /// Not valid TOML, an unknown key, or a value of the wrong type.
     #[error("{origin}{}: {message}", at(*line, *column))]
@@ -322,13 +336,16 @@ pub async fn load(source: &Source) -> Result<Settings, ConfigFileError> {
     match source {
         Source::Embedded => parse("embedded default", DEFAULT_TOML, &default_guest_dir()),
         Source::File(path) => {
-            let text =
-                tokio::fs::read_to_string(path)
-                    .await
-                    .map_err(|source| ConfigFileError::Read {
-                        path: path.clone(),
-                        source,
-                    })?;
+            let bytes = vmfactory_persist::read_limited(path, MAX_CONFIG_SIZE)
+                .await
+                .map_err(|source| ConfigFileError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            let text = String::from_utf8(bytes).map_err(|source| ConfigFileError::NotText {
+                path: path.clone(),
+                source,
+            })?;
             let base = match path.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
                 _ => PathBuf::from("."),
@@ -454,6 +471,7 @@ fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, Str
             "template_path",
             format!("template_path must be an absolute path, not {}", path.display()),
         ),
+        F::UnsafeTemplatePath { .. } => ("factory", "template_path", e.to_string()),
         F::NotTemplatable(Hv::TemplateWithImage) => (
             QEMU,
             "image",

@@ -15,22 +15,61 @@ const LOCK_FILE: &str = "vmfactory.lock";
 /// How long a command waits while `destroy` holds the run root.
 const WAIT: Duration = Duration::from_secs(120);
 
-/// Takes the run root's lock in `mode`, creating the run root if it is missing.
-pub async fn run_root(s: &Settings, mode: LockMode) -> anyhow::Result<OpLock> {
-    let root = &s.vm.run_root;
-    tokio::fs::create_dir_all(root)
-        .await
-        .with_context(|| format!("Cannot create the run root {}", root.display()))?;
-    OpLock::acquire_at(root, &lock_file(s), mode, WAIT)
-        .await
-        .map_err(|e| match e {
-            LockError::Busy { .. } if mode == LockMode::Exclusive => anyhow::Error::new(e).context(
-                "Other vmfactory commands use the run root (stop them first, e.g. `vmfactory get --hold`)",
-            ),
-            _ => anyhow::Error::new(e),
-        })
+/// The run root's lock, held.
+#[derive(Debug)]
+pub struct RootLock {
+    lock: OpLock,
+    /// The run root did not exist before this command: remove it again if left empty.
+    created: Option<PathBuf>,
 }
 
-fn lock_file(s: &Settings) -> PathBuf {
-    s.vm.run_root.join(LOCK_FILE)
+impl RootLock {
+    /// Takes the run root's lock in `mode`, creating the run root if it is missing.
+    pub async fn acquire(s: &Settings, mode: LockMode) -> anyhow::Result<Self> {
+        let root = &s.vm.run_root;
+        let created = match tokio::fs::symlink_metadata(root).await {
+            Ok(_) => None,
+            Err(_) => {
+                tokio::fs::create_dir_all(root)
+                    .await
+                    .with_context(|| format!("Cannot create the run root {}", root.display()))?;
+                Some(root.clone())
+            }
+        };
+        let lock = OpLock::acquire_at(root, &root.join(LOCK_FILE), mode, WAIT).await;
+        let lock = match lock {
+            Ok(lock) => lock,
+            Err(e) => {
+                if let Some(root) = &created {
+                    let _ = tokio::fs::remove_dir_all(root).await;
+                }
+                return Err(match e {
+                    LockError::Busy { .. } if mode == LockMode::Exclusive => {
+                        anyhow::Error::new(e).context(
+                            "Other vmfactory commands use the run root (stop them first, e.g. `vmfactory get --hold`)",
+                        )
+                    }
+                    _ => anyhow::Error::new(e),
+                });
+            }
+        };
+        Ok(Self { lock, created })
+    }
+
+    /// Lets go of the run root: the lock file goes with the last holder out, and a run root
+    /// this command created goes too if nothing else is in it.
+    pub async fn release(self) {
+        self.lock.release().await;
+        if let Some(root) = self.created {
+            let _ = tokio::fs::remove_dir(root).await;
+        }
+    }
+
+    /// Removes the lock file (an exclusive holder at the end of `destroy`).
+    pub async fn remove(self) -> anyhow::Result<()> {
+        self.lock
+            .remove()
+            .await
+            .context("Cannot remove the run root's lock file")
+    }
 }

@@ -10,6 +10,9 @@ use std::process::{Command, Output, Stdio};
 // `inspect` (and `status` on the same template metadata), in a file of its own for size.
 #[path = "cli/inspect.rs"]
 mod inspect;
+// FIFOs, devices, symlinks and oversized files where vmfactory reads: refused at once.
+#[path = "cli/hostile.rs"]
+mod hostile;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
 
@@ -528,6 +531,37 @@ fn bad_configs_fail_with_2_and_one_line() {
             vec![],
         ),
     ];
+    // Template paths vmfactory must never mount over or remove files from (line 13).
+    let template_path = |to: &'static str| -> Edit {
+        Box::new(move |t: &str| {
+            let start = t.find("template_path = ").expect("key");
+            let end = start + t[start..].find('\n').expect("eol");
+            format!("{}template_path = \"{to}\"{}", &t[..start], &t[end..])
+        })
+    };
+    let mut cases = cases;
+    cases.extend([
+        (
+            "template path /",
+            template_path("/"),
+            vec!["line 13", "template_path / is the root directory"],
+        ),
+        (
+            "template path /etc",
+            template_path("/etc"),
+            vec!["line 13", "template_path /etc is a system directory"],
+        ),
+        (
+            "template path the default run root",
+            template_path("/run/vc"),
+            vec!["line 13", "template_path /run/vc is a run root"],
+        ),
+        (
+            "template path with ..",
+            template_path("/run/vc/vm/../../../etc"),
+            vec!["line 13", "has a .. component"],
+        ),
+    ]);
     assert!(cases.len() >= 25, "{} bad configs", cases.len());
     for (what, edit, needles) in cases {
         let text = edit(&good);

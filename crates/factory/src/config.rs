@@ -1,7 +1,8 @@
 //! [`FactoryConfig`]: how a factory is built (Kata's `factory.Config` and the `[factory]`
 //! section of its `configuration.toml`).
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vmfactory_vm::VmConfig;
@@ -25,6 +26,14 @@ pub enum FactoryConfigError {
         /// The configured path.
         path: PathBuf,
     },
+    /// The template path is one vmfactory must never mount over or remove files from.
+    #[error("template_path {path} {problem}")]
+    UnsafeTemplatePath {
+        /// The configured path.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: TemplatePathProblem,
+    },
     /// `template` is on but the base VM cannot be templated (see
     /// [`vmfactory_hypervisor::HypervisorConfig::check_templatable`]).
     #[error("The base VM cannot be templated")]
@@ -36,6 +45,61 @@ pub enum FactoryConfigError {
 
 /// Default template directory (a tmpfs is mounted here).
 pub const DEFAULT_TEMPLATE_PATH: &str = "/run/vc/vm/template";
+
+/// Directories a template path must not be (a template mounts a tmpfs over its path and
+/// `destroy` removes files in it); their subdirectories are fine.
+pub const SYSTEM_DIRS: &[&str] = &[
+    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt", "/opt",
+    "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var",
+];
+
+/// Why a template path is refused ([`FactoryConfigError::UnsafeTemplatePath`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TemplatePathProblem {
+    /// It has a `..` component (the directory it names is not what it reads as).
+    ParentComponent,
+    /// It is `/`.
+    Root,
+    /// It is one of [`SYSTEM_DIRS`].
+    SystemDir,
+    /// It is a run root or its `vm` directory (the default's or the configured one's), which
+    /// hold every VM's storage.
+    RunRoot,
+}
+
+impl fmt::Display for TemplatePathProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ParentComponent => "has a .. component",
+            Self::Root => "is the root directory",
+            Self::SystemDir => "is a system directory",
+            Self::RunRoot => "is a run root or its vm directory",
+        })
+    }
+}
+
+/// Checks an absolute template path lexically (no file access): no `..`, not `/`, not a
+/// system directory, not `run_root`, the default run root or their `vm` directories.
+fn check_template_path(path: &Path, run_root: &Path) -> Result<(), TemplatePathProblem> {
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err(TemplatePathProblem::ParentComponent);
+    }
+    // `Path` equality compares components: `/etc/`, `/etc/.` and `//etc` are `/etc`.
+    if path == Path::new("/") {
+        return Err(TemplatePathProblem::Root);
+    }
+    if SYSTEM_DIRS.iter().any(|d| path == Path::new(d)) {
+        return Err(TemplatePathProblem::SystemDir);
+    }
+    let default_root = Path::new(vmfactory_persist::DEFAULT_ROOT);
+    for root in [run_root, default_root] {
+        if path == root || path == root.join("vm") {
+            return Err(TemplatePathProblem::RunRoot);
+        }
+    }
+    Ok(())
+}
 
 /// How a factory is built.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,6 +158,12 @@ impl FactoryConfig {
                 path: self.template_path.clone(),
             });
         }
+        check_template_path(&self.template_path, &self.vm.run_root).map_err(|problem| {
+            FactoryConfigError::UnsafeTemplatePath {
+                path: self.template_path.clone(),
+                problem,
+            }
+        })?;
         self.vm.validate_shape()?;
         if self.template {
             self.vm
@@ -137,5 +207,52 @@ mod tests {
             c.validate(),
             Err(FactoryConfigError::RelativeTemplatePath { .. })
         ));
+    }
+
+    #[test]
+    fn template_paths_that_are_not_ours_are_refused() {
+        use TemplatePathProblem as P;
+        let mut c = cfg();
+        c.vm.run_root = "/srv/vmf".into();
+        let cases = [
+            ("/", P::Root),
+            ("//", P::Root),
+            ("/etc", P::SystemDir),
+            ("/etc/", P::SystemDir),
+            ("/usr/./", P::SystemDir),
+            ("/tmp", P::SystemDir),
+            ("/run", P::SystemDir),
+            ("/run/vc", P::RunRoot),
+            ("/run/vc/vm", P::RunRoot),
+            ("/srv/vmf", P::RunRoot),
+            ("/srv/vmf/vm/", P::RunRoot),
+            ("/run/vc/vm/../../../etc", P::ParentComponent),
+            ("/var/lib/vmf/../x", P::ParentComponent),
+        ];
+        for (path, want) in cases {
+            c.template_path = path.into();
+            match c.validate() {
+                Err(FactoryConfigError::UnsafeTemplatePath { problem, .. }) => {
+                    assert_eq!(problem, want, "{path}");
+                }
+                other => panic!("{path}: {other:?}"),
+            }
+        }
+        let e = FactoryConfigError::UnsafeTemplatePath {
+            path: "/etc".into(),
+            problem: P::SystemDir,
+        };
+        assert_eq!(e.to_string(), "template_path /etc is a system directory");
+        // The default and directories under system ones stay valid.
+        for path in [
+            DEFAULT_TEMPLATE_PATH,
+            "/run/vc/template",
+            "/tmp/vmf/tpl",
+            "/var/lib/vmf",
+            "/srv/vmf/vm/template",
+        ] {
+            c.template_path = path.into();
+            c.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
     }
 }

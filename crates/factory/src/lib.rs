@@ -34,7 +34,9 @@ mod testing;
 pub use base::{BaseError, FactoryBase};
 pub use cache::CacheFactory;
 pub use cache_service::{CacheClient, CacheServer, CacheServiceError};
-pub use config::{FactoryConfig, FactoryConfigError, DEFAULT_TEMPLATE_PATH};
+pub use config::{
+    FactoryConfig, FactoryConfigError, TemplatePathProblem, DEFAULT_TEMPLATE_PATH, SYSTEM_DIRS,
+};
 pub use direct::DirectFactory;
 pub use factory::{BaseKind, Factory};
 pub use get_vm::{config_difference, GetVmError, GetVmStep};

@@ -1,13 +1,13 @@
 //! [`HypervisorConfig`]: what a VM is made of, and its validation.
 
 use std::fmt;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+use crate::files::{open_regular, Symlinks};
 
 /// Kernel parameters every VM gets, before [`HypervisorConfig::kernel_params`].
 pub const DEFAULT_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 quiet";
@@ -308,18 +308,18 @@ impl HypervisorConfig {
     /// Reads the kernel, initrd and image paths (opens them), so call it from a blocking context
     /// (the backend does so through `spawn_blocking`).
     pub fn validate(&self) -> Result<(), ConfigError> {
-        check_readable(&self.kernel).map_err(|source| ConfigError::KernelUnreadable {
+        check_readable(&self.kernel, false).map_err(|source| ConfigError::KernelUnreadable {
             path: self.kernel.clone(),
             source,
         })?;
         if let Some(initrd) = &self.initrd {
-            check_readable(initrd).map_err(|source| ConfigError::InitrdUnreadable {
+            check_readable(initrd, false).map_err(|source| ConfigError::InitrdUnreadable {
                 path: initrd.clone(),
                 source,
             })?;
         }
         if let Some(image) = &self.image {
-            check_readable(image).map_err(|source| ConfigError::ImageUnreadable {
+            check_readable(image, true).map_err(|source| ConfigError::ImageUnreadable {
                 path: image.clone(),
                 source,
             })?;
@@ -377,16 +377,11 @@ impl HypervisorConfig {
     }
 }
 
-/// Opens `path` for reading and checks it is a regular file.
-fn check_readable(path: &Path) -> std::io::Result<()> {
-    let file = File::open(path)?;
-    if file.metadata()?.is_dir() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "is a directory",
-        ));
-    }
-    Ok(())
+/// Opens `path` for reading (symlinks followed: guest files are often links) without waiting
+/// on a FIFO or device, and checks it is a regular file (or, for a disk image, a block
+/// device).
+fn check_readable(path: &Path, block_device_ok: bool) -> std::io::Result<()> {
+    open_regular(path, Symlinks::Follow, block_device_ok).map(drop)
 }
 
 #[cfg(test)]
@@ -399,6 +394,8 @@ mod tests {
         let initrd = dir.path().join("initrd");
         std::fs::write(&kernel, b"k").expect("write");
         std::fs::write(&initrd, b"i").expect("write");
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
         let cfg = HypervisorConfig::new(kernel, Some(initrd));
         (dir, cfg)
     }
@@ -434,6 +431,16 @@ mod tests {
                 "kernel is a dir",
                 |c| c.kernel = "/".into(),
                 |e| matches!(e, ConfigError::KernelUnreadable { .. }),
+            ),
+            (
+                "kernel is a FIFO (refused without waiting for a writer)",
+                |c| c.kernel = c.kernel.with_file_name("fifo"),
+                |e| matches!(e, ConfigError::KernelUnreadable { .. }),
+            ),
+            (
+                "initrd is a character device",
+                |c| c.initrd = Some("/dev/zero".into()),
+                |e| matches!(e, ConfigError::InitrdUnreadable { .. }),
             ),
             (
                 "missing initrd",

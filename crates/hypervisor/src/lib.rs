@@ -52,6 +52,7 @@ mod endpoint;
 pub mod error;
 #[cfg(feature = "test-utils")]
 pub mod fake;
+mod files;
 mod process;
 pub mod qemu;
 pub mod qmp;

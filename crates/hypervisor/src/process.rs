@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
+use crate::files::read_tail;
 use crate::wait::wait_until;
 
 /// How long a process gets after SIGKILL before it is declared unkillable.
@@ -311,13 +312,17 @@ impl Proc {
     }
 }
 
-/// The last `max` bytes of a file, for error messages (empty if unreadable).
+/// The last `max` bytes of a file, for error messages (empty if unreadable, a symlink or not a
+/// regular file; the rest of the file is not read).
 pub(crate) async fn tail(path: &Path, max: usize) -> String {
-    let bytes = tokio::fs::read(path).await.unwrap_or_default();
-    let start = bytes.len().saturating_sub(max);
-    String::from_utf8_lossy(&bytes[start..])
-        .trim()
-        .replace('\n', " | ")
+    let path = path.to_owned();
+    let max = u64::try_from(max).unwrap_or(u64::MAX);
+    let bytes = tokio::task::spawn_blocking(move || read_tail(&path, max))
+        .await
+        .ok()
+        .and_then(|read| read.ok())
+        .unwrap_or_default();
+    String::from_utf8_lossy(&bytes).trim().replace('\n', " | ")
 }
 
 #[cfg(test)]

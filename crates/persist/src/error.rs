@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use crate::fs::FileKind;
+
 /// Result of every fallible operation of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -44,10 +46,27 @@ pub enum Error {
     },
 
     /// A file to be read does not exist (for a VM: its directory exists but holds no state).
-    #[error("File {path} does not exist")]
+    #[error("No such file or directory: {path}")]
     NotFound {
         /// The missing file.
         path: PathBuf,
+    },
+
+    /// A file to be read is a symbolic link, which is never followed (it could point anywhere).
+    #[error("File {path} is a symbolic link (not followed)")]
+    Symlink {
+        /// The link.
+        path: PathBuf,
+    },
+
+    /// A file to be read is not a regular file (a FIFO would block, `/dev/zero` never ends).
+    #[error("File {path} is not a regular file")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is instead.
+        #[source]
+        kind: FileKind,
     },
 
     /// Another holder (this or another process) has the VM's lock.

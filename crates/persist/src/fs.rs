@@ -1,13 +1,17 @@
-//! Crash-safe file helpers: atomic replace and size-limited reads.
+//! Crash-safe file helpers: atomic replace, and size-limited reads that follow no symlink,
+//! never block on a FIFO or device, and read regular files only.
 //!
 //! The `*_blocking` functions do synchronous I/O (including `fsync`) and must not be called from
 //! async code; the async wrappers run them on tokio's blocking pool.
 
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, File, Metadata, OpenOptions, Permissions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 
 use crate::error::{Error, Result};
 
@@ -31,8 +35,10 @@ pub async fn write_atomic(path: impl Into<PathBuf>, bytes: Vec<u8>, mode: u32) -
         .map_err(Error::Task)?
 }
 
-/// Reads all of `path`, failing with [`Error::TooLarge`] if it is longer than `max` bytes and
-/// with [`Error::NotFound`] if it does not exist. Runs on tokio's blocking pool.
+/// Reads all of `path`, a regular file opened with [`open_regular_blocking`] (no symlink
+/// followed, no wait on a FIFO or device), failing with [`Error::TooLarge`] if it is longer
+/// than `max` bytes, also if it grows while read, and with [`Error::NotFound`] if it does not
+/// exist. Runs on tokio's blocking pool.
 pub async fn read_limited(path: impl Into<PathBuf>, max: u64) -> Result<Vec<u8>> {
     let path = path.into();
     tokio::task::spawn_blocking(move || read_limited_blocking(&path, max))
@@ -107,19 +113,7 @@ fn create_temp(dir: &Path, file_name: &str, mode: u32) -> Result<(PathBuf, File)
 
 /// Synchronous [`read_limited`], for code that is not async.
 pub fn read_limited_blocking(path: &Path, max: u64) -> Result<Vec<u8>> {
-    let file = File::open(path).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => Error::NotFound {
-            path: path.to_owned(),
-        },
-        _ => Error::io("open", path, e),
-    })?;
-    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
-    if !meta.is_file() {
-        return Err(Error::InvalidPath {
-            path: path.to_owned(),
-            reason: "is not a regular file",
-        });
-    }
+    let (file, meta) = open_regular_blocking(path)?;
     if meta.len() > max {
         return Err(Error::TooLarge {
             path: path.to_owned(),
@@ -141,6 +135,105 @@ pub fn read_limited_blocking(path: &Path, max: u64) -> Result<Vec<u8>> {
         });
     }
     Ok(buf)
+}
+
+/// What a path that is not a regular file turned out to be, by `fstat` of the open descriptor.
+///
+/// It is the cause (`#[source]`) of [`Error::NotRegular`], worded as the system words its own
+/// errors (`Is a directory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A directory.
+    #[error("Is a directory")]
+    Directory,
+    /// A FIFO (named pipe): opening it for reading would wait for a writer.
+    #[error("Is a FIFO")]
+    Fifo,
+    /// A character device (`/dev/zero` never ends).
+    #[error("Is a character device")]
+    CharDevice,
+    /// A block device.
+    #[error("Is a block device")]
+    BlockDevice,
+    /// A unix socket.
+    #[error("Is a socket")]
+    Socket,
+    /// Something else the system reports.
+    #[error("Is of an unknown file type")]
+    Unknown,
+}
+
+impl FileKind {
+    /// The kind of a file of type `ty`, or `None` for a regular file.
+    pub fn of(ty: std::fs::FileType) -> Option<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if ty.is_file() {
+            None
+        } else if ty.is_dir() {
+            Some(Self::Directory)
+        } else if ty.is_fifo() {
+            Some(Self::Fifo)
+        } else if ty.is_char_device() {
+            Some(Self::CharDevice)
+        } else if ty.is_block_device() {
+            Some(Self::BlockDevice)
+        } else if ty.is_socket() {
+            Some(Self::Socket)
+        } else {
+            Some(Self::Unknown)
+        }
+    }
+}
+
+/// Opens `path` for reading as [`read_limited`] does and returns it with its metadata, for
+/// callers that need the descriptor or only its size (template files). Runs on tokio's
+/// blocking pool.
+pub async fn open_regular(path: impl Into<PathBuf>) -> Result<(File, Metadata)> {
+    let path = path.into();
+    tokio::task::spawn_blocking(move || open_regular_blocking(&path))
+        .await
+        .map_err(Error::Task)?
+}
+
+/// Synchronous [`open_regular`]: the one way this workspace opens a file it reads from a run
+/// root, a template directory or a config path.
+///
+/// The open never follows a symbolic link in the last component ([`Error::Symlink`]) and never
+/// waits (`O_NONBLOCK`: a FIFO would wait for a writer), nor makes a terminal ours
+/// (`O_NOCTTY`); std adds `O_CLOEXEC`. The type is then checked on the open descriptor, so a
+/// file swapped after a check cannot slip in: anything but a regular file is
+/// [`Error::NotRegular`]. `O_NONBLOCK` has no effect on reads of a regular file.
+pub fn open_regular_blocking(path: &Path) -> Result<(File, Metadata)> {
+    let flags = OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(path)
+        .map_err(|e| open_error(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io("stat", path, e))?;
+    match FileKind::of(meta.file_type()) {
+        None => Ok((file, meta)),
+        Some(kind) => Err(Error::NotRegular {
+            path: path.to_owned(),
+            kind,
+        }),
+    }
+}
+
+/// The error of a failed open for reading: `O_NOFOLLOW` reports a symlink as `ELOOP`, which
+/// also means a loop in the directories above; `lstat` tells them apart.
+fn open_error(path: &Path, e: std::io::Error) -> Error {
+    let symlink = || fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    match e.kind() {
+        ErrorKind::NotFound => Error::NotFound {
+            path: path.to_owned(),
+        },
+        _ if e.raw_os_error() == Some(Errno::ELOOP as i32) && symlink() => Error::Symlink {
+            path: path.to_owned(),
+        },
+        _ => Error::io("open", path, e),
+    }
 }
 
 #[cfg(test)]
@@ -210,13 +303,127 @@ mod tests {
     #[tokio::test]
     async fn directory_is_not_a_readable_file() {
         let dir = tempfile::tempdir().unwrap();
+        // Refused by its type on the open descriptor (it was `InvalidPath` before kinds).
         assert!(matches!(
             read_limited(dir.path(), 10).await,
-            Err(Error::InvalidPath { .. })
+            Err(Error::NotRegular {
+                kind: FileKind::Directory,
+                ..
+            })
         ));
         assert!(matches!(
             write_atomic("/", vec![], 0o600).await,
             Err(Error::InvalidPath { .. })
+        ));
+    }
+
+    /// `err` and its causes on one line, as the CLI reports them.
+    fn chain(err: &dyn std::error::Error) -> String {
+        let mut line = err.to_string();
+        let mut cause = err.source();
+        while let Some(c) = cause {
+            line = format!("{line}: {c}");
+            cause = c.source();
+        }
+        line
+    }
+
+    /// How long a refusal may take: opening a FIFO without `O_NONBLOCK` waits forever.
+    const FAST: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// [`read_limited`] of `path`, failing the test if it does not return within [`FAST`].
+    async fn read_fast(path: &Path, max: u64) -> Result<Vec<u8>> {
+        tokio::time::timeout(FAST, read_limited(path, max))
+            .await
+            .unwrap_or_else(|_| panic!("reading {} hung", path.display()))
+    }
+
+    #[tokio::test]
+    async fn regular_file_is_read_with_its_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        fs::write(&path, b"content").unwrap();
+        assert_eq!(read_fast(&path, 7).await.unwrap(), b"content");
+        let (_file, meta) = open_regular(&path).await.unwrap();
+        assert_eq!(meta.len(), 7);
+    }
+
+    #[tokio::test]
+    async fn symlink_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, b"secret").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = read_fast(&link, 100).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Symlink { ref path } if *path == link),
+            "{err:?}"
+        );
+        assert!(!err.to_string().contains("secret"));
+        // A dangling link too, and the sibling that hands out descriptors.
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), dir.path().join("dangling"))
+            .unwrap();
+        assert!(matches!(
+            read_fast(&dir.path().join("dangling"), 100).await,
+            Err(Error::Symlink { .. })
+        ));
+        assert!(matches!(
+            open_regular(&link).await,
+            Err(Error::Symlink { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("metadata.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = read_fast(&fifo, 100).await.unwrap_err();
+        assert!(
+            matches!(err, Error::NotRegular { kind: FileKind::Fifo, ref path } if *path == fifo),
+            "{err:?}"
+        );
+        assert_eq!(
+            chain(&err),
+            format!("File {} is not a regular file: Is a FIFO", fifo.display())
+        );
+    }
+
+    #[tokio::test]
+    async fn dev_zero_is_refused_at_once() {
+        let started = std::time::Instant::now();
+        let err = read_fast(Path::new("/dev/zero"), 1 << 20)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::NotRegular {
+                    kind: FileKind::CharDevice,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn kinds_of_regular_and_other_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        fs::write(&file, b"").unwrap();
+        let kind = |p: &Path| FileKind::of(fs::symlink_metadata(p).unwrap().file_type());
+        assert_eq!(kind(&file), None);
+        assert_eq!(kind(dir.path()), Some(FileKind::Directory));
+        assert_eq!(kind(Path::new("/dev/null")), Some(FileKind::CharDevice));
+        let sock = dir.path().join("s");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert_eq!(kind(&sock), Some(FileKind::Socket));
+        assert!(matches!(
+            open_regular_blocking(&sock),
+            Err(Error::NotRegular { .. } | Error::Io { .. })
         ));
     }
 }

@@ -14,7 +14,14 @@
 //! state, never a torn file. Loading checks the size limit, the JSON, the envelope version and
 //! that the recorded id matches the directory; every failure is a typed [`Error`], never a panic.
 //! VM ids are validated ([`validate_id`]) before they touch a path. [`write_atomic`] and
-//! [`read_limited`] are exported for other files with the same needs (template metadata).
+//! [`read_limited`] are exported for other files with the same needs (template metadata, the
+//! CLI's config file and wire forms).
+//!
+//! Every file read here or through [`read_limited`] / [`open_regular`] is opened without
+//! following a symlink and without blocking, and must be a regular file (checked on the open
+//! descriptor) within a size limit: a FIFO, `/dev/zero` or a link to `/etc/shadow` in a run
+//! root or template directory is refused at once ([`Error::NotRegular`], [`Error::Symlink`],
+//! [`Error::TooLarge`]).
 //! [`OpLock`] is the cross-process lock of a whole operation on a path (a template, a run
 //! root): shared or exclusive, its holders named when it is busy.
 //!
@@ -47,7 +54,10 @@ mod oplock;
 mod store;
 
 pub use error::{Error, Result};
-pub use fs::{read_limited, read_limited_blocking, write_atomic, write_atomic_blocking};
+pub use fs::{
+    open_regular, open_regular_blocking, read_limited, read_limited_blocking, write_atomic,
+    write_atomic_blocking, FileKind,
+};
 pub use id::{validate_id, MAX_ID_LEN};
 pub use oplock::{Holder, LockError, LockMode, OpLock};
 pub use store::{

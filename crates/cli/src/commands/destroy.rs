@@ -11,7 +11,7 @@ use vmfactory_persist::LockMode;
 
 use crate::config_file::Settings;
 use crate::failure::CmdResult;
-use crate::lock;
+use crate::lock::RootLock;
 use crate::probe::{exists, process_alive, wait_until};
 use crate::progress::Step;
 
@@ -70,7 +70,7 @@ pub async fn run(s: &Settings) -> CmdResult {
     }
     // Nothing below runs under another command: the run root is ours alone from here.
     let root_lock = if exists(&s.vm.run_root).await {
-        Some(lock::run_root(s, LockMode::Exclusive).await?)
+        Some(RootLock::acquire(s, LockMode::Exclusive).await?)
     } else {
         None
     };
@@ -120,9 +120,7 @@ pub async fn run(s: &Settings) -> CmdResult {
         }
     }
     if let Some(lock) = root_lock {
-        lock.remove()
-            .await
-            .context("Cannot remove the run root's lock file")?;
+        lock.remove().await?;
     }
     if done.is_empty() {
         println!("nothing to destroy");

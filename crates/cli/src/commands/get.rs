@@ -13,7 +13,7 @@ use vmfactory_vm::Vm;
 use super::inspect::is_bad_template;
 use crate::config_file::Settings;
 use crate::failure::{CmdResult, Failure};
-use crate::lock;
+use crate::lock::RootLock;
 use crate::progress::Step;
 
 /// What `get` prints.
@@ -100,7 +100,7 @@ pub async fn run(s: &Settings, vcpus: Option<u32>, memory: Option<u64>, hold: bo
         }
     };
     // Held until the VM is stopped: `destroy` waits for or refuses a running `get`.
-    let root = lock::run_root(s, LockMode::Shared).await?;
+    let root = RootLock::acquire(s, LockMode::Shared).await?;
     let res = get_and_show(s, &factory, vcpus, memory, hold).await;
     root.release().await;
     res

@@ -13,7 +13,7 @@ use vmfactory_persist::LockMode;
 
 use crate::config_file::Settings;
 use crate::failure::{CmdResult, Failure};
-use crate::lock;
+use crate::lock::RootLock;
 use crate::progress::Step;
 
 /// How often the fill progress asks the pool for its size.
@@ -29,7 +29,7 @@ pub async fn run(s: &Settings) -> CmdResult {
     }
     s.check_files().await?;
     // Held for the whole run, serving included: `destroy` stops the server first.
-    let root = lock::run_root(s, LockMode::Shared).await?;
+    let root = RootLock::acquire(s, LockMode::Shared).await?;
     let res = make_and_serve(s).await;
     root.release().await;
     res

@@ -131,13 +131,16 @@ pub async fn wire(file: &Path) -> CmdResult {
     } else {
         file.display().to_string()
     };
+    // A named file is read as every stored input is (no symlink, FIFO or device, at most
+    // MAX_WIRE_SIZE bytes); standard input is what the user pipes in, read up to the limit.
     let read = if stdin {
-        read_wire(tokio::io::stdin()).await
+        read_wire(tokio::io::stdin())
+            .await
+            .map_err(anyhow::Error::new)
     } else {
-        match tokio::fs::File::open(file).await {
-            Ok(f) => read_wire(f).await,
-            Err(e) => Err(e),
-        }
+        vmfactory_persist::read_limited(file, MAX_WIRE_SIZE as u64)
+            .await
+            .map_err(anyhow::Error::new)
     };
     // The user named the file: an unreadable one is bad input too.
     let bytes = read
@@ -187,9 +190,14 @@ pub fn is_bad_metadata(e: &TemplateError) -> bool {
 }
 
 /// Whether a template's stored files are bad: its metadata (see [`is_bad_metadata`]), or a
-/// memory or state file truncated or grown against the size its metadata records.
+/// memory or state file truncated or grown against the size its metadata records, a symlink
+/// or not a regular file.
 pub fn is_bad_template(e: &TemplateError) -> bool {
-    matches!(e, TemplateError::FileSize { .. }) || is_bad_metadata(e)
+    match e {
+        TemplateError::FileSize { .. } => true,
+        TemplateError::File { source, .. } => is_bad_file(source),
+        e => is_bad_metadata(e),
+    }
 }
 
 /// Whether a persist error is about a file's content or kind (as opposed to its absence, a
@@ -199,6 +207,8 @@ fn is_bad_file(e: &PersistError) -> bool {
         e,
         PersistError::TooLarge { .. }
             | PersistError::InvalidPath { .. }
+            | PersistError::Symlink { .. }
+            | PersistError::NotRegular { .. }
             | PersistError::Corrupt { .. }
             | PersistError::VersionTooNew { .. }
             | PersistError::VersionTooOld { .. }
@@ -258,6 +268,11 @@ mod tests {
             persist(PersistError::InvalidPath {
                 path: path.clone(),
                 reason: "is not a regular file",
+            }),
+            persist(PersistError::Symlink { path: path.clone() }),
+            persist(PersistError::NotRegular {
+                path: path.clone(),
+                kind: vmfactory_persist::FileKind::Fifo,
             }),
         ] {
             assert!(is_bad_metadata(&e), "{e:?}");

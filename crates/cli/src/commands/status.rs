@@ -1,5 +1,6 @@
 //! `vmfactory status`: the template, the VM-cache server and its VMs. Template metadata that
-//! is corrupt, truncated, of another version or oversized is reported and exits 2.
+//! is corrupt, truncated, of another version, oversized, a symlink or not a regular file is
+//! reported and exits 2.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -50,15 +50,15 @@ impl TemplateHost for NoQemu {
 /// A [`Scratch`] with valid stored inputs written by the libraries: template metadata in
 /// `tpl/`, the saved state of VM [`VM_ID`] under `run/` (with a lock file, as a real VM's), and
 /// its wire form in `vm.wire`. The VM's hypervisor part comes from `FakeHypervisor`: no QEMU.
-struct Stored {
-    scratch: Scratch,
-    cfg: PathBuf,
+pub(super) struct Stored {
+    pub(super) scratch: Scratch,
+    pub(super) cfg: PathBuf,
     metadata: TemplateMetadata,
     state: VmState,
 }
 
 impl Stored {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         let scratch = Scratch::new();
         let cfg = scratch.write(&scratch.config(true, 0));
         let dir = scratch.path();
@@ -96,7 +96,7 @@ impl Stored {
         }
     }
 
-    fn metadata_file(&self) -> PathBuf {
+    pub(super) fn metadata_file(&self) -> PathBuf {
         self.scratch.path().join("tpl").join(METADATA_FILE)
     }
 
@@ -112,7 +112,7 @@ impl Stored {
         self.scratch.path().join("vm.wire")
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(super) fn run(&self, args: &[&str]) -> Output {
         self.scratch.run(&self.cfg, args)
     }
 }

@@ -69,6 +69,16 @@ pub enum TemplateError {
         /// The size found.
         found: u64,
     },
+    /// A template data file (`memory`, `state`) cannot be used: a symlink (never followed), not
+    /// a regular file (a FIFO, a device, a directory), or it cannot be opened.
+    #[error("Template file {path} cannot be used")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why, from the one safe open ([`vmfactory_persist::open_regular`]).
+        #[source]
+        source: vmfactory_persist::Error,
+    },
     /// The metadata file is not valid metadata JSON.
     #[error("Template metadata {path} is corrupt")]
     Corrupt {

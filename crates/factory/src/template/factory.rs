@@ -38,8 +38,9 @@ use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
 use super::error::{TemplateError, TemplateStep};
+use super::files::check_size;
 use super::host::{MountOutcome, SystemHost, TemplateHost};
-use super::make::{check_size, create_dir, save_template_vm, Made};
+use super::make::{create_dir, save_template_vm, Made};
 use super::metadata::{CloneKey, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE};
 use super::owner::{lock_exclusive, remove_file, remove_locked, Marker, MARKER_FILE, REMOVE_WAIT};
 use crate::base::{BaseError, FactoryBase};
@@ -151,43 +152,54 @@ impl TemplateFactory {
                 };
             }
         };
-        if this.usable().await? {
-            info!(path = %this.path.display(), "reusing the template already there");
-            return this.hold(lock).await;
+        match this.adopt_or_make(&tpl, &lock).await {
+            Ok(()) => this.hold(lock).await,
+            Err(e) => {
+                // Nothing of ours is left at the path: neither is the lock file.
+                if let Err(e) = lock.remove().await {
+                    warn!(error = %e, "removing the template's lock file failed");
+                }
+                Err(e)
+            }
         }
-        if this.is_occupied().await? {
-            let reason = match this.check().await {
+    }
+
+    /// Under the exclusive lock: adopts a usable template of ours, or replaces an unusable one
+    /// of ours nobody uses, or makes one on a free path; refuses anything else.
+    async fn adopt_or_make(&self, tpl: &VmConfig, lock: &OpLock) -> Result<()> {
+        if self.usable().await? {
+            info!(path = %self.path.display(), "reusing the template already there");
+            return Ok(());
+        }
+        if self.is_occupied().await? {
+            let reason = match self.check().await {
                 Err(reason) => reason,
                 Ok(()) => TemplateError::NotOurs {
-                    path: this.path.clone(),
+                    path: self.path.clone(),
                     marker: MARKER_FILE,
                 },
             };
             // Ours but unusable (its maker died half-way, or another config) and nobody uses
             // it: ours to replace. Anything else is left alone.
-            if let Err(refused) = remove_locked(&this.path, this.host.as_ref(), &lock).await {
-                warn!(error = %refused, "the template path is occupied");
+            if let Err(refused) = remove_locked(&self.path, self.host.as_ref(), lock).await {
+                debug!(error = %refused, "the template path is occupied and not ours to replace");
                 return Err(TemplateError::Occupied {
-                    path: this.path.clone(),
+                    path: self.path.clone(),
                     reason: Box::new(reason),
                 });
             }
-            warn!(path = %this.path.display(), error = %reason, "replaced an unusable template vmfactory made earlier");
+            warn!(path = %self.path.display(), error = %reason, "replaced an unusable template vmfactory made earlier");
         }
-
         let t0 = std::time::Instant::now();
         let mut made = Made::default();
-        match this.make(&tpl, &mut made).await {
+        match self.make(tpl, &mut made).await {
             Ok(()) => {
-                info!(path = %this.path.display(), elapsed = ?t0.elapsed(), "template created");
-                this.hold(lock).await
+                info!(path = %self.path.display(), elapsed = ?t0.elapsed(), "template created");
+                Ok(())
             }
             Err(e) => {
-                warn!(error = %e, path = %this.path.display(), "creating the template failed, cleaning up");
-                this.undo(made).await;
-                if let Err(e) = lock.remove().await {
-                    warn!(error = %e, "removing the template's lock file during cleanup failed");
-                }
+                warn!(error = %e, path = %self.path.display(), "creating the template failed, cleaning up");
+                self.undo(made).await;
                 Err(e)
             }
         }

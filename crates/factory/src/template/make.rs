@@ -1,5 +1,5 @@
-//! The steps of making a template: its directory, the template VM's boot, warm-up and save,
-//! and the size checks of the files QEMU wrote.
+//! The steps of making a template: its directory, and the template VM's boot, warm-up and
+//! save.
 
 use std::path::Path;
 
@@ -82,32 +82,5 @@ pub(super) async fn create_dir(path: &Path) -> Result<bool> {
             Ok(false)
         }
         Err(e) => Err(TemplateError::io("create", path, e)),
-    }
-}
-
-/// Checks that `path` exists with `expected` bytes (or, with `None`, is not empty); returns
-/// its size.
-pub(super) async fn check_size(path: &Path, expected: Option<u64>) -> Result<u64> {
-    let found = match tokio::fs::metadata(path).await {
-        Ok(m) => m.len(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TemplateError::Missing {
-                path: path.to_owned(),
-            })
-        }
-        Err(e) => return Err(TemplateError::io("stat", path, e)),
-    };
-    match expected {
-        Some(expected) if found != expected => Err(TemplateError::FileSize {
-            path: path.to_owned(),
-            expected,
-            found,
-        }),
-        None if found == 0 => Err(TemplateError::FileSize {
-            path: path.to_owned(),
-            expected: 1,
-            found,
-        }),
-        _ => Ok(found),
     }
 }

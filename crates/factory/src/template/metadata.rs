@@ -220,8 +220,9 @@ impl TemplateMetadata {
             })
     }
 
-    /// Loads and checks `<dir>/metadata.json`: present, valid JSON, a version this build
-    /// reads, and a hash that matches its key.
+    /// Loads and checks `<dir>/metadata.json`: present, a regular file (no symlink followed,
+    /// no FIFO waited on) within [`MAX_METADATA_SIZE`], valid JSON, a version this build reads,
+    /// and a hash that matches its key.
     pub async fn load(dir: &Path) -> Result<Self, TemplateError> {
         let path = dir.join(METADATA_FILE);
         let bytes = match vmfactory_persist::read_limited(&path, MAX_METADATA_SIZE).await {
@@ -379,6 +380,43 @@ mod tests {
         assert!(matches!(
             TemplateMetadata::load(dir.path()).await,
             Err(TemplateError::Persist { op: "read", .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn fifo_and_symlinked_metadata_are_refused_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let load = || async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                TemplateMetadata::load(dir.path()),
+            )
+            .await
+            .expect("load returns at once")
+        };
+        let path = dir.path().join(METADATA_FILE);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        assert!(matches!(
+            load().await,
+            Err(TemplateError::Persist {
+                source: vmfactory_persist::Error::NotRegular { .. },
+                ..
+            })
+        ));
+        // Valid metadata elsewhere: a followed link would load it.
+        std::fs::remove_file(&path).expect("rm");
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        TemplateMetadata::new(key(dir.path()).await)
+            .write(elsewhere.path())
+            .await
+            .expect("write");
+        std::os::unix::fs::symlink(elsewhere.path().join(METADATA_FILE), &path).expect("ln");
+        assert!(matches!(
+            load().await,
+            Err(TemplateError::Persist {
+                source: vmfactory_persist::Error::Symlink { .. },
+                ..
+            })
         ));
     }
 

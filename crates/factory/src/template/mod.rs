@@ -3,10 +3,11 @@
 //! version) it needs, and [`TemplateError`], the error of all of them.
 //!
 //! Inside, modules depend one way: `factory` → `make`, `owner` → `metadata` → `host` →
-//! `error`.
+//! `error`, and `factory` → `files` (the data files' kind and size) → `error`.
 
 mod error;
 mod factory;
+mod files;
 mod host;
 mod make;
 mod metadata;

@@ -547,6 +547,7 @@ impl Hypervisor for Qemu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TemplatePaths;
 
     #[tokio::test]
     async fn lifecycle_errors_without_qemu() {
@@ -591,6 +592,44 @@ mod tests {
             !dir.path().join("run").exists(),
             "run dir removed after failure"
         );
+    }
+
+    #[tokio::test]
+    async fn clone_state_that_is_a_symlink_or_fifo_is_refused_before_qemu_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (kernel, initrd) = (dir.path().join("k"), dir.path().join("i"));
+        std::fs::write(&kernel, b"k").expect("write");
+        std::fs::write(&initrd, b"i").expect("write");
+        let real = dir.path().join("real-state");
+        std::fs::write(&real, b"state").expect("write");
+        let tpl = dir.path().join("tpl");
+        std::fs::create_dir(&tpl).expect("mkdir");
+        let makers: [fn(&Path, &Path); 2] = [
+            |state, real| std::os::unix::fs::symlink(real, state).expect("ln"),
+            |state, _| nix::unistd::mkfifo(state, nix::sys::stat::Mode::S_IRWXU).expect("fifo"),
+        ];
+        for make in makers {
+            let state = tpl.join("state");
+            let _ = std::fs::remove_file(&state);
+            make(&state, &real);
+            let mut cfg = HypervisorConfig::new(&kernel, Some(initrd.clone()));
+            cfg.accel = Accel::Tcg;
+            // Were the state opened, spawning this would fail instead (`Error::Spawn`).
+            cfg.qemu_path = dir.path().join("no-such-qemu");
+            cfg.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+                memory: tpl.join("memory"),
+                state: state.clone(),
+            }));
+            let vm = Qemu::new("t", cfg, dir.path().join("run")).expect("new");
+            let started = tokio::time::timeout(Duration::from_secs(5), vm.start())
+                .await
+                .expect("refused at once");
+            assert!(
+                matches!(&started, Err(Error::Io { path, .. }) if *path == state),
+                "{started:?}"
+            );
+            assert!(!dir.path().join("run").exists(), "run dir removed");
+        }
     }
 
     #[tokio::test]

@@ -19,6 +19,7 @@ use super::{Inner, Running, MIGRATION_TIMEOUT};
 use crate::cmdline::{load_uri, save_uri, BackendKind};
 use crate::config::{TemplatePaths, TemplateRole};
 use crate::error::{Error, Result};
+use crate::files::{open_regular, Symlinks};
 use crate::qmp::QmpClient;
 use crate::state::VmSize;
 
@@ -133,15 +134,20 @@ async fn wait_migration(
 }
 
 /// Opens a clone's device state file `state` for [`incoming`]; QEMU inherits the descriptor.
+/// A symlink, FIFO or device there is refused at once (see [`crate::files`]); the descriptor is
+/// checked, so what QEMU reads is what was checked.
 pub(super) async fn open_state(state: &Path) -> Result<OwnedFd> {
-    let file = tokio::fs::File::open(state)
+    let path = state.to_owned();
+    let opened = tokio::task::spawn_blocking(move || open_regular(&path, Symlinks::Refuse, false))
         .await
-        .map_err(|source| Error::Io {
-            op: "Reading template state",
-            path: state.to_owned(),
-            source,
-        })?;
-    Ok(file.into_std().await.into())
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+    let file = opened.map_err(|source| Error::Io {
+        op: "Reading template state",
+        path: state.to_owned(),
+        source,
+    })?;
+    Ok(file.into())
 }
 
 /// Loads a clone's device state (`migrate-incoming fd:N`, `state` being the descriptor from
