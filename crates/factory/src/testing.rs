@@ -63,10 +63,14 @@ pub(crate) struct FakeBackends {
     agents: Mutex<HashMap<String, Arc<FakeAgent>>>,
     /// Agent methods every new agent fails.
     pub(crate) agent_fail: Mutex<Vec<&'static str>>,
+    /// Agent methods every new agent hangs in (never answers).
+    pub(crate) agent_hang: Mutex<Vec<&'static str>>,
     /// Applied to each new non-template hypervisor.
     pub(crate) hv_fail: Mutex<Option<FakeStep>>,
     /// Applied to each new template (`boot_to_be_template`) hypervisor.
     pub(crate) template_fail: Mutex<Option<FakeStep>>,
+    /// The step after which each new hypervisor's process exits (QEMU dying).
+    pub(crate) hv_exit_after: Mutex<Option<FakeStep>>,
     /// Whether the template VM's console shows the agent re-listening.
     pub(crate) relisten: AtomicBool,
     /// How long each hypervisor start takes.
@@ -88,8 +92,10 @@ impl FakeBackends {
             hvs: Mutex::default(),
             agents: Mutex::default(),
             agent_fail: Mutex::default(),
+            agent_hang: Mutex::default(),
             hv_fail: Mutex::default(),
             template_fail: Mutex::default(),
+            hv_exit_after: Mutex::default(),
             relisten: AtomicBool::new(true),
             boot_delay: Mutex::new(Duration::ZERO),
             boots: AtomicU32::new(0),
@@ -127,6 +133,11 @@ impl FakeBackends {
 
     pub(crate) fn agent(&self, id: &str) -> Arc<FakeAgent> {
         self.agents.lock().expect("lock")[id].clone()
+    }
+
+    /// The agent of VM `id`, once it has one.
+    pub(crate) fn agent_of(&self, id: &str) -> Option<Arc<FakeAgent>> {
+        self.agents.lock().expect("lock").get(id).cloned()
     }
 
     /// Ids of hypervisors created from configs that satisfy `pred`.
@@ -169,6 +180,7 @@ impl Backends for FakeBackends {
     ) -> vmfactory_vm::Result<Arc<dyn Hypervisor>> {
         self.boots.fetch_add(1, Ordering::SeqCst);
         let hv = FakeHypervisor::new(id, config.clone(), run_dir);
+        hv.exit_after(*self.hv_exit_after.lock().expect("lock"));
         if let Some(TemplateRole::SaveTo(paths)) = &config.template {
             hv.fail_at(*self.template_fail.lock().expect("lock"));
             // What QEMU would write: the RAM file now, the state file on save (here: now).
@@ -201,6 +213,9 @@ impl Backends for FakeBackends {
         let agent = Arc::new(FakeAgent::new());
         for m in self.agent_fail.lock().expect("lock").iter() {
             agent.fail(m);
+        }
+        for m in self.agent_hang.lock().expect("lock").iter() {
+            agent.hang(m);
         }
         self.agents
             .lock()

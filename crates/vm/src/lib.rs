@@ -104,6 +104,7 @@ mod config;
 mod endpoint;
 mod envelope;
 mod error;
+mod exit;
 mod handover;
 mod links;
 mod ops;
