@@ -1,9 +1,9 @@
 //! Fault injection on real QEMU: QEMU SIGKILLed at each stage of a boot, during the agent
 //! wait, during a template save, during a clone's restore and during a hotplug; a guest that
 //! stops answering (QEMU SIGSTOPped); a template tmpfs with no room left for the device
-//! state; the template's state file deleted or truncated under a live factory. Each fault
-//! must end in a typed error, and `RunRoot::assert_no_leaks` must find no process, mount,
-//! socket or directory afterwards.
+//! state; the template's state file deleted or truncated, or its memory file corrupted, under
+//! a live factory. Each fault must end in a typed error (a QEMU that died: its exit, at once),
+//! and `RunRoot::assert_no_leaks` must find no process, mount, socket or directory afterwards.
 //!
 //! Faults are injected through the public hooks: a [`Backends`] wrapping [`QemuBackends`]
 //! whose `before` kills QEMU at a [`NewStep`], and whose hypervisors wrap QEMU's to kill it
@@ -20,11 +20,12 @@ use nix::unistd::Pid;
 use vmfactory_agent::{Agent, AgentUrl};
 use vmfactory_e2e::{guest_env, vm, GuestEnv, RunRoot};
 use vmfactory_factory::{
-    BaseError, BaseKind, Factory, FactoryConfig, GetVmError, GetVmStep, NewFactoryError,
-    SystemHost, TemplateError, TemplateFactory, TemplateStep, STATE_FILE,
+    error_chain, BaseError, BaseKind, Factory, FactoryConfig, GetVmError, GetVmStep,
+    NewFactoryError, SystemHost, TemplateError, TemplateFactory, TemplateStep, MEMORY_FILE,
+    STATE_FILE,
 };
 use vmfactory_hypervisor::{
-    AgentEndpoint, Hypervisor, HypervisorConfig, QemuState, VmSize, VmStatus,
+    AgentEndpoint, Error as HvError, Hypervisor, HypervisorConfig, QemuState, VmSize, VmStatus,
 };
 use vmfactory_proxy::{Proxy, ProxyKind};
 use vmfactory_vm::{
@@ -32,9 +33,8 @@ use vmfactory_vm::{
 };
 
 /// Ready bound for scenarios where QEMU dies before the agent answers. Generous on purpose:
-/// `Vm::new`'s agent wait asks the hypervisor for its state after each failed check and fails
-/// at once with a hypervisor error; running out this bound (`AgentNotReady`) would mean it
-/// no longer notices.
+/// `Vm::new`'s agent wait ends as soon as QEMU exits (`HypervisorExited`); running out this
+/// bound (`AgentNotReady`) would mean it no longer notices.
 const DEAD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where a [`FaultyHv`] strikes.
@@ -198,6 +198,9 @@ impl Hypervisor for FaultyHv {
     async fn stop(&self) -> vmfactory_hypervisor::Result<()> {
         self.inner.stop().await
     }
+    async fn exited(&self) -> vmfactory_hypervisor::Error {
+        self.inner.exited().await
+    }
     async fn pause(&self) -> vmfactory_hypervisor::Result<()> {
         self.inner.pause().await
     }
@@ -287,15 +290,18 @@ async fn qemu_killed_during_boot() {
     // Right after QEMU started, before the proxy attaches to its console.
     let err = kill_at(NewStep::StartProxy, None).await;
     assert!(
-        matches!(err, VmError::Proxy { .. } | VmError::Hypervisor { .. }),
+        matches!(
+            err,
+            VmError::Proxy { .. } | VmError::HypervisorExited { .. }
+        ),
         "{err:?}"
     );
     // Before the agent client exists, and as the agent wait begins: the wait notices that
-    // QEMU is gone (a hypervisor error), instead of running out its timeout.
+    // QEMU is gone (its exit), instead of running out its timeout.
     for step in [NewStep::CreateAgent, NewStep::CheckAgent] {
         let err = kill_at(step, None).await;
         assert!(
-            matches!(err, VmError::Hypervisor { .. }),
+            matches!(err, VmError::HypervisorExited { .. }),
             "{step:?}: {err:?}"
         );
     }
@@ -308,7 +314,7 @@ async fn qemu_killed_during_the_agent_wait() {
     }
     // The guest is still booting (a TCG boot takes ~2 s) when QEMU dies.
     let err = kill_at(NewStep::CheckAgent, Some(Duration::from_millis(300))).await;
-    assert!(matches!(err, VmError::Hypervisor { .. }), "{err:?}");
+    assert!(matches!(err, VmError::HypervisorExited { .. }), "{err:?}");
 }
 
 /// A template made with `faulty` at a path under `root`: must fail typed and leave nothing.
@@ -339,7 +345,7 @@ async fn qemu_killed_during_template_save() {
                 step: TemplateStep::Save,
                 ..
             }
-        ),
+        ) && err.hypervisor_exit().is_some(),
         "{err:?}"
     );
 }
@@ -390,7 +396,7 @@ async fn qemu_killed_during_clone_restore_and_hotplug() {
                 step: TemplateStep::Clone,
                 ..
             }))
-        ),
+        ) && err.hypervisor_exit().is_some(),
         "{err:?}"
     );
     f.close().await.expect("close");
@@ -408,7 +414,7 @@ async fn qemu_killed_during_clone_restore_and_hotplug() {
                 step: GetVmStep::AddCpus,
                 ..
             }
-        ),
+        ) && err.hypervisor_exit().is_some(),
         "{err:?}"
     );
     f.close().await.expect("close");
@@ -541,5 +547,56 @@ async fn orphaned_vms_are_reaped_and_owned_ones_kept() {
         .expect("reap")
         .is_empty());
     owned.stop().await.expect("stop");
+    root.assert_no_leaks();
+}
+
+/// Overwrites `memory` in place with garbage of the same size (so the template's size checks
+/// still pass), as a damaged template file would be.
+fn corrupt(memory: &Path) {
+    use std::io::Write;
+    let len = std::fs::metadata(memory).expect("memory file").len();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(memory)
+        .expect("open memory");
+    let chunk = vec![0xffu8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = usize::try_from(left.min(chunk.len() as u64)).expect("chunk");
+        f.write_all(&chunk[..n]).expect("overwrite memory");
+        left -= n as u64;
+    }
+    f.sync_all().expect("sync");
+}
+
+/// A template's `memory` file overwritten after the save (same size, so the template's checks
+/// pass): the clone's QEMU dies moments after it is resumed. `get_vm` must fail with QEMU's
+/// exit, quoting what QEMU wrote to stderr, instead of waiting out the agent's dial timeout
+/// (before: 20 s, ending in "agent.sock: No such file or directory"), and leave nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_template_memory_fails_get_vm_with_qemus_exit() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let (cfg, f) = template_factory(&env, &root, Arc::new(QemuBackends)).await;
+    corrupt(&cfg.template_path.join(MEMORY_FILE));
+    let t = std::time::Instant::now();
+    let err = f.get_vm(&cfg.vm).await.expect_err("corrupt memory");
+    let elapsed = t.elapsed();
+    let chain = error_chain(&err);
+    eprintln!("get_vm on a corrupt memory file failed in {elapsed:?}: {chain}");
+    let Some(HvError::Exited {
+        what: "QEMU",
+        stderr_tail,
+        ..
+    }) = err.hypervisor_exit()
+    else {
+        panic!("not QEMU's exit: {err:?}");
+    };
+    assert!(!stderr_tail.is_empty(), "QEMU's own message: {err:?}");
+    assert!(chain.contains(stderr_tail.as_str()), "{chain}");
+    assert!(!chain.contains('\n'), "{chain}");
+    // Not a timing assertion: only that the agent's own timeouts were not what ended it.
+    assert!(elapsed < cfg.vm.agent.dial_timeout, "{elapsed:?}");
+    f.close().await.expect("close");
     root.assert_no_leaks();
 }

@@ -74,6 +74,7 @@ impl FakeCall {
 struct State {
     calls: Vec<FakeCall>,
     failing: HashSet<&'static str>,
+    hanging: HashSet<&'static str>,
     connected: bool,
     resources: Resources,
     clock_offset: Option<SystemTime>,
@@ -122,9 +123,17 @@ impl FakeAgent {
         self.lock().failing.insert(method);
     }
 
-    /// Stops failing `method`.
+    /// Makes every later call of `method` hang: recorded, then never answered, as by a guest
+    /// that stopped answering (or a VM that died under the call).
+    pub fn hang(&self, method: &'static str) {
+        self.lock().hanging.insert(method);
+    }
+
+    /// Stops failing or hanging `method`.
     pub fn heal(&self, method: &'static str) {
-        self.lock().failing.remove(method);
+        let mut st = self.lock();
+        st.failing.remove(method);
+        st.hanging.remove(method);
     }
 
     /// The calls so far, in order.
@@ -151,10 +160,18 @@ impl FakeAgent {
         self.lock().resources = r;
     }
 
-    fn record(&self, call: FakeCall) -> Result<MutexGuard<'_, State>> {
+    /// Records `call`, then hangs if its method is to hang, fails if it is to fail.
+    async fn record(&self, call: FakeCall) -> Result<MutexGuard<'_, State>> {
         let method = call.method();
+        let hang = {
+            let mut st = self.lock();
+            st.calls.push(call);
+            st.hanging.contains(method)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
         let mut st = self.lock();
-        st.calls.push(call);
         if st.failing.contains(method) {
             return Err(Error::Injected { method });
         }
@@ -168,26 +185,30 @@ impl FakeAgent {
 #[async_trait]
 impl Agent for FakeAgent {
     async fn connect(&self) -> Result<()> {
-        self.record(FakeCall::Connect).map(|_| ())
+        self.record(FakeCall::Connect).await.map(|_| ())
     }
 
     async fn check(&self) -> Result<HealthStatus> {
-        self.record(FakeCall::Check).map(|_| HealthStatus::Serving)
+        self.record(FakeCall::Check)
+            .await
+            .map(|_| HealthStatus::Serving)
     }
 
     async fn version(&self) -> Result<VersionInfo> {
-        self.record(FakeCall::Version).map(|_| VersionInfo {
+        self.record(FakeCall::Version).await.map(|_| VersionInfo {
             grpc_version: "fake".into(),
             agent_version: crate::VERSION.into(),
         })
     }
 
     async fn online_cpu_mem(&self, wait: bool, nb_cpus: u32, cpu_only: bool) -> Result<()> {
-        let mut st = self.record(FakeCall::OnlineCpuMem {
-            wait,
-            nb_cpus,
-            cpu_only,
-        })?;
+        let mut st = self
+            .record(FakeCall::OnlineCpuMem {
+                wait,
+                nb_cpus,
+                cpu_only,
+            })
+            .await?;
         let mut onlined = 0;
         while onlined < nb_cpus {
             match st.resources.offline_cpus.first().copied() {
@@ -212,17 +233,18 @@ impl Agent for FakeAgent {
 
     async fn reseed_random_dev(&self, data: &[u8]) -> Result<()> {
         self.record(FakeCall::ReseedRandomDev(data.to_vec()))
+            .await
             .map(|_| ())
     }
 
     async fn set_guest_date_time(&self, t: SystemTime) -> Result<()> {
-        let mut st = self.record(FakeCall::SetGuestDateTime(t))?;
+        let mut st = self.record(FakeCall::SetGuestDateTime(t)).await?;
         st.clock_offset = Some(t);
         Ok(())
     }
 
     async fn get_guest_details(&self) -> Result<GuestDetails> {
-        let st = self.record(FakeCall::GetGuestDetails)?;
+        let st = self.record(FakeCall::GetGuestDetails).await?;
         Ok(GuestDetails {
             mem_block_size_bytes: st.resources.memory_block_size_bytes,
             agent_details: Some(AgentDetails {
@@ -235,7 +257,7 @@ impl Agent for FakeAgent {
     }
 
     async fn random(&self, len: u32) -> Result<Vec<u8>> {
-        let st = self.record(FakeCall::Random(len))?;
+        let st = self.record(FakeCall::Random(len)).await?;
         let seed = st.calls.len() as u8;
         Ok((0..len)
             .map(|i| (i as u8).wrapping_mul(31) ^ seed)
@@ -243,17 +265,18 @@ impl Agent for FakeAgent {
     }
 
     async fn guest_time(&self) -> Result<SystemTime> {
-        let st = self.record(FakeCall::GuestTime)?;
+        let st = self.record(FakeCall::GuestTime).await?;
         Ok(st.clock_offset.unwrap_or_else(SystemTime::now))
     }
 
     async fn resources(&self) -> Result<Resources> {
         self.record(FakeCall::Resources)
+            .await
             .map(|st| st.resources.clone())
     }
 
     async fn uptime(&self) -> Result<Uptime> {
-        drop(self.record(FakeCall::Uptime)?);
+        drop(self.record(FakeCall::Uptime).await?);
         let agent = self.started.elapsed();
         Ok(Uptime {
             agent,
@@ -262,7 +285,7 @@ impl Agent for FakeAgent {
     }
 
     async fn disconnect(&self) -> Result<()> {
-        let mut st = self.record(FakeCall::Disconnect)?;
+        let mut st = self.record(FakeCall::Disconnect).await?;
         st.connected = false;
         Ok(())
     }
@@ -273,7 +296,7 @@ impl Agent for FakeAgent {
             Some(o) => o.is_connected(),
             None => return Err(Error::Unsupported("reusing a non-fake agent")),
         };
-        let mut st = self.record(FakeCall::ReuseAgent)?;
+        let mut st = self.record(FakeCall::ReuseAgent).await?;
         st.connected = connected;
         Ok(())
     }
@@ -305,6 +328,12 @@ mod tests {
         assert_eq!(a.calls()[0], FakeCall::Check);
         a.disconnect().await.expect("disconnect");
         assert!(!a.is_connected());
+        a.hang("check");
+        let hung = tokio::time::timeout(Duration::from_millis(20), a.check()).await;
+        assert!(hung.is_err(), "a hanging call does not answer");
+        assert_eq!(a.count("check"), 2, "but is recorded");
+        a.heal("check");
+        a.check().await.expect("healed");
     }
 
     #[tokio::test]

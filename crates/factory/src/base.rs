@@ -29,6 +29,19 @@ pub enum BaseError {
     Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl BaseError {
+    /// The hypervisor's `Exited` error if the VM being made died (QEMU crashed or was killed):
+    /// see [`vmfactory_vm::Error::hypervisor_exit`]. `None` for [`BaseError::Other`], whose
+    /// error is its base's own (downcast it).
+    pub fn hypervisor_exit(&self) -> Option<&vmfactory_vm::HypervisorError> {
+        match self {
+            Self::Vm(e) => e.hypervisor_exit(),
+            Self::Template(e) => e.hypervisor_exit(),
+            Self::Closed { .. } | Self::Other(_) => None,
+        }
+    }
+}
+
 /// A source of base VMs, all made from one [`VmConfig`] (the seed's `FactoryBase`).
 ///
 /// A base VM has the base config's size. What it is in depends on the kind: a direct base

@@ -91,6 +91,18 @@ pub enum GetVmError {
     },
 }
 
+impl GetVmError {
+    /// The hypervisor's `Exited` error (exit status, QEMU's last stderr lines) if the VM died
+    /// during `get_vm`, at whichever step: see [`vmfactory_vm::Error::hypervisor_exit`].
+    pub fn hypervisor_exit(&self) -> Option<&vmfactory_vm::HypervisorError> {
+        match self {
+            Self::Direct(e) | Self::Step { source: e, .. } => e.hypervisor_exit(),
+            Self::Base(e) => e.hypervisor_exit(),
+            Self::Request(_) | Self::ShortHotplug { .. } => None,
+        }
+    }
+}
+
 /// The first field in which `request` differs from `base` in something a base VM cannot be
 /// adapted to: anything but boot vCPUs, boot memory, the template flags and paths, and the
 /// proxy. Returns `(field, base value, requested value)`.
@@ -368,6 +380,56 @@ mod tests {
         let mut bad = b.config();
         bad.hypervisor.vcpus = 9;
         assert!(matches!(f.get_vm(&bad).await, Err(GetVmError::Request(_))));
+        f.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_clone_that_dies_after_resume_fails_at_once_with_its_exit() {
+        let b = Arc::new(FakeBackends::new());
+        let f = template_factory(&b).await;
+        // As with a corrupt template memory file: the resume succeeds, QEMU dies right after,
+        // and the guest never answers (without the exit, the calls would hang for good).
+        b.exit_hv_after(Some(FakeStep::Resume));
+        b.hang_agent_methods(["reseed_random_dev", "set_guest_date_time"]);
+        let t0 = std::time::Instant::now();
+        let err = f.get_vm(&b.config()).await.expect_err("the clone died");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+        assert!(
+            matches!(
+                err,
+                GetVmError::Step {
+                    step: GetVmStep::ReseedRng | GetVmStep::SyncTime | GetVmStep::Size,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let exit = err.hypervisor_exit().expect("the exit is in the error");
+        assert!(
+            matches!(exit, vmfactory_vm::HypervisorError::Exited { stderr_tail, .. }
+                if stderr_tail == "fake QEMU: exited after resume"),
+            "{exit:?}"
+        );
+        assert!(crate::error_chain(&err).contains("fake QEMU: exited after resume"));
+        assert_eq!(b.live().await, 0, "the dead clone was stopped");
+        assert_eq!(b.vm_dir_count(), 0);
+
+        // Dead as it starts: making the clone fails, and carries the exit too.
+        b.exit_hv_after(Some(FakeStep::Start));
+        let err = f.get_vm(&b.config()).await.expect_err("dead clone");
+        assert!(
+            matches!(
+                err,
+                GetVmError::Base(BaseError::Template(crate::TemplateError::Vm {
+                    step: crate::TemplateStep::Clone,
+                    ..
+                }))
+            ),
+            "{err:?}"
+        );
+        assert!(err.hypervisor_exit().is_some(), "{err:?}");
+        assert_eq!(b.live().await, 0);
+        assert_eq!(b.vm_dir_count(), 0);
         f.close().await.expect("close");
     }
 

@@ -250,17 +250,19 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A process exited while the VM was being started.
-    #[error("{what} of VM {id} exited during start ({status}): {stderr}")]
-    EarlyExit {
+    /// A process of the VM (QEMU, or the vsock backend) exited while the VM was meant to run:
+    /// it crashed, was killed, or its guest shut down. Every wait on a running VM ends with
+    /// this as soon as the exit happens.
+    #[error("{what} of VM {id} exited ({}){}", exit_status(.status), stderr_quote(.stderr_tail))]
+    Exited {
         /// VM id.
         id: String,
-        /// `QEMU` or the vsock backend.
+        /// `QEMU` or `vsock backend`.
         what: &'static str,
-        /// Its exit status.
-        status: std::process::ExitStatus,
-        /// The tail of its standard error.
-        stderr: String,
+        /// Its exit status; `None` when it was re-attached (not our child to reap).
+        status: Option<std::process::ExitStatus>,
+        /// The last lines it wrote to stderr (joined with ` | `; empty if it wrote none).
+        stderr_tail: String,
     },
     /// A socket did not appear / accept connections in time.
     #[error("Socket {path} of VM {id} not ready after {timeout:?}")]
@@ -374,6 +376,20 @@ pub enum Error {
     },
 }
 
+/// An exit status as [`Error::Exited`] shows it.
+fn exit_status(status: &Option<std::process::ExitStatus>) -> String {
+    status.map_or_else(|| "status unknown".to_owned(), |s| s.to_string())
+}
+
+/// The stderr tail as [`Error::Exited`] quotes it.
+fn stderr_quote(tail: &str) -> String {
+    if tail.is_empty() {
+        ", writing nothing to stderr".to_owned()
+    } else {
+        format!(": {tail}")
+    }
+}
+
 impl Error {
     /// Wraps a QMP error with the VM id.
     pub(crate) fn qmp(id: &str, source: QmpError) -> Self {
@@ -428,5 +444,30 @@ mod tests {
             desc: "nope".into(),
         };
         assert_eq!(q.class(), Some(&QmpErrorClass::GenericError));
+    }
+
+    #[test]
+    fn exits_name_the_status_and_quote_stderr() {
+        use std::os::unix::process::ExitStatusExt;
+        let e = Error::Exited {
+            id: "vm1".into(),
+            what: "QEMU",
+            status: Some(std::process::ExitStatus::from_raw(1 << 8)),
+            stderr_tail: "qemu-system-x86_64: boom | more".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "QEMU of VM vm1 exited (exit status: 1): qemu-system-x86_64: boom | more"
+        );
+        let e = Error::Exited {
+            id: "vm1".into(),
+            what: "QEMU",
+            status: None,
+            stderr_tail: String::new(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "QEMU of VM vm1 exited (status unknown), writing nothing to stderr"
+        );
     }
 }

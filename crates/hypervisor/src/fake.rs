@@ -1,11 +1,14 @@
 //! [`FakeHypervisor`]: an in-memory [`Hypervisor`] for other crates' unit tests
 //! (feature `test-utils`). It records every call, tracks size and run state like QEMU would,
-//! and fails on demand at a named step ([`FakeStep`]).
+//! fails on demand at a named step ([`FakeStep`]), and can die like QEMU
+//! ([`FakeHypervisor::exit`]).
 
 use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 
 use crate::cmdline::{agent_endpoint, RunPaths};
 use crate::config::HypervisorConfig;
@@ -85,11 +88,15 @@ pub enum FakeCall {
 struct FakeInner {
     calls: Vec<FakeCall>,
     fail_at: Option<FakeStep>,
+    exit_after: Option<FakeStep>,
     status: VmStatus,
     vcpus: u32,
     memory_mib: u64,
     slots_used: u32,
 }
+
+/// How a fake VM's process ended: its exit status and stderr tail.
+type FakeExit = Option<(ExitStatus, String)>;
 
 /// An in-memory hypervisor. Clones share state.
 #[derive(Debug, Clone)]
@@ -98,6 +105,8 @@ pub struct FakeHypervisor {
     config: HypervisorConfig,
     paths: RunPaths,
     inner: Arc<Mutex<FakeInner>>,
+    /// Set by [`FakeHypervisor::exit`] while running; cleared by `stop`.
+    exit: Arc<watch::Sender<FakeExit>>,
 }
 
 impl FakeHypervisor {
@@ -110,6 +119,7 @@ impl FakeHypervisor {
         let inner = FakeInner {
             calls: Vec::new(),
             fail_at: None,
+            exit_after: None,
             status: VmStatus::NotStarted,
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
@@ -120,12 +130,53 @@ impl FakeHypervisor {
             paths: RunPaths::new(run_dir),
             config,
             inner: Arc::new(Mutex::new(inner)),
+            exit: Arc::new(watch::Sender::new(None)),
+        }
+    }
+
+    /// Makes the VM's process exit now with `status`, having written `stderr_tail`, as a QEMU
+    /// that crashed or was killed: [`Hypervisor::exited`] resolves, and every operation but
+    /// `stop`, `state` and the path getters fails with [`Error::Exited`] until `stop` cleans
+    /// up. Does nothing unless the VM runs.
+    pub fn exit(&self, status: ExitStatus, stderr_tail: &str) {
+        self.exit_locked(&self.lock(), status, stderr_tail);
+    }
+
+    fn exit_locked(&self, g: &FakeInner, status: ExitStatus, stderr_tail: &str) {
+        if !matches!(g.status, VmStatus::NotStarted | VmStatus::Stopped) {
+            self.exit
+                .send_replace(Some((status, stderr_tail.to_owned())));
+        }
+    }
+
+    /// Ends a successful `step`: the process exits (SIGKILL) if told to after it.
+    fn done(&self, g: &FakeInner, step: FakeStep) {
+        if g.exit_after == Some(step) {
+            use std::os::unix::process::ExitStatusExt;
+            let tail = format!("fake QEMU: exited after {}", step.name());
+            self.exit_locked(g, ExitStatus::from_raw(libc::SIGKILL), &tail);
+        }
+    }
+
+    /// The [`Error::Exited`] of an exit.
+    fn exited_error(&self, (status, stderr_tail): (ExitStatus, String)) -> Error {
+        Error::Exited {
+            id: self.id.clone(),
+            what: "QEMU",
+            status: Some(status),
+            stderr_tail,
         }
     }
 
     /// Makes `step` fail with [`Error::Injected`] from now on (`None` clears it).
     pub fn fail_at(&self, step: Option<FakeStep>) {
         self.lock().fail_at = step;
+    }
+
+    /// Makes the VM's process exit as `step` succeeds from now on (`None` clears it), as a
+    /// QEMU that dies right after resuming a corrupt template; see [`FakeHypervisor::exit`].
+    pub fn exit_after(&self, step: Option<FakeStep>) {
+        self.lock().exit_after = step;
     }
 
     /// The calls made so far, in order.
@@ -154,6 +205,14 @@ impl FakeHypervisor {
         g.calls.push(call);
         if g.fail_at == Some(step) {
             return Err(Error::Injected { step: step.name() });
+        }
+        if let Some(exit) = self
+            .exit
+            .borrow()
+            .clone()
+            .filter(|_| step != FakeStep::Stop)
+        {
+            return Err(self.exited_error(exit));
         }
         let live = !matches!(g.status, VmStatus::NotStarted | VmStatus::Stopped);
         if need_running && !live {
@@ -192,22 +251,42 @@ impl Hypervisor for FakeHypervisor {
         } else {
             VmStatus::Running
         };
+        self.done(&g, FakeStep::Start);
         Ok(())
     }
 
     async fn stop(&self) -> Result<()> {
         let mut g = self.enter(FakeCall::Stop, FakeStep::Stop, false)?;
         g.status = VmStatus::Stopped;
+        self.exit.send_replace(None);
         Ok(())
     }
 
+    async fn exited(&self) -> Error {
+        let mut rx = self.exit.subscribe();
+        // The sender lives as long as `self`: `wait_for` fails only if it is dropped under us.
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|e| e.clone());
+        match exit {
+            Some(exit) => self.exited_error(exit),
+            None => std::future::pending().await,
+        }
+    }
+
     async fn pause(&self) -> Result<()> {
-        self.enter(FakeCall::Pause, FakeStep::Pause, true)?.status = VmStatus::Paused;
+        let mut g = self.enter(FakeCall::Pause, FakeStep::Pause, true)?;
+        g.status = VmStatus::Paused;
+        self.done(&g, FakeStep::Pause);
         Ok(())
     }
 
     async fn resume(&self) -> Result<()> {
-        self.enter(FakeCall::Resume, FakeStep::Resume, true)?.status = VmStatus::Running;
+        let mut g = self.enter(FakeCall::Resume, FakeStep::Resume, true)?;
+        g.status = VmStatus::Running;
+        self.done(&g, FakeStep::Resume);
         Ok(())
     }
 
@@ -220,6 +299,7 @@ impl Hypervisor for FakeHypervisor {
             });
         }
         g.status = VmStatus::PostMigrate;
+        self.done(&g, FakeStep::SaveTemplate);
         Ok(())
     }
 
@@ -227,6 +307,7 @@ impl Hypervisor for FakeHypervisor {
         let mut g = self.enter(FakeCall::AddVcpus(n), FakeStep::AddVcpus, true)?;
         let added = n.min(self.config.max_vcpus.saturating_sub(g.vcpus));
         g.vcpus += added;
+        self.done(&g, FakeStep::AddVcpus);
         Ok(added)
     }
 
@@ -256,6 +337,7 @@ impl Hypervisor for FakeHypervisor {
         }
         g.slots_used += 1;
         g.memory_mib += mib;
+        self.done(&g, FakeStep::AddMemory);
         Ok(mib)
     }
 
@@ -352,6 +434,38 @@ mod tests {
                 FakeCall::Status
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn exit_ends_waits_and_fails_operations_until_stopped() {
+        use std::os::unix::process::ExitStatusExt;
+        let hv = FakeHypervisor::new("f", cfg(), "/run/f");
+        hv.exit(ExitStatus::from_raw(9), "ignored: not running");
+        hv.start().await.expect("start");
+        let waiter = {
+            let hv = hv.clone();
+            tokio::spawn(async move { hv.exited().await })
+        };
+        tokio::task::yield_now().await;
+        hv.exit(ExitStatus::from_raw(9), "qemu: boom");
+        let err = waiter.await.expect("join");
+        assert!(
+            matches!(&err, Error::Exited { status: Some(s), stderr_tail, .. }
+                if s.signal() == Some(9) && stderr_tail == "qemu: boom"),
+            "{err:?}"
+        );
+        assert!(matches!(hv.resume().await, Err(Error::Exited { .. })));
+        assert!(matches!(hv.status().await, Err(Error::Exited { .. })));
+        hv.stop().await.expect("stop cleans up after a dead VM");
+        let hv2 = FakeHypervisor::new("g", cfg(), "/run/g");
+        hv2.exit_after(Some(FakeStep::Resume));
+        hv2.start().await.expect("start");
+        hv2.pause().await.expect("pause");
+        hv2.resume().await.expect("the resume itself succeeds");
+        assert!(matches!(hv2.status().await, Err(Error::Exited { .. })));
+        assert_eq!(hv.status().await.expect("status"), VmStatus::Stopped);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(20), hv.exited());
+        assert!(pending.await.is_err(), "no exit after a stop");
     }
 
     #[tokio::test]

@@ -54,14 +54,15 @@ pub(crate) fn open_regular(
 }
 
 /// The last `max` bytes of the regular file `path` (no symlink followed), read without
-/// reading the rest.
-pub(crate) fn read_tail(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+/// reading the rest, and whether anything before them was left out.
+pub(crate) fn read_tail(path: &Path, max: u64) -> io::Result<(bool, Vec<u8>)> {
     let mut file = open_regular(path, Symlinks::Refuse, false)?;
     let len = file.metadata()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let start = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
     file.take(max).read_to_end(&mut bytes)?;
-    Ok(bytes)
+    Ok((start > 0, bytes))
 }
 
 fn refused(what: &'static str) -> io::Error {
@@ -117,7 +118,10 @@ mod tests {
             "Is a directory"
         );
         assert!(read_tail(&fifo, 4).is_err());
-        assert_eq!(read_tail(&file, 4).expect("tail"), b"6789");
-        assert_eq!(read_tail(&file, 100).expect("tail"), b"0123456789");
+        assert_eq!(read_tail(&file, 4).expect("tail"), (true, b"6789".to_vec()));
+        assert_eq!(
+            read_tail(&file, 100).expect("tail"),
+            (false, b"0123456789".to_vec())
+        );
     }
 }

@@ -50,6 +50,7 @@ pub mod cmdline;
 pub mod config;
 mod endpoint;
 pub mod error;
+mod exit;
 #[cfg(feature = "test-utils")]
 pub mod fake;
 mod files;
@@ -98,6 +99,14 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Stops the VM (`quit`, then SIGKILL after a bound), reaps it and removes the sockets and
     /// files it created. Idempotent.
     async fn stop(&self) -> Result<()>;
+
+    /// Resolves, with [`Error::Exited`] (exit status and the tail of its stderr), as soon as
+    /// the hypervisor process, or a helper process it runs, exits while this handle runs the
+    /// VM. Pending before [`start`](Hypervisor::start) and after [`stop`](Hypervisor::stop) or
+    /// [`detach`](Hypervisor::detach): those ends are not exits. Race it against a wait on the
+    /// VM (`tokio::select!`) so that a VM that dies ends the wait at once; this trait's own
+    /// methods do so already.
+    async fn exited(&self) -> Error;
 
     /// Pauses the guest (QMP `stop`).
     async fn pause(&self) -> Result<()>;

@@ -2,28 +2,45 @@
 //! re-attached by pid from another process and watched through `/proc`.
 //!
 //! A re-attached process is identified by pid *and* start time (`/proc/PID/stat` field 22), so a
-//! reused pid is never signalled. Without a `Child` to wait on, exit is detected by polling
-//! `/proc/PID/stat` (gone, or a zombie waiting for its real parent) with [`wait_until`].
+//! reused pid is never signalled.
+//!
+//! Every [`Proc`] has a monitor task that reports its exit, with the tail of its stderr, on a
+//! [`ProcExit`] watch the moment it happens: a spawned child is awaited through tokio (SIGCHLD);
+//! a re-attached process, not our child, through a pidfd (readable once every thread has
+//! exited), or where pidfds are missing by polling `/proc/PID/stat` with [`wait_until`].
 
 #[cfg(test)]
 use std::os::fd::AsFd;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::process::{Child, Command};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::process::Command;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
+use crate::exit::{Ended, ProcExit};
 use crate::files::read_tail;
 use crate::wait::wait_until;
 
 /// How long a process gets after SIGKILL before it is declared unkillable.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Bytes of a process's stderr kept with its exit (the last lines QEMU wrote).
+const STDERR_TAIL: usize = 600;
+
+/// How long one `/proc` polling round lasts where pidfds are missing (it then starts again).
+const POLL_ROUND: Duration = Duration::from_secs(3600);
 
 /// SIGKILLs every live process whose command line names `run_dir` (the QEMU and vsock
 /// backend of a VM whose owner died before recording their pids: their sockets live in the
@@ -138,15 +155,25 @@ async fn threads_exited(pid: u32) -> bool {
     true
 }
 
-/// A process this crate manages.
+/// A process this crate manages. Dropping it releases the process (it keeps running, and
+/// tokio reaps a spawned child in the background) and stops watching it.
 #[derive(Debug)]
 pub(crate) struct Proc {
     /// `QEMU` or `vsock backend`, for messages.
     pub(crate) what: &'static str,
     pub(crate) pid: u32,
     pub(crate) start_time: u64,
-    /// Present when this process spawned it; `None` when re-attached.
-    child: Option<Child>,
+    /// Re-attached by pid, not spawned here.
+    attached: bool,
+    exit: ProcExit,
+    /// Awaits the exit and reports it on `exit`; it owns the `Child` of a spawned process.
+    monitor: JoinHandle<()>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.monitor.abort();
+    }
 }
 
 impl Proc {
@@ -200,7 +227,7 @@ impl Proc {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| Error::Spawn {
+        let mut child = cmd.spawn().map_err(|source| Error::Spawn {
             binary: binary.to_owned(),
             source,
         })?;
@@ -210,68 +237,69 @@ impl Proc {
             ProcStat::Dead => 0,
         };
         debug!(what, pid, "spawned");
+        let (tx, exit) = ProcExit::channel(what);
+        let stderr_path = stderr_path.to_owned();
+        let monitor = tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            report(&tx, what, pid, status, &stderr_path).await;
+        });
         Ok(Self {
             what,
             pid,
             start_time,
-            child: Some(child),
+            attached: false,
+            exit,
+            monitor,
         })
     }
 
-    /// Re-attaches to `pid` if it is alive and started at `start_time`.
-    pub(crate) async fn attach(what: &'static str, pid: u32, start_time: u64) -> Option<Self> {
-        match proc_stat(pid).await {
-            ProcStat::Alive(t) if t == start_time => Some(Self {
-                what,
-                pid,
-                start_time,
-                child: None,
-            }),
-            _ => None,
+    /// Re-attaches to `pid` if it is alive and started at `start_time`; `stderr_path` is
+    /// where it writes its stderr (quoted when it exits).
+    pub(crate) async fn attach(
+        what: &'static str,
+        pid: u32,
+        start_time: u64,
+        stderr_path: &Path,
+    ) -> Option<Self> {
+        if !is_same(pid, start_time).await {
+            return None;
         }
+        let (tx, exit) = ProcExit::channel(what);
+        let stderr_path = stderr_path.to_owned();
+        let monitor = tokio::spawn(async move {
+            gone(pid, start_time).await;
+            report(&tx, what, pid, None, &stderr_path).await;
+        });
+        Some(Self {
+            what,
+            pid,
+            start_time,
+            attached: true,
+            exit,
+            monitor,
+        })
     }
 
-    /// Whether this was re-attached (no `Child` to reap).
+    /// Whether this was re-attached (not spawned here, so not reaped here).
     pub(crate) fn is_attached(&self) -> bool {
-        self.child.is_none()
+        self.attached
     }
 
-    /// The exit status if the process has exited (reaping it), without waiting.
-    pub(crate) async fn try_exited(&mut self) -> Option<Option<ExitStatus>> {
-        match &mut self.child {
-            Some(child) => match child.try_wait() {
-                Ok(Some(status)) => Some(Some(status)),
-                Ok(None) => None,
-                Err(_) => Some(None),
-            },
-            None => match proc_stat(self.pid).await {
-                ProcStat::Alive(t) if t == self.start_time => None,
-                _ => Some(None),
-            },
-        }
+    /// The watch of this process's exit.
+    pub(crate) fn exit(&self) -> &ProcExit {
+        &self.exit
     }
 
     /// Waits up to `timeout` for the process to exit; true if it did.
-    pub(crate) async fn wait_exit(&mut self, timeout: Duration) -> bool {
-        match &mut self.child {
-            Some(child) => tokio::time::timeout(timeout, child.wait()).await.is_ok(),
-            None => {
-                let (pid, start) = (self.pid, self.start_time);
-                wait_until(timeout, || async move {
-                    match proc_stat(pid).await {
-                        ProcStat::Alive(t) if t == start => None,
-                        _ => Some(()),
-                    }
-                })
-                .await
-                .is_some()
-            }
-        }
+    pub(crate) async fn wait_exit(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.exit.ended())
+            .await
+            .is_ok()
     }
 
     /// Sends `signal` unless the process is already gone.
     pub(crate) async fn signal(&mut self, id: &str, signal: Signal) -> Result<()> {
-        if self.try_exited().await.is_some() {
+        if self.exit.now().is_some() {
             return Ok(());
         }
         let pid = i32::try_from(self.pid).map_err(|_| Error::ProcessGone {
@@ -312,17 +340,90 @@ impl Proc {
     }
 }
 
-/// The last `max` bytes of a file, for error messages (empty if unreadable, a symlink or not a
-/// regular file; the rest of the file is not read).
+/// Reports on `tx` that the process ended with `status`, quoting the tail of its stderr.
+async fn report(
+    tx: &watch::Sender<Option<Arc<Ended>>>,
+    what: &'static str,
+    pid: u32,
+    status: Option<ExitStatus>,
+    stderr_path: &Path,
+) {
+    let stderr_tail = tail(stderr_path, STDERR_TAIL).await;
+    debug!(what, pid, ?status, stderr = %stderr_tail, "exited");
+    tx.send_replace(Some(Arc::new(Ended {
+        status,
+        stderr_tail,
+    })));
+}
+
+/// Whether `pid` is alive and started at `start_time` (not a reused pid).
+pub(crate) async fn is_same(pid: u32, start_time: u64) -> bool {
+    matches!(proc_stat(pid).await, ProcStat::Alive(t) if t == start_time)
+}
+
+/// Resolves once `pid` (started at `start_time`, and not our child) has exited.
+async fn gone(pid: u32, start_time: u64) {
+    let pidfd = match pidfd_open(pid) {
+        Ok(fd) => Some(fd),
+        Err(Errno::ESRCH) => return,
+        Err(e) => {
+            debug!(pid, error = %e, "no pidfd, polling /proc");
+            None
+        }
+    };
+    if let Some(fd) = pidfd {
+        // The pidfd pins the pid: checked again, it cannot be reused under us any more.
+        if !is_same(pid, start_time).await {
+            return;
+        }
+        // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which owns it until dropped: the
+        // descriptor stays open and `as_raw_fd` returns it unchanged all that time.
+        match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+            Ok(fd) => {
+                // A pidfd turns readable once the whole process has exited.
+                let _ = fd.readable().await;
+                return;
+            }
+            Err(e) => debug!(pid, error = %e, "cannot poll a pidfd, polling /proc"),
+        }
+    }
+    let exited = move || async move { (!is_same(pid, start_time).await).then_some(()) };
+    while wait_until(POLL_ROUND, exited).await.is_none() {}
+}
+
+/// `pidfd_open(2)`: a descriptor that turns readable when `pid` exits (close-on-exec).
+fn pidfd_open(pid: u32) -> nix::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| Errno::ESRCH)?;
+    // SAFETY: pidfd_open takes a pid and flags by value and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = RawFd::try_from(fd).map_err(|_| Errno::EBADF)?;
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The last whole lines within the last `max` bytes of a file, joined with ` | `, for error
+/// messages (empty if unreadable, a symlink or not a regular file). Only the end is read.
 pub(crate) async fn tail(path: &Path, max: usize) -> String {
     let path = path.to_owned();
     let max = u64::try_from(max).unwrap_or(u64::MAX);
-    let bytes = tokio::task::spawn_blocking(move || read_tail(&path, max))
+    let Some((cut, bytes)) = tokio::task::spawn_blocking(move || read_tail(&path, max))
         .await
         .ok()
         .and_then(|read| read.ok())
-        .unwrap_or_default();
-    String::from_utf8_lossy(&bytes).trim().replace('\n', " | ")
+    else {
+        return String::new();
+    };
+    let mut text = bytes.as_slice();
+    // Cut inside a line: drop that partial line (unless it is the only one).
+    if cut {
+        if let Some(nl) = text.iter().position(|&b| b == b'\n') {
+            text = &text[nl + 1..];
+        }
+    }
+    String::from_utf8_lossy(text).trim().replace('\n', " | ")
 }
 
 #[cfg(test)]
@@ -382,8 +483,22 @@ mod tests {
         let ProcStat::Alive(start) = proc_stat(me).await else {
             panic!("this process must be alive");
         };
-        assert!(Proc::attach("self", me, start).await.is_some());
-        assert!(Proc::attach("self", me, start + 1).await.is_none());
+        let stderr = Path::new("/nonexistent");
+        assert!(Proc::attach("self", me, start, stderr).await.is_some());
+        assert!(Proc::attach("self", me, start + 1, stderr).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn tail_keeps_the_last_whole_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("stderr");
+        std::fs::write(&path, "first line\nsecond line\nthird\n").expect("write");
+        assert_eq!(tail(&path, 100).await, "first line | second line | third");
+        // 15 bytes reach into "second line": that partial line is dropped.
+        assert_eq!(tail(&path, 15).await, "third");
+        std::fs::write(&path, "one long line without an end").expect("write");
+        assert_eq!(tail(&path, 8).await, "t an end");
+        assert_eq!(tail(&dir.path().join("missing"), 8).await, "");
     }
 
     #[tokio::test]
@@ -397,11 +512,11 @@ mod tests {
         )
         .await
         .expect("spawn sleep");
-        assert!(p.try_exited().await.is_none());
+        assert!(p.exit().now().is_none());
         p.terminate("t", Duration::from_millis(50))
             .await
             .expect("terminate");
-        assert!(p.try_exited().await.is_some());
+        assert!(p.exit().now().is_some());
         assert_eq!(proc_stat(p.pid).await, ProcStat::Dead);
     }
 
@@ -416,7 +531,8 @@ mod tests {
         )
         .await
         .expect("spawn sleep");
-        let mut attached = Proc::attach("sleep", spawned.pid, spawned.start_time)
+        let stderr = dir.path().join("stderr");
+        let mut attached = Proc::attach("sleep", spawned.pid, spawned.start_time, &stderr)
             .await
             .expect("attach");
         assert!(attached.is_attached());
@@ -434,7 +550,7 @@ mod tests {
         let (p, k) = (passed.as_raw_fd(), kept.as_raw_fd());
         // Exit 0 only when the child has the passed descriptor and not the other one.
         let script = format!("test -e /proc/self/fd/{p} && ! test -e /proc/self/fd/{k}");
-        let mut child = Proc::spawn_with_fd(
+        let child = Proc::spawn_with_fd(
             "sh",
             Path::new("sh"),
             &["-c".into(), script.into()],
@@ -444,7 +560,7 @@ mod tests {
         .await
         .expect("spawn sh");
         assert!(child.wait_exit(Duration::from_secs(10)).await, "sh exits");
-        let status = child.try_exited().await.flatten().expect("status");
+        let status = child.exit().now().and_then(|e| e.status).expect("status");
         assert!(
             status.success(),
             "descriptors seen by the child: {status:?}"

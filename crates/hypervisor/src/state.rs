@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::cmdline::{agent_endpoint, RunPaths};
 use crate::config::{Accel, HypervisorConfig};
 use crate::endpoint::AgentEndpoint;
-use crate::process::Proc;
+use crate::process::is_same;
 
 /// Version of the [`QemuState`] layout; bumped on incompatible changes (2: the config's template
 /// role is one typed field instead of two flags and two paths).
@@ -66,7 +66,7 @@ impl QemuState {
     /// The same test [`crate::Qemu::attach`] applies; reads `/proc` only, signals nothing.
     pub async fn qemu_alive(&self) -> bool {
         match (self.pid, self.pid_start_time) {
-            (Some(pid), Some(start)) => Proc::attach("QEMU", pid, start).await.is_some(),
+            (Some(pid), Some(start)) => is_same(pid, start).await,
             _ => false,
         }
     }

@@ -139,6 +139,19 @@ pub enum Error {
         #[source]
         source: Box<vmfactory_hypervisor::Error>,
     },
+    /// The VM's hypervisor process exited (crashed, was killed, or its guest shut down) during
+    /// `op`, which ended at once. The source is the hypervisor's `Exited` error: the exit
+    /// status and the last lines of QEMU's stderr ([`Error::hypervisor_exit`]).
+    #[error("VM {id} died during {op}")]
+    HypervisorExited {
+        /// VM id.
+        id: String,
+        /// What was under way (`start`, `resume`, `wait for the agent`, an agent method, ...).
+        op: &'static str,
+        /// The hypervisor's `Exited` error (boxed: it is large).
+        #[source]
+        source: Box<vmfactory_hypervisor::Error>,
+    },
     /// An agent operation failed.
     #[error("Agent {op} of VM {id} failed")]
     Agent {
@@ -240,11 +253,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// The hypervisor's `Exited` error if this is the VM's hypervisor process exiting
+    /// ([`Error::HypervisorExited`]), to branch on and to read its status and stderr from.
+    pub fn hypervisor_exit(&self) -> Option<&vmfactory_hypervisor::Error> {
+        match self {
+            Self::HypervisorExited { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// A failed hypervisor operation `op`: [`Error::HypervisorExited`] if its process exited,
+    /// else [`Error::Hypervisor`].
     pub(crate) fn hv(id: &str, op: &'static str, source: vmfactory_hypervisor::Error) -> Self {
-        Self::Hypervisor {
-            id: id.to_owned(),
-            op,
-            source: Box::new(source),
+        let (id, source) = (id.to_owned(), Box::new(source));
+        match *source {
+            vmfactory_hypervisor::Error::Exited { .. } => Self::HypervisorExited { id, op, source },
+            _ => Self::Hypervisor { id, op, source },
         }
     }
 
@@ -279,6 +303,22 @@ mod tests {
         );
         assert_eq!(e.to_string(), "Hypervisor start of VM vm1 failed");
         assert!(e.source().is_some());
+        assert!(e.hypervisor_exit().is_none());
+        let e = Error::hv(
+            "vm1",
+            "resume",
+            vmfactory_hypervisor::Error::Exited {
+                id: "vm1".into(),
+                what: "QEMU",
+                status: None,
+                stderr_tail: "qemu: boom".into(),
+            },
+        );
+        assert_eq!(e.to_string(), "VM vm1 died during resume");
+        assert!(matches!(
+            e.hypervisor_exit(),
+            Some(vmfactory_hypervisor::Error::Exited { stderr_tail, .. }) if stderr_tail == "qemu: boom"
+        ));
         let e = Error::from(ConfigError::ZeroTimeout {
             what: AgentTimeout::Call,
         });

@@ -29,6 +29,8 @@ struct Faults {
     template_at: Option<FakeStep>,
     agent_create: bool,
     agent_methods: Vec<&'static str>,
+    agent_hang: Vec<&'static str>,
+    hv_exit_after: Option<FakeStep>,
     proxy_start: bool,
     relisten: bool,
     abort_at: Option<NewStep>,
@@ -88,6 +90,8 @@ impl FakeBackends {
                 template_at: None,
                 agent_create: false,
                 agent_methods: Vec::new(),
+                agent_hang: Vec::new(),
+                hv_exit_after: None,
                 proxy_start: false,
                 relisten: true,
                 abort_at: None,
@@ -174,6 +178,18 @@ impl FakeBackends {
         self.faults().agent_methods = methods.into_iter().collect();
     }
 
+    /// Makes each later new agent hang in `methods` (never answer, `FakeAgent::hang`);
+    /// replaces the earlier list.
+    pub fn hang_agent_methods(&self, methods: impl IntoIterator<Item = &'static str>) {
+        self.faults().agent_hang = methods.into_iter().collect();
+    }
+
+    /// Makes each later hypervisor's process exit right after `step` succeeds, as a QEMU that
+    /// dies (`FakeHypervisor::exit_after`; `None`: never).
+    pub fn exit_hv_after(&self, step: Option<FakeStep>) {
+        self.faults().hv_exit_after = step;
+    }
+
     /// Makes each later proxy's `start` fail.
     pub fn fail_proxy_start(&self, fail: bool) {
         self.faults().proxy_start = fail;
@@ -241,6 +257,24 @@ impl FakeBackends {
             }
         }
         ids
+    }
+
+    /// How often `method` was called on all agents made so far.
+    pub fn agent_calls(&self, method: &str) -> usize {
+        self.made()
+            .agents
+            .iter()
+            .map(|(_, agent)| agent.count(method))
+            .sum()
+    }
+
+    /// VM `id`'s agent, once it has one.
+    pub fn agent_of(&self, id: &str) -> Option<Arc<FakeAgent>> {
+        self.made()
+            .agents
+            .iter()
+            .find(|(i, _)| i == id)
+            .map(|(_, agent)| agent.clone())
     }
 
     /// VM `id`'s agent.
@@ -386,6 +420,7 @@ impl Backends for FakeBackends {
         }
         let hv = FakeHypervisor::new(id, config.clone(), run_dir);
         hv.fail_at(fail_at);
+        hv.exit_after(self.faults().hv_exit_after);
         if let Some(TemplateRole::SaveTo(paths)) = &config.template {
             write_template_files(paths, config.memory_mib);
         }
@@ -404,9 +439,13 @@ impl Backends for FakeBackends {
     }
 
     fn agent(&self, id: &str, url: &AgentUrl, _config: &VmAgentConfig) -> Result<Arc<dyn Agent>> {
-        let (fail_create, methods) = {
+        let (fail_create, methods, hang) = {
             let faults = self.faults();
-            (faults.agent_create, faults.agent_methods.clone())
+            (
+                faults.agent_create,
+                faults.agent_methods.clone(),
+                faults.agent_hang.clone(),
+            )
         };
         if fail_create {
             let injected = vmfactory_agent::Error::Injected { method: "create" };
@@ -421,6 +460,9 @@ impl Backends for FakeBackends {
                 let agent = Arc::new(FakeAgent::new());
                 for method in methods {
                     agent.fail(method);
+                }
+                for method in hang {
+                    agent.hang(method);
                 }
                 made.agents.push((id.to_owned(), agent.clone()));
                 agent

@@ -105,6 +105,7 @@ mod config;
 mod endpoint;
 mod envelope;
 mod error;
+mod exit;
 #[cfg(any(test, feature = "test-utils"))]
 mod fake;
 mod handover;

@@ -139,10 +139,13 @@ impl Vm {
     pub async fn online_cpu_memory(&self) -> Result<()> {
         let mut inner = self.owned().await?;
         let cpus = inner.cpu_delta;
-        self.agent
-            .online_cpu_mem(true, cpus, false)
-            .await
-            .map_err(|e| Error::agent(&self.id, "online_cpu_mem", e))?;
+        let online = async {
+            self.agent
+                .online_cpu_mem(true, cpus, false)
+                .await
+                .map_err(|e| Error::agent(&self.id, "online_cpu_mem", e))
+        };
+        self.watched("online_cpu_mem", online).await?;
         inner.cpu_delta = 0;
         info!(cpus, "hot-added resources onlined");
         self.save_state(&inner).await
@@ -156,20 +159,26 @@ impl Vm {
         // reseeds and sets the clock concurrently).
         drop(self.owned().await?);
         let data = host_entropy(Path::new(ENTROPY_SOURCE)).await?;
-        self.agent
-            .reseed_random_dev(&data)
-            .await
-            .map_err(|e| Error::agent(&self.id, "reseed_random_dev", e))
+        let reseed = async {
+            self.agent
+                .reseed_random_dev(&data)
+                .await
+                .map_err(|e| Error::agent(&self.id, "reseed_random_dev", e))
+        };
+        self.watched("reseed_random_dev", reseed).await
     }
 
     /// Sets the guest clock to the host's (the guest's stood still while it was paused).
     #[instrument(skip(self), fields(vm = %self.id))]
     pub async fn sync_time(&self) -> Result<()> {
         drop(self.owned().await?);
-        self.agent
-            .set_guest_date_time(SystemTime::now())
-            .await
-            .map_err(|e| Error::agent(&self.id, "set_guest_date_time", e))
+        let set = async {
+            self.agent
+                .set_guest_date_time(SystemTime::now())
+                .await
+                .map_err(|e| Error::agent(&self.id, "set_guest_date_time", e))
+        };
+        self.watched("set_guest_date_time", set).await
     }
 
     /// The recorded size, `(vCPUs, MiB)`: boot size plus what was hot-added. Asks nothing of

@@ -18,6 +18,7 @@ use crate::backends::{Backends, NewStep, QemuBackends};
 use crate::config::VmConfig;
 use crate::endpoint::agent_url;
 use crate::error::{Error, Result};
+use crate::exit::{unless_exited, watched};
 use crate::links::remove_links;
 use crate::wire::VmState;
 
@@ -418,26 +419,41 @@ async fn destroy_dir(store: &Store, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// Starts `proxy` on the hypervisor's console.
+/// Starts `proxy` on the hypervisor's console (ended at once if the hypervisor exits).
 pub(crate) async fn start_proxy(id: &str, hv: &dyn Hypervisor, proxy: &dyn Proxy) -> Result<()> {
-    proxy
-        .start(id, &hv.console_address())
-        .await
-        .map_err(|source| Error::Proxy {
-            id: id.to_owned(),
-            source,
-        })
+    unless_exited(
+        id,
+        hv,
+        "proxy start",
+        proxy.start(id, &hv.console_address()),
+    )
+    .await?
+    .map_err(|source| Error::Proxy {
+        id: id.to_owned(),
+        source,
+    })
 }
 
-/// Calls `Check` until the agent answers `SERVING`, for at most `timeout`. After each failed
-/// check the hypervisor is asked for its run state, so a VM whose QEMU died fails at once
-/// with the hypervisor's error instead of after the whole timeout.
+/// Calls `Check` until the agent answers `SERVING`, for at most `timeout`; a VM whose
+/// hypervisor exits fails at once with [`Error::HypervisorExited`] instead of after the whole
+/// timeout.
 pub(crate) async fn wait_ready(
     id: &str,
     agent: &dyn Agent,
     hv: &dyn Hypervisor,
     timeout: Duration,
 ) -> Result<()> {
+    watched(
+        id,
+        hv,
+        "wait for the agent",
+        check_until(id, agent, timeout),
+    )
+    .await
+}
+
+/// Calls `Check` until the agent answers `SERVING`, for at most `timeout`.
+async fn check_until(id: &str, agent: &dyn Agent, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
@@ -454,9 +470,6 @@ pub(crate) async fn wait_ready(
                 last = Some(Box::new(e));
             }
             Err(_) => {}
-        }
-        if let Err(e) = hv.status().await {
-            return Err(Error::hv(id, "wait for the agent", e));
         }
         if Instant::now() >= deadline {
             return Err(Error::AgentNotReady {

@@ -14,6 +14,8 @@ pub enum TemplateStep {
     WarmUpTimeSync,
     /// Closing the host's agent connection so the guest re-listens.
     Disconnect,
+    /// Waiting for the guest agent to re-listen (its console line).
+    Relisten,
     /// Pausing the template VM.
     Pause,
     /// Saving the device state.
@@ -31,6 +33,7 @@ impl fmt::Display for TemplateStep {
             Self::WarmUpReseed => "warm-up reseed",
             Self::WarmUpTimeSync => "warm-up time sync",
             Self::Disconnect => "disconnect",
+            Self::Relisten => "re-listen wait",
             Self::Pause => "pause",
             Self::Save => "save",
             Self::Stop => "stop",
@@ -228,6 +231,15 @@ fn pid_list(pids: &[u32]) -> String {
 }
 
 impl TemplateError {
+    /// The hypervisor's `Exited` error if a VM of the template flow died (QEMU crashed or was
+    /// killed): see [`vmfactory_vm::Error::hypervisor_exit`].
+    pub fn hypervisor_exit(&self) -> Option<&vmfactory_vm::HypervisorError> {
+        match self {
+            Self::Vm { source, .. } => source.hypervisor_exit(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             op,

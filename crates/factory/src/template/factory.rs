@@ -622,6 +622,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_relisten_wait_ends_when_the_template_vm_dies() {
+        use std::os::unix::process::ExitStatusExt;
+        let b = Arc::new(FakeBackends::new());
+        b.set_relisten(false);
+        let host = Arc::new(FakeHost::default());
+        let mut cfg = b.config();
+        // Far beyond the test's patience: only the exit can end the wait in time.
+        cfg.agent.ready_timeout = std::time::Duration::from_secs(3600);
+        // QEMU dies once the host has let go of the agent, while the factory waits for the
+        // console line.
+        let killer = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                loop {
+                    let id = b.ids_where(|c| c.saves_template()).pop();
+                    if let Some(id) = id {
+                        if b.agent_of(&id).is_some_and(|a| a.count("disconnect") > 0) {
+                            let abort = nix::sys::signal::Signal::SIGABRT as i32;
+                            let status = std::process::ExitStatus::from_raw(abort);
+                            b.hv(&id).exit(status, "qemu: fatal: boom");
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            })
+        };
+        let err = TemplateFactory::new_with(&cfg, b.template_path(), b.clone(), host.clone())
+            .await
+            .expect_err("the template VM died");
+        killer.await.expect("killer");
+        assert!(
+            matches!(
+                err,
+                TemplateError::Vm {
+                    step: TemplateStep::Relisten,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(
+            matches!(err.hypervisor_exit(), Some(vmfactory_vm::HypervisorError::Exited { stderr_tail, .. })
+                if stderr_tail == "qemu: fatal: boom"),
+            "{err:?}"
+        );
+        assert_eq!(host.depth(&b.template_path()), 0);
+        assert!(!b.template_path().exists());
+        assert_eq!(b.live().await, 0);
+        assert_eq!(b.vm_dir_count(), 0);
+    }
+
+    #[tokio::test]
     async fn fetch_refuses_mismatches_and_missing_files() {
         let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());

@@ -40,14 +40,16 @@ pub(super) async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) ->
         vm.disconnect()
             .await
             .map_err(|e| TemplateError::vm(TemplateStep::Disconnect, e))?;
-        vmfactory_proxy::wait_for_line(&mut lines, tpl.agent.ready_timeout, |l| {
+        let relisten = vmfactory_proxy::wait_for_line(&mut lines, tpl.agent.ready_timeout, |l| {
             l.contains(vmfactory_agent::channel::LISTENING_PREFIX)
-        })
-        .await
-        .map_err(|source| TemplateError::Relisten {
-            id: vm.id().to_owned(),
-            source,
-        })?;
+        });
+        vm.unless_exited("the agent's re-listen", relisten)
+            .await
+            .map_err(|e| TemplateError::vm(TemplateStep::Relisten, e))?
+            .map_err(|source| TemplateError::Relisten {
+                id: vm.id().to_owned(),
+                source,
+            })?;
         vm.pause()
             .await
             .map_err(|e| TemplateError::vm(TemplateStep::Pause, e))?;

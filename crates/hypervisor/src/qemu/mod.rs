@@ -3,9 +3,13 @@
 //!
 //! Start: validate (in `spawn_blocking`, it opens files), resolve the accelerator, create the
 //! run directory, spawn `vhost-device-vsock` first for hybrid vsock (wait for its socket), spawn
-//! QEMU, connect to its QMP socket with retries until a deadline (failing early if QEMU exits,
-//! with the tail of its stderr), negotiate, and for a clone run the incoming migration. Every
-//! failure path kills what was spawned and removes what was created.
+//! QEMU, connect to its QMP socket with retries until a deadline, negotiate, and for a clone run
+//! the incoming migration. Every failure path kills what was spawned and removes what was
+//! created.
+//!
+//! Every wait on the VM, from the first socket to the last QMP command, runs under the VM's
+//! exit guard (`exit.rs`): a QEMU (or vsock backend) that exits ends it at once with
+//! [`Error::Exited`], its exit status and the tail of its stderr.
 
 mod ops;
 
@@ -18,7 +22,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use nix::sys::signal::Signal;
 use tokio::net::UnixStream;
-use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tokio::sync::{watch, MappedMutexGuard, Mutex, MutexGuard};
 use tracing::{debug, info, instrument, warn};
 
 use crate::accel::resolve_accel;
@@ -26,7 +30,8 @@ use crate::cmdline::{agent_endpoint, qemu_args, vsock_backend_args, RunPaths};
 use crate::config::{Accel, AgentChannel, HypervisorConfig, TemplateRole};
 use crate::endpoint::AgentEndpoint;
 use crate::error::{Error, Result};
-use crate::process::{tail, Proc};
+use crate::exit::{ProcExit, VmExit};
+use crate::process::Proc;
 use crate::qmp::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
 use crate::state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
 use crate::wait::wait_until;
@@ -41,9 +46,6 @@ pub const QUIT_GRACE: Duration = Duration::from_secs(5);
 /// How long a migration (template save or load) may take.
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Bytes of a process's stderr quoted in an early-exit error.
-const STDERR_TAIL: usize = 600;
-
 /// A running VM's resources.
 #[derive(Debug)]
 struct Running {
@@ -56,6 +58,17 @@ struct Running {
     memory_mib: u64,
     next_cpu_id: u32,
     next_mem_id: u32,
+}
+
+impl Running {
+    /// The watch of the VM's processes, whose exit ends every wait guarded by it.
+    fn exit(&self, id: &str) -> VmExit {
+        VmExit::new(
+            id,
+            self.qemu.exit().clone(),
+            self.backend.as_ref().map(|b| b.exit().clone()),
+        )
+    }
 }
 
 /// The lifecycle state: the QMP connection exists only in `Running`.
@@ -73,6 +86,9 @@ struct Inner {
     paths: RunPaths,
     /// QEMU's pid while running, 0 otherwise (readable without the lock).
     pid: AtomicU32,
+    /// The running VM's exit watch, `None` while not running (readable without the lock, so
+    /// [`Hypervisor::exited`] never waits behind an operation).
+    exit: watch::Sender<Option<VmExit>>,
     state: Mutex<VmState>,
 }
 
@@ -96,9 +112,9 @@ impl Qemu {
     }
 
     fn from_parts(id: String, config: HypervisorConfig, paths: RunPaths, state: VmState) -> Self {
-        let pid = match &state {
-            VmState::Running(r) => r.qemu.pid,
-            _ => 0,
+        let (pid, exit) = match &state {
+            VmState::Running(r) => (r.qemu.pid, Some(r.exit(&id))),
+            _ => (0, None),
         };
         Self {
             inner: Arc::new(Inner {
@@ -106,6 +122,7 @@ impl Qemu {
                 config,
                 paths,
                 pid: AtomicU32::new(pid),
+                exit: watch::Sender::new(exit),
                 state: Mutex::new(state),
             }),
         }
@@ -123,23 +140,33 @@ impl Qemu {
         let (Some(pid), Some(start)) = (state.pid, state.pid_start_time) else {
             return Err(gone(0));
         };
-        let qemu = Proc::attach("QEMU", pid, start)
+        let paths = &state.paths;
+        let qemu = Proc::attach("QEMU", pid, start, &paths.qemu_stderr)
             .await
             .ok_or_else(|| gone(pid))?;
         let backend = match state.backend {
             Some((bpid, bstart)) => Some(
-                Proc::attach("vsock backend", bpid, bstart)
+                Proc::attach("vsock backend", bpid, bstart, &paths.backend_stderr)
                     .await
                     .ok_or_else(|| gone(bpid))?,
             ),
             None => None,
         };
-        let stream = UnixStream::connect(&state.paths.qmp)
-            .await
-            .map_err(|e| Error::io("Connecting to", &state.paths.qmp, e))?;
-        let qmp = QmpClient::connect(stream, DEFAULT_COMMAND_TIMEOUT)
-            .await
-            .map_err(|e| Error::qmp(&state.id, e))?;
+        let exit = VmExit::new(
+            &state.id,
+            qemu.exit().clone(),
+            backend.as_ref().map(|b| b.exit().clone()),
+        );
+        let qmp = exit
+            .guard(async {
+                let stream = UnixStream::connect(&paths.qmp)
+                    .await
+                    .map_err(|e| Error::io("Connecting to", &paths.qmp, e))?;
+                QmpClient::connect(stream, DEFAULT_COMMAND_TIMEOUT)
+                    .await
+                    .map_err(|e| Error::qmp(&state.id, e))
+            })
+            .await?;
         let running = Running {
             qmp,
             qemu,
@@ -222,13 +249,8 @@ impl Inner {
             let args = vsock_backend_args(*guest_cid, &self.paths);
             let proc =
                 Proc::spawn("vsock backend", backend, &args, &self.paths.backend_stderr).await?;
-            let proc = partial.backend.insert(proc);
-            self.wait_socket(
-                proc,
-                &self.paths.vhost_user_vsock,
-                &self.paths.backend_stderr,
-            )
-            .await?;
+            let exit = partial.backend.insert(proc).exit();
+            self.wait_socket(exit, &self.paths.vhost_user_vsock).await?;
         }
 
         let args = qemu_args(&self.id, &self.config, &self.paths, accel);
@@ -246,18 +268,26 @@ impl Inner {
             state.as_ref().map(AsFd::as_fd),
         )
         .await?;
-        let qemu = partial.qemu.insert(proc);
-        let stream = self
-            .wait_socket(qemu, &self.paths.qmp, &self.paths.qemu_stderr)
+        let qemu = partial.qemu.insert(proc).exit().clone();
+        let exit = VmExit::new(
+            &self.id,
+            qemu.clone(),
+            partial.backend.as_ref().map(|b| b.exit().clone()),
+        );
+        let qmp = exit
+            .guard(async {
+                let stream = self.wait_socket(&qemu, &self.paths.qmp).await?;
+                let qmp = QmpClient::connect(stream, DEFAULT_COMMAND_TIMEOUT)
+                    .await
+                    .map_err(|e| Error::qmp(&self.id, e))?;
+                if let Some(state) = &state {
+                    // Ours is closed once QEMU has taken the state (QEMU's copy has the same
+                    // number).
+                    ops::incoming(&self.id, &qmp, state.as_raw_fd()).await?;
+                }
+                Ok(qmp)
+            })
             .await?;
-        let qmp = QmpClient::connect(stream, DEFAULT_COMMAND_TIMEOUT)
-            .await
-            .map_err(|e| Error::qmp(&self.id, e))?;
-
-        if let Some(state) = state {
-            // Ours is closed once QEMU has taken the state (QEMU's copy has the same number).
-            ops::incoming(&self.id, &qmp, state.as_raw_fd()).await?;
-        }
         let (Some(qemu), backend) = (partial.qemu.take(), partial.backend.take()) else {
             return Err(Error::NotRunning {
                 id: self.id.clone(),
@@ -276,35 +306,16 @@ impl Inner {
         })
     }
 
-    /// Connects to `socket` until it accepts, failing early if `proc` exits.
-    async fn wait_socket(
-        &self,
-        proc: &mut Proc,
-        socket: &Path,
-        stderr: &Path,
-    ) -> Result<UnixStream> {
-        enum Step {
-            Connected(UnixStream),
-            Exited(Option<std::process::ExitStatus>),
-        }
-        let what = proc.what;
-        let proc = Mutex::new(proc);
-        let step = wait_until(SOCKET_TIMEOUT, || async {
-            if let Some(status) = proc.lock().await.try_exited().await {
-                return Some(Step::Exited(status));
-            }
-            UnixStream::connect(socket).await.ok().map(Step::Connected)
-        })
-        .await;
-        match step {
-            Some(Step::Connected(s)) => Ok(s),
-            Some(Step::Exited(status)) => Err(Error::EarlyExit {
-                id: self.id.clone(),
-                what,
-                status: status.unwrap_or_default(),
-                stderr: tail(stderr, STDERR_TAIL).await,
-            }),
-            None => Err(Error::SocketTimeout {
+    /// Connects to `socket` until it accepts, failing at once if the process that is to create
+    /// it exits.
+    async fn wait_socket(&self, exit: &ProcExit, socket: &Path) -> Result<UnixStream> {
+        let connect = wait_until(SOCKET_TIMEOUT, || async {
+            UnixStream::connect(socket).await.ok()
+        });
+        tokio::select! {
+            biased;
+            ended = exit.ended() => Err(exit.error(&self.id, &ended)),
+            stream = connect => stream.ok_or_else(|| Error::SocketTimeout {
                 id: self.id.clone(),
                 path: socket.to_owned(),
                 timeout: SOCKET_TIMEOUT,
@@ -401,6 +412,9 @@ impl Hypervisor for Qemu {
         match self.inner.boot(&mut partial).await {
             Ok(running) => {
                 self.inner.pid.store(running.qemu.pid, Ordering::Relaxed);
+                self.inner
+                    .exit
+                    .send_replace(Some(running.exit(&self.inner.id)));
                 info!(pid = running.qemu.pid, accel = %running.accel, "started");
                 *state = VmState::Running(Box::new(running));
                 Ok(())
@@ -430,6 +444,8 @@ impl Hypervisor for Qemu {
         let VmState::Running(mut r) = std::mem::replace(&mut *state, VmState::Stopped) else {
             return Ok(());
         };
+        // A stop is no exit: waiters on `exited` keep waiting (their own waits end them).
+        self.inner.exit.send_replace(None);
         self.inner.pid.store(0, Ordering::Relaxed);
         let attached = r.qemu.is_attached();
         let result = self
@@ -445,50 +461,89 @@ impl Hypervisor for Qemu {
         result
     }
 
+    async fn exited(&self) -> Error {
+        let mut watch = self.inner.exit.subscribe();
+        loop {
+            let exit = watch.borrow_and_update().clone();
+            // A new watch (started) or none (stopped, detached): look again. The sender lives
+            // as long as `self`, so `changed` fails only if it is dropped under us: never.
+            let changed = async {
+                if watch.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            match exit {
+                Some(exit) => tokio::select! {
+                    exited = exit.exited() => return exited,
+                    () = changed => {}
+                },
+                None => changed.await,
+            }
+        }
+    }
+
     async fn pause(&self) -> Result<()> {
         let r = self.running().await?;
-        r.qmp
-            .execute(qapi::qmp::stop {})
-            .await
-            .map_err(|e| Error::qmp(&self.inner.id, e))?;
+        let id = &self.inner.id;
+        r.exit(id)
+            .guard(async {
+                r.qmp
+                    .execute(qapi::qmp::stop {})
+                    .await
+                    .map_err(|e| Error::qmp(id, e))
+            })
+            .await?;
         Ok(())
     }
 
     async fn resume(&self) -> Result<()> {
         let r = self.running().await?;
-        r.qmp
-            .execute(qapi::qmp::cont {})
-            .await
-            .map_err(|e| Error::qmp(&self.inner.id, e))?;
+        let id = &self.inner.id;
+        r.exit(id)
+            .guard(async {
+                r.qmp
+                    .execute(qapi::qmp::cont {})
+                    .await
+                    .map_err(|e| Error::qmp(id, e))
+            })
+            .await?;
         Ok(())
     }
 
     async fn save_template(&self) -> Result<()> {
         let mut r = self.running().await?;
-        ops::save_template(&self.inner, &mut r).await
+        let exit = r.exit(&self.inner.id);
+        exit.guard(ops::save_template(&self.inner, &mut r)).await
     }
 
     async fn add_vcpus(&self, n: u32) -> Result<u32> {
         let mut r = self.running().await?;
-        ops::add_vcpus(&self.inner, &mut r, n).await
+        let exit = r.exit(&self.inner.id);
+        exit.guard(ops::add_vcpus(&self.inner, &mut r, n)).await
     }
 
     async fn add_memory(&self, mib: u64) -> Result<u64> {
         let mut r = self.running().await?;
-        ops::add_memory(&self.inner, &mut r, mib).await
+        let exit = r.exit(&self.inner.id);
+        exit.guard(ops::add_memory(&self.inner, &mut r, mib)).await
     }
 
     async fn status(&self) -> Result<VmStatus> {
-        let mut state = self.inner.state.lock().await;
-        match &mut *state {
+        let state = self.inner.state.lock().await;
+        let id = &self.inner.id;
+        match &*state {
             VmState::Created => Ok(VmStatus::NotStarted),
             VmState::Stopped => Ok(VmStatus::Stopped),
             VmState::Running(r) => {
                 let st = r
-                    .qmp
-                    .execute(qapi::qmp::query_status {})
-                    .await
-                    .map_err(|e| Error::qmp(&self.inner.id, e))?;
+                    .exit(id)
+                    .guard(async {
+                        r.qmp
+                            .execute(qapi::qmp::query_status {})
+                            .await
+                            .map_err(|e| Error::qmp(id, e))
+                    })
+                    .await?;
                 Ok(VmStatus::from_qmp(qapi::Enum::name(&st.status)))
             }
         }
@@ -496,7 +551,9 @@ impl Hypervisor for Qemu {
 
     async fn size(&self) -> Result<VmSize> {
         let r = self.running().await?;
-        ops::size(&self.inner, &r).await
+        r.exit(&self.inner.id)
+            .guard(ops::size(&self.inner, &r))
+            .await
     }
 
     fn pid(&self) -> Option<u32> {
@@ -534,6 +591,7 @@ impl Hypervisor for Qemu {
                 id: self.inner.id.clone(),
             });
         };
+        self.inner.exit.send_replace(None);
         self.inner.pid.store(0, Ordering::Relaxed);
         let snapshot = self.snapshot(Some(&r));
         // Dropping closes QMP; the processes keep running (tokio reaps them if they exit while
@@ -630,6 +688,37 @@ mod tests {
             );
             assert!(!dir.path().join("run").exists(), "run dir removed");
         }
+    }
+
+    #[tokio::test]
+    async fn qemu_exiting_during_start_is_an_exit_with_its_message() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("k");
+        std::fs::write(&kernel, b"k").expect("write");
+        let qemu = dir.path().join("qemu");
+        std::fs::write(
+            &qemu,
+            "#!/bin/sh\necho 'qemu-system-x86_64: -machine q35: no such machine' >&2\nexit 1\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut cfg = HypervisorConfig::new(kernel, None);
+        cfg.accel = Accel::Tcg;
+        cfg.qemu_path = qemu;
+        let vm = Qemu::new("t", cfg, dir.path().join("run")).expect("new");
+        let t0 = std::time::Instant::now();
+        let err = vm.start().await.expect_err("QEMU exits");
+        assert!(t0.elapsed() < SOCKET_TIMEOUT / 2, "{:?}", t0.elapsed());
+        assert!(
+            matches!(&err, Error::Exited { what: "QEMU", status: Some(s), stderr_tail, .. }
+                if s.code() == Some(1) && stderr_tail.ends_with("no such machine")),
+            "{err:?}"
+        );
+        assert!(!dir.path().join("run").exists(), "run dir removed");
+        // Not running: `exited` does not resolve.
+        let pending = tokio::time::timeout(Duration::from_millis(20), vm.exited());
+        assert!(pending.await.is_err());
     }
 
     #[tokio::test]

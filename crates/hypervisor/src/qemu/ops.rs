@@ -487,6 +487,7 @@ mod tests {
         let inner = Inner {
             id: "t".into(),
             pid: std::sync::atomic::AtomicU32::new(0),
+            exit: tokio::sync::watch::Sender::new(None),
             state: tokio::sync::Mutex::new(super::super::VmState::Created),
             paths,
             config: cfg.clone(),
@@ -627,5 +628,40 @@ mod tests {
             .terminate("t", std::time::Duration::ZERO)
             .await
             .expect("kill");
+    }
+
+    #[tokio::test]
+    async fn a_command_qemu_dies_under_ends_with_its_exit() {
+        // `query-cpus-fast` gets no reply (an event instead): only QEMU's death can end it.
+        let (_d, inner, mut r, _log) =
+            fake_vm(hotplug_cfg(), |cmd| match cmd["execute"].as_str() {
+                Some("query-cpus-fast") => json!({"event": "NO_REPLY"}),
+                _ => json!({"return": {}}),
+            })
+            .await;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(r.qemu.pid).expect("pid"));
+        let exit = r.exit("t");
+        let t0 = std::time::Instant::now();
+        let (res, killed) = tokio::join!(exit.guard(size(&inner, &r)), async {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+        });
+        killed.expect("kill");
+        let err = res.expect_err("QEMU died");
+        assert!(
+            matches!(&err, Error::Exited { what: "QEMU", status: Some(s), .. }
+                if std::os::unix::process::ExitStatusExt::signal(s) == Some(9)),
+            "{err:?}"
+        );
+        // Well before the command's own 2 s timeout.
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            t0.elapsed()
+        );
+        r.qemu
+            .terminate("t", std::time::Duration::ZERO)
+            .await
+            .expect("reaped");
     }
 }
