@@ -206,18 +206,7 @@ impl TemplateMetadata {
 
     /// Writes `<dir>/metadata.json` atomically, mode 0600.
     pub async fn write(&self, dir: &Path) -> Result<(), TemplateError> {
-        let path = dir.join(METADATA_FILE);
-        let bytes = serde_json::to_vec_pretty(self).map_err(|source| TemplateError::Corrupt {
-            path: path.clone(),
-            source,
-        })?;
-        vmfactory_persist::write_atomic(&path, bytes, 0o600)
-            .await
-            .map_err(|source| TemplateError::Persist {
-                op: "written",
-                path,
-                source,
-            })
+        write_json(&dir.join(METADATA_FILE), self).await
     }
 
     /// Loads and checks `<dir>/metadata.json`: present, a regular file (no symlink followed,
@@ -282,6 +271,21 @@ impl TemplateMetadata {
             config,
         })
     }
+}
+
+/// Writes `value` as JSON to `path` atomically, mode 0600 (template files vmfactory writes).
+pub(super) async fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), TemplateError> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|source| TemplateError::Corrupt {
+        path: path.to_owned(),
+        source,
+    })?;
+    vmfactory_persist::write_atomic(path, bytes, 0o600)
+        .await
+        .map_err(|source| TemplateError::Persist {
+            op: "written",
+            path: path.to_owned(),
+            source,
+        })
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use vmfactory_persist::{LockMode, OpLock};
 
 use super::error::TemplateError;
 use super::host::{processes_mapping, TemplateHost};
-use super::metadata::{MEMORY_FILE, METADATA_FILE, STATE_FILE};
+use super::metadata::{write_json, MEMORY_FILE, METADATA_FILE, STATE_FILE};
 
 /// The marker file in a template directory.
 pub const MARKER_FILE: &str = ".vmfactory-template";
@@ -51,18 +51,7 @@ impl Marker {
 
     /// Writes the marker into `dir` (atomically, 0600).
     pub(crate) async fn write(&self, dir: &Path) -> Result<(), TemplateError> {
-        let path = dir.join(MARKER_FILE);
-        let bytes = serde_json::to_vec(self).map_err(|source| TemplateError::Corrupt {
-            path: path.clone(),
-            source,
-        })?;
-        vmfactory_persist::write_atomic(&path, bytes, 0o600)
-            .await
-            .map_err(|source| TemplateError::Persist {
-                op: "written",
-                path,
-                source,
-            })
+        write_json(&dir.join(MARKER_FILE), self).await
     }
 
     /// The marker in `dir`, if there is one this user wrote.
