@@ -366,6 +366,14 @@ pub enum Error {
         /// The pid.
         pid: u32,
     },
+    /// A process record in a run directory cannot be read as one (see [`crate::ProcessRecord`]).
+    #[error("Process record {path} is unusable: {reason}")]
+    BadRecord {
+        /// The record file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A failure injected into a fake hypervisor (feature `test-utils`).
     #[error("Injected failure at {step}")]
     Injected {
