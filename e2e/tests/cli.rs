@@ -349,6 +349,12 @@ fn template_only_get_and_damaged_template_files() {
     let got: serde_json::Value = serde_json::from_str(&ok(&o, "get")).expect("get JSON");
     assert_eq!(got["source"], "template", "{got}");
 
+    // The largest size `--help` and the docs promise (default_maxmemory) is served: one DIMM
+    // of 768 MiB hot-added to the clone's 256.
+    let o = run(&bin, &cfg, &["get", "--memory", "1024"]);
+    let got: serde_json::Value = serde_json::from_str(&ok(&o, "get --memory 1024")).expect("JSON");
+    assert_eq!(got["memory_mib"], 1024, "{got}");
+
     // Damaged stored files: bad input (2), one line naming the file, the template kept as it
     // is (get changes nothing) and no VM left running.
     let tpl = root.path().join("template");

@@ -50,10 +50,11 @@ pub enum Command {
     /// Get a VM sized to the request and print it as JSON; it is stopped before exit unless
     /// `--hold` is given.
     Get {
-        /// vCPUs [default: `default_vcpus`].
+        /// vCPUs, from `default_vcpus` to `default_maxvcpus` [default: `default_vcpus`].
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         vcpus: Option<u32>,
-        /// Memory in MiB [default: `default_memory`].
+        /// Memory in MiB, from `default_memory` to `default_maxmemory` (above `default_memory`
+        /// only with `memory_slots`) [default: `default_memory`].
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         memory: Option<u64>,
         /// Keep the VM running until Ctrl-C or SIGTERM, then stop it.
