@@ -37,9 +37,11 @@ pub enum LogFormat {
 pub enum Command {
     /// Create the template (`[factory] enable_template`) and, with `vm_cache_number > 0`, run
     /// the VM-cache server in the foreground until Ctrl-C, SIGTERM or `vmfactory destroy`.
+    /// VMs left by killed commands are ended first.
     Init,
     /// Show whether the factory is on: the template and its metadata, the VM-cache server's
-    /// pid and its ready VMs.
+    /// pid and its ready VMs, and what killed commands left (VMs no process owns, a stale
+    /// template tmpfs).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]

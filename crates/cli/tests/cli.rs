@@ -10,6 +10,9 @@ use std::process::{Command, Output, Stdio};
 // `inspect` (and `status` on the same template metadata), in a file of its own for size.
 #[path = "cli/inspect.rs"]
 mod inspect;
+// Orphaned VMs: `status` and `destroy`, in a file of its own for size.
+#[path = "cli/leftovers.rs"]
+mod leftovers;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
 

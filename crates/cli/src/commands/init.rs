@@ -36,6 +36,7 @@ pub async fn run(s: &Settings) -> CmdResult {
             .into());
         }
     }
+    super::leftovers::recover(s).await?;
 
     let template = if s.template {
         let step = Step::start(format!(
