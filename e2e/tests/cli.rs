@@ -2,7 +2,9 @@
 //! VMs, run in the background as a child of the test) → `status --json` (the template's
 //! metadata, the server's pid and VMs) → `get --vcpus 2 --memory 512` (a VM grown by hotplug,
 //! printed as JSON and stopped when `get` exits) → `destroy` (the server quits, the template
-//! goes) → nothing left under the run root: no process, mount, socket or directory.
+//! goes) → nothing left under the run root: no process, mount, socket or directory. And what
+//! a `kill -9` of `init` or `get` leaves: `status` shows it, `init` and `destroy` end exactly
+//! the recorded processes (an operator's `tail -f` of a VM's file survives).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -349,6 +351,12 @@ fn template_only_get_and_damaged_template_files() {
     let got: serde_json::Value = serde_json::from_str(&ok(&o, "get")).expect("get JSON");
     assert_eq!(got["source"], "template", "{got}");
 
+    // The largest size `--help` and the docs promise (default_maxmemory) is served: one DIMM
+    // of 768 MiB hot-added to the clone's 256.
+    let o = run(&bin, &cfg, &["get", "--memory", "1024"]);
+    let got: serde_json::Value = serde_json::from_str(&ok(&o, "get --memory 1024")).expect("JSON");
+    assert_eq!(got["memory_mib"], 1024, "{got}");
+
     // Damaged stored files: bad input (2), one line naming the file, the template kept as it
     // is (get changes nothing) and no VM left running.
     let tpl = root.path().join("template");
@@ -635,5 +643,280 @@ fn server_sigterm_with_a_handed_out_vm_succeeds() {
         &run(&bin, &cfg, &["destroy"]),
         "destroy once the VM is gone",
     );
+    root.assert_no_leaks();
+}
+
+/// `status --json`, parsed.
+fn status_json(bin: &Path, cfg: &Path) -> serde_json::Value {
+    let o = run(bin, cfg, &["status", "--json"]);
+    serde_json::from_str(&ok(&o, "status --json")).expect("status JSON")
+}
+
+/// Polls `status --json` until `ready` holds, failing after [`READY_TIMEOUT`] or if `init`
+/// exits first.
+fn wait_status(
+    bin: &Path,
+    cfg: &Path,
+    init: &mut Server,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        if let Ok(Some(exit)) = init.0.try_wait() {
+            panic!("init exited early ({exit})");
+        }
+        let v = status_json(bin, cfg);
+        if ready(&v) {
+            return v;
+        }
+        assert!(t0.elapsed() < READY_TIMEOUT, "not ready: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `init` in the background, its output in `scratch/<name>.out`.
+fn spawn_init(bin: &Path, cfg: &Path, scratch: &Path, name: &str) -> Server {
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(cfg)
+        .arg("init")
+        .stdout(fs::File::create(scratch.join(format!("{name}.out"))).expect("log"))
+        .stderr(fs::File::create(scratch.join(format!("{name}.err"))).expect("log"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn vmfactory init");
+    Server(child)
+}
+
+/// A process the test started, killed when the test ends.
+struct Bystander(Child);
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tail -f FILE`: an operator's process whose command line names a VM's run directory.
+fn tail_f(file: &Path) -> Bystander {
+    Bystander(
+        Command::new("tail")
+            .arg("-f")
+            .arg(file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tail"),
+    )
+}
+
+/// `(id, QEMU pid)` of each orphaned VM `status` lists, all with a live recorded QEMU.
+fn live_orphans(status: &serde_json::Value) -> Vec<(String, u64)> {
+    let vms = status["leftovers"]["orphaned_vms"]
+        .as_array()
+        .expect("orphans");
+    vms.iter()
+        .map(|vm| {
+            let qemu = vm["processes"]
+                .as_array()
+                .and_then(|p| p.iter().find(|p| p["kind"] == "qemu"))
+                .unwrap_or_else(|| panic!("a recorded QEMU: {vm}"));
+            assert_eq!(qemu["alive"], true, "{vm}");
+            let id = vm["id"].as_str().expect("id").to_owned();
+            (id, qemu["pid"].as_u64().expect("pid"))
+        })
+        .collect()
+}
+
+/// Waits until a VM under the run root has QEMU's own record (`qemu.pid`, written before
+/// QEMU execs), while `owner` runs; returns the VM's directory.
+fn first_record(root: &Path, owner: &mut Child) -> PathBuf {
+    let t0 = Instant::now();
+    loop {
+        let found = fs::read_dir(root.join("vm")).ok().and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| p.join("qemu.pid").exists())
+        });
+        if let Some(dir) = found {
+            return dir;
+        }
+        assert!(t0.elapsed() < READY_TIMEOUT, "no QEMU recorded");
+        assert!(matches!(owner.try_wait(), Ok(None)), "exited early");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `init` (with a VM cache) SIGKILLed once its pool is full leaves two cloned VMs running, its
+/// template tmpfs and a stale socket. `status` lists the orphans and the mount; the next `init`
+/// ends exactly the recorded QEMUs (an operator's `tail -f` of one VM's file lives on), adopts
+/// the template and serves again; `destroy` then leaves nothing.
+#[test]
+fn killed_init_leaves_what_status_shows_and_init_recovers() {
+    let Some(Setup {
+        bin,
+        root,
+        scratch,
+        cfg,
+    }) = Setup::new(2)
+    else {
+        return;
+    };
+    let full = |v: &serde_json::Value| {
+        v["cache_server"]["running"] == true
+            && v["cache_server"]["vms"].as_array().map_or(0, Vec::len) == 2
+    };
+    let mut first = spawn_init(&bin, &cfg, scratch.path(), "init1");
+    wait_status(&bin, &cfg, &mut first, full);
+    first.0.kill().expect("SIGKILL init");
+    first.0.wait().expect("reap init");
+
+    let status = status_json(&bin, &cfg);
+    let orphans = live_orphans(&status);
+    assert_eq!(orphans.len(), 2, "{status}");
+    let stale = &status["leftovers"]["stale_mount"];
+    assert_eq!(
+        stale["path"],
+        root.path().join("template").to_str().expect("utf-8")
+    );
+    assert_eq!(stale["reason"], "server-gone", "{status}");
+    assert!(status["leftovers"]["remedy"]
+        .as_str()
+        .is_some_and(|r| r.ends_with("destroy")));
+    let table = ok(&run(&bin, &cfg, &["status"]), "status");
+    assert!(
+        table.contains("orphaned VMs:  2 with no live owner"),
+        "{table}"
+    );
+    assert!(table.contains("stale mount:"), "{table}");
+    eprintln!("after kill -9 of init:\n{table}");
+    let vm_dir = root.path().join("vm").join(&orphans[0].0);
+    let mut tail = tail_f(&vm_dir.join("qemu.stderr"));
+
+    let mut second = spawn_init(&bin, &cfg, scratch.path(), "init2");
+    let status = wait_status(&bin, &cfg, &mut second, full);
+    let printed = fs::read_to_string(scratch.path().join("init2.out")).unwrap_or_default();
+    assert!(printed.contains("reaped 2 orphaned VM(s)"), "{printed}");
+    assert!(printed.contains("adopting the template"), "{printed}");
+    for (id, pid) in &orphans {
+        assert!(!alive(*pid), "orphan {id}'s QEMU {pid} was ended");
+    }
+    assert!(!vm_dir.exists(), "its directory removed");
+    assert!(
+        matches!(tail.0.try_wait(), Ok(None)),
+        "the tail naming its directory survives"
+    );
+    assert_eq!(status["leftovers"]["orphaned_vms"], serde_json::json!([]));
+    assert_eq!(status["leftovers"]["stale_mount"], serde_json::Value::Null);
+
+    ok(&run(&bin, &cfg, &["destroy"]), "destroy");
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while matches!(second.0.try_wait(), Ok(None)) {
+        assert!(Instant::now() < deadline, "init did not exit after destroy");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(tail);
+    root.assert_no_leaks();
+}
+
+/// `init` SIGKILLed as its template VM's QEMU starts (recorded, no template written yet):
+/// `status` shows the orphaned template VM and a tmpfs with no usable template; the next
+/// `init` ends the VM, refuses to build over the mount and names the command that removes it;
+/// after that command, `init` works.
+#[test]
+fn init_killed_mid_template_names_the_command_that_recovers() {
+    let Some(Setup {
+        bin,
+        root,
+        scratch,
+        cfg,
+    }) = Setup::new(0)
+    else {
+        return;
+    };
+    let mut first = spawn_init(&bin, &cfg, scratch.path(), "init1");
+    let t0 = Instant::now();
+    first_record(root.path(), &mut first.0);
+    first.0.kill().expect("SIGKILL init");
+    first.0.wait().expect("reap init");
+    eprintln!(
+        "init killed {:?} after start, at its first record",
+        t0.elapsed()
+    );
+
+    let status = status_json(&bin, &cfg);
+    let orphans = live_orphans(&status);
+    assert_eq!(orphans.len(), 1, "the template VM: {status}");
+    assert_eq!(
+        status["leftovers"]["stale_mount"]["reason"], "no-usable-template",
+        "{status}"
+    );
+    let o = run(&bin, &cfg, &["init"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    let command = format!("vmfactory --config {} destroy", cfg.display());
+    assert!(err.contains(&command), "names `{command}`: {err}");
+    assert!(String::from_utf8_lossy(&o.stdout).contains("reaped 1 orphaned VM(s)"));
+    assert!(!alive(orphans[0].1), "the template VM's QEMU was ended");
+
+    ok(&run(&bin, &cfg, &["destroy"]), "the named command");
+    ok(&run(&bin, &cfg, &["init"]), "init after it");
+    ok(&run(&bin, &cfg, &["destroy"]), "destroy");
+    root.assert_no_leaks();
+}
+
+/// `get` SIGKILLed the moment its VM's QEMU is recorded (long before the guest answers): the
+/// QEMU runs on as an orphan that `status` shows with its pid, and `destroy` ends exactly
+/// that process (found by its record, not by its command line).
+#[test]
+fn get_killed_right_after_spawn_leaves_a_record_destroy_uses() {
+    let Some(Setup {
+        bin,
+        root,
+        scratch,
+        cfg,
+    }) = Setup::new(0)
+    else {
+        return;
+    };
+    // Direct VMs: no template.
+    let text = fs::read_to_string(&cfg).expect("config");
+    fs::write(
+        &cfg,
+        text.replace("enable_template = true", "enable_template = false"),
+    )
+    .expect("config");
+    let mut get = Bystander(
+        Command::new(&bin)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("get")
+            .stdout(fs::File::create(scratch.path().join("get.out")).expect("log"))
+            .stderr(fs::File::create(scratch.path().join("get.err")).expect("log"))
+            .spawn()
+            .expect("spawn get"),
+    );
+    let t0 = Instant::now();
+    let dir = first_record(root.path(), &mut get.0);
+    get.0.kill().expect("SIGKILL get");
+    get.0.wait().expect("reap get");
+    eprintln!(
+        "get killed {:?} after start, at its first record",
+        t0.elapsed()
+    );
+    let mut tail = tail_f(&dir.join("qemu.stderr"));
+
+    let status = status_json(&bin, &cfg);
+    let orphans = live_orphans(&status);
+    assert_eq!(orphans.len(), 1, "{status}");
+    let qemu = orphans[0].1;
+    let out = ok(&run(&bin, &cfg, &["destroy"]), "destroy");
+    assert!(out.contains("stopped 1 orphaned VM(s)"), "{out}");
+    assert!(!alive(qemu), "the recorded QEMU {qemu} was ended");
+    assert!(matches!(tail.0.try_wait(), Ok(None)), "the tail survives");
+    assert!(!dir.exists());
+    drop(tail);
     root.assert_no_leaks();
 }

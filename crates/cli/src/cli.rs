@@ -37,9 +37,11 @@ pub enum LogFormat {
 pub enum Command {
     /// Create the template (`[factory] enable_template`) and, with `vm_cache_number > 0`, run
     /// the VM-cache server in the foreground until Ctrl-C, SIGTERM or `vmfactory destroy`.
+    /// VMs left by killed commands are ended first.
     Init,
     /// Show whether the factory is on: the template and its metadata, the VM-cache server's
-    /// pid and its ready VMs.
+    /// pid and its ready VMs, and what killed commands left (VMs no process owns, a stale
+    /// template tmpfs).
     Status {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -50,10 +52,11 @@ pub enum Command {
     /// Get a VM sized to the request and print it as JSON; it is stopped before exit unless
     /// `--hold` is given.
     Get {
-        /// vCPUs [default: `default_vcpus`].
+        /// vCPUs, from `default_vcpus` to `default_maxvcpus` [default: `default_vcpus`].
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         vcpus: Option<u32>,
-        /// Memory in MiB [default: `default_memory`].
+        /// Memory in MiB, from `default_memory` to `default_maxmemory` (above `default_memory`
+        /// only with `memory_slots`) [default: `default_memory`].
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         memory: Option<u64>,
         /// Keep the VM running until Ctrl-C or SIGTERM, then stop it.

@@ -68,7 +68,8 @@ fn clap_failure(e: &clap::Error) -> ExitCode {
             ExitCode::SUCCESS
         };
     }
-    let verbose = std::env::args().any(|a| a == "--verbose" || a == "-v");
+    // `args_os`: `args` panics on an argument that is not UTF-8, the very input clap refused.
+    let verbose = std::env::args_os().any(|a| a == "--verbose" || a == "-v");
     if verbose {
         let _ = e.print();
     } else {

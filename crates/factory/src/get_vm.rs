@@ -10,8 +10,8 @@ use std::fmt;
 
 use serde_json::Value;
 use tracing::{debug, info, info_span, warn, Instrument};
-use vmfactory_hypervisor::VmStatus;
-use vmfactory_vm::{Vm, VmConfig};
+use vmfactory_hypervisor::{VmSize, VmStatus};
+use vmfactory_vm::{ConfigError, Vm, VmConfig};
 
 use crate::base::BaseError;
 use crate::factory::Factory;
@@ -130,22 +130,37 @@ pub fn config_difference(base: &VmConfig, request: &VmConfig) -> Option<(String,
 }
 
 impl Factory {
-    /// A VM for `config` (Kata's `GetVM`): validates `config` (including that the guest files
-    /// are readable); if it differs from the base config in anything but vCPUs, memory,
-    /// template paths and flags, and proxy, boots a direct VM for it (logged). Otherwise takes
-    /// a base VM, resumes it if paused, reseeds the guest RNG, sets the guest clock, hot-adds
-    /// the vCPUs and memory `config` asks for beyond the base VM's size, onlines them, and
-    /// checks the recorded size against the hypervisor's. Never shrinks (see the module docs).
-    /// Any failure stops the VM and returns the error.
+    /// A VM for `config` (Kata's `GetVM`): if it differs from the base config in anything but
+    /// vCPUs, memory, template paths and flags, and proxy, validates it (including that the
+    /// guest files are readable) and boots a direct VM for it (logged). Otherwise checks its
+    /// size, raised to at least the base size (it never shrinks, see the module docs), with
+    /// the base config's [`vmfactory_hypervisor::HypervisorConfig::check_size`] and its guest
+    /// files, takes a base VM, resumes it if paused, reseeds the guest RNG, sets the guest
+    /// clock, hot-adds the vCPUs and memory `config` asks for beyond the base VM's size,
+    /// onlines them, and checks the recorded size against the hypervisor's. Any failure stops
+    /// the VM and returns the error.
     pub async fn get_vm(&self, config: &VmConfig) -> Result<Vm, GetVmError> {
-        config.validate_async().await?;
         let base_cfg = self.config();
         if let Some((field, base, requested)) = config_difference(base_cfg, config) {
+            // Booted as asked: its size is a boot size.
+            config.validate_async().await?;
             info!(%field, %base, %requested, "request differs from the factory's base config, booting a direct VM");
             return Vm::new_with(config.clone(), self.backends())
                 .await
                 .map_err(|e| GetVmError::Direct(Box::new(e)));
         }
+        // Only the size differs: it is a size to grow a base VM to, not a boot size (a request
+        // for the maximum memory is no boot config when memory slots need room above it).
+        let boot = &base_cfg.hypervisor;
+        let size = VmSize {
+            vcpus: config.hypervisor.vcpus.max(boot.vcpus),
+            memory_mib: config.hypervisor.memory_mib.max(boot.memory_mib),
+        };
+        boot.check_size(size).map_err(ConfigError::Hypervisor)?;
+        let mut at_boot = config.clone();
+        at_boot.hypervisor.vcpus = boot.vcpus;
+        at_boot.hypervisor.memory_mib = boot.memory_mib;
+        at_boot.validate_async().await?;
         let vm = self.base().get_base_vm(base_cfg).await?;
         let span = info_span!("get_vm", vm = %vm.id());
         let fresh = self.base().hands_out_fresh();
@@ -299,6 +314,35 @@ mod tests {
         assert_eq!(vm.status().await.expect("s").memory_mib, 256);
         assert_eq!(b.agent(vm.id()).count("online_cpu_mem"), 0);
         vm.stop().await.expect("stop");
+        f.close().await.expect("close");
+        assert_eq!(b.live().await, 0);
+    }
+
+    #[tokio::test]
+    async fn the_largest_size_the_config_allows_is_served() {
+        // Memory at `max_memory_mib` with memory slots is no boot config (QEMU wants room
+        // above the boot memory for them), but it is a size a base VM grows to.
+        let b = Arc::new(FakeBackends::new());
+        let f = template_factory(&b).await;
+        let mut req = b.config();
+        req.hypervisor.vcpus = 4;
+        req.hypervisor.memory_mib = 1024;
+        assert!(req.validate_shape().is_err(), "not a boot config");
+        let vm = f.get_vm(&req).await.expect("vm at the maximum");
+        assert_eq!(b.hv(vm.id()).size(), (4, 1024));
+        vm.stop().await.expect("stop");
+        // One past it is refused by the same rule, before any VM is taken.
+        req.hypervisor.memory_mib = 1025;
+        let err = f.get_vm(&req).await.expect_err("too much");
+        assert!(
+            matches!(
+                err,
+                GetVmError::Request(ConfigError::Hypervisor(
+                    vmfactory_hypervisor::ConfigError::MemoryOutOfRange { .. }
+                ))
+            ),
+            "{err:?}"
+        );
         f.close().await.expect("close");
         assert_eq!(b.live().await, 0);
     }

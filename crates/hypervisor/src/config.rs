@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 use crate::files::{open_regular, Symlinks};
+use crate::state::VmSize;
 
 /// Kernel parameters every VM gets, before [`HypervisorConfig::kernel_params`].
 pub const DEFAULT_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 quiet";
@@ -375,6 +376,36 @@ impl HypervisorConfig {
             _ => Ok(()),
         }
     }
+
+    /// Checks that a VM booted with this config can be grown by hotplug to `size`: vCPUs in
+    /// `vcpus..=max_vcpus`, memory in `memory_mib..=max_memory_mib`, and memory above the boot
+    /// memory only with memory slots. The one rule for a size asked of a factory (its
+    /// `get_vm`, which never shrinks a VM and so asks for at least the boot size) and of the
+    /// CLI's `get --vcpus/--memory`. A size at the maximum is fine: the VM boots smaller and
+    /// grows by one DIMM, which QEMU's `maxmem` leaves room for.
+    pub fn check_size(&self, size: VmSize) -> Result<(), ConfigError> {
+        if !(self.vcpus..=self.max_vcpus).contains(&size.vcpus) {
+            return Err(ConfigError::VcpusOutOfRange {
+                vcpus: size.vcpus,
+                min: self.vcpus,
+                max: self.max_vcpus,
+            });
+        }
+        if !(self.memory_mib..=self.max_memory_mib).contains(&size.memory_mib) {
+            return Err(ConfigError::MemoryOutOfRange {
+                memory_mib: size.memory_mib,
+                min: self.memory_mib,
+                max: self.max_memory_mib,
+            });
+        }
+        if size.memory_mib > self.memory_mib && self.memory_slots == 0 {
+            return Err(ConfigError::NoMemoryHotplug {
+                memory_mib: size.memory_mib,
+                boot_mib: self.memory_mib,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Opens `path` for reading (symlinks followed: guest files are often links) without waiting
@@ -620,5 +651,64 @@ mod tests {
             cfg.full_kernel_params(),
             format!("{DEFAULT_KERNEL_PARAMS} memhp_default_state=online")
         );
+    }
+
+    #[test]
+    fn sizes_a_vm_can_grow_to() {
+        let mut c = HypervisorConfig::new("/k", None);
+        c.vcpus = 1;
+        c.max_vcpus = 4;
+        c.memory_mib = 256;
+        c.memory_slots = 2;
+        c.max_memory_mib = 1024;
+        c.validate_shape().expect("valid");
+        let size = |vcpus, memory_mib| VmSize { vcpus, memory_mib };
+        for ok in [size(1, 256), size(4, 1024), size(2, 512), size(1, 1024)] {
+            c.check_size(ok).expect("in range");
+        }
+        // A request at the maximum is no boot config (no room left for the slots), but a VM
+        // booted with `c` grows to it: the rule for sizes is not the rule for boot configs.
+        let mut at_max = c.clone();
+        at_max.memory_mib = 1024;
+        assert!(matches!(
+            at_max.validate_shape(),
+            Err(ConfigError::SlotsWithoutMaxMemory)
+        ));
+        assert!(matches!(
+            c.check_size(size(5, 256)),
+            Err(ConfigError::VcpusOutOfRange {
+                vcpus: 5,
+                min: 1,
+                max: 4
+            })
+        ));
+        assert!(matches!(
+            c.check_size(size(0, 256)),
+            Err(ConfigError::VcpusOutOfRange { vcpus: 0, .. })
+        ));
+        assert!(matches!(
+            c.check_size(size(1, 1025)),
+            Err(ConfigError::MemoryOutOfRange {
+                memory_mib: 1025,
+                min: 256,
+                max: 1024
+            })
+        ));
+        assert!(matches!(
+            c.check_size(size(1, 128)),
+            Err(ConfigError::MemoryOutOfRange {
+                memory_mib: 128,
+                ..
+            })
+        ));
+        c.memory_slots = 0;
+        assert!(matches!(
+            c.check_size(size(1, 512)),
+            Err(ConfigError::NoMemoryHotplug {
+                memory_mib: 512,
+                boot_mib: 256
+            })
+        ));
+        c.check_size(size(1, 256)).expect("no growth needs no slot");
     }
 }

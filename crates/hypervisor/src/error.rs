@@ -73,6 +73,36 @@ pub enum ConfigError {
         /// The limit.
         limit: u64,
     },
+    /// A requested vCPU count is outside what the VM boots with and can grow to
+    /// ([`crate::HypervisorConfig::check_size`]).
+    #[error("{vcpus} vCPUs are outside {min}..={max}")]
+    VcpusOutOfRange {
+        /// The requested vCPUs.
+        vcpus: u32,
+        /// Boot vCPUs.
+        min: u32,
+        /// Configured maximum.
+        max: u32,
+    },
+    /// A requested memory size is outside what the VM boots with and can grow to
+    /// ([`crate::HypervisorConfig::check_size`]).
+    #[error("{memory_mib} MiB of memory are outside {min}..={max} MiB")]
+    MemoryOutOfRange {
+        /// The requested memory in MiB.
+        memory_mib: u64,
+        /// Boot memory.
+        min: u64,
+        /// Configured maximum.
+        max: u64,
+    },
+    /// A requested memory size needs hotplug, but no memory slots are configured.
+    #[error("Growing memory from {boot_mib} to {memory_mib} MiB needs memory slots")]
+    NoMemoryHotplug {
+        /// The requested memory in MiB.
+        memory_mib: u64,
+        /// Boot memory.
+        boot_mib: u64,
+    },
     /// Memory slots are configured but there is no room above the boot memory to plug into.
     #[error("Memory slots need max_memory_mib above memory_mib")]
     SlotsWithoutMaxMemory,
@@ -367,6 +397,14 @@ pub enum Error {
         id: String,
         /// The pid.
         pid: u32,
+    },
+    /// A process record in a run directory cannot be read as one (see [`crate::ProcessRecord`]).
+    #[error("Process record {path} is unusable: {reason}")]
+    BadRecord {
+        /// The record file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
     },
     /// A failure injected into a fake hypervisor (feature `test-utils`).
     #[error("Injected failure at {step}")]

@@ -141,6 +141,7 @@ fn lost_qmp(e: &Error) -> bool {
 mod tests {
     use super::*;
     use crate::process::Proc;
+    use crate::record::{ProcessKind, RecordTarget};
     use std::path::Path;
 
     async fn spawn(dir: &Path, script: &str) -> Proc {
@@ -149,6 +150,7 @@ mod tests {
             Path::new("sh"),
             &["-c".into(), script.into()],
             &dir.join("stderr"),
+            RecordTarget::new(dir, ProcessKind::Qemu).expect("record target"),
         )
         .await
         .expect("spawn sh")
@@ -194,6 +196,7 @@ mod tests {
             Path::new("sh"),
             &["-c".into(), "echo gone >&2; kill -9 $$".into()],
             &dir.path().join("backend.stderr"),
+            RecordTarget::new(dir.path(), ProcessKind::VsockBackend).expect("record target"),
         )
         .await
         .expect("spawn");

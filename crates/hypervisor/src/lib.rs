@@ -2,7 +2,8 @@
 //! ([`Qemu`]), driven over QMP.
 //!
 //! This crate owns: the QEMU command line ([`cmdline`]), the QMP client ([`qmp`]), QEMU and
-//! `vhost-device-vsock` processes, template save / boot-from-template (migration with
+//! `vhost-device-vsock` processes and the records each writes of itself in the run directory
+//! before it execs ([`ProcessRecord`]), template save / boot-from-template (migration with
 //! `x-ignore-shared`), CPU and memory hotplug, and the wire form ([`QemuState`]) another process
 //! uses to re-attach to a running VM. It does not own the guest agent (it only reports where
 //! the agent listens, see [`Hypervisor::agent_endpoint`]), the console proxy, template
@@ -57,6 +58,7 @@ mod files;
 mod process;
 pub mod qemu;
 pub mod qmp;
+mod record;
 pub mod state;
 pub mod wait;
 
@@ -70,9 +72,9 @@ pub use endpoint::AgentEndpoint;
 pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 #[cfg(feature = "test-utils")]
 pub use fake::{FakeCall, FakeHypervisor, FakeStep};
-pub use process::kill_processes_naming;
 pub use qemu::Qemu;
 pub use qmp::QmpClient;
+pub use record::{ProcessKind, ProcessRecord};
 pub use state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
 
 /// A VM's hypervisor process, as the `vm` crate sees it.

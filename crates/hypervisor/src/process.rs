@@ -1,5 +1,6 @@
-//! Child processes (QEMU, the vsock backend): spawned here and reaped through tokio, or
-//! re-attached by pid from another process and watched through `/proc`.
+//! Child processes (QEMU, the vsock backend): spawned here (each writing its own record
+//! before it execs, see `record.rs`) and reaped through tokio, or re-attached by pid from
+//! another process and watched through `/proc`.
 //!
 //! A re-attached process is identified by pid *and* start time (`/proc/PID/stat` field 22), so a
 //! reused pid is never signalled.
@@ -31,6 +32,7 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result};
 use crate::exit::{Ended, ProcExit};
 use crate::files::read_tail;
+use crate::record::RecordTarget;
 use crate::wait::wait_until;
 
 /// How long a process gets after SIGKILL before it is declared unkillable.
@@ -42,54 +44,13 @@ const STDERR_TAIL: usize = 600;
 /// How long one `/proc` polling round lasts where pidfds are missing (it then starts again).
 const POLL_ROUND: Duration = Duration::from_secs(3600);
 
-/// SIGKILLs every live process whose command line names `run_dir` (the QEMU and vsock
-/// backend of a VM whose owner died before recording their pids: their sockets live in the
-/// run dir, so their command lines name it), waits for them to exit, and returns their pids.
-/// For cleaning up after a crash; a VM with a recorded wire form is stopped through it instead.
-pub async fn kill_processes_naming(run_dir: &Path) -> Vec<u32> {
-    // The files in the run dir, not the dir's name alone (`/x/vm/a` must not match `/x/vm/ab`).
-    let mut needle = run_dir.as_os_str().as_encoded_bytes().to_vec();
-    needle.push(b'/');
-    let me = std::process::id();
-    let mut killed = Vec::new();
-    let Ok(mut entries) = tokio::fs::read_dir("/proc").await else {
-        return killed;
-    };
-    while let Ok(Some(entry)) = entries.next_entry().await {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Ok(cmdline) = tokio::fs::read(entry.path().join("cmdline")).await else {
-            continue;
-        };
-        let names_dir = cmdline
-            .windows(needle.len().max(1))
-            .any(|w| w == needle.as_slice());
-        if !names_dir || proc_stat(pid).await == ProcStat::Dead {
-            continue;
-        }
-        let Ok(raw) = i32::try_from(pid) else {
-            continue;
-        };
-        if kill(Pid::from_raw(raw), Signal::SIGKILL).is_ok() {
-            warn!(pid, dir = %run_dir.display(), "killed a stray process of a VM");
-            killed.push(pid);
-        }
+/// The start time of the live process `pid` (`/proc/PID/stat` field 22), the value a record
+/// pins a pid with; `None` if it is not running.
+pub(crate) async fn process_start_time(pid: u32) -> Option<u64> {
+    match proc_stat(pid).await {
+        ProcStat::Alive(start) => Some(start),
+        ProcStat::Dead => None,
     }
-    for &pid in &killed {
-        wait_until(KILL_WAIT, || async {
-            (proc_stat(pid).await == ProcStat::Dead).then_some(())
-        })
-        .await;
-    }
-    killed
 }
 
 /// Liveness of a pid as seen in `/proc`.
@@ -177,14 +138,17 @@ impl Drop for Proc {
 }
 
 impl Proc {
-    /// Spawns `binary args…` with stdin/stdout on /dev/null and stderr into `stderr_path`.
+    /// Spawns `binary args…` with stdin/stdout on /dev/null and stderr into `stderr_path`; the
+    /// child writes its own `record` before it execs (see `record.rs`), and the spawn fails
+    /// if it cannot.
     pub(crate) async fn spawn(
         what: &'static str,
         binary: &Path,
         args: &[std::ffi::OsString],
         stderr_path: &Path,
+        record: RecordTarget,
     ) -> Result<Self> {
-        Self::spawn_with_fd(what, binary, args, stderr_path, None).await
+        Self::spawn_with_fd(what, binary, args, stderr_path, record, None).await
     }
 
     /// [`Proc::spawn`], and the child inherits `inherit` under the same number (every other
@@ -195,6 +159,7 @@ impl Proc {
         binary: &Path,
         args: &[std::ffi::OsString],
         stderr_path: &Path,
+        record: RecordTarget,
         inherit: Option<BorrowedFd<'_>>,
     ) -> Result<Self> {
         let stderr = tokio::fs::File::create(stderr_path)
@@ -214,17 +179,19 @@ impl Proc {
         // the template's memory file) is for its owner only: umask 0177 gives 0600 sockets
         // and files (neither creates directories).
         let inherit = inherit.map(|fd| fd.as_raw_fd());
-        // SAFETY: the closure runs in the forked child before exec and only calls umask(2) and
-        // fcntl(2), which are async-signal-safe. `inherit` is open in the parent for the whole
-        // spawn (the caller borrows it), hence in the child; clearing its close-on-exec flag
-        // in the child alone leaves the parent's descriptor and other children untouched.
+        // SAFETY: the closure runs in the forked child before exec and only calls umask(2),
+        // fcntl(2) and what `write_own` calls (open, read, write, close, rename, getpid), all
+        // async-signal-safe, allocating nothing (its paths were made before the fork).
+        // `inherit` is open in the parent for the whole spawn (the caller borrows it), hence in
+        // the child; clearing its close-on-exec flag in the child alone leaves the parent's
+        // descriptor and other children untouched.
         unsafe {
             cmd.pre_exec(move || {
                 nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
                 if let Some(fd) = inherit {
                     fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
                 }
-                Ok(())
+                record.write_own()
             });
         }
         let mut child = cmd.spawn().map_err(|source| Error::Spawn {
@@ -404,6 +371,30 @@ fn pidfd_open(pid: u32) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// SIGKILLs `pid` if it is alive and started at `start_time` (so a reused pid is never
+/// signalled), and waits until every thread of it has exited. Returns whether it was running.
+pub(crate) async fn kill_recorded(
+    id: &str,
+    what: &'static str,
+    pid: u32,
+    start_time: u64,
+) -> Result<bool> {
+    // Killing only: no stderr to quote when it exits.
+    let Some(mut proc) = Proc::attach(what, pid, start_time, Path::new("")).await else {
+        return Ok(false);
+    };
+    proc.signal(id, Signal::SIGKILL).await?;
+    if proc.wait_exit(KILL_WAIT).await {
+        debug!(vm = id, what, pid, "killed a recorded process");
+        Ok(true)
+    } else {
+        Err(Error::Unkillable {
+            id: id.to_owned(),
+            pid,
+        })
+    }
+}
+
 /// The last whole lines within the last `max` bytes of a file, joined with ` | `, for error
 /// messages (empty if unreadable, a symlink or not a regular file). Only the end is read.
 pub(crate) async fn tail(path: &Path, max: usize) -> String {
@@ -429,6 +420,47 @@ pub(crate) async fn tail(path: &Path, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::{ProcessKind, ProcessRecord};
+
+    fn target(dir: &Path) -> RecordTarget {
+        RecordTarget::new(dir, ProcessKind::Qemu).expect("record target")
+    }
+
+    #[tokio::test]
+    async fn a_spawned_process_has_recorded_itself_when_spawn_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = Proc::spawn(
+            "sleep",
+            Path::new("sleep"),
+            &["60".into()],
+            &dir.path().join("stderr"),
+            target(dir.path()),
+        )
+        .await
+        .expect("spawn sleep");
+        let records = ProcessRecord::read_all(dir.path()).await.expect("read");
+        assert_eq!(
+            records,
+            [ProcessRecord {
+                kind: ProcessKind::Qemu,
+                pid: p.pid,
+                start_time: p.start_time,
+            }]
+        );
+        p.terminate("t", Duration::ZERO).await.expect("terminate");
+        // No record, no process: the child fails before exec and nothing runs.
+        let missing = dir.path().join("gone");
+        let err = Proc::spawn(
+            "sleep",
+            Path::new("sleep"),
+            &["60".into()],
+            &dir.path().join("stderr2"),
+            target(&missing),
+        )
+        .await
+        .expect_err("cannot record");
+        assert!(matches!(err, Error::Spawn { .. }), "{err:?}");
+    }
 
     #[test]
     fn parses_stat_with_odd_comm() {
@@ -509,6 +541,7 @@ mod tests {
             Path::new("sleep"),
             &["60".into()],
             &dir.path().join("stderr"),
+            target(dir.path()),
         )
         .await
         .expect("spawn sleep");
@@ -521,6 +554,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn kill_recorded_checks_pid_and_start_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Proc::spawn(
+            "sleep",
+            Path::new("sleep"),
+            &["60".into()],
+            &dir.path().join("stderr"),
+            target(dir.path()),
+        )
+        .await
+        .expect("spawn sleep");
+        // Another start time: a reused pid, left alone.
+        let other = kill_recorded("t", "sleep", p.pid, p.start_time + 1).await;
+        assert!(!other.expect("no error"));
+        assert!(matches!(proc_stat(p.pid).await, ProcStat::Alive(_)));
+        assert!(kill_recorded("t", "sleep", p.pid, p.start_time)
+            .await
+            .expect("killed"));
+        assert_eq!(proc_stat(p.pid).await, ProcStat::Dead);
+        assert!(!kill_recorded("t", "sleep", p.pid, p.start_time)
+            .await
+            .expect("gone already"));
+    }
+
+    #[tokio::test]
     async fn attached_process_is_watched_through_proc() {
         let dir = tempfile::tempdir().expect("tempdir");
         let spawned = Proc::spawn(
@@ -528,6 +586,7 @@ mod tests {
             Path::new("sleep"),
             &["60".into()],
             &dir.path().join("stderr"),
+            target(dir.path()),
         )
         .await
         .expect("spawn sleep");
@@ -555,6 +614,7 @@ mod tests {
             Path::new("sh"),
             &["-c".into(), script.into()],
             &dir.path().join("stderr"),
+            target(dir.path()),
             Some(passed.as_fd()),
         )
         .await

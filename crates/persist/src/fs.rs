@@ -30,9 +30,7 @@ const TEMP_ATTEMPTS: u32 = 16;
 /// Runs on tokio's blocking pool.
 pub async fn write_atomic(path: impl Into<PathBuf>, bytes: Vec<u8>, mode: u32) -> Result<()> {
     let path = path.into();
-    tokio::task::spawn_blocking(move || write_atomic_blocking(&path, &bytes, mode))
-        .await
-        .map_err(Error::Task)?
+    blocking(move || write_atomic_blocking(&path, &bytes, mode)).await
 }
 
 /// Reads all of `path`, a regular file opened with [`open_regular_blocking`] (no symlink
@@ -41,9 +39,14 @@ pub async fn write_atomic(path: impl Into<PathBuf>, bytes: Vec<u8>, mode: u32) -
 /// exist. Runs on tokio's blocking pool.
 pub async fn read_limited(path: impl Into<PathBuf>, max: u64) -> Result<Vec<u8>> {
     let path = path.into();
-    tokio::task::spawn_blocking(move || read_limited_blocking(&path, max))
-        .await
-        .map_err(Error::Task)?
+    blocking(move || read_limited_blocking(&path, max)).await
+}
+
+/// Runs blocking filesystem work off the async executor.
+pub(crate) async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R> + Send + 'static,
+) -> Result<R> {
+    tokio::task::spawn_blocking(f).await.map_err(Error::Task)?
 }
 
 /// Synchronous [`write_atomic`], for code that is not async. Blocks on `fsync`.

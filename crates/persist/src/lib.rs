@@ -7,7 +7,12 @@
 //! <root>/vm/<id>/            0700, one per VM, created and destroyed (idempotently) by [`Store`]
 //! <root>/vm/<id>/state.json  0600, {"version": N, "id": "<id>", "state": <caller's type>}
 //! <root>/vm/<id>/lock        flock(2) target: one owner per VM ([`Store::lock`])
+//! <root>/vm/.new-<id>/       a VM directory being created ([`Store::stage_vm_dir`])
 //! ```
+//!
+//! A VM's owner creates its directory under the hidden staging name, locks it there and only
+//! then renames it into place ([`StagedVmDir::publish`]), so a VM directory is never seen
+//! without its owner's lock: whoever can take a VM's lock knows its owner is gone.
 //!
 //! State files are written atomically (temporary file in the same directory, `fsync`, rename,
 //! `fsync` of the directory), so a crash or concurrent writers leave either the old or a new
@@ -50,7 +55,9 @@
 mod error;
 mod fs;
 mod id;
+mod lock;
 mod oplock;
+mod staged;
 mod store;
 
 pub use error::{Error, Result};
@@ -59,7 +66,7 @@ pub use fs::{
     write_atomic_blocking, FileKind,
 };
 pub use id::{validate_id, MAX_ID_LEN};
+pub use lock::VmLock;
 pub use oplock::{Holder, LockError, LockMode, OpLock};
-pub use store::{
-    Store, VmLock, DEFAULT_MAX_STATE_SIZE, DEFAULT_ROOT, OLDEST_STATE_VERSION, STATE_VERSION,
-};
+pub use staged::StagedVmDir;
+pub use store::{Store, DEFAULT_MAX_STATE_SIZE, DEFAULT_ROOT, OLDEST_STATE_VERSION, STATE_VERSION};

@@ -1,19 +1,19 @@
 //! Per-VM storage under `<root>/vm/<id>/`: directory lifecycle, versioned state, locks, listing.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::fs::{self, DirBuilder, Permissions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::debug;
 
 use crate::error::{Error, Result};
-use crate::fs::{read_limited_blocking, write_atomic};
+use crate::fs::{blocking, read_limited_blocking, write_atomic};
 use crate::id::validate_id;
+use crate::lock::{is_locked_blocking, lock_blocking, Open, VmLock};
+use crate::staged::StagedVmDir;
 
 /// Default run directory, as in Kata Containers 1.x.
 pub const DEFAULT_ROOT: &str = "/run/vc";
@@ -30,6 +30,8 @@ const VM_SUBDIR: &str = "vm";
 const STATE_FILE: &str = "state.json";
 /// Name of the lock file inside a VM directory.
 const LOCK_FILE: &str = "lock";
+/// Name prefix of a VM directory being created ([`StagedVmDir`]): hidden, so never an id.
+const STAGING_PREFIX: &str = ".new-";
 /// Permission bits of directories this crate creates.
 const DIR_MODE: u32 = 0o700;
 /// Permission bits of files this crate creates.
@@ -112,29 +114,77 @@ impl Store {
     }
 
     /// Creates the directory of VM `id` with mode 0700 (and the root and `vm/` with 0700 if
-    /// missing) and returns its path. Fails with [`Error::AlreadyExists`] if it exists.
+    /// missing) and returns its path, unlocked. Fails with [`Error::AlreadyExists`] if it
+    /// exists. A VM's owner uses [`Store::stage_vm_dir`] instead, so that its directory is
+    /// never seen unlocked.
     pub async fn create_vm_dir(&self, id: &str) -> Result<PathBuf> {
         let dir = self.vm_dir(id)?;
         let id = id.to_owned();
         blocking(move || {
-            let parent = dir.parent().unwrap_or(Path::new("/"));
-            DirBuilder::new()
-                .recursive(true)
-                .mode(DIR_MODE)
-                .create(parent)
-                .map_err(|e| Error::io("create", parent, e))?;
-            match DirBuilder::new().mode(DIR_MODE).create(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                    return Err(Error::AlreadyExists { id })
-                }
-                Err(e) => return Err(Error::io("create", &dir, e)),
-            }
-            // The mode given to mkdir(2) is filtered by the umask.
-            fs::set_permissions(&dir, Permissions::from_mode(DIR_MODE))
-                .map_err(|e| Error::io("set permissions of", &dir, e))?;
+            make_dir(&dir, &id)?;
             debug!(vm_id = %id, dir = %dir.display(), "created VM storage");
             Ok(dir)
+        })
+        .await
+    }
+
+    /// Starts creating the directory of VM `id`: makes it with mode 0700 (and the root and
+    /// `vm/` if missing) under a hidden name that [`Store::list_vms`] never lists;
+    /// [`StagedVmDir::publish`] locks it and moves it into place. Fails with
+    /// [`Error::AlreadyExists`] if VM `id` has a directory (or is being created).
+    pub async fn stage_vm_dir(&self, id: &str) -> Result<StagedVmDir> {
+        let target = self.vm_dir(id)?;
+        let staging = self
+            .root
+            .join(VM_SUBDIR)
+            .join(format!("{STAGING_PREFIX}{id}"));
+        let id = id.to_owned();
+        blocking(move || {
+            if target.exists() {
+                return Err(Error::AlreadyExists { id });
+            }
+            make_dir(&staging, &id)?;
+            Ok(StagedVmDir::new(id, staging, target, LOCK_FILE, FILE_MODE))
+        })
+        .await
+    }
+
+    /// Removes the staged directories ([`Store::stage_vm_dir`]) whose creator died before
+    /// publishing them: those whose lock nobody holds, and empty ones without a lock. Never
+    /// one whose creator holds its lock. Returns their paths. A creator caught between making
+    /// its staged directory and locking it (microseconds) then fails with an error; no
+    /// process ever runs before a directory is published, so none is left.
+    pub async fn remove_abandoned_staging(&self) -> Result<Vec<PathBuf>> {
+        let dir = self.root.join(VM_SUBDIR);
+        blocking(move || {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(Error::io("list", &dir, e)),
+            };
+            let mut removed = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+                let name = entry.file_name();
+                let Some(id) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else {
+                    continue;
+                };
+                let path = entry.path();
+                let lock_path = path.join(LOCK_FILE);
+                let gone = if lock_path.exists() {
+                    match lock_blocking(id, &lock_path, Open::OrCreate, FILE_MODE) {
+                        Ok(_lock) => fs::remove_dir_all(&path).is_ok(),
+                        Err(_) => false,
+                    }
+                } else {
+                    fs::remove_dir(&path).is_ok()
+                };
+                if gone {
+                    debug!(dir = %path.display(), "removed an abandoned staged VM directory");
+                    removed.push(path);
+                }
+            }
+            Ok(removed)
         })
         .await
     }
@@ -208,27 +258,17 @@ impl Store {
     /// lock exists (in this or another process), [`Error::VmNotFound`] if there is no directory.
     /// The lock is released when the returned guard is dropped (or the process exits).
     pub async fn lock(&self, id: &str) -> Result<VmLock> {
-        let path = self.vm_dir(id)?.join(LOCK_FILE);
+        let path = self.lock_path(id)?;
         let id = id.to_owned();
-        blocking(move || {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(FILE_MODE)
-                .open(&path)
-                .map_err(|e| match e.kind() {
-                    ErrorKind::NotFound => Error::VmNotFound { id: id.clone() },
-                    _ => Error::io("open", &path, e),
-                })?;
-            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(flock) => Ok(VmLock { id, _flock: flock }),
-                Err((_, Errno::EWOULDBLOCK)) => Err(Error::Locked { id }),
-                Err((_, errno)) => Err(Error::io("lock", &path, errno.into())),
-            }
-        })
-        .await
+        blocking(move || lock_blocking(&id, &path, Open::OrCreate, FILE_MODE)).await
+    }
+
+    /// Whether a live process holds VM `id`'s lock, without taking it (read from
+    /// `/proc/locks`), so a look never makes an owner taking the VM over fail.
+    /// [`Error::NotFound`] if the VM has no lock file (it was never locked: not a VM).
+    pub async fn is_locked(&self, id: &str) -> Result<bool> {
+        let path = self.lock_path(id)?;
+        blocking(move || is_locked_blocking(&path)).await
     }
 
     /// The ids of all VMs with a directory under the root, sorted. Entries that are not
@@ -261,6 +301,26 @@ impl Store {
     }
 }
 
+/// Makes `dir` (0700) and, if missing, its parents; [`Error::AlreadyExists`] if it exists.
+fn make_dir(dir: &Path, id: &str) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(parent)
+        .map_err(|e| Error::io("create", parent, e))?;
+    match DirBuilder::new().mode(DIR_MODE).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            return Err(Error::AlreadyExists { id: id.to_owned() })
+        }
+        Err(e) => return Err(Error::io("create", dir, e)),
+    }
+    // The mode given to mkdir(2) is filtered by the umask.
+    fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
+        .map_err(|e| Error::io("set permissions of", dir, e))
+}
+
 /// Parses and validates a state file's content.
 fn decode<T: DeserializeOwned>(path: &Path, id: &str, bytes: &[u8]) -> Result<T> {
     let corrupt = |source| Error::Corrupt {
@@ -291,28 +351,6 @@ fn decode<T: DeserializeOwned>(path: &Path, id: &str, bytes: &[u8]) -> Result<T>
     }
     let payload: Payload<T> = serde_json::from_slice(bytes).map_err(corrupt)?;
     Ok(payload.state)
-}
-
-/// Runs blocking filesystem work off the async executor.
-async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R> + Send + 'static) -> Result<R> {
-    tokio::task::spawn_blocking(f).await.map_err(Error::Task)?
-}
-
-/// Exclusive ownership of one VM's storage, released on drop.
-///
-/// Backed by `flock(2)` on `<root>/vm/<id>/lock`: advisory (only holders of this lock are kept
-/// out), per open file description, and released by the kernel if the process dies.
-#[derive(Debug)]
-pub struct VmLock {
-    id: String,
-    _flock: Flock<File>,
-}
-
-impl VmLock {
-    /// The id of the locked VM.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
 }
 
 #[cfg(test)]
@@ -616,6 +654,78 @@ mod tests {
             0o600
         );
         drop((again, other));
+    }
+
+    #[tokio::test]
+    async fn a_staged_dir_is_hidden_until_published_locked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("vc"));
+        let staged = store.stage_vm_dir("vm1").await.unwrap();
+        assert_eq!(staged.id(), "vm1");
+        assert!(staged.path().is_dir());
+        assert_eq!(mode_of(staged.path()), 0o700);
+        assert!(store.list_vms().await.unwrap().is_empty(), "not a VM yet");
+        assert!(!store.vm_dir("vm1").unwrap().exists());
+        // Its lock is being taken by a live creator: not abandoned.
+        let (dir, lock) = staged.publish().await.unwrap();
+        assert_eq!(dir, store.vm_dir("vm1").unwrap());
+        assert_eq!(store.list_vms().await.unwrap(), vec!["vm1"]);
+        assert!(store.is_locked("vm1").await.unwrap(), "published locked");
+        assert!(matches!(store.lock("vm1").await, Err(Error::Locked { .. })));
+        assert!(matches!(
+            store.stage_vm_dir("vm1").await,
+            Err(Error::AlreadyExists { .. })
+        ));
+        drop(lock);
+        assert!(!store.is_locked("vm1").await.unwrap());
+        // Never locked: no lock file, not a VM's directory.
+        store.create_vm_dir("plain").await.unwrap();
+        assert!(matches!(
+            store.is_locked("plain").await,
+            Err(Error::NotFound { .. })
+        ));
+
+        let staged = store.stage_vm_dir("vm2").await.unwrap();
+        let hidden = staged.path().to_owned();
+        staged.discard().await.unwrap();
+        assert!(!hidden.exists());
+    }
+
+    #[tokio::test]
+    async fn publishing_over_an_existing_dir_fails_and_cleans_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("vc"));
+        let staged = store.stage_vm_dir("vm1").await.unwrap();
+        let hidden = staged.path().to_owned();
+        store.create_vm_dir("vm1").await.unwrap();
+        assert!(matches!(
+            staged.publish().await,
+            Err(Error::AlreadyExists { .. })
+        ));
+        assert!(!hidden.exists());
+        assert!(store.vm_dir("vm1").unwrap().is_dir(), "the other one kept");
+    }
+
+    #[tokio::test]
+    async fn abandoned_staged_dirs_are_removed_live_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path().join("vc"));
+        assert!(store.remove_abandoned_staging().await.unwrap().is_empty());
+        // Abandoned after taking its lock, abandoned before, and one whose creator holds it.
+        let vm = store.root().join("vm");
+        for (name, lock) in [(".new-a", true), (".new-b", false), (".new-c", true)] {
+            fs::create_dir_all(vm.join(name)).unwrap();
+            if lock {
+                fs::write(vm.join(name).join(LOCK_FILE), b"").unwrap();
+            }
+        }
+        let held = lock_blocking("c", &vm.join(".new-c/lock"), Open::OrCreate, FILE_MODE).unwrap();
+        store.create_vm_dir("d").await.unwrap();
+        let mut removed = store.remove_abandoned_staging().await.unwrap();
+        removed.sort();
+        assert_eq!(removed, vec![vm.join(".new-a"), vm.join(".new-b")]);
+        assert!(vm.join(".new-c").is_dir() && vm.join("d").is_dir());
+        drop(held);
     }
 
     #[tokio::test]

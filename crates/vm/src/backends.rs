@@ -22,13 +22,15 @@ use crate::error::{Error, Result};
 pub enum NewStep {
     /// Validating the config (also `from_wire`, as decoding).
     Validate,
-    /// Creating the storage directory `<run_root>/vm/<id>/`.
+    /// Creating the storage directory `<run_root>/vm/<id>/`, under a hidden name until locked.
     CreateDir,
-    /// Taking the VM's storage lock (also `from_wire`).
+    /// Taking the VM's storage lock (also `from_wire`); `new` then moves the directory into
+    /// place, so it is never seen unlocked.
     Lock,
     /// Creating the hypervisor handle (`from_wire`: attaching to the running VM).
     CreateHypervisor,
-    /// Starting the hypervisor.
+    /// Starting the hypervisor (each process it spawns records itself in the VM's directory
+    /// before it execs).
     StartHypervisor,
     /// Starting the console proxy on the console address (also `from_wire`).
     StartProxy,

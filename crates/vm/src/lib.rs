@@ -7,7 +7,8 @@
 //!   when one fails, so no process, socket, directory or proxy is left behind; pause, resume,
 //!   save (as a template), hotplug that keeps the recorded size true, onlining, RNG reseed,
 //!   guest time sync, sandbox links, status; [`Vm::stop`] stops the VM and destroys its
-//!   storage;
+//!   storage; [`Vm::orphans`] lists, and [`Vm::reap_orphans`] ends, the VMs whose owner died
+//!   (exactly the processes they recorded);
 //! - the wire forms of a config ([`VmConfig::to_wire`]) and of a running VM ([`VmState`],
 //!   [`Vm::detach`] / [`Vm::from_wire`]) so another handle, in this or another process, can
 //!   re-attach to a running VM: QMP and the agent reconnected, QEMU's pid checked alive.
@@ -127,6 +128,7 @@ pub use error::{AgentTimeout, ConfigError, Error, Result, WireError};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::FakeBackends;
 pub use ops::{VmInfo, ENTROPY_SOURCE, RESEED_BYTES};
+pub use orphans::{Orphan, RecordedProcess};
 pub use sandbox::{SandboxLinks, SHARED_DIR};
 pub use vm::Vm;
 pub use wire::VmState;
@@ -135,8 +137,8 @@ pub use wire::VmState;
 pub use vmfactory_agent::{Agent, AgentConfig, AgentUrl, Error as AgentError};
 pub use vmfactory_hypervisor::{
     Accel, AgentChannel, AgentEndpoint, ConfigError as HypervisorConfigError,
-    Error as HypervisorError, Hypervisor, HypervisorConfig, MachineType, QemuState, RunPaths,
-    TemplatePaths, TemplateRole, VmStatus,
+    Error as HypervisorError, Hypervisor, HypervisorConfig, MachineType, ProcessKind,
+    ProcessRecord, QemuState, RunPaths, TemplatePaths, TemplateRole, VmStatus,
 };
 pub use vmfactory_persist::Error as PersistError;
 pub use vmfactory_proxy::{Error as ProxyError, Proxy, ProxyKind};

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 use vmfactory_agent::{Agent, AgentUrl, HealthStatus};
 use vmfactory_hypervisor::Hypervisor;
-use vmfactory_persist::{Store, VmLock};
+use vmfactory_persist::{StagedVmDir, Store, VmLock};
 use vmfactory_proxy::Proxy;
 
 use crate::backends::{Backends, NewStep, QemuBackends};
@@ -73,6 +73,8 @@ pub struct Vm {
 pub(crate) struct Partial {
     pub(crate) id: String,
     pub(crate) store: Store,
+    /// The storage directory while it is being created (hidden, not yet locked).
+    pub(crate) staged: Option<StagedVmDir>,
     /// The storage directory, if this call created it.
     pub(crate) created_dir: bool,
     pub(crate) lock: Option<VmLock>,
@@ -88,6 +90,7 @@ impl Partial {
         Self {
             id: id.to_owned(),
             store,
+            staged: None,
             created_dir: false,
             lock: None,
             hypervisor: None,
@@ -139,6 +142,16 @@ impl Partial {
                 warn!(error = %e, "hypervisor cleanup during undo failed");
             }
         }
+        if let Some(staged) = self.staged {
+            let parent = staged.path().parent().map(Path::to_owned);
+            if let Err(e) = staged.discard().await {
+                warn!(error = %e, "removing staged VM storage during undo failed");
+            }
+            if let Some(parent) = parent {
+                // As in `destroy_dir`: fails harmlessly while other VMs live there.
+                let _ = tokio::fs::remove_dir(parent).await;
+            }
+        }
         if self.created_dir {
             if let Err(e) = destroy_dir(&self.store, &self.id).await {
                 warn!(error = %e, "destroying VM storage during undo failed");
@@ -156,11 +169,14 @@ impl Vm {
     }
 
     /// Creates and boots a VM with parts from `backends` (the seed's `NewVM`), in the order of
-    /// [`NewStep`]: validate the config; create `<run_root>/vm/<id>/` under a new UUID and lock
-    /// it; create the hypervisor with that directory as its run directory and start it (a
-    /// template clone starts paused); start the proxy on the console; create the agent client
-    /// for the hypervisor's agent endpoint; wait for the agent's `Check` (skipped for a paused
-    /// clone, whose guest cannot answer until resumed); save the state.
+    /// [`NewStep`]: validate the config; create `<run_root>/vm/<id>/` under a new UUID (hidden
+    /// until locked, so no one ever sees it unowned) and lock it; create the hypervisor with
+    /// that directory as its run directory and start it (each process it spawns records its
+    /// pid and start time there before it execs, so if this process dies at any moment what
+    /// it started is known: [`Vm::reap_orphans`]); a template clone starts paused; start the
+    /// proxy on the console; create the agent client for the hypervisor's agent endpoint; wait
+    /// for the agent's `Check` (skipped for a paused clone, whose guest cannot answer until
+    /// resumed); save the state.
     ///
     /// A failing step undoes all earlier ones: the proxy is stopped, the agent disconnected,
     /// the hypervisor stopped (QEMU killed, sockets removed), the directory destroyed.
@@ -186,15 +202,22 @@ impl Vm {
         config.validate_async().await?;
 
         step(NewStep::CreateDir).await?;
-        let dir = create_dir(&p.store, &id).await?;
-        p.created_dir = true;
+        p.staged = Some(stage_dir(&p.store, &id).await?);
 
+        // Published only once locked: a VM directory is never seen without its owner.
         step(NewStep::Lock).await?;
-        let lock = p
-            .store
-            .lock(&id)
+        let Some(staged) = p.staged.take() else {
+            // Unreachable: `CreateDir` staged it.
+            return Err(Error::Aborted {
+                id,
+                step: NewStep::Lock,
+            });
+        };
+        let (dir, lock) = staged
+            .publish()
             .await
             .map_err(|e| Error::storage(&id, "lock", e))?;
+        p.created_dir = true;
         p.lock = Some(lock);
 
         step(NewStep::CreateHypervisor).await?;
@@ -383,16 +406,16 @@ impl Drop for Vm {
     }
 }
 
-/// How often [`create_dir`] retries when another VM's [`destroy_dir`] removed `<root>/vm`
+/// How often [`stage_dir`] retries when another VM's [`destroy_dir`] removed `<root>/vm`
 /// between the store creating it and creating the VM's directory in it.
 const CREATE_DIR_ATTEMPTS: usize = 3;
 
-/// Creates the VM's storage directory `<root>/vm/<id>/`.
-async fn create_dir(store: &Store, id: &str) -> Result<PathBuf> {
+/// Starts creating the VM's storage directory (`<root>/vm/<id>/`, hidden until published).
+async fn stage_dir(store: &Store, id: &str) -> Result<StagedVmDir> {
     let mut attempt = 1;
     loop {
-        match store.create_vm_dir(id).await {
-            Ok(dir) => return Ok(dir),
+        match store.stage_vm_dir(id).await {
+            Ok(staged) => return Ok(staged),
             Err(vmfactory_persist::Error::Io { source, .. })
                 if source.kind() == std::io::ErrorKind::NotFound
                     && attempt < CREATE_DIR_ATTEMPTS =>

@@ -7,6 +7,7 @@ use anyhow::{anyhow, Context};
 use serde::Serialize;
 use tracing::warn;
 use vmfactory_factory::{BaseKind, Factory, FactoryConfig, NewFactoryError as FactoryError};
+use vmfactory_hypervisor::{ConfigError as HvConfigError, VmSize};
 use vmfactory_persist::LockMode;
 use vmfactory_vm::Vm;
 
@@ -43,25 +44,12 @@ pub async fn run(s: &Settings, vcpus: Option<u32>, memory: Option<u64>, hold: bo
     let hv = &s.vm.hypervisor;
     let vcpus = vcpus.unwrap_or(hv.vcpus);
     let memory = memory.unwrap_or(hv.memory_mib);
-    if vcpus < hv.vcpus || vcpus > hv.max_vcpus {
-        return Err(Failure::usage(anyhow!(
-            "--vcpus {vcpus} is outside {}..={} (default_vcpus..=default_maxvcpus)",
-            hv.vcpus,
-            hv.max_vcpus
-        )));
-    }
-    if memory < hv.memory_mib || memory > hv.max_memory_mib {
-        return Err(Failure::usage(anyhow!(
-            "--memory {memory} is outside {}..={} MiB (default_memory..=default_maxmemory)",
-            hv.memory_mib,
-            hv.max_memory_mib
-        )));
-    }
-    if memory > hv.memory_mib && hv.memory_slots == 0 {
-        return Err(Failure::usage(anyhow!(
-            "--memory above default_memory needs memory_slots > 0 (memory hotplug)"
-        )));
-    }
+    // The library's rule for sizes, checked before anything starts; only its words are ours.
+    hv.check_size(VmSize {
+        vcpus,
+        memory_mib: memory,
+    })
+    .map_err(|e| Failure::usage(anyhow!(size_flag(&e))))?;
     s.check_files().await?;
 
     let mut config = FactoryConfig::new(s.vm.clone());
@@ -142,6 +130,26 @@ async fn get_and_show(
     held?;
     stopped?;
     Ok(())
+}
+
+/// What a size the library refused means in the flags' and the configuration's own names.
+fn size_flag(e: &HvConfigError) -> String {
+    match e {
+        HvConfigError::VcpusOutOfRange { vcpus, min, max } => format!(
+            "--vcpus {vcpus} is outside {min}..={max} (default_vcpus..=default_maxvcpus)"
+        ),
+        HvConfigError::MemoryOutOfRange {
+            memory_mib,
+            min,
+            max,
+        } => format!(
+            "--memory {memory_mib} is outside {min}..={max} MiB (default_memory..=default_maxmemory)"
+        ),
+        HvConfigError::NoMemoryHotplug { memory_mib, .. } => format!(
+            "--memory {memory_mib} above default_memory needs memory_slots > 0 (memory hotplug)"
+        ),
+        other => other.to_string(),
+    }
 }
 
 async fn show(vm: &Vm, source: &'static str, held: bool) -> anyhow::Result<()> {

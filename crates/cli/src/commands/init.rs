@@ -47,6 +47,7 @@ async fn make_and_serve(s: &Settings) -> CmdResult {
             .into());
         }
     }
+    super::leftovers::recover(s).await?;
 
     let template = if s.template {
         let step = Step::start(format!(

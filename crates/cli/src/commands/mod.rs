@@ -4,6 +4,7 @@ mod destroy;
 mod get;
 mod init;
 mod inspect;
+mod leftovers;
 mod status;
 
 use crate::cli::{Cli, Command, ConfigCommand, InspectCommand};

@@ -1,6 +1,7 @@
-//! `vmfactory status`: the template, the VM-cache server and its VMs. Template metadata that
-//! is corrupt, truncated, of another version, oversized, a symlink or not a regular file is
-//! reported and exits 2.
+//! `vmfactory status`: the template, the VM-cache server and its VMs, and what killed
+//! commands left (orphaned VMs, a stale template tmpfs). Template metadata that is corrupt,
+//! truncated, of another version, oversized, a symlink or not a regular file is reported and
+//! exits 2.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -11,6 +12,7 @@ use vmfactory_factory::{error_chain, CacheClient, TemplateError, TemplateMetadat
 use vmfactory_vm::VmInfo;
 
 use super::inspect::is_bad_metadata;
+use super::leftovers::{self, LeftoversReport};
 use crate::config_file::Settings;
 use crate::failure::{CmdResult, Failure};
 use crate::probe::exists;
@@ -26,6 +28,8 @@ pub struct StatusReport {
     pub template: TemplateReport,
     /// The VM-cache server.
     pub cache_server: ServerReport,
+    /// What killed commands left.
+    pub leftovers: LeftoversReport,
 }
 
 /// The template part of [`StatusReport`].
@@ -82,12 +86,14 @@ pub async fn run(s: &Settings, json: bool) -> CmdResult {
 async fn gather(s: &Settings) -> StatusReport {
     let template = template_report(s.template, &s.template_path).await;
     let cache_server = server_report(s.cache_number, &s.endpoint).await;
+    let leftovers = leftovers::find(s, cache_server.running).await;
     let on = template.present || cache_server.running;
     StatusReport {
         config: s.origin.clone(),
         factory: if on { "on" } else { "off" },
         template,
         cache_server,
+        leftovers,
     }
 }
 
@@ -192,6 +198,7 @@ fn table(r: &StatusReport) -> String {
             );
         }
     }
+    out.push_str(&leftovers::table(&r.leftovers));
     out
 }
 

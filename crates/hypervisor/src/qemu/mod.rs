@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::exit::{ProcExit, VmExit};
 use crate::process::Proc;
 use crate::qmp::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
+use crate::record::{remove_records, ProcessKind, RecordTarget};
 use crate::state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
 use crate::wait::wait_until;
 use crate::Hypervisor;
@@ -247,8 +248,15 @@ impl Inner {
 
         if let AgentChannel::HybridVsock { backend, guest_cid } = &self.config.agent_channel {
             let args = vsock_backend_args(*guest_cid, &self.paths);
-            let proc =
-                Proc::spawn("vsock backend", backend, &args, &self.paths.backend_stderr).await?;
+            let record = RecordTarget::new(dir, ProcessKind::VsockBackend)?;
+            let proc = Proc::spawn(
+                "vsock backend",
+                backend,
+                &args,
+                &self.paths.backend_stderr,
+                record,
+            )
+            .await?;
             let exit = partial.backend.insert(proc).exit();
             self.wait_socket(exit, &self.paths.vhost_user_vsock).await?;
         }
@@ -265,6 +273,7 @@ impl Inner {
             &self.config.qemu_path,
             &args,
             &self.paths.qemu_stderr,
+            RecordTarget::new(dir, ProcessKind::Qemu)?,
             state.as_ref().map(AsFd::as_fd),
         )
         .await?;
@@ -323,7 +332,8 @@ impl Inner {
         }
     }
 
-    /// Ends the processes (QEMU gets `quit` first if QMP is up) and removes the files.
+    /// Ends the processes (QEMU gets `quit` first if QMP is up) and removes the files; their
+    /// records only once they are gone.
     async fn teardown(
         &self,
         qmp: Option<&QmpClient>,
@@ -359,6 +369,9 @@ impl Inner {
             result = result.and(r);
         }
         remove_files(&self.paths).await;
+        if result.is_ok() {
+            remove_records(&self.paths.dir).await;
+        }
         if created_run_dir {
             // Only if empty: the run dir may hold other crates' files.
             let _ = tokio::fs::remove_dir(&self.paths.dir).await;

@@ -480,6 +480,8 @@ mod tests {
             Path::new("sleep"),
             &["30".into()],
             &dir.path().join("stderr"),
+            crate::record::RecordTarget::new(dir.path(), crate::record::ProcessKind::Qemu)
+                .expect("record target"),
         )
         .await
         .expect("sleep");
