@@ -8,7 +8,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 use crate::files::{open_regular, Symlinks};
-use crate::state::VmSize;
 
 /// Kernel parameters every VM gets, before [`HypervisorConfig::kernel_params`].
 pub const DEFAULT_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 quiet";
@@ -184,6 +183,15 @@ impl TemplateRole {
             Self::SaveTo(p) | Self::CloneFrom(p) => p,
         }
     }
+}
+
+/// A VM's size as the hypervisor reports it (not as anyone recorded it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSize {
+    /// vCPUs present (online or not in the guest).
+    pub vcpus: u32,
+    /// Boot memory plus hot-plugged DIMMs, in MiB.
+    pub memory_mib: u64,
 }
 
 /// Largest memory a VM may have or grow to, in MiB (16 TiB): above any host this runs on, and

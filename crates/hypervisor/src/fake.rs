@@ -12,9 +12,10 @@ use tokio::sync::watch;
 
 use crate::cmdline::{agent_endpoint, RunPaths};
 use crate::config::HypervisorConfig;
+use crate::config::VmSize;
 use crate::endpoint::AgentEndpoint;
 use crate::error::{Error, Result};
-use crate::state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
+use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
 use crate::Hypervisor;
 
 /// A step a [`FakeHypervisor`] can be told to fail at.

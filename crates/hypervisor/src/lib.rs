@@ -64,6 +64,7 @@ pub mod wait;
 
 pub use accel::resolve_accel;
 pub use cmdline::RunPaths;
+pub use config::VmSize;
 pub use config::{
     Accel, AgentChannel, HypervisorConfig, MachineType, TemplatePaths, TemplateRole,
     AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS, MAX_MEMORY_MIB,
@@ -75,7 +76,7 @@ pub use fake::{FakeCall, FakeHypervisor, FakeStep};
 pub use qemu::Qemu;
 pub use qmp::QmpClient;
 pub use record::{ProcessKind, ProcessRecord};
-pub use state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
+pub use state::{QemuState, VmStatus, QEMU_STATE_VERSION};
 
 /// A VM's hypervisor process, as the `vm` crate sees it.
 ///

@@ -10,6 +10,41 @@
 //! a re-attached process, not our child, through a pidfd (readable once every thread has
 //! exited), or where pidfds are missing by polling `/proc/PID/stat` with [`wait_until`].
 
+impl ProcessRecord {
+    /// Whether the recorded process still runs (same pid, same start time, not exited).
+    pub async fn alive(&self) -> bool {
+        is_same(self.pid, self.start_time).await
+    }
+
+    /// SIGKILLs the recorded process of VM `id` if it still runs, checked by pid and start
+    /// time, and waits until every thread of it has exited; returns whether it was running.
+    pub async fn kill(&self, id: &str) -> Result<bool> {
+        kill_recorded(id, self.kind.label(), self.pid, self.start_time).await
+    }
+
+    /// Records the live process `pid` as `kind` in `run_dir`, as a spawned process records
+    /// itself (for tools and tests standing in for one). [`Error::ProcessGone`] if it is not
+    /// running.
+    pub async fn save(kind: ProcessKind, pid: u32, run_dir: &Path) -> Result<Self> {
+        let gone = || Error::ProcessGone {
+            id: run_dir.display().to_string(),
+            pid,
+        };
+        let start_time = process_start_time(pid).await.ok_or_else(gone)?;
+        let mut buf = [0; 64];
+        let text = format_record(&mut buf, pid, start_time);
+        let path = run_dir.join(kind.file_name());
+        tokio::fs::write(&path, text)
+            .await
+            .map_err(|e| Error::io("Writing", &path, e))?;
+        Ok(Self {
+            kind,
+            pid,
+            start_time,
+        })
+    }
+}
+
 #[cfg(test)]
 use std::os::fd::AsFd;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -32,7 +67,7 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result};
 use crate::exit::{Ended, ProcExit};
 use crate::files::read_tail;
-use crate::record::RecordTarget;
+use crate::record::{format_record, parse_stat, ProcessKind, ProcessRecord, RecordTarget};
 use crate::wait::wait_until;
 
 /// How long a process gets after SIGKILL before it is declared unkillable.
@@ -60,16 +95,6 @@ pub(crate) enum ProcStat {
     Alive(u64),
     /// Exited (gone, or a zombie).
     Dead,
-}
-
-/// Parses `/proc/PID/stat`: the state (field 3) and start time (field 22).
-pub(crate) fn parse_stat(stat: &str) -> Option<(char, u64)> {
-    // `comm` (field 2) is in parentheses and may contain spaces: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let start = fields.nth(18)?.parse().ok()?;
-    Some((state, start))
 }
 
 /// Whether a `/proc` state letter means exited (zombie or dead).

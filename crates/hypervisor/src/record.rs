@@ -20,7 +20,6 @@ use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
 use crate::error::{Error, Result};
-use crate::process::{kill_recorded, parse_stat};
 
 /// Version written at the start of every record (`v1 <pid> <start time>\n`).
 const RECORD_VERSION: &str = "v1";
@@ -88,41 +87,6 @@ impl ProcessRecord {
         }
         Ok(records)
     }
-
-    /// Whether the recorded process still runs (same pid, same start time, not exited).
-    pub async fn alive(&self) -> bool {
-        crate::process::is_same(self.pid, self.start_time).await
-    }
-
-    /// SIGKILLs the recorded process of VM `id` if it still runs, checked by pid and start
-    /// time, and waits until every thread of it has exited; returns whether it was running.
-    pub async fn kill(&self, id: &str) -> Result<bool> {
-        kill_recorded(id, self.kind.label(), self.pid, self.start_time).await
-    }
-
-    /// Records the live process `pid` as `kind` in `run_dir`, as a spawned process records
-    /// itself (for tools and tests standing in for one). [`Error::ProcessGone`] if it is not
-    /// running.
-    pub async fn save(kind: ProcessKind, pid: u32, run_dir: &Path) -> Result<Self> {
-        let gone = || Error::ProcessGone {
-            id: run_dir.display().to_string(),
-            pid,
-        };
-        let start_time = crate::process::process_start_time(pid)
-            .await
-            .ok_or_else(gone)?;
-        let mut buf = [0; 64];
-        let text = format_record(&mut buf, pid, start_time);
-        let path = run_dir.join(kind.file_name());
-        tokio::fs::write(&path, text)
-            .await
-            .map_err(|e| Error::io("Writing", &path, e))?;
-        Ok(Self {
-            kind,
-            pid,
-            start_time,
-        })
-    }
 }
 
 /// Removes the records (and any temporary one a failed spawn left) from `run_dir`, once the
@@ -180,7 +144,7 @@ async fn read(path: &Path) -> Result<Option<(u32, u64)>> {
 }
 
 /// `v1 <pid> <start time>\n` in `buf`.
-fn format_record(buf: &mut [u8; 64], pid: u32, start_time: u64) -> &[u8] {
+pub(crate) fn format_record(buf: &mut [u8; 64], pid: u32, start_time: u64) -> &[u8] {
     let mut cursor = Cursor::new(&mut buf[..]);
     // 64 bytes hold the longest record (2 + 1 + 10 + 1 + 20 + 1).
     let _ = writeln!(cursor, "{RECORD_VERSION} {pid} {start_time}");
@@ -263,6 +227,16 @@ impl RecordTarget {
 fn own(fd: std::os::fd::RawFd) -> OwnedFd {
     // SAFETY: `fd` was just returned by a successful open(2) and nothing else owns it.
     unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Parses `/proc/PID/stat`: the state (field 3) and start time (field 22).
+pub(crate) fn parse_stat(stat: &str) -> Option<(char, u64)> {
+    // `comm` (field 2) is in parentheses and may contain spaces: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
 }
 
 #[cfg(test)]

@@ -72,15 +72,6 @@ impl QemuState {
     }
 }
 
-/// A VM's size as the hypervisor reports it (not as anyone recorded it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmSize {
-    /// vCPUs present (online or not in the guest).
-    pub vcpus: u32,
-    /// Boot memory plus hot-plugged DIMMs, in MiB.
-    pub memory_mib: u64,
-}
-
 /// A VM's run state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

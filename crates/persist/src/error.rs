@@ -5,8 +5,6 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-use crate::fs::FileKind;
-
 /// Result of every fallible operation of this crate.
 pub type Result<T> = std::result::Result<T, Error>;
 
@@ -164,6 +162,55 @@ impl Error {
             op,
             path: path.into(),
             source,
+        }
+    }
+}
+
+/// What a path that is not a regular file turned out to be, by `fstat` of the open descriptor.
+///
+/// It is the cause (`#[source]`) of [`Error::NotRegular`], worded as the system words its own
+/// errors (`Is a directory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileKind {
+    /// A directory.
+    #[error("Is a directory")]
+    Directory,
+    /// A FIFO (named pipe): opening it for reading would wait for a writer.
+    #[error("Is a FIFO")]
+    Fifo,
+    /// A character device (`/dev/zero` never ends).
+    #[error("Is a character device")]
+    CharDevice,
+    /// A block device.
+    #[error("Is a block device")]
+    BlockDevice,
+    /// A unix socket.
+    #[error("Is a socket")]
+    Socket,
+    /// Something else the system reports.
+    #[error("Is of an unknown file type")]
+    Unknown,
+}
+
+impl FileKind {
+    /// The kind of a file of type `ty`, or `None` for a regular file.
+    pub fn of(ty: std::fs::FileType) -> Option<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        if ty.is_file() {
+            None
+        } else if ty.is_dir() {
+            Some(Self::Directory)
+        } else if ty.is_fifo() {
+            Some(Self::Fifo)
+        } else if ty.is_char_device() {
+            Some(Self::CharDevice)
+        } else if ty.is_block_device() {
+            Some(Self::BlockDevice)
+        } else if ty.is_socket() {
+            Some(Self::Socket)
+        } else {
+            Some(Self::Unknown)
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, FileKind, Result};
 
 /// Distinguishes temporary files of concurrent writers within one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -138,55 +138,6 @@ pub fn read_limited_blocking(path: &Path, max: u64) -> Result<Vec<u8>> {
         });
     }
     Ok(buf)
-}
-
-/// What a path that is not a regular file turned out to be, by `fstat` of the open descriptor.
-///
-/// It is the cause (`#[source]`) of [`Error::NotRegular`], worded as the system words its own
-/// errors (`Is a directory`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum FileKind {
-    /// A directory.
-    #[error("Is a directory")]
-    Directory,
-    /// A FIFO (named pipe): opening it for reading would wait for a writer.
-    #[error("Is a FIFO")]
-    Fifo,
-    /// A character device (`/dev/zero` never ends).
-    #[error("Is a character device")]
-    CharDevice,
-    /// A block device.
-    #[error("Is a block device")]
-    BlockDevice,
-    /// A unix socket.
-    #[error("Is a socket")]
-    Socket,
-    /// Something else the system reports.
-    #[error("Is of an unknown file type")]
-    Unknown,
-}
-
-impl FileKind {
-    /// The kind of a file of type `ty`, or `None` for a regular file.
-    pub fn of(ty: std::fs::FileType) -> Option<Self> {
-        use std::os::unix::fs::FileTypeExt;
-        if ty.is_file() {
-            None
-        } else if ty.is_dir() {
-            Some(Self::Directory)
-        } else if ty.is_fifo() {
-            Some(Self::Fifo)
-        } else if ty.is_char_device() {
-            Some(Self::CharDevice)
-        } else if ty.is_block_device() {
-            Some(Self::BlockDevice)
-        } else if ty.is_socket() {
-            Some(Self::Socket)
-        } else {
-            Some(Self::Unknown)
-        }
-    }
 }
 
 /// Opens `path` for reading as [`read_limited`] does and returns it with its metadata, for

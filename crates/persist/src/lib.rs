@@ -60,10 +60,10 @@ mod oplock;
 mod staged;
 mod store;
 
-pub use error::{Error, Result};
+pub use error::{Error, FileKind, Result};
 pub use fs::{
     open_regular, open_regular_blocking, read_limited, read_limited_blocking, write_atomic,
-    write_atomic_blocking, FileKind,
+    write_atomic_blocking,
 };
 pub use id::{validate_id, MAX_ID_LEN};
 pub use lock::VmLock;

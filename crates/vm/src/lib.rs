@@ -107,6 +107,8 @@ mod endpoint;
 mod envelope;
 mod error;
 mod exit;
+#[cfg(test)]
+mod exit_tests;
 #[cfg(any(test, feature = "test-utils"))]
 mod fake;
 mod handover;

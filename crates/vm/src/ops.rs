@@ -1,6 +1,7 @@
 //! The operations on a running [`Vm`]: pause, resume, save, hotplug with bookkeeping,
 //! onlining, RNG reseed, time sync and status.
 
+use std::future::Future;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -239,6 +240,30 @@ pub(crate) async fn host_entropy(source: &Path) -> Result<Vec<u8>> {
     let mut data = vec![0; RESEED_BYTES];
     file.read_exact(&mut data).await.map_err(err)?;
     Ok(data)
+}
+
+/// Waits on the VM that end when its hypervisor exits.
+impl Vm {
+    /// Runs `fut` unless the VM's hypervisor exits first: then returns at once
+    /// [`Error::HypervisorExited`] (QEMU's exit status and last stderr lines), with `op` naming
+    /// what was waited for, instead of waiting for `fut`'s own timeout. For waits on the VM
+    /// this crate does not make itself: a console line, a call through [`Vm::agent`].
+    pub async fn unless_exited<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = T>,
+    ) -> Result<T> {
+        crate::exit::unless_exited(&self.id, self.hypervisor.as_ref(), op, fut).await
+    }
+
+    /// [`crate::exit::watched`] on this VM's hypervisor: an agent call of this VM's.
+    pub(crate) async fn watched<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        crate::exit::watched(&self.id, self.hypervisor.as_ref(), op, fut).await
+    }
 }
 
 #[cfg(test)]

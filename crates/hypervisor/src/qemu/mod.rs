@@ -27,6 +27,7 @@ use tracing::{debug, info, instrument, warn};
 
 use crate::accel::resolve_accel;
 use crate::cmdline::{agent_endpoint, qemu_args, vsock_backend_args, RunPaths};
+use crate::config::VmSize;
 use crate::config::{Accel, AgentChannel, HypervisorConfig, TemplateRole};
 use crate::endpoint::AgentEndpoint;
 use crate::error::{Error, Result};
@@ -34,7 +35,7 @@ use crate::exit::{ProcExit, VmExit};
 use crate::process::Proc;
 use crate::qmp::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
 use crate::record::{remove_records, ProcessKind, RecordTarget};
-use crate::state::{QemuState, VmSize, VmStatus, QEMU_STATE_VERSION};
+use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
 use crate::wait::wait_until;
 use crate::Hypervisor;
 

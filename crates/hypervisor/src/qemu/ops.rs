@@ -17,11 +17,11 @@ use tracing::{info, instrument, warn};
 
 use super::{Inner, Running, MIGRATION_TIMEOUT};
 use crate::cmdline::{load_uri, save_uri, BackendKind};
+use crate::config::VmSize;
 use crate::config::{TemplatePaths, TemplateRole};
 use crate::error::{Error, Result};
 use crate::files::{open_regular, Symlinks};
 use crate::qmp::QmpClient;
-use crate::state::VmSize;
 
 const MIB: u64 = 1024 * 1024;
 
