@@ -125,6 +125,13 @@ impl TemplateFactory {
         host: Arc<dyn TemplateHost>,
     ) -> Result<Self> {
         let (this, tpl) = Self::open(config, path.into(), backends, host, true)?;
+        // The lock file lives beside the template: its parent must exist (`/run/vc/vm` on a
+        // fresh host), as it must for the template itself.
+        if let Some(parent) = this.path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| TemplateError::io("create", parent, e))?;
+        }
         // Exclusive to make, replace or adopt; waits while another process makes it. When
         // others use the template (shared holders), it exists: share it too if it is usable.
         let lock = match lock_exclusive(&this.path, MAKE_WAIT).await {
@@ -291,6 +298,14 @@ impl TemplateFactory {
     /// ([`TemplateError::NotOurs`]). Other files in the directory are left, and then so is the
     /// directory. Idempotent.
     pub async fn destroy(path: &Path, host: &dyn TemplateHost) -> Result<()> {
+        // Nothing there: nothing to lock or remove (and no lock file to leave behind).
+        if tokio::fs::symlink_metadata(path).await.is_err()
+            && tokio::fs::symlink_metadata(OpLock::file_for(path))
+                .await
+                .is_err()
+        {
+            return Ok(());
+        }
         let lock = lock_exclusive(path, REMOVE_WAIT).await?;
         remove_locked(path, host, &lock).await?;
         lock.remove().await.map_err(|source| TemplateError::Busy {
@@ -672,6 +687,22 @@ mod tests {
         assert!(!b.template_path().exists());
         assert_eq!(b.live().await, 0);
         assert_eq!(b.vm_dir_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn new_makes_the_parent_of_a_template_path_on_a_fresh_host() {
+        let b = Arc::new(FakeBackends::new());
+        let host = Arc::new(FakeHost::default());
+        let path = b.root().join("fresh/vm/template");
+        let t = TemplateFactory::new_with(&b.config(), &path, b.clone(), host.clone())
+            .await
+            .expect("template under a parent that did not exist");
+        t.close().await.expect("close");
+        assert!(!path.exists() && !OpLock::file_for(&path).exists());
+        TemplateFactory::destroy(&b.root().join("none/template"), host.as_ref())
+            .await
+            .expect("nothing to destroy");
+        assert!(!b.root().join("none").exists(), "destroy creates nothing");
     }
 
     #[tokio::test]
