@@ -690,22 +690,6 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn new_makes_the_parent_of_a_template_path_on_a_fresh_host() {
-        let b = Arc::new(FakeBackends::new());
-        let host = Arc::new(FakeHost::default());
-        let path = b.root().join("fresh/vm/template");
-        let t = TemplateFactory::new_with(&b.config(), &path, b.clone(), host.clone())
-            .await
-            .expect("template under a parent that did not exist");
-        t.close().await.expect("close");
-        assert!(!path.exists() && !OpLock::file_for(&path).exists());
-        TemplateFactory::destroy(&b.root().join("none/template"), host.as_ref())
-            .await
-            .expect("nothing to destroy");
-        assert!(!b.root().join("none").exists(), "destroy creates nothing");
-    }
-
-    #[tokio::test]
     async fn fetch_refuses_mismatches_and_missing_files() {
         let b = Arc::new(FakeBackends::new());
         let host = Arc::new(FakeHost::default());

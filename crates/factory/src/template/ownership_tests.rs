@@ -127,3 +127,19 @@ async fn an_owner_closing_under_live_clones_keeps_the_template_and_succeeds() {
         .expect("destroy once the clone is gone");
     assert!(!path.exists());
 }
+
+#[tokio::test]
+async fn new_makes_the_parent_of_a_template_path_on_a_fresh_host() {
+    let b = Arc::new(FakeBackends::new());
+    let host = Arc::new(FakeHost::default());
+    let path = b.root().join("fresh/vm/template");
+    let t = TemplateFactory::new_with(&b.config(), &path, b.clone(), host.clone())
+        .await
+        .expect("template under a parent that did not exist");
+    t.close().await.expect("close");
+    assert!(!path.exists() && !OpLock::file_for(&path).exists());
+    TemplateFactory::destroy(&b.root().join("none/template"), host.as_ref())
+        .await
+        .expect("nothing to destroy");
+    assert!(!b.root().join("none").exists(), "destroy creates nothing");
+}
