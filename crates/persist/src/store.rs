@@ -157,14 +157,8 @@ impl Store {
     pub async fn remove_abandoned_staging(&self) -> Result<Vec<PathBuf>> {
         let dir = self.root.join(VM_SUBDIR);
         blocking(move || {
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-                Err(e) => return Err(Error::io("list", &dir, e)),
-            };
             let mut removed = Vec::new();
-            for entry in entries {
-                let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            for entry in entries_of(&dir)? {
                 let name = entry.file_name();
                 let Some(id) = name.to_str().and_then(|n| n.strip_prefix(STAGING_PREFIX)) else {
                     continue;
@@ -276,14 +270,8 @@ impl Store {
     pub async fn list_vms(&self) -> Result<Vec<String>> {
         let dir = self.root.join(VM_SUBDIR);
         blocking(move || {
-            let entries = match fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-                Err(e) => return Err(Error::io("list", &dir, e)),
-            };
             let mut ids = Vec::new();
-            for entry in entries {
-                let entry = entry.map_err(|e| Error::io("list", &dir, e))?;
+            for entry in entries_of(&dir)? {
                 let is_dir = entry
                     .file_type()
                     .map_err(|e| Error::io("stat", entry.path(), e))?
@@ -351,6 +339,17 @@ fn decode<T: DeserializeOwned>(path: &Path, id: &str, bytes: &[u8]) -> Result<T>
     }
     let payload: Payload<T> = serde_json::from_slice(bytes).map_err(corrupt)?;
     Ok(payload.state)
+}
+
+/// The entries of `dir` (none if it does not exist), read in full.
+fn entries_of(dir: &Path) -> Result<Vec<fs::DirEntry>> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .map(|e| e.map_err(|e| Error::io("list", dir, e)))
+            .collect(),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::io("list", dir, e)),
+    }
 }
 
 #[cfg(test)]
