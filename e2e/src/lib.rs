@@ -35,6 +35,21 @@ fn workspace_root() -> PathBuf {
 /// real-QEMU tests instead of skipping them, as `CI=true` does.
 pub const REQUIRE_ENV: &str = "VMFACTORY_E2E_REQUIRE";
 
+/// A whole number by which the harness multiplies its time bounds (default 1). `cargo xtask
+/// kvm-host` sets it: there the VMs run under KVM inside a TCG-emulated L1, several times
+/// slower than on a real host. Bounds that are the behaviour under test (clock skew) stay.
+pub const TIME_SCALE_ENV: &str = "VMFACTORY_E2E_TIME_SCALE";
+
+/// `bound` times [`TIME_SCALE_ENV`] (1 to 20; anything else counts as 1).
+pub fn scaled(bound: std::time::Duration) -> std::time::Duration {
+    let scale = std::env::var(TIME_SCALE_ENV)
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|s| (1..=20).contains(s))
+        .unwrap_or(1);
+    bound * scale
+}
+
 /// Whether the real-QEMU tests must run: `CI=true` or [`REQUIRE_ENV`]`=1`.
 fn required() -> bool {
     let set = |var: &str| {
@@ -269,7 +284,7 @@ mod tests {
         // `spawn` returns once `sh` is exec'd, yet one CI run found no such process on its
         // first look (not reproduced here). Look again until it shows, for up to 10 s; if it
         // never does, the message says what /proc held for the child.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + scaled(std::time::Duration::from_secs(10));
         let leaks = loop {
             let leaks = root.leaks();
             if leaks.iter().any(|l| l.starts_with("process"))

@@ -44,6 +44,15 @@ pub fn config(env: &GuestEnv) -> HypervisorConfig {
     cfg
 }
 
+/// A VM config around `hv` with the agent's default timeouts [`crate::scaled`].
+pub fn vm_config(hv: HypervisorConfig) -> vmfactory_vm::VmConfig {
+    let mut cfg = vmfactory_vm::VmConfig::new(hv);
+    cfg.agent.dial_timeout = crate::scaled(cfg.agent.dial_timeout);
+    cfg.agent.call_timeout = crate::scaled(cfg.agent.call_timeout);
+    cfg.agent.ready_timeout = crate::scaled(cfg.agent.ready_timeout);
+    cfg
+}
+
 /// Template side of `cfg`: RAM in `dir/memory`, device state in `dir/state`.
 pub fn template_config(mut cfg: HypervisorConfig, dir: &Path) -> HypervisorConfig {
     cfg.template = Some(TemplateRole::SaveTo(TemplatePaths {
@@ -100,8 +109,8 @@ impl TestVm {
         let agent = KataAgent::with_config(
             vmfactory_vm::agent_url(&vm.agent_endpoint()),
             AgentConfig {
-                call_timeout: CALL_TIMEOUT,
-                dial_timeout: CALL_TIMEOUT,
+                call_timeout: crate::scaled(CALL_TIMEOUT),
+                dial_timeout: crate::scaled(CALL_TIMEOUT),
             },
         );
         Ok(Self { vm, agent })
@@ -120,12 +129,13 @@ impl TestVm {
 
     /// Polls `Check` until it answers SERVING (dialing retries inside the client).
     pub async fn wait_ready(&self) -> Result<()> {
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let bound = crate::scaled(BOOT_TIMEOUT);
+        let deadline = Instant::now() + bound;
         loop {
             match self.agent.check().await {
                 Ok(HealthStatus::Serving) => return Ok(()),
                 other if Instant::now() >= deadline => bail!(
-                    "Agent of {} not ready after {BOOT_TIMEOUT:?}: {other:?}\nconsole:\n{}",
+                    "Agent of {} not ready after {bound:?}: {other:?}\nconsole:\n{}",
                     self.vm.id(),
                     self.console()
                 ),
@@ -147,7 +157,7 @@ impl TestVm {
 
     /// Waits until the console shows `line` at least `n` times.
     pub async fn wait_console(&self, line: &str, n: usize) -> Result<()> {
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let deadline = Instant::now() + crate::scaled(BOOT_TIMEOUT);
         while self.console_count(line) < n {
             if Instant::now() >= deadline {
                 bail!("No {line:?} x{n} on the console:\n{}", self.console());
@@ -219,7 +229,7 @@ pub async fn boot_clone(
 /// A template factory config for `env` with everything under `root`: VMs in
 /// `<root>/vm/<id>/`, the template (a tmpfs) at `<root>/template`.
 pub fn template_factory_config(env: &GuestEnv, root: &Path) -> vmfactory_factory::FactoryConfig {
-    let mut vm_cfg = vmfactory_vm::VmConfig::new(config(env));
+    let mut vm_cfg = vm_config(config(env));
     vm_cfg.run_root = root.to_owned();
     let mut cfg = vmfactory_factory::FactoryConfig::new(vm_cfg);
     cfg.template = true;

@@ -15,14 +15,13 @@ use vmfactory_factory::{
     TemplateFactory,
 };
 use vmfactory_hypervisor::VmStatus;
-use vmfactory_vm::VmConfig;
 
 /// Bound on the pool filling up (clones are ready in ~0.2 s each under TCG).
 const FILL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Polls the server's `Status` until it lists `n` VMs.
 async fn wait_for_pool(client: &CacheClient, n: usize) -> Vec<vmfactory_vm::VmInfo> {
-    let deadline = Instant::now() + FILL_TIMEOUT;
+    let deadline = Instant::now() + vmfactory_e2e::scaled(FILL_TIMEOUT);
     loop {
         let st = client.server_status().await.expect("Status");
         if st.vms.len() >= n {
@@ -51,7 +50,7 @@ async fn sixteen_concurrent_get_vm_through_the_server() {
 async fn serve_concurrent_clients(pool: usize, clients: usize) {
     let Some(env) = guest_env() else { return };
     let root = RunRoot::new();
-    let mut vm_cfg = VmConfig::new(vm::config(&env));
+    let mut vm_cfg = vm::vm_config(vm::config(&env));
     vm_cfg.run_root = root.path().to_owned();
     let socket = root.path().join("cache.sock");
 

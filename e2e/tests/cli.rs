@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vmfactory_e2e::{guest_env, GuestEnv, RunRoot};
+use vmfactory_e2e::{guest_env, scaled, GuestEnv, RunRoot};
 
 /// Bound on `init` having made the template and filled the pool (TCG: ~3 s + ~0.5 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
@@ -68,6 +68,11 @@ memory_slots = 2
 default_maxmemory = 1024
 accel = "auto"
 
+[agent]
+dial_timeout_ms = {dial_ms}
+call_timeout_ms = {call_ms}
+ready_timeout_ms = {ready_ms}
+
 [factory]
 enable_template = true
 template_path = "{root}/template"
@@ -78,6 +83,9 @@ vm_cache_endpoint = "{root}/cache.sock"
 run_root = "{root}"
 "#,
         qemu = env.qemu.display(),
+        dial_ms = scaled(Duration::from_secs(10)).as_millis(),
+        call_ms = scaled(Duration::from_secs(10)).as_millis(),
+        ready_ms = scaled(Duration::from_secs(60)).as_millis(),
         kernel = env.kernel.display(),
         initrd = env.initrd.display(),
     )
@@ -183,8 +191,9 @@ fn init_status_get_destroy_leaves_nothing() {
             break v;
         }
         assert!(
-            t0.elapsed() < READY_TIMEOUT,
-            "not ready after {READY_TIMEOUT:?}: {v}"
+            t0.elapsed() < scaled(READY_TIMEOUT),
+            "not ready after {:?}: {v}",
+            scaled(READY_TIMEOUT)
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -221,7 +230,7 @@ fn init_status_get_destroy_leaves_nothing() {
     // destroy: the server quits (stopping its VMs, removing the template it made).
     let out = ok(&run(&bin, &cfg, &["destroy"]), "destroy");
     assert!(out.contains("stopped the VM-cache server"), "{out}");
-    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let deadline = Instant::now() + scaled(EXIT_TIMEOUT);
     let exit = loop {
         if let Some(exit) = server.0.try_wait().expect("try_wait") {
             break exit;
@@ -281,7 +290,7 @@ fn killed_server_leaves_nothing_after_destroy() {
         if v["cache_server"]["vms"].as_array().map_or(0, Vec::len) == 2 {
             break;
         }
-        assert!(t0.elapsed() < READY_TIMEOUT, "not ready: {v}");
+        assert!(t0.elapsed() < scaled(READY_TIMEOUT), "not ready: {v}");
         std::thread::sleep(Duration::from_millis(200));
     }
 
@@ -610,7 +619,7 @@ fn server_sigterm_with_a_handed_out_vm_succeeds() {
         if v["cache_server"]["vms"].as_array().map_or(0, Vec::len) == 1 {
             break;
         }
-        assert!(t0.elapsed() < READY_TIMEOUT, "not ready: {v}");
+        assert!(t0.elapsed() < scaled(READY_TIMEOUT), "not ready: {v}");
         std::thread::sleep(Duration::from_millis(200));
     }
     let (held, vm) = Held::start(&bin, &cfg);
@@ -618,7 +627,7 @@ fn server_sigterm_with_a_handed_out_vm_succeeds() {
 
     let pid = nix::unistd::Pid::from_raw(i32::try_from(server.0.id()).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let deadline = Instant::now() + scaled(EXIT_TIMEOUT);
     let exit = loop {
         if let Some(exit) = server.0.try_wait().expect("try_wait") {
             break exit;
@@ -669,7 +678,7 @@ fn wait_status(
         if ready(&v) {
             return v;
         }
-        assert!(t0.elapsed() < READY_TIMEOUT, "not ready: {v}");
+        assert!(t0.elapsed() < scaled(READY_TIMEOUT), "not ready: {v}");
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -742,7 +751,7 @@ fn first_record(root: &Path, owner: &mut Child) -> PathBuf {
         if let Some(dir) = found {
             return dir;
         }
-        assert!(t0.elapsed() < READY_TIMEOUT, "no QEMU recorded");
+        assert!(t0.elapsed() < scaled(READY_TIMEOUT), "no QEMU recorded");
         assert!(matches!(owner.try_wait(), Ok(None)), "exited early");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -811,7 +820,7 @@ fn killed_init_leaves_what_status_shows_and_init_recovers() {
     assert_eq!(status["leftovers"]["stale_mount"], serde_json::Value::Null);
 
     ok(&run(&bin, &cfg, &["destroy"]), "destroy");
-    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let deadline = Instant::now() + scaled(EXIT_TIMEOUT);
     while matches!(second.0.try_wait(), Ok(None)) {
         assert!(Instant::now() < deadline, "init did not exit after destroy");
         std::thread::sleep(Duration::from_millis(50));

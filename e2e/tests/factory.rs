@@ -120,7 +120,7 @@ async fn cache_of_two_over_a_template_hands_out_three() {
         (factory.kind(), factory.is_cached()),
         (BaseKind::Template, true)
     );
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + vmfactory_e2e::scaled(Duration::from_secs(60));
     while factory.status().await.len() < 2 {
         assert!(Instant::now() < deadline, "the cache never filled");
         tokio::time::sleep(Duration::from_millis(20)).await;

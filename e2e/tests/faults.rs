@@ -261,7 +261,7 @@ impl Hypervisor for FaultyHv {
 }
 
 fn vm_config(env: &GuestEnv, root: &RunRoot) -> VmConfig {
-    let mut cfg = VmConfig::new(vm::config(env));
+    let mut cfg = vm::vm_config(vm::config(env));
     cfg.run_root = root.path().to_owned();
     cfg
 }
@@ -435,14 +435,17 @@ async fn guest_stops_answering() {
     )
     .expect("SIGSTOP");
     // A hang guard, not a timing assertion: the call must end by itself.
-    let res = tokio::time::timeout(Duration::from_secs(30), v.agent().check())
-        .await
-        .expect("the call ends within its bound");
+    let res = tokio::time::timeout(
+        vmfactory_e2e::scaled(Duration::from_secs(30)),
+        v.agent().check(),
+    )
+    .await
+    .expect("the call ends within its bound");
     assert!(
         matches!(res, Err(vmfactory_agent::Error::Timeout { .. })),
         "{res:?}"
     );
-    tokio::time::timeout(Duration::from_secs(60), v.stop())
+    tokio::time::timeout(vmfactory_e2e::scaled(Duration::from_secs(60)), v.stop())
         .await
         .expect("stop ends")
         .expect("stop kills a stopped QEMU");

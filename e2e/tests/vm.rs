@@ -16,7 +16,7 @@ use vmfactory_vm::{Error, Vm, VmConfig};
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn vm_config(root: &RunRoot, hv: HypervisorConfig) -> VmConfig {
-    let mut cfg = VmConfig::new(hv);
+    let mut cfg = vm::vm_config(hv);
     cfg.run_root = root.path().to_owned();
     cfg
 }
@@ -33,9 +33,11 @@ async fn disconnect_and_see_relisten(v: &Vm) {
         .subscribe()
         .expect("builtin proxy reads the console");
     v.disconnect().await.expect("disconnect");
-    let line = wait_for_line(&mut lines, LINE_TIMEOUT, |l| l.contains(LISTENING_LINE))
-        .await
-        .expect("the guest agent re-listens on the console");
+    let line = wait_for_line(&mut lines, vmfactory_e2e::scaled(LINE_TIMEOUT), |l| {
+        l.contains(LISTENING_LINE)
+    })
+    .await
+    .expect("the guest agent re-listens on the console");
     assert!(line.contains(LISTENING_LINE));
 }
 

@@ -28,7 +28,7 @@ pub struct Pss {
 /// The JSON report.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    accel: String,
+    pub accel: String,
     guest_memory_mib: u64,
     template_create_ms: f64,
     cold_boot_ms: Stat,

@@ -75,12 +75,27 @@ pub fn guest_dir() -> PathBuf {
     workspace_root().join("target/guest")
 }
 
-/// Builds (or reuses) the guest image.
-pub fn build(quiet: bool) -> Result<GuestImage> {
-    let dir = guest_dir();
-    let cache = dir.join("cache");
-    fs::create_dir_all(&cache).with_context(|| format!("Cannot create {}", cache.display()))?;
+/// The unpacked kernel package: `boot/vmlinuz-<release>` and `lib/modules/<release>/`.
+pub struct KernelTree {
+    /// Where `dpkg-deb -x` put the package.
+    pub unpacked: PathBuf,
+    /// Kernel release (`uname -r`).
+    pub release: String,
+}
 
+impl KernelTree {
+    /// Path of module `name` (e.g. `kernel/arch/x86/kvm/kvm.ko` → give `arch/x86/kvm/kvm`).
+    pub fn module(&self, rel: &str) -> PathBuf {
+        self.unpacked
+            .join(format!("lib/modules/{}/kernel", self.release))
+            .join(format!("{rel}.ko"))
+    }
+}
+
+/// Fetches (once) and unpacks (once) the kernel package under `target/guest/cache`.
+pub fn kernel_tree() -> Result<KernelTree> {
+    let cache = guest_dir().join("cache");
+    fs::create_dir_all(&cache).with_context(|| format!("Cannot create {}", cache.display()))?;
     let deb = kernel_deb(&cache)?;
     let package = deb
         .file_name()
@@ -99,12 +114,22 @@ pub fn build(quiet: bool) -> Result<GuestImage> {
         .strip_prefix("linux-image-")
         .context("Kernel package is not linux-image-*")?
         .to_string();
-    let vmlinuz_src = unpacked.join(format!("boot/vmlinuz-{release}"));
+    let vmlinuz = unpacked.join(format!("boot/vmlinuz-{release}"));
     ensure!(
-        vmlinuz_src.is_file(),
+        vmlinuz.is_file(),
         "Kernel {} missing from the package",
-        vmlinuz_src.display()
+        vmlinuz.display()
     );
+    Ok(KernelTree { unpacked, release })
+}
+
+/// Builds (or reuses) the guest image.
+pub fn build(quiet: bool) -> Result<GuestImage> {
+    let dir = guest_dir();
+
+    let KernelTree { unpacked, release } = kernel_tree()?;
+    let package = format!("linux-image-{release}");
+    let vmlinuz_src = unpacked.join(format!("boot/vmlinuz-{release}"));
 
     let agent = build_agent(quiet)?;
     let agent_bytes =

@@ -1,9 +1,10 @@
-//! Project automation: `cargo xtask <guest|tools|lint|test|e2e|bench|demo>`.
+//! Project automation: `cargo xtask <guest|tools|lint|test|e2e|kvm-host|bench|demo>`.
 
 mod bench;
 mod bench_factory;
 mod demo;
 mod guest;
+mod kvm_host;
 mod lint;
 mod stat;
 mod tools;
@@ -47,6 +48,31 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Run the real-QEMU e2e suite (or the bench) on a nested KVM host: an L1 VM under TCG
+    /// with emulated AMD SVM, QEMU 10 inside; fails unless L1 resolves KVM and all pass.
+    KvmHost {
+        /// What L1 runs.
+        #[arg(long, value_enum, default_value = "test")]
+        mode: kvm_host::Mode,
+        /// L1's memory in MiB.
+        #[arg(long, default_value_t = 6144)]
+        memory: u32,
+        /// L1's vCPUs.
+        #[arg(long, default_value_t = 2)]
+        vcpus: u32,
+        /// Bound on the nested run, in minutes.
+        #[arg(long, default_value_t = 30)]
+        timeout_min: u64,
+        /// Extra arguments for each test binary (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Inside the nested KVM host only: run what its manifest says.
+    #[command(hide = true)]
+    KvmHostInside {
+        /// `/kvm-host/manifest.json`.
+        manifest: std::path::PathBuf,
+    },
     /// Measure clones against cold boots (time to ready, PSS); table + target/bench/bench.json.
     Bench {
         /// Timed runs of each kind (medians are reported).
@@ -86,6 +112,20 @@ fn main() -> Result<()> {
             prerequisites()?;
             e2e_with_summary(&args)
         }
+        Cmd::KvmHost {
+            mode,
+            memory,
+            vcpus,
+            timeout_min,
+            args,
+        } => kvm_host::run_nested(&kvm_host::Options {
+            mode,
+            args,
+            memory_mib: memory,
+            vcpus,
+            timeout: std::time::Duration::from_secs(timeout_min * 60),
+        }),
+        Cmd::KvmHostInside { manifest } => kvm_host::inside::run(&manifest),
         Cmd::Bench { runs, pss } => {
             tools::ensure_qemu()?;
             guest::build(true)?;
@@ -180,7 +220,7 @@ fn e2e_accel() -> Result<String> {
 }
 
 /// `test NAME ... ok` → `(NAME, true)`, `test NAME ... FAILED` → `(NAME, false)`.
-fn scenario_result(line: &str) -> Option<(&str, bool)> {
+pub(crate) fn scenario_result(line: &str) -> Option<(&str, bool)> {
     let rest = line.strip_prefix("test ")?;
     let (name, outcome) = rest.rsplit_once(" ... ")?;
     match outcome.trim() {

@@ -1,0 +1,338 @@
+//! `cargo xtask kvm-host`: a real KVM host, nested, for the KVM path our machines cannot run
+//! directly (their `/dev/kvm` is a PVM host on which stock kernels fail).
+//!
+//! An L1 VM boots under TCG with `-cpu max` (which emulates AMD SVM with nested paging) on QEMU
+//! 10 from bookworm-backports, unpacked under `target/kvm-host`. Its initramfs carries the
+//! project's test binaries, CLI, guest image and tools, and QEMU 10 as the VMM. L1 loads
+//! `kvm_amd` and `vhost_vsock`, and this same xtask binary, run there as `kvm-host-inside`,
+//! resolves the accelerator through the product's probe boot (it must be KVM), runs the
+//! real-QEMU e2e suite (or the bench), and reports on L1's console. Lines it marks (`@kvm `)
+//! are printed here; the whole console goes to `target/kvm-host/console.log`.
+
+mod image;
+pub mod inside;
+mod packages;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::util::{run, workspace_root};
+use crate::{guest, tools};
+
+/// Marks the lines of L1's console that are the runner's report.
+pub const MARK: &str = "@kvm ";
+
+/// How much the e2e harness stretches its time bounds in L1 (`VMFACTORY_E2E_TIME_SCALE`).
+const TIME_SCALE: u32 = 5;
+
+/// What L1 runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Mode {
+    /// The real-QEMU e2e suite.
+    Test,
+    /// `cargo xtask bench`.
+    Bench,
+}
+
+/// How to run the nested host.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// What L1 runs.
+    pub mode: Mode,
+    /// Extra arguments for each test binary (e.g. a name filter), or for nothing in bench mode.
+    pub args: Vec<String>,
+    /// L1's memory.
+    pub memory_mib: u32,
+    /// L1's vCPUs (TCG runs one host thread per vCPU).
+    pub vcpus: u32,
+    /// Bound on the whole nested run.
+    pub timeout: Duration,
+}
+
+/// What the runner inside L1 reads from `/kvm-host/manifest.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    /// What to run.
+    pub mode: Mode,
+    /// Test binaries: (name, path).
+    pub tests: Vec<(String, PathBuf)>,
+    /// Extra arguments for each test binary.
+    pub args: Vec<String>,
+    /// Environment for the tests.
+    pub env: Vec<(String, String)>,
+    /// The guest image.
+    pub kernel: PathBuf,
+    /// The guest initramfs.
+    pub initrd: PathBuf,
+}
+
+/// Builds the L1 image, boots it and reports; fails unless L1 said KVM and all passed.
+pub fn run_nested(opts: &Options) -> Result<()> {
+    let started = Instant::now();
+    let root = workspace_root();
+    let dir = root.join("target/kvm-host");
+    std::fs::create_dir_all(&dir)?;
+    let guest = guest::build(true)?;
+    let kernel = guest::kernel_tree()?;
+    let backend = tools::ensure_vhost_device_vsock()?;
+    let pkgs = packages::ensure(&dir)?;
+    eprintln!("kvm-host: outer QEMU and VMM in L1: {}", pkgs.qemu_version);
+
+    let tests = if opts.mode == Mode::Test {
+        build_tests()?
+    } else {
+        Vec::new()
+    };
+    let cli = build_cli()?;
+    let runner = std::env::current_exe().context("Cannot find the xtask binary")?;
+
+    let mut img = image::Image::default();
+    img.base(&pkgs.root.join("bin/busybox"), &kernel)?;
+    img.program_at(Path::new("/usr/bin/qemu-system-x86_64"), &pkgs.qemu())?;
+    for share in ["qemu", "seabios"] {
+        let rel = Path::new("usr/share").join(share);
+        img.tree(&Path::new("/").join(&rel), &pkgs.root.join(&rel))?;
+    }
+    for (_, path) in &tests {
+        img.program(path)?;
+    }
+    img.program(&cli)?;
+    img.program(&runner)?;
+    img.program(&backend)?;
+    img.file(&guest.kernel, &guest.kernel, false);
+    img.file(&guest.initrd, &guest.initrd, false);
+    let manifest = Manifest {
+        mode: opts.mode,
+        tests,
+        args: opts.args.clone(),
+        env: vec![
+            ("CI".into(), "true".into()),
+            ("VMFACTORY_E2E_REQUIRE".into(), "1".into()),
+            ("VMFACTORY_E2E_REQUIRE_VSOCK".into(), "1".into()),
+            // Measured: L2 boots and QEMU starts take 5-10x a TCG host's time in L1.
+            ("VMFACTORY_E2E_TIME_SCALE".into(), TIME_SCALE.to_string()),
+            // The stress test's rounds are a parameter; a few exercise the KVM path.
+            ("VMFACTORY_STRESS_ROUNDS".into(), "4".into()),
+            ("VMFACTORY_GUEST_DIR".into(), path_str(&guest::guest_dir())?),
+            ("VMFACTORY_VHOST_DEVICE_VSOCK".into(), path_str(&backend)?),
+            ("VMFACTORY_BIN".into(), path_str(&cli)?),
+        ],
+        kernel: guest.kernel.clone(),
+        initrd: guest.initrd.clone(),
+    };
+    img.bytes(
+        Path::new("/kvm-host/manifest.json"),
+        serde_json::to_vec_pretty(&manifest)?,
+        false,
+    );
+    img.bytes(
+        Path::new("/kvm-host/runner"),
+        path_str(&runner)?.into_bytes(),
+        false,
+    );
+    let initrd = dir.join("l1.cpio");
+    let size = img.write(&initrd, &dir.join("stage"))?;
+    eprintln!(
+        "kvm-host: L1 image {} MiB, built in {:.1} s",
+        size >> 20,
+        started.elapsed().as_secs_f64()
+    );
+    boot(
+        opts,
+        &pkgs,
+        &guest.kernel,
+        &initrd,
+        &dir.join("console.log"),
+    )
+}
+
+fn path_str(p: &Path) -> Result<String> {
+    p.to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{} is not UTF-8", p.display()))
+}
+
+/// The e2e test binaries, built now: (target name, executable).
+fn build_tests() -> Result<Vec<(String, PathBuf)>> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["test", "-p", "vmfactory-e2e", "--no-run"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("Cannot run cargo test --no-run")?;
+    ensure!(out.status.success(), "Building the e2e tests failed");
+    let mut tests = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if msg["reason"] != "compiler-artifact" || msg["profile"]["test"] != true {
+            continue;
+        }
+        let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        else {
+            continue;
+        };
+        tests.push((name.to_owned(), PathBuf::from(exe)));
+    }
+    ensure!(!tests.is_empty(), "cargo built no e2e test binary");
+    tests.sort();
+    Ok(tests)
+}
+
+fn build_cli() -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo).current_dir(workspace_root()).args([
+        "build",
+        "-q",
+        "-p",
+        "vmfactory",
+    ]))?;
+    Ok(workspace_root().join("target/debug/vmfactory"))
+}
+
+/// Boots L1 and follows its console until it powers off; the verdict comes from its report.
+fn boot(
+    opts: &Options,
+    pkgs: &packages::Unpacked,
+    kernel: &Path,
+    initrd: &Path,
+    log: &Path,
+) -> Result<()> {
+    let share = pkgs.root.join("usr/share");
+    let mut cmd = Command::new(pkgs.qemu());
+    cmd.arg("-L")
+        .arg(share.join("qemu"))
+        .arg("-L")
+        .arg(share.join("seabios"))
+        .args(["-M", "q35", "-accel", "tcg", "-cpu", "max"])
+        .args(["-smp", &opts.vcpus.to_string()])
+        .args(["-m", &format!("{}M", opts.memory_mib)])
+        .args(["-display", "none", "-nodefaults", "-no-user-config"])
+        .args(["-no-reboot", "-serial", "stdio", "-kernel"])
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", "console=ttyS0 quiet panic=-1 rdinit=/init"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    let started = Instant::now();
+    let mut child = cmd.spawn().context("Cannot start the L1 QEMU")?;
+    let done = Arc::new(AtomicBool::new(false));
+    let pid = child.id();
+    let watchdog = {
+        let done = Arc::clone(&done);
+        let timeout = opts.timeout;
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if done.load(Ordering::SeqCst) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            true
+        })
+    };
+    let mut log_file = std::fs::File::create(log)?;
+    let mut report = Report::default();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).split(b'\n') {
+            let line = String::from_utf8_lossy(&line?).trim_end().to_string();
+            writeln!(log_file, "{line}")?;
+            match line.find(MARK) {
+                Some(at) => {
+                    let text = &line[at + MARK.len()..];
+                    report.note(text, started.elapsed());
+                    println!("{text}");
+                }
+                None => eprintln!("{line}"),
+            }
+        }
+    }
+    let status = child.wait()?;
+    done.store(true, Ordering::SeqCst);
+    let timed_out = watchdog.join().unwrap_or(false);
+    let wall = started.elapsed().as_secs_f64();
+    println!(
+        "kvm-host: L1 ran {wall:.0} s; accelerator {}; {} passed, {} failed",
+        report.accel.as_deref().unwrap_or("unknown"),
+        report.passed,
+        report.failed
+    );
+    if timed_out {
+        bail!(
+            "The nested run passed its bound of {} s; console in {}",
+            opts.timeout.as_secs(),
+            log.display()
+        );
+    }
+    ensure!(
+        report.accel.as_deref() == Some("kvm"),
+        "L1 did not resolve the accelerator to KVM (QEMU {status}); console in {}",
+        log.display()
+    );
+    match report.exit {
+        Some(0) => Ok(()),
+        Some(code) => bail!("The nested run failed (runner exit {code})"),
+        None => bail!(
+            "L1 stopped without a verdict (QEMU {status}); console in {}",
+            log.display()
+        ),
+    }
+}
+
+/// What L1's report said so far.
+#[derive(Debug, Default)]
+struct Report {
+    accel: Option<String>,
+    passed: usize,
+    failed: usize,
+    exit: Option<i32>,
+}
+
+impl Report {
+    fn note(&mut self, text: &str, _at: Duration) {
+        if let Some(rest) = text.strip_prefix("accelerator: ") {
+            self.accel = rest.split_whitespace().next().map(str::to_owned);
+        } else if text.starts_with("ok ") {
+            self.passed += 1;
+        } else if text.starts_with("FAIL ") {
+            self.failed += 1;
+        } else if let Some(code) = text.strip_prefix("exit ") {
+            self.exit = code.trim().parse().ok();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_lines() {
+        let mut r = Report::default();
+        for line in [
+            "accelerator: kvm (probe boot 3.1 s)",
+            "ok    vm::boots",
+            "FAIL  vm::clones",
+            "ok    x",
+            "exit 1",
+        ] {
+            r.note(line, Duration::ZERO);
+        }
+        assert_eq!(r.accel.as_deref(), Some("kvm"));
+        assert_eq!((r.passed, r.failed, r.exit), (2, 1, Some(1)));
+    }
+}
