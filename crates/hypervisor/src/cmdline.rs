@@ -112,9 +112,18 @@ pub fn shell_quote(path: &Path) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The migration URI that writes device state to `path`.
-pub fn save_uri(path: &Path) -> String {
-    format!("exec:cat > {}", shell_quote(path))
+/// First QEMU with the `file:` migration transport.
+pub const FILE_MIGRATION_SINCE: (u64, u64, u64) = (8, 2, 0);
+
+/// The migration URI that writes device state to `path`: `file:PATH` on QEMU >= 8.2 (QEMU
+/// writes the file itself), else `exec:cat > PATH`, which costs a `/bin/sh`, a `cat` and a
+/// fork of the QEMU that maps the guest RAM. A path `file:` cannot carry (a comma starts its
+/// options) keeps `exec:`.
+pub fn save_uri(path: &Path, qemu: Option<(u64, u64, u64)>) -> String {
+    match path.to_str() {
+        Some(p) if qemu >= Some(FILE_MIGRATION_SINCE) && !p.contains(',') => format!("file:{p}"),
+        _ => format!("exec:cat > {}", shell_quote(path)),
+    }
 }
 
 /// The migration URI that reads device state from descriptor `fd`, which QEMU inherited (a
@@ -350,7 +359,15 @@ mod tests {
         );
         assert_eq!(escape_opt(OsStr::new("/plain")), OsString::from("/plain"));
         assert_eq!(shell_quote(Path::new("/t/it's here")), r"'/t/it'\''s here'");
-        assert_eq!(save_uri(Path::new("/t/state")), "exec:cat > '/t/state'");
+        let state = Path::new("/t/state");
+        assert_eq!(save_uri(state, Some((7, 2, 22))), "exec:cat > '/t/state'");
+        assert_eq!(save_uri(state, None), "exec:cat > '/t/state'");
+        assert_eq!(save_uri(state, Some((8, 2, 0))), "file:/t/state");
+        assert_eq!(save_uri(state, Some((10, 0, 2))), "file:/t/state");
+        assert_eq!(
+            save_uri(Path::new("/t/a,b"), Some((10, 0, 2))),
+            "exec:cat > '/t/a,b'"
+        );
         assert_eq!(load_uri(7), "fd:7");
     }
 

@@ -168,7 +168,7 @@ pub(super) async fn incoming(id: &str, qmp: &QmpClient, state: RawFd) -> Result<
     Ok(())
 }
 
-/// `stop`, `x-ignore-shared`, `migrate exec:cat > STATE`, wait for `completed`.
+/// `stop`, `x-ignore-shared`, `migrate` to STATE ([`save_uri`]), wait for `completed`.
 #[instrument(skip_all, fields(vm = %inner.id))]
 pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> {
     let id = &inner.id;
@@ -185,9 +185,10 @@ pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> 
         .map_err(|e| Error::qmp(id, e))?;
     set_ignore_shared(id, &r.qmp).await?;
     let events = r.qmp.subscribe();
+    let t0 = std::time::Instant::now();
     r.qmp
         .execute(migrate {
-            uri: Some(save_uri(state)),
+            uri: Some(save_uri(state, r.qmp.qemu_version())),
             channels: None,
             detach: None,
             resume: None,
@@ -195,7 +196,7 @@ pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> 
         .await
         .map_err(|e| Error::qmp(id, e))?;
     wait_migration(id, &r.qmp, events).await?;
-    info!(state = %state.display(), "template saved");
+    info!(state = %state.display(), ms = t0.elapsed().as_millis(), "template saved");
     Ok(())
 }
 
