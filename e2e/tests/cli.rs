@@ -202,6 +202,9 @@ fn init_status_get_destroy_leaves_nothing() {
     let meta = &status["template"]["metadata"];
     assert_eq!(meta["memory_mib"], 256, "{status}");
     assert!(meta["config_hash"].as_str().is_some_and(|h| !h.is_empty()));
+    // `accel = "auto"` in the file; the template records what it resolved to.
+    let accel = meta["key"]["accel"].as_str();
+    assert!(matches!(accel, Some("kvm" | "tcg")), "{status}");
     assert_eq!(status["cache_server"]["pid"], server_pid);
     for vm in status["cache_server"]["vms"].as_array().expect("vms") {
         let pid = vm["pid"].as_u64().expect("cached VM pid");

@@ -1,15 +1,27 @@
 //! The `vmfactory-factory` crate on real QEMU: a template factory (tmpfs under the run root)
 //! handing out clones through `get_vm` with RNG reseed, time sync and hotplug verified inside
-//! the guest; `fetch` refusing a template made for another memory size; a cache of 2 over a
+//! the guest; the template and its clones pinned to the accelerator and CPU model `auto`
+//! resolved to; `fetch` refusing a template made for another memory size; a cache of 2 over a
 //! template handing out 3 VMs; `close` leaving no process, mount or directory.
 
 use std::time::{Duration, Instant};
 
 use vmfactory_agent::HealthStatus;
 use vmfactory_e2e::{guest_env, mounts_under, vm, GuestEnv, RunRoot};
-use vmfactory_factory::{BaseKind, Factory, FactoryConfig, TemplateError, TemplateFactory};
-use vmfactory_hypervisor::VmStatus;
+use vmfactory_factory::{
+    BaseKind, Factory, FactoryConfig, TemplateError, TemplateFactory, TemplateMetadata,
+};
+use vmfactory_hypervisor::{resolve_accel, VmStatus};
 use vmfactory_vm::Vm;
+
+/// The command line of process `pid`, one argument per item.
+fn qemu_cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("QEMU runs");
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect()
+}
 
 fn factory_config(env: &GuestEnv, root: &RunRoot) -> FactoryConfig {
     vm::template_factory_config(env, root.path())
@@ -36,6 +48,14 @@ async fn template_get_vm_reseed_time_hotplug_fetch_and_close() {
         "one tmpfs at the template path"
     );
 
+    // The template records what `auto` resolved to (this process's answer), and the CPU
+    // model that implies; its clones' QEMU runs with both.
+    let accel = resolve_accel(&cfg.vm.hypervisor).await;
+    let cpu = cfg.vm.hypervisor.cpu_model_for(accel).map(str::to_owned);
+    let meta = TemplateMetadata::load(&cfg.template_path).await.unwrap();
+    assert_eq!((meta.key.accel, &meta.key.cpu_model), (accel, &cpu));
+    eprintln!("template pinned to {accel}, cpu model {cpu:?}");
+
     // Two clones: different randomness after the reseed, clocks set.
     let mut vms = Vec::new();
     for _ in 0..2 {
@@ -44,6 +64,14 @@ async fn template_get_vm_reseed_time_hotplug_fetch_and_close() {
         eprintln!("get_vm (template clone) to ready: {:?}", t.elapsed());
         assert_eq!(v.agent().check().await.unwrap(), HealthStatus::Serving);
         assert_eq!(v.status().await.unwrap().state, VmStatus::Running);
+        let pid = v.hypervisor().pid().unwrap();
+        let args = qemu_cmdline(pid);
+        let after = |flag: &str| {
+            let at = args.iter().position(|a| a == flag)?;
+            args.get(at + 1).cloned()
+        };
+        assert_eq!(after("-accel").as_deref(), Some(accel.as_str()), "{args:?}");
+        assert_eq!(after("-cpu"), cpu, "{args:?}");
         vms.push(v);
     }
     let r0 = vms[0].agent().random(32).await.unwrap();

@@ -67,6 +67,34 @@ async fn cpu_and_memory_hotplug_are_onlined() {
     root.assert_no_leaks();
 }
 
+/// A configured CPU model reaches QEMU, and vCPU hotplug still works: QEMU refuses a CPU of
+/// another type than `-cpu`'s, so this passes only because hotplug plugs the type
+/// `query-hotpluggable-cpus` reports (`max-x86_64-cpu` here, not the default's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_cpu_model_boots_and_hotplugs() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let mut cfg = vm::config(&env);
+    cfg.cpu_model = Some("max".into());
+    let (t, boot) = TestVm::boot(root.path(), "vm", cfg).await.unwrap();
+    eprintln!("cold boot with -cpu max to agent Check: {boot:?}");
+    let pid = t.vm.pid().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        cmdline.windows(9).any(|w| w == b"-cpu\0max\0"),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
+    assert_eq!(t.vm.add_vcpus(1).await.unwrap(), 1);
+    t.agent.online_cpu_mem(true, 1, false).await.unwrap();
+    let res = t.agent.resources().await.unwrap();
+    assert_eq!(res.online_cpu_count(), 2, "{res:?}");
+    assert_eq!(t.vm.size().await.unwrap().vcpus, 2);
+    t.assert_healthy_console();
+    t.stop().await.unwrap();
+    root.assert_no_leaks();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_save_and_two_clones() {
     let Some(env) = guest_env() else { return };

@@ -158,6 +158,8 @@ struct QemuSection {
     machine_type: MachineType,
     #[serde(default = "default_accel")]
     accel: Accel,
+    #[serde(default)]
+    cpu_model: Option<String>,
     #[serde(default = "default_channel")]
     agent_channel: ChannelName,
     #[serde(default = "default_cid")]
@@ -427,6 +429,7 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
     hv.max_memory_mib = q.default_maxmemory.unwrap_or(q.default_memory);
     hv.machine = q.machine_type;
     hv.accel = q.accel;
+    hv.cpu_model = q.cpu_model;
     hv.tcg_tb_size_mib = q.tcg_tb_size;
     hv.agent_channel = match q.agent_channel {
         ChannelName::VirtioSerial => AgentChannel::VirtioSerial,
@@ -523,6 +526,13 @@ fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, Str
                 QEMU,
                 "memory_slots",
                 "memory_slots needs default_maxmemory above default_memory".into(),
+            ),
+            Hv::InvalidCpuModel(_) => (QEMU, "cpu_model", hv.to_string()),
+            Hv::HostCpuWithoutKvm => (
+                QEMU,
+                "cpu_model",
+                "cpu_model = \"host\" needs KVM: set accel = \"auto\" or \"kvm\", or another model"
+                    .into(),
             ),
             Hv::HotplugUnsupported { machine } => (
                 QEMU,
@@ -652,7 +662,11 @@ mod tests {
         assert_eq!(s.template_path, Path::new(DEFAULT_TEMPLATE_PATH));
         assert_eq!(s.endpoint, Path::new(DEFAULT_CACHE_ENDPOINT));
         assert_eq!((s.vm.hypervisor.vcpus, s.vm.hypervisor.max_vcpus), (1, 4));
+        assert_eq!(s.vm.hypervisor.cpu_model, None, "chosen per accelerator");
         s.factory_config().validate().expect("factory config");
+        let text = "[hypervisor.qemu]\nkernel = \"k\"\ncpu_model = \"max,-la57\"\n";
+        let s = parse("f.toml", text, Path::new("/")).expect("ok");
+        assert_eq!(s.vm.hypervisor.cpu_model.as_deref(), Some("max,-la57"));
     }
 
     #[test]

@@ -575,6 +575,23 @@ fn bad_configs_fail_with_2_and_one_line() {
             vec!["line 10"],
         ),
         (
+            "host cpu model under tcg",
+            Box::new(|t: &str| {
+                t.replace("accel = \"tcg\"", "accel = \"tcg\"\ncpu_model = \"host\"")
+            }),
+            vec!["line 10", "cpu_model = \"host\" needs KVM"],
+        ),
+        (
+            "malformed cpu model",
+            Box::new(|t: &str| {
+                t.replace(
+                    "accel = \"tcg\"",
+                    "accel = \"tcg\"\ncpu_model = \"max -smp 64\"",
+                )
+            }),
+            vec!["line 10", "Invalid CPU model \"max -smp 64\""],
+        ),
+        (
             "unknown agent channel",
             Box::new(|t: &str| {
                 t.replace(

@@ -45,6 +45,6 @@ pub use setup::NewFactoryError;
 pub use template::{
     clone_vm_config, template_paths, template_vm_config, CloneKey, FileIdentity, MountOutcome,
     SystemHost, TemplateError, TemplateFactory, TemplateHost, TemplateMetadata, TemplateStep,
-    MARKER_FILE, MAX_METADATA_SIZE, MEMORY_FILE, METADATA_FILE, STATE_FILE,
+    ACCEL_CACHE_FILE, MARKER_FILE, MAX_METADATA_SIZE, MEMORY_FILE, METADATA_FILE, STATE_FILE,
     TEMPLATE_METADATA_VERSION,
 };

@@ -60,6 +60,10 @@ impl Factory {
                 backends,
             ));
         }
+        // `auto` resolved here, once per host (kept in the run root): a direct VM's QEMU then
+        // takes the process's answer instead of probing without the cache.
+        host.resolve_accel(&config.vm.hypervisor, &config.vm.run_root)
+            .await;
         let (base, kind): (Arc<dyn FactoryBase>, BaseKind) = if !config.template {
             (
                 Arc::new(DirectFactory::with_backends(
@@ -134,6 +138,8 @@ mod tests {
             .await
             .expect("direct");
         assert_eq!((f.kind(), f.is_cached()), (BaseKind::Direct, false));
+        let roots = host.accel_roots.lock().expect("lock").clone();
+        assert_eq!(roots, [b.root()], "auto resolved with the run root's cache");
         f.close().await.expect("close");
 
         let mut c = fconfig(&b);

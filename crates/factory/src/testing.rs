@@ -8,18 +8,22 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use vmfactory_hypervisor::{Accel, HypervisorConfig};
 use vmfactory_vm::{FakeBackends, Vm, VmConfig, VmInfo};
 
 use crate::template::{MountOutcome, TemplateError, TemplateHost, MEMORY_FILE, STATE_FILE};
 use crate::{BaseError, FactoryBase};
 
-/// Mounts tracked in memory (with a stack count per path), a fixed QEMU version.
+/// Mounts tracked in memory (with a stack count per path), a fixed QEMU version, and a set
+/// answer for `accel = auto` (TCG unless changed), with the run roots it was asked for.
 #[derive(Debug)]
 pub(crate) struct FakeHost {
     pub(crate) mounts: Mutex<HashMap<PathBuf, u32>>,
     pub(crate) not_permitted: AtomicBool,
     pub(crate) qemu_version: Mutex<String>,
     pub(crate) mount_calls: AtomicU32,
+    pub(crate) auto_accel: Mutex<Accel>,
+    pub(crate) accel_roots: Mutex<Vec<PathBuf>>,
 }
 
 impl Default for FakeHost {
@@ -29,6 +33,8 @@ impl Default for FakeHost {
             not_permitted: AtomicBool::new(false),
             qemu_version: Mutex::new("QEMU emulator version 7.2.0 (fake)".into()),
             mount_calls: AtomicU32::new(0),
+            auto_accel: Mutex::new(Accel::Tcg),
+            accel_roots: Mutex::default(),
         }
     }
 }
@@ -81,6 +87,15 @@ impl TemplateHost for FakeHost {
 
     async fn qemu_version(&self, _qemu: &Path) -> Result<String, TemplateError> {
         Ok(self.qemu_version.lock().expect("lock").clone())
+    }
+
+    async fn resolve_accel(&self, cfg: &HypervisorConfig, run_root: &Path) -> Accel {
+        let roots = &mut *self.accel_roots.lock().expect("lock");
+        roots.push(run_root.to_owned());
+        match cfg.accel {
+            Accel::Auto => *self.auto_accel.lock().expect("lock"),
+            explicit => explicit,
+        }
     }
 }
 

@@ -669,7 +669,7 @@ async fn bad_template_metadata() {
     let load = || TemplateMetadata::load(&dir);
     assert!(matches!(load().await, Err(TemplateError::Missing { .. })));
     type Row = (&'static str, Vec<u8>, fn(&TemplateError) -> bool);
-    let cases: [Row; 6] = [
+    let cases: [Row; 7] = [
         ("empty", Vec::new(), |e| {
             matches!(e, TemplateError::Corrupt { .. })
         }),
@@ -684,9 +684,24 @@ async fn bad_template_metadata() {
         ("future version", br#"{"version": 7}"#.to_vec(), |e| {
             matches!(e, TemplateError::UnsupportedVersion { found: 7, .. })
         }),
+        // Version 1 recorded `accel = auto`, not what it resolved to: not to be trusted.
+        (
+            "version 1",
+            br#"{"version": 1, "key": {"accel": "auto"}}"#.to_vec(),
+            |e| {
+                matches!(
+                    e,
+                    TemplateError::UnsupportedVersion {
+                        found: 1,
+                        supported: 2,
+                        ..
+                    }
+                )
+            },
+        ),
         (
             "wrong shape",
-            br#"{"version": 1, "key": 3}"#.to_vec(),
+            br#"{"version": 2, "key": 3}"#.to_vec(),
             |e| matches!(e, TemplateError::Corrupt { .. }),
         ),
         ("oversized", vec![b' '; 1 << 20], |e| {

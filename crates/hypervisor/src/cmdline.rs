@@ -204,7 +204,8 @@ pub fn vsock_backend_args(guest_cid: u32, paths: &RunPaths) -> Vec<OsString> {
 
 /// The QEMU argument vector (without the binary) for VM `id`.
 ///
-/// `accel` must be resolved (`kvm` or `tcg`); `auto` is treated as `tcg`.
+/// `accel` must be resolved (`kvm` or `tcg`); `auto` is treated as `tcg`. The CPU model is
+/// [`HypervisorConfig::cpu_model_for`] `accel`.
 pub fn qemu_args(
     id: &str,
     cfg: &HypervisorConfig,
@@ -218,12 +219,15 @@ pub fn qemu_args(
     push(&["-name".as_ref(), escape_opt(OsStr::new(id)).as_os_str()]);
     let machine = format!("{},memory-backend=mem0", cfg.machine);
     push(&["-M".as_ref(), machine.as_ref()]);
-    let accel = match (accel, cfg.tcg_tb_size_mib) {
+    let accel_opt = match (accel, cfg.tcg_tb_size_mib) {
         (Accel::Kvm, _) => "kvm".to_owned(),
         (_, Some(tb)) => format!("tcg,tb-size={tb}"),
         (_, None) => "tcg".to_owned(),
     };
-    push(&["-accel".as_ref(), accel.as_ref()]);
+    push(&["-accel".as_ref(), accel_opt.as_ref()]);
+    if let Some(model) = cfg.cpu_model_for(accel) {
+        push(&["-cpu".as_ref(), model.as_ref()]);
+    }
     let mem = if cfg.memory_slots > 0 {
         format!(
             "{}M,slots={},maxmem={}M",
@@ -422,6 +426,29 @@ mod tests {
         assert_eq!(values(&args, "-accel"), [OsStr::new("tcg,tb-size=64")]);
         let args = qemu_args("x", &c, &paths, Accel::Kvm);
         assert_eq!(values(&args, "-accel"), [OsStr::new("kvm")]);
+    }
+
+    #[test]
+    fn cpu_model_follows_the_accelerator_unless_configured() {
+        let paths = RunPaths::new("/r");
+        let mut c = base();
+        // TCG keeps QEMU's default model: no -cpu at all.
+        assert!(values(&qemu_args("x", &c, &paths, Accel::Tcg), "-cpu").is_empty());
+        let kvm = qemu_args("x", &c, &paths, Accel::Kvm);
+        assert_eq!(values(&kvm, "-cpu"), [OsStr::new("host")]);
+        assert!(args_string(&kvm)
+            .starts_with("-name x -M q35,memory-backend=mem0 -accel kvm -cpu host -m "));
+        c.cpu_model = Some("Skylake-Client,-hle".into());
+        for accel in [Accel::Tcg, Accel::Kvm] {
+            let args = qemu_args("x", &c, &paths, accel);
+            assert_eq!(values(&args, "-cpu"), [OsStr::new("Skylake-Client,-hle")]);
+        }
+        // A pinned clone config carries its template's model whatever it is given.
+        let clone = base().pinned(Accel::Kvm);
+        assert_eq!(
+            values(&qemu_args("x", &clone, &paths, clone.accel), "-cpu"),
+            [OsStr::new("host")]
+        );
     }
 
     #[test]

@@ -232,6 +232,11 @@ pub struct HypervisorConfig {
     pub machine: MachineType,
     /// The accelerator.
     pub accel: Accel,
+    /// The guest CPU model (`-cpu`, e.g. `host`, `max`, `Skylake-Client`, with `,feature`
+    /// suffixes allowed). `None`: `host` under KVM, QEMU's default under TCG (see
+    /// [`HypervisorConfig::cpu_model_for`]).
+    #[serde(default)]
+    pub cpu_model: Option<String>,
     /// The part this VM plays in templating, if any: saved as a template, or cloned from one.
     #[serde(default)]
     pub template: Option<TemplateRole>,
@@ -260,6 +265,7 @@ impl HypervisorConfig {
             max_memory_mib: 256,
             machine: MachineType::Q35,
             accel: Accel::Auto,
+            cpu_model: None,
             template: None,
             agent_channel: AgentChannel::VirtioSerial,
             tcg_tb_size_mib: None,
@@ -375,6 +381,9 @@ impl HypervisorConfig {
         if self.template.is_some() {
             self.check_templatable()?;
         }
+        if let Some(model) = &self.cpu_model {
+            check_cpu_model(model, self.accel)?;
+        }
         match self.agent_channel {
             AgentChannel::Vsock { guest_cid } | AgentChannel::HybridVsock { guest_cid, .. }
                 if guest_cid < 3 =>
@@ -414,6 +423,23 @@ impl HypervisorConfig {
         }
         Ok(())
     }
+}
+
+/// Checks a CPU model for `-cpu`: a name and optional `,feature` parts (letters, digits and
+/// `-_.+=`), and no `host` under forced TCG, so such mistakes fail as a config error, not as
+/// a QEMU that exits at start.
+fn check_cpu_model(model: &str, accel: Accel) -> Result<(), ConfigError> {
+    let mut chars = model.chars();
+    let well_formed = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "-_.,+=".contains(c));
+    if !well_formed {
+        return Err(ConfigError::InvalidCpuModel(model.to_owned()));
+    }
+    let name = model.split(',').next().unwrap_or_default();
+    if accel == Accel::Tcg && name == "host" {
+        return Err(ConfigError::HostCpuWithoutKvm);
+    }
+    Ok(())
 }
 
 /// Opens `path` for reading (symlinks followed: guest files are often links) without waiting
@@ -560,6 +586,24 @@ mod tests {
                 |e| matches!(e, ConfigError::HybridVsockWithTemplate),
             ),
             (
+                "cpu model with a space",
+                |c| c.cpu_model = Some("host -smp 8".into()),
+                |e| matches!(e, ConfigError::InvalidCpuModel(m) if m == "host -smp 8"),
+            ),
+            (
+                "empty cpu model",
+                |c| c.cpu_model = Some(String::new()),
+                |e| matches!(e, ConfigError::InvalidCpuModel(_)),
+            ),
+            (
+                "host cpu under forced tcg",
+                |c| {
+                    c.accel = Accel::Tcg;
+                    c.cpu_model = Some("host,-pmu".into());
+                },
+                |e| matches!(e, ConfigError::HostCpuWithoutKvm),
+            ),
+            (
                 "reserved cid",
                 |c| c.agent_channel = AgentChannel::Vsock { guest_cid: 2 },
                 |e| matches!(e, ConfigError::ReservedCid { cid: 2 }),
@@ -575,6 +619,17 @@ mod tests {
                     assert!(!e.to_string().contains('\n'), "{name}: multi-line message");
                 }
             }
+        }
+        // Models with features, and `host` where KVM may be used.
+        for (accel, model) in [
+            (Accel::Tcg, "Skylake-Client-v4,+avx2,-hle"),
+            (Accel::Tcg, "max"),
+            (Accel::Auto, "host"),
+            (Accel::Kvm, "host,pmu=off"),
+        ] {
+            let mut c = base.clone();
+            (c.accel, c.cpu_model) = (accel, Some(model.into()));
+            c.validate().expect(model);
         }
         // A valid template and a valid clone.
         assert!(template(base.clone()).validate().is_ok());

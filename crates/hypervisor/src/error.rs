@@ -127,6 +127,13 @@ pub enum ConfigError {
         /// The configured CID.
         cid: u32,
     },
+    /// The CPU model is not a name with optional `,feature` parts.
+    #[error("Invalid CPU model {0:?} (expected a QEMU model name such as host or max)")]
+    InvalidCpuModel(String),
+    /// CPU model `host` with `accel = tcg`: `host` passes the host CPU through, which only KVM
+    /// can do.
+    #[error("CPU model host needs KVM (accel is tcg)")]
+    HostCpuWithoutKvm,
     /// An unknown machine type string.
     #[error("Unknown machine type {0:?} (expected q35, pc or microvm)")]
     UnknownMachine(String),

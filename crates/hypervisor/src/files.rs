@@ -5,11 +5,18 @@
 //! The rule is `vmfactory_persist::open_regular_blocking`'s (the one every other crate uses);
 //! the hypervisor cannot call it, as the four leaf crates do not know each other
 //! (docs/architecture.md). Keep the two in step: same flags, type checked on the descriptor.
+//! For the same reason [`write_atomic`] repeats persist's `write_atomic_blocking` (temp file,
+//! fsync, rename, fsync of the directory) for the accelerator cache, the one file this crate
+//! writes.
 
-use std::fs::{File, FileType, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::fs::{File, FileType, OpenOptions, Permissions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Tells apart the temporary files of concurrent writers within one process.
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Whether [`open_regular`] follows a symlink in the last component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +72,53 @@ pub(crate) fn read_tail(path: &Path, max: u64) -> io::Result<(bool, Vec<u8>)> {
     Ok((start > 0, bytes))
 }
 
+/// All of the regular file `path` (no symlink followed), or an `InvalidData` error if it is
+/// longer than `max` bytes, also if it grows while read. Blocking.
+pub(crate) fn read_limited(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular(path, Symlinks::Refuse, false)?;
+    let mut bytes = Vec::new();
+    file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("Longer than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Replaces `path` with `bytes` (mode `mode`) atomically: a new hidden file beside it,
+/// fsynced, renamed over `path`, then the directory fsynced. Readers see the old or the new
+/// content, never a mix; of concurrent writers the last rename wins. Blocking.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(refused("Has no parent directory or file name"));
+    };
+    let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}.{n}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        // Explicitly: open(2) filters the mode through the umask.
+        file.set_permissions(Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    File::open(dir)?.sync_all()
+}
+
 fn refused(what: &'static str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, what)
 }
@@ -118,10 +172,38 @@ mod tests {
             "Is a directory"
         );
         assert!(read_tail(&fifo, 4).is_err());
+        assert!(read_limited(&link, 100).is_err());
+        assert!(read_limited(&fifo, 100).is_err());
+        assert_eq!(read_limited(&file, 10).expect("read"), b"0123456789");
+        let too_long = read_limited(&file, 9).expect_err("too long");
+        assert_eq!(too_long.kind(), io::ErrorKind::InvalidData);
         assert_eq!(read_tail(&file, 4).expect("tail"), (true, b"6789".to_vec()));
         assert_eq!(
             read_tail(&file, 100).expect("tail"),
             (false, b"0123456789".to_vec())
         );
+    }
+
+    #[test]
+    fn atomic_write_replaces_the_file_and_leaves_no_temporary() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("accel.json");
+        std::fs::write(&path, b"old").expect("write");
+        let old_inode = std::fs::metadata(&path).expect("stat").ino();
+        write_atomic(&path, b"new", 0o600).expect("write");
+        let meta = std::fs::metadata(&path).expect("stat");
+        assert_eq!(std::fs::read(&path).expect("read"), b"new");
+        assert_ne!(meta.ino(), old_inode, "a new file renamed over the old one");
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["accel.json"]);
+        // A directory that is not there: an error, and nothing left behind.
+        let missing = dir.path().join("gone/accel.json");
+        assert!(write_atomic(&missing, b"x", 0o600).is_err());
+        assert!(!dir.path().join("gone").exists());
     }
 }

@@ -4,8 +4,9 @@
 //! This crate owns: the QEMU command line ([`cmdline`]), the QMP client ([`qmp`]), QEMU and
 //! `vhost-device-vsock` processes and the records each writes of itself in the run directory
 //! before it execs ([`ProcessRecord`]), template save / boot-from-template (migration with
-//! `x-ignore-shared`), CPU and memory hotplug, and the wire form ([`QemuState`]) another process
-//! uses to re-attach to a running VM. It does not own the guest agent (it only reports where
+//! `x-ignore-shared`), CPU and memory hotplug, the wire form ([`QemuState`]) another process
+//! uses to re-attach to a running VM, and what `accel = auto` and the CPU model resolve to
+//! ([`accel`], with a cache file its caller names). It does not own the guest agent (it only reports where
 //! the agent listens, see [`Hypervisor::agent_endpoint`]), the console proxy, template
 //! metadata or run-directory bookkeeping: those live in the `agent`, `proxy`, `factory` and
 //! `persist` crates.
@@ -62,7 +63,7 @@ mod record;
 pub mod state;
 pub mod wait;
 
-pub use accel::resolve_accel;
+pub use accel::{resolve_accel, resolve_accel_with_cache, KVM_DEFAULT_CPU_MODEL, PROBE_TIMEOUT};
 pub use cmdline::RunPaths;
 pub use config::VmSize;
 pub use config::{
@@ -73,7 +74,7 @@ pub use endpoint::AgentEndpoint;
 pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 #[cfg(feature = "test-utils")]
 pub use fake::{FakeCall, FakeHypervisor, FakeStep};
-pub use qemu::Qemu;
+pub use qemu::{qemu_version, Qemu};
 pub use qmp::QmpClient;
 pub use record::{ProcessKind, ProcessRecord};
 pub use state::{QemuState, VmStatus, QEMU_STATE_VERSION};

@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use tracing::warn;
 use vmfactory_factory::{
-    CacheClient, CacheFactory, CacheServer, DirectFactory, FactoryBase, TemplateFactory,
+    CacheClient, CacheFactory, CacheServer, DirectFactory, FactoryBase, SystemHost,
+    TemplateFactory, TemplateHost as _,
 };
 use vmfactory_persist::LockMode;
 
@@ -48,6 +49,11 @@ async fn make_and_serve(s: &Settings) -> CmdResult {
         }
     }
     super::leftovers::recover(s).await?;
+    // `auto` resolved once per host, kept in the run root: every VM this process boots takes
+    // that answer (a template pins it; a direct VM's QEMU asks the process).
+    SystemHost
+        .resolve_accel(&s.vm.hypervisor, &s.vm.run_root)
+        .await;
 
     let template = if s.template {
         let step = Step::start(format!(

@@ -150,10 +150,16 @@ fn table(r: &StatusReport) -> String {
     let t = &r.template;
     let state = match (&t.metadata, &t.error) {
         (Some(m), _) => format!(
-            "present, {} MiB, {} vCPU (max {}), made {} ago, hash {}, {}",
+            "present, {} MiB, {} vCPU (max {}), {}{}, made {} ago, hash {}, {}",
             m.memory_mib,
             m.key.vcpus,
             m.key.max_vcpus,
+            m.key.accel,
+            m.key
+                .cpu_model
+                .as_ref()
+                .map(|c| format!(" -cpu {c}"))
+                .unwrap_or_default(),
             age(m.created_at_secs),
             m.config_hash.get(..12).unwrap_or(&m.config_hash),
             m.key.qemu_version,

@@ -10,7 +10,7 @@ use vmfactory_factory::{
     CloneKey, MountOutcome, TemplateError, TemplateHost, TemplateMetadata, MAX_METADATA_SIZE,
     METADATA_FILE, TEMPLATE_METADATA_VERSION,
 };
-use vmfactory_hypervisor::{FakeHypervisor, Hypervisor as _, HypervisorConfig};
+use vmfactory_hypervisor::{Accel, FakeHypervisor, Hypervisor as _, HypervisorConfig};
 use vmfactory_persist::{Store, DEFAULT_MAX_STATE_SIZE, MAX_ID_LEN, STATE_VERSION};
 use vmfactory_vm::{VmConfig, VmState, MAX_WIRE_SIZE, WIRE_VERSION};
 
@@ -45,6 +45,9 @@ impl TemplateHost for NoQemu {
     async fn qemu_version(&self, _: &Path) -> Result<String, TemplateError> {
         Ok("QEMU emulator version 7.2.0 (test)".into())
     }
+    async fn resolve_accel(&self, _: &HypervisorConfig, _: &Path) -> Accel {
+        Accel::Tcg
+    }
 }
 
 /// A [`Scratch`] with valid stored inputs written by the libraries: template metadata in
@@ -64,7 +67,9 @@ impl Stored {
         let dir = scratch.path();
         let (metadata, state) = block_on(async {
             let hv = HypervisorConfig::new(dir.join("vmlinuz"), Some(dir.join("initramfs.cpio")));
-            let key = CloneKey::gather(&hv, &NoQemu).await.expect("clone key");
+            let key = CloneKey::gather(&hv.pinned(Accel::Tcg), &NoQemu)
+                .await
+                .expect("clone key");
             let metadata = TemplateMetadata::new(key);
             std::fs::create_dir(dir.join("tpl")).expect("mkdir");
             metadata.write(&dir.join("tpl")).await.expect("metadata");

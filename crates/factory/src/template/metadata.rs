@@ -7,9 +7,11 @@
 //! machine from the same guest: every field of the hypervisor config except the template role
 //! (its files) and the image (templates have none). That includes boot vCPUs and
 //! memory, `max_vcpus`, memory slots and `max_memory_mib` (they shape the machine), machine
-//! type, accelerator, kernel, initrd, kernel parameters, the agent channel, the QEMU binary and
-//! its version, and the identity of the kernel and initrd files (path, size and mtime: cheap,
-//! and enough to notice a rebuilt guest; not a content hash).
+//! type, kernel, initrd, kernel parameters, the agent channel, the QEMU binary and its
+//! version, and the identity of the kernel and initrd files (path, size and mtime: cheap, and
+//! enough to notice a rebuilt guest; not a content hash). The accelerator and CPU model are
+//! the *resolved* ones ([`HypervisorConfig::pinned`]): a template made under KVM with
+//! `-cpu host` cannot be loaded under TCG (version 1 recorded `auto`, so it could be).
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,7 +25,7 @@ use super::error::TemplateError;
 use super::host::TemplateHost;
 
 /// The metadata format version this build writes and reads.
-pub const TEMPLATE_METADATA_VERSION: u32 = 1;
+pub const TEMPLATE_METADATA_VERSION: u32 = 2;
 /// The metadata file in a template directory.
 pub const METADATA_FILE: &str = "metadata.json";
 /// The template memory file in a template directory.
@@ -97,8 +99,10 @@ pub struct CloneKey {
     pub max_memory_mib: u64,
     /// Machine type.
     pub machine: MachineType,
-    /// Accelerator.
+    /// The accelerator the template ran under (`kvm` or `tcg`, never `auto`).
     pub accel: Accel,
+    /// The CPU model it ran with (`-cpu`); `None`: QEMU's default.
+    pub cpu_model: Option<String>,
     /// Agent channel.
     pub agent_channel: AgentChannel,
     /// TCG translation-block cache size.
@@ -107,6 +111,8 @@ pub struct CloneKey {
 
 impl CloneKey {
     /// The key of `cfg` on this host: stats the kernel and initrd, asks QEMU its version.
+    /// `cfg` is the config as the template runs it, accelerator resolved
+    /// ([`HypervisorConfig::pinned`]); its accelerator and CPU model are taken as they are.
     pub async fn gather(
         cfg: &HypervisorConfig,
         host: &dyn TemplateHost,
@@ -131,6 +137,7 @@ impl CloneKey {
             max_memory_mib: cfg.max_memory_mib,
             machine: cfg.machine,
             accel: cfg.accel,
+            cpu_model: cfg.cpu_model_for(cfg.accel).map(str::to_owned),
             agent_channel: cfg.agent_channel.clone(),
             tcg_tb_size_mib: cfg.tcg_tb_size_mib,
         })
@@ -293,11 +300,14 @@ mod tests {
     use super::*;
     use crate::testing::FakeHost;
 
+    fn cfg(dir: &Path) -> HypervisorConfig {
+        HypervisorConfig::new(dir.join("k"), Some(dir.join("i")))
+    }
+
     async fn key(dir: &Path) -> CloneKey {
         std::fs::write(dir.join("k"), b"kernel").expect("k");
         std::fs::write(dir.join("i"), b"initrd").expect("i");
-        let cfg = HypervisorConfig::new(dir.join("k"), Some(dir.join("i")));
-        CloneKey::gather(&cfg, &FakeHost::default())
+        CloneKey::gather(&cfg(dir).pinned(Accel::Tcg), &FakeHost::default())
             .await
             .expect("key")
     }
@@ -337,14 +347,54 @@ mod tests {
         assert!(
             matches!(loaded.check(&other), Err(TemplateError::Mismatch { field, template, .. }) if field == "qemu_version" && template.contains("7.2.0"))
         );
+        // Made under KVM with the host's CPU; the host now resolves to TCG, or another model
+        // is configured.
+        let kvm = CloneKey::gather(&cfg(dir.path()).pinned(Accel::Kvm), &FakeHost::default())
+            .await
+            .expect("key");
+        assert_eq!(
+            (kvm.accel, kvm.cpu_model.as_deref()),
+            (Accel::Kvm, Some("host"))
+        );
+        let made_under_kvm = TemplateMetadata::new(kvm.clone());
+        let tcg = CloneKey::gather(&cfg(dir.path()).pinned(Accel::Tcg), &FakeHost::default())
+            .await
+            .expect("key");
+        match made_under_kvm.check(&tcg) {
+            Err(TemplateError::Mismatch {
+                field,
+                template,
+                config,
+            }) => assert_eq!(
+                (field.as_str(), template.as_str(), config.as_str()),
+                ("accel", "kvm", "tcg")
+            ),
+            other => panic!("{other:?}"),
+        }
+        let mut max = cfg(dir.path());
+        max.cpu_model = Some("max".into());
+        let max = CloneKey::gather(&max.pinned(Accel::Kvm), &FakeHost::default())
+            .await
+            .expect("key");
+        match made_under_kvm.check(&max) {
+            Err(TemplateError::Mismatch {
+                field,
+                template,
+                config,
+            }) => assert_eq!(
+                (field.as_str(), template.as_str(), config.as_str()),
+                ("cpu_model", "host", "max")
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(TemplateMetadata::new(tcg.clone()).check(&kvm), Err(TemplateError::Mismatch { field, template, config }) if field == "accel" && template == "tcg" && config == "kvm")
+        );
         // A rebuilt kernel (new size / mtime).
         std::fs::write(dir.path().join("k"), b"kernel2").expect("k");
-        let rebuilt = CloneKey::gather(
-            &HypervisorConfig::new(dir.path().join("k"), Some(dir.path().join("i"))),
-            &FakeHost::default(),
-        )
-        .await
-        .expect("key");
+        let rebuilt = CloneKey::gather(&cfg(dir.path()).pinned(Accel::Tcg), &FakeHost::default())
+            .await
+            .expect("key");
         assert!(
             matches!(loaded.check(&rebuilt), Err(TemplateError::Mismatch { field, .. }) if field == "kernel_file")
         );
@@ -363,7 +413,7 @@ mod tests {
             TemplateMetadata::load(dir.path()).await,
             Err(TemplateError::Corrupt { .. })
         ));
-        std::fs::write(&path, b"{\"version\":1}").expect("write");
+        std::fs::write(&path, b"{\"version\":2}").expect("write");
         assert!(matches!(
             TemplateMetadata::load(dir.path()).await,
             Err(TemplateError::Corrupt { .. })

@@ -7,6 +7,8 @@
 
 mod error;
 mod factory;
+#[cfg(test)]
+mod fetch_tests;
 mod files;
 mod host;
 mod make;
@@ -17,7 +19,7 @@ mod ownership_tests;
 
 pub use error::{TemplateError, TemplateStep};
 pub use factory::{clone_vm_config, template_paths, template_vm_config, TemplateFactory};
-pub use host::{MountOutcome, SystemHost, TemplateHost};
+pub use host::{MountOutcome, SystemHost, TemplateHost, ACCEL_CACHE_FILE};
 pub(crate) use metadata::first_difference;
 pub use metadata::{
     CloneKey, FileIdentity, TemplateMetadata, MAX_METADATA_SIZE, MEMORY_FILE, METADATA_FILE,

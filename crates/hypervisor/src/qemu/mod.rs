@@ -12,6 +12,9 @@
 //! [`Error::Exited`], its exit status and the tail of its stderr.
 
 mod ops;
+mod version;
+
+pub use version::{qemu_version, QEMU_VERSION_TIMEOUT};
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -238,6 +241,8 @@ impl Inner {
                 Error::io("Validating", &self.config.kernel, std::io::Error::other(e))
             })??;
         let accel = resolve_accel(&self.config).await;
+        // `cpu_model = "host"` is valid under `auto`, not once `auto` resolved to TCG.
+        self.config.pinned(accel).validate_shape()?;
         let dir = &self.paths.dir;
         if tokio::fs::metadata(dir).await.is_err() {
             tokio::fs::create_dir_all(dir)
@@ -429,7 +434,8 @@ impl Hypervisor for Qemu {
                 self.inner
                     .exit
                     .send_replace(Some(running.exit(&self.inner.id)));
-                info!(pid = running.qemu.pid, accel = %running.accel, "started");
+                let cpu = self.inner.config.cpu_model_for(running.accel);
+                info!(pid = running.qemu.pid, accel = %running.accel, cpu = cpu.unwrap_or("default"), "started");
                 *state = VmState::Running(Box::new(running));
                 Ok(())
             }
