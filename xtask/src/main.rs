@@ -36,8 +36,12 @@ enum Cmd {
     Tools,
     /// Fail on any lint problem: `cargo fmt --check`, clippy and rustdoc with `-D warnings`.
     Lint,
-    /// Run the lints (as `lint`), then every test: unit, protocol and real-QEMU end-to-end.
+    /// Run the lints (as `lint`), then every test: unit, protocol and real-QEMU end-to-end,
+    /// then the e2e suite again on the nested KVM host (as `kvm-host`).
     Test {
+        /// Leave out the nested KVM host (a quicker local run; CI never does).
+        #[arg(long)]
+        no_kvm_host: bool,
         /// Extra arguments for `cargo test`.
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
@@ -60,6 +64,9 @@ enum Cmd {
         /// L1's vCPUs.
         #[arg(long, default_value_t = 2)]
         vcpus: u32,
+        /// The whole e2e suite, not only the CI scenarios (see `kvm_host::CI_SCENARIOS`).
+        #[arg(long)]
+        all: bool,
         /// Bound on the nested run, in minutes.
         #[arg(long, default_value_t = 30)]
         timeout_min: u64,
@@ -103,10 +110,15 @@ fn main() -> Result<()> {
         Cmd::Guest => guest::build(false).map(drop),
         Cmd::Tools => prerequisites(),
         Cmd::Lint => lint::run(),
-        Cmd::Test { args } => {
+        Cmd::Test { no_kvm_host, args } => {
             lint::run()?;
             prerequisites()?;
-            cargo_test(&["--workspace"], &args)
+            cargo_test(&["--workspace"], &args)?;
+            if no_kvm_host {
+                anyhow::ensure!(!is_ci(), "CI runs the nested KVM host; drop --no-kvm-host");
+                return Ok(());
+            }
+            kvm_host::run_nested(&kvm_host::Options::default())
         }
         Cmd::E2e { args } => {
             prerequisites()?;
@@ -117,10 +129,12 @@ fn main() -> Result<()> {
             memory,
             vcpus,
             timeout_min,
+            all,
             args,
         } => kvm_host::run_nested(&kvm_host::Options {
             mode,
             args,
+            all,
             memory_mib: memory,
             vcpus,
             timeout: std::time::Duration::from_secs(timeout_min * 60),
