@@ -97,8 +97,12 @@ impl TestVm {
         vm.start()
             .await
             .with_context(|| format!("Cannot start VM {id}"))?;
+        let Some(endpoint) = vm.agent_endpoint() else {
+            let _ = vm.stop().await;
+            bail!("VM {id} runs without an agent endpoint");
+        };
         let agent = KataAgent::with_config(
-            vmfactory_vm::agent_url(&vm.agent_endpoint()),
+            vmfactory_vm::agent_url(&endpoint),
             AgentConfig {
                 call_timeout: CALL_TIMEOUT,
                 dial_timeout: CALL_TIMEOUT,
