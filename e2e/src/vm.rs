@@ -72,6 +72,12 @@ pub fn clone_config(template: &HypervisorConfig) -> HypervisorConfig {
     cfg
 }
 
+/// vhost-vsock variant of `cfg`: a guest CID allocated at each start (templates too).
+pub fn vsock_config(mut cfg: HypervisorConfig) -> HypervisorConfig {
+    cfg.agent_channel = AgentChannel::Vsock { guest_cid: None };
+    cfg
+}
+
 /// Hybrid-vsock variant of `cfg` (direct VMs only).
 pub fn hybrid_vsock_config(mut cfg: HypervisorConfig, backend: PathBuf) -> HypervisorConfig {
     cfg.agent_channel = AgentChannel::HybridVsock {
