@@ -50,14 +50,20 @@ pub fn scaled(bound: std::time::Duration) -> std::time::Duration {
     bound * scale
 }
 
+/// Set to `1` (by the nested KVM host, which has the `vhost_vsock` module), a missing
+/// `/dev/vhost-vsock` fails the vsock tests instead of skipping them. Not implied by
+/// [`REQUIRE_ENV`] or `CI=true`: hosts without the module run everything else.
+pub const REQUIRE_VSOCK_ENV: &str = "VMFACTORY_E2E_REQUIRE_VSOCK";
+
+fn env_set(var: &str) -> bool {
+    std::env::var(var)
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
 /// Whether the real-QEMU tests must run: `CI=true` or [`REQUIRE_ENV`]`=1`.
 fn required() -> bool {
-    let set = |var: &str| {
-        std::env::var(var)
-            .map(|v| v == "true" || v == "1")
-            .unwrap_or(false)
-    };
-    set("CI") || set(REQUIRE_ENV)
+    env_set("CI") || env_set(REQUIRE_ENV)
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
@@ -116,6 +122,27 @@ pub fn guest_env_with_vsock_backend() -> Option<GuestEnv> {
              vhost-device-vsock is missing (run `cargo xtask tools`)"
         );
         eprintln!("SKIPPED: vhost-device-vsock is not installed (run `cargo xtask tools`)");
+        return None;
+    }
+    Some(env)
+}
+
+/// Like [`guest_env`], and also requires `/dev/vhost-vsock` (the `vhost_vsock` module) for the
+/// vsock tests: missing, they are skipped, unless [`REQUIRE_VSOCK_ENV`]`=1`.
+///
+/// # Panics
+/// With [`REQUIRE_VSOCK_ENV`]`=1` and no `/dev/vhost-vsock`.
+pub fn guest_env_with_vhost_vsock() -> Option<GuestEnv> {
+    let env = guest_env()?;
+    let device = Path::new(vmfactory_hypervisor::VHOST_VSOCK_DEVICE);
+    if !device.exists() {
+        assert!(
+            !env_set(REQUIRE_VSOCK_ENV),
+            "the vsock tests must run here ({REQUIRE_VSOCK_ENV}=1), but there is no {} \
+             (load the vhost_vsock module)",
+            device.display()
+        );
+        eprintln!("SKIPPED: no /dev/vhost-vsock (the nested KVM host runs this)");
         return None;
     }
     Some(env)

@@ -81,6 +81,12 @@ pub fn clone_config(template: &HypervisorConfig) -> HypervisorConfig {
     cfg
 }
 
+/// vhost-vsock variant of `cfg`: a guest CID allocated at each start (templates too).
+pub fn vsock_config(mut cfg: HypervisorConfig) -> HypervisorConfig {
+    cfg.agent_channel = AgentChannel::Vsock { guest_cid: None };
+    cfg
+}
+
 /// Hybrid-vsock variant of `cfg` (direct VMs only).
 pub fn hybrid_vsock_config(mut cfg: HypervisorConfig, backend: PathBuf) -> HypervisorConfig {
     cfg.agent_channel = AgentChannel::HybridVsock {
@@ -106,8 +112,12 @@ impl TestVm {
         vm.start()
             .await
             .with_context(|| format!("Cannot start VM {id}"))?;
+        let Some(endpoint) = vm.agent_endpoint() else {
+            let _ = vm.stop().await;
+            bail!("VM {id} runs without an agent endpoint");
+        };
         let agent = KataAgent::with_config(
-            vmfactory_vm::agent_url(&vm.agent_endpoint()),
+            vmfactory_vm::agent_url(&endpoint),
             AgentConfig {
                 call_timeout: crate::scaled(CALL_TIMEOUT),
                 dial_timeout: crate::scaled(CALL_TIMEOUT),

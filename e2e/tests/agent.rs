@@ -47,7 +47,10 @@ async fn hybrid_vsock_serves_check_and_diagnostics() {
     let cfg = vm::hybrid_vsock_config(vm::config(&env), backend);
     let (t, boot) = TestVm::boot(root.path(), "vm", cfg).await.unwrap();
     assert!(
-        matches!(t.vm.agent_endpoint(), AgentEndpoint::HybridVsock { .. }),
+        matches!(
+            t.vm.agent_endpoint(),
+            Some(AgentEndpoint::HybridVsock { .. })
+        ),
         "{:?}",
         t.vm.agent_endpoint()
     );

@@ -249,7 +249,7 @@ impl Hypervisor for FaultyHv {
     fn console_log_path(&self) -> PathBuf {
         self.inner.console_log_path()
     }
-    fn agent_endpoint(&self) -> AgentEndpoint {
+    fn agent_endpoint(&self) -> Option<AgentEndpoint> {
         self.inner.agent_endpoint()
     }
     async fn state(&self) -> QemuState {

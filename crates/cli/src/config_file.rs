@@ -162,8 +162,9 @@ struct QemuSection {
     cpu_model: Option<String>,
     #[serde(default = "default_channel")]
     agent_channel: ChannelName,
-    #[serde(default = "default_cid")]
-    guest_cid: u32,
+    /// vsock: unset allocates a CID per VM; hybrid vsock: unset is [`HYBRID_VSOCK_CID`].
+    #[serde(default)]
+    guest_cid: Option<u32>,
     #[serde(default = "default_vsock_backend")]
     vhost_device_vsock: PathBuf,
     #[serde(default)]
@@ -188,9 +189,9 @@ fn default_accel() -> Accel {
 fn default_channel() -> ChannelName {
     ChannelName::VirtioSerial
 }
-fn default_cid() -> u32 {
-    3
-}
+/// The guest CID of hybrid vsock when none is set: each VM has its own backend, so all can
+/// use the first guest CID.
+const HYBRID_VSOCK_CID: u32 = 3;
 fn default_vsock_backend() -> PathBuf {
     PathBuf::from("vhost-device-vsock")
 }
@@ -438,7 +439,7 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
         },
         ChannelName::HybridVsock => AgentChannel::HybridVsock {
             backend: against(base, q.vhost_device_vsock, true),
-            guest_cid: q.guest_cid,
+            guest_cid: q.guest_cid.unwrap_or(HYBRID_VSOCK_CID),
         },
     };
     let mut vm = VmConfig::new(hv);
@@ -491,6 +492,14 @@ fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, Str
             "enable_template cannot use agent_channel = \"hybrid-vsock\" (it blocks migration)"
                 .into(),
         ),
+        F::NotTemplatable(Hv::PinnedCidWithTemplate { cid }) => (
+            QEMU,
+            "guest_cid",
+            format!(
+                "enable_template with agent_channel = \"vsock\" cannot pin guest_cid = {cid}: \
+                 leave it unset and each clone gets its own"
+            ),
+        ),
         F::Vm(Vm::Hypervisor(hv)) => match hv {
             Hv::ZeroVcpus => (
                 QEMU,
@@ -533,6 +542,11 @@ fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, Str
                 "cpu_model",
                 "cpu_model = \"host\" needs KVM: set accel = \"auto\" or \"kvm\", or another model"
                     .into(),
+            ),
+            Hv::ReservedCid { cid } => (
+                QEMU,
+                "guest_cid",
+                format!("guest_cid = {cid} is reserved: use 3 to 4294967294"),
             ),
             Hv::HotplugUnsupported { machine } => (
                 QEMU,
@@ -693,6 +707,42 @@ mod tests {
             e.to_string(),
             "f.toml line 3: default_vcpus must be at least 1"
         );
+    }
+
+    #[test]
+    fn vsock_allocates_unless_guest_cid_pins_one() {
+        let base = "[hypervisor.qemu]\nkernel = \"k\"\ninitrd = \"i\"\n";
+        let channel = |extra: &str| {
+            let text = format!("{base}{extra}");
+            parse("f.toml", &text, Path::new("/")).map(|s| s.vm.hypervisor.agent_channel)
+        };
+        let ok = |extra: &str| channel(extra).expect("valid");
+        assert_eq!(
+            ok("agent_channel = \"vsock\"\n"),
+            AgentChannel::Vsock { guest_cid: None }
+        );
+        assert_eq!(
+            ok("agent_channel = \"vsock\"\nguest_cid = 7\n"),
+            AgentChannel::Vsock { guest_cid: Some(7) }
+        );
+        assert!(matches!(
+            ok("agent_channel = \"hybrid-vsock\"\n"),
+            AgentChannel::HybridVsock { guest_cid: 3, .. }
+        ));
+        let err = |extra: &str| channel(extra).expect_err("invalid").to_string();
+        assert_eq!(
+            err("agent_channel = \"vsock\"\nguest_cid = 2\n"),
+            "f.toml line 5: guest_cid = 2 is reserved: use 3 to 4294967294"
+        );
+        let pinned =
+            err("agent_channel = \"vsock\"\nguest_cid = 7\n[factory]\nenable_template = true\n");
+        assert!(
+            pinned.starts_with("f.toml line 5: enable_template"),
+            "{pinned}"
+        );
+        // Templates with an allocated CID are fine.
+        let text = format!("{base}agent_channel = \"vsock\"\n[factory]\nenable_template = true\n");
+        parse("f.toml", &text, Path::new("/")).expect("vsock templates");
     }
 
     #[test]

@@ -255,8 +255,19 @@ fn bad_hypervisor_configs() {
         ),
         (
             "reserved vsock CID",
-            Box::new(|h| h.agent_channel = AgentChannel::Vsock { guest_cid: 2 }),
+            Box::new(|h| h.agent_channel = AgentChannel::Vsock { guest_cid: Some(2) }),
             |e| matches!(e, HvError::ReservedCid { cid: 2 }),
+        ),
+        (
+            "pinned vsock CID clone",
+            Box::new(|h| {
+                h.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+                    memory: "/m".into(),
+                    state: "/s".into(),
+                }));
+                h.agent_channel = AgentChannel::Vsock { guest_cid: Some(5) };
+            }),
+            |e| matches!(e, HvError::PinnedCidWithTemplate { cid: 5 }),
         ),
         (
             "missing kernel",

@@ -134,21 +134,36 @@ pub fn load_uri(fd: std::os::fd::RawFd) -> String {
 }
 
 /// Where the host reaches the agent over `channel`: the sockets this command line creates in
-/// `paths`, or the guest's vsock address.
-pub fn agent_endpoint(channel: &AgentChannel, paths: &RunPaths) -> AgentEndpoint {
-    match channel {
+/// `paths`, or the guest's vsock address at `vsock_cid` (the CID its QEMU holds) or the
+/// pinned one. `None` for a vsock channel with neither: the CID is allocated at start.
+pub fn agent_endpoint(
+    channel: &AgentChannel,
+    paths: &RunPaths,
+    vsock_cid: Option<u32>,
+) -> Option<AgentEndpoint> {
+    Some(match channel {
         AgentChannel::VirtioSerial => AgentEndpoint::VirtioSerial {
             path: paths.agent.clone(),
         },
         AgentChannel::Vsock { guest_cid } => AgentEndpoint::Vsock {
-            cid: *guest_cid,
+            cid: vsock_cid.or(*guest_cid)?,
             port: AGENT_VSOCK_PORT,
         },
         AgentChannel::HybridVsock { .. } => AgentEndpoint::HybridVsock {
             path: paths.hvsock.clone(),
             port: AGENT_VSOCK_PORT,
         },
-    }
+    })
+}
+
+/// The vhost-vsock device QEMU is handed: its descriptor (inherited under this number) with
+/// the guest CID reserved on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VhostVsockFd {
+    /// The descriptor number in QEMU.
+    pub fd: std::os::fd::RawFd,
+    /// The CID reserved on it.
+    pub cid: u32,
 }
 
 /// Concatenates option fragments into one argument.
@@ -205,12 +220,15 @@ pub fn vsock_backend_args(guest_cid: u32, paths: &RunPaths) -> Vec<OsString> {
 /// The QEMU argument vector (without the binary) for VM `id`.
 ///
 /// `accel` must be resolved (`kvm` or `tcg`); `auto` is treated as `tcg`. The CPU model is
-/// [`HypervisorConfig::cpu_model_for`] `accel`.
+/// [`HypervisorConfig::cpu_model_for`] `accel`. `vsock` is the reserved vhost-vsock device of
+/// a vsock channel; without it the device gets only the pinned CID, if any, and QEMU opens
+/// `/dev/vhost-vsock` itself (and refuses a missing CID).
 pub fn qemu_args(
     id: &str,
     cfg: &HypervisorConfig,
     paths: &RunPaths,
     accel: Accel,
+    vsock: Option<VhostVsockFd>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::with_capacity(48);
     let mut push = |items: &[&OsStr]| a.extend(items.iter().map(|s| s.to_os_string()));
@@ -306,10 +324,12 @@ pub fn qemu_args(
             ]);
         }
         AgentChannel::Vsock { guest_cid } => {
-            let dev = format!(
-                "{},guest-cid={guest_cid}",
-                virtio(cfg.machine, "vhost-vsock")
-            );
+            let mut dev = virtio(cfg.machine, "vhost-vsock");
+            match (vsock, guest_cid) {
+                (Some(v), _) => dev.push_str(&format!(",vhostfd={},guest-cid={}", v.fd, v.cid)),
+                (None, Some(cid)) => dev.push_str(&format!(",guest-cid={cid}")),
+                (None, None) => {}
+            }
             push(&["-device".as_ref(), dev.as_ref()]);
         }
         AgentChannel::HybridVsock { .. } => {
@@ -378,7 +398,7 @@ mod tests {
     #[test]
     fn direct_vm_line() {
         let paths = RunPaths::new("/run/vm1");
-        let args = qemu_args("vm1", &base(), &paths, Accel::Tcg);
+        let args = qemu_args("vm1", &base(), &paths, Accel::Tcg, None);
         let s = args_string(&args);
         assert!(s.starts_with("-name vm1 -M q35,memory-backend=mem0 -accel tcg -m 256M -smp 1 "));
         assert!(s.contains("-nographic -no-reboot -nodefaults -no-user-config"));
@@ -400,10 +420,10 @@ mod tests {
         ));
         assert!(!s.contains("-incoming"));
         assert_eq!(
-            agent_endpoint(&base().agent_channel, &paths),
-            AgentEndpoint::VirtioSerial {
+            agent_endpoint(&base().agent_channel, &paths, None),
+            Some(AgentEndpoint::VirtioSerial {
                 path: "/run/vm1/agent.sock".into()
-            }
+            })
         );
     }
 
@@ -416,7 +436,7 @@ mod tests {
         c.machine = MachineType::Pc;
         c.tcg_tb_size_mib = Some(64);
         let paths = RunPaths::new("/r");
-        let args = qemu_args("x", &c, &paths, Accel::Tcg);
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, None);
         assert_eq!(
             values(&args, "-m"),
             [OsStr::new("256M,slots=4,maxmem=2048M")]
@@ -424,7 +444,7 @@ mod tests {
         assert_eq!(values(&args, "-smp"), [OsStr::new("1,maxcpus=4")]);
         assert_eq!(values(&args, "-M"), [OsStr::new("pc,memory-backend=mem0")]);
         assert_eq!(values(&args, "-accel"), [OsStr::new("tcg,tb-size=64")]);
-        let args = qemu_args("x", &c, &paths, Accel::Kvm);
+        let args = qemu_args("x", &c, &paths, Accel::Kvm, None);
         assert_eq!(values(&args, "-accel"), [OsStr::new("kvm")]);
     }
 
@@ -433,20 +453,20 @@ mod tests {
         let paths = RunPaths::new("/r");
         let mut c = base();
         // TCG keeps QEMU's default model: no -cpu at all.
-        assert!(values(&qemu_args("x", &c, &paths, Accel::Tcg), "-cpu").is_empty());
-        let kvm = qemu_args("x", &c, &paths, Accel::Kvm);
+        assert!(values(&qemu_args("x", &c, &paths, Accel::Tcg, None), "-cpu").is_empty());
+        let kvm = qemu_args("x", &c, &paths, Accel::Kvm, None);
         assert_eq!(values(&kvm, "-cpu"), [OsStr::new("host")]);
         assert!(args_string(&kvm)
             .starts_with("-name x -M q35,memory-backend=mem0 -accel kvm -cpu host -m "));
         c.cpu_model = Some("Skylake-Client,-hle".into());
         for accel in [Accel::Tcg, Accel::Kvm] {
-            let args = qemu_args("x", &c, &paths, accel);
+            let args = qemu_args("x", &c, &paths, accel, None);
             assert_eq!(values(&args, "-cpu"), [OsStr::new("Skylake-Client,-hle")]);
         }
         // A pinned clone config carries its template's model whatever it is given.
         let clone = base().pinned(Accel::Kvm);
         assert_eq!(
-            values(&qemu_args("x", &clone, &paths, clone.accel), "-cpu"),
+            values(&qemu_args("x", &clone, &paths, clone.accel, None), "-cpu"),
             [OsStr::new("host")]
         );
     }
@@ -460,7 +480,7 @@ mod tests {
         };
         c.template = Some(TemplateRole::SaveTo(files.clone()));
         let paths = RunPaths::new("/run/a,b");
-        let args = qemu_args("tpl", &c, &paths, Accel::Tcg);
+        let args = qemu_args("tpl", &c, &paths, Accel::Tcg, None);
         assert_eq!(
             values(&args, "-object"),
             [OsStr::new(
@@ -477,7 +497,7 @@ mod tests {
         assert!(!args_string(&args).contains("-incoming"));
 
         c.template = Some(TemplateRole::CloneFrom(files));
-        let args = qemu_args("clone", &c, &paths, Accel::Tcg);
+        let args = qemu_args("clone", &c, &paths, Accel::Tcg, None);
         assert_eq!(
             values(&args, "-object"),
             [OsStr::new(
@@ -498,7 +518,7 @@ mod tests {
         let mut c = base();
         c.kernel = "/k,1/vmlinux".into();
         c.image = Some("/d,1/disk.img".into());
-        let args = qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg);
+        let args = qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg, None);
         assert_eq!(values(&args, "-kernel"), [OsStr::new("/k,1/vmlinux")]);
         assert_eq!(
             values(&args, "-drive"),
@@ -513,19 +533,56 @@ mod tests {
     fn vsock_channels() {
         let paths = RunPaths::new("/r");
         let mut c = base();
-        c.agent_channel = AgentChannel::Vsock { guest_cid: 5 };
-        let args = qemu_args("x", &c, &paths, Accel::Tcg);
+        c.agent_channel = AgentChannel::Vsock { guest_cid: None };
+        let held = VhostVsockFd { fd: 9, cid: 70001 };
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(held));
+        assert_eq!(
+            values(&args, "-device"),
+            [OsStr::new("vhost-vsock-pci,vhostfd=9,guest-cid=70001")]
+        );
+        // The CID the VM holds, once it holds one.
+        assert_eq!(agent_endpoint(&c.agent_channel, &paths, None), None);
+        assert_eq!(
+            agent_endpoint(&c.agent_channel, &paths, Some(70001)),
+            Some(AgentEndpoint::Vsock {
+                cid: 70001,
+                port: 1024
+            })
+        );
+        // A clone gets its own device and CID, and still waits for the template's state.
+        let mut clone = c.clone();
+        clone.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+            memory: "/t/memory".into(),
+            state: "/t/state".into(),
+        }));
+        let args = qemu_args("x", &clone, &paths, Accel::Kvm, Some(held));
+        let s = args_string(&args);
+        assert!(s.contains("-device vhost-vsock-pci,vhostfd=9,guest-cid=70001"));
+        assert!(s.ends_with("-S -incoming defer"));
+        c.machine = MachineType::Microvm;
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(held));
+        assert_eq!(
+            values(&args, "-device"),
+            [OsStr::new("vhost-vsock-device,vhostfd=9,guest-cid=70001")]
+        );
+        // A pinned CID.
+        c.machine = MachineType::Q35;
+        c.agent_channel = AgentChannel::Vsock { guest_cid: Some(5) };
+        let pinned = VhostVsockFd { fd: 9, cid: 5 };
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(pinned));
+        assert!(args_string(&args).contains("-device vhost-vsock-pci,vhostfd=9,guest-cid=5"));
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, None);
         assert!(args_string(&args).contains("-device vhost-vsock-pci,guest-cid=5"));
         assert_eq!(
-            agent_endpoint(&c.agent_channel, &paths),
-            AgentEndpoint::Vsock { cid: 5, port: 1024 }
+            agent_endpoint(&c.agent_channel, &paths, None),
+            Some(AgentEndpoint::Vsock { cid: 5, port: 1024 })
         );
 
         c.agent_channel = AgentChannel::HybridVsock {
             backend: "/bin/vhost-device-vsock".into(),
             guest_cid: 3,
         };
-        let args = qemu_args("x", &c, &paths, Accel::Tcg);
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, None);
         let s = args_string(&args);
         assert!(s.contains("-object memory-backend-memfd,id=mem0,size=256M,share=on"));
         assert!(s.contains(
@@ -533,11 +590,11 @@ mod tests {
              -device vhost-user-vsock-pci,chardev=vs0"
         ));
         assert_eq!(
-            agent_endpoint(&c.agent_channel, &paths),
-            AgentEndpoint::HybridVsock {
+            agent_endpoint(&c.agent_channel, &paths, None),
+            Some(AgentEndpoint::HybridVsock {
                 path: "/r/vm.vsock".into(),
                 port: 1024
-            }
+            })
         );
         assert_eq!(
             args_string(&vsock_backend_args(3, &paths)),
@@ -549,7 +606,7 @@ mod tests {
     fn microvm_uses_mmio_devices() {
         let mut c = base();
         c.machine = MachineType::Microvm;
-        let s = args_string(&qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg));
+        let s = args_string(&qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg, None));
         assert!(s.contains("-M microvm,memory-backend=mem0"));
         assert!(s.contains("-device virtio-serial-device,id=serial0"));
     }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 use crate::files::{open_regular, Symlinks};
+use crate::vsock::{FIRST_GUEST_CID, LAST_GUEST_CID};
 
 /// Kernel parameters every VM gets, before [`HypervisorConfig::kernel_params`].
 pub const DEFAULT_KERNEL_PARAMS: &str = "console=ttyS0 panic=-1 quiet";
@@ -140,10 +141,15 @@ pub enum AgentChannel {
     /// A virtio-serial port named `agent.channel.0` on a unix-socket chardev
     /// (`serial://RUN/agent.sock`). Works under TCG and with templates.
     VirtioSerial,
-    /// vhost-vsock with a guest CID (`vsock://CID:1024`); needs `/dev/vhost-vsock` on the host.
+    /// vhost-vsock (`vsock://CID:1024`); needs `/dev/vhost-vsock` on the host. Each start
+    /// reserves the CID in the kernel and hands the reservation to QEMU (see `vsock.rs`), so
+    /// it is held exactly as long as the VM's QEMU runs. Works with templates: every clone
+    /// gets its own CID.
     Vsock {
-        /// The guest context id (3 or more).
-        guest_cid: u32,
+        /// `None` (the default): a free CID is allocated at each start. `Some`: this CID,
+        /// failing if it is in use; not allowed with templates (every clone needs its own).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest_cid: Option<u32>,
     },
     /// Hybrid vsock through a `vhost-device-vsock` backend (`hvsock://RUN/vm.vsock:1024`).
     /// Needs shared (memfd) guest memory and blocks migration, so no templates.
@@ -302,8 +308,9 @@ impl HypervisorConfig {
     }
 
     /// Checks that a VM of this config can be saved as a template and cloned: an initrd guest
-    /// (a disk image would be one writable disk shared by every clone), and no hybrid vsock
-    /// (its vhost-user device blocks migration). [`HypervisorConfig::validate_shape`] applies it
+    /// (a disk image would be one writable disk shared by every clone), no hybrid vsock (its
+    /// vhost-user device blocks migration) and no pinned vsock CID (two clones cannot share
+    /// one). [`HypervisorConfig::validate_shape`] applies it
     /// to any config with a template role; a factory applies it before it gives one.
     pub fn check_templatable(&self) -> Result<(), ConfigError> {
         if self.image.is_some() {
@@ -314,6 +321,12 @@ impl HypervisorConfig {
         }
         if matches!(self.agent_channel, AgentChannel::HybridVsock { .. }) {
             return Err(ConfigError::HybridVsockWithTemplate);
+        }
+        if let AgentChannel::Vsock {
+            guest_cid: Some(cid),
+        } = self.agent_channel
+        {
+            return Err(ConfigError::PinnedCidWithTemplate { cid });
         }
         Ok(())
     }
@@ -385,10 +398,13 @@ impl HypervisorConfig {
             check_cpu_model(model, self.accel)?;
         }
         match self.agent_channel {
-            AgentChannel::Vsock { guest_cid } | AgentChannel::HybridVsock { guest_cid, .. }
-                if guest_cid < 3 =>
+            AgentChannel::Vsock {
+                guest_cid: Some(cid),
+            }
+            | AgentChannel::HybridVsock { guest_cid: cid, .. }
+                if !(FIRST_GUEST_CID..=LAST_GUEST_CID).contains(&cid) =>
             {
-                Err(ConfigError::ReservedCid { cid: guest_cid })
+                Err(ConfigError::ReservedCid { cid })
             }
             _ => Ok(()),
         }
@@ -605,8 +621,25 @@ mod tests {
             ),
             (
                 "reserved cid",
-                |c| c.agent_channel = AgentChannel::Vsock { guest_cid: 2 },
+                |c| c.agent_channel = AgentChannel::Vsock { guest_cid: Some(2) },
                 |e| matches!(e, ConfigError::ReservedCid { cid: 2 }),
+            ),
+            (
+                "VMADDR_CID_ANY",
+                |c| {
+                    c.agent_channel = AgentChannel::Vsock {
+                        guest_cid: Some(u32::MAX),
+                    }
+                },
+                |e| matches!(e, ConfigError::ReservedCid { cid: u32::MAX }),
+            ),
+            (
+                "pinned cid template",
+                |c| {
+                    *c = template(c.clone());
+                    c.agent_channel = AgentChannel::Vsock { guest_cid: Some(9) };
+                },
+                |e| matches!(e, ConfigError::PinnedCidWithTemplate { cid: 9 }),
             ),
         ];
         for (name, tweak, expect) in cases {
@@ -633,6 +666,12 @@ mod tests {
         }
         // A valid template and a valid clone.
         assert!(template(base.clone()).validate().is_ok());
+        let mut vsock = template(base.clone());
+        vsock.agent_channel = AgentChannel::Vsock { guest_cid: None };
+        assert!(
+            vsock.validate().is_ok(),
+            "allocated CIDs work with templates"
+        );
         let mut clone = base;
         clone.template = Some(TemplateRole::CloneFrom(paths()));
         assert!(clone.validate().is_ok());
@@ -703,6 +742,21 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn vsock_channel_serde_allocates_unless_pinned() {
+        let allocate = AgentChannel::Vsock { guest_cid: None };
+        let json = serde_json::to_string(&allocate).expect("serialize");
+        assert_eq!(json, r#"{"kind":"vsock"}"#);
+        assert_eq!(
+            serde_json::from_str::<AgentChannel>(&json).expect("deserialize"),
+            allocate
+        );
+        // A config written when the CID was required still reads, as a pinned one.
+        let pinned: AgentChannel =
+            serde_json::from_str(r#"{"kind":"vsock","guest_cid":5}"#).expect("deserialize");
+        assert_eq!(pinned, AgentChannel::Vsock { guest_cid: Some(5) });
     }
 
     #[test]

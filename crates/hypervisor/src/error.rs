@@ -2,8 +2,8 @@
 //!
 //! Three enums, one per concern: [`ConfigError`] (validation of a [`crate::HypervisorConfig`]),
 //! [`QmpError`] (the QMP client) and the crate-wide [`Error`] returned by the
-//! [`crate::Hypervisor`] trait, which wraps the other two. Callers branch on variants, never on
-//! text.
+//! [`crate::Hypervisor`] trait, which wraps the other two and [`crate::vsock::VsockError`]
+//! (reserving a vsock CID, beside that operation). Callers branch on variants, never on text.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -121,8 +121,15 @@ pub enum ConfigError {
         /// The machine type.
         machine: crate::MachineType,
     },
-    /// The guest CID is reserved (0, 1 and 2 are the hypervisor, loopback and host).
-    #[error("Guest CID {cid} is reserved (must be 3 or more)")]
+    /// A pinned vsock CID with a template role: every clone would claim the same CID.
+    #[error("A pinned guest CID ({cid}) cannot be used with templates (each clone gets its own)")]
+    PinnedCidWithTemplate {
+        /// The configured CID.
+        cid: u32,
+    },
+    /// The guest CID is reserved (0, 1 and 2 are the hypervisor, loopback and host; u32::MAX
+    /// is `VMADDR_CID_ANY`).
+    #[error("Guest CID {cid} is reserved (must be 3 to 4294967294)")]
     ReservedCid {
         /// The configured CID.
         cid: u32,
@@ -412,6 +419,15 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong with it.
         reason: &'static str,
+    },
+    /// No vsock guest CID could be reserved for the VM.
+    #[error("Reserving a vsock guest CID for VM {id} failed")]
+    Vsock {
+        /// VM id.
+        id: String,
+        /// Why.
+        #[source]
+        source: crate::vsock::VsockError,
     },
     /// A failure injected into a fake hypervisor (feature `test-utils`).
     #[error("Injected failure at {step}")]

@@ -5,14 +5,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::cmdline::{agent_endpoint, RunPaths};
-use crate::config::HypervisorConfig;
 use crate::config::VmSize;
+use crate::config::{AgentChannel, HypervisorConfig};
 use crate::endpoint::AgentEndpoint;
 use crate::error::{Error, Result};
 use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
@@ -94,7 +95,12 @@ struct FakeInner {
     vcpus: u32,
     memory_mib: u64,
     slots_used: u32,
+    /// The vsock CID "held" while running (vsock channel).
+    vsock_cid: Option<u32>,
 }
+
+/// The next CID a fake hands out: distinct within a test process, as the kernel's are.
+static NEXT_FAKE_CID: AtomicU32 = AtomicU32::new(3);
 
 /// How a fake VM's process ended: its exit status and stderr tail.
 type FakeExit = Option<(ExitStatus, String)>;
@@ -125,6 +131,7 @@ impl FakeHypervisor {
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             slots_used: 0,
+            vsock_cid: None,
         };
         Self {
             id: id.into(),
@@ -133,6 +140,14 @@ impl FakeHypervisor {
             inner: Arc::new(Mutex::new(inner)),
             exit: Arc::new(watch::Sender::new(None)),
         }
+    }
+
+    /// A fake VM re-attached from `state`: not started yet (call `start`), and keeping the
+    /// vsock CID `state` records, as a re-attached QEMU does.
+    pub fn attached(state: &QemuState) -> Self {
+        let hv = Self::new(&state.id, state.config.clone(), state.paths.dir.clone());
+        hv.lock().vsock_cid = state.vsock_cid;
+        hv
     }
 
     /// Makes the VM's process exit now with `status`, having written `stderr_tail`, as a QEMU
@@ -247,6 +262,10 @@ impl Hypervisor for FakeHypervisor {
             });
         }
         self.config.validate_shape()?;
+        if let AgentChannel::Vsock { guest_cid } = self.config.agent_channel {
+            let held = g.vsock_cid.or(guest_cid);
+            g.vsock_cid = held.or_else(|| Some(NEXT_FAKE_CID.fetch_add(1, Ordering::Relaxed)));
+        }
         g.status = if self.config.clones_template() {
             VmStatus::Paused
         } else {
@@ -259,6 +278,7 @@ impl Hypervisor for FakeHypervisor {
     async fn stop(&self) -> Result<()> {
         let mut g = self.enter(FakeCall::Stop, FakeStep::Stop, false)?;
         g.status = VmStatus::Stopped;
+        g.vsock_cid = None;
         self.exit.send_replace(None);
         Ok(())
     }
@@ -367,12 +387,30 @@ impl Hypervisor for FakeHypervisor {
         self.paths.console_log.clone()
     }
 
-    fn agent_endpoint(&self) -> AgentEndpoint {
-        agent_endpoint(&self.config.agent_channel, &self.paths)
+    fn agent_endpoint(&self) -> Option<AgentEndpoint> {
+        agent_endpoint(
+            &self.config.agent_channel,
+            &self.paths,
+            self.lock().vsock_cid,
+        )
     }
 
     async fn state(&self) -> QemuState {
-        let g = self.lock();
+        self.snapshot(&self.lock())
+    }
+
+    async fn detach(&self) -> Result<QemuState> {
+        let mut g = self.enter(FakeCall::Detach, FakeStep::Detach, true)?;
+        g.status = VmStatus::Stopped;
+        let state = self.snapshot(&g);
+        g.vsock_cid = None;
+        Ok(state)
+    }
+}
+
+impl FakeHypervisor {
+    /// The wire form of the VM as `g` describes it.
+    fn snapshot(&self, g: &FakeInner) -> QemuState {
         QemuState {
             version: QEMU_STATE_VERSION,
             id: self.id.clone(),
@@ -382,17 +420,13 @@ impl Hypervisor for FakeHypervisor {
             pid: None,
             pid_start_time: None,
             backend: None,
+            vsock_cid: g.vsock_cid,
             created_run_dir: false,
             vcpus: g.vcpus,
             memory_mib: g.memory_mib,
             next_cpu_id: g.vcpus,
             next_mem_id: g.slots_used + 1,
         }
-    }
-
-    async fn detach(&self) -> Result<QemuState> {
-        self.enter(FakeCall::Detach, FakeStep::Detach, true)?.status = VmStatus::Stopped;
-        Ok(self.state().await)
     }
 }
 
@@ -467,6 +501,30 @@ mod tests {
         assert_eq!(hv.status().await.expect("status"), VmStatus::Stopped);
         let pending = tokio::time::timeout(std::time::Duration::from_millis(20), hv.exited());
         assert!(pending.await.is_err(), "no exit after a stop");
+    }
+
+    #[tokio::test]
+    async fn vsock_cids_are_held_while_running_and_kept_on_attach() {
+        let mut c = cfg();
+        c.agent_channel = AgentChannel::Vsock { guest_cid: None };
+        let (a, b) = (
+            FakeHypervisor::new("a", c.clone(), "/run/a"),
+            FakeHypervisor::new("b", c, "/run/b"),
+        );
+        assert_eq!(a.agent_endpoint(), None, "no CID before start");
+        a.start().await.expect("start");
+        b.start().await.expect("start");
+        let (Some(ea), Some(eb)) = (a.agent_endpoint(), b.agent_endpoint()) else {
+            panic!("running VMs hold CIDs");
+        };
+        assert_ne!(ea, eb);
+        let st = a.detach().await.expect("detach");
+        assert_eq!(a.agent_endpoint(), None);
+        let again = FakeHypervisor::attached(&st);
+        again.start().await.expect("attach");
+        assert_eq!(again.agent_endpoint(), Some(ea));
+        b.stop().await.expect("stop");
+        assert_eq!(b.agent_endpoint(), None);
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! The VM layer's hypervisor: an object-safe async [`Hypervisor`] trait and its QEMU backend
 //! ([`Qemu`]), driven over QMP.
 //!
-//! This crate owns: the QEMU command line ([`cmdline`]), the QMP client ([`qmp`]), QEMU and
+//! This crate owns: the QEMU command line ([`cmdline`]), the QMP client ([`qmp`]), vsock guest
+//! CIDs reserved in the kernel and handed to QEMU ([`vsock`]), QEMU and
 //! `vhost-device-vsock` processes and the records each writes of itself in the run directory
 //! before it execs ([`ProcessRecord`]), template save / boot-from-template (migration with
 //! `x-ignore-shared`), CPU and memory hotplug, the wire form ([`QemuState`]) another process
@@ -18,6 +19,10 @@
 //!   A slot is plugged with `device_add` of its `type` and all of its `props`.
 //! - vhost-user devices (hybrid vsock) need guest RAM shared with the backend process
 //!   (`memory-backend-memfd,share=on`), and block migration, hence no templates with them.
+//! - vhost-vsock migrates: a clone's `guest-cid` comes from its own command line (it is not
+//!   in the migration stream), and the device's post-load sends the guest
+//!   `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` once it runs, on which the guest driver re-reads its
+//!   CID and resets its connected sockets (listeners stay). So each clone takes a new CID.
 //! - qapi 0.15's types follow QEMU 9.1's schema; where a 9.1 type may not match what 7.2 sends
 //!   (`query-migrate`), this crate reads raw JSON.
 //!
@@ -61,6 +66,7 @@ pub mod qemu;
 pub mod qmp;
 mod record;
 pub mod state;
+pub mod vsock;
 pub mod wait;
 
 pub use accel::{resolve_accel, resolve_accel_with_cache, KVM_DEFAULT_CPU_MODEL, PROBE_TIMEOUT};
@@ -78,6 +84,7 @@ pub use qemu::{qemu_version, Qemu};
 pub use qmp::QmpClient;
 pub use record::{ProcessKind, ProcessRecord};
 pub use state::{QemuState, VmStatus, QEMU_STATE_VERSION};
+pub use vsock::{CidReservation, VsockError, VHOST_VSOCK_DEVICE};
 
 /// A VM's hypervisor process, as the `vm` crate sees it.
 ///
@@ -148,8 +155,11 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// The file the serial console is logged to.
     fn console_log_path(&self) -> PathBuf;
 
-    /// Where the agent listens, derived from the config's agent channel and the run directory.
-    fn agent_endpoint(&self) -> AgentEndpoint;
+    /// Where the agent listens, derived from the config's agent channel, the run directory
+    /// and the vsock CID the VM holds. `None` for a vsock VM without a pinned CID before
+    /// [`start`](Hypervisor::start) has reserved one and after
+    /// [`stop`](Hypervisor::stop)/[`detach`](Hypervisor::detach).
+    fn agent_endpoint(&self) -> Option<AgentEndpoint>;
 
     /// The wire form of this VM (for another process to re-attach).
     async fn state(&self) -> QemuState;

@@ -173,19 +173,19 @@ impl Proc {
         stderr_path: &Path,
         record: RecordTarget,
     ) -> Result<Self> {
-        Self::spawn_with_fd(what, binary, args, stderr_path, record, None).await
+        Self::spawn_with_fds(what, binary, args, stderr_path, record, &[]).await
     }
 
-    /// [`Proc::spawn`], and the child inherits `inherit` under the same number (every other
-    /// descriptor of ours stays close-on-exec). The caller keeps ownership of `inherit` and may
-    /// close it once this returns.
-    pub(crate) async fn spawn_with_fd(
+    /// [`Proc::spawn`], and the child inherits each of `inherit` under the same number (every
+    /// other descriptor of ours stays close-on-exec). The caller keeps ownership of `inherit`
+    /// and may close them once this returns.
+    pub(crate) async fn spawn_with_fds(
         what: &'static str,
         binary: &Path,
         args: &[std::ffi::OsString],
         stderr_path: &Path,
         record: RecordTarget,
-        inherit: Option<BorrowedFd<'_>>,
+        inherit: &[BorrowedFd<'_>],
     ) -> Result<Self> {
         let stderr = tokio::fs::File::create(stderr_path)
             .await
@@ -203,17 +203,17 @@ impl Proc {
         // Everything QEMU and the vsock backend create (QMP, console and agent sockets, logs,
         // the template's memory file) is for its owner only: umask 0177 gives 0600 sockets
         // and files (neither creates directories).
-        let inherit = inherit.map(|fd| fd.as_raw_fd());
+        let inherit: Vec<RawFd> = inherit.iter().map(AsRawFd::as_raw_fd).collect();
         // SAFETY: the closure runs in the forked child before exec and only calls umask(2),
         // fcntl(2) and what `write_own` calls (open, read, write, close, rename, getpid), all
-        // async-signal-safe, allocating nothing (its paths were made before the fork).
-        // `inherit` is open in the parent for the whole spawn (the caller borrows it), hence in
-        // the child; clearing its close-on-exec flag in the child alone leaves the parent's
-        // descriptor and other children untouched.
+        // async-signal-safe, allocating nothing (its paths and `inherit` were made before the
+        // fork). Each of `inherit` is open in the parent for the whole spawn (the caller
+        // borrows it), hence in the child; clearing its close-on-exec flag in the child alone
+        // leaves the parent's descriptor and other children untouched.
         unsafe {
             cmd.pre_exec(move || {
                 nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-                if let Some(fd) = inherit {
+                for &fd in &inherit {
                     fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
                 }
                 record.write_own()
@@ -627,20 +627,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn spawn_with_fd_passes_that_descriptor_only() {
+    async fn spawn_with_fds_passes_those_descriptors_only() {
         let dir = tempfile::tempdir().expect("tempdir");
         let passed = std::fs::File::open("/dev/null").expect("open");
+        let also = std::fs::File::open("/dev/null").expect("open");
         let kept = std::fs::File::open("/dev/null").expect("open");
-        let (p, k) = (passed.as_raw_fd(), kept.as_raw_fd());
-        // Exit 0 only when the child has the passed descriptor and not the other one.
-        let script = format!("test -e /proc/self/fd/{p} && ! test -e /proc/self/fd/{k}");
-        let child = Proc::spawn_with_fd(
+        let (p, a, k) = (passed.as_raw_fd(), also.as_raw_fd(), kept.as_raw_fd());
+        // Exit 0 only when the child has the passed descriptors and not the other one.
+        let script = format!(
+            "test -e /proc/self/fd/{p} && test -e /proc/self/fd/{a} && ! test -e /proc/self/fd/{k}"
+        );
+        let child = Proc::spawn_with_fds(
             "sh",
             Path::new("sh"),
             &["-c".into(), script.into()],
             &dir.path().join("stderr"),
             target(dir.path()),
-            Some(passed.as_fd()),
+            &[passed.as_fd(), also.as_fd()],
         )
         .await
         .expect("spawn sh");
@@ -650,8 +653,10 @@ mod tests {
             status.success(),
             "descriptors seen by the child: {status:?}"
         );
-        // Ours stays close-on-exec.
-        let flags = fcntl(p, FcntlArg::F_GETFD).expect("flags");
-        assert!(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC));
+        // Ours stay close-on-exec.
+        for fd in [p, a] {
+            let flags = fcntl(fd, FcntlArg::F_GETFD).expect("flags");
+            assert!(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC));
+        }
     }
 }

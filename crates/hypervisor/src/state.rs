@@ -10,8 +10,9 @@ use crate::endpoint::AgentEndpoint;
 use crate::process::is_same;
 
 /// Version of the [`QemuState`] layout; bumped on incompatible changes (2: the config's template
-/// role is one typed field instead of two flags and two paths).
-pub const QEMU_STATE_VERSION: u32 = 2;
+/// role is one typed field instead of two flags and two paths; 3: `vsock_cid`, and a vsock
+/// channel's CID is optional in the config).
+pub const QEMU_STATE_VERSION: u32 = 3;
 
 /// Everything another process needs to re-attach to a running VM
 /// (see [`crate::Qemu::attach`]). Produced by [`crate::Hypervisor::state`].
@@ -33,6 +34,9 @@ pub struct QemuState {
     pub pid_start_time: Option<u64>,
     /// The `vhost-device-vsock` backend's pid and start time (hybrid vsock only).
     pub backend: Option<(u32, u64)>,
+    /// The guest CID QEMU's vhost-vsock device holds (vsock channel, while running): the
+    /// kernel keeps it reserved as long as that QEMU runs.
+    pub vsock_cid: Option<u32>,
     /// Whether the run directory was created by this crate (then `stop` removes it if empty).
     pub created_run_dir: bool,
     /// Current vCPUs (boot + hot-added).
@@ -56,9 +60,10 @@ impl QemuState {
         self.paths.console.clone()
     }
 
-    /// Where the agent listens (derived from the config and paths, so it is not stored).
-    pub fn agent_endpoint(&self) -> AgentEndpoint {
-        agent_endpoint(&self.config.agent_channel, &self.paths)
+    /// Where the agent listens (derived from the config, paths and CID, so it is not stored);
+    /// `None` for a vsock VM that holds no CID (not running).
+    pub fn agent_endpoint(&self) -> Option<AgentEndpoint> {
+        agent_endpoint(&self.config.agent_channel, &self.paths, self.vsock_cid)
     }
 
     /// Whether the QEMU recorded here still runs: a pid and start time are recorded, and that
@@ -137,6 +142,7 @@ mod tests {
             pid: Some(42),
             pid_start_time: Some(7),
             backend: None,
+            vsock_cid: None,
             created_run_dir: true,
             vcpus: 1,
             memory_mib: 256,
@@ -148,15 +154,58 @@ mod tests {
         assert_eq!(back, st);
         assert_eq!(
             back.agent_endpoint(),
-            AgentEndpoint::VirtioSerial {
+            Some(AgentEndpoint::VirtioSerial {
                 path: "/r/agent.sock".into()
-            }
+            })
         );
         // A state saved while the URL was still stored as well reads the same.
         let mut old: serde_json::Value = serde_json::from_str(&json).expect("json");
         old["agent_url"] = "serial:///r/agent.sock".into();
         let back: QemuState = serde_json::from_value(old).expect("deserialize");
         assert_eq!(back, st);
+    }
+
+    #[test]
+    fn vsock_state_round_trips_with_its_cid() {
+        let mut config = HypervisorConfig::new("/k", None);
+        config.agent_channel = crate::AgentChannel::Vsock { guest_cid: None };
+        let st = QemuState {
+            version: QEMU_STATE_VERSION,
+            id: "vm".into(),
+            config,
+            accel: Accel::Kvm,
+            paths: RunPaths::new("/r"),
+            pid: Some(42),
+            pid_start_time: Some(7),
+            backend: None,
+            vsock_cid: Some(123_456),
+            created_run_dir: true,
+            vcpus: 1,
+            memory_mib: 256,
+            next_cpu_id: 1,
+            next_mem_id: 1,
+        };
+        let json = serde_json::to_string(&st).expect("serialize");
+        assert!(
+            json.contains(r#""agent_channel":{"kind":"vsock"}"#),
+            "{json}"
+        );
+        assert!(json.contains(r#""vsock_cid":123456"#), "{json}");
+        let back: QemuState = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, st);
+        assert_eq!(
+            back.agent_endpoint(),
+            Some(AgentEndpoint::Vsock {
+                cid: 123_456,
+                port: 1024
+            })
+        );
+        // Not running: no CID held, no endpoint.
+        let stopped = QemuState {
+            vsock_cid: None,
+            ..st
+        };
+        assert_eq!(stopped.agent_endpoint(), None);
     }
 
     #[tokio::test]
@@ -175,6 +224,7 @@ mod tests {
             pid: Some(me),
             pid_start_time: Some(start),
             backend: None,
+            vsock_cid: None,
             created_run_dir: false,
             vcpus: 1,
             memory_mib: 256,

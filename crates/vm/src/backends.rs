@@ -120,7 +120,7 @@ mod tests {
             .hypervisor("v", &HypervisorConfig::new("/k", None), Path::new("/r/v"))
             .expect("qemu");
         assert_eq!(hv.pid(), None);
-        let url = crate::agent_url(&hv.agent_endpoint());
+        let url = crate::agent_url(&hv.agent_endpoint().expect("a serial endpoint"));
         assert_eq!(url.to_string(), "serial:///r/v/agent.sock");
         let mut bad = HypervisorConfig::new("/k", None);
         bad.vcpus = 0;

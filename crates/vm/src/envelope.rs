@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::WireError;
 
 /// Version of the wire envelope and of [`crate::VmState`]; bumped on incompatible changes (2:
-/// `agent_url` is gone, the hypervisor state's config and paths give it).
-pub const WIRE_VERSION: u32 = 2;
+/// `agent_url` is gone, the hypervisor state's config and paths give it; 3: the hypervisor
+/// state records its vsock CID, and a vsock channel's CID is optional in the config).
+pub const WIRE_VERSION: u32 = 3;
 
 /// Largest wire form accepted (a real one is a few KiB).
 pub const MAX_WIRE_SIZE: usize = 1 << 20;

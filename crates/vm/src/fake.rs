@@ -429,7 +429,7 @@ impl Backends for FakeBackends {
     }
 
     async fn attach_hypervisor(&self, state: QemuState) -> Result<Arc<dyn Hypervisor>> {
-        let hv = FakeHypervisor::new(&state.id, state.config.clone(), state.paths.dir.clone());
+        let hv = FakeHypervisor::attached(&state);
         hv.start()
             .await
             .map_err(|e| Error::hv(&state.id, "attach", e))?;

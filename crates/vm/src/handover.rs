@@ -7,7 +7,7 @@ use vmfactory_hypervisor::VmStatus;
 use vmfactory_persist::Store;
 
 use crate::backends::{Backends, NewStep, QemuBackends};
-use crate::endpoint::agent_url;
+use crate::endpoint::running_agent_url;
 use crate::error::{Error, Result};
 use crate::vm::{start_proxy, wait_ready, Inner, Ownership, Partial, Vm};
 use crate::wire::VmState;
@@ -65,7 +65,7 @@ impl Vm {
         start_proxy(&id, hv.as_ref(), proxy.as_ref()).await?;
 
         step(NewStep::CreateAgent).await?;
-        let url = agent_url(&hv.agent_endpoint());
+        let url = running_agent_url(&id, hv.as_ref())?;
         let agent = backends.agent(&id, &url, &state.config.agent)?;
         p.agent = Some(agent.clone());
 
@@ -92,7 +92,7 @@ impl Vm {
             cpu_delta: state.cpu_delta,
             links: Vec::new(),
         };
-        let vm = Self::assemble(p, state.config, dir, inner)?;
+        let vm = Self::assemble(p, state.config, dir, url, inner)?;
         vm.save_state(&*vm.inner.lock().await).await?;
         Ok(vm)
     }

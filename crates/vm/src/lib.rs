@@ -70,7 +70,7 @@
 //! let mut hv = HypervisorConfig::new("/guest/vmlinuz", Some("/guest/initramfs.cpio".into()));
 //! hv.accel = Accel::Tcg;
 //! hv.machine = MachineType::Q35;
-//! hv.agent_channel = AgentChannel::Vsock { guest_cid: 3 };
+//! hv.agent_channel = AgentChannel::Vsock { guest_cid: None }; // a CID per start
 //! hv.template = Some(TemplateRole::SaveTo(TemplatePaths {
 //!     memory: "/run/vc/template/memory".into(),
 //!     state: "/run/vc/template/state".into(),
@@ -140,7 +140,7 @@ pub use vmfactory_agent::{Agent, AgentConfig, AgentUrl, Error as AgentError};
 pub use vmfactory_hypervisor::{
     Accel, AgentChannel, AgentEndpoint, ConfigError as HypervisorConfigError,
     Error as HypervisorError, Hypervisor, HypervisorConfig, MachineType, ProcessKind,
-    ProcessRecord, QemuState, RunPaths, TemplatePaths, TemplateRole, VmStatus,
+    ProcessRecord, QemuState, RunPaths, TemplatePaths, TemplateRole, VmStatus, VsockError,
 };
 pub use vmfactory_persist::Error as PersistError;
 pub use vmfactory_proxy::{Error as ProxyError, Proxy, ProxyKind};

@@ -16,7 +16,7 @@ use vmfactory_proxy::Proxy;
 
 use crate::backends::{Backends, NewStep, QemuBackends};
 use crate::config::VmConfig;
-use crate::endpoint::agent_url;
+use crate::endpoint::running_agent_url;
 use crate::error::{Error, Result};
 use crate::exit::{unless_exited, watched};
 use crate::links::remove_links;
@@ -65,6 +65,8 @@ pub struct Vm {
     pub(crate) dir: PathBuf,
     pub(crate) hypervisor: Arc<dyn Hypervisor>,
     pub(crate) agent: Arc<dyn Agent>,
+    /// Where `agent` dials (a vsock CID is the VM's for its QEMU's life, so this holds).
+    pub(crate) agent_url: AgentUrl,
     pub(crate) proxy: Arc<dyn Proxy>,
     pub(crate) inner: Mutex<Inner>,
 }
@@ -233,7 +235,8 @@ impl Vm {
         start_proxy(&id, hv.as_ref(), proxy.as_ref()).await?;
 
         step(NewStep::CreateAgent).await?;
-        let agent = backends.agent(&id, &agent_url(&hv.agent_endpoint()), &config.agent)?;
+        let url = running_agent_url(&id, hv.as_ref())?;
+        let agent = backends.agent(&id, &url, &config.agent)?;
         p.agent = Some(agent.clone());
 
         step(NewStep::CheckAgent).await?;
@@ -251,16 +254,17 @@ impl Vm {
             cpu_delta: 0,
             links: Vec::new(),
         };
-        let vm = Self::assemble(p, config, dir, inner)?;
+        let vm = Self::assemble(p, config, dir, url, inner)?;
         vm.save_state(&*vm.inner.lock().await).await?;
         Ok(vm)
     }
 
-    /// Moves the parts out of `p` into a `Vm` that owns the VM.
+    /// Moves the parts out of `p` into a `Vm` that owns the VM, whose agent dials `agent_url`.
     pub(crate) fn assemble(
         p: &mut Partial,
         config: VmConfig,
         dir: PathBuf,
+        agent_url: AgentUrl,
         mut inner: Inner,
     ) -> Result<Self> {
         let (Some(hypervisor), Some(agent), Some(proxy), Some(lock)) = (
@@ -277,6 +281,7 @@ impl Vm {
         };
         inner.ownership = Ownership::Owned { _lock: lock };
         Ok(Self {
+            agent_url,
             id: p.id.clone(),
             store: p.store.clone(),
             config,
@@ -318,9 +323,10 @@ impl Vm {
         &self.proxy
     }
 
-    /// The URL the agent client dials: the hypervisor's agent endpoint.
+    /// The URL the agent client dials: the hypervisor's agent endpoint when the VM was
+    /// created or taken over.
     pub fn agent_url(&self) -> AgentUrl {
-        agent_url(&self.hypervisor.agent_endpoint())
+        self.agent_url.clone()
     }
 
     /// Locks the bookkeeping and checks that this handle owns the VM.
@@ -510,6 +516,7 @@ async fn check_until(id: &str, agent: &dyn Agent, timeout: Duration) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::endpoint::agent_url;
     use crate::error::ConfigError;
     use crate::fake::FakeBackends;
     use vmfactory_agent::FakeCall as AgentCall;
@@ -540,7 +547,8 @@ mod tests {
         );
         assert!(vm.dir().join("state.json").is_file());
         assert!(uuid::Uuid::parse_str(vm.id()).is_ok());
-        assert_eq!(vm.agent_url(), agent_url(&vm.hypervisor().agent_endpoint()));
+        let endpoint = vm.hypervisor().agent_endpoint().expect("endpoint");
+        assert_eq!(vm.agent_url(), agent_url(&endpoint));
         assert_eq!(h.agent_urls(), [vm.agent_url()]);
         assert_eq!(h.last_hv().calls(), [FakeCall::Start]);
         assert_eq!(h.last_agent().calls(), [AgentCall::Check]);

@@ -36,9 +36,10 @@ impl VmState {
         Ok(encode(VM_KIND, self)?)
     }
 
-    /// The URL the host dials to reach the agent, from the hypervisor state.
-    pub fn agent_url(&self) -> AgentUrl {
-        agent_url(&self.hypervisor.agent_endpoint())
+    /// The URL the host dials to reach the agent, from the hypervisor state; `None` for a
+    /// vsock VM whose state records no CID (its QEMU is not running).
+    pub fn agent_url(&self) -> Option<AgentUrl> {
+        self.hypervisor.agent_endpoint().map(|e| agent_url(&e))
     }
 
     /// Decodes and checks a state; see [`VmState::check`].
@@ -49,7 +50,8 @@ impl VmState {
     }
 
     /// Checks that the parts agree: a valid id, the hypervisor state of the same VM, version and
-    /// config, living in the VM's directory under the run root, and a config of valid shape.
+    /// config, living in the VM's directory under the run root, an agent endpoint while its
+    /// QEMU runs (a vsock VM's CID), and a config of valid shape.
     pub fn check(&self) -> Result<()> {
         let inconsistent = |reason: String| WireError::Inconsistent { reason };
         vmfactory_persist::validate_id(&self.id).map_err(|e| inconsistent(e.to_string()))?;
@@ -74,6 +76,9 @@ impl VmState {
             ))
             .into());
         }
+        if hv.pid.is_some() && hv.agent_endpoint().is_none() {
+            return Err(inconsistent("a running vsock VM records no guest CID".into()).into());
+        }
         self.config.validate_shape()?;
         Ok(())
     }
@@ -84,7 +89,7 @@ mod tests {
     use super::*;
     use crate::envelope::{CONFIG_KIND, MAX_WIRE_SIZE, WIRE_VERSION};
     use crate::error::{AgentTimeout, ConfigError, Error};
-    use vmfactory_hypervisor::{Hypervisor, HypervisorConfig};
+    use vmfactory_hypervisor::{AgentChannel, Hypervisor, HypervisorConfig};
 
     async fn state() -> VmState {
         let mut config = VmConfig::new(HypervisorConfig::new("/k", None));
@@ -117,9 +122,33 @@ mod tests {
         let bytes = st.to_wire().expect("encode");
         assert_eq!(VmState::from_wire(&bytes).expect("decode"), st);
         assert_eq!(
-            st.agent_url().to_string(),
-            format!("serial:///run/vc/vm/{}/agent.sock", st.id)
+            st.agent_url().map(|u| u.to_string()),
+            Some(format!("serial:///run/vc/vm/{}/agent.sock", st.id))
         );
+    }
+
+    #[tokio::test]
+    async fn a_vsock_vm_hands_over_its_cid() {
+        let mut st = state().await;
+        st.config.hypervisor.agent_channel = AgentChannel::Vsock { guest_cid: None };
+        st.hypervisor.config = st.config.hypervisor.clone();
+        st.hypervisor.pid = Some(4242);
+        st.hypervisor.vsock_cid = Some(90_001);
+        let bytes = st.to_wire().expect("encode");
+        let back = VmState::from_wire(&bytes).expect("decode");
+        assert_eq!(back, st);
+        assert_eq!(
+            back.agent_url().map(|u| u.to_string()),
+            Some("vsock://90001:1024".to_owned())
+        );
+        // A running vsock VM without its CID cannot be reached: refused, not guessed.
+        let lost = with(&bytes, |v| {
+            v["body"]["hypervisor"]["vsock_cid"] = serde_json::Value::Null;
+        });
+        assert!(matches!(
+            VmState::from_wire(&lost),
+            Err(Error::Wire(WireError::Inconsistent { .. }))
+        ));
     }
 
     #[tokio::test]

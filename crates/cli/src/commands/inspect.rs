@@ -46,8 +46,8 @@ struct VmView<'a> {
     qmp_socket: &'a Path,
     /// Its serial console socket.
     console_socket: &'a Path,
-    /// Where the host reaches its agent.
-    agent_url: String,
+    /// Where the host reaches its agent (none for a vsock VM whose QEMU holds no CID).
+    agent_url: Option<String>,
     /// vCPUs (boot + hot-added).
     vcpus: u32,
     /// Memory in MiB (boot + hot-added).
@@ -67,7 +67,7 @@ impl<'a> VmView<'a> {
             run_dir: hv.run_dir(),
             qmp_socket: &hv.paths.qmp,
             console_socket: &hv.paths.console,
-            agent_url: state.agent_url().to_string(),
+            agent_url: state.agent_url().map(|u| u.to_string()),
             vcpus: state.vcpus,
             memory_mib: state.memory_mib,
             state,

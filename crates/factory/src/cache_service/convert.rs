@@ -34,7 +34,8 @@ pub(crate) fn vm_to_grpc(state: &VmState, bytes: Vec<u8>) -> GrpcVM {
     msg.id = state.id.clone();
     msg.hypervisor = bytes;
     msg.proxyPid = 0;
-    msg.proxyURL = state.agent_url().to_string();
+    // A handed-over VM runs, so its wire form has an endpoint (`VmState::check`).
+    msg.proxyURL = state.agent_url().map(|u| u.to_string()).unwrap_or_default();
     msg.cpu = state.vcpus;
     msg.memory = saturate(state.memory_mib);
     msg.cpuDelta = state.cpu_delta;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use vmfactory_vm::{Backends, Vm, VmConfig};
+use vmfactory_vm::{AgentChannel, Backends, Vm, VmConfig};
 
 use super::error::{TemplateError, TemplateStep};
 
@@ -17,21 +17,30 @@ pub(super) struct Made {
     pub(super) files: bool,
 }
 
-/// Boots the template VM, warms it up, waits for its agent to re-listen after a disconnect,
-/// pauses, saves, and stops it (also on failure).
+/// Boots the template VM, warms it up, waits for its agent to re-listen after a disconnect
+/// (virtio-serial), pauses, saves, and stops it (also on failure).
 pub(super) async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> Result<()> {
     let vm = Vm::new_with(tpl.clone(), backends)
         .await
         .map_err(|e| TemplateError::vm(TemplateStep::Boot, e))?;
     let saved = async {
+        // A serial port is reopened by the agent after the host leaves, and a clone must not
+        // find it half-way through. A vsock listener never closes: a connection the guest
+        // still holds at the save is reset in each clone (transport reset), so no wait.
+        let serial = matches!(tpl.hypervisor.agent_channel, AgentChannel::VirtioSerial);
         // QEMU drops console output while no console client is connected: subscribe (the
         // proxy is connected) before disconnecting.
-        let mut lines = vm
-            .proxy()
-            .subscribe()
-            .ok_or_else(|| TemplateError::NoConsole {
-                id: vm.id().to_owned(),
-            })?;
+        let mut lines = if serial {
+            let lines = vm
+                .proxy()
+                .subscribe()
+                .ok_or_else(|| TemplateError::NoConsole {
+                    id: vm.id().to_owned(),
+                })?;
+            Some(lines)
+        } else {
+            None
+        };
         // Run the guest side of `get_vm` once before saving: every clone then resumes with
         // it done (a ready CRNG, the agent's handler pages mapped) instead of doing it first.
         let (seeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
@@ -40,16 +49,18 @@ pub(super) async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) ->
         vm.disconnect()
             .await
             .map_err(|e| TemplateError::vm(TemplateStep::Disconnect, e))?;
-        let relisten = vmfactory_proxy::wait_for_line(&mut lines, tpl.agent.ready_timeout, |l| {
-            l.contains(vmfactory_agent::channel::LISTENING_PREFIX)
-        });
-        vm.unless_exited("the agent's re-listen", relisten)
-            .await
-            .map_err(|e| TemplateError::vm(TemplateStep::Relisten, e))?
-            .map_err(|source| TemplateError::Relisten {
-                id: vm.id().to_owned(),
-                source,
-            })?;
+        if let Some(lines) = lines.as_mut() {
+            let relisten = vmfactory_proxy::wait_for_line(lines, tpl.agent.ready_timeout, |l| {
+                l.contains(vmfactory_agent::channel::LISTENING_PREFIX)
+            });
+            vm.unless_exited("the agent's re-listen", relisten)
+                .await
+                .map_err(|e| TemplateError::vm(TemplateStep::Relisten, e))?
+                .map_err(|source| TemplateError::Relisten {
+                    id: vm.id().to_owned(),
+                    source,
+                })?;
+        }
         vm.pause()
             .await
             .map_err(|e| TemplateError::vm(TemplateStep::Pause, e))?;

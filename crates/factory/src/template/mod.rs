@@ -16,6 +16,8 @@ mod metadata;
 mod owner;
 #[cfg(test)]
 mod ownership_tests;
+#[cfg(test)]
+mod vsock_tests;
 
 pub use error::{TemplateError, TemplateStep};
 pub use factory::{clone_vm_config, template_paths, template_vm_config, TemplateFactory};

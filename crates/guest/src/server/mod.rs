@@ -5,6 +5,7 @@
 //! The services only touch the guest through [`GuestPaths`] and [`GuestClock`], so tests run them
 //! in-process against a fake sysfs tree and a fake clock.
 
+mod accept;
 mod config;
 mod serial;
 mod service;
@@ -66,11 +67,7 @@ impl AgentServer {
     pub async fn bind_unix(agent: Arc<GuestAgent>, path: &Path) -> Result<Self> {
         let listener = tokio::net::UnixListener::bind(path)
             .map_err(|e| Error::io("bind", path.display(), e))?;
-        let incoming = futures::stream::unfold(listener, |l| async move {
-            let res = l.accept().await.map(|(s, _)| s);
-            Some((res, l))
-        });
-        Self::start(agent, Listener::new(incoming)).await
+        Self::start(agent, accept::keep_accepting(listener, "unix")).await
     }
 
     /// Stops accepting and closes all connections.
@@ -122,10 +119,12 @@ pub async fn serve_guest(cfg: GuestConfig) -> Result<()> {
     Ok(())
 }
 
+/// A listener on vsock `port` of any CID: a clone of a template takes a new CID (the guest
+/// driver re-reads it on the transport reset) and this listener, bound to none, serves on.
 fn vsock_listener(port: u32) -> std::io::Result<Listener> {
     let addr = tokio_vsock::VsockAddr::new(tokio_vsock::VMADDR_CID_ANY, port);
     let listener = tokio_vsock::VsockListener::bind(addr)?;
-    Ok(Listener::from(listener))
+    Ok(accept::keep_accepting(listener, "vsock"))
 }
 
 /// Polls sysfs for the agent port: the port's name arrives from the host some time after the

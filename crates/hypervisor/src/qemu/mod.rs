@@ -1,11 +1,11 @@
 //! The QEMU backend: [`Qemu`], a thin handle over `Arc<Inner>` whose lifecycle state sits in a
 //! tokio `Mutex` (operations on one VM are serialised; different VMs are independent).
 //!
-//! Start: validate (in `spawn_blocking`, it opens files), resolve the accelerator, create the
-//! run directory, spawn `vhost-device-vsock` first for hybrid vsock (wait for its socket), spawn
-//! QEMU, connect to its QMP socket with retries until a deadline, negotiate, and for a clone run
-//! the incoming migration. Every failure path kills what was spawned and removes what was
-//! created.
+//! Start: validate (in `spawn_blocking`, it opens files), reserve a vsock CID (`vsock.rs`),
+//! resolve the accelerator, create the run directory, spawn `vhost-device-vsock` first for
+//! hybrid vsock (wait for its socket), spawn QEMU (with the CID's descriptor), connect to its
+//! QMP socket with retries until a deadline, negotiate, and for a clone run the incoming
+//! migration. Every failure path kills what was spawned, closes and removes what was made.
 //!
 //! Every wait on the VM, from the first socket to the last QMP command, runs under the VM's
 //! exit guard (`exit.rs`): a QEMU (or vsock backend) that exits ends it at once with
@@ -15,6 +15,8 @@ mod ops;
 mod version;
 
 pub use version::{qemu_version, QEMU_VERSION_TIMEOUT};
+#[cfg(test)]
+mod vsock_tests;
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
@@ -39,6 +41,7 @@ use crate::process::Proc;
 use crate::qmp::{QmpClient, DEFAULT_COMMAND_TIMEOUT};
 use crate::record::{remove_records, ProcessKind, RecordTarget};
 use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
+use crate::vsock::{self, CidKernel, CidReservation, VhostVsock};
 use crate::wait::wait_until;
 use crate::Hypervisor;
 
@@ -58,6 +61,8 @@ struct Running {
     qemu: Proc,
     backend: Option<Proc>,
     accel: Accel,
+    /// The CID QEMU's vhost-vsock device holds (vsock channel).
+    vsock_cid: Option<u32>,
     created_run_dir: bool,
     vcpus: u32,
     memory_mib: u64,
@@ -91,6 +96,10 @@ struct Inner {
     paths: RunPaths,
     /// QEMU's pid while running, 0 otherwise (readable without the lock).
     pid: AtomicU32,
+    /// The vsock CID QEMU holds while running, 0 otherwise (no guest has CID 0).
+    vsock_cid: AtomicU32,
+    /// Where vsock CIDs are reserved (the kernel; a stand-in in tests).
+    cid_kernel: Arc<dyn CidKernel>,
     /// The running VM's exit watch, `None` while not running (readable without the lock, so
     /// [`Hypervisor::exited`] never waits behind an operation).
     exit: watch::Sender<Option<VmExit>>,
@@ -116,10 +125,25 @@ impl Qemu {
         Ok(Self::from_parts(id.into(), config, paths, VmState::Created))
     }
 
+    /// [`Qemu::new`] reserving vsock CIDs through `cid_kernel` (a stand-in kernel in tests).
+    #[cfg(test)]
+    fn with_cid_kernel(
+        id: &str,
+        config: HypervisorConfig,
+        run_dir: impl Into<PathBuf>,
+        cid_kernel: Arc<dyn CidKernel>,
+    ) -> Result<Self> {
+        let mut vm = Self::new(id, config, run_dir)?;
+        if let Some(inner) = Arc::get_mut(&mut vm.inner) {
+            inner.cid_kernel = cid_kernel;
+        }
+        Ok(vm)
+    }
+
     fn from_parts(id: String, config: HypervisorConfig, paths: RunPaths, state: VmState) -> Self {
-        let (pid, exit) = match &state {
-            VmState::Running(r) => (r.qemu.pid, Some(r.exit(&id))),
-            _ => (0, None),
+        let (pid, cid, exit) = match &state {
+            VmState::Running(r) => (r.qemu.pid, r.vsock_cid, Some(r.exit(&id))),
+            _ => (0, None, None),
         };
         Self {
             inner: Arc::new(Inner {
@@ -127,6 +151,8 @@ impl Qemu {
                 config,
                 paths,
                 pid: AtomicU32::new(pid),
+                vsock_cid: AtomicU32::new(cid.unwrap_or(0)),
+                cid_kernel: Arc::new(VhostVsock::default()),
                 exit: watch::Sender::new(exit),
                 state: Mutex::new(state),
             }),
@@ -177,6 +203,7 @@ impl Qemu {
             qemu,
             backend,
             accel: state.accel,
+            vsock_cid: state.vsock_cid,
             created_run_dir: state.created_run_dir,
             vcpus: state.vcpus,
             memory_mib: state.memory_mib,
@@ -222,6 +249,7 @@ impl Qemu {
             backend: running
                 .and_then(|r| r.backend.as_ref())
                 .map(|b| (b.pid, b.start_time)),
+            vsock_cid: running.and_then(|r| r.vsock_cid),
             created_run_dir: running.is_some_and(|r| r.created_run_dir),
             vcpus: running.map_or(cfg.vcpus, |r| r.vcpus),
             memory_mib: running.map_or(cfg.memory_mib, |r| r.memory_mib),
@@ -240,6 +268,13 @@ impl Inner {
             .map_err(|e| {
                 Error::io("Validating", &self.config.kernel, std::io::Error::other(e))
             })??;
+        // Before anything is created: a host without vhost-vsock fails here, leaving nothing.
+        let vsock = match self.config.agent_channel {
+            AgentChannel::Vsock { guest_cid } => {
+                Some(vsock::reserve_for(&self.id, &self.cid_kernel, guest_cid).await?)
+            }
+            _ => None,
+        };
         let accel = resolve_accel(&self.config).await;
         // `cpu_model = "host"` is valid under `auto`, not once `auto` resolved to TCG.
         self.config.pinned(accel).validate_shape()?;
@@ -267,22 +302,29 @@ impl Inner {
             self.wait_socket(exit, &self.paths.vhost_user_vsock).await?;
         }
 
-        let args = qemu_args(&self.id, &self.config, &self.paths, accel);
+        let vhost = vsock.as_ref().map(CidReservation::for_qemu);
+        let args = qemu_args(&self.id, &self.config, &self.paths, accel, vhost);
         // A clone's device state, opened here so that a missing file fails before QEMU runs.
         let state = match &self.config.template {
             Some(TemplateRole::CloneFrom(paths)) => Some(ops::open_state(&paths.state).await?),
             _ => None,
         };
+        let inherit = [
+            state.as_ref().map(AsFd::as_fd),
+            vsock.as_ref().map(AsFd::as_fd),
+        ];
         debug!(vm = %self.id, args = ?args, "spawning qemu");
-        let proc = Proc::spawn_with_fd(
+        let proc = Proc::spawn_with_fds(
             "QEMU",
             &self.config.qemu_path,
             &args,
             &self.paths.qemu_stderr,
             RecordTarget::new(dir, ProcessKind::Qemu)?,
-            state.as_ref().map(AsFd::as_fd),
+            &inherit.into_iter().flatten().collect::<Vec<_>>(),
         )
         .await?;
+        // QEMU holds the CID now; ours closes, so the CID ends with QEMU, wherever it is handed.
+        let vsock_cid = vsock.map(|r| r.cid());
         let qemu = partial.qemu.insert(proc).exit().clone();
         let exit = VmExit::new(
             &self.id,
@@ -313,6 +355,7 @@ impl Inner {
             qemu,
             backend,
             accel,
+            vsock_cid,
             created_run_dir: partial.created_run_dir,
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
@@ -432,6 +475,9 @@ impl Hypervisor for Qemu {
             Ok(running) => {
                 self.inner.pid.store(running.qemu.pid, Ordering::Relaxed);
                 self.inner
+                    .vsock_cid
+                    .store(running.vsock_cid.unwrap_or(0), Ordering::Relaxed);
+                self.inner
                     .exit
                     .send_replace(Some(running.exit(&self.inner.id)));
                 let cpu = self.inner.config.cpu_model_for(running.accel);
@@ -467,6 +513,7 @@ impl Hypervisor for Qemu {
         // A stop is no exit: waiters on `exited` keep waiting (their own waits end them).
         self.inner.exit.send_replace(None);
         self.inner.pid.store(0, Ordering::Relaxed);
+        self.inner.vsock_cid.store(0, Ordering::Relaxed);
         let attached = r.qemu.is_attached();
         let result = self
             .inner
@@ -591,8 +638,9 @@ impl Hypervisor for Qemu {
         self.inner.paths.console_log.clone()
     }
 
-    fn agent_endpoint(&self) -> AgentEndpoint {
-        agent_endpoint(&self.inner.config.agent_channel, &self.inner.paths)
+    fn agent_endpoint(&self) -> Option<AgentEndpoint> {
+        let cid = Some(self.inner.vsock_cid.load(Ordering::Relaxed)).filter(|c| *c != 0);
+        agent_endpoint(&self.inner.config.agent_channel, &self.inner.paths, cid)
     }
 
     async fn state(&self) -> QemuState {
@@ -613,6 +661,7 @@ impl Hypervisor for Qemu {
         };
         self.inner.exit.send_replace(None);
         self.inner.pid.store(0, Ordering::Relaxed);
+        self.inner.vsock_cid.store(0, Ordering::Relaxed);
         let snapshot = self.snapshot(Some(&r));
         // Dropping closes QMP; the processes keep running (tokio reaps them if they exit while
         // this process lives).
@@ -647,9 +696,9 @@ mod tests {
         assert_eq!(vm.pid(), None);
         assert_eq!(
             vm.agent_endpoint(),
-            AgentEndpoint::VirtioSerial {
+            Some(AgentEndpoint::VirtioSerial {
                 path: dir.path().join("run/agent.sock")
-            }
+            })
         );
         let st = vm.state().await;
         assert_eq!(st.pid, None);

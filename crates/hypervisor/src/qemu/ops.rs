@@ -490,6 +490,8 @@ mod tests {
         let inner = Inner {
             id: "t".into(),
             pid: std::sync::atomic::AtomicU32::new(0),
+            vsock_cid: std::sync::atomic::AtomicU32::new(0),
+            cid_kernel: std::sync::Arc::new(crate::vsock::VhostVsock::default()),
             exit: tokio::sync::watch::Sender::new(None),
             state: tokio::sync::Mutex::new(super::super::VmState::Created),
             paths,
@@ -500,6 +502,7 @@ mod tests {
             qemu,
             backend: None,
             accel: crate::config::Accel::Tcg,
+            vsock_cid: None,
             created_run_dir: false,
             vcpus: cfg.vcpus,
             memory_mib: cfg.memory_mib,
