@@ -40,6 +40,15 @@ pub const REQUIRE_ENV: &str = "VMFACTORY_E2E_REQUIRE";
 /// slower than on a real host. Bounds that are the behaviour under test (clock skew) stay.
 pub const TIME_SCALE_ENV: &str = "VMFACTORY_E2E_TIME_SCALE";
 
+/// When set, the guest CPU model (`-cpu`) of every VM the harness configures, instead of the
+/// product's default for the accelerator (`host` under KVM). The nested KVM host sets it.
+pub const CPU_MODEL_ENV: &str = "VMFACTORY_E2E_CPU_MODEL";
+
+/// The CPU model [`CPU_MODEL_ENV`] names, if any.
+pub fn cpu_model() -> Option<String> {
+    std::env::var(CPU_MODEL_ENV).ok().filter(|m| !m.is_empty())
+}
+
 /// `bound` times [`TIME_SCALE_ENV`] (1 to 20; anything else counts as 1).
 pub fn scaled(bound: std::time::Duration) -> std::time::Duration {
     let scale = std::env::var(TIME_SCALE_ENV)

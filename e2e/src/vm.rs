@@ -36,6 +36,7 @@ pub fn config(env: &GuestEnv) -> HypervisorConfig {
     let mut cfg = HypervisorConfig::new(&env.kernel, Some(env.initrd.clone()));
     cfg.qemu_path = env.qemu.clone();
     cfg.accel = Accel::Auto;
+    cfg.cpu_model = crate::cpu_model();
     cfg.vcpus = 1;
     cfg.max_vcpus = 4;
     cfg.memory_mib = 256;

@@ -67,7 +67,7 @@ default_memory = 256
 memory_slots = 2
 default_maxmemory = 1024
 accel = "auto"
-
+{cpu_model}
 [agent]
 dial_timeout_ms = {dial_ms}
 call_timeout_ms = {call_ms}
@@ -83,6 +83,9 @@ vm_cache_endpoint = "{root}/cache.sock"
 run_root = "{root}"
 "#,
         qemu = env.qemu.display(),
+        cpu_model = vmfactory_e2e::cpu_model()
+            .map(|m| format!("cpu_model = \"{m}\"\n"))
+            .unwrap_or_default(),
         dial_ms = scaled(Duration::from_secs(10)).as_millis(),
         call_ms = scaled(Duration::from_secs(10)).as_millis(),
         ready_ms = scaled(Duration::from_secs(60)).as_millis(),

@@ -58,12 +58,18 @@ enum Cmd {
         /// What L1 runs.
         #[arg(long, value_enum, default_value = "test")]
         mode: kvm_host::Mode,
-        /// L1's memory in MiB.
-        #[arg(long, default_value_t = 6144)]
+        /// Each L1's memory in MiB.
+        #[arg(long, default_value_t = 4096)]
         memory: u32,
-        /// L1's vCPUs.
-        #[arg(long, default_value_t = 2)]
+        /// Each L1's vCPUs.
+        #[arg(long, default_value_t = 1)]
         vcpus: u32,
+        /// The L2 guests' CPU model (`host` is the product's default under KVM).
+        #[arg(long, default_value = kvm_host::CI_L2_CPU)]
+        l2_cpu: String,
+        /// L1 VMs side by side, each running a share of the scenarios.
+        #[arg(long, default_value_t = 2)]
+        hosts: u32,
         /// The whole e2e suite, not only the CI scenarios (see `kvm_host::CI_SCENARIOS`).
         #[arg(long)]
         all: bool,
@@ -128,15 +134,19 @@ fn main() -> Result<()> {
             mode,
             memory,
             vcpus,
+            hosts,
+            l2_cpu,
             timeout_min,
             all,
             args,
         } => kvm_host::run_nested(&kvm_host::Options {
+            l2_cpu: Some(l2_cpu),
             mode,
             args,
             all,
             memory_mib: memory,
             vcpus,
+            hosts,
             timeout: std::time::Duration::from_secs(timeout_min * 60),
         }),
         Cmd::KvmHostInside { manifest } => kvm_host::inside::run(&manifest),

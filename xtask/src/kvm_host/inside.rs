@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use vmfactory_hypervisor::{resolve_accel, Accel, HypervisorConfig};
 
-use super::{Manifest, Mode, MARK};
+use super::{Manifest, Mode, Shard, MARK};
 use crate::scenario_result;
 
 /// Runs what the manifest says; an error makes L1's runner exit non-zero.
@@ -19,7 +19,12 @@ pub fn run(manifest: &Path) -> Result<()> {
     let m: Manifest = serde_json::from_slice(&bytes)?;
     describe_host();
 
-    let cfg = HypervisorConfig::new(&m.kernel, Some(m.initrd.clone()));
+    let mut cfg = HypervisorConfig::new(&m.kernel, Some(m.initrd.clone()));
+    cfg.cpu_model = m
+        .env
+        .iter()
+        .find(|(k, v)| k == vmfactory_e2e::CPU_MODEL_ENV && !v.is_empty())
+        .map(|(_, v)| v.clone());
     let rt = tokio::runtime::Runtime::new()?;
     let probe = Instant::now();
     let accel = rt.block_on(resolve_accel(&cfg));
@@ -32,13 +37,20 @@ pub fn run(manifest: &Path) -> Result<()> {
         bail!("accel = auto resolved to {} inside L1", accel.as_str());
     }
     match m.mode {
-        Mode::Test => run_tests(&m),
+        Mode::Test => {
+            let shard = shard_number(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+            let part = m
+                .shards
+                .get(shard)
+                .with_context(|| format!("The manifest has no shard {shard}"))?;
+            run_tests(&m, part)
+        }
         Mode::Bench => {
             for (k, v) in &m.env {
                 // Single-threaded here: the runtime above has no task running.
                 std::env::set_var(k, v);
             }
-            let mut report = rt.block_on(crate::bench::run(3, &[4, 8]))?;
+            let mut report = rt.block_on(crate::bench::run(3, &[4]))?;
             report.accel = format!(
                 "{} (nested KVM in a TCG-emulated L1: ratios hold, absolute times are not a \
                  real KVM host's)",
@@ -86,13 +98,22 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
+/// `kvmhost.shard=N` on a kernel command line, else 0.
+fn shard_number(cmdline: &str) -> usize {
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("kvmhost.shard="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Each test binary in turn; one marked line per scenario, then a count.
-fn run_tests(m: &Manifest) -> Result<()> {
+fn run_tests(m: &Manifest, part: &Shard) -> Result<()> {
     let started = Instant::now();
     let (mut passed, mut failed, mut broken) = (0, 0, Vec::new());
-    for (name, exe) in &m.tests {
+    for (name, exe) in &part.tests {
         let mut child = Command::new(exe)
-            .args(&m.args)
+            .args(&part.args)
             .envs(m.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -126,4 +147,16 @@ fn run_tests(m: &Manifest) -> Result<()> {
         bail!("test binaries failed: {}", broken.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_number;
+
+    #[test]
+    fn shard_from_the_kernel_command_line() {
+        assert_eq!(shard_number("console=ttyS0 kvmhost.shard=1 quiet"), 1);
+        assert_eq!(shard_number("console=ttyS0"), 0);
+        assert_eq!(shard_number("kvmhost.shard=x"), 0);
+    }
 }
