@@ -18,6 +18,11 @@ pub fn run(manifest: &Path) -> Result<()> {
         std::fs::read(manifest).with_context(|| format!("Cannot read {}", manifest.display()))?;
     let m: Manifest = serde_json::from_slice(&bytes)?;
     describe_host();
+    // Proof of life for L0's hang watch: a stuck L1 prints nothing at all.
+    std::thread::spawn(|| loop {
+        std::thread::sleep(super::BEAT_EVERY);
+        println!("{MARK}{}", super::BEAT);
+    });
 
     let mut cfg = HypervisorConfig::new(&m.kernel, Some(m.initrd.clone()));
     cfg.cpu_model = m

@@ -8,6 +8,7 @@
 
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
@@ -140,6 +141,12 @@ struct Record {
     key: ProbeKey,
 }
 
+/// The probe lock of a run root, held until dropped.
+#[derive(Debug)]
+pub(super) struct ProbeLock {
+    _flock: nix::fcntl::Flock<std::fs::File>,
+}
+
 /// The cache file at a path.
 #[derive(Debug)]
 pub(crate) struct AccelCache {
@@ -155,6 +162,37 @@ impl AccelCache {
 
     pub(super) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Waits up to `bound` for the exclusive probe lock of the cache's directory (the run
+    /// root: `flock` on the directory itself, so no lock file is left). `None` when it cannot
+    /// be had; the caller then probes without it.
+    pub(super) async fn lock(&self, bound: Duration) -> Option<ProbeLock> {
+        use nix::fcntl::{Flock, FlockArg};
+        let dir = self.path.parent()?;
+        let mut file = match tokio::fs::File::open(dir).await {
+            Ok(f) => f.into_std().await,
+            Err(e) => {
+                debug!(dir = %dir.display(), error = %e, "no probe lock: probing without it");
+                return None;
+            }
+        };
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(flock) => return Some(ProbeLock { _flock: flock }),
+                Err((f, nix::errno::Errno::EWOULDBLOCK))
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    file = f;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err((_, e)) => {
+                    warn!(dir = %dir.display(), error = %e, "probe lock not taken: probing without it");
+                    return None;
+                }
+            }
+        }
     }
 
     /// The verdict kept for `key`, if the file holds one; anything unusable there is logged

@@ -36,6 +36,9 @@ use cache::{AccelCache, ProbeKey};
 /// host took 14.4 s in one run and more than 15 s in another, so the bound is generous.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How much longer than a probe a process waits for another one's probe of the same run root.
+const PROBE_LOCK_MARGIN: Duration = Duration::from_secs(30);
+
 /// The CPU model a VM gets under KVM when none is configured: the host's own, so the guest
 /// sees the host's features instead of QEMU's `qemu64` baseline.
 pub const KVM_DEFAULT_CPU_MODEL: &str = "host";
@@ -102,7 +105,18 @@ trait Probe {
     /// What the probe boot's verdict depends on.
     async fn key(&self, cfg: &HypervisorConfig) -> std::io::Result<ProbeKey>;
     /// Step 3: whether the kernel boots under KVM.
-    async fn boot(&self, cfg: &HypervisorConfig) -> bool;
+    async fn boot(&self, cfg: &HypervisorConfig) -> ProbeBoot;
+}
+
+/// How a probe boot ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeBoot {
+    /// The kernel ran under KVM to its panic.
+    Kvm,
+    /// QEMU could not run it, or it ended without the panic: KVM cannot boot this kernel.
+    Failed,
+    /// [`PROBE_TIMEOUT`] passed: a broken KVM, or only a loaded host. Not kept in the cache.
+    TimedOut,
 }
 
 async fn resolve_auto(cfg: &HypervisorConfig, cache: Option<&Path>, probe: &impl Probe) -> Accel {
@@ -124,6 +138,13 @@ async fn resolve_auto(cfg: &HypervisorConfig, cache: Option<&Path>, probe: &impl
         },
         None => None,
     };
+    // One probe per run root at a time: the processes that wait then find its verdict (four
+    // `vmfactory` processes started together on a nested KVM host each probed, and each ran
+    // past the bound).
+    let _lock = match &cached {
+        Some((cache, _)) => cache.lock(PROBE_TIMEOUT + PROBE_LOCK_MARGIN).await,
+        None => None,
+    };
     if let Some((cache, key)) = &cached {
         if let Some(accel) = cache.load(key).await {
             info!(%accel, cache = %cache.path().display(), "auto accelerator from the probe cache (same QEMU, kernel, /dev/kvm and boot)");
@@ -131,15 +152,25 @@ async fn resolve_auto(cfg: &HypervisorConfig, cache: Option<&Path>, probe: &impl
         }
     }
     let t0 = Instant::now();
-    let accel = if probe.boot(cfg).await {
-        info!(elapsed = ?t0.elapsed(), "auto accelerator is kvm: the probe boot under kvm reached the kernel's panic");
-        Accel::Kvm
-    } else {
-        warn!(elapsed = ?t0.elapsed(), timeout = ?PROBE_TIMEOUT, "auto accelerator is tcg: the probe boot under kvm failed or timed out");
-        Accel::Tcg
+    let outcome = probe.boot(cfg).await;
+    let accel = match outcome {
+        ProbeBoot::Kvm => {
+            info!(elapsed = ?t0.elapsed(), "auto accelerator is kvm: the probe boot under kvm reached the kernel's panic");
+            Accel::Kvm
+        }
+        ProbeBoot::Failed => {
+            warn!(elapsed = ?t0.elapsed(), "auto accelerator is tcg: the probe boot under kvm failed");
+            Accel::Tcg
+        }
+        ProbeBoot::TimedOut => {
+            warn!(timeout = ?PROBE_TIMEOUT, "auto accelerator is tcg for this process: the probe boot under kvm timed out (not kept: the next process probes again)");
+            Accel::Tcg
+        }
     };
     if let Some((cache, key)) = &cached {
-        cache.store(key, accel).await;
+        if outcome != ProbeBoot::TimedOut {
+            cache.store(key, accel).await;
+        }
     }
     accel
 }
@@ -183,7 +214,7 @@ impl Probe for HostProbe {
         ProbeKey::gather(cfg, &self.kvm, &self.boot_id).await
     }
 
-    async fn boot(&self, cfg: &HypervisorConfig) -> bool {
+    async fn boot(&self, cfg: &HypervisorConfig) -> ProbeBoot {
         let mut cmd = Command::new(&cfg.qemu_path);
         cmd.args(probe_args(cfg))
             .stdin(Stdio::null())
@@ -191,12 +222,15 @@ impl Probe for HostProbe {
             .stderr(Stdio::null())
             .kill_on_drop(true);
         match tokio::time::timeout(PROBE_TIMEOUT, cmd.output()).await {
-            Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout).contains("Kernel panic"),
+            Ok(Ok(out)) if String::from_utf8_lossy(&out.stdout).contains("Kernel panic") => {
+                ProbeBoot::Kvm
+            }
+            Ok(Ok(_)) => ProbeBoot::Failed,
             Ok(Err(e)) => {
                 warn!(error = %e, "cannot run the kvm probe");
-                false
+                ProbeBoot::Failed
             }
-            Err(_) => false,
+            Err(_) => ProbeBoot::TimedOut,
         }
     }
 }
@@ -318,7 +352,7 @@ mod tests {
         kvm: bool,
         vt: bool,
         key: Option<ProbeKey>,
-        boots: bool,
+        boots: ProbeBoot,
         probed: AtomicU32,
     }
 
@@ -334,8 +368,10 @@ mod tests {
                 .clone()
                 .ok_or_else(|| std::io::ErrorKind::NotFound.into())
         }
-        async fn boot(&self, _: &HypervisorConfig) -> bool {
+        async fn boot(&self, _: &HypervisorConfig) -> ProbeBoot {
             self.probed.fetch_add(1, Ordering::SeqCst);
+            // Long enough for concurrent resolutions to meet at the lock.
+            tokio::time::sleep(Duration::from_millis(20)).await;
             self.boots
         }
     }
@@ -362,7 +398,7 @@ mod tests {
             kvm: true,
             vt: true,
             key: Some(key("boot-1")),
-            boots: true,
+            boots: ProbeBoot::Kvm,
             probed: AtomicU32::new(0),
         };
         let probed = |h: &FakeProbe| h.probed.load(Ordering::SeqCst);
@@ -374,13 +410,13 @@ mod tests {
         assert_eq!(probed(&host), 1, "from the cache");
         // A reboot (another key): probed again, now failing, and that is kept too.
         host.key = Some(key("boot-2"));
-        host.boots = false;
+        host.boots = ProbeBoot::Failed;
         assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Tcg);
         assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Tcg);
         assert_eq!(probed(&host), 2);
         // A corrupt file: probed over and rewritten.
         std::fs::write(&file, b"\0garbage").expect("write");
-        host.boots = true;
+        host.boots = ProbeBoot::Kvm;
         assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Kvm);
         assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Kvm);
         assert_eq!(probed(&host), 3);
@@ -389,6 +425,30 @@ mod tests {
         host.key = None;
         assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Kvm);
         assert_eq!(probed(&host), 5);
+    }
+
+    #[tokio::test]
+    async fn concurrent_resolutions_probe_once_and_a_timeout_is_not_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("accel.json");
+        let cfg = HypervisorConfig::new("/g/vmlinuz", None);
+        let mut host = FakeProbe {
+            kvm: true,
+            vt: true,
+            key: Some(key("boot-1")),
+            boots: ProbeBoot::TimedOut,
+            probed: AtomicU32::new(0),
+        };
+        // A timed-out probe answers TCG but leaves no verdict behind.
+        assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Tcg);
+        assert!(!file.exists());
+        assert_eq!(host.probed.load(Ordering::SeqCst), 1);
+        // Four at once: the lock makes one probe, the others read its verdict.
+        host.boots = ProbeBoot::Kvm;
+        let r = || resolve_auto(&cfg, Some(&file), &host);
+        let all = tokio::join!(r(), r(), r(), r());
+        assert_eq!(all, (Accel::Kvm, Accel::Kvm, Accel::Kvm, Accel::Kvm));
+        assert_eq!(host.probed.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
@@ -401,7 +461,7 @@ mod tests {
                 kvm,
                 vt,
                 key: Some(key("boot-1")),
-                boots: true,
+                boots: ProbeBoot::Kvm,
                 probed: AtomicU32::new(0),
             };
             assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Tcg);
