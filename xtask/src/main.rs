@@ -67,7 +67,8 @@ enum Cmd {
         /// The L2 guests' CPU model (`host` is the product's default under KVM).
         #[arg(long, default_value = kvm_host::CI_L2_CPU)]
         l2_cpu: String,
-        /// L1 VMs side by side, each running a share of the scenarios.
+        /// L1 VMs at a time, each running one scenario (or, with --all or a filter, one test
+        /// binary).
         #[arg(long, default_value_t = 2)]
         hosts: u32,
         /// The whole e2e suite, not only the CI scenarios (see `kvm_host::CI_SCENARIOS`).

@@ -7,7 +7,7 @@
 //! `kvm_amd` and `vhost_vsock`, and this same xtask binary, run there as `kvm-host-inside`,
 //! resolves the accelerator through the product's probe boot (it must be KVM), runs the
 //! real-QEMU e2e suite (or the bench), and reports on L1's console. Lines it marks (`@kvm `)
-//! are printed here; the whole console goes to `target/kvm-host/console.log`.
+//! are printed here; each L1's whole console goes to `target/kvm-host/run-PID/console-N-TRY.log`.
 
 mod image;
 pub mod inside;
@@ -104,7 +104,7 @@ pub struct Options {
     pub memory_mib: u32,
     /// Each L1's vCPUs (TCG runs one host thread per vCPU).
     pub vcpus: u32,
-    /// L1 VMs run side by side, each with a share of the scenarios (bench: always one).
+    /// L1 VMs run at a time, each for one scenario (or test binary); bench: one.
     pub hosts: u32,
     /// The CPU model of the L2 guests (`None`: the product's default, `host`).
     pub l2_cpu: Option<String>,
@@ -113,9 +113,10 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// What `cargo xtask test` runs: [`CI_SCENARIOS`] on two L1s of 1 vCPU and 4 GiB, 30
-    /// minutes. One vCPU each: with two, L1 hung in one run (a CPU stuck in L2 never took an
-    /// IPI; RCU stalls, soft lockups), so the second host core runs a second L1 instead.
+    /// What `cargo xtask test` runs: [`CI_SCENARIOS`], each in an L1 of 1 vCPU and 4 GiB, two
+    /// at a time, 30 minutes in all. One vCPU each: with two, L1 hung in one run (a CPU stuck
+    /// in L2 never took an IPI; RCU stalls, soft lockups), so the second host core runs a
+    /// second L1 instead.
     fn default() -> Self {
         Self {
             mode: Mode::Test,
@@ -155,28 +156,30 @@ pub struct Shard {
     pub args: Vec<String>,
 }
 
-/// Splits the work among `hosts` L1s: the CI scenarios by name (every L1 has every binary),
-/// or else the binaries, each with `args`.
-fn shards(tests: &[(String, PathBuf)], args: &[String], all: bool, hosts: usize) -> Vec<Shard> {
-    let mut shards: Vec<Shard> = (0..hosts.max(1)).map(|_| Shard::default()).collect();
-    let n = shards.len();
+/// The work, one L1 each: a CI scenario (every binary, filtered by its name), or else a test
+/// binary with `args`. One scenario per L1 keeps what a hung L1 costs to one scenario.
+fn shards(tests: &[(String, PathBuf)], args: &[String], all: bool) -> Vec<Shard> {
     if args.is_empty() && !all {
-        for (i, name) in CI_SCENARIOS.iter().enumerate() {
-            shards[i % n].args.push((*name).to_string());
-        }
-        for s in &mut shards {
-            s.tests = tests.to_vec();
-        }
+        CI_SCENARIOS
+            .iter()
+            .map(|name| Shard {
+                tests: tests.to_vec(),
+                args: vec![(*name).to_string()],
+            })
+            .collect()
     } else {
-        for (i, t) in tests.iter().enumerate() {
-            shards[i % n].tests.push(t.clone());
-        }
-        for s in &mut shards {
-            s.args = args.to_vec();
-        }
+        tests
+            .iter()
+            .map(|t| Shard {
+                tests: vec![t.clone()],
+                args: args.to_vec(),
+            })
+            .collect()
     }
-    shards
 }
+
+/// Tries per shard: a hung L1 (the emulated SVM's fault, not a test's) is run again, loudly.
+const ATTEMPTS: u32 = 3;
 
 /// Builds the L1 image, boots it and reports; fails unless L1 said KVM and all passed.
 pub fn run_nested(opts: &Options) -> Result<()> {
@@ -220,7 +223,11 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     };
     let manifest = Manifest {
         mode: opts.mode,
-        shards: shards(&tests, &opts.args, opts.all, hosts as usize),
+        shards: if opts.mode == Mode::Bench {
+            vec![Shard::default()]
+        } else {
+            shards(&tests, &opts.args, opts.all)
+        },
         env: vec![
             ("CI".into(), "true".into()),
             ("VMFACTORY_E2E_REQUIRE".into(), "1".into()),
@@ -250,49 +257,38 @@ pub fn run_nested(opts: &Options) -> Result<()> {
         path_str(&runner)?.into_bytes(),
         false,
     );
-    let initrd = dir.join("l1.cpio");
-    let size = img.write(&initrd, &dir.join("stage"))?;
+    // Per run: two runs in one tree (tests and bench) must not boot each other's image.
+    let run_dir = dir.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    let initrd = run_dir.join("l1.cpio");
+    let size = img.write(&initrd, &run_dir.join("stage"))?;
     eprintln!(
         "kvm-host: L1 image {} MiB, built in {:.1} s",
         size >> 20,
         started.elapsed().as_secs_f64()
     );
-    let reports: Vec<Result<Report>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..hosts)
-            .map(|shard| {
-                let (pkgs, kernel, initrd, dir) = (&pkgs, &guest.kernel, &initrd, &dir);
-                s.spawn(move || {
-                    let log = dir.join(format!("console-{shard}.log"));
-                    let tag = if hosts > 1 {
-                        format!("[L1-{shard}] ")
-                    } else {
-                        String::new()
-                    };
-                    let first = boot(opts, pkgs, kernel, initrd, shard, &tag, &log)?;
-                    if !first.hung {
-                        return Ok(first);
-                    }
-                    // Once only: a second hang fails the run.
-                    println!("{tag}kvm-host: running L1-{shard}'s share again after the hang");
-                    let log = dir.join(format!("console-{shard}-again.log"));
-                    let again = boot(opts, pkgs, kernel, initrd, shard, &tag, &log)?;
-                    ensure!(
-                        !again.hung,
-                        "L1-{shard} hung twice; console in {}",
-                        log.display()
-                    );
-                    Ok(again)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("an L1 thread panicked")))
-            })
-            .collect()
+    let count = manifest.shards.len();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..hosts.min(count as u32) {
+            let (pkgs, kernel, initrd, dir) = (&pkgs, &guest.kernel, &initrd, &run_dir);
+            let (next, results) = (&next, &results);
+            s.spawn(move || loop {
+                let shard = next.fetch_add(1, Ordering::SeqCst);
+                if shard >= count {
+                    return;
+                }
+                let r = run_shard(opts, pkgs, kernel, initrd, dir, shard);
+                if let Ok(mut all) = results.lock() {
+                    all.push(r);
+                }
+            });
+        }
     });
+    let reports = results.into_inner().unwrap_or_default();
+    // The consoles stay for a look after a failure; the image (~250 MiB) goes.
+    let _ = std::fs::remove_file(&initrd);
     let (mut passed, mut failed, mut errors) = (0, 0, Vec::new());
     for r in reports {
         match r {
@@ -304,7 +300,8 @@ pub fn run_nested(opts: &Options) -> Result<()> {
         }
     }
     println!(
-        "kvm-host: {passed} passed, {failed} failed on {hosts} L1 host(s) in {:.0} s",
+        "kvm-host: {passed} passed, {failed} failed in {count} L1 VM(s), {hosts} at a time, in \
+         {:.0} s",
         started.elapsed().as_secs_f64()
     );
     if !errors.is_empty() {
@@ -360,6 +357,30 @@ fn build_cli() -> Result<PathBuf> {
     Ok(workspace_root().join("target/debug/vmfactory"))
 }
 
+/// Runs `shard` in an L1 of its own, again after a hang, up to [`ATTEMPTS`] times.
+fn run_shard(
+    opts: &Options,
+    pkgs: &packages::Unpacked,
+    kernel: &Path,
+    initrd: &Path,
+    dir: &Path,
+    shard: usize,
+) -> Result<Report> {
+    let tag = format!("[L1 #{shard}] ");
+    for attempt in 1..=ATTEMPTS {
+        let log = dir.join(format!("console-{shard}-{attempt}.log"));
+        let report = boot(opts, pkgs, kernel, initrd, shard, &tag, &log)?;
+        if !report.hung {
+            return Ok(report);
+        }
+        println!("{tag}kvm-host: L1 #{shard} hung (attempt {attempt} of {ATTEMPTS})");
+    }
+    bail!(
+        "L1 #{shard} hung {ATTEMPTS} times; consoles in {}",
+        dir.display()
+    )
+}
+
 /// Boots L1 number `shard` and follows its console until it powers off; the verdict comes
 /// from its report.
 fn boot(
@@ -367,7 +388,7 @@ fn boot(
     pkgs: &packages::Unpacked,
     kernel: &Path,
     initrd: &Path,
-    shard: u32,
+    shard: usize,
     tag: &str,
     log: &Path,
 ) -> Result<Report> {
