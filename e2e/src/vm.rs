@@ -250,10 +250,13 @@ pub fn template_factory_config(env: &GuestEnv, root: &Path) -> vmfactory_factory
 
 /// How far the guest clock of `vm` is from the host's, either way.
 pub async fn clock_skew(vm: &vmfactory_vm::Vm) -> Result<Duration> {
+    // The guest read its clock somewhere between `before` and `after`; its error is how far
+    // outside that window it lies (a slow call, as on the nested KVM host, is not skew).
+    let before = std::time::SystemTime::now();
     let guest = vm.agent().guest_time().await?;
-    let host = std::time::SystemTime::now();
-    Ok(host
+    let after = std::time::SystemTime::now();
+    Ok(before
         .duration_since(guest)
-        .or_else(|_| guest.duration_since(host))
+        .or_else(|_| guest.duration_since(after))
         .unwrap_or_default())
 }
