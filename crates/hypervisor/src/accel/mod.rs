@@ -356,6 +356,19 @@ mod tests {
         probed: AtomicU32,
     }
 
+    impl FakeProbe {
+        /// A host with /dev/kvm and VT whose probe boot ends as `boots`.
+        fn kvm_host(boots: ProbeBoot) -> Self {
+            Self {
+                kvm: true,
+                vt: true,
+                key: Some(key("boot-1")),
+                boots,
+                probed: AtomicU32::new(0),
+            }
+        }
+    }
+
     impl Probe for FakeProbe {
         async fn kvm_usable(&self) -> bool {
             self.kvm
@@ -394,13 +407,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("accel.json");
         let cfg = HypervisorConfig::new("/g/vmlinuz", None);
-        let mut host = FakeProbe {
-            kvm: true,
-            vt: true,
-            key: Some(key("boot-1")),
-            boots: ProbeBoot::Kvm,
-            probed: AtomicU32::new(0),
-        };
+        let mut host = FakeProbe::kvm_host(ProbeBoot::Kvm);
         let probed = |h: &FakeProbe| h.probed.load(Ordering::SeqCst);
         // First process: probes, keeps the verdict; the next ones find it.
         assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Kvm);
@@ -432,13 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("accel.json");
         let cfg = HypervisorConfig::new("/g/vmlinuz", None);
-        let mut host = FakeProbe {
-            kvm: true,
-            vt: true,
-            key: Some(key("boot-1")),
-            boots: ProbeBoot::TimedOut,
-            probed: AtomicU32::new(0),
-        };
+        let mut host = FakeProbe::kvm_host(ProbeBoot::TimedOut);
         // A timed-out probe answers TCG but leaves no verdict behind.
         assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Tcg);
         assert!(!file.exists());
@@ -460,9 +461,7 @@ mod tests {
             let host = FakeProbe {
                 kvm,
                 vt,
-                key: Some(key("boot-1")),
-                boots: ProbeBoot::Kvm,
-                probed: AtomicU32::new(0),
+                ..FakeProbe::kvm_host(ProbeBoot::Kvm)
             };
             assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Tcg);
             assert_eq!(host.probed.load(Ordering::SeqCst), 0);
