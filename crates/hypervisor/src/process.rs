@@ -451,18 +451,23 @@ mod tests {
         RecordTarget::new(dir, ProcessKind::Qemu).expect("record target")
     }
 
-    #[tokio::test]
-    async fn a_spawned_process_has_recorded_itself_when_spawn_returns() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut p = Proc::spawn(
+    /// `sleep 60`, recorded in `dir`, its stderr in `dir/stderr`.
+    async fn spawn_sleep(dir: &Path) -> Proc {
+        Proc::spawn(
             "sleep",
             Path::new("sleep"),
             &["60".into()],
-            &dir.path().join("stderr"),
-            target(dir.path()),
+            &dir.join("stderr"),
+            target(dir),
         )
         .await
-        .expect("spawn sleep");
+        .expect("spawn sleep")
+    }
+
+    #[tokio::test]
+    async fn a_spawned_process_has_recorded_itself_when_spawn_returns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut p = spawn_sleep(dir.path()).await;
         let records = ProcessRecord::read_all(dir.path()).await.expect("read");
         assert_eq!(
             records,
@@ -561,15 +566,7 @@ mod tests {
     #[tokio::test]
     async fn terminate_kills_and_reaps() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut p = Proc::spawn(
-            "sleep",
-            Path::new("sleep"),
-            &["60".into()],
-            &dir.path().join("stderr"),
-            target(dir.path()),
-        )
-        .await
-        .expect("spawn sleep");
+        let mut p = spawn_sleep(dir.path()).await;
         assert!(p.exit().now().is_none());
         p.terminate("t", Duration::from_millis(50))
             .await
@@ -581,15 +578,7 @@ mod tests {
     #[tokio::test]
     async fn kill_recorded_checks_pid_and_start_time() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let p = Proc::spawn(
-            "sleep",
-            Path::new("sleep"),
-            &["60".into()],
-            &dir.path().join("stderr"),
-            target(dir.path()),
-        )
-        .await
-        .expect("spawn sleep");
+        let p = spawn_sleep(dir.path()).await;
         // Another start time: a reused pid, left alone.
         let other = kill_recorded("t", "sleep", p.pid, p.start_time + 1).await;
         assert!(!other.expect("no error"));

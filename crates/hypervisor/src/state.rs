@@ -131,24 +131,29 @@ mod tests {
         );
     }
 
-    #[test]
-    fn state_round_trips() {
-        let st = QemuState {
+    /// A running VM's state with `config`, `accel` and `vsock_cid`.
+    fn state(config: HypervisorConfig, accel: Accel, vsock_cid: Option<u32>) -> QemuState {
+        QemuState {
             version: QEMU_STATE_VERSION,
             id: "vm".into(),
-            config: HypervisorConfig::new("/k", None),
-            accel: Accel::Tcg,
+            config,
+            accel,
             paths: RunPaths::new("/r"),
             pid: Some(42),
             pid_start_time: Some(7),
             backend: None,
-            vsock_cid: None,
+            vsock_cid,
             created_run_dir: true,
             vcpus: 1,
             memory_mib: 256,
             next_cpu_id: 1,
             next_mem_id: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let st = state(HypervisorConfig::new("/k", None), Accel::Tcg, None);
         let json = serde_json::to_string(&st).expect("serialize");
         let back: QemuState = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, st);
@@ -169,22 +174,7 @@ mod tests {
     fn vsock_state_round_trips_with_its_cid() {
         let mut config = HypervisorConfig::new("/k", None);
         config.agent_channel = crate::AgentChannel::Vsock { guest_cid: None };
-        let st = QemuState {
-            version: QEMU_STATE_VERSION,
-            id: "vm".into(),
-            config,
-            accel: Accel::Kvm,
-            paths: RunPaths::new("/r"),
-            pid: Some(42),
-            pid_start_time: Some(7),
-            backend: None,
-            vsock_cid: Some(123_456),
-            created_run_dir: true,
-            vcpus: 1,
-            memory_mib: 256,
-            next_cpu_id: 1,
-            next_mem_id: 1,
-        };
+        let st = state(config, Accel::Kvm, Some(123_456));
         let json = serde_json::to_string(&st).expect("serialize");
         assert!(
             json.contains(r#""agent_channel":{"kind":"vsock"}"#),
