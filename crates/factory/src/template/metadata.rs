@@ -298,6 +298,18 @@ pub(super) async fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The field, template value and config value of a mismatch; panics on anything else.
+    fn mismatch(checked: Result<(), TemplateError>) -> [String; 3] {
+        match checked {
+            Err(TemplateError::Mismatch {
+                field,
+                template,
+                config,
+            }) => [field, template, config],
+            other => panic!("expected a mismatch, got {other:?}"),
+        }
+    }
     use crate::testing::FakeHost;
 
     fn cfg(dir: &Path) -> HypervisorConfig {
@@ -326,17 +338,7 @@ mod tests {
 
         let mut other = k.clone();
         other.memory_mib = 512;
-        match loaded.check(&other) {
-            Err(TemplateError::Mismatch {
-                field,
-                template,
-                config,
-            }) => assert_eq!(
-                (field.as_str(), template.as_str(), config.as_str()),
-                ("memory_mib", "256", "512")
-            ),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(mismatch(loaded.check(&other)), ["memory_mib", "256", "512"]);
         let mut other = k.clone();
         other.kernel_params = "x=1".into();
         assert!(
@@ -360,35 +362,22 @@ mod tests {
         let tcg = CloneKey::gather(&cfg(dir.path()).pinned(Accel::Tcg), &FakeHost::default())
             .await
             .expect("key");
-        match made_under_kvm.check(&tcg) {
-            Err(TemplateError::Mismatch {
-                field,
-                template,
-                config,
-            }) => assert_eq!(
-                (field.as_str(), template.as_str(), config.as_str()),
-                ("accel", "kvm", "tcg")
-            ),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            mismatch(made_under_kvm.check(&tcg)),
+            ["accel", "kvm", "tcg"]
+        );
         let mut max = cfg(dir.path());
         max.cpu_model = Some("max".into());
         let max = CloneKey::gather(&max.pinned(Accel::Kvm), &FakeHost::default())
             .await
             .expect("key");
-        match made_under_kvm.check(&max) {
-            Err(TemplateError::Mismatch {
-                field,
-                template,
-                config,
-            }) => assert_eq!(
-                (field.as_str(), template.as_str(), config.as_str()),
-                ("cpu_model", "host", "max")
-            ),
-            other => panic!("{other:?}"),
-        }
-        assert!(
-            matches!(TemplateMetadata::new(tcg.clone()).check(&kvm), Err(TemplateError::Mismatch { field, template, config }) if field == "accel" && template == "tcg" && config == "kvm")
+        assert_eq!(
+            mismatch(made_under_kvm.check(&max)),
+            ["cpu_model", "host", "max"]
+        );
+        assert_eq!(
+            mismatch(TemplateMetadata::new(tcg.clone()).check(&kvm)),
+            ["accel", "tcg", "kvm"]
         );
         // A rebuilt kernel (new size / mtime).
         std::fs::write(dir.path().join("k"), b"kernel2").expect("k");
