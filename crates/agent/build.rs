@@ -6,6 +6,8 @@ fn main() {
             "protos/health.proto",
             "protos/agent.proto",
             "protos/diag.proto",
+            "protos/oci.proto",
+            "protos/workload.proto",
         ],
         "protos",
     );

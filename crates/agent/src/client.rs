@@ -12,12 +12,16 @@ use tracing::{debug, instrument};
 
 use crate::convert;
 use crate::error::{Error, Result};
-use crate::protocols::{agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc};
+use crate::protocols::{
+    agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc, workload as wl,
+    workload_ttrpc,
+};
 use crate::transport;
 use crate::types::{
     self, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
 };
 use crate::url::AgentUrl;
+use crate::workload::{CopyFileChunk, ExitStatus, FileChunk, ProcessSpec, Storage};
 
 /// Default per-call timeout of [`KataAgent`].
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,6 +54,31 @@ pub trait Agent: Send + Sync + fmt::Debug {
     async fn resources(&self) -> Result<Resources>;
     /// Diagnostics: agent and system uptime.
     async fn uptime(&self) -> Result<Uptime>;
+    /// `ExecProcess`: start `spec` as `exec_id` in the VM's own root.
+    async fn exec_process(&self, exec_id: &str, spec: &ProcessSpec) -> Result<()>;
+    /// `WaitProcess`: wait, without a timeout, until `exec_id` ends.
+    async fn wait_process(&self, exec_id: &str) -> Result<ExitStatus>;
+    /// `SignalProcess`: send `signal` to `exec_id` (a no-op once it has ended).
+    async fn signal_process(&self, exec_id: &str, signal: u32) -> Result<()>;
+    /// `WriteStdin`: write all of `data` to the process's stdin; answers once the pipe took it.
+    async fn write_stdin(&self, exec_id: &str, data: &[u8]) -> Result<()>;
+    /// `CloseStdin`: the process reads EOF.
+    async fn close_stdin(&self, exec_id: &str) -> Result<()>;
+    /// `ReadStdout`: up to `len` bytes, waiting without a timeout until there are some; empty
+    /// at the end of the stream.
+    async fn read_stdout(&self, exec_id: &str, len: u32) -> Result<Vec<u8>>;
+    /// `ReadStderr`, as [`Agent::read_stdout`].
+    async fn read_stderr(&self, exec_id: &str, len: u32) -> Result<Vec<u8>>;
+    /// `TtyWinResize`: set the terminal size of a process started with a terminal.
+    async fn tty_win_resize(&self, exec_id: &str, rows: u32, cols: u32) -> Result<()>;
+    /// `CopyFile`: write one chunk of a file into the guest.
+    async fn copy_file(&self, chunk: &CopyFileChunk) -> Result<()>;
+    /// `ReadFile` (ours): read up to `len` bytes at `offset` of a guest file.
+    async fn read_file(&self, path: &str, offset: u64, len: u32) -> Result<FileChunk>;
+    /// `AddStorage` (ours): find the storage's device and mount it.
+    async fn add_storage(&self, storage: &Storage) -> Result<()>;
+    /// `RemoveStorage` (ours): unmount what is mounted at `mount_point`.
+    async fn remove_storage(&self, mount_point: &str) -> Result<()>;
     /// Closes the connection; the next call dials again.
     async fn disconnect(&self) -> Result<()>;
     /// Shares `other`'s connection (the seed's `reuseAgent`): after this, calls on `self` go
@@ -66,6 +95,7 @@ struct Clients {
     health: health_ttrpc::HealthClient,
     agent: agent_ttrpc::AgentServiceClient,
     diag: diag_ttrpc::DiagnosticsClient,
+    workload: workload_ttrpc::WorkloadClient,
 }
 
 impl Clients {
@@ -73,7 +103,8 @@ impl Clients {
         Clients {
             health: health_ttrpc::HealthClient::new(client.clone()),
             agent: agent_ttrpc::AgentServiceClient::new(client.clone()),
-            diag: diag_ttrpc::DiagnosticsClient::new(client),
+            diag: diag_ttrpc::DiagnosticsClient::new(client.clone()),
+            workload: workload_ttrpc::WorkloadClient::new(client),
         }
     }
 }
@@ -194,11 +225,40 @@ impl KataAgent {
         F: FnOnce(Arc<Clients>, ttrpc::context::Context) -> Fut,
         Fut: Future<Output = ttrpc::Result<T>>,
     {
-        let timeout = self.cfg.call_timeout;
+        self.call_bounded(method, Some(self.cfg.call_timeout), f)
+            .await
+    }
+
+    /// Runs one RPC that may wait for the guest as long as it takes (a process's exit, its
+    /// next output): no deadline, but a lost connection still ends it.
+    async fn call_unbounded<T, F, Fut>(&self, method: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Clients>, ttrpc::context::Context) -> Fut,
+        Fut: Future<Output = ttrpc::Result<T>>,
+    {
+        self.call_bounded(method, None, f).await
+    }
+
+    async fn call_bounded<T, F, Fut>(
+        &self,
+        method: &'static str,
+        timeout: Option<Duration>,
+        f: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(Arc<Clients>, ttrpc::context::Context) -> Fut,
+        Fut: Future<Output = ttrpc::Result<T>>,
+    {
         let clients = self.clients().await?;
-        let nanos = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX);
-        let ctx = ttrpc::context::with_timeout(nanos);
-        let res = tokio::time::timeout(timeout, f(clients.clone(), ctx)).await;
+        let res = match timeout {
+            Some(timeout) => {
+                let nanos = i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX);
+                let ctx = ttrpc::context::with_timeout(nanos);
+                tokio::time::timeout(timeout, f(clients.clone(), ctx)).await
+            }
+            None => Ok(f(clients.clone(), ttrpc::context::with_timeout(0)).await),
+        };
+        let timeout = timeout.unwrap_or_default();
         match res {
             Ok(Ok(v)) => Ok(v),
             Err(_) => Err(Error::Timeout { method, timeout }),
@@ -216,6 +276,14 @@ impl KataAgent {
                 Err(Error::Rpc { method, source })
             }
         }
+    }
+}
+
+fn read_request(exec_id: &str, len: u32) -> pb::ReadStreamRequest {
+    pb::ReadStreamRequest {
+        exec_id: exec_id.to_owned(),
+        len: len.min(crate::workload::MAX_CHUNK),
+        ..Default::default()
     }
 }
 
@@ -374,6 +442,177 @@ impl Agent for KataAgent {
             )
             .await?;
         Ok(resp.into())
+    }
+
+    #[instrument(skip_all, fields(url = %self.url, exec_id, args = ?spec.args))]
+    async fn exec_process(&self, exec_id: &str, spec: &ProcessSpec) -> Result<()> {
+        let req = convert::exec_request(exec_id, spec);
+        self.call("ExecProcess", |c, ctx| async move {
+            c.agent.exec_process(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn wait_process(&self, exec_id: &str) -> Result<ExitStatus> {
+        let req = pb::WaitProcessRequest {
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        let resp = self
+            .call_unbounded("WaitProcess", |c, ctx| async move {
+                c.agent.wait_process(ctx, &req).await
+            })
+            .await?;
+        Ok(ExitStatus::from_wire(resp.status))
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn signal_process(&self, exec_id: &str, signal: u32) -> Result<()> {
+        let req = pb::SignalProcessRequest {
+            exec_id: exec_id.to_owned(),
+            signal,
+            ..Default::default()
+        };
+        self.call("SignalProcess", |c, ctx| async move {
+            c.agent.signal_process(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(level = "trace", skip(self, data), fields(url = %self.url, len = data.len()))]
+    async fn write_stdin(&self, exec_id: &str, data: &[u8]) -> Result<()> {
+        // The agent answers once the pipe took the bytes: a process that does not read holds
+        // the writer, which is the back-pressure wanted.
+        for chunk in data.chunks(crate::workload::MAX_CHUNK as usize) {
+            let req = pb::WriteStreamRequest {
+                exec_id: exec_id.to_owned(),
+                data: chunk.to_vec(),
+                ..Default::default()
+            };
+            let resp = self
+                .call_unbounded("WriteStdin", |c, ctx| async move {
+                    c.agent.write_stdin(ctx, &req).await
+                })
+                .await?;
+            if resp.len as usize != chunk.len() {
+                return Err(Error::InvalidResponse {
+                    method: "WriteStdin",
+                    reason: format!("wrote {} of {} bytes", resp.len, chunk.len()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn close_stdin(&self, exec_id: &str) -> Result<()> {
+        let req = pb::CloseStdinRequest {
+            exec_id: exec_id.to_owned(),
+            ..Default::default()
+        };
+        self.call("CloseStdin", |c, ctx| async move {
+            c.agent.close_stdin(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(level = "trace", skip(self), fields(url = %self.url))]
+    async fn read_stdout(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
+        let req = read_request(exec_id, len);
+        let resp = self
+            .call_unbounded("ReadStdout", |c, ctx| async move {
+                c.agent.read_stdout(ctx, &req).await
+            })
+            .await?;
+        Ok(resp.data)
+    }
+
+    #[instrument(level = "trace", skip(self), fields(url = %self.url))]
+    async fn read_stderr(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
+        let req = read_request(exec_id, len);
+        let resp = self
+            .call_unbounded("ReadStderr", |c, ctx| async move {
+                c.agent.read_stderr(ctx, &req).await
+            })
+            .await?;
+        Ok(resp.data)
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn tty_win_resize(&self, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let req = pb::TtyWinResizeRequest {
+            exec_id: exec_id.to_owned(),
+            row: rows,
+            column: cols,
+            ..Default::default()
+        };
+        self.call("TtyWinResize", |c, ctx| async move {
+            c.agent.tty_win_resize(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip_all, fields(url = %self.url, path = %chunk.path, offset = chunk.offset, len = chunk.data.len()))]
+    async fn copy_file(&self, chunk: &CopyFileChunk) -> Result<()> {
+        let req = pb::CopyFileRequest::from(chunk);
+        self.call("CopyFile", |c, ctx| async move {
+            c.agent.copy_file(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn read_file(&self, path: &str, offset: u64, len: u32) -> Result<FileChunk> {
+        let req = wl::ReadFileRequest {
+            path: path.to_owned(),
+            offset,
+            len,
+            ..Default::default()
+        };
+        let resp = self
+            .call("ReadFile", |c, ctx| async move {
+                c.workload.read_file(ctx, &req).await
+            })
+            .await?;
+        if resp.data.len() > len as usize {
+            return Err(Error::InvalidResponse {
+                method: "ReadFile",
+                reason: format!("asked {len} bytes, got {}", resp.data.len()),
+            });
+        }
+        Ok(resp.into())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn add_storage(&self, storage: &Storage) -> Result<()> {
+        let req = wl::AddStorageRequest {
+            storage: protobuf::MessageField::some(storage.into()),
+            ..Default::default()
+        };
+        self.call("AddStorage", |c, ctx| async move {
+            c.workload.add_storage(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn remove_storage(&self, mount_point: &str) -> Result<()> {
+        let req = wl::RemoveStorageRequest {
+            mount_point: mount_point.to_owned(),
+            ..Default::default()
+        };
+        self.call("RemoveStorage", |c, ctx| async move {
+            c.workload.remove_storage(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn disconnect(&self) -> Result<()> {

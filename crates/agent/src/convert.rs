@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use protobuf::{EnumOrUnknown, MessageField};
 
-use crate::protocols::{agent as pb, diag, health};
+use crate::protocols::{agent as pb, diag, health, oci, workload as wl};
 use crate::types::{
     AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
 };
+use crate::workload::{CopyFileChunk, FileChunk, ProcessSpec, Storage};
 
 use health::health_check_response::ServingStatus;
 
@@ -190,6 +191,142 @@ impl From<Uptime> for diag::UptimeResponse {
     }
 }
 
+impl From<&ProcessSpec> for oci::Process {
+    fn from(p: &ProcessSpec) -> Self {
+        oci::Process {
+            Terminal: p.terminal,
+            ConsoleSize: MessageField::from_option(p.console_size.map(|(rows, cols)| oci::Box {
+                Height: rows,
+                Width: cols,
+                ..Default::default()
+            })),
+            User: MessageField::some(oci::User {
+                UID: p.uid,
+                GID: p.gid,
+                AdditionalGids: p.additional_gids.clone(),
+                ..Default::default()
+            }),
+            Args: p.args.clone(),
+            Env: p.env.clone(),
+            Cwd: p.cwd.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<oci::Process> for ProcessSpec {
+    fn from(p: oci::Process) -> Self {
+        let user = p.User.into_option().unwrap_or_default();
+        ProcessSpec {
+            args: p.Args,
+            env: p.Env,
+            cwd: p.Cwd,
+            uid: user.UID,
+            gid: user.GID,
+            additional_gids: user.AdditionalGids,
+            terminal: p.Terminal,
+            console_size: p.ConsoleSize.into_option().map(|b| (b.Height, b.Width)),
+        }
+    }
+}
+
+/// `ExecProcess` of `spec` as `exec_id` in the VM's own root (empty container id).
+pub(crate) fn exec_request(exec_id: &str, spec: &ProcessSpec) -> pb::ExecProcessRequest {
+    pb::ExecProcessRequest {
+        exec_id: exec_id.to_owned(),
+        process: MessageField::some(spec.into()),
+        ..Default::default()
+    }
+}
+
+// Kata carries uid and gid as int32: the same 32 bits either way.
+fn id_to_wire(id: u32) -> i32 {
+    i32::from_ne_bytes(id.to_ne_bytes())
+}
+
+fn id_from_wire(id: i32) -> u32 {
+    u32::from_ne_bytes(id.to_ne_bytes())
+}
+
+impl From<&CopyFileChunk> for pb::CopyFileRequest {
+    fn from(c: &CopyFileChunk) -> Self {
+        pb::CopyFileRequest {
+            path: c.path.clone(),
+            file_size: i64::try_from(c.file_size).unwrap_or(i64::MAX),
+            file_mode: c.file_mode,
+            dir_mode: c.dir_mode,
+            uid: id_to_wire(c.uid),
+            gid: id_to_wire(c.gid),
+            offset: i64::try_from(c.offset).unwrap_or(i64::MAX),
+            data: c.data.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl TryFrom<pb::CopyFileRequest> for CopyFileChunk {
+    type Error = &'static str;
+
+    fn try_from(r: pb::CopyFileRequest) -> Result<Self, Self::Error> {
+        Ok(CopyFileChunk {
+            path: r.path,
+            file_size: u64::try_from(r.file_size).map_err(|_| "negative file_size")?,
+            file_mode: r.file_mode,
+            dir_mode: r.dir_mode,
+            uid: id_from_wire(r.uid),
+            gid: id_from_wire(r.gid),
+            offset: u64::try_from(r.offset).map_err(|_| "negative offset")?,
+            data: r.data,
+        })
+    }
+}
+
+impl From<wl::ReadFileResponse> for FileChunk {
+    fn from(r: wl::ReadFileResponse) -> Self {
+        FileChunk {
+            data: r.data,
+            file_size: r.file_size,
+            file_mode: r.file_mode,
+        }
+    }
+}
+
+impl From<FileChunk> for wl::ReadFileResponse {
+    fn from(c: FileChunk) -> Self {
+        wl::ReadFileResponse {
+            data: c.data,
+            file_size: c.file_size,
+            file_mode: c.file_mode,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<&Storage> for pb::Storage {
+    fn from(s: &Storage) -> Self {
+        pb::Storage {
+            driver: s.driver.clone(),
+            source: s.source.clone(),
+            fstype: s.fstype.clone(),
+            options: s.options.clone(),
+            mount_point: s.mount_point.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<pb::Storage> for Storage {
+    fn from(s: pb::Storage) -> Self {
+        Storage {
+            driver: s.driver,
+            source: s.source,
+            fstype: s.fstype,
+            options: s.options,
+            mount_point: s.mount_point,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,5 +394,48 @@ mod tests {
         .into();
         let bytes = req.write_to_bytes().expect("encode");
         assert_eq!(bytes, vec![0x08, 0x01, 0x10, 0x03, 0x18, 0x01]);
+    }
+
+    #[test]
+    fn workload_types_round_trip() {
+        let spec = ProcessSpec {
+            args: vec!["sh".into(), "-c".into(), "id".into()],
+            env: vec!["A=1".into()],
+            cwd: "/tmp".into(),
+            uid: 1000,
+            gid: 100,
+            additional_gids: vec![5],
+            terminal: true,
+            console_size: Some((24, 80)),
+        };
+        let req = exec_request("e1", &spec);
+        assert_eq!(req.container_id, "", "the VM's own root");
+        assert_eq!(
+            ProcessSpec::from(req.process.into_option().expect("process")),
+            spec
+        );
+        let chunk = CopyFileChunk {
+            path: "/x".into(),
+            file_size: 3,
+            file_mode: 0o644,
+            dir_mode: 0o755,
+            uid: u32::MAX,
+            gid: 7,
+            offset: 1,
+            data: vec![1, 2],
+        };
+        let back = CopyFileChunk::try_from(pb::CopyFileRequest::from(&chunk)).expect("valid");
+        assert_eq!(back, chunk);
+        let mut neg = pb::CopyFileRequest::from(&chunk);
+        neg.offset = -1;
+        assert!(CopyFileChunk::try_from(neg).is_err());
+        let st = Storage {
+            driver: Storage::BLK.into(),
+            source: "05/00".into(),
+            fstype: "ext4".into(),
+            options: vec!["ro".into()],
+            mount_point: "/mnt/d".into(),
+        };
+        assert_eq!(Storage::from(pb::Storage::from(&st)), st);
     }
 }

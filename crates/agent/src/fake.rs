@@ -1,7 +1,7 @@
 //! [`FakeAgent`]: an in-memory [`Agent`] for other crates' unit tests (feature `test-utils`).
 
 use std::any::Any;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -10,6 +10,10 @@ use async_trait::async_trait;
 use crate::client::Agent;
 use crate::error::{Error, Result};
 use crate::types::{AgentDetails, GuestDetails, HealthStatus, Resources, Uptime, VersionInfo};
+use crate::workload::{CopyFileChunk, ExitStatus, FileChunk, ProcessSpec, Storage};
+
+mod workload;
+use workload::FakeGuest;
 
 /// One call recorded by a [`FakeAgent`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +47,30 @@ pub enum FakeCall {
     Resources,
     /// [`Agent::uptime`].
     Uptime,
+    /// [`Agent::exec_process`] with its exec id and arguments.
+    ExecProcess(String, Vec<String>),
+    /// [`Agent::wait_process`].
+    WaitProcess(String),
+    /// [`Agent::signal_process`] with its signal.
+    SignalProcess(String, u32),
+    /// [`Agent::write_stdin`] with the number of bytes.
+    WriteStdin(String, usize),
+    /// [`Agent::close_stdin`].
+    CloseStdin(String),
+    /// [`Agent::read_stdout`].
+    ReadStdout(String),
+    /// [`Agent::read_stderr`].
+    ReadStderr(String),
+    /// [`Agent::tty_win_resize`] with rows and columns.
+    TtyWinResize(String, u32, u32),
+    /// [`Agent::copy_file`] with path, offset and length.
+    CopyFile(String, u64, usize),
+    /// [`Agent::read_file`] with path and offset.
+    ReadFile(String, u64),
+    /// [`Agent::add_storage`].
+    AddStorage(Storage),
+    /// [`Agent::remove_storage`] with its mount point.
+    RemoveStorage(String),
     /// [`Agent::disconnect`].
     Disconnect,
     /// [`Agent::reuse_agent`].
@@ -64,6 +92,18 @@ impl FakeCall {
             FakeCall::GuestTime => "guest_time",
             FakeCall::Resources => "resources",
             FakeCall::Uptime => "uptime",
+            FakeCall::ExecProcess(..) => "exec_process",
+            FakeCall::WaitProcess(_) => "wait_process",
+            FakeCall::SignalProcess(..) => "signal_process",
+            FakeCall::WriteStdin(..) => "write_stdin",
+            FakeCall::CloseStdin(_) => "close_stdin",
+            FakeCall::ReadStdout(_) => "read_stdout",
+            FakeCall::ReadStderr(_) => "read_stderr",
+            FakeCall::TtyWinResize(..) => "tty_win_resize",
+            FakeCall::CopyFile(..) => "copy_file",
+            FakeCall::ReadFile(..) => "read_file",
+            FakeCall::AddStorage(_) => "add_storage",
+            FakeCall::RemoveStorage(_) => "remove_storage",
             FakeCall::Disconnect => "disconnect",
             FakeCall::ReuseAgent => "reuse_agent",
         }
@@ -78,6 +118,7 @@ struct State {
     connected: bool,
     resources: Resources,
     clock_offset: Option<SystemTime>,
+    guest: FakeGuest,
 }
 
 /// An [`Agent`] that records its calls, answers plausibly, and fails the methods it is told to
@@ -86,6 +127,8 @@ struct State {
 pub struct FakeAgent {
     state: Mutex<State>,
     started: std::time::Instant,
+    /// Wakes readers and waiters of fake processes when anything changes.
+    changed: tokio::sync::Notify,
 }
 
 impl Default for FakeAgent {
@@ -110,6 +153,34 @@ impl FakeAgent {
                 ..Default::default()
             }),
             started: std::time::Instant::now(),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The files the fake guest holds, with their bytes.
+    pub fn files(&self) -> HashMap<String, Vec<u8>> {
+        self.lock().guest.files()
+    }
+
+    /// The storages mounted in the fake guest, by mount point.
+    pub fn storages(&self) -> HashMap<String, Storage> {
+        self.lock().guest.storages.clone()
+    }
+
+    /// Exec ids of fake processes not yet waited for.
+    pub fn processes(&self) -> Vec<String> {
+        self.lock().guest.process_ids()
+    }
+
+    /// Waits until `f` gives an answer for the fake guest, re-checking after every change.
+    async fn until<T>(&self, mut f: impl FnMut(&mut FakeGuest) -> Option<Result<T>>) -> Result<T> {
+        loop {
+            let notified = self.changed.notified();
+            if let Some(r) = f(&mut self.lock().guest) {
+                self.changed.notify_waiters();
+                return r;
+            }
+            notified.await;
         }
     }
 
@@ -284,6 +355,94 @@ impl Agent for FakeAgent {
         })
     }
 
+    async fn exec_process(&self, exec_id: &str, spec: &ProcessSpec) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::ExecProcess(exec_id.into(), spec.args.clone()))
+            .await?;
+        st.guest.exec(exec_id, spec)?;
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn wait_process(&self, exec_id: &str) -> Result<ExitStatus> {
+        drop(self.record(FakeCall::WaitProcess(exec_id.into())).await?);
+        self.until(|g| g.wait(exec_id)).await
+    }
+
+    async fn signal_process(&self, exec_id: &str, signal: u32) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::SignalProcess(exec_id.into(), signal))
+            .await?;
+        st.guest.signal(exec_id, signal)?;
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn write_stdin(&self, exec_id: &str, data: &[u8]) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::WriteStdin(exec_id.into(), data.len()))
+            .await?;
+        st.guest.write_stdin(exec_id, data)?;
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn close_stdin(&self, exec_id: &str) -> Result<()> {
+        let mut st = self.record(FakeCall::CloseStdin(exec_id.into())).await?;
+        st.guest.close_stdin(exec_id)?;
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn read_stdout(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
+        drop(self.record(FakeCall::ReadStdout(exec_id.into())).await?);
+        self.until(|g| g.read(exec_id, false, len)).await
+    }
+
+    async fn read_stderr(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
+        drop(self.record(FakeCall::ReadStderr(exec_id.into())).await?);
+        self.until(|g| g.read(exec_id, true, len)).await
+    }
+
+    async fn tty_win_resize(&self, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::TtyWinResize(exec_id.into(), rows, cols))
+            .await?;
+        st.guest.resize(exec_id, rows, cols)
+    }
+
+    async fn copy_file(&self, chunk: &CopyFileChunk) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::CopyFile(
+                chunk.path.clone(),
+                chunk.offset,
+                chunk.data.len(),
+            ))
+            .await?;
+        st.guest.copy_file(chunk)
+    }
+
+    async fn read_file(&self, path: &str, offset: u64, len: u32) -> Result<FileChunk> {
+        let st = self.record(FakeCall::ReadFile(path.into(), offset)).await?;
+        st.guest.read_file(path, offset, len)
+    }
+
+    async fn add_storage(&self, storage: &Storage) -> Result<()> {
+        let mut st = self.record(FakeCall::AddStorage(storage.clone())).await?;
+        st.guest.add_storage(storage)
+    }
+
+    async fn remove_storage(&self, mount_point: &str) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::RemoveStorage(mount_point.into()))
+            .await?;
+        st.guest.remove_storage(mount_point)
+    }
+
     async fn disconnect(&self) -> Result<()> {
         let mut st = self.record(FakeCall::Disconnect).await?;
         st.connected = false;
@@ -347,5 +506,65 @@ mod tests {
         a.set_guest_date_time(t).await.expect("set");
         assert_eq!(a.guest_time().await.expect("time"), t);
         assert_eq!(a.random(4).await.expect("random").len(), 4);
+    }
+
+    #[tokio::test]
+    async fn fake_processes_stream_and_exit() {
+        let a = FakeAgent::new();
+        a.exec_process("c", &ProcessSpec::new(["cat"]))
+            .await
+            .expect("exec");
+        a.write_stdin("c", b"hello").await.expect("write");
+        assert_eq!(a.read_stdout("c", 3).await.expect("read"), b"hel");
+        a.close_stdin("c").await.expect("close");
+        assert_eq!(a.read_stdout("c", 10).await.expect("read"), b"lo");
+        assert!(a.read_stdout("c", 10).await.expect("eof").is_empty());
+        assert_eq!(
+            a.wait_process("c").await.expect("wait"),
+            ExitStatus::Code(0)
+        );
+        a.exec_process("s", &ProcessSpec::new(["sleep"]))
+            .await
+            .expect("exec");
+        let waiter = a.wait_process("s");
+        let (status, sent) = tokio::join!(waiter, a.signal_process("s", 9));
+        sent.expect("signal");
+        assert_eq!(status.expect("wait"), ExitStatus::Signal(9));
+        assert!(a.processes().is_empty());
+        a.exec_process("n", &ProcessSpec::new(["nope"]))
+            .await
+            .expect("exec");
+        assert_eq!(
+            a.read_stderr("n", 100).await.expect("stderr"),
+            b"nope: not found\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn fake_files_and_storages() {
+        let a = FakeAgent::new();
+        let mut c = CopyFileChunk {
+            path: "/f".into(),
+            file_size: 4,
+            file_mode: 0o600,
+            data: b"ab".to_vec(),
+            ..Default::default()
+        };
+        a.copy_file(&c).await.expect("first chunk");
+        assert!(a.files().is_empty(), "not renamed before its full size");
+        c.offset = 2;
+        c.data = b"cd".to_vec();
+        a.copy_file(&c).await.expect("second chunk");
+        assert_eq!(a.read_file("/f", 1, 2).await.expect("read").data, b"bc");
+        c.path = "/a/../etc".into();
+        assert!(a.copy_file(&c).await.is_err());
+        let s = Storage {
+            mount_point: "/mnt".into(),
+            ..Default::default()
+        };
+        a.add_storage(&s).await.expect("add");
+        assert!(a.add_storage(&s).await.is_err(), "mounted twice");
+        a.remove_storage("/mnt").await.expect("remove");
+        assert!(a.storages().is_empty());
     }
 }

@@ -43,6 +43,7 @@ pub mod protocols;
 pub mod transport;
 pub mod types;
 pub mod url;
+pub mod workload;
 
 pub use channel::{AGENT_PORT_NAME, AGENT_VSOCK_PORT, READY_LINE};
 pub use client::{Agent, AgentConfig, KataAgent};
@@ -53,6 +54,7 @@ pub use types::{
     AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
 };
 pub use url::AgentUrl;
+pub use workload::{CopyFileChunk, ExitStatus, FileChunk, ProcessSpec, Storage};
 
 /// The crate version; the guest agent reports it as `agent_version`, so a host can compare it
 /// with its own.

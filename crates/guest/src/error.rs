@@ -54,6 +54,51 @@ pub enum Error {
         timeout: Duration,
     },
 
+    /// The request is malformed (an empty exec id, a relative path, a bad signal).
+    #[error("Invalid request: {0}")]
+    Invalid(String),
+
+    /// No process has this exec id (never started, or already waited for and drained).
+    #[error("No process {0:?}")]
+    NoProcess(String),
+
+    /// A process with this exec id is still known.
+    #[error("Process {0:?} already exists")]
+    ProcessExists(String),
+
+    /// The agent keeps this many processes and takes no more until some are waited for.
+    #[error("Too many processes ({0}): wait for some first")]
+    TooManyProcesses(usize),
+
+    /// The process could not be started (no such program, bad working directory, ...).
+    #[error("Failed to start {program:?}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The process has no terminal (resize) or its stdin is closed (write).
+    #[error("Process {exec_id:?}: {what}")]
+    NotPossible {
+        /// The process.
+        exec_id: String,
+        /// What is not possible.
+        what: &'static str,
+    },
+
+    /// A path was refused: it leaves its directory, goes through a symlink, or names
+    /// something that is not a regular file.
+    #[error("Refusing {path}: {reason}")]
+    Refused {
+        /// The path as asked.
+        path: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+
     /// The request is not supported by this agent.
     #[error("Unsupported: {0}")]
     Unsupported(&'static str),

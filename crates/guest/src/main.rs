@@ -92,7 +92,8 @@ fn guest_main(pid1: bool) -> ExitCode {
     };
     rt.block_on(async move {
         if pid1 {
-            tokio::spawn(init::reap_children());
+            // PID 1 reaps every orphan, and hands its own processes' statuses to their waiters.
+            let _ = vmfactory_guest::server::reaper::Reaper::global();
         }
         let mut backoff = Duration::from_millis(100);
         loop {

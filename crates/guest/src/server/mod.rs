@@ -7,8 +7,12 @@
 
 mod accept;
 mod config;
+mod files;
+pub mod process;
+pub mod reaper;
 mod serial;
 mod service;
+pub mod storage;
 pub mod sysfs;
 
 use std::collections::HashMap;
@@ -21,7 +25,7 @@ use tracing::{info, warn};
 use ttrpc::asynchronous::transport::Listener;
 use ttrpc::r#async::{Server, Service};
 use vmfactory_agent::channel::listening_line;
-use vmfactory_agent::protocols::{agent_ttrpc, diag_ttrpc, health_ttrpc};
+use vmfactory_agent::protocols::{agent_ttrpc, diag_ttrpc, health_ttrpc, workload_ttrpc};
 
 use crate::console::console_line;
 use crate::error::{Error, Result};
@@ -31,11 +35,12 @@ pub use serial::{serial_listener, FdStream, PortOpener, SerialConn};
 pub use service::GuestAgent;
 pub use sysfs::GuestPaths;
 
-/// The ttRPC service map of all three services, ready for [`Server::register_service`].
+/// The ttRPC service map of all four services, ready for [`Server::register_service`].
 pub fn services(agent: Arc<GuestAgent>) -> HashMap<String, Service> {
     let mut map = health_ttrpc::create_health(agent.clone());
     map.extend(agent_ttrpc::create_agent_service(agent.clone()));
-    map.extend(diag_ttrpc::create_diagnostics(agent));
+    map.extend(diag_ttrpc::create_diagnostics(agent.clone()));
+    map.extend(workload_ttrpc::create_workload(agent));
     map
 }
 

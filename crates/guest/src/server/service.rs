@@ -3,7 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -13,14 +13,18 @@ use ttrpc::r#async::TtrpcContext;
 use ttrpc::{get_status, Code};
 
 use vmfactory_agent::protocols::{
-    agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc,
+    agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc, workload as wl,
+    workload_ttrpc,
 };
 use vmfactory_agent::types::{
     self, AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Uptime,
 };
+use vmfactory_agent::{CopyFileChunk, ProcessSpec};
 
 use super::config::GuestConfig;
-use super::sysfs;
+use super::process::Processes;
+use super::storage::{Storages, DEVICE_TIMEOUT};
+use super::{files, sysfs};
 use crate::error::{Error, Result};
 
 /// Largest `GetRandom` request served.
@@ -45,6 +49,8 @@ pub struct GuestAgent {
     /// The random device, opened by the first reseed and kept: a template's clones then
     /// inherit it open instead of each walking the path again on `get_vm`'s path.
     random_dev: OnceLock<File>,
+    procs: Arc<Processes>,
+    storages: Arc<Storages>,
 }
 
 impl GuestAgent {
@@ -54,7 +60,14 @@ impl GuestAgent {
             cfg,
             started: Instant::now(),
             random_dev: OnceLock::new(),
+            procs: Arc::default(),
+            storages: Arc::default(),
         }
+    }
+
+    /// The processes this agent started and still keeps.
+    pub fn processes(&self) -> &Processes {
+        &self.procs
     }
 
     /// Onlines CPUs and memory as `OnlineCPUMem` asks, waiting up to the configured timeout for
@@ -168,6 +181,15 @@ fn status(method: &str, e: Error) -> ttrpc::Error {
     let code = match &e {
         Error::Unsupported(_) => Code::UNIMPLEMENTED,
         Error::WaitTimeout { .. } => Code::DEADLINE_EXCEEDED,
+        Error::Invalid(_) => Code::INVALID_ARGUMENT,
+        Error::NoProcess(_) => Code::NOT_FOUND,
+        Error::ProcessExists(_) => Code::ALREADY_EXISTS,
+        Error::TooManyProcesses(_) => Code::RESOURCE_EXHAUSTED,
+        Error::NotPossible { .. } => Code::FAILED_PRECONDITION,
+        Error::Refused { .. } => Code::PERMISSION_DENIED,
+        Error::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Code::NOT_FOUND
+        }
         _ => Code::INTERNAL,
     };
     let msg = match std::error::Error::source(&e) {
@@ -224,6 +246,8 @@ impl agent_ttrpc::AgentService for GuestAgent {
                 cfg: self.cfg.clone(),
                 started: self.started,
                 random_dev: OnceLock::new(),
+                procs: self.procs.clone(),
+                storages: self.storages.clone(),
             };
             tokio::spawn(async move {
                 if let Err(e) = agent.online_cpu_mem(req).await {
@@ -277,6 +301,197 @@ impl agent_ttrpc::AgentService for GuestAgent {
             .await
             .map(Into::into)
             .map_err(|e| status("GetGuestDetails", e))
+    }
+
+    #[instrument(level = "debug", skip_all, fields(exec_id = %req.exec_id))]
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ExecProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        own_root(&req.container_id)?;
+        let spec = ProcessSpec::from(req.process.into_option().unwrap_or_default());
+        self.procs
+            .exec(&req.exec_id, spec, &self.cfg.paths.root)
+            .await
+            .map_err(|e| status("ExecProcess", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::WaitProcessRequest,
+    ) -> ttrpc::Result<pb::WaitProcessResponse> {
+        own_root(&req.container_id)?;
+        let st = self
+            .procs
+            .wait(&req.exec_id)
+            .await
+            .map_err(|e| status("WaitProcess", e))?;
+        Ok(pb::WaitProcessResponse {
+            status: st.to_wire(),
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::SignalProcessRequest,
+    ) -> ttrpc::Result<Empty> {
+        own_root(&req.container_id)?;
+        self.procs
+            .signal(&req.exec_id, req.signal)
+            .map_err(|e| status("SignalProcess", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::WriteStreamRequest,
+    ) -> ttrpc::Result<pb::WriteStreamResponse> {
+        own_root(&req.container_id)?;
+        let n = self
+            .procs
+            .write_stdin(&req.exec_id, &req.data)
+            .await
+            .map_err(|e| status("WriteStdin", e))?;
+        Ok(pb::WriteStreamResponse {
+            len: u32::try_from(n).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
+    }
+
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ReadStreamRequest,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
+        own_root(&req.container_id)?;
+        let data = self
+            .procs
+            .read(&req.exec_id, false, req.len)
+            .await
+            .map_err(|e| status("ReadStdout", e))?;
+        Ok(pb::ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ReadStreamRequest,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
+        own_root(&req.container_id)?;
+        let data = self
+            .procs
+            .read(&req.exec_id, true, req.len)
+            .await
+            .map_err(|e| status("ReadStderr", e))?;
+        Ok(pb::ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CloseStdinRequest,
+    ) -> ttrpc::Result<Empty> {
+        own_root(&req.container_id)?;
+        self.procs
+            .close_stdin(&req.exec_id)
+            .await
+            .map_err(|e| status("CloseStdin", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::TtyWinResizeRequest,
+    ) -> ttrpc::Result<Empty> {
+        own_root(&req.container_id)?;
+        self.procs
+            .resize(&req.exec_id, req.row, req.column)
+            .map_err(|e| status("TtyWinResize", e))?;
+        Ok(Empty::new())
+    }
+
+    #[instrument(level = "debug", skip_all, fields(path = %req.path, offset = req.offset))]
+    async fn copy_file(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CopyFileRequest,
+    ) -> ttrpc::Result<Empty> {
+        let chunk = CopyFileChunk::try_from(req).map_err(|e| invalid(e.to_owned()))?;
+        let root = self.cfg.paths.root.clone();
+        blocking(move || files::copy_chunk(&root, &chunk))
+            .await
+            .map_err(|e| status("CopyFile", e))?;
+        Ok(Empty::new())
+    }
+}
+
+#[async_trait]
+impl workload_ttrpc::Workload for GuestAgent {
+    async fn read_file(
+        &self,
+        _ctx: &TtrpcContext,
+        req: wl::ReadFileRequest,
+    ) -> ttrpc::Result<wl::ReadFileResponse> {
+        let root = self.cfg.paths.root.clone();
+        blocking(move || files::read_chunk(&root, &req.path, req.offset, req.len))
+            .await
+            .map(Into::into)
+            .map_err(|e| status("ReadFile", e))
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn add_storage(
+        &self,
+        _ctx: &TtrpcContext,
+        req: wl::AddStorageRequest,
+    ) -> ttrpc::Result<Empty> {
+        let storage = req.storage.into_option().unwrap_or_default().into();
+        self.storages
+            .add(&self.cfg.paths, storage, DEVICE_TIMEOUT)
+            .await
+            .map_err(|e| status("AddStorage", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_storage(
+        &self,
+        _ctx: &TtrpcContext,
+        req: wl::RemoveStorageRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.storages
+            .remove(&self.cfg.paths, &req.mount_point)
+            .await
+            .map_err(|e| status("RemoveStorage", e))?;
+        Ok(Empty::new())
+    }
+}
+
+fn invalid(msg: String) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(get_status(Code::INVALID_ARGUMENT, msg))
+}
+
+/// vmfactory runs no containers: the only root is the VM's own, named by an empty id.
+fn own_root(container_id: &str) -> ttrpc::Result<()> {
+    if container_id.is_empty() {
+        Ok(())
+    } else {
+        Err(ttrpc::Error::RpcStatus(get_status(
+            Code::NOT_FOUND,
+            format!("No container {container_id:?}: this agent runs processes in the VM's own root (empty container_id)"),
+        )))
     }
 }
 

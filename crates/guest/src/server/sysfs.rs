@@ -17,6 +17,8 @@ use crate::error::{Error, Result};
 /// Roots of the pseudo file systems the guest server reads and writes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestPaths {
+    /// The root file system processes, copied files and mounts live in (`/`).
+    pub root: PathBuf,
     /// sysfs mount point (`/sys`).
     pub sys: PathBuf,
     /// procfs mount point (`/proc`).
@@ -28,6 +30,7 @@ pub struct GuestPaths {
 impl Default for GuestPaths {
     fn default() -> Self {
         GuestPaths {
+            root: PathBuf::from("/"),
             sys: PathBuf::from("/sys"),
             proc: PathBuf::from("/proc"),
             dev: PathBuf::from("/dev"),
@@ -36,9 +39,10 @@ impl Default for GuestPaths {
 }
 
 impl GuestPaths {
-    /// All three roots under one directory (`<root>/sys`, `<root>/proc`, `<root>/dev`).
+    /// All roots under one directory (`<root>`, `<root>/sys`, `<root>/proc`, `<root>/dev`).
     pub fn under(root: &Path) -> Self {
         GuestPaths {
+            root: root.to_owned(),
             sys: root.join("sys"),
             proc: root.join("proc"),
             dev: root.join("dev"),
