@@ -203,6 +203,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A host file of a copy in or out of the guest could not be used.
+    #[error("Failed to {op} host file {path}")]
+    HostFile {
+        /// What was attempted (`open`, `read`, `create`, `rename`, ...).
+        op: &'static str,
+        /// The host path.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A path to be linked to a sandbox exists and is not a symlink.
     #[error("Sandbox link {path} exists and is not a symlink")]
     LinkExists {

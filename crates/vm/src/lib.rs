@@ -118,6 +118,7 @@ mod orphans;
 mod sandbox;
 mod vm;
 mod wire;
+mod workload;
 
 pub use backends::{Backends, NewStep, QemuBackends};
 pub use config::{
@@ -134,9 +135,12 @@ pub use orphans::{Orphan, RecordedProcess};
 pub use sandbox::{SandboxLinks, SHARED_DIR};
 pub use vm::Vm;
 pub use wire::VmState;
+pub use workload::{Process, ProcessOutput};
 
 // The leaf types this crate's public API exposes.
-pub use vmfactory_agent::{Agent, AgentConfig, AgentUrl, Error as AgentError};
+pub use vmfactory_agent::{
+    Agent, AgentConfig, AgentUrl, Error as AgentError, ExitStatus, ProcessSpec,
+};
 pub use vmfactory_hypervisor::{
     Accel, AgentChannel, AgentEndpoint, ConfigError as HypervisorConfigError,
     Error as HypervisorError, Hypervisor, HypervisorConfig, MachineType, ProcessKind,
