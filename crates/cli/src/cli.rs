@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::commands::run::{parse_copy, parse_env, parse_user, CopyArg};
 
 /// Boot, template and clone QEMU micro-VMs, and hand them out sized to each request.
 #[derive(Debug, Parser)]
@@ -63,6 +65,19 @@ pub enum Command {
         #[arg(long)]
         hold: bool,
     },
+    /// Run a command in a VM from the factory (the VM-cache server if one runs, else the
+    /// template, else a VM booted for it), streaming its stdin, stdout and stderr; exit with
+    /// its status (128+N for signal N) and stop the VM. Ctrl-C sends SIGINT to the command, a
+    /// second one stops the VM.
+    Run(RunArgs),
+    /// Run a command in a VM held by `vmfactory get --hold` (its agent is free for others).
+    Exec {
+        /// The VM id `get` printed.
+        id: String,
+        /// Options of the process.
+        #[command(flatten)]
+        process: ProcessArgs,
+    },
     /// The configuration.
     Config {
         /// What to do with it.
@@ -76,6 +91,47 @@ pub enum Command {
         #[command(subcommand)]
         what: InspectCommand,
     },
+}
+
+/// What `run` and `exec` start, and how.
+#[derive(Debug, Args)]
+pub struct ProcessArgs {
+    /// Set an environment variable (`K=V`, or `K` to pass ours); repeatable.
+    #[arg(short = 'e', long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<String>,
+    /// Working directory in the guest [default: /].
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Run as this user (numeric `UID[:GID]`) [default: 0:0].
+    #[arg(short = 'u', long = "user", value_name = "UID[:GID]", value_parser = parse_user)]
+    pub user: Option<(u32, u32)>,
+    /// Keep stdin open and forward it.
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Run on a terminal in the guest (our terminal goes raw; its size follows ours).
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+/// `run`'s arguments.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// vCPUs [default: `default_vcpus`].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB [default: `default_memory`].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub memory: Option<u64>,
+    /// Copy a host file into the guest before the command runs (`SRC:DST`, DST absolute);
+    /// repeatable.
+    #[arg(long = "copy", value_name = "SRC:DST", value_parser = parse_copy)]
+    pub copy: Vec<CopyArg>,
+    /// Options of the process.
+    #[command(flatten)]
+    pub process: ProcessArgs,
 }
 
 /// `inspect` subcommands.

@@ -44,8 +44,12 @@ fn main() -> ExitCode {
             )
         }
     };
-    match runtime.block_on(commands::run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = runtime.block_on(commands::run(cli));
+    // A forwarded stdin (`run -i`) leaves a read of our stdin blocked on a runtime thread:
+    // do not wait for it.
+    runtime.shutdown_background();
+    match result {
+        Ok(code) => ExitCode::from(code),
         Err(f) => report(&f.error, f.code, verbose),
     }
 }

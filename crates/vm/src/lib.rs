@@ -139,7 +139,7 @@ pub use workload::{Process, ProcessOutput};
 
 // The leaf types this crate's public API exposes.
 pub use vmfactory_agent::{
-    Agent, AgentConfig, AgentUrl, Error as AgentError, ExitStatus, ProcessSpec,
+    Agent, AgentConfig, AgentUrl, Error as AgentError, ExitStatus, KataAgent, ProcessSpec,
 };
 pub use vmfactory_hypervisor::{
     Accel, AgentChannel, AgentEndpoint, ConfigError as HypervisorConfigError,

@@ -22,7 +22,7 @@ use vmfactory_agent::{Agent, CopyFileChunk, ExitStatus, ProcessSpec};
 use vmfactory_hypervisor::Hypervisor;
 
 use crate::error::{Error, Result};
-use crate::exit::{unless_exited, watched};
+use crate::exit::watched;
 use crate::vm::Vm;
 
 /// Size of the chunks streams and copies move per call.
@@ -45,7 +45,7 @@ pub struct Process {
     exec_id: String,
     vm_id: String,
     agent: Arc<dyn Agent>,
-    hypervisor: Arc<dyn Hypervisor>,
+    hypervisor: Option<Arc<dyn Hypervisor>>,
     stdin: Option<DuplexStream>,
     stdout: Option<ProcessOutput>,
     stderr: Option<ProcessOutput>,
@@ -113,7 +113,60 @@ fn io_error(e: &Error) -> io::Error {
     io::Error::other(one_line(e))
 }
 
+/// Runs `fut`, ended at once by the VM's exit when the hypervisor is at hand; without it (a
+/// VM another process holds) the agent connection closing as QEMU exits ends `fut` instead.
+async fn guarded<T>(
+    vm_id: &str,
+    hv: Option<&Arc<dyn Hypervisor>>,
+    op: &'static str,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match hv {
+        Some(hv) => watched(vm_id, hv.as_ref(), op, fut).await,
+        None => fut.await,
+    }
+}
+
 impl Process {
+    /// Starts `spec` through `agent`, the agent of VM `vm_id`, for a VM this process does not
+    /// own (held by another: `vmfactory get --hold`). [`Vm::exec`] is the same for a VM at
+    /// hand, whose hypervisor's exit also ends every wait.
+    pub async fn start(vm_id: &str, agent: Arc<dyn Agent>, spec: ProcessSpec) -> Result<Process> {
+        Self::start_with(vm_id, agent, None, spec).await
+    }
+
+    async fn start_with(
+        vm_id: &str,
+        agent: Arc<dyn Agent>,
+        hv: Option<Arc<dyn Hypervisor>>,
+        spec: ProcessSpec,
+    ) -> Result<Process> {
+        let exec_id = new_exec_id();
+        let start = async {
+            agent
+                .exec_process(&exec_id, &spec)
+                .await
+                .map_err(|e| Error::agent(vm_id, "exec_process", e))
+        };
+        guarded(vm_id, hv.as_ref(), "exec_process", start).await?;
+        let parts = || (vm_id.to_owned(), agent.clone(), hv.clone(), exec_id.clone());
+        let (v, a, h, e) = parts();
+        let stdout = pump_output(v, a, h, e, false);
+        let (v, a, h, e) = parts();
+        let stderr = pump_output(v, a, h, e, true);
+        let (v, a, h, e) = parts();
+        let stdin = pump_stdin(v, a, h, e);
+        Ok(Process {
+            exec_id,
+            vm_id: vm_id.to_owned(),
+            agent,
+            hypervisor: hv,
+            stdin: Some(stdin),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        })
+    }
+
     /// The agent's id of this process.
     pub fn exec_id(&self) -> &str {
         &self.exec_id
@@ -143,7 +196,7 @@ impl Process {
                 .await
                 .map_err(|e| Error::agent(&self.vm_id, "wait_process", e))
         };
-        watched(&self.vm_id, self.hypervisor.as_ref(), "wait_process", wait).await
+        guarded(&self.vm_id, self.hypervisor.as_ref(), "wait_process", wait).await
     }
 
     /// Sends `signal` (e.g. `libc::SIGINT`) to the process; no-op once it has ended.
@@ -155,7 +208,7 @@ impl Process {
                 .await
                 .map_err(|e| Error::agent(&self.vm_id, "signal_process", e))
         };
-        watched(
+        guarded(
             &self.vm_id,
             self.hypervisor.as_ref(),
             "signal_process",
@@ -172,7 +225,7 @@ impl Process {
                 .await
                 .map_err(|e| Error::agent(&self.vm_id, "tty_win_resize", e))
         };
-        watched(
+        guarded(
             &self.vm_id,
             self.hypervisor.as_ref(),
             "tty_win_resize",
@@ -186,7 +239,7 @@ impl Process {
 fn pump_output(
     vm_id: String,
     agent: Arc<dyn Agent>,
-    hv: Arc<dyn Hypervisor>,
+    hv: Option<Arc<dyn Hypervisor>>,
     exec_id: String,
     stderr: bool,
 ) -> ProcessOutput {
@@ -205,7 +258,7 @@ fn pump_output(
                 };
                 r.map_err(|e| Error::agent(&vm_id, op, e))
             };
-            match watched(&vm_id, hv.as_ref(), op, read).await {
+            match guarded(&vm_id, hv.as_ref(), op, read).await {
                 Ok(chunk) if chunk.is_empty() => return,
                 Ok(chunk) => permit.send(Ok(chunk)),
                 Err(e) => {
@@ -226,7 +279,7 @@ fn pump_output(
 fn pump_stdin(
     vm_id: String,
     agent: Arc<dyn Agent>,
-    hv: Arc<dyn Hypervisor>,
+    hv: Option<Arc<dyn Hypervisor>>,
     exec_id: String,
 ) -> DuplexStream {
     let (user, mut ours) = tokio::io::duplex(STDIN_BUFFER);
@@ -243,7 +296,7 @@ fn pump_stdin(
                 };
                 r.map_err(|e| Error::agent(&vm_id, "write_stdin", e))
             };
-            if let Err(e) = unless_exited(&vm_id, hv.as_ref(), "write_stdin", call).await {
+            if let Err(e) = guarded(&vm_id, hv.as_ref(), "write_stdin", call).await {
                 // The process or the VM is gone: the user's writes now fail.
                 debug!(exec_id, error = %one_line(&e), "stdin closed");
                 let _ = ours.shutdown().await;
@@ -277,37 +330,13 @@ impl Vm {
     #[instrument(skip_all, fields(vm = %self.id, args = ?spec.args))]
     pub async fn exec(&self, spec: ProcessSpec) -> Result<Process> {
         drop(self.owned().await?);
-        let exec_id = new_exec_id();
-        let start = async {
-            self.agent
-                .exec_process(&exec_id, &spec)
-                .await
-                .map_err(|e| Error::agent(&self.id, "exec_process", e))
-        };
-        self.watched("exec_process", start).await?;
-        let parts = || {
-            (
-                self.id.clone(),
-                self.agent.clone(),
-                self.hypervisor.clone(),
-                exec_id.clone(),
-            )
-        };
-        let (v, a, h, e) = parts();
-        let stdout = pump_output(v, a, h, e, false);
-        let (v, a, h, e) = parts();
-        let stderr = pump_output(v, a, h, e, true);
-        let (v, a, h, e) = parts();
-        let stdin = pump_stdin(v, a, h, e);
-        Ok(Process {
-            exec_id,
-            vm_id: self.id.clone(),
-            agent: self.agent.clone(),
-            hypervisor: self.hypervisor.clone(),
-            stdin: Some(stdin),
-            stdout: Some(stdout),
-            stderr: Some(stderr),
-        })
+        Process::start_with(
+            &self.id,
+            self.agent.clone(),
+            Some(self.hypervisor.clone()),
+            spec,
+        )
+        .await
     }
 
     /// Copies the host file `src` to `dst` in the guest (absolute; parent directories are

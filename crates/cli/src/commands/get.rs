@@ -120,7 +120,12 @@ async fn get_and_show(
     };
     let shown = show(&vm, source, hold).await;
     let held = match shown {
-        Ok(()) if hold => wait_for_signal().await,
+        // The holder keeps no agent session open while it waits: a virtio-serial port serves
+        // one session at a time, and `vmfactory exec` or the user's own client need it.
+        Ok(()) if hold => match vm.disconnect().await {
+            Ok(()) => wait_for_signal().await,
+            Err(e) => Err(anyhow::Error::new(e).context("Cannot free the VM's agent")),
+        },
         other => other,
     };
     let stopped = vm
@@ -133,7 +138,7 @@ async fn get_and_show(
 }
 
 /// What a size the library refused means in the flags' and the configuration's own names.
-fn size_flag(e: &HvConfigError) -> String {
+pub(super) fn size_flag(e: &HvConfigError) -> String {
     match e {
         HvConfigError::VcpusOutOfRange { vcpus, min, max } => format!(
             "--vcpus {vcpus} is outside {min}..={max} (default_vcpus..=default_maxvcpus)"

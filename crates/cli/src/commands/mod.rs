@@ -1,18 +1,80 @@
 //! The subcommands.
 
+mod attach;
 mod destroy;
 mod get;
 mod init;
 mod inspect;
 mod leftovers;
+pub mod run;
 mod status;
 
-use crate::cli::{Cli, Command, ConfigCommand, InspectCommand};
-use crate::config_file::{self, DEFAULT_TOML};
-use crate::failure::CmdResult;
+use vmfactory_vm::ProcessSpec;
 
-/// Runs the command `cli` asks for.
-pub async fn run(cli: Cli) -> CmdResult {
+use crate::cli::{Cli, Command, ConfigCommand, InspectCommand, ProcessArgs};
+use crate::config_file::{self, DEFAULT_TOML};
+use crate::failure::{CmdResult, Failure};
+
+/// Runs the command `cli` asks for; the exit code on success (0, or the code of the command
+/// `run` or `exec` ran).
+pub async fn run(cli: Cli) -> Result<u8, Failure> {
+    match cli.cmd {
+        Command::Run(args) => {
+            let (spec, stdio) = process(args.process);
+            let req = run::RunRequest {
+                vcpus: args.vcpus,
+                memory: args.memory,
+                copies: args.copy,
+                spec,
+                stdio,
+            };
+            let settings = load(cli.config.as_deref()).await?;
+            run::run(&settings, req).await
+        }
+        Command::Exec { id, process: p } => {
+            let (spec, stdio) = process(p);
+            let settings = load(cli.config.as_deref()).await?;
+            run::exec(&settings, &id, spec, stdio).await
+        }
+        cmd => run::code_of(
+            run_other(Cli {
+                cmd,
+                config: cli.config,
+                verbose: cli.verbose,
+                log_format: cli.log_format,
+            })
+            .await,
+        ),
+    }
+}
+
+/// The process and stdio `run` and `exec` were asked for.
+fn process(p: ProcessArgs) -> (ProcessSpec, attach::Stdio) {
+    let (uid, gid) = p.user.unwrap_or((0, 0));
+    let spec = ProcessSpec {
+        args: p.cmd,
+        env: p.env,
+        cwd: p.workdir.unwrap_or_default(),
+        uid,
+        gid,
+        ..Default::default()
+    };
+    let stdio = attach::Stdio {
+        interactive: p.interactive,
+        tty: p.tty,
+    };
+    (spec, stdio)
+}
+
+async fn load(path: Option<&std::path::Path>) -> Result<config_file::Settings, Failure> {
+    let source = config_file::choose(path).await;
+    let settings = config_file::load(&source).await?;
+    tracing::debug!(config = %settings.origin, "configuration loaded");
+    Ok(settings)
+}
+
+/// The commands without an exit code of their own.
+async fn run_other(cli: Cli) -> CmdResult {
     if let Command::Config {
         cmd: ConfigCommand::Default,
     } = cli.cmd
@@ -27,10 +89,9 @@ pub async fn run(cli: Cli) -> CmdResult {
     {
         return inspect::wire(file).await;
     }
-    let source = config_file::choose(cli.config.as_deref()).await;
-    let settings = config_file::load(&source).await?;
-    tracing::debug!(config = %settings.origin, "configuration loaded");
+    let settings = load(cli.config.as_deref()).await?;
     match cli.cmd {
+        Command::Run(_) | Command::Exec { .. } => Ok(()),
         Command::Init => init::run(&settings).await,
         Command::Status { json } => status::run(&settings, json).await,
         Command::Destroy => destroy::run(&settings).await,

@@ -1,0 +1,236 @@
+//! `vmfactory run`: a command in a fresh VM, as `docker run` runs one in a fresh container;
+//! `vmfactory exec`: a command in a VM held by `vmfactory get --hold`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use tracing::warn;
+use vmfactory_factory::{Factory, FactoryConfig};
+use vmfactory_hypervisor::VmSize;
+use vmfactory_persist::{LockMode, Store};
+use vmfactory_vm::{KataAgent, Process, ProcessSpec, Vm, VmState};
+
+use super::attach::{attach, terminal_spec, Ended, Signals, Stdio};
+use crate::config_file::Settings;
+use crate::failure::{CmdResult, Failure};
+use crate::lock::RootLock;
+
+/// `--copy SRC:DST`: a host file copied to an absolute guest path before the command runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyArg {
+    /// Host file.
+    pub src: PathBuf,
+    /// Guest path.
+    pub dst: String,
+}
+
+/// Parses `SRC:DST`.
+pub fn parse_copy(s: &str) -> Result<CopyArg, String> {
+    let (src, dst) = s
+        .rsplit_once(':')
+        .filter(|(src, _)| !src.is_empty())
+        .ok_or_else(|| format!("{s:?} is not SRC:DST"))?;
+    if !dst.starts_with('/') {
+        return Err(format!("{dst:?} is not an absolute guest path"));
+    }
+    Ok(CopyArg {
+        src: src.into(),
+        dst: dst.to_owned(),
+    })
+}
+
+/// Parses `-u UID[:GID]` (the group defaults to the user id, as for numeric users in Docker).
+pub fn parse_user(s: &str) -> Result<(u32, u32), String> {
+    let num = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("{v:?} is not a numeric id"))
+    };
+    match s.split_once(':') {
+        Some((u, g)) => Ok((num(u)?, num(g)?)),
+        None => num(s).map(|u| (u, u)),
+    }
+}
+
+/// Parses `-e K=V`; a bare `K` takes our own value of K, as Docker does.
+pub fn parse_env(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((k, _)) if !k.is_empty() => Ok(s.to_owned()),
+        Some(_) => Err(format!("{s:?} has no variable name")),
+        None => std::env::var(s)
+            .map(|v| format!("{s}={v}"))
+            .map_err(|_| format!("{s} is not set here (give {s}=VALUE)")),
+    }
+}
+
+/// What `run` was asked.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// vCPUs.
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    pub memory: Option<u64>,
+    /// Files to copy in first.
+    pub copies: Vec<CopyArg>,
+    /// The process.
+    pub spec: ProcessSpec,
+    /// Its stdio.
+    pub stdio: Stdio,
+}
+
+/// Where `run` takes its VM from: the VM-cache server if one answers, else the template, else a
+/// direct boot (with a note when the configuration asks for a faster one that is not there).
+async fn factory_for_run(s: &Settings) -> anyhow::Result<Factory> {
+    if s.cache_number > 0 {
+        let mut config = FactoryConfig::new(s.vm.clone());
+        config.template_path = s.template_path.clone();
+        config.cache_endpoint = Some(s.endpoint.clone());
+        match Factory::new(&config).await {
+            Ok(f) => return Ok(f),
+            Err(e) => tracing::debug!(error = %e, "no VM-cache server"),
+        }
+    }
+    if s.template {
+        let mut config = FactoryConfig::new(s.vm.clone());
+        config.template_path = s.template_path.clone();
+        config.template = true;
+        config.fetch_only = true;
+        match Factory::new(&config).await {
+            Ok(f) => return Ok(f),
+            Err(e) => tracing::debug!(error = %e, "no template"),
+        }
+    }
+    if s.template || s.cache_number > 0 {
+        eprintln!(
+            "vmfactory: note: booting a VM from scratch; `vmfactory init` makes the next ones fast"
+        );
+    }
+    Factory::new(&FactoryConfig::new(s.vm.clone()))
+        .await
+        .context("Cannot build the factory")
+}
+
+/// `vmfactory run`. Returns the command's exit code.
+pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
+    let hv = &s.vm.hypervisor;
+    let size = VmSize {
+        vcpus: req.vcpus.unwrap_or(hv.vcpus),
+        memory_mib: req.memory.unwrap_or(hv.memory_mib),
+    };
+    hv.check_size(size)
+        .map_err(|e| Failure::usage(anyhow!(super::get::size_flag(&e))))?;
+    for c in &req.copies {
+        let meta = tokio::fs::metadata(&c.src).await;
+        if !meta.map(|m| m.is_file()).unwrap_or(false) {
+            return Err(Failure::usage(anyhow!(
+                "--copy {}: no such host file",
+                c.src.display()
+            )));
+        }
+    }
+    s.check_files().await?;
+    let mut signals = Signals::install()?;
+    let factory = factory_for_run(s).await?;
+    let root = RootLock::acquire(s, LockMode::Shared).await?;
+    let mut request = s.vm.clone();
+    request.hypervisor.vcpus = size.vcpus;
+    request.hypervisor.memory_mib = size.memory_mib;
+    let got = factory.get_vm(&request).await;
+    if let Err(e) = factory.close().await {
+        warn!(error = %e, "closing the factory");
+    }
+    let res = match got.context("Cannot get a VM") {
+        Ok(vm) => {
+            let ran = run_in(&vm, req, &mut signals).await;
+            let stopped = vm
+                .stop()
+                .await
+                .with_context(|| format!("Cannot stop VM {}", vm.id()));
+            match (ran, stopped) {
+                (Ok(code), Ok(())) => Ok(code),
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    root.release().await;
+    Ok(res?)
+}
+
+async fn run_in(vm: &Vm, mut req: RunRequest, signals: &mut Signals) -> anyhow::Result<u8> {
+    for c in &req.copies {
+        vm.copy_in(&c.src, &c.dst)
+            .await
+            .with_context(|| format!("Cannot copy {} to {}", c.src.display(), c.dst))?;
+    }
+    terminal_spec(&mut req.spec, &req.stdio);
+    let p = vm
+        .exec(req.spec.clone())
+        .await
+        .with_context(|| format!("Cannot start {:?}", req.spec.args))?;
+    let ended = attach(p, &req.stdio, signals).await?;
+    if matches!(ended, Ended::Abandoned) {
+        eprintln!("vmfactory: stopping VM {}", vm.id());
+    }
+    Ok(ended.code())
+}
+
+/// `vmfactory exec ID`: runs in a VM held by another process, through its agent's URL; the
+/// VM is left as it was.
+pub async fn exec(
+    s: &Settings,
+    id: &str,
+    mut spec: ProcessSpec,
+    stdio: Stdio,
+) -> Result<u8, Failure> {
+    let store = Store::new(&s.vm.run_root);
+    let state: VmState = store.load_state(id).await.map_err(|e| match e {
+        vmfactory_persist::Error::VmNotFound { .. }
+        | vmfactory_persist::Error::InvalidId { .. } => {
+            Failure::usage(anyhow!("No VM {id} under {}", s.vm.run_root.display()))
+        }
+        e => anyhow::Error::new(e)
+            .context(format!("Cannot load the state of VM {id}"))
+            .into(),
+    })?;
+    let url = state
+        .agent_url()
+        .ok_or_else(|| anyhow!("VM {id} is not running"))?;
+    let agent = KataAgent::with_config(url, state.config.agent.client_config());
+    let mut signals = Signals::install()?;
+    terminal_spec(&mut spec, &stdio);
+    let p = Process::start(id, Arc::new(agent), spec.clone())
+        .await
+        .with_context(|| format!("Cannot start {:?} in VM {id}", spec.args))?;
+    let ended = attach(p, &stdio, &mut signals).await?;
+    Ok(ended.code())
+}
+
+/// Adapts a command that has no exit code of its own.
+pub fn code_of(r: CmdResult) -> Result<u8, Failure> {
+    r.map(|()| 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_parse() {
+        assert_eq!(
+            parse_copy("./a:b:/c").expect("ok"),
+            CopyArg {
+                src: "./a:b".into(),
+                dst: "/c".into()
+            }
+        );
+        assert!(parse_copy("a:rel").is_err());
+        assert!(parse_copy(":/x").is_err());
+        assert_eq!(parse_user("1000").expect("ok"), (1000, 1000));
+        assert_eq!(parse_user("1000:100").expect("ok"), (1000, 100));
+        assert!(parse_user("bob").is_err());
+        assert_eq!(parse_env("A=b=c").expect("ok"), "A=b=c");
+        assert!(parse_env("=x").is_err());
+        assert!(parse_env("VMFACTORY_SURELY_UNSET_VAR").is_err());
+    }
+}
