@@ -11,6 +11,8 @@
 //! exit guard (`exit.rs`): a QEMU (or vsock backend) that exits ends it at once with
 //! [`Error::Exited`], its exit status and the tail of its stderr.
 
+#[cfg(test)]
+mod fake_qmp;
 mod ops;
 mod version;
 
