@@ -5,7 +5,7 @@
 //! CIDs reserved in the kernel and handed to QEMU ([`vsock`]), QEMU and
 //! `vhost-device-vsock` processes and the records each writes of itself in the run directory
 //! before it execs ([`ProcessRecord`]), template save / boot-from-template (migration with
-//! `x-ignore-shared`), CPU and memory hotplug, the wire form ([`QemuState`]) another process
+//! `x-ignore-shared`), CPU and memory hotplug, disk hotplug types ([`disk`]), the wire form ([`QemuState`]) another process
 //! uses to re-attach to a running VM, and what `accel = auto` and the CPU model resolve to
 //! ([`accel`], with a cache file its caller names). It does not own the guest agent (it only reports where
 //! the agent listens, see [`Hypervisor::agent_endpoint`]), the console proxy, template
@@ -55,6 +55,7 @@ use async_trait::async_trait;
 pub mod accel;
 pub mod cmdline;
 pub mod config;
+pub mod disk;
 mod endpoint;
 pub mod error;
 mod exit;
@@ -76,6 +77,7 @@ pub use config::{
     Accel, AgentChannel, HypervisorConfig, MachineType, TemplatePaths, TemplateRole,
     AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS, MAX_MEMORY_MIB,
 };
+pub use disk::{AttachedDisk, DiskConfig, DiskError, DiskFormat};
 pub use endpoint::AgentEndpoint;
 pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 #[cfg(feature = "test-utils")]
