@@ -253,7 +253,7 @@ pub struct HypervisorConfig {
     /// `None`. Ignored under KVM.
     #[serde(default)]
     pub tcg_tb_size_mib: Option<u32>,
-    /// How many disks can be hot-plugged at once (`Hypervisor::attach_disk`).
+    /// How many disks can be hot-plugged at once (see [`crate::Hypervisor::attach_disk`]).
     /// On q35 each is a `pcie-root-port` added at boot (q35's root bus takes no hot-plugged
     /// device); on pc disks go on `pci.0` and this only caps their number; microvm has no PCI
     /// and ignores it. At most [`crate::disk::MAX_DISK_SLOTS`]; 0 turns disk hotplug off.

@@ -3,7 +3,7 @@
 //! ([`DiskError`]). The QMP side is `qemu/disks.rs`; the boot-time root ports are in
 //! [`crate::cmdline`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +19,7 @@ pub const FIRST_DISK_PORT_SLOT: u32 = 0x10;
 /// Most disk slots: q35 root-bus slots `0x10..=0x1e` (`0x1f` is the ICH9 LPC/SATA/SMBus).
 pub const MAX_DISK_SLOTS: u32 = 0x1f - FIRST_DISK_PORT_SLOT;
 
-/// How long `Hypervisor::detach_disk` waits for the guest to release a disk.
+/// How long [`crate::Hypervisor::detach_disk`] waits for the guest to release a disk.
 pub const DETACH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The image format of a disk.
@@ -94,6 +94,15 @@ pub struct AttachedDisk {
     /// What was attached.
     pub config: DiskConfig,
 }
+
+/// The id of hot-plugged disk `n`. The boot image's drive is `disk0` (a node name may not
+/// repeat a drive's name), so hot-plugged ones count from 1.
+pub(crate) fn disk_id(n: u32) -> String {
+    format!("disk{n}")
+}
+
+/// The first hot-plugged disk number (see [`disk_id`]).
+pub(crate) const FIRST_DISK_NUMBER: u32 = 1;
 
 /// The protocol (`file`) node under the format node `id`.
 pub fn file_node(id: &str) -> String {
@@ -178,12 +187,34 @@ pub enum DiskError {
     },
 }
 
+/// Checks that the image can be opened as `disk` asks (readable, and writable unless
+/// read-only), so a missing file fails with its path before QEMU is asked. Blocking.
+pub(crate) fn check_image(disk: &DiskConfig) -> Result<(), DiskError> {
+    let path = Path::new(disk.qemu_path()?);
+    crate::files::open_regular(path, crate::files::Symlinks::Follow, true).map_err(|source| {
+        DiskError::ImageUnreadable {
+            path: disk.path.clone(),
+            source,
+        }
+    })?;
+    if !disk.read_only {
+        nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).map_err(|e| {
+            DiskError::ImageNotWritable {
+                path: disk.path.clone(),
+                source: e.into(),
+            }
+        })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn names_and_paths() {
+        assert_eq!(disk_id(FIRST_DISK_NUMBER), "disk1");
         assert_eq!(file_node("disk1"), "disk1-file");
         assert_eq!(root_port_id(3), "rp3");
         assert_eq!(pci_path(&[root_port_slot(0), 0]), "10/00");
@@ -226,5 +257,28 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn missing_and_read_only_images() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = DiskConfig::new(dir.path().join("none.raw"), DiskFormat::Raw);
+        let err = check_image(&missing).expect_err("missing");
+        assert_eq!(
+            err.to_string(),
+            format!("Disk image {} is not readable", missing.path.display())
+        );
+        assert!(matches!(err, DiskError::ImageUnreadable { .. }));
+        let dirpath = DiskConfig::new(dir.path(), DiskFormat::Raw);
+        assert!(matches!(
+            check_image(&dirpath),
+            Err(DiskError::ImageUnreadable { .. })
+        ));
+        let img = dir.path().join("a.raw");
+        std::fs::write(&img, [0u8; 512]).expect("write");
+        let mut d = DiskConfig::new(&img, DiskFormat::Raw);
+        check_image(&d).expect("read-write");
+        d.read_only = true;
+        check_image(&d).expect("read-only");
     }
 }

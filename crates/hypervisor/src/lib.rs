@@ -5,7 +5,7 @@
 //! CIDs reserved in the kernel and handed to QEMU ([`vsock`]), QEMU and
 //! `vhost-device-vsock` processes and the records each writes of itself in the run directory
 //! before it execs ([`ProcessRecord`]), template save / boot-from-template (migration with
-//! `x-ignore-shared`), CPU and memory hotplug, disk hotplug types ([`disk`]), the wire form ([`QemuState`]) another process
+//! `x-ignore-shared`), CPU, memory and disk hotplug ([`disk`]), the wire form ([`QemuState`]) another process
 //! uses to re-attach to a running VM, and what `accel = auto` and the CPU model resolve to
 //! ([`accel`], with a cache file its caller names). It does not own the guest agent (it only reports where
 //! the agent listens, see [`Hypervisor::agent_endpoint`]), the console proxy, template
@@ -140,6 +140,21 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Hot-adds one DIMM of `mib` MiB (backend of the same kind as boot memory); returns the
     /// MiB added.
     async fn add_memory(&self, mib: u64) -> Result<u64>;
+
+    /// Hot-plugs `disk` as a virtio-blk device in a free disk slot (see
+    /// [`HypervisorConfig::disk_slots`]) and returns where the guest finds it. The image is
+    /// checked first ([`DiskError::ImageUnreadable`] names its path); a failure undoes what
+    /// this call added. A read-only image can be attached to many VMs at once. The guest
+    /// still has to mount it.
+    async fn attach_disk(&self, disk: &DiskConfig) -> Result<AttachedDisk>;
+
+    /// Unplugs disk `id`: asks the guest to release it, waits until it has (at most
+    /// [`disk::DETACH_TIMEOUT`], else [`DiskError::DetachTimeout`] and the disk stays), then
+    /// closes the image.
+    async fn detach_disk(&self, id: &str) -> Result<()>;
+
+    /// The disks attached now, in attach order.
+    async fn disks(&self) -> Vec<AttachedDisk>;
 
     /// The VM's run state.
     async fn status(&self) -> Result<VmStatus>;

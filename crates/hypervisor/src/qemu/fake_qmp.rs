@@ -9,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{Inner, Running, VmState};
 use crate::config::HypervisorConfig;
+use crate::disk::FIRST_DISK_NUMBER;
 use crate::qmp::QmpClient;
 
 /// The commands the fake received, in order.
@@ -82,6 +83,8 @@ where
         memory_mib: cfg.memory_mib,
         next_cpu_id: cfg.vcpus,
         next_mem_id: 1,
+        disks: Vec::new(),
+        next_disk_id: FIRST_DISK_NUMBER,
     };
     (dir, inner, running, log)
 }

@@ -179,6 +179,13 @@ pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> 
             what: "Saving a template (the VM has no save-to template role)",
         });
     };
+    if !r.disks.is_empty() {
+        // Its clones would boot without them and fail to load the device state.
+        return Err(Error::Unsupported {
+            id: id.clone(),
+            what: "Saving a template with hot-plugged disks",
+        });
+    }
     r.qmp
         .execute(stop {})
         .await
