@@ -23,6 +23,10 @@
 //!   in the migration stream), and the device's post-load sends the guest
 //!   `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` once it runs, on which the guest driver re-reads its
 //!   CID and resets its connected sockets (listeners stay). So each clone takes a new CID.
+//! - q35 hot-plugs behind `pcie-root-port`s through ACPI (ICH9-LPC's
+//!   `acpi-pci-hotplug-with-bridge-support` is on in 7.2): the guest's eject after
+//!   `device_del` took ~70 ms under TCG. `DEVICE_DELETED` comes twice,
+//!   first for the virtio backend (a `path`, no `device`), then for the device.
 //! - qapi 0.15's types follow QEMU 9.1's schema; where a 9.1 type may not match what 7.2 sends
 //!   (`query-migrate`), this crate reads raw JSON.
 //!
