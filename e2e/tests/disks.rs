@@ -216,6 +216,28 @@ async fn one_read_only_image_is_shared_by_three_vms() {
     root.assert_no_leaks();
 }
 
+/// The case disks are for: a clone of a template (whose root ports came with the template's
+/// device state) takes a disk after it is resumed and lets it go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_clone_takes_and_releases_a_disk() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let images = tempfile::tempdir().expect("images dir");
+    let disk = DiskConfig::new(raw_image(images.path(), "a.raw", 8), DiskFormat::Raw);
+    let (tpl_dir, tpl) = vm::template_in(&env, root.path());
+    vm::make_template(root.path(), tpl.clone()).await.unwrap();
+    let (clone, _, ready) = vm::boot_clone(root.path(), "clone", &tpl).await.unwrap();
+    eprintln!("clone ready in {ready:?}");
+    let d = clone.vm.attach_disk(&disk).await.unwrap();
+    assert_eq!(d.pci_path, "10/00");
+    clone.vm.detach_disk(&d.id).await.unwrap();
+    clone.agent.check().await.unwrap();
+    clone.assert_healthy_console();
+    clone.stop().await.unwrap();
+    std::fs::remove_dir_all(tpl_dir).unwrap();
+    root.assert_no_leaks();
+}
+
 /// Cold boot to agent `Check` with and without the four disk root ports, alternating, to
 /// price them (docs/hotplug.md). Run by hand: `cargo test -p vmfactory-e2e --test disks --
 /// --ignored --nocapture`.

@@ -314,3 +314,22 @@ async fn a_guest_that_keeps_the_disk_times_out_and_the_disk_stays() {
     assert!(!names(&log).iter().any(|n| n == "blockdev-del"));
     done(r).await;
 }
+
+#[tokio::test]
+async fn a_template_with_disks_is_not_saved() {
+    let mut cfg = HypervisorConfig::new("/k", Some("/i".into()));
+    cfg.template = Some(crate::config::TemplateRole::SaveTo(
+        crate::config::TemplatePaths {
+            memory: "/t/memory".into(),
+            state: "/t/state".into(),
+        },
+    ));
+    let (_d, inner, mut r, log) = fake_vm(cfg, script(json!([]), None)).await;
+    with_disk1(&mut r);
+    let err = super::super::ops::save_template(&inner, &mut r)
+        .await
+        .expect_err("refused");
+    assert!(matches!(err, Error::Unsupported { .. }), "{err:?}");
+    assert_eq!(names(&log), ["qmp_capabilities"], "not even stopped");
+    done(r).await;
+}
