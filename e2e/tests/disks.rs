@@ -216,6 +216,38 @@ async fn one_read_only_image_is_shared_by_three_vms() {
     root.assert_no_leaks();
 }
 
+/// On `pc` disks go on the root bus (`pci.0`) itself: no root ports, a one-slot PCI path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pc_hotplugs_on_the_root_bus() {
+    let Some(env) = guest_env() else { return };
+    let root = RunRoot::new();
+    let images = tempfile::tempdir().expect("images dir");
+    let disk = DiskConfig::new(raw_image(images.path(), "a.raw", 8), DiskFormat::Raw);
+    let mut cfg = vm::config(&env);
+    cfg.machine = vmfactory_hypervisor::MachineType::Pc;
+    let (t, _) = TestVm::boot(root.path(), "vm", cfg).await.unwrap();
+    let d = t.vm.attach_disk(&disk).await.unwrap();
+    eprintln!("pc disk: {d:?}");
+    assert_eq!(d.pci_path.len(), 2, "{d:?}");
+    let (vm, replies) = with_qmp(&t.vm, &["query-pci"]).await;
+    let on_root: Vec<&Value> = replies[0][0]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|dev| dev["qdev_id"] == "disk1")
+        .collect();
+    assert_eq!(on_root.len(), 1, "{:?}", replies[0]);
+    assert_eq!(
+        format!("{:02x}", on_root[0]["slot"].as_u64().unwrap()),
+        d.pci_path
+    );
+    vm.detach_disk(&d.id).await.unwrap();
+    t.agent.check().await.unwrap();
+    vm.stop().await.unwrap();
+    let _ = t.agent.disconnect().await;
+    root.assert_no_leaks();
+}
+
 /// The case disks are for: a clone of a template (whose root ports came with the template's
 /// device state) takes a disk after it is resumed and lets it go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
