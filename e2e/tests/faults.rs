@@ -25,7 +25,8 @@ use vmfactory_factory::{
     STATE_FILE,
 };
 use vmfactory_hypervisor::{
-    AgentEndpoint, Error as HvError, Hypervisor, HypervisorConfig, QemuState, VmSize, VmStatus,
+    AgentEndpoint, AttachedDisk, DiskConfig, Error as HvError, Hypervisor, HypervisorConfig,
+    QemuState, VmSize, VmStatus,
 };
 use vmfactory_proxy::{Proxy, ProxyKind};
 use vmfactory_vm::{
@@ -233,6 +234,15 @@ impl Hypervisor for FaultyHv {
     }
     async fn add_memory(&self, mib: u64) -> vmfactory_hypervisor::Result<u64> {
         self.inner.add_memory(mib).await
+    }
+    async fn attach_disk(&self, disk: &DiskConfig) -> vmfactory_hypervisor::Result<AttachedDisk> {
+        self.inner.attach_disk(disk).await
+    }
+    async fn detach_disk(&self, id: &str) -> vmfactory_hypervisor::Result<()> {
+        self.inner.detach_disk(id).await
+    }
+    async fn disks(&self) -> Vec<AttachedDisk> {
+        self.inner.disks().await
     }
     async fn status(&self) -> vmfactory_hypervisor::Result<VmStatus> {
         self.inner.status().await

@@ -11,24 +11,29 @@ use crate::util::{on_path, run, workspace_root};
 /// Version of `vhost-device-vsock` the e2e tests were proven with.
 const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
 
-/// Installs `qemu-system-x86` with apt when it is missing.
+/// Installs `qemu-system-x86` (QEMU) and `qemu-utils` (`qemu-img`, which the disk hotplug
+/// e2e makes its qcow2 image with) with apt when they are missing.
 pub fn ensure_qemu() -> Result<()> {
-    if on_path("qemu-system-x86_64") {
+    let missing: Vec<&str> = [
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("qemu-img", "qemu-utils"),
+    ]
+    .into_iter()
+    .filter(|(bin, _)| !on_path(bin))
+    .map(|(_, package)| package)
+    .collect();
+    if missing.is_empty() {
         return Ok(());
     }
+    let packages = missing.join(" ");
     if !nix_is_root() {
-        bail!("qemu-system-x86_64 is missing; install it: apt-get install --no-install-recommends qemu-system-x86");
+        bail!("{packages} missing; install: apt-get install --no-install-recommends {packages}");
     }
-    eprintln!("installing qemu-system-x86 ...");
+    eprintln!("installing {packages} ...");
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "qemu-system-x86",
-        ])
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{
     Accel, AgentChannel, HypervisorConfig, MachineType, TemplateRole, AGENT_VSOCK_PORT,
 };
+use crate::disk::{root_port_id, root_port_slot};
 use crate::endpoint::AgentEndpoint;
 
 /// The files and sockets a VM keeps in its run directory.
@@ -343,10 +344,30 @@ pub fn qemu_args(
             ]);
         }
     }
+    for port in disk_root_ports(cfg) {
+        push(&["-device".as_ref(), port.as_ref()]);
+    }
     if cfg.clones_template() {
         push(&["-S".as_ref(), "-incoming".as_ref(), "defer".as_ref()]);
     }
     a
+}
+
+/// The `-device` values of the disk hotplug root ports (q35 only, see
+/// [`HypervisorConfig::disk_root_ports`]). Ids, chassis numbers and addresses are fixed by the
+/// port's index, so a template's clones get the very devices the template saved (a
+/// `pcie-root-port` needs a chassis/slot pair of its own: each gets chassis `i + 1`, slot 0).
+pub fn disk_root_ports(cfg: &HypervisorConfig) -> Vec<String> {
+    (0..cfg.disk_root_ports())
+        .map(|i| {
+            format!(
+                "pcie-root-port,id={},bus=pcie.0,chassis={},addr={:#x}",
+                root_port_id(i),
+                i + 1,
+                root_port_slot(i)
+            )
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -533,6 +554,7 @@ mod tests {
     fn vsock_channels() {
         let paths = RunPaths::new("/r");
         let mut c = base();
+        c.disk_slots = 0; // its only device is the vsock one
         c.agent_channel = AgentChannel::Vsock { guest_cid: None };
         let held = VhostVsockFd { fd: 9, cid: 70001 };
         let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(held));
@@ -600,6 +622,48 @@ mod tests {
             args_string(&vsock_backend_args(3, &paths)),
             "--guest-cid 3 --socket /r/vhost-user-vsock.sock --uds-path /r/vm.vsock"
         );
+    }
+
+    #[test]
+    fn disk_root_ports_on_q35_only_and_the_same_for_clones() {
+        let paths = RunPaths::new("/r");
+        let mut c = base();
+        c.disk_slots = 2;
+        let ports = [
+            OsStr::new("pcie-root-port,id=rp0,bus=pcie.0,chassis=1,addr=0x10"),
+            OsStr::new("pcie-root-port,id=rp1,bus=pcie.0,chassis=2,addr=0x11"),
+        ];
+        let devices = |c: &HypervisorConfig| {
+            let args = qemu_args("x", c, &paths, Accel::Tcg, None);
+            values(&args, "-device")
+                .into_iter()
+                .map(OsStr::to_os_string)
+                .filter(|d| d.to_string_lossy().starts_with("pcie-root-port"))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(devices(&c), ports);
+        let files = TemplatePaths {
+            memory: "/t/memory".into(),
+            state: "/t/state".into(),
+        };
+        c.template = Some(TemplateRole::SaveTo(files.clone()));
+        let template = qemu_args("x", &c, &paths, Accel::Tcg, None);
+        c.template = Some(TemplateRole::CloneFrom(files));
+        let clone = qemu_args("x", &c, &paths, Accel::Tcg, None);
+        assert_eq!(devices(&c), ports);
+        assert_eq!(values(&template, "-device"), values(&clone, "-device"));
+        assert!(args_string(&clone).ends_with("-S -incoming defer"));
+        c.disk_slots = 0;
+        assert!(devices(&c).is_empty());
+        c.disk_slots = 4;
+        for machine in [MachineType::Pc, MachineType::Microvm] {
+            c.machine = machine;
+            assert!(devices(&c).is_empty(), "{machine}");
+        }
+        // The default: four ports, the last at 0x13.
+        let args = qemu_args("x", &base(), &paths, Accel::Tcg, None);
+        assert!(args_string(&args)
+            .contains("-device pcie-root-port,id=rp3,bus=pcie.0,chassis=4,addr=0x13"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::disk::{DEFAULT_DISK_SLOTS, MAX_DISK_SLOTS};
 use crate::error::ConfigError;
 use crate::files::{open_regular, Symlinks};
 use crate::vsock::{FIRST_GUEST_CID, LAST_GUEST_CID};
@@ -252,11 +253,20 @@ pub struct HypervisorConfig {
     /// `None`. Ignored under KVM.
     #[serde(default)]
     pub tcg_tb_size_mib: Option<u32>,
+    /// How many disks can be hot-plugged at once (see [`crate::Hypervisor::attach_disk`]).
+    /// On q35 each is a `pcie-root-port` added at boot (q35's root bus takes no hot-plugged
+    /// device); on pc disks go on `pci.0` and this only caps their number; microvm has no PCI
+    /// and ignores it. At most [`crate::disk::MAX_DISK_SLOTS`]; 0 turns disk hotplug off.
+    /// [`HypervisorConfig::new`] gives [`crate::disk::DEFAULT_DISK_SLOTS`]; a config written
+    /// before the field existed reads as 0, which is what its VMs and templates booted with.
+    #[serde(default)]
+    pub disk_slots: u32,
 }
 
 impl HypervisorConfig {
     /// A config with 1 vCPU, 256 MiB, q35, `auto` accelerator, virtio-serial agent channel,
-    /// no hotplug room, and `qemu-system-x86_64` from `PATH`.
+    /// no CPU or memory hotplug room, [`DEFAULT_DISK_SLOTS`] disk slots, and
+    /// `qemu-system-x86_64` from `PATH`.
     pub fn new(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
         Self {
             qemu_path: PathBuf::from("qemu-system-x86_64"),
@@ -275,6 +285,16 @@ impl HypervisorConfig {
             template: None,
             agent_channel: AgentChannel::VirtioSerial,
             tcg_tb_size_mib: None,
+            disk_slots: DEFAULT_DISK_SLOTS,
+        }
+    }
+
+    /// The `pcie-root-port`s the command line adds for disk hotplug: `disk_slots` on q35,
+    /// none on the other machines.
+    pub fn disk_root_ports(&self) -> u32 {
+        match self.machine {
+            MachineType::Q35 => self.disk_slots,
+            MachineType::Pc | MachineType::Microvm => 0,
         }
     }
 
@@ -379,6 +399,12 @@ impl HypervisorConfig {
             return Err(ConfigError::MemoryOverLimit {
                 max_memory_mib: self.max_memory_mib,
                 limit: MAX_MEMORY_MIB,
+            });
+        }
+        if self.disk_slots > MAX_DISK_SLOTS {
+            return Err(ConfigError::TooManyDiskSlots {
+                slots: self.disk_slots,
+                max: MAX_DISK_SLOTS,
             });
         }
         if self.memory_slots > 0 && self.max_memory_mib == self.memory_mib {

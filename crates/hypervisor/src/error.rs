@@ -2,8 +2,9 @@
 //!
 //! Three enums, one per concern: [`ConfigError`] (validation of a [`crate::HypervisorConfig`]),
 //! [`QmpError`] (the QMP client) and the crate-wide [`Error`] returned by the
-//! [`crate::Hypervisor`] trait, which wraps the other two and [`crate::vsock::VsockError`]
-//! (reserving a vsock CID, beside that operation). Callers branch on variants, never on text.
+//! [`crate::Hypervisor`] trait, which wraps the other two, [`crate::vsock::VsockError`]
+//! (reserving a vsock CID) and [`crate::disk::DiskError`] (disk hotplug), each beside its
+//! operation. Callers branch on variants, never on text.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -141,6 +142,14 @@ pub enum ConfigError {
     /// can do.
     #[error("CPU model host needs KVM (accel is tcg)")]
     HostCpuWithoutKvm,
+    /// More disk slots than the machine has room for ([`crate::disk::MAX_DISK_SLOTS`]).
+    #[error("{slots} disk slots exceed the maximum of {max}")]
+    TooManyDiskSlots {
+        /// The configured disk slots.
+        slots: u32,
+        /// The maximum.
+        max: u32,
+    },
     /// An unknown machine type string.
     #[error("Unknown machine type {0:?} (expected q35, pc or microvm)")]
     UnknownMachine(String),
@@ -429,6 +438,9 @@ pub enum Error {
         #[source]
         source: crate::vsock::VsockError,
     },
+    /// A disk could not be attached or detached.
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
     /// A failure injected into a fake hypervisor (feature `test-utils`).
     #[error("Injected failure at {step}")]
     Injected {

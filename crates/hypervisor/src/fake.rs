@@ -13,7 +13,10 @@ use tokio::sync::watch;
 
 use crate::cmdline::{agent_endpoint, RunPaths};
 use crate::config::VmSize;
-use crate::config::{AgentChannel, HypervisorConfig};
+use crate::config::{AgentChannel, HypervisorConfig, MachineType};
+use crate::disk::{
+    pci_path, root_port_slot, AttachedDisk, DiskConfig, DiskError, FIRST_DISK_NUMBER,
+};
 use crate::endpoint::AgentEndpoint;
 use crate::error::{Error, Result};
 use crate::state::{QemuState, VmStatus, QEMU_STATE_VERSION};
@@ -36,6 +39,10 @@ pub enum FakeStep {
     AddVcpus,
     /// [`Hypervisor::add_memory`].
     AddMemory,
+    /// [`Hypervisor::attach_disk`].
+    AttachDisk,
+    /// [`Hypervisor::detach_disk`].
+    DetachDisk,
     /// [`Hypervisor::status`].
     Status,
     /// [`Hypervisor::size`].
@@ -54,6 +61,8 @@ impl FakeStep {
             Self::SaveTemplate => "save_template",
             Self::AddVcpus => "add_vcpus",
             Self::AddMemory => "add_memory",
+            Self::AttachDisk => "attach_disk",
+            Self::DetachDisk => "detach_disk",
             Self::Status => "status",
             Self::Size => "size",
             Self::Detach => "detach",
@@ -78,6 +87,10 @@ pub enum FakeCall {
     AddVcpus(u32),
     /// `add_memory(mib)`.
     AddMemory(u64),
+    /// `attach_disk(disk)`.
+    AttachDisk(DiskConfig),
+    /// `detach_disk(id)`.
+    DetachDisk(String),
     /// `status`.
     Status,
     /// `size`.
@@ -97,6 +110,8 @@ struct FakeInner {
     slots_used: u32,
     /// The vsock CID "held" while running (vsock channel).
     vsock_cid: Option<u32>,
+    disks: Vec<AttachedDisk>,
+    next_disk_id: u32,
 }
 
 /// The next CID a fake hands out: distinct within a test process, as the kernel's are.
@@ -132,6 +147,8 @@ impl FakeHypervisor {
             memory_mib: config.memory_mib,
             slots_used: 0,
             vsock_cid: None,
+            disks: Vec::new(),
+            next_disk_id: FIRST_DISK_NUMBER,
         };
         Self {
             id: id.into(),
@@ -143,10 +160,14 @@ impl FakeHypervisor {
     }
 
     /// A fake VM re-attached from `state`: not started yet (call `start`), and keeping the
-    /// vsock CID `state` records, as a re-attached QEMU does.
+    /// vsock CID and the disks `state` records, as a re-attached QEMU does.
     pub fn attached(state: &QemuState) -> Self {
         let hv = Self::new(&state.id, state.config.clone(), state.paths.dir.clone());
-        hv.lock().vsock_cid = state.vsock_cid;
+        let mut g = hv.lock();
+        g.vsock_cid = state.vsock_cid;
+        g.disks.clone_from(&state.disks);
+        g.next_disk_id = state.next_disk_id;
+        drop(g);
         hv
     }
 
@@ -362,6 +383,61 @@ impl Hypervisor for FakeHypervisor {
         Ok(mib)
     }
 
+    /// Checks the path's shape but opens nothing; slots are the root ports' on q35 (`10/00`,
+    /// `11/00`, ...) and the same slot numbers on `pci.0` on pc (`10`, ...).
+    async fn attach_disk(&self, disk: &DiskConfig) -> Result<AttachedDisk> {
+        let call = FakeCall::AttachDisk(disk.clone());
+        let mut g = self.enter(call, FakeStep::AttachDisk, true)?;
+        if self.config.machine == MachineType::Microvm {
+            return Err(Error::Unsupported {
+                id: self.id.clone(),
+                what: "Disk hotplug (microvm has no PCI)",
+            });
+        }
+        disk.qemu_path()?;
+        let port = (0..self.config.disk_slots)
+            .map(|i| {
+                let slot = root_port_slot(i);
+                match self.config.machine {
+                    MachineType::Q35 => pci_path(&[slot, 0]),
+                    _ => pci_path(&[slot]),
+                }
+            })
+            .find(|p| !g.disks.iter().any(|d| d.pci_path == *p))
+            .ok_or_else(|| DiskError::NoFreeSlot {
+                id: self.id.clone(),
+                slots: self.config.disk_slots,
+            })?;
+        let attached = AttachedDisk {
+            id: format!("disk{}", g.next_disk_id),
+            pci_path: port,
+            config: disk.clone(),
+        };
+        g.next_disk_id += 1;
+        g.disks.push(attached.clone());
+        self.done(&g, FakeStep::AttachDisk);
+        Ok(attached)
+    }
+
+    async fn detach_disk(&self, id: &str) -> Result<()> {
+        let call = FakeCall::DetachDisk(id.to_owned());
+        let mut g = self.enter(call, FakeStep::DetachDisk, true)?;
+        let Some(index) = g.disks.iter().position(|d| d.id == id) else {
+            return Err(DiskError::UnknownDisk {
+                id: self.id.clone(),
+                disk: id.to_owned(),
+            }
+            .into());
+        };
+        g.disks.remove(index);
+        self.done(&g, FakeStep::DetachDisk);
+        Ok(())
+    }
+
+    async fn disks(&self) -> Vec<AttachedDisk> {
+        self.lock().disks.clone()
+    }
+
     async fn status(&self) -> Result<VmStatus> {
         let g = self.enter(FakeCall::Status, FakeStep::Status, false)?;
         Ok(g.status.clone())
@@ -426,6 +502,8 @@ impl FakeHypervisor {
             memory_mib: g.memory_mib,
             next_cpu_id: g.vcpus,
             next_mem_id: g.slots_used + 1,
+            disks: g.disks.clone(),
+            next_disk_id: g.next_disk_id,
         }
     }
 }
@@ -525,6 +603,54 @@ mod tests {
         assert_eq!(again.agent_endpoint(), Some(ea));
         b.stop().await.expect("stop");
         assert_eq!(b.agent_endpoint(), None);
+    }
+
+    #[tokio::test]
+    async fn disks_get_slots_until_full_and_survive_a_detach() {
+        use crate::disk::DiskFormat;
+        let mut c = cfg();
+        c.disk_slots = 2;
+        let hv = FakeHypervisor::new("f", c, "/run/f");
+        let disk = DiskConfig::new("/i/a.raw", DiskFormat::Raw);
+        assert!(matches!(
+            hv.attach_disk(&disk).await,
+            Err(Error::NotRunning { .. })
+        ));
+        hv.start().await.expect("start");
+        let a = hv.attach_disk(&disk).await.expect("attach");
+        let b = hv.attach_disk(&disk).await.expect("attach");
+        assert_eq!(
+            (a.id.as_str(), a.pci_path.as_str(), b.pci_path.as_str()),
+            ("disk1", "10/00", "11/00")
+        );
+        assert!(matches!(
+            hv.attach_disk(&disk).await,
+            Err(Error::Disk(DiskError::NoFreeSlot { slots: 2, .. }))
+        ));
+        hv.detach_disk("disk1").await.expect("detach");
+        assert!(matches!(
+            hv.detach_disk("disk1").await,
+            Err(Error::Disk(DiskError::UnknownDisk { .. }))
+        ));
+        let c = hv.attach_disk(&disk).await.expect("the freed slot");
+        assert_eq!((c.id.as_str(), c.pci_path.as_str()), ("disk3", "10/00"));
+        hv.fail_at(Some(FakeStep::AttachDisk));
+        assert!(matches!(
+            hv.attach_disk(&disk).await,
+            Err(Error::Injected {
+                step: "attach_disk"
+            })
+        ));
+        let st = hv.detach().await.expect("detach");
+        assert_eq!(st.disks, [b.clone(), c.clone()]);
+        let again = FakeHypervisor::attached(&st);
+        again.start().await.expect("attach");
+        assert_eq!(again.disks().await, [b, c]);
+        assert_eq!(
+            again.attach_disk(&disk).await.map(|d| d.id).ok(),
+            None,
+            "still full"
+        );
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 //! CIDs reserved in the kernel and handed to QEMU ([`vsock`]), QEMU and
 //! `vhost-device-vsock` processes and the records each writes of itself in the run directory
 //! before it execs ([`ProcessRecord`]), template save / boot-from-template (migration with
-//! `x-ignore-shared`), CPU and memory hotplug, the wire form ([`QemuState`]) another process
+//! `x-ignore-shared`), CPU, memory and disk hotplug ([`disk`]), the wire form ([`QemuState`]) another process
 //! uses to re-attach to a running VM, and what `accel = auto` and the CPU model resolve to
 //! ([`accel`], with a cache file its caller names). It does not own the guest agent (it only reports where
 //! the agent listens, see [`Hypervisor::agent_endpoint`]), the console proxy, template
@@ -23,6 +23,10 @@
 //!   in the migration stream), and the device's post-load sends the guest
 //!   `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` once it runs, on which the guest driver re-reads its
 //!   CID and resets its connected sockets (listeners stay). So each clone takes a new CID.
+//! - q35 hot-plugs behind `pcie-root-port`s through ACPI (ICH9-LPC's
+//!   `acpi-pci-hotplug-with-bridge-support` is on in 7.2): the guest's eject after
+//!   `device_del` took ~70 ms under TCG. `DEVICE_DELETED` comes twice,
+//!   first for the virtio backend (a `path`, no `device`), then for the device.
 //! - qapi 0.15's types follow QEMU 9.1's schema; where a 9.1 type may not match what 7.2 sends
 //!   (`query-migrate`), this crate reads raw JSON.
 //!
@@ -55,6 +59,7 @@ use async_trait::async_trait;
 pub mod accel;
 pub mod cmdline;
 pub mod config;
+pub mod disk;
 mod endpoint;
 pub mod error;
 mod exit;
@@ -76,6 +81,7 @@ pub use config::{
     Accel, AgentChannel, HypervisorConfig, MachineType, TemplatePaths, TemplateRole,
     AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS, MAX_MEMORY_MIB,
 };
+pub use disk::{AttachedDisk, DiskConfig, DiskError, DiskFormat};
 pub use endpoint::AgentEndpoint;
 pub use error::{ConfigError, Error, QmpError, QmpErrorClass, Result};
 #[cfg(feature = "test-utils")]
@@ -138,6 +144,21 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// Hot-adds one DIMM of `mib` MiB (backend of the same kind as boot memory); returns the
     /// MiB added.
     async fn add_memory(&self, mib: u64) -> Result<u64>;
+
+    /// Hot-plugs `disk` as a virtio-blk device in a free disk slot (see
+    /// [`HypervisorConfig::disk_slots`]) and returns where the guest finds it. The image is
+    /// checked first ([`DiskError::ImageUnreadable`] names its path); a failure undoes what
+    /// this call added. A read-only image can be attached to many VMs at once. The guest
+    /// still has to mount it.
+    async fn attach_disk(&self, disk: &DiskConfig) -> Result<AttachedDisk>;
+
+    /// Unplugs disk `id`: asks the guest to release it, waits until it has (at most
+    /// [`disk::DETACH_TIMEOUT`], else [`DiskError::DetachTimeout`] and the disk stays), then
+    /// closes the image.
+    async fn detach_disk(&self, id: &str) -> Result<()>;
+
+    /// The disks attached now, in attach order.
+    async fn disks(&self) -> Vec<AttachedDisk>;
 
     /// The VM's run state.
     async fn status(&self) -> Result<VmStatus>;

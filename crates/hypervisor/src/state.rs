@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cmdline::{agent_endpoint, RunPaths};
 use crate::config::{Accel, HypervisorConfig};
+use crate::disk::{AttachedDisk, FIRST_DISK_NUMBER};
 use crate::endpoint::AgentEndpoint;
 use crate::process::is_same;
 
@@ -47,6 +48,23 @@ pub struct QemuState {
     pub next_cpu_id: u32,
     /// Next `memN` / `dimmN` id.
     pub next_mem_id: u32,
+    /// Hot-plugged disks, in the order they were attached.
+    ///
+    /// This and `next_disk_id` came without a version bump: they are additive and default
+    /// to what a state written before them describes (no disks, and no root ports either:
+    /// its config reads `disk_slots = 0`); an older build reading a newer state ignores them
+    /// (no field here denies unknown ones). The bumps above were for changes an old reader
+    /// would misread.
+    #[serde(default)]
+    pub disks: Vec<AttachedDisk>,
+    /// Next `diskN` id.
+    #[serde(default = "first_disk_number")]
+    pub next_disk_id: u32,
+}
+
+/// The serde default of [`QemuState::next_disk_id`].
+fn first_disk_number() -> u32 {
+    FIRST_DISK_NUMBER
 }
 
 impl QemuState {
@@ -148,6 +166,8 @@ mod tests {
             memory_mib: 256,
             next_cpu_id: 1,
             next_mem_id: 1,
+            disks: Vec::new(),
+            next_disk_id: 1,
         }
     }
 
@@ -168,6 +188,35 @@ mod tests {
         old["agent_url"] = "serial:///r/agent.sock".into();
         let back: QemuState = serde_json::from_value(old).expect("deserialize");
         assert_eq!(back, st);
+    }
+
+    #[test]
+    fn disks_round_trip_and_old_states_have_none() {
+        use crate::disk::{DiskConfig, DiskFormat};
+        let mut st = state(HypervisorConfig::new("/k", None), Accel::Tcg, None);
+        st.disks.push(AttachedDisk {
+            id: "disk1".into(),
+            pci_path: "10/00".into(),
+            config: DiskConfig::new("/i/a.raw", DiskFormat::Raw),
+        });
+        st.next_disk_id = 2;
+        let json = serde_json::to_value(&st).expect("serialize");
+        assert_eq!(
+            serde_json::from_value::<QemuState>(json.clone()).expect("de"),
+            st
+        );
+        // A state written before disks: no disks, ids from 1, and a VM without root ports.
+        let mut old = json;
+        let obj = old.as_object_mut().expect("object");
+        obj.remove("disks");
+        obj.remove("next_disk_id");
+        obj["config"]
+            .as_object_mut()
+            .expect("config")
+            .remove("disk_slots");
+        let back: QemuState = serde_json::from_value(old).expect("old state");
+        assert!(back.disks.is_empty());
+        assert_eq!((back.next_disk_id, back.config.disk_slots), (1, 0));
     }
 
     #[test]
@@ -220,6 +269,8 @@ mod tests {
             memory_mib: 256,
             next_cpu_id: 1,
             next_mem_id: 1,
+            disks: Vec::new(),
+            next_disk_id: 1,
         };
         assert!(st.qemu_alive().await);
         // A reused pid (another start time) is not the recorded QEMU.

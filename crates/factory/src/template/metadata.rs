@@ -7,8 +7,8 @@
 //! machine from the same guest: every field of the hypervisor config except the template role
 //! (its files) and the image (templates have none). That includes boot vCPUs and
 //! memory, `max_vcpus`, memory slots and `max_memory_mib` (they shape the machine), machine
-//! type, kernel, initrd, kernel parameters, the agent channel, the QEMU binary and its
-//! version, and the identity of the kernel and initrd files (path, size and mtime: cheap, and
+//! type, disk slots (root ports on q35), kernel, initrd, kernel parameters, the agent
+//! channel, the QEMU binary and its version, and the identity of the kernel and initrd files (path, size and mtime: cheap, and
 //! enough to notice a rebuilt guest; not a content hash). The accelerator and CPU model are
 //! the *resolved* ones ([`HypervisorConfig::pinned`]): a template made under KVM with
 //! `-cpu host` cannot be loaded under TCG (version 1 recorded `auto`, so it could be).
@@ -107,6 +107,16 @@ pub struct CloneKey {
     pub agent_channel: AgentChannel,
     /// TCG translation-block cache size.
     pub tcg_tb_size_mib: Option<u32>,
+    /// Disk hotplug slots: on q35 they are root ports in the machine, so a clone must have as
+    /// many. Left out when 0, so metadata written before the field hashes as it did (its
+    /// templates had none) and a config with slots is refused by name.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk_slots: u32,
+}
+
+/// Whether `n` is 0 (serde's `skip_serializing_if` of [`CloneKey::disk_slots`]).
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl CloneKey {
@@ -140,6 +150,7 @@ impl CloneKey {
             cpu_model: cfg.cpu_model_for(cfg.accel).map(str::to_owned),
             agent_channel: cfg.agent_channel.clone(),
             tcg_tb_size_mib: cfg.tcg_tb_size_mib,
+            disk_slots: cfg.disk_slots,
         })
     }
 
@@ -386,6 +397,37 @@ mod tests {
             .expect("key");
         assert!(
             matches!(loaded.check(&rebuilt), Err(TemplateError::Mismatch { field, .. }) if field == "kernel_file")
+        );
+    }
+
+    #[tokio::test]
+    async fn metadata_from_before_disk_slots_loads_and_mismatches_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key(dir.path()).await;
+        assert_eq!(k.disk_slots, 4, "the default");
+        // Written before the field: no `disk_slots` in the key, hashed without it.
+        let old_key = CloneKey {
+            disk_slots: 0,
+            ..k.clone()
+        };
+        let old = TemplateMetadata::new(old_key.clone());
+        let json = serde_json::to_value(&old).expect("json");
+        assert!(json["key"].get("disk_slots").is_none(), "{json}");
+        old.write(dir.path()).await.expect("write");
+        let loaded = TemplateMetadata::load(dir.path())
+            .await
+            .expect("hash unchanged");
+        loaded
+            .check(&old_key)
+            .expect("a config without slots still fits");
+        assert_eq!(mismatch(loaded.check(&k)), ["disk_slots", "nothing", "4"]);
+        let two = CloneKey {
+            disk_slots: 2,
+            ..k.clone()
+        };
+        assert_eq!(
+            mismatch(TemplateMetadata::new(two).check(&k)),
+            ["disk_slots", "2", "4"]
         );
     }
 

@@ -108,6 +108,11 @@ fn validation_table() {
             |e| matches!(e, ConfigError::HotplugUnsupported { .. }),
         ),
         (
+            "too many disk slots",
+            |c| c.disk_slots = 16,
+            |e| matches!(e, ConfigError::TooManyDiskSlots { slots: 16, max: 15 }),
+        ),
+        (
             "template with image",
             |c| {
                 *c = template(c.clone());
@@ -275,6 +280,25 @@ fn serde_round_trip_and_unknown_values() {
             "{bad}"
         );
     }
+}
+
+#[test]
+fn disk_slots_default_to_four_and_old_configs_to_none() {
+    let mut cfg = HypervisorConfig::new("/k", None);
+    assert_eq!((cfg.disk_slots, cfg.disk_root_ports()), (4, 4));
+    let mut old = serde_json::to_value(&cfg).expect("serialize");
+    old.as_object_mut().expect("object").remove("disk_slots");
+    let back: HypervisorConfig = serde_json::from_value(old).expect("deserialize");
+    assert_eq!(
+        back.disk_slots, 0,
+        "what a VM booted before disk hotplug has"
+    );
+    // Root ports only where the root bus cannot take hot-plugged devices.
+    cfg.machine = MachineType::Pc;
+    assert_eq!(cfg.disk_root_ports(), 0);
+    cfg.machine = MachineType::Microvm;
+    assert_eq!(cfg.disk_root_ports(), 0);
+    cfg.validate_shape().expect("microvm ignores disk slots");
 }
 
 #[test]

@@ -11,6 +11,9 @@
 //! exit guard (`exit.rs`): a QEMU (or vsock backend) that exits ends it at once with
 //! [`Error::Exited`], its exit status and the tail of its stderr.
 
+mod disks;
+#[cfg(test)]
+mod fake_qmp;
 mod ops;
 mod version;
 
@@ -34,6 +37,7 @@ use crate::accel::resolve_accel;
 use crate::cmdline::{agent_endpoint, qemu_args, vsock_backend_args, RunPaths};
 use crate::config::VmSize;
 use crate::config::{Accel, AgentChannel, HypervisorConfig, TemplateRole};
+use crate::disk::{AttachedDisk, DiskConfig, DETACH_TIMEOUT, FIRST_DISK_NUMBER};
 use crate::endpoint::AgentEndpoint;
 use crate::error::{Error, Result};
 use crate::exit::{ProcExit, VmExit};
@@ -68,6 +72,10 @@ struct Running {
     memory_mib: u64,
     next_cpu_id: u32,
     next_mem_id: u32,
+    /// Hot-plugged disks, in attach order.
+    disks: Vec<AttachedDisk>,
+    /// Next `diskN` number.
+    next_disk_id: u32,
 }
 
 impl Running {
@@ -209,6 +217,8 @@ impl Qemu {
             memory_mib: state.memory_mib,
             next_cpu_id: state.next_cpu_id,
             next_mem_id: state.next_mem_id,
+            disks: state.disks,
+            next_disk_id: state.next_disk_id,
         };
         info!(pid, "re-attached");
         Ok(Self::from_parts(
@@ -255,6 +265,8 @@ impl Qemu {
             memory_mib: running.map_or(cfg.memory_mib, |r| r.memory_mib),
             next_cpu_id: running.map_or(cfg.vcpus, |r| r.next_cpu_id),
             next_mem_id: running.map_or(1, |r| r.next_mem_id),
+            disks: running.map(|r| r.disks.clone()).unwrap_or_default(),
+            next_disk_id: running.map_or(FIRST_DISK_NUMBER, |r| r.next_disk_id),
         }
     }
 }
@@ -361,6 +373,8 @@ impl Inner {
             memory_mib: self.config.memory_mib,
             next_cpu_id: self.config.vcpus,
             next_mem_id: 1,
+            disks: Vec::new(),
+            next_disk_id: FIRST_DISK_NUMBER,
         })
     }
 
@@ -593,6 +607,27 @@ impl Hypervisor for Qemu {
         let mut r = self.running().await?;
         let exit = r.exit(&self.inner.id);
         exit.guard(ops::add_memory(&self.inner, &mut r, mib)).await
+    }
+
+    async fn attach_disk(&self, disk: &DiskConfig) -> Result<AttachedDisk> {
+        let mut r = self.running().await?;
+        let exit = r.exit(&self.inner.id);
+        exit.guard(disks::attach_disk(&self.inner, &mut r, disk))
+            .await
+    }
+
+    async fn detach_disk(&self, id: &str) -> Result<()> {
+        let mut r = self.running().await?;
+        let exit = r.exit(&self.inner.id);
+        exit.guard(disks::detach_disk(&self.inner, &mut r, id, DETACH_TIMEOUT))
+            .await
+    }
+
+    async fn disks(&self) -> Vec<AttachedDisk> {
+        match &*self.inner.state.lock().await {
+            VmState::Running(r) => r.disks.clone(),
+            _ => Vec::new(),
+        }
     }
 
     async fn status(&self) -> Result<VmStatus> {

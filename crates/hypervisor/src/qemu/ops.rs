@@ -179,6 +179,13 @@ pub(super) async fn save_template(inner: &Inner, r: &mut Running) -> Result<()> 
             what: "Saving a template (the VM has no save-to template role)",
         });
     };
+    if !r.disks.is_empty() {
+        // Its clones would boot without them and fail to load the device state.
+        return Err(Error::Unsupported {
+            id: id.clone(),
+            what: "Saving a template with hot-plugged disks",
+        });
+    }
     r.qmp
         .execute(stop {})
         .await
@@ -376,6 +383,7 @@ pub(super) async fn add_memory(inner: &Inner, r: &mut Running, mib: u64) -> Resu
 
 #[cfg(test)]
 mod tests {
+    use super::super::fake_qmp::{fake_vm, names};
     use super::*;
     use crate::config::HypervisorConfig;
 
@@ -444,88 +452,12 @@ mod tests {
         );
     }
 
-    /// A running VM whose QEMU is `sleep` and whose QMP peer is a scripted fake; the fake
-    /// records each command's name and arguments.
-    async fn fake_vm(
-        cfg: HypervisorConfig,
-        script: fn(&Value) -> Value,
-    ) -> (
-        tempfile::TempDir,
-        Inner,
-        Running,
-        std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
-    ) {
-        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (client, server) = tokio::io::duplex(1 << 16);
-        let seen = log.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = tokio::io::split(server);
-            let greeting = r#"{"QMP": {"version": {}, "capabilities": []}}"#;
-            w.write_all(format!("{greeting}\n").as_bytes()).await.ok();
-            let mut lines = BufReader::new(r).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let cmd: Value = serde_json::from_str(&line).expect("json");
-                seen.lock().expect("log").push(cmd.clone());
-                let mut reply = script(&cmd);
-                reply["id"] = cmd["id"].clone();
-                w.write_all(format!("{reply}\n").as_bytes()).await.ok();
-            }
-        });
-        let qmp = QmpClient::connect(client, std::time::Duration::from_secs(2))
-            .await
-            .expect("connect");
-        let qemu = crate::process::Proc::spawn(
-            "QEMU",
-            Path::new("sleep"),
-            &["30".into()],
-            &dir.path().join("stderr"),
-            crate::record::RecordTarget::new(dir.path(), crate::record::ProcessKind::Qemu)
-                .expect("record target"),
-        )
-        .await
-        .expect("sleep");
-        let paths = crate::cmdline::RunPaths::new(dir.path());
-        let inner = Inner {
-            id: "t".into(),
-            pid: std::sync::atomic::AtomicU32::new(0),
-            vsock_cid: std::sync::atomic::AtomicU32::new(0),
-            cid_kernel: std::sync::Arc::new(crate::vsock::VhostVsock::default()),
-            exit: tokio::sync::watch::Sender::new(None),
-            state: tokio::sync::Mutex::new(super::super::VmState::Created),
-            paths,
-            config: cfg.clone(),
-        };
-        let running = Running {
-            qmp,
-            qemu,
-            backend: None,
-            accel: crate::config::Accel::Tcg,
-            vsock_cid: None,
-            created_run_dir: false,
-            vcpus: cfg.vcpus,
-            memory_mib: cfg.memory_mib,
-            next_cpu_id: cfg.vcpus,
-            next_mem_id: 1,
-        };
-        (dir, inner, running, log)
-    }
-
     fn hotplug_cfg() -> HypervisorConfig {
         let mut c = HypervisorConfig::new("/k", None);
         c.max_vcpus = 4;
         c.memory_slots = 2;
         c.max_memory_mib = 1024;
         c
-    }
-
-    fn names(log: &std::sync::Mutex<Vec<Value>>) -> Vec<String> {
-        log.lock()
-            .expect("log")
-            .iter()
-            .map(|c| c["execute"].as_str().unwrap_or_default().to_owned())
-            .collect()
     }
 
     #[tokio::test]
