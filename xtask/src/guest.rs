@@ -4,7 +4,7 @@
 //! `apt-get download`, unpacked with `dpkg-deb -x`: no maintainer scripts run) and the
 //! statically linked guest agent. Output in `target/guest/`:
 //! - `vmlinuz`: the kernel;
-//! - `initramfs.cpio`: a reproducible newc archive (`/init` = agent, the virtio/vsock modules,
+//! - `initramfs.cpio`: a reproducible newc archive (`/init` = agent, the virtio/vsock/blk modules,
 //!   `/lib/modules/load-order`, `/dev/console`), all mtimes 0, owners root;
 //! - `manifest.json`: what went in, with hashes. A rebuild happens only when an input changes.
 
@@ -29,6 +29,7 @@ pub const MODULES: &[&str] = &[
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
+    "virtio_blk",
     "virtio_mmio",
     "virtio_console",
     "vsock",
@@ -195,6 +196,7 @@ pub fn build(quiet: bool) -> Result<GuestImage> {
 fn module_subdir(name: &str) -> &'static str {
     match name {
         "virtio_console" => "kernel/drivers/char",
+        "virtio_blk" => "kernel/drivers/block",
         n if n.starts_with("virtio") => "kernel/drivers/virtio",
         _ => "kernel/net/vmw_vsock",
     }
@@ -422,6 +424,7 @@ mod tests {
     fn module_paths() {
         assert_eq!(module_subdir("virtio_console"), "kernel/drivers/char");
         assert_eq!(module_subdir("virtio_pci"), "kernel/drivers/virtio");
+        assert_eq!(module_subdir("virtio_blk"), "kernel/drivers/block");
         assert_eq!(module_subdir("vsock"), "kernel/net/vmw_vsock");
     }
 }
