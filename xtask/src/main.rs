@@ -30,8 +30,18 @@ enum Cmd {
     /// `vmfactory` CLI, make a template with `vmfactory init`, hand out two VMs with
     /// `vmfactory get`, compare with a cold boot, destroy it all and check nothing is left.
     Demo,
-    /// Build the guest image (kernel + initramfs with the static agent) into target/guest.
-    Guest,
+    /// Build the guest image (kernel + initramfs with the static agent, busybox and any extra
+    /// Debian packages) into target/guest.
+    Guest {
+        /// Extra Debian packages (with their Depends/Pre-Depends), added to the config file's;
+        /// repeatable or comma-separated.
+        #[arg(long = "package", value_name = "NAME", num_args = 1.., value_delimiter = ',')]
+        packages: Vec<String>,
+        /// Configuration file with `[guest] packages = [...]` (default: vmfactory-guest.toml
+        /// at the workspace root, if it exists).
+        #[arg(long, value_name = "PATH")]
+        config: Option<std::path::PathBuf>,
+    },
     /// Install what the tests need: QEMU (apt) and vhost-device-vsock (crates.io).
     Tools,
     /// Fail on any lint problem: `cargo fmt --check`, clippy and rustdoc with `-D warnings`.
@@ -114,7 +124,10 @@ fn main() -> Result<()> {
             guest::build(false)?;
             demo::run()
         }
-        Cmd::Guest => guest::build(false).map(drop),
+        Cmd::Guest { packages, config } => {
+            let spec = guest::ImageSpec::load(config.as_deref(), &packages)?;
+            guest::build_with(&spec, false).map(drop)
+        }
         Cmd::Tools => prerequisites(),
         Cmd::Lint => lint::run(),
         Cmd::Test { no_kvm_host, args } => {

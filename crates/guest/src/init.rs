@@ -69,18 +69,67 @@ impl InitError {
     }
 }
 
-/// Performs all PID 1 duties in order: mounts, console, modules. Failures are logged and do not
-/// stop the remaining steps; a guest with a partial init may still be able to serve.
+/// One file system PID 1 mounts.
+struct Mount {
+    fstype: &'static str,
+    target: &'static str,
+    flags: MsFlags,
+    options: Option<&'static str>,
+}
+
+/// What PID 1 mounts, in order (`/dev` before `/dev/pts`). devpts is a private instance whose
+/// `ptmx` anyone may open and whose terminals belong to group `tty` (5, as in `/etc/group`);
+/// `/tmp` and `/run` are tmpfs so the initramfs root stays what the template captured.
+const MOUNTS: &[Mount] = &[
+    Mount {
+        fstype: "proc",
+        target: "/proc",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        options: None,
+    },
+    Mount {
+        fstype: "sysfs",
+        target: "/sys",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        options: None,
+    },
+    Mount {
+        fstype: "devtmpfs",
+        target: "/dev",
+        flags: MsFlags::MS_NOSUID,
+        options: None,
+    },
+    Mount {
+        fstype: "devpts",
+        target: "/dev/pts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        options: Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    },
+    Mount {
+        fstype: "tmpfs",
+        target: "/tmp",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        options: Some("mode=1777"),
+    },
+    Mount {
+        fstype: "tmpfs",
+        target: "/run",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        options: Some("mode=0755"),
+    },
+];
+
+/// Performs all PID 1 duties in order: mounts, `/dev/ptmx`, console, modules. Failures are
+/// logged and do not stop the remaining steps; a guest with a partial init may still be able
+/// to serve.
 pub fn init_guest() {
-    for (source, target, fstype) in [
-        ("proc", "/proc", "proc"),
-        ("sysfs", "/sys", "sysfs"),
-        ("devtmpfs", "/dev", "devtmpfs"),
-    ] {
-        if let Err(e) = mount_fs(source, Path::new(target), fstype) {
-            warn!(error = %e, "mount failed");
-            console_line(&format!("vmfactory-agent: {e}: {}", source_chain(&e)));
+    for m in MOUNTS {
+        if let Err(e) = mount_fs(m.fstype, Path::new(m.target), m.fstype, m.flags, m.options) {
+            report(&e, "mount failed");
         }
+    }
+    if let Err(e) = ensure_ptmx(Path::new("/dev")) {
+        report(&e, "no /dev/ptmx");
     }
     if let Err(e) = ensure_console_stdio(Path::new("/dev/console")) {
         warn!(error = %e, "no console");
@@ -89,20 +138,37 @@ pub fn init_guest() {
     info!(loaded, "guest init done");
 }
 
-/// Mounts `fstype` at `target`, creating the directory first; an already mounted target
-/// (`EBUSY`) counts as success.
-pub fn mount_fs(source: &str, target: &Path, fstype: &str) -> Result<(), InitError> {
+/// Logs a failed duty and prints it on the console.
+fn report(e: &InitError, what: &str) {
+    warn!(error = %e, "{what}");
+    console_line(&format!("vmfactory-agent: {e}: {}", source_chain(e)));
+}
+
+/// Mounts `fstype` at `target` with `flags` and `options`, creating the directory first; an
+/// already mounted target (`EBUSY`) counts as success.
+pub fn mount_fs(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: MsFlags,
+    options: Option<&str>,
+) -> Result<(), InitError> {
     fs::create_dir_all(target).map_err(|e| InitError::io("create", target, e))?;
-    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
-    let flags = if fstype == "devtmpfs" {
-        MsFlags::MS_NOSUID
-    } else {
-        flags
-    };
-    match mount(Some(source), target, Some(fstype), flags, None::<&str>) {
+    match mount(Some(source), target, Some(fstype), flags, options) {
         Ok(()) | Err(Errno::EBUSY) => Ok(()),
         Err(e) => Err(InitError::sys("mount", target, e)),
     }
+}
+
+/// Makes `<dev>/ptmx` open a terminal of the devpts at `<dev>/pts`: devtmpfs normally has the
+/// node already (5:2, which the kernel resolves to the `pts` beside it); where it does not, a
+/// symlink to `pts/ptmx` does the same.
+pub fn ensure_ptmx(dev: &Path) -> Result<(), InitError> {
+    let ptmx = dev.join("ptmx");
+    if fs::symlink_metadata(&ptmx).is_ok() {
+        return Ok(());
+    }
+    std::os::unix::fs::symlink("pts/ptmx", &ptmx).map_err(|e| InitError::io("create", &ptmx, e))
 }
 
 /// Makes sure fds 0, 1 and 2 are open, pointing them at `console` if they are not (the kernel
@@ -260,6 +326,31 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::write(dir.path().join("load-order"), "missing.ko\n").expect("write");
         assert_eq!(load_modules(dir.path()), 0);
+    }
+
+    #[test]
+    fn ptmx_is_linked_when_missing_and_kept_when_present() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        ensure_ptmx(dir.path()).expect("link");
+        let link = fs::read_link(dir.path().join("ptmx")).expect("symlink");
+        assert_eq!(link, Path::new("pts/ptmx"));
+        // A second call (or a devtmpfs node) leaves what is there.
+        ensure_ptmx(dir.path()).expect("kept");
+        let err = ensure_ptmx(&dir.path().join("missing")).expect_err("no dir");
+        assert!(err.to_string().starts_with("Failed to create "));
+    }
+
+    #[test]
+    fn mounts_put_dev_before_dev_pts() {
+        let pos = |t: &str| MOUNTS.iter().position(|m| m.target == t);
+        assert!(pos("/dev") < pos("/dev/pts"));
+        for m in MOUNTS {
+            assert!(
+                m.flags.contains(MsFlags::MS_NOSUID),
+                "{} allows setuid",
+                m.target
+            );
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `vmfactory-agent`: the guest agent binary.
 //!
-//! As PID 1 (the guest's `/init`) it mounts proc/sys/dev, loads the modules listed in
-//! `/lib/modules/load-order`, prints `vmfactory-agent: ready`, reaps children and serves the agent
-//! protocol forever. Run by hand on a host it only serves, on the endpoints given by flags.
+//! As PID 1 (the guest's `/init`) it mounts proc, sys, dev, devpts, /tmp and /run, loads the
+//! modules listed in `/lib/modules/load-order`, prints `vmfactory-agent: ready`, reaps children
+//! and serves the agent protocol forever. Run by hand on a host it only serves, on the
+//! endpoints given by flags.
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -1,13 +1,21 @@
 //! `cargo xtask guest`: the guest image (kernel + initramfs) every real-QEMU test and bench boots.
 //!
 //! Inputs: Debian's `linux-image-cloud-amd64` (resolved to its versioned package, fetched with
-//! `apt-get download`, unpacked with `dpkg-deb -x`: no maintainer scripts run) and the
-//! statically linked guest agent. Output in `target/guest/`:
+//! `apt-get download`, unpacked with `dpkg-deb -x`: no maintainer scripts run), the statically
+//! linked guest agent, `busybox-static` and the extra packages of [`ImageSpec`] with their
+//! dependency closure (fetched and unpacked the same way). Output in `target/guest/`:
 //! - `vmlinuz`: the kernel;
-//! - `initramfs.cpio`: a reproducible newc archive (`/init` = agent, the virtio/vsock modules,
-//!   `/lib/modules/load-order`, `/dev/console`), all mtimes 0, owners root;
-//! - `manifest.json`: what went in, with hashes. A rebuild happens only when an input changes.
+//! - `initramfs.cpio`: a reproducible, usr-merged newc archive (`/init` = agent, busybox and its
+//!   applet links, the packages, the virtio/vsock/virtio-blk modules, `/lib/modules/load-order`,
+//!   `/dev/console`, `/etc/passwd`), all mtimes 0, owners root;
+//! - `manifest.json`: what went in, with hashes and package versions. A rebuild happens only
+//!   when an input changes.
 
+mod config;
+mod cpio;
+mod debs;
+
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +25,8 @@ use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub use self::config::ImageSpec;
+use self::cpio::{Node, Tree};
 use crate::util::{run, workspace_root};
 
 /// The meta package whose dependency names the kernel we use.
@@ -29,6 +39,7 @@ pub const MODULES: &[&str] = &[
     "virtio_pci_modern_dev",
     "virtio_pci_legacy_dev",
     "virtio_pci",
+    "virtio_blk",
     "virtio_mmio",
     "virtio_console",
     "vsock",
@@ -37,7 +48,7 @@ pub const MODULES: &[&str] = &[
 ];
 
 /// Bumped whenever the layout of the initramfs changes, so old images are rebuilt.
-const IMAGE_FORMAT: u32 = 1;
+const IMAGE_FORMAT: u32 = 2;
 
 /// Target triple of the static guest agent.
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -59,6 +70,11 @@ pub struct Manifest {
     pub initramfs_sha256: String,
     /// Modules in load order.
     pub modules: Vec<String>,
+    /// Packages asked for (`--package`, the config file), busybox-static aside.
+    pub requested_packages: Vec<String>,
+    /// Every unpacked Debian package (the requested ones, their closure, busybox-static) and
+    /// its version.
+    pub packages: BTreeMap<String, String>,
 }
 
 /// Paths of a built guest image.
@@ -123,8 +139,13 @@ pub fn kernel_tree() -> Result<KernelTree> {
     Ok(KernelTree { unpacked, release })
 }
 
-/// Builds (or reuses) the guest image.
+/// Builds (or reuses) the guest image with the packages of `vmfactory-guest.toml`, if any.
 pub fn build(quiet: bool) -> Result<GuestImage> {
+    build_with(&ImageSpec::load(None, &[])?, quiet)
+}
+
+/// Builds (or reuses) the guest image with the packages of `spec`.
+pub fn build_with(spec: &ImageSpec, quiet: bool) -> Result<GuestImage> {
     let dir = guest_dir();
 
     let KernelTree { unpacked, release } = kernel_tree()?;
@@ -151,8 +172,18 @@ pub fn build(quiet: bool) -> Result<GuestImage> {
         modules.push((name.to_string(), bytes));
     }
 
+    let mut roots = vec![BUSYBOX_PACKAGE.to_string()];
+    roots.extend(spec.packages.iter().cloned());
+    let closure = debs::closure(&roots)?;
+    let unpacked = debs::fetch(&dir.join("cache"), &closure)?;
+    let trees: Vec<(String, PathBuf)> = closure
+        .iter()
+        .map(|p| p.name.clone())
+        .zip(unpacked)
+        .collect();
+
     let kernel_bytes = fs::read(&vmlinuz_src)?;
-    let cpio = initramfs(&agent_bytes, &modules)?;
+    let cpio = initramfs(&agent_bytes, &modules, &trees)?.write()?;
     let manifest = Manifest {
         format: IMAGE_FORMAT,
         kernel_package: package,
@@ -161,6 +192,11 @@ pub fn build(quiet: bool) -> Result<GuestImage> {
         agent_sha256: sha256(&agent_bytes),
         initramfs_sha256: sha256(&cpio),
         modules: MODULES.iter().map(|m| m.to_string()).collect(),
+        requested_packages: spec.packages.clone(),
+        packages: closure
+            .iter()
+            .map(|p| (p.name.clone(), p.version.clone()))
+            .collect(),
     };
 
     let image = GuestImage {
@@ -182,9 +218,10 @@ pub fn build(quiet: bool) -> Result<GuestImage> {
     write_atomic(&manifest_path, &serde_json::to_vec_pretty(&manifest)?)?;
     if !quiet {
         eprintln!(
-            "guest image built: {} ({} KiB initramfs, kernel {})",
+            "guest image built: {} ({} KiB initramfs, {} Debian packages, kernel {})",
             dir.display(),
             cpio.len() / 1024,
+            manifest.packages.len(),
             manifest.kernel_release
         );
     }
@@ -195,6 +232,7 @@ pub fn build(quiet: bool) -> Result<GuestImage> {
 fn module_subdir(name: &str) -> &'static str {
     match name {
         "virtio_console" => "kernel/drivers/char",
+        "virtio_blk" => "kernel/drivers/block",
         n if n.starts_with("virtio") => "kernel/drivers/virtio",
         _ => "kernel/net/vmw_vsock",
     }
@@ -217,8 +255,7 @@ fn kernel_deb(cache: &Path) -> Result<PathBuf> {
         return Ok(found);
     }
     run(Command::new("apt-get")
-        .arg("download")
-        .arg("-qq")
+        .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
         .arg(&package)
         .current_dir(cache))?;
     find_deb(cache, &package)?.with_context(|| format!("apt-get download {package} left no .deb"))
@@ -304,67 +341,72 @@ fn is_static_elf(bytes: &[u8]) -> bool {
     })
 }
 
-/// Builds the newc archive. Entries are written in a fixed order with fixed metadata.
-fn initramfs(agent: &[u8], modules: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
-    use cpio::newc::{trailer, Builder};
-    const DIR: u32 = 0o040755;
-    const FILE: u32 = 0o100644;
-    const EXEC: u32 = 0o100755;
-    const CHR: u32 = 0o020600;
+/// Debian package that gives every image its userland.
+const BUSYBOX_PACKAGE: &str = "busybox-static";
 
-    let mut out = Vec::new();
-    let mut ino = 1;
-    let mut add = |out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)| {
-        let size = u32::try_from(data.len()).context("File too large for newc")?;
-        let builder = Builder::new(name)
-            .ino(ino)
-            .mode(mode)
-            .uid(0)
-            .gid(0)
-            .nlink(if mode & 0o040000 != 0 { 2 } else { 1 })
-            .mtime(0)
-            .rdev_major(rdev.0)
-            .rdev_minor(rdev.1);
-        ino += 1;
-        let mut writer = builder.write(&mut *out, size);
-        writer.write_all(data)?;
-        writer.finish()?;
-        anyhow::Ok(())
-    };
-    for dir in [
-        "dev",
-        "etc",
-        "lib",
-        "lib/modules",
-        "proc",
-        "run",
-        "sys",
-        "tmp",
-    ] {
-        add(&mut out, dir, DIR, &[], (0, 0))?;
+/// Empty directories of the image, with their modes (the agent mounts over most of them).
+const DIRS: &[(&str, u32)] = &[
+    ("dev", 0o755),
+    ("dev/pts", 0o755),
+    ("etc", 0o755),
+    ("mnt", 0o755),
+    ("proc", 0o555),
+    ("root", 0o700),
+    ("run", 0o755),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+];
+
+/// Users and groups that busybox's `id`, `ls -l` and the devpts `gid=5` mount refer to.
+const PASSWD: &str =
+    "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+const GROUP: &str = "root:x:0:\ntty:x:5:\nnogroup:x:65534:\n";
+
+/// Builds the initramfs tree: the unpacked packages (sorted by name), busybox's applets where
+/// no package put a file, then our own files, which win over anything a package shipped.
+fn initramfs(
+    agent: &[u8],
+    modules: &[(String, Vec<u8>)],
+    packages: &[(String, PathBuf)],
+) -> Result<Tree> {
+    let mut tree = Tree::new();
+    for (name, root) in packages {
+        for path in debs::add_unpacked(&mut tree, root)? {
+            eprintln!("guest: warning: {name} replaces /{path} from an earlier package");
+        }
     }
-    add(&mut out, "dev/console", CHR, &[], (5, 1))?;
-    add(&mut out, "init", EXEC, agent, (0, 0))?;
+    if let Some((_, root)) = packages.iter().find(|(n, _)| n == BUSYBOX_PACKAGE) {
+        for applet in debs::busybox_applets(&root.join("bin/busybox"))? {
+            if tree.get(&applet).is_none() {
+                tree.insert(&applet, Node::Symlink("/bin/busybox".into()))?;
+            }
+        }
+    }
+    for (dir, mode) in DIRS {
+        tree.insert(dir, Node::Dir(*mode))?;
+    }
+    tree.insert("etc/passwd", Node::File(0o644, PASSWD.into()))?;
+    tree.insert("etc/group", Node::File(0o644, GROUP.into()))?;
+    tree.insert("dev/console", Node::CharDev(5, 1))?;
+    if tree
+        .insert("init", Node::File(0o755, agent.to_vec()))?
+        .is_some()
+    {
+        eprintln!("guest: warning: a package shipped /init; the agent replaces it");
+    }
     let mut order = String::new();
     for (name, bytes) in modules {
-        add(
-            &mut out,
+        tree.insert(
             &format!("lib/modules/{name}.ko"),
-            FILE,
-            bytes,
-            (0, 0),
+            Node::File(0o644, bytes.clone()),
         )?;
         order.push_str(&format!("{name}.ko\n"));
     }
-    add(
-        &mut out,
+    tree.insert(
         "lib/modules/load-order",
-        FILE,
-        order.as_bytes(),
-        (0, 0),
+        Node::File(0o644, order.into_bytes()),
     )?;
-    trailer(&mut out)?;
-    Ok(out)
+    Ok(tree)
 }
 
 fn sha256(bytes: &[u8]) -> String {
@@ -390,24 +432,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn initramfs_is_reproducible_and_readable() {
+    fn our_files_win_and_applets_do_not_replace_package_files() {
+        let pkg = tempfile::tempdir().unwrap();
+        fs::create_dir_all(pkg.path().join("etc")).unwrap();
+        fs::write(pkg.path().join("etc/passwd"), b"theirs").unwrap();
+        fs::write(pkg.path().join("init"), b"theirs").unwrap();
         let modules = vec![("virtio".to_string(), b"mod".to_vec())];
-        let a = initramfs(b"agent", &modules).unwrap();
-        let b = initramfs(b"agent", &modules).unwrap();
-        assert_eq!(a, b);
-        let mut names = Vec::new();
-        let mut rest = a.as_slice();
-        loop {
-            let reader = cpio::NewcReader::new(rest).unwrap();
-            if reader.entry().is_trailer() {
-                break;
-            }
-            names.push((reader.entry().name().to_string(), reader.entry().mode()));
-            rest = reader.finish().unwrap();
-        }
-        assert!(names.contains(&("init".to_string(), 0o100755)));
-        assert!(names.contains(&("dev/console".to_string(), 0o020600)));
-        assert!(names.contains(&("lib/modules/load-order".to_string(), 0o100644)));
+        let packages = vec![("p".to_string(), pkg.path().to_path_buf())];
+        let tree = initramfs(b"agent", &modules, &packages).unwrap();
+        assert_eq!(
+            tree.get("init"),
+            Some(&Node::File(0o755, b"agent".to_vec()))
+        );
+        assert_eq!(
+            tree.get("etc/passwd"),
+            Some(&Node::File(0o644, PASSWD.into()))
+        );
+        assert_eq!(tree.get("tmp"), Some(&Node::Dir(0o1777)));
+        assert_eq!(
+            tree.get("lib/modules/load-order"),
+            Some(&Node::File(0o644, b"virtio.ko\n".to_vec()))
+        );
+        assert!(tree.get("usr/lib/modules/virtio.ko").is_some());
+        let a = tree.write().unwrap();
+        assert_eq!(
+            a,
+            initramfs(b"agent", &modules, &packages)
+                .unwrap()
+                .write()
+                .unwrap()
+        );
     }
 
     #[test]
@@ -422,6 +476,7 @@ mod tests {
     fn module_paths() {
         assert_eq!(module_subdir("virtio_console"), "kernel/drivers/char");
         assert_eq!(module_subdir("virtio_pci"), "kernel/drivers/virtio");
+        assert_eq!(module_subdir("virtio_blk"), "kernel/drivers/block");
         assert_eq!(module_subdir("vsock"), "kernel/net/vmw_vsock");
     }
 }
