@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::commands::run::{parse_copy, parse_env, parse_user, CopyArg};
+use crate::commands::run::{parse_copy, parse_disk, parse_env, parse_user, CopyArg, DiskArg};
 
 /// Boot, template and clone QEMU micro-VMs, and hand them out sized to each request.
 #[derive(Debug, Parser)]
@@ -129,6 +129,10 @@ pub struct RunArgs {
     /// repeatable.
     #[arg(long = "copy", value_name = "SRC:DST", value_parser = parse_copy)]
     pub copy: Vec<CopyArg>,
+    /// Attach an ext4 image (raw or qcow2) and mount it in the guest (`PATH[:ro]:MOUNTPOINT`);
+    /// repeatable. One read-only image can serve many VMs at once.
+    #[arg(long = "disk", value_name = "PATH[:ro]:MOUNTPOINT", value_parser = parse_disk)]
+    pub disk: Vec<DiskArg>,
     /// Options of the process.
     #[command(flatten)]
     pub process: ProcessArgs,

@@ -1,8 +1,8 @@
 //! The PID 1 duties of the guest agent: mount the pseudo file systems, load kernel modules, make
-//! sure the console is stdio, and reap orphaned children.
+//! sure the console is stdio. Reaping orphans is the server's reaper's (`server::reaper`),
+//! which also hands the agent's own processes their exit statuses.
 //!
-//! Everything here is synchronous and runs before the tokio runtime starts, except
-//! [`reap_children`], which is an async task.
+//! Everything here is synchronous and runs before the tokio runtime starts.
 
 use std::fs;
 use std::io;
@@ -14,7 +14,6 @@ use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::Mode;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use thiserror::Error;
 use tracing::{debug, info, warn};
 
@@ -253,38 +252,6 @@ pub fn load_module(path: &Path) -> Result<(), InitError> {
     }
 }
 
-/// Reaps every exited child, forever: PID 1 inherits orphans and must wait for them.
-pub async fn reap_children() {
-    let mut sigchld = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(error = %e, "cannot watch SIGCHLD; children will not be reaped");
-            return;
-        }
-    };
-    loop {
-        reap_exited();
-        if sigchld.recv().await.is_none() {
-            return;
-        }
-    }
-}
-
-/// Reaps all children that have already exited, without blocking.
-pub fn reap_exited() {
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(status) => debug!(?status, "reaped child"),
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                warn!(error = %e, "waitpid failed");
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,10 +318,5 @@ mod tests {
                 m.target
             );
         }
-    }
-
-    #[test]
-    fn reap_without_children_returns() {
-        reap_exited();
     }
 }

@@ -214,6 +214,22 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A disk is already mounted at this mount point.
+    #[error("VM {id} already has a disk mounted at {mount_point}")]
+    MountPointTaken {
+        /// VM id.
+        id: String,
+        /// The mount point.
+        mount_point: String,
+    },
+    /// No disk of this id is attached through this VM.
+    #[error("VM {id} has no attached disk {disk}")]
+    UnknownDisk {
+        /// VM id.
+        id: String,
+        /// The disk id asked for.
+        disk: String,
+    },
     /// A path to be linked to a sandbox exists and is not a symlink.
     #[error("Sandbox link {path} exists and is not a symlink")]
     LinkExists {

@@ -90,6 +90,7 @@ impl Vm {
             vcpus: state.vcpus,
             memory_mib: state.memory_mib,
             cpu_delta: state.cpu_delta,
+            mounts: state.mounts.clone(),
             links: Vec::new(),
         };
         let vm = Self::assemble(p, state.config, dir, url, inner)?;

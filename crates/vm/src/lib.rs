@@ -103,6 +103,7 @@
 
 mod backends;
 mod config;
+mod disks;
 mod endpoint;
 mod envelope;
 mod error;
@@ -125,6 +126,7 @@ pub use config::{
     VmAgentConfig, VmConfig, DEFAULT_CALL_TIMEOUT, DEFAULT_DIAL_TIMEOUT, DEFAULT_READY_TIMEOUT,
     MAX_SOCKET_PATH,
 };
+pub use disks::DiskMount;
 pub use endpoint::agent_url;
 pub use envelope::{MAX_WIRE_SIZE, WIRE_VERSION};
 pub use error::{AgentTimeout, ConfigError, Error, Result, WireError};
@@ -142,9 +144,10 @@ pub use vmfactory_agent::{
     Agent, AgentConfig, AgentUrl, Error as AgentError, ExitStatus, KataAgent, ProcessSpec,
 };
 pub use vmfactory_hypervisor::{
-    Accel, AgentChannel, AgentEndpoint, ConfigError as HypervisorConfigError,
-    Error as HypervisorError, Hypervisor, HypervisorConfig, MachineType, ProcessKind,
-    ProcessRecord, QemuState, RunPaths, TemplatePaths, TemplateRole, VmStatus, VsockError,
+    Accel, AgentChannel, AgentEndpoint, AttachedDisk, ConfigError as HypervisorConfigError,
+    DiskConfig, DiskError, DiskFormat, Error as HypervisorError, Hypervisor, HypervisorConfig,
+    MachineType, ProcessKind, ProcessRecord, QemuState, RunPaths, TemplatePaths, TemplateRole,
+    VmStatus, VsockError,
 };
 pub use vmfactory_persist::Error as PersistError;
 pub use vmfactory_proxy::{Error as ProxyError, Proxy, ProxyKind};

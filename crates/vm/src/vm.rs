@@ -2,6 +2,7 @@
 //! ([`Vm::stop`]). Handing a VM over is in `handover.rs`, the other operations in `ops.rs` and
 //! `sandbox.rs`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +47,8 @@ pub(crate) struct Inner {
     pub(crate) vcpus: u32,
     pub(crate) memory_mib: u64,
     pub(crate) cpu_delta: u32,
+    /// Mount points in the guest of hot-plugged disks, by disk id.
+    pub(crate) mounts: BTreeMap<String, String>,
     /// Sandbox links created by [`Vm::assign_sandbox`], removed on stop.
     pub(crate) links: Vec<PathBuf>,
 }
@@ -252,6 +255,7 @@ impl Vm {
             vcpus: config.hypervisor.vcpus,
             memory_mib: config.hypervisor.memory_mib,
             cpu_delta: 0,
+            mounts: BTreeMap::new(),
             links: Vec::new(),
         };
         let vm = Self::assemble(p, config, dir, url, inner)?;
@@ -352,6 +356,7 @@ impl Vm {
             vcpus: inner.vcpus,
             memory_mib: inner.memory_mib,
             cpu_delta: inner.cpu_delta,
+            mounts: inner.mounts.clone(),
         }
     }
 
@@ -365,7 +370,8 @@ impl Vm {
     }
 
     /// Stops the VM and destroys its storage (the seed's `Stop`, plus the storage): stops the
-    /// proxy, disconnects the agent, stops the hypervisor (QEMU gets `quit`, then SIGKILL),
+    /// proxy, unmounts hot-plugged disks in the guest (so their data reach the images),
+    /// disconnects the agent, stops the hypervisor (QEMU gets `quit`, then SIGKILL),
     /// removes sandbox links, destroys `<run_root>/vm/<id>/` and releases the lock.
     ///
     /// Idempotent. If the hypervisor cannot be stopped, the error is returned and the storage
@@ -384,6 +390,20 @@ impl Vm {
         }
         let span = info_span!("vm", vm = %self.id);
         async {
+            // Unmounting flushes what the guest wrote to its disks; QEMU's quit would not.
+            // Best effort, bounded by the call timeout: a dead guest loses only its cache.
+            for mount_point in inner.mounts.values() {
+                let unmount = self.agent.remove_storage(mount_point);
+                let bound = self.config.agent.call_timeout;
+                match tokio::time::timeout(bound, unmount).await {
+                    Ok(Ok(())) => debug!(mount_point, "disk unmounted before stop"),
+                    Ok(Err(e)) => {
+                        warn!(mount_point, error = %e, "cannot unmount a disk before stop")
+                    }
+                    Err(_) => warn!(mount_point, "unmounting a disk before stop timed out"),
+                }
+            }
+            inner.mounts.clear();
             self.proxy.stop().await;
             if let Err(e) = self.agent.disconnect().await {
                 debug!(error = %e, "agent disconnect during stop");

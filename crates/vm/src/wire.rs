@@ -28,6 +28,10 @@ pub struct VmState {
     pub memory_mib: u64,
     /// vCPUs hot-added but not yet onlined by [`crate::Vm::online_cpu_memory`].
     pub cpu_delta: u32,
+    /// Guest mount points of hot-plugged disks, by disk id (the disks themselves are in
+    /// `hypervisor`). Absent in states written before disks existed.
+    #[serde(default)]
+    pub mounts: std::collections::BTreeMap<String, String>,
 }
 
 impl VmState {
@@ -107,6 +111,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 256,
             cpu_delta: 0,
+            mounts: Default::default(),
         }
     }
 

@@ -30,6 +30,7 @@ fn valid_wire(root: &std::path::Path) -> Vec<u8> {
         vcpus: 1,
         memory_mib: 256,
         cpu_delta: 0,
+        mounts: Default::default(),
     }
     .to_wire()
     .expect("encode")

@@ -25,6 +25,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 vcpus: args.vcpus,
                 memory: args.memory,
                 copies: args.copy,
+                disks: args.disk,
                 spec,
                 stdio,
             };

@@ -9,7 +9,9 @@ use tracing::warn;
 use vmfactory_factory::{Factory, FactoryConfig};
 use vmfactory_hypervisor::VmSize;
 use vmfactory_persist::{LockMode, Store};
-use vmfactory_vm::{KataAgent, Process, ProcessSpec, Vm, VmState};
+use vmfactory_vm::{
+    DiskConfig, DiskFormat, DiskMount, KataAgent, Process, ProcessSpec, Vm, VmState,
+};
 
 use super::attach::{attach, terminal_spec, Ended, Signals, Stdio};
 use crate::config_file::Settings;
@@ -37,6 +39,54 @@ pub fn parse_copy(s: &str) -> Result<CopyArg, String> {
     Ok(CopyArg {
         src: src.into(),
         dst: dst.to_owned(),
+    })
+}
+
+/// `--disk PATH[:ro]:MOUNTPOINT`: an ext4 image (raw or qcow2) mounted in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskArg {
+    /// Host image.
+    pub path: PathBuf,
+    /// Attached read-only.
+    pub read_only: bool,
+    /// Guest mount point.
+    pub mount_point: String,
+}
+
+/// Parses `PATH[:ro]:MOUNTPOINT`.
+pub fn parse_disk(s: &str) -> Result<DiskArg, String> {
+    let (rest, mount_point) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not PATH[:ro]:MOUNTPOINT"))?;
+    let (path, read_only) = match rest.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (rest.strip_suffix(":rw").unwrap_or(rest), false),
+    };
+    if path.is_empty() {
+        return Err(format!("{s:?} names no image"));
+    }
+    if !mount_point.starts_with('/') || mount_point.trim_matches('/').is_empty() {
+        return Err(format!(
+            "{mount_point:?} is not an absolute guest path below /"
+        ));
+    }
+    Ok(DiskArg {
+        path: path.into(),
+        read_only,
+        mount_point: mount_point.to_owned(),
+    })
+}
+
+/// An image's format from its first bytes (qcow2 starts with `QFI\xfb`).
+async fn disk_format(path: &std::path::Path) -> std::io::Result<DiskFormat> {
+    use tokio::io::AsyncReadExt;
+    let mut magic = [0u8; 4];
+    let mut f = tokio::fs::File::open(path).await?;
+    let n = f.read(&mut magic).await?;
+    Ok(if n == 4 && magic == *b"QFI\xfb" {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
     })
 }
 
@@ -72,6 +122,8 @@ pub struct RunRequest {
     pub memory: Option<u64>,
     /// Files to copy in first.
     pub copies: Vec<CopyArg>,
+    /// Disks to attach and mount first.
+    pub disks: Vec<DiskArg>,
     /// The process.
     pub spec: ProcessSpec,
     /// Its stdio.
@@ -128,6 +180,15 @@ pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
             )));
         }
     }
+    let mut disks = Vec::new();
+    for d in &req.disks {
+        let format = disk_format(&d.path).await.map_err(|e| {
+            Failure::usage(anyhow::Error::new(e).context(format!("--disk {}", d.path.display())))
+        })?;
+        let mut config = DiskConfig::new(&d.path, format);
+        config.read_only = d.read_only;
+        disks.push((config, DiskMount::ext4(&d.mount_point)));
+    }
     s.check_files().await?;
     let mut signals = Signals::install()?;
     let factory = factory_for_run(s).await?;
@@ -141,7 +202,7 @@ pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
     }
     let res = match got.context("Cannot get a VM") {
         Ok(vm) => {
-            let ran = run_in(&vm, req, &mut signals).await;
+            let ran = run_in(&vm, req, &disks, &mut signals).await;
             let stopped = vm
                 .stop()
                 .await
@@ -157,7 +218,22 @@ pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
     Ok(res?)
 }
 
-async fn run_in(vm: &Vm, mut req: RunRequest, signals: &mut Signals) -> anyhow::Result<u8> {
+async fn run_in(
+    vm: &Vm,
+    mut req: RunRequest,
+    disks: &[(DiskConfig, DiskMount)],
+    signals: &mut Signals,
+) -> anyhow::Result<u8> {
+    // Stopping the VM takes the disks with it: no detach on the way out.
+    for (disk, mount) in disks {
+        vm.attach_disk(disk, mount).await.with_context(|| {
+            format!(
+                "Cannot attach {} at {}",
+                disk.path.display(),
+                mount.mount_point
+            )
+        })?;
+    }
     for c in &req.copies {
         vm.copy_in(&c.src, &c.dst)
             .await
@@ -226,6 +302,16 @@ mod tests {
         );
         assert!(parse_copy("a:rel").is_err());
         assert!(parse_copy(":/x").is_err());
+        let d = parse_disk("/i.img:ro:/data").expect("ok");
+        assert_eq!(
+            (d.path.to_str(), d.read_only, d.mount_point.as_str()),
+            (Some("/i.img"), true, "/data")
+        );
+        assert!(!parse_disk("a:b:/m").expect("ok").read_only);
+        assert_eq!(parse_disk("a:b:/m").expect("ok").path.to_str(), Some("a:b"));
+        assert!(parse_disk("/i.img:data").is_err());
+        assert!(parse_disk(":/m").is_err());
+        assert!(parse_disk("/i.img:/").is_err());
         assert_eq!(parse_user("1000").expect("ok"), (1000, 1000));
         assert_eq!(parse_user("1000:100").expect("ok"), (1000, 100));
         assert!(parse_user("bob").is_err());

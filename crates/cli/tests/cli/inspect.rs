@@ -84,6 +84,7 @@ impl Stored {
                 vcpus: 1,
                 memory_mib: 256,
                 cpu_delta: 0,
+                mounts: Default::default(),
             };
             let store = Store::new(dir.join("run"));
             store.create_vm_dir(VM_ID).await.expect("VM dir");
