@@ -137,8 +137,11 @@ impl Storages {
         let name = loop {
             let p = paths.clone();
             let sl = slots.clone();
+            // The sysfs entry comes first; devtmpfs makes the node a moment later.
             let found = tokio::task::spawn_blocking(move || {
-                pci_device_dir(&p, &sl).and_then(|d| block_name(&d))
+                pci_device_dir(&p, &sl)
+                    .and_then(|d| block_name(&d))
+                    .filter(|n| p.dev.join(n).exists())
             })
             .await
             .map_err(|e| Error::io("scan", "PCI devices", std::io::Error::other(e)))?;
