@@ -9,6 +9,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+pub mod cli;
 pub mod vm;
 
 /// What a real VM needs on this host.

@@ -11,36 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vmfactory_e2e::{guest_env, scaled, GuestEnv, RunRoot};
+use vmfactory_e2e::cli::{ok, run, Setup};
+use vmfactory_e2e::scaled;
 
 /// Bound on `init` having made the template and filled the pool (TCG: ~3 s + ~0.5 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Bound on the server exiting after `destroy`.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The `vmfactory` binary, built now so that it is the current code (`VMFACTORY_BIN`
-/// overrides). The e2e crate cannot use `CARGO_BIN_EXE_*` for another package's binary.
-fn vmfactory_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("VMFACTORY_BIN") {
-        return PathBuf::from(bin);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", "vmfactory"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building vmfactory failed");
-    // <target>/debug/deps/cli-<hash> → <target>/debug/vmfactory
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("vmfactory");
-    assert!(bin.is_file(), "{} missing", bin.display());
-    bin
-}
 
 /// Kills the `init` process if the test ends before it exits.
 struct Server(Child);
@@ -54,101 +31,12 @@ impl Drop for Server {
     }
 }
 
-fn config(env: &GuestEnv, root: &Path) -> String {
-    let root = root.display();
-    format!(
-        r#"[hypervisor.qemu]
-path = "{qemu}"
-kernel = "{kernel}"
-initrd = "{initrd}"
-default_vcpus = 1
-default_maxvcpus = 4
-default_memory = 256
-memory_slots = 2
-default_maxmemory = 1024
-accel = "auto"
-{cpu_model}
-[agent]
-dial_timeout_ms = {dial_ms}
-call_timeout_ms = {call_ms}
-ready_timeout_ms = {ready_ms}
-
-[factory]
-enable_template = true
-template_path = "{root}/template"
-vm_cache_number = 2
-vm_cache_endpoint = "{root}/cache.sock"
-
-[runtime]
-run_root = "{root}"
-"#,
-        qemu = env.qemu.display(),
-        cpu_model = vmfactory_e2e::cpu_model()
-            .map(|m| format!("cpu_model = \"{m}\"\n"))
-            .unwrap_or_default(),
-        dial_ms = scaled(Duration::from_secs(10)).as_millis(),
-        call_ms = scaled(Duration::from_secs(10)).as_millis(),
-        ready_ms = scaled(Duration::from_secs(60)).as_millis(),
-        kernel = env.kernel.display(),
-        initrd = env.initrd.display(),
-    )
-}
-
-fn run(bin: &Path, cfg: &Path, args: &[&str]) -> Output {
-    Command::new(bin)
-        .arg("--config")
-        .arg(cfg)
-        .args(args)
-        .output()
-        .expect("run vmfactory")
-}
-
-fn ok(o: &Output, what: &str) -> String {
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{what}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn alive(pid: u64) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         !s.rsplit(')')
             .next()
             .is_some_and(|r| r.trim_start().starts_with('Z'))
     })
-}
-
-/// One scenario's CLI, run root and config file; the config (and any output) live outside the
-/// run root, in `scratch`, so they are not leaks.
-struct Setup {
-    bin: PathBuf,
-    root: RunRoot,
-    scratch: tempfile::TempDir,
-    cfg: PathBuf,
-}
-
-impl Setup {
-    /// `None` when the guest image is missing outside CI (see `guest_env`). `cache` is
-    /// `vm_cache_number`.
-    fn new(cache: u32) -> Option<Self> {
-        let env = guest_env()?;
-        let bin = vmfactory_bin();
-        let root = RunRoot::new();
-        let scratch = tempfile::tempdir().expect("scratch dir");
-        let cfg = scratch.path().join("config.toml");
-        let text = config(&env, root.path())
-            .replace("vm_cache_number = 2", &format!("vm_cache_number = {cache}"));
-        fs::write(&cfg, text).expect("write config");
-        Some(Self {
-            bin,
-            root,
-            scratch,
-            cfg,
-        })
-    }
 }
 
 #[test]

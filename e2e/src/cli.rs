@@ -1,0 +1,131 @@
+//! Running the `vmfactory` binary in a scenario: the binary built from this tree, a config
+//! for a run root, and the checks every CLI test makes on an invocation.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use crate::{guest_env, scaled, GuestEnv, RunRoot};
+
+/// The `vmfactory` binary, built now so that it is the current code (`VMFACTORY_BIN`
+/// overrides). The e2e crate cannot use `CARGO_BIN_EXE_*` for another package's binary.
+pub fn vmfactory_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VMFACTORY_BIN") {
+        return PathBuf::from(bin);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "vmfactory"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building vmfactory failed");
+    // <target>/debug/deps/cli-<hash> → <target>/debug/vmfactory
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("vmfactory");
+    assert!(bin.is_file(), "{} missing", bin.display());
+    bin
+}
+
+/// A config for `env` with everything under `root` (template, cache socket, VMs), a
+/// VM-cache server of 2 VMs.
+pub fn config(env: &GuestEnv, root: &Path) -> String {
+    let root = root.display();
+    format!(
+        r#"[hypervisor.qemu]
+path = "{qemu}"
+kernel = "{kernel}"
+initrd = "{initrd}"
+default_vcpus = 1
+default_maxvcpus = 4
+default_memory = 256
+memory_slots = 2
+default_maxmemory = 1024
+accel = "auto"
+{cpu_model}
+[agent]
+dial_timeout_ms = {dial_ms}
+call_timeout_ms = {call_ms}
+ready_timeout_ms = {ready_ms}
+
+[factory]
+enable_template = true
+template_path = "{root}/template"
+vm_cache_number = 2
+vm_cache_endpoint = "{root}/cache.sock"
+
+[runtime]
+run_root = "{root}"
+"#,
+        qemu = env.qemu.display(),
+        cpu_model = crate::cpu_model()
+            .map(|m| format!("cpu_model = \"{m}\"\n"))
+            .unwrap_or_default(),
+        dial_ms = scaled(Duration::from_secs(10)).as_millis(),
+        call_ms = scaled(Duration::from_secs(10)).as_millis(),
+        ready_ms = scaled(Duration::from_secs(60)).as_millis(),
+        kernel = env.kernel.display(),
+        initrd = env.initrd.display(),
+    )
+}
+
+/// Runs the binary with `--config cfg` and `args`.
+pub fn run(bin: &Path, cfg: &Path, args: &[&str]) -> Output {
+    Command::new(bin)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .output()
+        .expect("run vmfactory")
+}
+
+/// The stdout of `o`, which must have exited 0 (else its stderr is shown).
+pub fn ok(o: &Output, what: &str) -> String {
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// One scenario's CLI, run root and config file; the config (and any output) live outside the
+/// run root, in `scratch`, so they are not leaks.
+#[derive(Debug)]
+pub struct Setup {
+    /// The binary.
+    pub bin: PathBuf,
+    /// The run root.
+    pub root: RunRoot,
+    /// Where the config and outputs go.
+    pub scratch: tempfile::TempDir,
+    /// The config file.
+    pub cfg: PathBuf,
+}
+
+impl Setup {
+    /// `None` when the guest image is missing outside CI (see `guest_env`). `cache` is
+    /// `vm_cache_number`.
+    pub fn new(cache: u32) -> Option<Self> {
+        let env = guest_env()?;
+        let bin = vmfactory_bin();
+        let root = RunRoot::new();
+        let scratch = tempfile::tempdir().expect("scratch dir");
+        let cfg = scratch.path().join("config.toml");
+        let text = config(&env, root.path())
+            .replace("vm_cache_number = 2", &format!("vm_cache_number = {cache}"));
+        fs::write(&cfg, text).expect("write config");
+        Some(Self {
+            bin,
+            root,
+            scratch,
+            cfg,
+        })
+    }
+}
