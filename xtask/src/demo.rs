@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the first of the README's two commands. After the prerequisites (QEMU,
 //! the guest image, done by the caller) it builds the `vmfactory` CLI and drives it as a user
 //! would: `init` makes a template, two `get`s hand out clones of it, a `get` with the template
-//! switched off is the cold boot they are compared with, then `status` and `destroy`.
+//! switched off is the cold boot they are compared with, `run` runs a command in a clone and
+//! prints its output, then `status` and `destroy`.
 //!
 //! Everything runs from a generated config whose paths all lie under a private run root
 //! ([`RUN_ROOT`]), so the demo never touches a user's `/run/vc`. It ends by checking, from
@@ -59,8 +60,8 @@ pub fn run() -> Result<()> {
 }
 
 /// The user's session, each command printed before it runs. Returns the wall times of
-/// `init`, the two clones and the cold boot.
-fn steps(root: &Path) -> Result<[Duration; 4]> {
+/// `init`, the two clones, the cold boot and the `run`.
+fn steps(root: &Path) -> Result<[Duration; 5]> {
     let shown = |args: &[&str]| {
         let (out, took) = vmfactory(root, &[&["--config", CONFIG], args].concat())?;
         print!("{out}");
@@ -78,11 +79,25 @@ fn steps(root: &Path) -> Result<[Duration; 4]> {
     println!("\n# For comparison, a cold boot: the same `get` with the template switched off.");
     let cold = get(root, COLD_CONFIG, &[])?;
 
+    println!("\n# Run a command in a clone, as `docker run` runs one in a container: its output");
+    println!("# and exit code are the command's, and the VM is stopped when it ends.");
+    let ran = shown(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo \"hello from $(uname -sr), up $(cut -d' ' -f1 /proc/uptime) s, $(ls /bin | wc -l) commands in /bin\"",
+    ])?;
+    println!(
+        "  -> ran in {:.0} ms (clone taken, command run, VM stopped)",
+        ms(ran)
+    );
+
     println!();
     shown(&["status"])?;
     println!();
     shown(&["destroy"])?;
-    Ok([init, sized, default, cold])
+    Ok([init, sized, default, cold, ran])
 }
 
 /// `vmfactory --config CONFIG get SIZE…`: checks the VM came from where `config` says, shows
@@ -232,7 +247,7 @@ fn leave_nothing() -> Result<()> {
     Ok(())
 }
 
-fn summary(&[init, sized, default, cold]: &[Duration; 4]) {
+fn summary(&[init, sized, default, cold, ran]: &[Duration; 5]) {
     println!(
         "\nSummary (wall time of each command, start to exit; a `get` includes stopping its VM):"
     );
@@ -241,6 +256,7 @@ fn summary(&[init, sized, default, cold]: &[Duration; 4]) {
         ("a cold boot, `vmfactory get` (template off)", cold),
         ("`vmfactory get --vcpus 2 --memory 512`", sized),
         ("`vmfactory get` (default size)", default),
+        ("`vmfactory run -- sh -c …` in a clone", ran),
     ];
     for (i, (what, d)) in rows.into_iter().enumerate() {
         let faster = cold.as_secs_f64() / d.as_secs_f64().max(1e-9);
@@ -258,6 +274,7 @@ fn summary(&[init, sized, default, cold]: &[Duration; 4]) {
     for cmd in [
         "init",
         "get --vcpus 2 --memory 512 --hold    # Ctrl-C stops the VM",
+        "run -it -- sh                         # a shell in a clone; exit ends it",
         "status",
         "inspect template",
         "destroy",

@@ -49,6 +49,10 @@ pub const CI_SCENARIOS: &[&str] = &[
     "serial_check_survives_three_reconnects",
     "_cid",
     "init_status_get_destroy_leaves_nothing",
+    "processes_streams_files_and_a_terminal_in_a_clone",
+    "disks_mounted_in_clones_read_write_and_shared_read_only",
+    "qemu_killed_mid_exec_is_one_error_and_leaks_nothing",
+    "a_held_vm_serves_exec_and_an_outside_client",
 ];
 
 /// L1's CPU: TCG's `max` (AMD SVM with nested paging) without `fsgsbase`. With it, an L2
@@ -213,6 +217,17 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     }
     img.program(&cli)?;
     img.program(&runner)?;
+    // The disk scenarios make and read ext4 images on the host (L1).
+    img.program_at(
+        Path::new("/usr/sbin/mkfs.ext4"),
+        Path::new("/usr/sbin/mke2fs"),
+    )?;
+    img.program(Path::new("/usr/sbin/debugfs"))?;
+    img.file(
+        Path::new("/etc/mke2fs.conf"),
+        Path::new("/etc/mke2fs.conf"),
+        false,
+    );
     img.program(&backend)?;
     img.file(&guest.kernel, &guest.kernel, false);
     img.file(&guest.initrd, &guest.initrd, false);
