@@ -131,7 +131,7 @@ fn get(root: &Path, config: &str, size: &[&str]) -> Result<Duration> {
 /// Prints and runs `BIN ARGS…` in the workspace root; returns its stdout and wall time. A
 /// failure names the command and ends with the tail of its stderr.
 fn vmfactory(root: &Path, args: &[&str]) -> Result<(String, Duration)> {
-    let line = format!("{BIN} {}", args.join(" "));
+    let line = format!("{BIN} {}", shell_words(args));
     println!("$ {line}");
     let t0 = Instant::now();
     let out = Command::new(root.join(BIN))
@@ -283,13 +283,40 @@ fn summary(&[init, sized, default, cold, ran]: &[Duration; 5]) {
     }
 }
 
+/// `args` as a shell would need them typed: single-quoted when they hold anything special.
+fn shell_words(args: &[&str]) -> String {
+    let plain = |a: &str| {
+        !a.is_empty()
+            && a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+    };
+    args.iter()
+        .map(|a| {
+            if plain(a) {
+                (*a).to_owned()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
 #[cfg(test)]
 mod tests {
-    use super::set;
+    use super::{set, shell_words};
+
+    #[test]
+    fn shell_words_quote_what_needs_it() {
+        assert_eq!(
+            shell_words(&["run", "--", "sh", "-c", "echo 'a' $(b)"]),
+            r"run -- sh -c 'echo '\''a'\'' $(b)'"
+        );
+    }
 
     #[test]
     fn set_replaces_each_key_once() {
