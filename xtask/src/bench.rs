@@ -4,7 +4,8 @@
 //! Method: one template is made first. Then, `runs` times, a cold boot and a clone are timed in
 //! turn (interleaved, so drift in machine load hits both alike), each until the guest agent
 //! answers `Check`; medians are reported. Memory: N idle direct VMs, then N idle clones, and
-//! the proportional set size (PSS, `/proc/PID/smaps_rollup`) of their QEMU processes.
+//! the proportional set size (PSS, `/proc/PID/smaps_rollup`) of their QEMU processes. Then
+//! `get_vm` through the factories (`bench_factory`) and the workload rows (`bench_run`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -45,6 +46,9 @@ pub struct Report {
     /// `get_vm` through the factories.
     #[serde(flatten)]
     factory: crate::bench_factory::FactoryReport,
+    /// `vmfactory run`, exec latency, stdout throughput.
+    #[serde(flatten)]
+    workload: crate::bench_run::RunReport,
 }
 
 /// Runs the bench.
@@ -87,6 +91,7 @@ pub async fn run(runs: usize, pss_counts: &[usize]) -> Result<Report> {
         .prefix("vmf-bench-run-")
         .tempdir_in("/dev/shm")?;
     let factory = crate::bench_factory::run(&env, run_root.path(), runs).await?;
+    let workload = crate::bench_run::run(&env, run_root.path(), runs).await?;
 
     let cold_boot_ms = Stat::of(&cold);
     let clone_ready_ms = Stat::of(&ready);
@@ -112,6 +117,7 @@ pub async fn run(runs: usize, pss_counts: &[usize]) -> Result<Report> {
         clone_pss_ratio,
         template_resident_mib,
         factory,
+        workload,
     })
 }
 
@@ -243,6 +249,7 @@ pub fn report(r: &Report) -> Result<std::path::PathBuf> {
         "{:<40} {:>12.4}   (target <= 0.005, hit <= 5 ms)",
         "cache_hit_ratio", f.cache_hit_ratio
     );
+    crate::bench_run::report(&r.workload);
     let dir = workspace_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("bench.json");

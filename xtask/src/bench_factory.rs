@@ -54,7 +54,8 @@ async fn concurrent_get_vm(factory: &Factory, cfg: &VmConfig, n: usize) -> Resul
     Ok(took)
 }
 
-fn factory_config(env: &GuestEnv, root: &Path, template: bool, cache: u32) -> FactoryConfig {
+/// A factory config under `root`: a template factory when `template`, with a cache of `cache`.
+pub fn factory_config(env: &GuestEnv, root: &Path, template: bool, cache: u32) -> FactoryConfig {
     let mut cfg = vm::template_factory_config(env, root);
     cfg.template = template;
     cfg.cache = cache;

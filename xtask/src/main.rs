@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_factory;
+mod bench_run;
 mod demo;
 mod guest;
 mod kvm_host;
@@ -97,7 +98,8 @@ enum Cmd {
         /// `/kvm-host/manifest.json`.
         manifest: std::path::PathBuf,
     },
-    /// Measure clones against cold boots (time to ready, PSS); table + target/bench/bench.json.
+    /// Measure clones against cold boots (time to ready, PSS), `vmfactory run`, exec and
+    /// stdout throughput; table + target/bench/bench.json.
     Bench {
         /// Timed runs of each kind (medians are reported).
         #[arg(long, default_value_t = 5)]
@@ -167,6 +169,8 @@ fn main() -> Result<()> {
         Cmd::Bench { runs, pss } => {
             tools::ensure_qemu()?;
             guest::build(true)?;
+            // The stdout throughput over hybrid vsock needs its backend.
+            tools::ensure_vhost_device_vsock()?;
             let rt = tokio::runtime::Runtime::new()?;
             let report = rt.block_on(bench::run(runs.max(1), &pss))?;
             bench::report(&report).map(drop)

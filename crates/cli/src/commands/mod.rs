@@ -29,7 +29,9 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 spec,
                 stdio,
             };
+            let t = std::time::Instant::now();
             let settings = load(cli.config.as_deref()).await?;
+            run::step_took("config", t);
             run::run(&settings, req).await
         }
         Command::Exec { id, process: p } => {

@@ -3,9 +3,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{anyhow, Context};
-use tracing::warn;
+use tracing::{debug, warn};
 use vmfactory_factory::{Factory, FactoryConfig};
 use vmfactory_hypervisor::VmSize;
 use vmfactory_persist::{LockMode, Store};
@@ -162,8 +163,22 @@ async fn factory_for_run(s: &Settings) -> anyhow::Result<Factory> {
         .context("Cannot build the factory")
 }
 
+/// The log target of [`step_took`]: `RUST_LOG=vmfactory::timing=debug` shows where a command's
+/// time goes and nothing else.
+pub const TIMING_TARGET: &str = "vmfactory::timing";
+
+/// Logs (at debug, target [`TIMING_TARGET`]) that `step` took from `since` until now, and
+/// returns now: `cargo xtask bench` names the parts of a `run` from these.
+pub fn step_took(step: &'static str, since: Instant) -> Instant {
+    let now = Instant::now();
+    let ms = now.duration_since(since).as_secs_f64() * 1000.0;
+    debug!(target: TIMING_TARGET, step, ms, "step done");
+    now
+}
+
 /// `vmfactory run`. Returns the command's exit code.
 pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
+    let t = Instant::now();
     let hv = &s.vm.hypervisor;
     let size = VmSize {
         vcpus: req.vcpus.unwrap_or(hv.vcpus),
@@ -191,22 +206,29 @@ pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
     }
     s.check_files().await?;
     let mut signals = Signals::install()?;
+    let t = step_took("prepare", t);
     let factory = factory_for_run(s).await?;
+    let t = step_took("factory", t);
     let root = RootLock::acquire(s, LockMode::Shared).await?;
+    let t = step_took("lock", t);
     let mut request = s.vm.clone();
     request.hypervisor.vcpus = size.vcpus;
     request.hypervisor.memory_mib = size.memory_mib;
     let got = factory.get_vm(&request).await;
+    let t = step_took("get_vm", t);
     if let Err(e) = factory.close().await {
         warn!(error = %e, "closing the factory");
     }
+    let t = step_took("close", t);
     let res = match got.context("Cannot get a VM") {
         Ok(vm) => {
             let ran = run_in(&vm, req, &disks, &mut signals).await;
+            let t = step_took("exec", t);
             let stopped = vm
                 .stop()
                 .await
                 .with_context(|| format!("Cannot stop VM {}", vm.id()));
+            step_took("stop", t);
             match (ran, stopped) {
                 (Ok(code), Ok(())) => Ok(code),
                 (Err(e), _) | (Ok(_), Err(e)) => Err(e),
@@ -214,7 +236,9 @@ pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
         }
         Err(e) => Err(e),
     };
+    let t = Instant::now();
     root.release().await;
+    step_took("release", t);
     Ok(res?)
 }
 
