@@ -108,8 +108,14 @@ pub struct RunReport {
     pub anchors: &'static str,
 }
 
-/// Builds the release `vmfactory` and returns its path.
+/// The `vmfactory` to time: `VMFACTORY_BIN` when set (the nested KVM host carries a release
+/// build and has no cargo), else the release build, built now.
 fn cli_bin() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("VMFACTORY_BIN") {
+        let bin = PathBuf::from(bin);
+        ensure!(bin.is_file(), "VMFACTORY_BIN {} is no file", bin.display());
+        return Ok(bin);
+    }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     crate::util::run(
         std::process::Command::new(cargo)
@@ -293,6 +299,8 @@ fn cache_parts(runs: &[(Duration, BTreeMap<String, f64>)]) -> Result<CacheParts>
 
 /// `vmfactory run -- true` from each source.
 struct CliTimes {
+    /// The build profile of the binary timed (from its path).
+    profile: &'static str,
     direct: Stat,
     template: Stat,
     cache: Stat,
@@ -302,6 +310,11 @@ struct CliTimes {
 /// Times `vmfactory run -- true` `runs` times from each source, interleaved per round.
 async fn time_cli(env: &GuestEnv, root: &Path, runs: usize) -> Result<CliTimes> {
     let bin = cli_bin()?;
+    let profile = if bin.components().any(|c| c.as_os_str() == "debug") {
+        "debug"
+    } else {
+        "release"
+    };
     let direct = Cli::new(&bin, env, &root.join("direct"), false, 0)?;
     let template = Cli::new(&bin, env, &root.join("template"), true, 0)?;
     let cache = Cli::new(&bin, env, &root.join("cache"), true, CACHE_VMS)?;
@@ -333,6 +346,7 @@ async fn time_cli(env: &GuestEnv, root: &Path, runs: usize) -> Result<CliTimes> 
     let (d, t, c) = timed?;
     let walls: Vec<Duration> = c.iter().map(|(w, _)| *w).collect();
     Ok(CliTimes {
+        profile,
         direct: Stat::of(&d),
         template: Stat::of(&t),
         cache: Stat::of(&walls),
@@ -461,7 +475,7 @@ pub async fn run(env: &GuestEnv, root: &Path, runs: usize) -> Result<RunReport> 
         stdout_throughput.push(throughput(name, &FactoryConfig::new(vm_cfg)).await?);
     }
     Ok(RunReport {
-        cli_profile: "release",
+        cli_profile: cli.profile,
         run_template_ratio: cli.template.median / cli.direct.median,
         run_template_ms: cli.template,
         run_cache_ms: cli.cache,

@@ -202,7 +202,8 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     } else {
         Vec::new()
     };
-    let cli = build_cli()?;
+    // The bench times the CLI as users run it: release.
+    let cli = build_cli(opts.mode == Mode::Bench)?;
     let runner = std::env::current_exe().context("Cannot find the xtask binary")?;
 
     let mut img = image::Image::default();
@@ -362,15 +363,20 @@ fn build_tests() -> Result<Vec<(String, PathBuf)>> {
     Ok(tests)
 }
 
-fn build_cli() -> Result<PathBuf> {
+fn build_cli(release: bool) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo).current_dir(workspace_root()).args([
-        "build",
-        "-q",
-        "-p",
-        "vmfactory",
-    ]))?;
-    Ok(workspace_root().join("target/debug/vmfactory"))
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(workspace_root())
+        .args(["build", "-q", "-p", "vmfactory"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(workspace_root()
+        .join("target")
+        .join(profile)
+        .join("vmfactory"))
 }
 
 /// Runs `shard` in an L1 of its own, again after a hang, up to [`ATTEMPTS`] times.
