@@ -369,6 +369,8 @@ pub(super) async fn add_memory(inner: &Inner, r: &mut Running, mib: u64) -> Resu
             ("slot".to_owned(), json!(slot)),
         ],
     );
+    // Subscribed before the plug: the guest's answer may come before `device_add` returns.
+    let events = r.qmp.subscribe();
     if let Err(e) = r.qmp.execute(dimm).await {
         warn!(error = %e, device = %dimm_id, "memory hotplug failed, rolling back");
         if let Err(de) = r.qmp.execute(object_del { id: mem_id.clone() }).await {
@@ -378,7 +380,47 @@ pub(super) async fn add_memory(inner: &Inner, r: &mut Running, mib: u64) -> Resu
     }
     r.memory_mib = current + mib;
     info!(mib, slot, memory_mib = r.memory_mib, "memory added");
+    wait_guest_took(&r.qmp, &dimm_id, events).await;
     Ok(mib)
+}
+
+/// How long a running guest may take to take a hot-plugged DIMM.
+const DIMM_OST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until a running guest has taken the DIMM `dimm`: its ACPI handler adds the memory
+/// blocks, then reports with `_OST`, which QEMU turns into `ACPI_DEVICE_OST`. Without this, an
+/// `OnlineCPUMem` right after the plug could run before the blocks exist and online nothing
+/// (seen under load). A paused guest (or one that never answers) is not waited for: bounded,
+/// and only logged, as the memory is plugged either way.
+async fn wait_guest_took(qmp: &QmpClient, dimm: &str, mut events: broadcast::Receiver<Value>) {
+    let running = qmp
+        .execute(qapi::qmp::query_status {})
+        .await
+        .map(|s| s.running)
+        .unwrap_or(false);
+    if !running {
+        return;
+    }
+    let took = async {
+        loop {
+            match events.recv().await {
+                Ok(ev) if is_ost_of(&ev, dimm) => return true,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return false,
+            }
+        }
+    };
+    match tokio::time::timeout(DIMM_OST_TIMEOUT, took).await {
+        Ok(true) => tracing::debug!(dimm, "guest took the DIMM"),
+        Ok(false) => {}
+        Err(_) => warn!(dimm, timeout = ?DIMM_OST_TIMEOUT, "guest did not report taking the DIMM"),
+    }
+}
+
+/// Whether `event` is the guest's `_OST` report on device `dev`.
+fn is_ost_of(event: &Value, dev: &str) -> bool {
+    event.get("event").and_then(Value::as_str) == Some("ACPI_DEVICE_OST")
+        && event["data"]["info"]["device"].as_str() == Some(dev)
 }
 
 #[cfg(test)]
@@ -386,6 +428,20 @@ mod tests {
     use super::super::fake_qmp::{fake_vm, names};
     use super::*;
     use crate::config::HypervisorConfig;
+
+    #[test]
+    fn a_dimm_is_taken_on_its_own_ost_event() {
+        let ost = |dev: &str| {
+            json!({"event": "ACPI_DEVICE_OST", "data": {"info": {
+                "device": dev, "slot": "1", "slot-type": "DIMM", "source": 1, "status": 0}}})
+        };
+        assert!(is_ost_of(&ost("dimm1"), "dimm1"));
+        assert!(!is_ost_of(&ost("dimm2"), "dimm1"));
+        assert!(!is_ost_of(
+            &json!({"event": "DEVICE_DELETED", "data": {"device": "dimm1"}}),
+            "dimm1"
+        ));
+    }
 
     #[test]
     fn backend_objects_match_boot_memory() {
