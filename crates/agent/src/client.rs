@@ -279,11 +279,25 @@ impl KataAgent {
     }
 }
 
-fn read_request(exec_id: &str, len: u32) -> pb::ReadStreamRequest {
-    pb::ReadStreamRequest {
-        exec_id: exec_id.to_owned(),
-        len: len.min(crate::workload::MAX_CHUNK),
-        ..Default::default()
+impl KataAgent {
+    /// `ReadStdout` or `ReadStderr`: no deadline, the next output may be far off.
+    async fn read_stream(&self, exec_id: &str, len: u32, stderr: bool) -> Result<Vec<u8>> {
+        let req = pb::ReadStreamRequest {
+            exec_id: exec_id.to_owned(),
+            len: len.min(crate::workload::MAX_CHUNK),
+            ..Default::default()
+        };
+        let method = if stderr { "ReadStderr" } else { "ReadStdout" };
+        let resp = self
+            .call_unbounded(method, |c, ctx| async move {
+                if stderr {
+                    c.agent.read_stderr(ctx, &req).await
+                } else {
+                    c.agent.read_stdout(ctx, &req).await
+                }
+            })
+            .await?;
+        Ok(resp.data)
     }
 }
 
@@ -522,24 +536,12 @@ impl Agent for KataAgent {
 
     #[instrument(level = "trace", skip(self), fields(url = %self.url))]
     async fn read_stdout(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
-        let req = read_request(exec_id, len);
-        let resp = self
-            .call_unbounded("ReadStdout", |c, ctx| async move {
-                c.agent.read_stdout(ctx, &req).await
-            })
-            .await?;
-        Ok(resp.data)
+        self.read_stream(exec_id, len, false).await
     }
 
     #[instrument(level = "trace", skip(self), fields(url = %self.url))]
     async fn read_stderr(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
-        let req = read_request(exec_id, len);
-        let resp = self
-            .call_unbounded("ReadStderr", |c, ctx| async move {
-                c.agent.read_stderr(ctx, &req).await
-            })
-            .await?;
-        Ok(resp.data)
+        self.read_stream(exec_id, len, true).await
     }
 
     #[instrument(skip(self), fields(url = %self.url))]

@@ -65,6 +65,25 @@ impl GuestAgent {
         }
     }
 
+    /// `ReadStdout` or `ReadStderr`.
+    async fn read_stream(
+        &self,
+        method: &str,
+        req: pb::ReadStreamRequest,
+        stderr: bool,
+    ) -> ttrpc::Result<pb::ReadStreamResponse> {
+        own_root(&req.container_id)?;
+        let data = self
+            .procs
+            .read(&req.exec_id, stderr, req.len)
+            .await
+            .map_err(|e| status(method, e))?;
+        Ok(pb::ReadStreamResponse {
+            data,
+            ..Default::default()
+        })
+    }
+
     /// The processes this agent started and still keeps.
     pub fn processes(&self) -> &Processes {
         &self.procs
@@ -369,16 +388,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
         _ctx: &TtrpcContext,
         req: pb::ReadStreamRequest,
     ) -> ttrpc::Result<pb::ReadStreamResponse> {
-        own_root(&req.container_id)?;
-        let data = self
-            .procs
-            .read(&req.exec_id, false, req.len)
-            .await
-            .map_err(|e| status("ReadStdout", e))?;
-        Ok(pb::ReadStreamResponse {
-            data,
-            ..Default::default()
-        })
+        self.read_stream("ReadStdout", req, false).await
     }
 
     async fn read_stderr(
@@ -386,16 +396,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
         _ctx: &TtrpcContext,
         req: pb::ReadStreamRequest,
     ) -> ttrpc::Result<pb::ReadStreamResponse> {
-        own_root(&req.container_id)?;
-        let data = self
-            .procs
-            .read(&req.exec_id, true, req.len)
-            .await
-            .map_err(|e| status("ReadStderr", e))?;
-        Ok(pb::ReadStreamResponse {
-            data,
-            ..Default::default()
-        })
+        self.read_stream("ReadStderr", req, true).await
     }
 
     async fn close_stdin(
