@@ -169,6 +169,8 @@ struct QemuSection {
     vhost_device_vsock: PathBuf,
     #[serde(default)]
     tcg_tb_size: Option<u32>,
+    #[serde(default = "default_disk_slots")]
+    disk_slots: u32,
 }
 
 fn default_qemu() -> PathBuf {
@@ -179,6 +181,9 @@ fn one() -> u32 {
 }
 fn default_memory() -> u64 {
     256
+}
+fn default_disk_slots() -> u32 {
+    vmfactory_hypervisor::disk::DEFAULT_DISK_SLOTS
 }
 fn default_machine() -> MachineType {
     MachineType::Q35
@@ -427,6 +432,7 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
     hv.max_vcpus = q.default_maxvcpus.unwrap_or(q.default_vcpus);
     hv.memory_mib = q.default_memory;
     hv.memory_slots = q.memory_slots;
+    hv.disk_slots = q.disk_slots;
     hv.max_memory_mib = q.default_maxmemory.unwrap_or(q.default_memory);
     hv.machine = q.machine_type;
     hv.accel = q.accel;
@@ -681,6 +687,20 @@ mod tests {
         let text = "[hypervisor.qemu]\nkernel = \"k\"\ncpu_model = \"max,-la57\"\n";
         let s = parse("f.toml", text, Path::new("/")).expect("ok");
         assert_eq!(s.vm.hypervisor.cpu_model.as_deref(), Some("max,-la57"));
+        assert_eq!(
+            s.vm.hypervisor.disk_slots, 4,
+            "unset: the library's default"
+        );
+    }
+
+    #[test]
+    fn disk_slots_are_read_and_checked() {
+        let text = "[hypervisor.qemu]\nkernel = \"k\"\ndisk_slots = 2\n";
+        let s = parse("f.toml", text, Path::new("/")).expect("ok");
+        assert_eq!(s.vm.hypervisor.disk_slots, 2);
+        let text = "[hypervisor.qemu]\nkernel = \"k\"\ndisk_slots = 16\n";
+        let e = parse("f.toml", text, Path::new("/")).expect_err("over 15");
+        assert!(e.to_string().contains("16 disk slots"), "{e}");
     }
 
     #[test]
