@@ -75,13 +75,10 @@ impl Vm {
             options,
             mount_point: mount.mount_point.clone(),
         };
-        let add = async {
-            self.agent
-                .add_storage(&storage)
-                .await
-                .map_err(|e| Error::agent(&self.id, "add_storage", e))
-        };
-        if let Err(e) = self.watched("add_storage", add).await {
+        if let Err(e) = self
+            .agent_call("add_storage", self.agent.add_storage(&storage))
+            .await
+        {
             if let Err(undo) = self.hypervisor.detach_disk(&attached.id).await {
                 warn!(disk = %attached.id, error = %undo, "undoing a disk the guest could not mount");
             }
@@ -107,13 +104,8 @@ impl Vm {
                 id: self.id.clone(),
                 disk: id.to_owned(),
             })?;
-        let remove = async {
-            self.agent
-                .remove_storage(&mount_point)
-                .await
-                .map_err(|e| Error::agent(&self.id, "remove_storage", e))
-        };
-        self.watched("remove_storage", remove).await?;
+        self.agent_call("remove_storage", self.agent.remove_storage(&mount_point))
+            .await?;
         self.hypervisor
             .detach_disk(id)
             .await

@@ -1,4 +1,4 @@
-//! Ending a wait on a VM as soon as its hypervisor exits: the two helpers every wait of this
+//! Ending a wait on a VM as soon as its hypervisor exits: the helpers every wait of this
 //! crate on the guest (the agent's readiness and calls, the proxy's console) runs under, and
 //! that `Vm::unless_exited` (in `ops.rs`) offers for callers' own waits. The hypervisor's own
 //! operations end themselves (see [`Hypervisor::exited`]).
@@ -20,6 +20,22 @@ pub(crate) async fn unless_exited<T>(
         biased;
         exited = hv.exited() => Err(Error::hv(id, op, exited)),
         out = fut => Ok(out),
+    }
+}
+
+/// Agent call `op` of VM `id`: its error named with `op`, and ended at once by QEMU's exit
+/// ([`watched`]) when the hypervisor `hv` is at hand. Without it (a VM another process holds)
+/// the agent connection closing as QEMU exits ends the call instead.
+pub(crate) async fn agent_call<T>(
+    id: &str,
+    hv: Option<&dyn Hypervisor>,
+    op: &'static str,
+    call: impl Future<Output = vmfactory_agent::Result<T>>,
+) -> Result<T> {
+    let call = async { call.await.map_err(|e| Error::agent(id, op, e)) };
+    match hv {
+        Some(hv) => watched(id, hv, op, call).await,
+        None => call.await,
     }
 }
 

@@ -140,13 +140,11 @@ impl Vm {
     pub async fn online_cpu_memory(&self) -> Result<()> {
         let mut inner = self.owned().await?;
         let cpus = inner.cpu_delta;
-        let online = async {
-            self.agent
-                .online_cpu_mem(true, cpus, false)
-                .await
-                .map_err(|e| Error::agent(&self.id, "online_cpu_mem", e))
-        };
-        self.watched("online_cpu_mem", online).await?;
+        self.agent_call(
+            "online_cpu_mem",
+            self.agent.online_cpu_mem(true, cpus, false),
+        )
+        .await?;
         inner.cpu_delta = 0;
         info!(cpus, "hot-added resources onlined");
         self.save_state(&inner).await
@@ -160,26 +158,19 @@ impl Vm {
         // reseeds and sets the clock concurrently).
         drop(self.owned().await?);
         let data = host_entropy(Path::new(ENTROPY_SOURCE)).await?;
-        let reseed = async {
-            self.agent
-                .reseed_random_dev(&data)
-                .await
-                .map_err(|e| Error::agent(&self.id, "reseed_random_dev", e))
-        };
-        self.watched("reseed_random_dev", reseed).await
+        self.agent_call("reseed_random_dev", self.agent.reseed_random_dev(&data))
+            .await
     }
 
     /// Sets the guest clock to the host's (the guest's stood still while it was paused).
     #[instrument(skip(self), fields(vm = %self.id))]
     pub async fn sync_time(&self) -> Result<()> {
         drop(self.owned().await?);
-        let set = async {
-            self.agent
-                .set_guest_date_time(SystemTime::now())
-                .await
-                .map_err(|e| Error::agent(&self.id, "set_guest_date_time", e))
-        };
-        self.watched("set_guest_date_time", set).await
+        self.agent_call(
+            "set_guest_date_time",
+            self.agent.set_guest_date_time(SystemTime::now()),
+        )
+        .await
     }
 
     /// The recorded size, `(vCPUs, MiB)`: boot size plus what was hot-added. Asks nothing of
@@ -256,13 +247,13 @@ impl Vm {
         crate::exit::unless_exited(&self.id, self.hypervisor.as_ref(), op, fut).await
     }
 
-    /// [`crate::exit::watched`] on this VM's hypervisor: an agent call of this VM's.
-    pub(crate) async fn watched<T>(
+    /// [`crate::exit::agent_call`] on this VM's agent and hypervisor.
+    pub(crate) async fn agent_call<T>(
         &self,
         op: &'static str,
-        fut: impl Future<Output = Result<T>>,
+        call: impl Future<Output = vmfactory_agent::Result<T>>,
     ) -> Result<T> {
-        crate::exit::watched(&self.id, self.hypervisor.as_ref(), op, fut).await
+        crate::exit::agent_call(&self.id, Some(self.hypervisor.as_ref()), op, call).await
     }
 }
 

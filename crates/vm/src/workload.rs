@@ -22,7 +22,7 @@ use vmfactory_agent::{Agent, CopyFileChunk, ExitStatus, ProcessSpec};
 use vmfactory_hypervisor::Hypervisor;
 
 use crate::error::{Error, Result};
-use crate::exit::watched;
+use crate::exit::agent_call;
 use crate::vm::Vm;
 
 /// Size of the chunks streams and copies move per call.
@@ -42,10 +42,7 @@ const STDIN_BUFFER: usize = 256 << 10;
 /// more than its pipe takes.
 #[derive(Debug)]
 pub struct Process {
-    exec_id: String,
-    vm_id: String,
-    agent: Arc<dyn Agent>,
-    hypervisor: Option<Arc<dyn Hypervisor>>,
+    link: Link,
     stdin: Option<DuplexStream>,
     stdout: Option<ProcessOutput>,
     stderr: Option<ProcessOutput>,
@@ -113,17 +110,23 @@ fn io_error(e: &Error) -> io::Error {
     io::Error::other(one_line(e))
 }
 
-/// Runs `fut`, ended at once by the VM's exit when the hypervisor is at hand; without it (a
-/// VM another process holds) the agent connection closing as QEMU exits ends `fut` instead.
-async fn guarded<T>(
-    vm_id: &str,
-    hv: Option<&Arc<dyn Hypervisor>>,
-    op: &'static str,
-    fut: impl std::future::Future<Output = Result<T>>,
-) -> Result<T> {
-    match hv {
-        Some(hv) => watched(vm_id, hv.as_ref(), op, fut).await,
-        None => fut.await,
+/// What every call about one process needs: its VM, its agent, and the VM's hypervisor when
+/// at hand (then QEMU's exit ends each call at once).
+#[derive(Debug, Clone)]
+struct Link {
+    vm_id: String,
+    exec_id: String,
+    agent: Arc<dyn Agent>,
+    hv: Option<Arc<dyn Hypervisor>>,
+}
+
+impl Link {
+    async fn call<T>(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = vmfactory_agent::Result<T>>,
+    ) -> Result<T> {
+        agent_call(&self.vm_id, self.hv.as_deref(), op, call).await
     }
 }
 
@@ -141,26 +144,22 @@ impl Process {
         hv: Option<Arc<dyn Hypervisor>>,
         spec: ProcessSpec,
     ) -> Result<Process> {
-        let exec_id = new_exec_id();
-        let start = async {
-            agent
-                .exec_process(&exec_id, &spec)
-                .await
-                .map_err(|e| Error::agent(vm_id, "exec_process", e))
-        };
-        guarded(vm_id, hv.as_ref(), "exec_process", start).await?;
-        let parts = || (vm_id.to_owned(), agent.clone(), hv.clone(), exec_id.clone());
-        let (v, a, h, e) = parts();
-        let stdout = pump_output(v, a, h, e, false);
-        let (v, a, h, e) = parts();
-        let stderr = pump_output(v, a, h, e, true);
-        let (v, a, h, e) = parts();
-        let stdin = pump_stdin(v, a, h, e);
-        Ok(Process {
-            exec_id,
+        let link = Link {
             vm_id: vm_id.to_owned(),
+            exec_id: new_exec_id(),
             agent,
-            hypervisor: hv,
+            hv,
+        };
+        link.call(
+            "exec_process",
+            link.agent.exec_process(&link.exec_id, &spec),
+        )
+        .await?;
+        let stdout = pump_output(link.clone(), false);
+        let stderr = pump_output(link.clone(), true);
+        let stdin = pump_stdin(link.clone());
+        Ok(Process {
+            link,
             stdin: Some(stdin),
             stdout: Some(stdout),
             stderr: Some(stderr),
@@ -169,7 +168,7 @@ impl Process {
 
     /// The agent's id of this process.
     pub fn exec_id(&self) -> &str {
-        &self.exec_id
+        &self.link.exec_id
     }
 
     /// The stdin end (once): bytes written go to the process; dropping or shutting it down
@@ -190,59 +189,32 @@ impl Process {
 
     /// Waits until the process ends: its exit code, or the signal that killed it.
     pub async fn wait(&self) -> Result<ExitStatus> {
-        let wait = async {
-            self.agent
-                .wait_process(&self.exec_id)
-                .await
-                .map_err(|e| Error::agent(&self.vm_id, "wait_process", e))
-        };
-        guarded(&self.vm_id, self.hypervisor.as_ref(), "wait_process", wait).await
+        let l = &self.link;
+        l.call("wait_process", l.agent.wait_process(&l.exec_id))
+            .await
     }
 
     /// Sends `signal` (e.g. `libc::SIGINT`) to the process; no-op once it has ended.
     pub async fn signal(&self, signal: i32) -> Result<()> {
         let sig = u32::try_from(signal).unwrap_or(0);
-        let call = async {
-            self.agent
-                .signal_process(&self.exec_id, sig)
-                .await
-                .map_err(|e| Error::agent(&self.vm_id, "signal_process", e))
-        };
-        guarded(
-            &self.vm_id,
-            self.hypervisor.as_ref(),
-            "signal_process",
-            call,
-        )
-        .await
+        let l = &self.link;
+        l.call("signal_process", l.agent.signal_process(&l.exec_id, sig))
+            .await
     }
 
     /// Sets the terminal size of a process started with a terminal.
     pub async fn resize(&self, rows: u32, cols: u32) -> Result<()> {
-        let call = async {
-            self.agent
-                .tty_win_resize(&self.exec_id, rows, cols)
-                .await
-                .map_err(|e| Error::agent(&self.vm_id, "tty_win_resize", e))
-        };
-        guarded(
-            &self.vm_id,
-            self.hypervisor.as_ref(),
+        let l = &self.link;
+        l.call(
             "tty_win_resize",
-            call,
+            l.agent.tty_win_resize(&l.exec_id, rows, cols),
         )
         .await
     }
 }
 
 /// Feeds one output stream: reads while the queue has room, ends at the stream's end.
-fn pump_output(
-    vm_id: String,
-    agent: Arc<dyn Agent>,
-    hv: Option<Arc<dyn Hypervisor>>,
-    exec_id: String,
-    stderr: bool,
-) -> ProcessOutput {
+fn pump_output(link: Link, stderr: bool) -> ProcessOutput {
     let (tx, rx) = mpsc::channel(OUTPUT_QUEUE);
     let op = if stderr { "read_stderr" } else { "read_stdout" };
     tokio::spawn(async move {
@@ -251,14 +223,13 @@ fn pump_output(
                 return; // The reader is gone.
             };
             let read = async {
-                let r = if stderr {
-                    agent.read_stderr(&exec_id, CHUNK).await
+                if stderr {
+                    link.agent.read_stderr(&link.exec_id, CHUNK).await
                 } else {
-                    agent.read_stdout(&exec_id, CHUNK).await
-                };
-                r.map_err(|e| Error::agent(&vm_id, op, e))
+                    link.agent.read_stdout(&link.exec_id, CHUNK).await
+                }
             };
-            match guarded(&vm_id, hv.as_ref(), op, read).await {
+            match link.call(op, read).await {
                 Ok(chunk) if chunk.is_empty() => return,
                 Ok(chunk) => permit.send(Ok(chunk)),
                 Err(e) => {
@@ -276,12 +247,7 @@ fn pump_output(
 }
 
 /// Feeds stdin from the user's end; closes the process's stdin when that end closes.
-fn pump_stdin(
-    vm_id: String,
-    agent: Arc<dyn Agent>,
-    hv: Option<Arc<dyn Hypervisor>>,
-    exec_id: String,
-) -> DuplexStream {
+fn pump_stdin(link: Link) -> DuplexStream {
     let (user, mut ours) = tokio::io::duplex(STDIN_BUFFER);
     tokio::spawn(async move {
         let mut buf = vec![0; CHUNK as usize];
@@ -289,16 +255,15 @@ fn pump_stdin(
             // The user's end only fails when dropped: that is the end of stdin too.
             let n = ours.read(&mut buf).await.unwrap_or_default();
             let call = async {
-                let r = if n == 0 {
-                    agent.close_stdin(&exec_id).await
+                if n == 0 {
+                    link.agent.close_stdin(&link.exec_id).await
                 } else {
-                    agent.write_stdin(&exec_id, &buf[..n]).await
-                };
-                r.map_err(|e| Error::agent(&vm_id, "write_stdin", e))
+                    link.agent.write_stdin(&link.exec_id, &buf[..n]).await
+                }
             };
-            if let Err(e) = guarded(&vm_id, hv.as_ref(), "write_stdin", call).await {
+            if let Err(e) = link.call("write_stdin", call).await {
                 // The process or the VM is gone: the user's writes now fail.
-                debug!(exec_id, error = %one_line(&e), "stdin closed");
+                debug!(exec_id = %link.exec_id, error = %one_line(&e), "stdin closed");
                 let _ = ours.shutdown().await;
                 return;
             }
@@ -384,13 +349,8 @@ impl Vm {
                 offset,
                 data,
             };
-            let call = async {
-                self.agent
-                    .copy_file(&chunk)
-                    .await
-                    .map_err(|e| Error::agent(&self.id, "copy_file", e))
-            };
-            self.watched("copy_file", call).await?;
+            self.agent_call("copy_file", self.agent.copy_file(&chunk))
+                .await?;
             offset += want as u64;
             if offset >= size {
                 return Ok(size);
@@ -417,13 +377,9 @@ impl Vm {
         let result = async {
             let mut offset = 0;
             loop {
-                let call = async {
-                    self.agent
-                        .read_file(src, offset, MAX_CHUNK)
-                        .await
-                        .map_err(|e| Error::agent(&self.id, "read_file", e))
-                };
-                let chunk = self.watched("read_file", call).await?;
+                let chunk = self
+                    .agent_call("read_file", self.agent.read_file(src, offset, MAX_CHUNK))
+                    .await?;
                 out.write_all(&chunk.data)
                     .await
                     .map_err(|e| host("write", &tmp, e))?;
