@@ -83,12 +83,24 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// With `RUST_LOG` set, the product's logs go to the test's output (timestamps make a slow
+/// scenario's steps visible); without it, nothing is printed.
+fn init_logs() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Returns the environment, or `None` (with a message) when a prerequisite is missing.
 ///
 /// # Panics
 /// Under `CI=true` (or [`REQUIRE_ENV`]`=1`) a missing prerequisite panics: the e2e tier must
 /// run there.
 pub fn guest_env() -> Option<GuestEnv> {
+    init_logs();
     let dir = std::env::var_os("VMFACTORY_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/guest"));

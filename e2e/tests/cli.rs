@@ -268,6 +268,9 @@ fn template_only_get_and_damaged_template_files() {
         fs::read(&meta).expect("meta"),
         fs::read(&state).expect("state"),
     );
+    let state_saved = fs::metadata(&state)
+        .and_then(|m| m.modified())
+        .expect("mtime");
     let half = &state_ok[..state_ok.len() / 2];
     for (what, file, bytes, names) in [
         (
@@ -278,6 +281,12 @@ fn template_only_get_and_damaged_template_files() {
         ),
         ("truncated state", &state, half, "state"),
         ("empty state", &state, &b""[..], "state"),
+        (
+            "state rewritten after the save",
+            &state,
+            &state_ok[..],
+            "state",
+        ),
     ] {
         fs::write(file, bytes).expect("damage");
         bad_input(&run(&bin, &cfg, &["get"]), what, names);
@@ -288,6 +297,12 @@ fn template_only_get_and_damaged_template_files() {
         );
         fs::write(&meta, &meta_ok).expect("restore");
         fs::write(&state, &state_ok).expect("restore");
+        // As saved: the template checks the state file's modification time too.
+        fs::File::options()
+            .write(true)
+            .open(&state)
+            .and_then(|f| f.set_modified(state_saved))
+            .expect("restore mtime");
     }
     assert_eq!(
         vmfactory_e2e::processes_mentioning(&root.path().join("vm").to_string_lossy()).len(),

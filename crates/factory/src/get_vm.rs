@@ -203,10 +203,12 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> Result<(), GetVmError
     let size_now = !hotplug && !fresh;
     let agent_calls = async {
         if paused || !fresh {
-            // Independent agent calls: one round trip's wait instead of two.
-            let (reseeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
-            reseeded.map_err(step(GetVmStep::ReseedRng))?;
-            timed.map_err(step(GetVmStep::SyncTime))?;
+            // Independent agent calls: one round trip's wait instead of two. The first failure
+            // ends both (the other would dial a dead agent for its own full timeout).
+            tokio::try_join!(
+                async { vm.reseed_rng().await.map_err(step(GetVmStep::ReseedRng)) },
+                async { vm.sync_time().await.map_err(step(GetVmStep::SyncTime)) },
+            )?;
         }
         Ok::<(), GetVmError>(())
     };
@@ -216,9 +218,9 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> Result<(), GetVmError
         }
         Ok::<(), GetVmError>(())
     };
-    let (called, sized) = tokio::join!(agent_calls, size);
-    called?;
-    sized?;
+    // The first failure ends both: a clone whose agent is gone may also have a QEMU whose
+    // monitor hangs, and the size query would then wait out QMP's 30 s timeout.
+    tokio::try_join!(agent_calls, size)?;
 
     if want_cpus > 0 {
         let added = vm
@@ -374,6 +376,31 @@ mod tests {
         req.hypervisor.memory_mib = 768;
         req.proxy = vmfactory_proxy::ProxyKind::None;
         assert_eq!(config_difference(f.config(), &req), None);
+        f.close().await.expect("close");
+    }
+
+    /// One failed agent call of a clone ends `get_vm` at once: the other, hanging on the same
+    /// dead guest, is not waited for.
+    #[tokio::test]
+    async fn the_first_failed_call_ends_get_vm() {
+        let b = Arc::new(FakeBackends::new());
+        let f = template_factory(&b).await;
+        b.fail_agent_methods(["reseed_random_dev"]);
+        b.hang_agent_methods(["set_guest_date_time"]);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), f.get_vm(&b.config()))
+            .await
+            .expect("not held up by the hanging call");
+        assert!(
+            matches!(
+                got,
+                Err(GetVmError::Step {
+                    step: GetVmStep::ReseedRng,
+                    ..
+                })
+            ),
+            "{got:?}"
+        );
+        assert_eq!(b.live().await, 0, "the VM was stopped");
         f.close().await.expect("close");
     }
 

@@ -104,6 +104,8 @@ struct FakeInner {
     calls: Vec<FakeCall>,
     fail_at: Option<FakeStep>,
     exit_after: Option<FakeStep>,
+    /// `status` never answers (a QEMU whose monitor hangs).
+    status_hangs: bool,
     status: VmStatus,
     vcpus: u32,
     memory_mib: u64,
@@ -142,6 +144,7 @@ impl FakeHypervisor {
             calls: Vec::new(),
             fail_at: None,
             exit_after: None,
+            status_hangs: false,
             status: VmStatus::NotStarted,
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
@@ -214,6 +217,12 @@ impl FakeHypervisor {
     /// QEMU that dies right after resuming a corrupt template; see [`FakeHypervisor::exit`].
     pub fn exit_after(&self, step: Option<FakeStep>) {
         self.lock().exit_after = step;
+    }
+
+    /// Makes `status` hang from now on (`false` clears it), as the status query of a QEMU
+    /// whose monitor stopped answering.
+    pub fn hang_status(&self, hang: bool) {
+        self.lock().status_hangs = hang;
     }
 
     /// The calls made so far, in order.
@@ -439,8 +448,14 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn status(&self) -> Result<VmStatus> {
-        let g = self.enter(FakeCall::Status, FakeStep::Status, false)?;
-        Ok(g.status.clone())
+        let status = {
+            let g = self.enter(FakeCall::Status, FakeStep::Status, false)?;
+            (!g.status_hangs).then(|| g.status.clone())
+        };
+        match status {
+            Some(status) => Ok(status),
+            None => std::future::pending().await,
+        }
     }
 
     async fn size(&self) -> Result<VmSize> {

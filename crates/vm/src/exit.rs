@@ -4,6 +4,7 @@
 //! operations end themselves (see [`Hypervisor::exited`]).
 
 use std::future::Future;
+use std::time::Duration;
 
 use vmfactory_hypervisor::Hypervisor;
 
@@ -39,6 +40,11 @@ pub(crate) async fn agent_call<T>(
     }
 }
 
+/// How long [`watched`] waits for the hypervisor's status after a failed wait. A live QEMU
+/// answers in milliseconds and an exited one at once; one whose monitor hangs (seen on a clone
+/// of a corrupt template) must not add QMP's 30 s command timeout to the failure.
+const STATUS_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// [`unless_exited`] for a fallible wait on the guest. The guest's channels close as QEMU
 /// exits, a moment before its exit is known: a failure is checked against the hypervisor
 /// (whose status fails with the exit if QEMU is gone) and reported as the exit if it was one.
@@ -49,13 +55,15 @@ pub(crate) async fn watched<T>(
     fut: impl Future<Output = Result<T>>,
 ) -> Result<T> {
     match unless_exited(id, hv, op, fut).await? {
-        Err(e) if e.hypervisor_exit().is_none() => match hv.status().await {
-            Err(status) => match Error::hv(id, op, status) {
-                exited @ Error::HypervisorExited { .. } => Err(exited),
-                _ => Err(e),
-            },
-            Ok(_) => Err(e),
-        },
+        Err(e) if e.hypervisor_exit().is_none() => {
+            match tokio::time::timeout(STATUS_CHECK_TIMEOUT, hv.status()).await {
+                Ok(Err(status)) => match Error::hv(id, op, status) {
+                    exited @ Error::HypervisorExited { .. } => Err(exited),
+                    _ => Err(e),
+                },
+                Ok(Ok(_)) | Err(_) => Err(e),
+            }
+        }
         out => out,
     }
 }

@@ -139,3 +139,21 @@ async fn a_failure_as_the_vm_dies_is_reported_as_the_exit() {
 fn injected() -> vmfactory_agent::Error {
     vmfactory_agent::Error::Injected { method: "x" }
 }
+
+/// A failed agent call on a VM whose QEMU lives but whose monitor hangs (as on a clone of a
+/// corrupt template) returns the call's own error after the bounded status check, instead of
+/// waiting out QMP's command timeout.
+#[tokio::test]
+async fn a_hung_monitor_does_not_hold_up_a_failed_call() {
+    let h = FakeBackends::new();
+    let vm = new_vm(&h).await;
+    h.last_agent().fail("reseed_random_dev");
+    h.last_hv().hang_status(true);
+    let t0 = std::time::Instant::now();
+    let err = vm.reseed_rng().await.expect_err("injected");
+    assert!(matches!(err, Error::Agent { .. }), "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    h.last_hv().hang_status(false);
+    vm.stop().await.expect("stop");
+    h.assert_nothing_left().await;
+}

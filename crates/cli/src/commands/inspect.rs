@@ -190,11 +190,11 @@ pub fn is_bad_metadata(e: &TemplateError) -> bool {
 }
 
 /// Whether a template's stored files are bad: its metadata (see [`is_bad_metadata`]), or a
-/// memory or state file truncated or grown against the size its metadata records, a symlink
-/// or not a regular file.
+/// memory or state file truncated or grown against the size its metadata records, written
+/// after the save, a symlink or not a regular file.
 pub fn is_bad_template(e: &TemplateError) -> bool {
     match e {
-        TemplateError::FileSize { .. } => true,
+        TemplateError::FileSize { .. } | TemplateError::Modified { .. } => true,
         TemplateError::File { source, .. } => is_bad_file(source),
         e => is_bad_metadata(e),
     }

@@ -72,6 +72,17 @@ pub enum TemplateError {
         /// The size found.
         found: u64,
     },
+    /// A template data file was written after the save (its modification time is not the one
+    /// recorded then). A clone never writes it, so its contents are no longer the saved VM's.
+    #[error("Template file {path} was modified after the template was saved (at {saved}, now {found}); destroy and re-create the template")]
+    Modified {
+        /// The file.
+        path: PathBuf,
+        /// The modification time recorded at the save (seconds.nanoseconds since the epoch).
+        saved: String,
+        /// The modification time found.
+        found: String,
+    },
     /// A template data file (`memory`, `state`) cannot be used: a symlink (never followed), not
     /// a regular file (a FIFO, a device, a directory), or it cannot be opened.
     #[error("Template file {path} cannot be used")]

@@ -43,10 +43,12 @@ use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
 use super::error::{TemplateError, TemplateStep};
-use super::files::check_size;
+use super::files::{check_saved, check_size};
 use super::host::{MountOutcome, SystemHost, TemplateHost};
 use super::make::{create_dir, save_template_vm, Made};
-use super::metadata::{CloneKey, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE};
+use super::metadata::{
+    CloneKey, FileIdentity, SavedFiles, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE,
+};
 use super::owner::{lock_exclusive, remove_file, remove_locked, Marker, MARKER_FILE, REMOVE_WAIT};
 use crate::base::{BaseError, FactoryBase};
 
@@ -75,6 +77,8 @@ pub struct TemplateFactory {
     closed: AtomicBool,
     /// The template's lock, held shared while the factory is open.
     pub(super) lock: tokio::sync::Mutex<Option<OpLock>>,
+    /// The data files as the save left them (from the metadata), checked before each clone.
+    saved: std::sync::Mutex<Option<SavedFiles>>,
 }
 
 impl fmt::Debug for TemplateFactory {
@@ -266,6 +270,7 @@ impl TemplateFactory {
             owned,
             closed: AtomicBool::new(false),
             lock: tokio::sync::Mutex::new(None),
+            saved: std::sync::Mutex::new(None),
         };
         Ok((this, tpl))
     }
@@ -384,15 +389,25 @@ impl TemplateFactory {
         }
     }
 
-    /// Checks the template at the path against the config: metadata, then files.
+    /// Checks the template at the path against the config: metadata, then files (as saved,
+    /// where the metadata records them; remembered for the clones' checks).
     async fn check(&self) -> Result<()> {
         let meta = TemplateMetadata::load(&self.path).await?;
         let key = CloneKey::gather(&self.run.hypervisor, self.host.as_ref()).await?;
         meta.check(&key)?;
         check_size(&self.path.join(MEMORY_FILE), Some(meta.memory_mib << 20)).await?;
-        check_size(&self.path.join(STATE_FILE), meta.state_bytes)
-            .await
-            .map(drop)
+        check_size(&self.path.join(STATE_FILE), meta.state_bytes).await?;
+        if let Some(saved) = &meta.files {
+            self.check_saved(saved).await?;
+        }
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = meta.files;
+        Ok(())
+    }
+
+    /// Checks that the memory and state files are still as saved.
+    async fn check_saved(&self, saved: &SavedFiles) -> Result<()> {
+        check_saved(&self.path.join(MEMORY_FILE), &saved.memory).await?;
+        check_saved(&self.path.join(STATE_FILE), &saved.state).await
     }
 
     /// The creation steps; `made` records what to undo.
@@ -419,7 +434,13 @@ impl TemplateFactory {
         let state_bytes = check_size(&self.path.join(STATE_FILE), None).await?;
         let mut meta = TemplateMetadata::new(key);
         meta.state_bytes = Some(state_bytes);
-        meta.write(&self.path).await
+        meta.files = Some(SavedFiles {
+            memory: FileIdentity::of(&self.path.join(MEMORY_FILE)).await?,
+            state: FileIdentity::of(&self.path.join(STATE_FILE)).await?,
+        });
+        meta.write(&self.path).await?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = meta.files;
+        Ok(())
     }
 
     /// Undoes a failed creation: files, mount, directory (the VM was stopped already).
@@ -456,6 +477,10 @@ impl FactoryBase for TemplateFactory {
     async fn get_base_vm(&self, config: &VmConfig) -> std::result::Result<Vm, BaseError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(BaseError::Closed { what: "template" });
+        }
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(saved) = saved {
+            self.check_saved(&saved).await?;
         }
         let mut clone = clone_vm_config(&self.run, &self.path);
         clone.proxy = config.proxy;

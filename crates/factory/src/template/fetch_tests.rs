@@ -10,7 +10,7 @@ use vmfactory_vm::{FakeBackends, VmConfig};
 use super::error::TemplateError;
 use super::factory::TemplateFactory;
 use super::metadata::{MEMORY_FILE, METADATA_FILE, STATE_FILE};
-use crate::base::FactoryBase;
+use crate::base::{BaseError, FactoryBase};
 use crate::testing::FakeHost;
 
 type Result<T> = std::result::Result<T, TemplateError>;
@@ -28,6 +28,58 @@ fn mismatch(r: Result<TemplateFactory>) -> (String, String, String) {
         }) => (field, template, config),
         other => panic!("{other:?}"),
     }
+}
+
+/// Writes `bytes` to `path` and gives it modification time `saved`: the file as it was saved.
+fn rewrite_as_saved(path: &std::path::Path, bytes: &[u8], saved: std::time::SystemTime) {
+    std::fs::write(path, bytes).expect("write");
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(saved))
+        .expect("set mtime");
+}
+
+/// A data file written after the save, even with the same bytes, is refused by `fetch` and
+/// before each clone of a live factory, which starts no VM for it.
+#[tokio::test]
+async fn files_written_after_the_save_are_refused_before_a_clone() {
+    let b = Arc::new(FakeBackends::new());
+    let host = Arc::new(FakeHost::default());
+    let t = new_template(&b, &host).await.expect("template");
+    let path = b.template_path();
+    let vm = t.get_base_vm(&b.config()).await.expect("a clone");
+    vm.stop().await.expect("stop");
+    for file in [MEMORY_FILE, STATE_FILE] {
+        let bytes = std::fs::read(path.join(file)).expect("read");
+        let saved = std::fs::metadata(path.join(file))
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        // File times tick with the kernel's coarse clock (a few ms).
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        std::fs::write(path.join(file), &bytes).expect("rewrite");
+        let boots = b.boots();
+        let err = t.get_base_vm(&b.config()).await.expect_err("modified");
+        assert!(
+            matches!(&err, BaseError::Template(TemplateError::Modified { path, .. }) if path.ends_with(file)),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("re-create"), "{err}");
+        assert_eq!(b.boots(), boots, "no VM started for it");
+        assert!(matches!(
+            TemplateFactory::fetch_with(&b.config(), &path, b.clone(), host.clone()).await,
+            Err(TemplateError::Modified { .. })
+        ));
+        std::fs::File::options()
+            .write(true)
+            .open(path.join(file))
+            .and_then(|f| f.set_modified(saved))
+            .expect("set mtime");
+        let vm = t.get_base_vm(&b.config()).await.expect("as saved again");
+        vm.stop().await.expect("stop");
+    }
+    t.close().await.expect("close");
+    b.assert_nothing_left().await;
 }
 
 #[tokio::test]
@@ -74,6 +126,9 @@ async fn fetch_refuses_mismatches_and_missing_files() {
 
     // The metadata records the state's size: a truncated state is refused up front.
     let state = std::fs::read(path.join(STATE_FILE)).expect("state");
+    let saved = std::fs::metadata(path.join(STATE_FILE))
+        .and_then(|m| m.modified())
+        .expect("mtime");
     let full = state.len() as u64;
     assert!(full > 1, "the fake saves a real state");
     std::fs::write(path.join(STATE_FILE), &state[..state.len() / 2]).expect("truncate");
@@ -82,7 +137,7 @@ async fn fetch_refuses_mismatches_and_missing_files() {
         Err(TemplateError::FileSize { expected, found, .. })
             if expected == full && found == full / 2
     ));
-    std::fs::write(path.join(STATE_FILE), &state).expect("restore");
+    rewrite_as_saved(&path.join(STATE_FILE), &state, saved);
     fetch(b.config(), host.clone()).await.expect("whole again");
 
     std::fs::remove_file(path.join(STATE_FILE)).expect("rm");

@@ -7,24 +7,50 @@ use std::path::Path;
 use vmfactory_persist::Error as PersistError;
 
 use super::error::TemplateError;
+use super::metadata::FileIdentity;
+
+/// The metadata of `path`, a regular file (not a symlink).
+async fn stat_regular(path: &Path) -> Result<std::fs::Metadata, TemplateError> {
+    match vmfactory_persist::open_regular(path).await {
+        Ok((_file, meta)) => Ok(meta),
+        Err(PersistError::NotFound { .. }) => Err(TemplateError::Missing {
+            path: path.to_owned(),
+        }),
+        Err(source) => Err(TemplateError::File {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Checks that `path` is still the file `saved` describes: a regular file of the same size and
+/// modification time. Two `stat`s' worth per clone, and it refuses a memory file written after
+/// the save before a clone maps it (what a clone of one does depends on what was written:
+/// QEMU may exit, or the guest hang with QEMU's monitor).
+pub(super) async fn check_saved(path: &Path, saved: &FileIdentity) -> Result<(), TemplateError> {
+    let meta = stat_regular(path).await?;
+    let found = FileIdentity::from_metadata(path, &meta)?;
+    if found.size != saved.size {
+        return Err(TemplateError::FileSize {
+            path: path.to_owned(),
+            expected: saved.size,
+            found: found.size,
+        });
+    }
+    if (found.mtime_secs, found.mtime_nanos) != (saved.mtime_secs, saved.mtime_nanos) {
+        return Err(TemplateError::Modified {
+            path: path.to_owned(),
+            saved: saved.mtime(),
+            found: found.mtime(),
+        });
+    }
+    Ok(())
+}
 
 /// Checks that `path` is a regular file (not a symlink) with `expected` bytes (or, with `None`,
 /// not empty); returns its size.
 pub(super) async fn check_size(path: &Path, expected: Option<u64>) -> Result<u64, TemplateError> {
-    let found = match vmfactory_persist::open_regular(path).await {
-        Ok((_file, meta)) => meta.len(),
-        Err(PersistError::NotFound { .. }) => {
-            return Err(TemplateError::Missing {
-                path: path.to_owned(),
-            })
-        }
-        Err(source) => {
-            return Err(TemplateError::File {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
+    let found = stat_regular(path).await?.len();
     match expected {
         Some(expected) if found != expected => Err(TemplateError::FileSize {
             path: path.to_owned(),

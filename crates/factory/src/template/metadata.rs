@@ -55,6 +55,11 @@ impl FileIdentity {
         let meta = tokio::fs::metadata(path)
             .await
             .map_err(|e| TemplateError::io("stat", path, e))?;
+        Self::from_metadata(path, &meta)
+    }
+
+    /// The identity of `path` from its already-read `meta`.
+    pub fn from_metadata(path: &Path, meta: &std::fs::Metadata) -> Result<Self, TemplateError> {
         let mtime = meta
             .modified()
             .map_err(|e| TemplateError::io("stat", path, e))?
@@ -67,6 +72,22 @@ impl FileIdentity {
             mtime_nanos: mtime.subsec_nanos(),
         })
     }
+
+    /// The modification time as `seconds.nanoseconds`.
+    pub fn mtime(&self) -> String {
+        format!("{}.{:09}", self.mtime_secs, self.mtime_nanos)
+    }
+}
+
+/// The template's data files as the save left them: nothing writes them afterwards (clones map
+/// the memory privately), so a later size or modification time means they were tampered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SavedFiles {
+    /// The guest memory file.
+    pub memory: FileIdentity,
+    /// The device state file.
+    pub state: FileIdentity,
 }
 
 /// Everything a clone must share with its template (see the module docs).
@@ -204,6 +225,10 @@ pub struct TemplateMetadata {
     /// state file need only be non-empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_bytes: Option<u64>,
+    /// The memory and state files as saved, checked before every clone (absent in metadata
+    /// written before it was recorded: then only their sizes are checked, when opened).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<SavedFiles>,
 }
 
 impl TemplateMetadata {
@@ -219,6 +244,7 @@ impl TemplateMetadata {
                 .unwrap_or_default()
                 .as_secs(),
             state_bytes: None,
+            files: None,
         }
     }
 

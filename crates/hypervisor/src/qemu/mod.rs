@@ -39,6 +39,7 @@ use crate::config::VmSize;
 use crate::config::{Accel, AgentChannel, HypervisorConfig, TemplateRole};
 use crate::disk::{AttachedDisk, DiskConfig, DETACH_TIMEOUT, FIRST_DISK_NUMBER};
 use crate::endpoint::AgentEndpoint;
+use crate::error::QmpError;
 use crate::error::{Error, Result};
 use crate::exit::{ProcExit, VmExit};
 use crate::process::Proc;
@@ -406,22 +407,32 @@ impl Inner {
     ) -> Result<()> {
         let mut result = Ok(());
         if let Some(qemu) = qemu {
+            let mut grace = Duration::from_secs(2);
             if let Some(qmp) = qmp.filter(|q| !q.is_closed()) {
-                // QEMU may close the socket before or after replying: both are fine.
-                if let Err(e) = qmp
+                // QEMU may close the socket before or after replying: both are fine. A quit
+                // not answered in time means a hung main loop, where SIGTERM is not acted on
+                // either: straight to SIGKILL.
+                grace = match qmp
                     .execute_with_timeout(qapi::qmp::quit {}, Duration::from_secs(2))
                     .await
                 {
-                    debug!(vm = %self.id, error = %e, "quit");
-                }
+                    Err(e @ QmpError::Timeout { .. }) => {
+                        warn!(vm = %self.id, error = %e, "QEMU does not answer quit");
+                        Duration::ZERO
+                    }
+                    Err(e) => {
+                        debug!(vm = %self.id, error = %e, "quit");
+                        QUIT_GRACE
+                    }
+                    Ok(_) => QUIT_GRACE,
+                };
             } else {
                 result = qemu.signal(&self.id, Signal::SIGTERM).await;
+                if qmp.is_some() {
+                    // QMP closed: QEMU is likely exiting already.
+                    grace = QUIT_GRACE;
+                }
             }
-            let grace = if qmp.is_some() {
-                QUIT_GRACE
-            } else {
-                Duration::from_secs(2)
-            };
             result = result.and(qemu.terminate(&self.id, grace).await);
         }
         if let Some(backend) = backend {

@@ -130,3 +130,27 @@ async fn attach_to_dead_pid_fails() {
         Err(Error::ProcessGone { .. })
     ));
 }
+
+/// A QEMU that never answers `quit` (a hung main loop ignores SIGTERM too) is killed once the
+/// quit times out, without waiting out the grace a quitting QEMU gets.
+#[tokio::test]
+async fn a_qemu_deaf_to_quit_is_killed_without_the_grace() {
+    let (_dir, inner, mut r, log) = fake_qmp::fake_vm(HypervisorConfig::new("/k", None), |cmd| {
+        match cmd["execute"].as_str() {
+            Some("quit") => serde_json::json!([]),
+            _ => serde_json::json!({"return": {}}),
+        }
+    })
+    .await;
+    let t0 = std::time::Instant::now();
+    inner
+        .teardown(Some(&r.qmp), Some(&mut r.qemu), None, false)
+        .await
+        .expect("killed");
+    assert!(t0.elapsed() < QUIT_GRACE, "{:?}", t0.elapsed());
+    assert!(r.qemu.wait_exit(Duration::ZERO).await, "gone");
+    assert_eq!(
+        fake_qmp::names(&log).last().map(String::as_str),
+        Some("quit")
+    );
+}
