@@ -666,10 +666,11 @@ fn first_record(root: &Path, owner: &mut Child) -> PathBuf {
     }
 }
 
-/// `init` (with a VM cache) SIGKILLed once its pool is full leaves two cloned VMs running, its
-/// template tmpfs and a stale socket. `status` lists the orphans and the mount; the next `init`
-/// ends exactly the recorded QEMUs (an operator's `tail -f` of one VM's file lives on), adopts
-/// the template and serves again; `destroy` then leaves nothing.
+/// `init` (with a VM cache) SIGKILLed once its pool is full and its pre-started QEMU waits
+/// leaves three QEMUs running (two cloned VMs, one pre-started), its template tmpfs and a stale
+/// socket. `status` lists the orphans and the mount; the next `init` ends exactly the recorded
+/// QEMUs (an operator's `tail -f` of one VM's file lives on), adopts the template and serves
+/// again; `destroy` then leaves nothing.
 #[test]
 fn killed_init_leaves_what_status_shows_and_init_recovers() {
     let Some(Setup {
@@ -685,14 +686,27 @@ fn killed_init_leaves_what_status_shows_and_init_recovers() {
         v["cache_server"]["running"] == true
             && v["cache_server"]["vms"].as_array().map_or(0, Vec::len) == 2
     };
+    // The pool's two and the pre-started one (`[factory] prestart`, default 1).
+    let recorded = || {
+        fs::read_dir(root.path().join("vm")).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.path().join("qemu.pid").exists())
+                .count()
+        })
+    };
     let mut first = spawn_init(&bin, &cfg, scratch.path(), "init1");
     wait_status(&bin, &cfg, &mut first, full);
+    let t0 = Instant::now();
+    while recorded() < 3 {
+        assert!(t0.elapsed() < scaled(READY_TIMEOUT), "no pre-started QEMU");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     first.0.kill().expect("SIGKILL init");
     first.0.wait().expect("reap init");
 
     let status = status_json(&bin, &cfg);
     let orphans = live_orphans(&status);
-    assert_eq!(orphans.len(), 2, "{status}");
+    assert_eq!(orphans.len(), 3, "{status}");
     let stale = &status["leftovers"]["stale_mount"];
     assert_eq!(
         stale["path"],
@@ -704,7 +718,7 @@ fn killed_init_leaves_what_status_shows_and_init_recovers() {
         .is_some_and(|r| r.ends_with("destroy")));
     let table = ok(&run(&bin, &cfg, &["status"]), "status");
     assert!(
-        table.contains("orphaned VMs:  2 with no live owner"),
+        table.contains("orphaned VMs:  3 with no live owner"),
         "{table}"
     );
     assert!(table.contains("stale mount:"), "{table}");
@@ -715,7 +729,7 @@ fn killed_init_leaves_what_status_shows_and_init_recovers() {
     let mut second = spawn_init(&bin, &cfg, scratch.path(), "init2");
     let status = wait_status(&bin, &cfg, &mut second, full);
     let printed = fs::read_to_string(scratch.path().join("init2.out")).unwrap_or_default();
-    assert!(printed.contains("reaped 2 orphaned VM(s)"), "{printed}");
+    assert!(printed.contains("reaped 3 orphaned VM(s)"), "{printed}");
     assert!(printed.contains("adopting the template"), "{printed}");
     for (id, pid) in &orphans {
         assert!(!alive(*pid), "orphan {id}'s QEMU {pid} was ended");

@@ -20,11 +20,16 @@ const CONCURRENT: usize = 8;
 pub struct FactoryReport {
     /// `get_vm` from a direct factory (a cold boot).
     pub get_vm_direct_ms: Stat,
-    /// `get_vm` from a template factory (clone, resume, reseed, clock, agent answering).
+    /// `get_vm` from a template factory (clone, resume, reseed, clock, agent answering), with
+    /// the default pre-started QEMU waiting.
     pub get_vm_template_ms: Stat,
+    /// The same with pre-starting off: QEMU's start in every `get_vm`.
+    pub get_vm_template_no_prestart_ms: Stat,
+    /// PSS of one pre-started QEMU waiting for its state load, idle (MiB).
+    pub prestarted_pss_mib: f64,
     /// `get_vm` from a cache (over a template) whose pool is full.
     pub cache_hit_ms: Stat,
-    /// Template `get_vm` ÷ direct `get_vm` (target ≤ 0.05).
+    /// Template `get_vm` ÷ direct `get_vm` (target ≤ 0.025).
     pub get_vm_template_ratio: f64,
     /// Cache hit ÷ direct `get_vm` (target ≤ 0.005, and a hit ≤ 5 ms).
     pub cache_hit_ratio: f64,
@@ -62,6 +67,21 @@ pub fn factory_config(env: &GuestEnv, root: &Path, template: bool, cache: u32) -
     cfg
 }
 
+/// Waits (at most 60 s) until `factory` has a pre-started clone waiting.
+async fn until_prestarted(factory: &Factory) -> Result<Vec<u32>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = factory.prestarted();
+        if !p.pids.is_empty() {
+            return Ok(p.pids);
+        }
+        if Instant::now() > deadline {
+            bail!("No pre-started clone in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Times `runs` calls of `get_vm` on `factory`, stopping each VM after it is timed. With
 /// `full_pool`, waits before each call until the factory's cache holds `pool` VMs.
 async fn time_get_vm(
@@ -91,31 +111,42 @@ async fn time_get_vm(
 pub async fn run(env: &GuestEnv, root: &Path, runs: usize) -> Result<FactoryReport> {
     let mut direct_t = Vec::new();
     let mut template_t = Vec::new();
+    let mut no_prestart_t = Vec::new();
     let mut hit_t = Vec::new();
 
     let direct_cfg = factory_config(env, &root.join("d"), false, 0);
     let template_cfg = factory_config(env, &root.join("t"), true, 0);
+    let mut no_prestart_cfg = factory_config(env, &root.join("n"), true, 0);
+    no_prestart_cfg.prestart = 0;
     let cache_cfg = factory_config(env, &root.join("c"), true, 1);
-    for dir in ["d", "t", "c"] {
+    for dir in ["d", "t", "n", "c"] {
         std::fs::create_dir_all(root.join(dir))?;
     }
     eprintln!("bench: factories (direct, template, cache of 1 over a template) ...");
     let direct = Factory::new(&direct_cfg).await?;
     let template = Factory::new(&template_cfg).await?;
+    let no_prestart = Factory::new(&no_prestart_cfg).await?;
     let cache = Factory::new(&cache_cfg).await?;
+    let mut prestarted_kib = 0;
     let timed = async {
-        // Interleaved, one of each per round, so load drift hits all three alike.
+        // Interleaved, one of each per round, so load drift hits all alike.
         for i in 0..runs {
             eprintln!("bench: get_vm round {}/{runs} ...", i + 1);
             direct_t.extend(time_get_vm(&direct, &direct_cfg.vm, 1, 0).await?);
+            until_prestarted(&template).await?;
             template_t.extend(time_get_vm(&template, &template_cfg.vm, 1, 0).await?);
+            no_prestart_t.extend(time_get_vm(&no_prestart, &no_prestart_cfg.vm, 1, 0).await?);
             hit_t.extend(time_get_vm(&cache, &cache_cfg.vm, 1, 1).await?);
         }
+        // A waiting QEMU, settled.
+        let pids = until_prestarted(&template).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        prestarted_kib = crate::bench::pss_kib(pids[0])?;
         eprintln!("bench: {CONCURRENT} concurrent get_vm on the template factory ...");
         anyhow::Ok(concurrent_get_vm(&template, &template_cfg.vm, CONCURRENT).await?)
     }
     .await;
-    for f in [&direct, &template, &cache] {
+    for f in [&direct, &template, &no_prestart, &cache] {
         f.close().await?;
     }
     let concurrent = timed?;
@@ -127,6 +158,8 @@ pub async fn run(env: &GuestEnv, root: &Path, runs: usize) -> Result<FactoryRepo
         cache_hit_ratio: cache_hit_ms.median / get_vm_direct_ms.median,
         get_vm_direct_ms,
         get_vm_template_ms,
+        get_vm_template_no_prestart_ms: Stat::of(&no_prestart_t),
+        prestarted_pss_mib: prestarted_kib as f64 / 1024.0,
         cache_hit_ms,
         concurrent_get_vm: CONCURRENT,
         concurrent_get_vm_ms: concurrent.as_secs_f64() * 1000.0,

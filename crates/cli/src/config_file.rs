@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use vmfactory_factory::cache_service::check_endpoint;
 use vmfactory_factory::{
-    error_chain, CacheServiceError, FactoryConfig, FactoryConfigError, DEFAULT_TEMPLATE_PATH,
+    error_chain, CacheServiceError, FactoryConfig, FactoryConfigError, DEFAULT_PRESTART,
+    DEFAULT_TEMPLATE_PATH,
 };
 use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
 use vmfactory_proxy::ProxyKind;
@@ -253,10 +254,15 @@ struct FactorySection {
     vm_cache_number: u32,
     #[serde(default = "default_endpoint")]
     vm_cache_endpoint: PathBuf,
+    #[serde(default = "default_prestart")]
+    prestart: u32,
 }
 
 fn default_template_path() -> PathBuf {
     PathBuf::from(DEFAULT_TEMPLATE_PATH)
+}
+fn default_prestart() -> u32 {
+    DEFAULT_PRESTART
 }
 fn default_endpoint() -> PathBuf {
     PathBuf::from(DEFAULT_CACHE_ENDPOINT)
@@ -269,6 +275,7 @@ impl Default for FactorySection {
             template_path: default_template_path(),
             vm_cache_number: 0,
             vm_cache_endpoint: default_endpoint(),
+            prestart: DEFAULT_PRESTART,
         }
     }
 }
@@ -309,6 +316,8 @@ pub struct Settings {
     pub cache_number: u32,
     /// `[factory] vm_cache_endpoint`.
     pub endpoint: PathBuf,
+    /// `[factory] prestart`: pre-started clones the VM-cache server's template keeps.
+    pub prestart: u32,
     /// The source text, to find the line of a key in later errors.
     source: String,
 }
@@ -463,6 +472,7 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
         template_path: file.factory.template_path,
         cache_number: file.factory.vm_cache_number,
         endpoint: file.factory.vm_cache_endpoint,
+        prestart: file.factory.prestart,
         source: text.to_owned(),
     }
 }
@@ -596,6 +606,7 @@ impl Settings {
         c.template = self.template;
         c.template_path = self.template_path.clone();
         c.cache = self.cache_number;
+        c.prestart = self.prestart;
         c
     }
 

@@ -42,6 +42,15 @@ impl BaseError {
     }
 }
 
+/// Pre-started clones waiting for their state load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prestarted {
+    /// How many wait.
+    pub waiting: usize,
+    /// Their QEMUs' pids (fewer than `waiting` with fake hypervisors, which have none).
+    pub pids: Vec<u32>,
+}
+
 /// A source of base VMs, all made from one [`VmConfig`] (the seed's `FactoryBase`).
 ///
 /// A base VM has the base config's size. What it is in depends on the kind: a direct base
@@ -67,6 +76,11 @@ pub trait FactoryBase: Send + Sync + fmt::Debug {
     /// The VMs this base holds ready (a cache's pool); empty for the others.
     async fn status(&self) -> Vec<VmInfo> {
         Vec::new()
+    }
+
+    /// The pre-started clones waiting in this base (a template's); none for the others.
+    fn prestarted(&self) -> Prestarted {
+        Prestarted::default()
     }
 
     /// Releases everything the base holds (cached VMs, the template and its mount).

@@ -212,6 +212,10 @@ impl FactoryBase for CacheFactory {
         true
     }
 
+    fn prestarted(&self) -> crate::base::Prestarted {
+        self.shared.base.prestarted()
+    }
+
     /// The pooled VMs' status.
     async fn status(&self) -> Vec<VmInfo> {
         let pool = self.shared.pool.lock().await;

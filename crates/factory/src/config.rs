@@ -120,8 +120,20 @@ pub struct FactoryConfig {
     /// Get base VMs from the VM-cache server on this unix socket (Kata `vm_cache_endpoint`).
     #[serde(default)]
     pub cache_endpoint: Option<PathBuf>,
+    /// With a template, keep this many clones' QEMUs started ahead of need, waiting for the
+    /// state load ([`crate::TemplateFactory::prestart`]); 0 turns it off.
+    #[serde(default = "default_prestart")]
+    pub prestart: u32,
     /// The base VM config.
     pub vm: VmConfig,
+}
+
+/// Pre-started clones a template factory keeps by default: one hides QEMU's start from one
+/// `get_vm` at a time, for ~10 MiB of idle QEMU (measured in docs/benchmarks.md).
+pub const DEFAULT_PRESTART: u32 = 1;
+
+fn default_prestart() -> u32 {
+    DEFAULT_PRESTART
 }
 
 fn default_template_path() -> PathBuf {
@@ -137,6 +149,7 @@ impl FactoryConfig {
             fetch_only: false,
             cache: 0,
             cache_endpoint: None,
+            prestart: DEFAULT_PRESTART,
             vm,
         }
     }

@@ -82,6 +82,11 @@ impl Factory {
         self.base.status().await
     }
 
+    /// The pre-started clones waiting in a template base.
+    pub fn prestarted(&self) -> crate::base::Prestarted {
+        self.base.prestarted()
+    }
+
     /// Closes the base: stops cached VMs, removes a template this factory made. Idempotent.
     pub async fn close(&self) -> Result<(), BaseError> {
         self.base.close().await

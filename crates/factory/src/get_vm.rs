@@ -276,6 +276,8 @@ mod tests {
         let mut c = FactoryConfig::new(b.config());
         c.template = true;
         c.template_path = b.template_path();
+        // These tests count live VMs; pre-started clones have their own tests.
+        c.prestart = 0;
         let f = Factory::new_with(&c, b.clone(), Arc::new(FakeHost::default()))
             .await
             .expect("factory");

@@ -31,11 +31,12 @@ mod template;
 #[cfg(test)]
 mod testing;
 
-pub use base::{BaseError, FactoryBase};
+pub use base::{BaseError, FactoryBase, Prestarted};
 pub use cache::CacheFactory;
 pub use cache_service::{CacheClient, CacheServer, CacheServiceError};
 pub use config::{
-    FactoryConfig, FactoryConfigError, TemplatePathProblem, DEFAULT_TEMPLATE_PATH, SYSTEM_DIRS,
+    FactoryConfig, FactoryConfigError, TemplatePathProblem, DEFAULT_PRESTART,
+    DEFAULT_TEMPLATE_PATH, SYSTEM_DIRS,
 };
 pub use direct::DirectFactory;
 pub use factory::{BaseKind, Factory};

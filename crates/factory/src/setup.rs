@@ -80,6 +80,7 @@ impl Factory {
                 host,
             )
             .await?;
+            t.prestart(config.prestart as usize).await;
             (Arc::new(t), BaseKind::FetchedTemplate)
         } else {
             match TemplateFactory::new_with(
@@ -90,7 +91,10 @@ impl Factory {
             )
             .await
             {
-                Ok(t) => (Arc::new(t), BaseKind::Template),
+                Ok(t) => {
+                    t.prestart(config.prestart as usize).await;
+                    (Arc::new(t), BaseKind::Template)
+                }
                 Err(e) => {
                     warn!(
                         error = %e,

@@ -27,6 +27,8 @@ use crate::Hypervisor;
 pub enum FakeStep {
     /// [`Hypervisor::start`].
     Start,
+    /// [`Hypervisor::prestart`].
+    Prestart,
     /// [`Hypervisor::stop`].
     Stop,
     /// [`Hypervisor::pause`].
@@ -55,6 +57,7 @@ impl FakeStep {
     fn name(self) -> &'static str {
         match self {
             Self::Start => "start",
+            Self::Prestart => "prestart",
             Self::Stop => "stop",
             Self::Pause => "pause",
             Self::Resume => "resume",
@@ -75,6 +78,8 @@ impl FakeStep {
 pub enum FakeCall {
     /// `start`.
     Start,
+    /// `prestart`.
+    Prestart,
     /// `stop`.
     Stop,
     /// `pause`.
@@ -286,7 +291,8 @@ impl Hypervisor for FakeHypervisor {
 
     async fn start(&self) -> Result<()> {
         let mut g = self.enter(FakeCall::Start, FakeStep::Start, false)?;
-        if g.status != VmStatus::NotStarted {
+        // A pre-started clone waits in `inmigrate`, as QEMU does.
+        if !matches!(g.status, VmStatus::NotStarted | VmStatus::InMigrate) {
             return Err(Error::AlreadyStarted {
                 id: self.id.clone(),
             });
@@ -302,6 +308,21 @@ impl Hypervisor for FakeHypervisor {
             VmStatus::Running
         };
         self.done(&g, FakeStep::Start);
+        Ok(())
+    }
+
+    async fn prestart(&self) -> Result<()> {
+        let mut g = self.enter(FakeCall::Prestart, FakeStep::Prestart, false)?;
+        if g.status != VmStatus::NotStarted {
+            return Err(Error::AlreadyStarted {
+                id: self.id.clone(),
+            });
+        }
+        self.config.validate_shape()?;
+        if self.config.clones_template() {
+            g.status = VmStatus::InMigrate;
+        }
+        self.done(&g, FakeStep::Prestart);
         Ok(())
     }
 

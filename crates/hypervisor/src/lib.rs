@@ -113,6 +113,15 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// [`resume`](Hypervisor::resume). Any failure tears down what was created.
     async fn start(&self) -> Result<()>;
 
+    /// Does ahead of need what [`start`](Hypervisor::start) can do before it knows the VM is
+    /// wanted: for a clone, QEMU spawned, QMP negotiated and migration capabilities set, the
+    /// template memory mapped but untouched, waiting for the state load. `start` then does the
+    /// rest. Optional: by default nothing happens here and `start` does it all. Any failure
+    /// tears down what was created; [`stop`](Hypervisor::stop) ends a pre-started VM.
+    async fn prestart(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Stops the VM (`quit`, then SIGKILL after a bound), reaps it and removes the sockets and
     /// files it created. Idempotent.
     async fn stop(&self) -> Result<()>;

@@ -29,6 +29,8 @@ pub enum NewStep {
     Lock,
     /// Creating the hypervisor handle (`from_wire`: attaching to the running VM).
     CreateHypervisor,
+    /// Pre-starting the hypervisor ([`Vm::prepare_with`](crate::Vm::prepare_with) only).
+    PrestartHypervisor,
     /// Starting the hypervisor (each process it spawns records itself in the VM's directory
     /// before it execs).
     StartHypervisor,

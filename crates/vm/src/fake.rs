@@ -207,7 +207,7 @@ impl FakeBackends {
         self.faults().abort_at = step;
     }
 
-    /// How long each hypervisor start takes from now on.
+    /// How long each hypervisor start (and pre-start) takes from now on.
     pub fn set_boot_delay(&self, delay: Duration) {
         self.faults().boot_delay = delay;
     }
@@ -333,14 +333,18 @@ impl FakeBackends {
         self.made().steps.clone()
     }
 
-    /// How many VMs are running or paused (or saved as a template and not yet stopped).
+    /// How many VMs are running or paused (or saved as a template and not yet stopped, or
+    /// pre-started).
     pub async fn live(&self) -> usize {
         let hvs = self.made().hvs.clone();
         let mut n = 0;
         for hv in hvs {
             if matches!(
                 hv.status().await,
-                Ok(VmStatus::Running | VmStatus::Paused | VmStatus::PostMigrate)
+                Ok(VmStatus::Running
+                    | VmStatus::Paused
+                    | VmStatus::PostMigrate
+                    | VmStatus::InMigrate)
             ) {
                 n += 1;
             }
@@ -498,7 +502,8 @@ impl Backends for FakeBackends {
                 step,
             });
         }
-        if step == NewStep::StartHypervisor && !delay.is_zero() {
+        let starts = matches!(step, NewStep::StartHypervisor | NewStep::PrestartHypervisor);
+        if starts && !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         Ok(())

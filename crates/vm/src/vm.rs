@@ -201,6 +201,18 @@ impl Vm {
     }
 
     async fn create(p: &mut Partial, config: VmConfig, backends: &dyn Backends) -> Result<Self> {
+        let (dir, hv) = Self::prepare_parts(p, &config, backends, false).await?;
+        Self::start_parts(p, config, dir, hv, backends).await
+    }
+
+    /// The steps up to the hypervisor's handle (`prestart`: and its pre-start): the storage
+    /// directory, locked, and the hypervisor.
+    pub(crate) async fn prepare_parts(
+        p: &mut Partial,
+        config: &VmConfig,
+        backends: &dyn Backends,
+        prestart: bool,
+    ) -> Result<(PathBuf, Arc<dyn Hypervisor>)> {
         let id = p.id.clone();
         let step = |s| backends.before(&id, s);
         step(NewStep::Validate).await?;
@@ -229,6 +241,25 @@ impl Vm {
         let hv = backends.hypervisor(&id, &config.hypervisor, &dir)?;
         p.hypervisor = Some(hv.clone());
 
+        if prestart {
+            step(NewStep::PrestartHypervisor).await?;
+            hv.prestart()
+                .await
+                .map_err(|e| Error::hv(&id, "pre-start", e))?;
+        }
+        Ok((dir, hv))
+    }
+
+    /// The steps from the hypervisor's start (which finishes a pre-start) to the saved state.
+    pub(crate) async fn start_parts(
+        p: &mut Partial,
+        config: VmConfig,
+        dir: PathBuf,
+        hv: Arc<dyn Hypervisor>,
+        backends: &dyn Backends,
+    ) -> Result<Self> {
+        let id = p.id.clone();
+        let step = |s| backends.before(&id, s);
         step(NewStep::StartHypervisor).await?;
         hv.start().await.map_err(|e| Error::hv(&id, "start", e))?;
 

@@ -53,6 +53,7 @@ pub const CI_SCENARIOS: &[&str] = &[
     "disks_mounted_in_clones_read_write_and_shared_read_only",
     "qemu_killed_mid_exec_is_one_error_and_leaks_nothing",
     "a_held_vm_serves_exec_and_an_outside_client",
+    "prestarted_clones_are_handed_out_once_replaced_and_dropped",
 ];
 
 /// L1's CPU: TCG's `max` (AMD SVM with nested paging) without `fsgsbase`. With it, an L2

@@ -54,6 +54,8 @@ pub async fn run(s: &Settings, vcpus: Option<u32>, memory: Option<u64>, hold: bo
 
     let mut config = FactoryConfig::new(s.vm.clone());
     config.template_path = s.template_path.clone();
+    // One VM and the process exits: a QEMU started ahead would only be stopped again.
+    config.prestart = 0;
     if s.cache_number > 0 {
         config.cache_endpoint = Some(s.endpoint.clone());
     } else if s.template {

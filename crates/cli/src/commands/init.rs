@@ -92,7 +92,11 @@ async fn make_and_serve(s: &Settings) -> CmdResult {
     }
 
     let inner: Arc<dyn FactoryBase> = match template {
-        Some(t) => Arc::new(t),
+        Some(t) => {
+            // The server lives on: its refills get QEMUs started ahead.
+            t.prestart(s.prestart as usize).await;
+            Arc::new(t)
+        }
         None => Arc::new(DirectFactory::new(s.vm.clone())),
     };
     let base: Arc<dyn FactoryBase> = Arc::new(CacheFactory::new(s.cache_number, inner));

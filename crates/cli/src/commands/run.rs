@@ -148,6 +148,8 @@ async fn factory_for_run(s: &Settings) -> anyhow::Result<Factory> {
         config.template_path = s.template_path.clone();
         config.template = true;
         config.fetch_only = true;
+        // One VM and the process exits: a QEMU started ahead would only be stopped again.
+        config.prestart = 0;
         match Factory::new(&config).await {
             Ok(f) => return Ok(f),
             Err(e) => tracing::debug!(error = %e, "no template"),

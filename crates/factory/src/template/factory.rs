@@ -50,7 +50,8 @@ use super::metadata::{
     CloneKey, FileIdentity, SavedFiles, TemplateMetadata, MEMORY_FILE, METADATA_FILE, STATE_FILE,
 };
 use super::owner::{lock_exclusive, remove_file, remove_locked, Marker, MARKER_FILE, REMOVE_WAIT};
-use crate::base::{BaseError, FactoryBase};
+use super::prestart::Prestarter;
+use crate::base::{BaseError, FactoryBase, Prestarted};
 
 /// Room on the template tmpfs beyond the guest memory (device state, metadata).
 const TMPFS_EXTRA_BYTES: u64 = 8 << 20;
@@ -79,6 +80,8 @@ pub struct TemplateFactory {
     pub(super) lock: tokio::sync::Mutex<Option<OpLock>>,
     /// The data files as the save left them (from the metadata), checked before each clone.
     saved: std::sync::Mutex<Option<SavedFiles>>,
+    /// Clones pre-started up to the state load ([`TemplateFactory::prestart`]).
+    prestarted: Prestarter,
 }
 
 impl fmt::Debug for TemplateFactory {
@@ -271,6 +274,7 @@ impl TemplateFactory {
             closed: AtomicBool::new(false),
             lock: tokio::sync::Mutex::new(None),
             saved: std::sync::Mutex::new(None),
+            prestarted: Prestarter::default(),
         };
         Ok((this, tpl))
     }
@@ -345,9 +349,34 @@ impl TemplateFactory {
     /// lock file is left beside it.
     pub async fn keep(self) {
         self.closed.store(true, Ordering::SeqCst);
+        self.prestarted.close().await;
         if let Some(lock) = self.lock.lock().await.take() {
             lock.release().await;
         }
+    }
+
+    /// Keeps `want` clones pre-started from now on: QEMU spawned, QMP negotiated, the
+    /// template memory mapped, waiting for the state load, refilled in the background. A
+    /// `get_base_vm` takes one when one waits (else starts a clone from scratch); `close`
+    /// stops them. Call once; later calls and 0 do nothing.
+    pub async fn prestart(&self, want: usize) {
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let saved = self.saved_files();
+        self.prestarted
+            .start(
+                want,
+                clone_vm_config(&self.run, &self.path),
+                self.backends.clone(),
+                self.path.clone(),
+                saved,
+            )
+            .await;
+    }
+
+    fn saved_files(&self) -> Option<SavedFiles> {
+        self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The template directory.
@@ -474,13 +503,34 @@ impl FactoryBase for TemplateFactory {
     /// A clone of the template, paused (resume it). Its hypervisor config is the template's,
     /// with the accelerator and CPU model the template ran with; `config` contributes the proxy
     /// kind.
+    fn prestarted(&self) -> Prestarted {
+        Prestarted {
+            waiting: self.prestarted.waiting(),
+            pids: self.prestarted.pids(),
+        }
+    }
+
     async fn get_base_vm(&self, config: &VmConfig) -> std::result::Result<Vm, BaseError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(BaseError::Closed { what: "template" });
         }
-        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        if let Some(saved) = saved {
-            self.check_saved(&saved).await?;
+        if let Some(saved) = self.saved_files() {
+            if let Err(e) = self.check_saved(&saved).await {
+                // Waiting clones map what was saved: not what is there now.
+                self.prestarted.flush().await;
+                return Err(e.into());
+            }
+        }
+        if let Some(waiting) = self.prestarted.take().await {
+            let id = waiting.id().to_owned();
+            match waiting.start(self.backends.as_ref(), config.proxy).await {
+                Ok(vm) => return Ok(vm),
+                // Died between the look and the load: never handed out; start afresh.
+                Err(e) if e.hypervisor_exit().is_some() => {
+                    warn!(vm = %id, error = %e, "a pre-started clone exited as it was started");
+                }
+                Err(e) => return Err(TemplateError::vm(TemplateStep::Clone, e).into()),
+            }
         }
         let mut clone = clone_vm_config(&self.run, &self.path);
         clone.proxy = config.proxy;
@@ -495,6 +545,8 @@ impl FactoryBase for TemplateFactory {
     /// succeeds. Idempotent.
     async fn close(&self) -> std::result::Result<(), BaseError> {
         self.closed.store(true, Ordering::SeqCst);
+        // First: their QEMUs map the template, which would then be kept as in use.
+        self.prestarted.close().await;
         let Some(held) = self.lock.lock().await.take() else {
             return Ok(());
         };

@@ -3,7 +3,8 @@
 //! version) it needs, and [`TemplateError`], the error of all of them.
 //!
 //! Inside, modules depend one way: `factory` → `make`, `owner` → `metadata` → `host` →
-//! `error`, and `factory` → `files` (the data files' kind and size) → `error`.
+//! `error`, and `factory` → `prestart` → `files` (the data files' kind, size and times) →
+//! `error`.
 
 mod error;
 mod factory;
@@ -16,6 +17,9 @@ mod metadata;
 mod owner;
 #[cfg(test)]
 mod ownership_tests;
+mod prestart;
+#[cfg(test)]
+mod prestart_tests;
 #[cfg(test)]
 mod vsock_tests;
 

@@ -85,6 +85,7 @@ where
         next_mem_id: 1,
         disks: Vec::new(),
         next_disk_id: FIRST_DISK_NUMBER,
+        pending_state: None,
     };
     (dir, inner, running, log)
 }

@@ -21,7 +21,7 @@ pub use version::{qemu_version, QEMU_VERSION_TIMEOUT};
 #[cfg(test)]
 mod vsock_tests;
 
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -77,6 +77,8 @@ struct Running {
     disks: Vec<AttachedDisk>,
     /// Next `diskN` number.
     next_disk_id: u32,
+    /// A pre-started clone's state descriptor (its number in QEMU), not loaded yet.
+    pending_state: Option<RawFd>,
 }
 
 impl Running {
@@ -220,6 +222,7 @@ impl Qemu {
             next_mem_id: state.next_mem_id,
             disks: state.disks,
             next_disk_id: state.next_disk_id,
+            pending_state: None,
         };
         info!(pid, "re-attached");
         Ok(Self::from_parts(
@@ -233,6 +236,66 @@ impl Qemu {
     /// The run-directory paths.
     pub fn paths(&self) -> &RunPaths {
         &self.inner.paths
+    }
+
+    /// Boots from `Created` (see [`Inner::boot`]); a failure tears down what was made.
+    async fn boot_locked(&self, state: &mut VmState, defer_load: bool) -> Result<()> {
+        let mut partial = Partial::default();
+        match self.inner.boot(&mut partial, defer_load).await {
+            Ok(running) => {
+                self.inner.pid.store(running.qemu.pid, Ordering::Relaxed);
+                self.inner
+                    .vsock_cid
+                    .store(running.vsock_cid.unwrap_or(0), Ordering::Relaxed);
+                self.inner
+                    .exit
+                    .send_replace(Some(running.exit(&self.inner.id)));
+                let cpu = self.inner.config.cpu_model_for(running.accel);
+                let what = if defer_load { "pre-started" } else { "started" };
+                info!(pid = running.qemu.pid, accel = %running.accel, cpu = cpu.unwrap_or("default"), "{what}");
+                *state = VmState::Running(Box::new(running));
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "start failed, tearing down");
+                let Partial {
+                    mut qemu,
+                    mut backend,
+                    created_run_dir,
+                } = partial;
+                if let Err(te) = self
+                    .inner
+                    .teardown(None, qemu.as_mut(), backend.as_mut(), created_run_dir)
+                    .await
+                {
+                    warn!(error = %te, "teardown after failed start");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops a running VM (see [`Hypervisor::stop`]); nothing to do otherwise.
+    async fn stop_locked(&self, state: &mut VmState) -> Result<()> {
+        let VmState::Running(mut r) = std::mem::replace(state, VmState::Stopped) else {
+            return Ok(());
+        };
+        // A stop is no exit: waiters on `exited` keep waiting (their own waits end them).
+        self.inner.exit.send_replace(None);
+        self.inner.pid.store(0, Ordering::Relaxed);
+        self.inner.vsock_cid.store(0, Ordering::Relaxed);
+        let attached = r.qemu.is_attached();
+        let result = self
+            .inner
+            .teardown(
+                Some(&r.qmp),
+                Some(&mut r.qemu),
+                r.backend.as_mut(),
+                r.created_run_dir,
+            )
+            .await;
+        info!(ok = result.is_ok(), attached, "stopped");
+        result
     }
 
     /// Locks the state and returns the running VM, or fails with [`Error::NotRunning`].
@@ -273,8 +336,9 @@ impl Qemu {
 }
 
 impl Inner {
-    /// Spawns everything and negotiates QMP; on error the caller cleans up via `Partial`.
-    async fn boot(&self, partial: &mut Partial) -> Result<Running> {
+    /// Spawns everything and negotiates QMP, and loads a clone's state unless `defer_load`
+    /// (then [`Inner::load_pending`] does); on error the caller cleans up via `Partial`.
+    async fn boot(&self, partial: &mut Partial, defer_load: bool) -> Result<Running> {
         let cfg = self.config.clone();
         tokio::task::spawn_blocking(move || cfg.validate())
             .await
@@ -353,7 +417,10 @@ impl Inner {
                 if let Some(state) = &state {
                     // Ours is closed once QEMU has taken the state (QEMU's copy has the same
                     // number).
-                    ops::incoming(&self.id, &qmp, state.as_raw_fd()).await?;
+                    ops::prepare_incoming(&self.id, &qmp).await?;
+                    if !defer_load {
+                        ops::incoming(&self.id, &qmp, state.as_raw_fd()).await?;
+                    }
                 }
                 Ok(qmp)
             })
@@ -376,7 +443,22 @@ impl Inner {
             next_mem_id: 1,
             disks: Vec::new(),
             next_disk_id: FIRST_DISK_NUMBER,
+            pending_state: state
+                .as_ref()
+                .filter(|_| defer_load)
+                .map(AsRawFd::as_raw_fd),
         })
+    }
+
+    /// Loads a pre-started clone's state, under its exit guard.
+    async fn load_pending(&self, r: &mut Running) -> Result<()> {
+        if let Some(state) = r.pending_state {
+            r.exit(&self.id)
+                .guard(ops::incoming(&self.id, &r.qmp, state))
+                .await?;
+            r.pending_state = None;
+        }
+        Ok(())
     }
 
     /// Connects to `socket` until it accepts, failing at once if the process that is to create
@@ -490,67 +572,48 @@ impl Hypervisor for Qemu {
     #[instrument(skip(self), fields(vm = %self.inner.id))]
     async fn start(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
+        match &mut *state {
+            VmState::Created => self.boot_locked(&mut state, false).await,
+            VmState::Running(r) if r.pending_state.is_some() => {
+                match self.inner.load_pending(r).await {
+                    Ok(()) => {
+                        info!(pid = r.qemu.pid, "started (pre-started)");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "loading the pre-started clone failed, tearing down");
+                        if let Err(te) = self.stop_locked(&mut state).await {
+                            warn!(error = %te, "teardown after failed start");
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            _ => Err(Error::AlreadyStarted {
+                id: self.inner.id.clone(),
+            }),
+        }
+    }
+
+    /// A clone's QEMU is started up to the state load; anything else waits for `start`.
+    #[instrument(skip(self), fields(vm = %self.inner.id))]
+    async fn prestart(&self) -> Result<()> {
+        let mut state = self.inner.state.lock().await;
         if !matches!(*state, VmState::Created) {
             return Err(Error::AlreadyStarted {
                 id: self.inner.id.clone(),
             });
         }
-        let mut partial = Partial::default();
-        match self.inner.boot(&mut partial).await {
-            Ok(running) => {
-                self.inner.pid.store(running.qemu.pid, Ordering::Relaxed);
-                self.inner
-                    .vsock_cid
-                    .store(running.vsock_cid.unwrap_or(0), Ordering::Relaxed);
-                self.inner
-                    .exit
-                    .send_replace(Some(running.exit(&self.inner.id)));
-                let cpu = self.inner.config.cpu_model_for(running.accel);
-                info!(pid = running.qemu.pid, accel = %running.accel, cpu = cpu.unwrap_or("default"), "started");
-                *state = VmState::Running(Box::new(running));
-                Ok(())
-            }
-            Err(e) => {
-                warn!(error = %e, "start failed, tearing down");
-                let Partial {
-                    mut qemu,
-                    mut backend,
-                    created_run_dir,
-                } = partial;
-                if let Err(te) = self
-                    .inner
-                    .teardown(None, qemu.as_mut(), backend.as_mut(), created_run_dir)
-                    .await
-                {
-                    warn!(error = %te, "teardown after failed start");
-                }
-                Err(e)
-            }
+        if !self.inner.config.clones_template() {
+            return Ok(());
         }
+        self.boot_locked(&mut state, true).await
     }
 
     #[instrument(skip(self), fields(vm = %self.inner.id))]
     async fn stop(&self) -> Result<()> {
         let mut state = self.inner.state.lock().await;
-        let VmState::Running(mut r) = std::mem::replace(&mut *state, VmState::Stopped) else {
-            return Ok(());
-        };
-        // A stop is no exit: waiters on `exited` keep waiting (their own waits end them).
-        self.inner.exit.send_replace(None);
-        self.inner.pid.store(0, Ordering::Relaxed);
-        self.inner.vsock_cid.store(0, Ordering::Relaxed);
-        let attached = r.qemu.is_attached();
-        let result = self
-            .inner
-            .teardown(
-                Some(&r.qmp),
-                Some(&mut r.qemu),
-                r.backend.as_mut(),
-                r.created_run_dir,
-            )
-            .await;
-        info!(ok = result.is_ok(), attached, "stopped");
-        result
+        self.stop_locked(&mut state).await
     }
 
     async fn exited(&self) -> Error {

@@ -150,11 +150,16 @@ pub(super) async fn open_state(state: &Path) -> Result<OwnedFd> {
     Ok(file.into())
 }
 
-/// Loads a clone's device state (`migrate-incoming fd:N`, `state` being the descriptor from
-/// [`open_state`] that QEMU inherited); the VM stays paused.
+/// Readies a clone's QEMU for [`incoming`]: the capabilities must be set before the load.
+pub(super) async fn prepare_incoming(id: &str, qmp: &QmpClient) -> Result<()> {
+    set_ignore_shared(id, qmp).await
+}
+
+/// Loads a clone's device state (`migrate-incoming fd:N`, `state` being the number of the
+/// descriptor from [`open_state`] that QEMU inherited) after [`prepare_incoming`]; the VM
+/// stays paused.
 #[instrument(skip(qmp))]
 pub(super) async fn incoming(id: &str, qmp: &QmpClient, state: RawFd) -> Result<()> {
-    set_ignore_shared(id, qmp).await?;
     let events = qmp.subscribe();
     qmp.execute(migrate_incoming {
         uri: Some(load_uri(state)),
