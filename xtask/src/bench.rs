@@ -335,7 +335,7 @@ pub fn print_breakdowns(title: &str, columns: &[(&str, &Breakdown)]) {
 }
 
 /// The phases of the clones started at once: median and slowest, and where the time went.
-fn print_clone_burst(phases: &[ClonePhases], cpu: &CpuUse) {
+pub fn print_clone_burst(phases: &[ClonePhases], cpu: &CpuUse) {
     let col = |f: fn(&ClonePhases) -> f64| {
         let v: Vec<f64> = phases.iter().map(f).collect();
         (median(v.clone()), v.into_iter().fold(0.0, f64::max))
@@ -344,6 +344,8 @@ fn print_clone_burst(phases: &[ClonePhases], cpu: &CpuUse) {
         ("QEMU up, template loaded", col(|p| p.loaded_ms)),
         ("resumed", col(|p| p.resumed_ms)),
         ("agent answers Check", col(|p| p.ready_ms)),
+        ("its QEMU's CPU when loaded", col(|p| p.cpu_loaded_ms)),
+        ("its QEMU's CPU when ready", col(|p| p.cpu_ready_ms)),
     ] {
         println!(
             "{:<40} {:>9.1} ms (median), {:.1} ms (last)",

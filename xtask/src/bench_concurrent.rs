@@ -34,6 +34,11 @@ pub struct CpuUse {
     pub qemu_runqueue_ms: f64,
     /// CPU time of this process: the host side (factory, QMP, agent clients).
     pub host_cpu_ms: f64,
+    /// CPU time the whole machine used (`/proc/stat`: all but idle, iowait and steal): the
+    /// rest of it went to other processes (this machine is shared).
+    pub machine_busy_ms: f64,
+    /// Time the hypervisor under this machine ran others on its cores (`steal`).
+    pub steal_ms: f64,
 }
 
 /// One burst of [`CONCURRENT`] VMs.
@@ -54,6 +59,10 @@ pub struct ClonePhases {
     pub resumed_ms: f64,
     /// Agent answering `Check`.
     pub ready_ms: f64,
+    /// Its QEMU's CPU time when loaded.
+    pub cpu_loaded_ms: f64,
+    /// Its QEMU's CPU time when its agent answered.
+    pub cpu_ready_ms: f64,
 }
 
 /// On-CPU and run-queue time of every live thread of `pid`, in ns.
@@ -74,18 +83,43 @@ fn parse_schedstat(line: &str) -> Option<(u64, u64)> {
     Some((f.next()?.ok()?, f.next()?.ok()?))
 }
 
+/// Busy and steal time of the whole machine so far (`/proc/stat`'s `cpu` line), in ms.
+fn machine_cpu_ms() -> (f64, f64) {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| s.lines().next().and_then(parse_cpu_line))
+        .map_or((0.0, 0.0), |(busy, steal)| {
+            let ms = 1000.0 / clock_ticks_per_s();
+            (busy as f64 * ms, steal as f64 * ms)
+        })
+}
+
+/// `cpu user nice system idle iowait irq softirq steal …` (ticks) → `(busy, steal)`, where
+/// busy is user + nice + system + irq + softirq.
+fn parse_cpu_line(line: &str) -> Option<(u64, u64)> {
+    let mut f = line.strip_prefix("cpu ")?.split_whitespace();
+    let mut v = [0u64; 8];
+    for slot in &mut v {
+        *slot = f.next()?.parse().ok()?;
+    }
+    Some((v[0] + v[1] + v[2] + v[5] + v[6], v[7]))
+}
+
+fn clock_ticks_per_s() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100)
+        .max(1) as f64
+}
+
 /// This process's user + system CPU time (all threads, live or not), in ms.
 fn own_cpu_ms() -> f64 {
     let ticks = std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|s| stat_cpu_ticks(&s))
         .unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100)
-        .max(1);
-    ticks as f64 * 1000.0 / hz as f64
+    ticks as f64 * 1000.0 / clock_ticks_per_s()
 }
 
 /// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line, in clock ticks.
@@ -101,10 +135,28 @@ fn cores() -> f64 {
     std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
 
-/// What the QEMUs `pids` and this process used since `t0` (this process had used
-/// `host0_ms` then).
-fn cpu_use(pids: &[u32], t0: Instant, host0_ms: f64) -> CpuUse {
-    let wall_ms = t0.elapsed().as_secs_f64() * 1000.0;
+/// Where a burst starts: the time, and the CPU this process and the machine had used.
+struct Start {
+    t0: Instant,
+    host_ms: f64,
+    machine: (f64, f64),
+}
+
+impl Start {
+    fn now() -> Self {
+        Self {
+            t0: Instant::now(),
+            host_ms: own_cpu_ms(),
+            machine: machine_cpu_ms(),
+        }
+    }
+}
+
+/// What the QEMUs `pids` (all their CPU, since they started within the burst), this process
+/// and the machine used since `start`.
+fn cpu_use(pids: &[u32], start: &Start) -> CpuUse {
+    let wall_ms = start.t0.elapsed().as_secs_f64() * 1000.0;
+    let (busy, steal) = machine_cpu_ms();
     let (run, wait) = pids
         .iter()
         .map(|&p| schedstat(p))
@@ -114,14 +166,17 @@ fn cpu_use(pids: &[u32], t0: Instant, host0_ms: f64) -> CpuUse {
         capacity_ms: wall_ms * cores(),
         qemu_cpu_ms: run as f64 / 1e6,
         qemu_runqueue_ms: wait as f64 / 1e6,
-        host_cpu_ms: own_cpu_ms() - host0_ms,
+        host_cpu_ms: own_cpu_ms() - start.host_ms,
+        machine_busy_ms: busy - start.machine.0,
+        steal_ms: steal - start.machine.1,
     }
 }
 
 /// [`CONCURRENT`] `get_vm` calls at once on `factory`: when each returned a ready VM, and the
 /// CPU their QEMUs and this process used until the last one did.
 pub async fn get_vm_burst(factory: &Factory, cfg: &VmConfig) -> Result<Burst> {
-    let (t0, host0) = (Instant::now(), own_cpu_ms());
+    let start = Start::now();
+    let t0 = start.t0;
     let results = futures::future::join_all((0..CONCURRENT).map(|_| async {
         let vm = factory.get_vm(cfg).await;
         (vm, t0.elapsed())
@@ -132,7 +187,7 @@ pub async fn get_vm_burst(factory: &Factory, cfg: &VmConfig) -> Result<Burst> {
         .filter_map(|(r, _)| r.as_ref().ok())
         .filter_map(|vm| vm.hypervisor().pid())
         .collect();
-    let cpu = cpu_use(&pids, t0, host0);
+    let cpu = cpu_use(&pids, &start);
     let mut ready = Vec::new();
     let mut first_err = None;
     for (r, t) in results {
@@ -160,10 +215,13 @@ pub async fn clone_burst(
     root: &Path,
     tpl: &HypervisorConfig,
 ) -> Result<(Vec<ClonePhases>, CpuUse)> {
-    let (t0, host0) = (Instant::now(), own_cpu_ms());
+    let start = Start::now();
+    let t0 = start.t0;
     let results = futures::future::join_all((0..CONCURRENT).map(|i| async move {
         let vm = TestVm::start(root, &format!("burst{i}"), vm::clone_config(tpl)).await?;
         let loaded = t0.elapsed();
+        let pid = vm.vm.pid().unwrap_or(0);
+        let cpu_loaded = schedstat(pid).0;
         let phases = async {
             vm.vm.resume().await?;
             let resumed = t0.elapsed();
@@ -172,6 +230,8 @@ pub async fn clone_burst(
                 loaded_ms: ms(loaded),
                 resumed_ms: ms(resumed),
                 ready_ms: ms(t0.elapsed()),
+                cpu_loaded_ms: cpu_loaded as f64 / 1e6,
+                cpu_ready_ms: schedstat(pid).0 as f64 / 1e6,
             })
         }
         .await;
@@ -183,7 +243,7 @@ pub async fn clone_burst(
         .filter_map(|r| r.as_ref().ok())
         .filter_map(|(vm, _)| vm.vm.pid())
         .collect();
-    let cpu = cpu_use(&pids, t0, host0);
+    let cpu = cpu_use(&pids, &start);
     let mut phases = Vec::new();
     let mut first_err = None;
     for r in results {
@@ -209,17 +269,96 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// What `cargo xtask bench --concurrency` measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// Each round's template `get_vm` burst, then its direct one.
+    pub template: Vec<Burst>,
+    pub direct: Vec<Burst>,
+    /// Median template burst ÷ median direct burst.
+    pub concurrent_ratio: f64,
+    /// Raw clones at once, by phase, and their CPU.
+    pub clones: Vec<ClonePhases>,
+    pub clones_cpu: CpuUse,
+}
+
+/// Only the concurrency rows: raw clones at once by phase, then `rounds` rounds of a template
+/// and a direct `get_vm` burst.
+pub async fn run(rounds: usize) -> Result<Report> {
+    let env = vmfactory_e2e::guest_env().context("Prerequisites missing")?;
+    let root = tempfile::Builder::new()
+        .prefix("vmf-burst-")
+        .tempdir_in("/dev/shm")?;
+    let tpl_dir = root.path().join("tpl");
+    std::fs::create_dir_all(&tpl_dir)?;
+    let tpl = vm::template_config(vm::config(&env), &tpl_dir);
+    vm::make_template(root.path(), tpl.clone()).await?;
+    eprintln!("bench: {CONCURRENT} clones at once, by phase ...");
+    let (clones, clones_cpu) = clone_burst(root.path(), &tpl).await?;
+    let direct_cfg = crate::bench_factory::factory_config(&env, &root.path().join("d"), false, 0);
+    let template_cfg = crate::bench_factory::factory_config(&env, &root.path().join("t"), true, 0);
+    let direct = Factory::new(&direct_cfg).await?;
+    let template = Factory::new(&template_cfg).await?;
+    let bursts = async {
+        let (mut t, mut d) = (Vec::new(), Vec::new());
+        for i in 0..rounds {
+            eprintln!(
+                "bench: {CONCURRENT} get_vm at once, template then direct, round {}/{rounds} ...",
+                i + 1
+            );
+            t.push(get_vm_burst(&template, &template_cfg.vm).await?);
+            d.push(get_vm_burst(&direct, &direct_cfg.vm).await?);
+        }
+        anyhow::Ok((t, d))
+    }
+    .await;
+    for f in [&direct, &template] {
+        f.close().await?;
+    }
+    let (template, direct) = bursts?;
+    let wall = |b: &[Burst]| crate::stat::median(b.iter().map(|b| b.cpu.wall_ms).collect());
+    Ok(Report {
+        concurrent_ratio: wall(&template) / wall(&direct),
+        template,
+        direct,
+        clones,
+        clones_cpu,
+    })
+}
+
+/// Prints the `--concurrency` report and writes `target/bench/concurrency.json`.
+pub fn report(r: &Report) -> Result<std::path::PathBuf> {
+    for (name, bursts) in [("template", &r.template), ("direct", &r.direct)] {
+        for b in bursts.iter() {
+            print_cpu(&format!("{CONCURRENT} get_vm at once, {name}"), &b.cpu);
+        }
+    }
+    println!(
+        "{:<40} {:>12.3}   (target <= 0.06)",
+        "concurrent_ratio", r.concurrent_ratio
+    );
+    crate::bench::print_clone_burst(&r.clones, &r.clones_cpu);
+    let dir = crate::util::workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("concurrency.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(r)?)?;
+    println!("json: {}", path.display());
+    Ok(path)
+}
+
 /// Prints the CPU split of a burst.
 pub fn print_cpu(name: &str, c: &CpuUse) {
     println!(
-        "{:<40} {:>9.0} ms wall x {} cores = {:.0} ms CPU: QEMUs {:.0} ms, host side {:.0} ms; \
-         QEMU threads waited {:.0} ms for a core",
+        "{:<40} {:>9.0} ms wall x {} cores = {:.0} ms CPU: QEMUs {:.0}, host side {:.0}, \
+         other processes {:.0}, stolen {:.0} ms; QEMU threads waited {:.0} ms for a core",
         name,
         c.wall_ms,
         cores(),
         c.capacity_ms,
         c.qemu_cpu_ms,
         c.host_cpu_ms,
+        (c.machine_busy_ms - c.qemu_cpu_ms - c.host_cpu_ms).max(0.0),
+        c.steal_ms,
         c.qemu_runqueue_ms
     );
 }
@@ -237,5 +376,11 @@ mod tests {
         assert_eq!(stat_cpu_ticks("42 (x"), None);
         let own = std::fs::read_to_string("/proc/self/stat").expect("stat");
         assert!(stat_cpu_ticks(&own).is_some());
+        assert_eq!(
+            parse_cpu_line("cpu  100 5 50 900 7 3 2 11 0 0"),
+            Some((160, 11))
+        );
+        assert_eq!(parse_cpu_line("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert_eq!(parse_cpu_line("cpu  1 2"), None);
     }
 }

@@ -114,6 +114,11 @@ enum Cmd {
         /// PSS by part and time to ready, side by side; target/bench/memfloor.json).
         #[arg(long)]
         memfloor: bool,
+        /// Instead of the bench: only the concurrency rows (clones started at once by phase,
+        /// then `--runs` rounds of 8 template and 8 direct `get_vm` at once, with where the
+        /// CPU went; target/bench/concurrency.json).
+        #[arg(long, conflicts_with = "memfloor")]
+        concurrency: bool,
     },
 }
 
@@ -177,6 +182,7 @@ fn main() -> Result<()> {
             runs,
             pss,
             memfloor: true,
+            ..
         } => {
             tools::ensure_qemu()?;
             guest::build(true)?;
@@ -184,6 +190,17 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             let report = rt.block_on(bench_memfloor::run(n, runs.max(1)))?;
             bench_memfloor::report(&report).map(drop)
+        }
+        Cmd::Bench {
+            runs,
+            concurrency: true,
+            ..
+        } => {
+            tools::ensure_qemu()?;
+            guest::build(true)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(bench_concurrent::run(runs.max(1)))?;
+            bench_concurrent::report(&report).map(drop)
         }
         Cmd::Bench { runs, pss, .. } => {
             tools::ensure_qemu()?;
