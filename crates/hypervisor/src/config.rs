@@ -47,8 +47,8 @@ impl MachineType {
 
     /// The `-machine` options a VM gets unless configured otherwise
     /// ([`HypervisorConfig::machine_options`]): on q35, no AHCI controller (`sata=off`), which
-    /// no guest of ours uses and whose six ports' buffers cost ~1.5 MiB of every QEMU's
-    /// memory (measured PSS of idle clones and direct VMs, see docs/benchmarks.md).
+    /// no guest of ours uses and which costs ~1.5 MiB of every QEMU's anonymous memory
+    /// (measured on idle clones and direct VMs, see docs/benchmarks.md).
     pub fn lean_options(self) -> &'static str {
         match self {
             Self::Q35 => "sata=off",
@@ -281,7 +281,7 @@ pub struct HypervisorConfig {
     /// Lets a clone's QEMU use transparent huge pages as the host allows. Off by default: a
     /// clone's guest RAM is a private file mapping whose copied pages are 4 KiB either way,
     /// so THP only rounds QEMU's own allocations up to 2 MiB (its ACPI-table ROM block, the
-    /// TCG translation buffer), measured at ~2.3 MiB of an idle clone's PSS. Other VMs are
+    /// TCG translation buffer), measured at ~3.6 MiB of an idle clone's PSS. Other VMs are
     /// left to the host's setting (their guest RAM gains from huge pages under KVM).
     #[serde(default)]
     pub clone_thp: bool,
