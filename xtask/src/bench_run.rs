@@ -20,7 +20,7 @@ use vmfactory_e2e::{vm, GuestEnv};
 use vmfactory_factory::{Factory, FactoryConfig};
 use vmfactory_vm::{ProcessOutput, ProcessSpec, Vm};
 
-use crate::stat::Stat;
+use crate::stat::{median, Stat};
 use crate::util::workspace_root;
 
 /// VMs the cache server keeps ready for the cache-hit runs.
@@ -258,15 +258,6 @@ fn steps(stderr: &str) -> BTreeMap<String, f64> {
         }
     }
     out
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Medians of the steps of the cache-hit runs; `rest` is each run's wall time less its steps.

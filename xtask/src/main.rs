@@ -1,12 +1,15 @@
 //! Project automation: `cargo xtask <guest|tools|lint|test|e2e|kvm-host|bench|demo>`.
 
 mod bench;
+mod bench_concurrent;
 mod bench_factory;
+mod bench_memfloor;
 mod bench_run;
 mod demo;
 mod guest;
 mod kvm_host;
 mod lint;
+mod smaps;
 mod stat;
 mod tools;
 mod util;
@@ -107,6 +110,15 @@ enum Cmd {
         /// Numbers of idle VMs to measure PSS with.
         #[arg(long, value_delimiter = ',', default_value = "4,8")]
         pss: Vec<usize>,
+        /// Instead of the bench: the memory floor of an idle clone, cut by cut (each cut's
+        /// PSS by part and time to ready, side by side; target/bench/memfloor.json).
+        #[arg(long)]
+        memfloor: bool,
+        /// Instead of the bench: only the concurrency rows (clones started at once by phase,
+        /// then `--runs` rounds of 8 template and 8 direct `get_vm` at once, with where the
+        /// CPU went; target/bench/concurrency.json).
+        #[arg(long, conflicts_with = "memfloor")]
+        concurrency: bool,
     },
 }
 
@@ -166,7 +178,31 @@ fn main() -> Result<()> {
             timeout: std::time::Duration::from_secs(timeout_min * 60),
         }),
         Cmd::KvmHostInside { manifest } => kvm_host::inside::run(&manifest),
-        Cmd::Bench { runs, pss } => {
+        Cmd::Bench {
+            runs,
+            pss,
+            memfloor: true,
+            ..
+        } => {
+            tools::ensure_qemu()?;
+            guest::build(true)?;
+            let n = pss.first().copied().unwrap_or(4).max(1);
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(bench_memfloor::run(n, runs.max(1)))?;
+            bench_memfloor::report(&report).map(drop)
+        }
+        Cmd::Bench {
+            runs,
+            concurrency: true,
+            ..
+        } => {
+            tools::ensure_qemu()?;
+            guest::build(true)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(bench_concurrent::run(runs.max(1)))?;
+            bench_concurrent::report(&report).map(drop)
+        }
+        Cmd::Bench { runs, pss, .. } => {
             tools::ensure_qemu()?;
             guest::build(true)?;
             // The stdout throughput over hybrid vsock needs its backend.

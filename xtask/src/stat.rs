@@ -17,6 +17,16 @@ pub struct Stat {
     pub runs: usize,
 }
 
+/// The median of `v` (NaN when empty).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
 impl Stat {
     /// Median, min and max of `samples`.
     pub fn of(samples: &[Duration]) -> Self {

@@ -172,6 +172,11 @@ struct QemuSection {
     tcg_tb_size: Option<u32>,
     #[serde(default = "default_disk_slots")]
     disk_slots: u32,
+    /// Kata's name for extra `-machine` options; unset is the machine's lean default.
+    #[serde(default)]
+    machine_accelerators: Option<String>,
+    #[serde(default)]
+    clone_thp: bool,
 }
 
 fn default_qemu() -> PathBuf {
@@ -447,6 +452,8 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
     hv.accel = q.accel;
     hv.cpu_model = q.cpu_model;
     hv.tcg_tb_size_mib = q.tcg_tb_size;
+    hv.machine_options = q.machine_accelerators;
+    hv.clone_thp = q.clone_thp;
     hv.agent_channel = match q.agent_channel {
         ChannelName::VirtioSerial => AgentChannel::VirtioSerial,
         ChannelName::Vsock => AgentChannel::Vsock {
@@ -553,6 +560,7 @@ fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, Str
                 "memory_slots needs default_maxmemory above default_memory".into(),
             ),
             Hv::InvalidCpuModel(_) => (QEMU, "cpu_model", hv.to_string()),
+            Hv::InvalidMachineOptions(_) => (QEMU, "machine_accelerators", hv.to_string()),
             Hv::HostCpuWithoutKvm => (
                 QEMU,
                 "cpu_model",
@@ -712,6 +720,26 @@ mod tests {
         let text = "[hypervisor.qemu]\nkernel = \"k\"\ndisk_slots = 16\n";
         let e = parse("f.toml", text, Path::new("/")).expect_err("over 15");
         assert!(e.to_string().contains("16 disk slots"), "{e}");
+    }
+
+    #[test]
+    fn machine_accelerators_and_clone_thp_are_read_and_checked() {
+        let text = "[hypervisor.qemu]\nkernel = \"k\"\n";
+        let s = parse("f.toml", text, Path::new("/")).expect("ok");
+        let hv = &s.vm.hypervisor;
+        assert_eq!(
+            (hv.effective_machine_options(), hv.clone_thp),
+            ("sata=off", false)
+        );
+        let text =
+            "[hypervisor.qemu]\nkernel = \"k\"\nmachine_accelerators = \"\"\nclone_thp = true\n";
+        let s = parse("f.toml", text, Path::new("/")).expect("ok");
+        let hv = &s.vm.hypervisor;
+        assert_eq!((hv.effective_machine_options(), hv.clone_thp), ("", true));
+        let text = "[hypervisor.qemu]\nkernel = \"k\"\nmachine_accelerators = \"nosata\"\n";
+        let e = parse("f.toml", text, Path::new("/")).expect_err("not key=value");
+        let msg = e.to_string();
+        assert!(msg.contains("line 3") && msg.contains("nosata"), "{msg}");
     }
 
     #[test]

@@ -206,6 +206,16 @@ fn memory_object(cfg: &HypervisorConfig) -> OsString {
     }
 }
 
+/// The `-M` value: the machine type, its boot memory backend, then
+/// [`HypervisorConfig::effective_machine_options`] (the same for a template and its clones,
+/// which must build the same machine).
+fn machine_arg(cfg: &HypervisorConfig) -> String {
+    match cfg.effective_machine_options() {
+        "" => format!("{},memory-backend=mem0", cfg.machine),
+        options => format!("{},memory-backend=mem0,{options}", cfg.machine),
+    }
+}
+
 /// The argument vector of `vhost-device-vsock` for a hybrid-vsock VM.
 pub fn vsock_backend_args(guest_cid: u32, paths: &RunPaths) -> Vec<OsString> {
     vec![
@@ -236,8 +246,7 @@ pub fn qemu_args(
     let e = |p: &Path| escape_opt(p.as_os_str());
 
     push(&["-name".as_ref(), escape_opt(OsStr::new(id)).as_os_str()]);
-    let machine = format!("{},memory-backend=mem0", cfg.machine);
-    push(&["-M".as_ref(), machine.as_ref()]);
+    push(&["-M".as_ref(), machine_arg(cfg).as_ref()]);
     let accel_opt = match (accel, cfg.tcg_tb_size_mib) {
         (Accel::Kvm, _) => "kvm".to_owned(),
         (_, Some(tb)) => format!("tcg,tb-size={tb}"),
@@ -421,7 +430,9 @@ mod tests {
         let paths = RunPaths::new("/run/vm1");
         let args = qemu_args("vm1", &base(), &paths, Accel::Tcg, None);
         let s = args_string(&args);
-        assert!(s.starts_with("-name vm1 -M q35,memory-backend=mem0 -accel tcg -m 256M -smp 1 "));
+        assert!(s.starts_with(
+            "-name vm1 -M q35,memory-backend=mem0,sata=off -accel tcg -m 256M -smp 1 "
+        ));
         assert!(s.contains("-nographic -no-reboot -nodefaults -no-user-config"));
         assert!(s.contains("-object memory-backend-ram,id=mem0,size=256M"));
         assert!(s.contains("-kernel /g/vmlinux -initrd /g/initrd.cpio.gz"));
@@ -478,7 +489,7 @@ mod tests {
         let kvm = qemu_args("x", &c, &paths, Accel::Kvm, None);
         assert_eq!(values(&kvm, "-cpu"), [OsStr::new("host")]);
         assert!(args_string(&kvm)
-            .starts_with("-name x -M q35,memory-backend=mem0 -accel kvm -cpu host -m "));
+            .starts_with("-name x -M q35,memory-backend=mem0,sata=off -accel kvm -cpu host -m "));
         c.cpu_model = Some("Skylake-Client,-hle".into());
         for accel in [Accel::Tcg, Accel::Kvm] {
             let args = qemu_args("x", &c, &paths, accel, None);
@@ -664,6 +675,32 @@ mod tests {
         let args = qemu_args("x", &base(), &paths, Accel::Tcg, None);
         assert!(args_string(&args)
             .contains("-device pcie-root-port,id=rp3,bus=pcie.0,chassis=4,addr=0x13"));
+    }
+
+    #[test]
+    fn machine_options_follow_the_config_and_match_for_clones() {
+        let paths = RunPaths::new("/r");
+        let machine = |c: &HypervisorConfig| {
+            let args = qemu_args("x", c, &paths, Accel::Tcg, None);
+            values(&args, "-M")[0].to_string_lossy().into_owned()
+        };
+        let mut c = base();
+        assert_eq!(machine(&c), "q35,memory-backend=mem0,sata=off");
+        c.machine_options = Some(String::new());
+        assert_eq!(machine(&c), "q35,memory-backend=mem0");
+        c.machine_options = Some("sata=off,smbus=off".into());
+        assert_eq!(machine(&c), "q35,memory-backend=mem0,sata=off,smbus=off");
+        let files = TemplatePaths {
+            memory: "/t/memory".into(),
+            state: "/t/state".into(),
+        };
+        c.template = Some(TemplateRole::SaveTo(files.clone()));
+        let template = machine(&c);
+        c.template = Some(TemplateRole::CloneFrom(files));
+        assert_eq!(machine(&c), template);
+        c = base();
+        c.machine = MachineType::Pc;
+        assert_eq!(machine(&c), "pc,memory-backend=mem0");
     }
 
     #[test]

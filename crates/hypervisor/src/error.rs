@@ -150,6 +150,10 @@ pub enum ConfigError {
         /// The maximum.
         max: u32,
     },
+    /// `-machine` options that are not comma-separated `key=value` pairs, or that set
+    /// `memory-backend`.
+    #[error("Invalid machine options {0:?} (expected key=value pairs such as sata=off,smbus=off)")]
+    InvalidMachineOptions(String),
     /// An unknown machine type string.
     #[error("Unknown machine type {0:?} (expected q35, pc or microvm)")]
     UnknownMachine(String),

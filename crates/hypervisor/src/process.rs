@@ -173,12 +173,13 @@ impl Proc {
         stderr_path: &Path,
         record: RecordTarget,
     ) -> Result<Self> {
-        Self::spawn_with_fds(what, binary, args, stderr_path, record, &[]).await
+        Self::spawn_with_fds(what, binary, args, stderr_path, record, &[], true).await
     }
 
     /// [`Proc::spawn`], and the child inherits each of `inherit` under the same number (every
     /// other descriptor of ours stays close-on-exec). The caller keeps ownership of `inherit`
-    /// and may close them once this returns.
+    /// and may close them once this returns. Without `thp` the child runs with transparent
+    /// huge pages disabled (`PR_SET_THP_DISABLE`, kept across exec); with it, the host decides.
     pub(crate) async fn spawn_with_fds(
         what: &'static str,
         binary: &Path,
@@ -186,6 +187,7 @@ impl Proc {
         stderr_path: &Path,
         record: RecordTarget,
         inherit: &[BorrowedFd<'_>],
+        thp: bool,
     ) -> Result<Self> {
         let stderr = tokio::fs::File::create(stderr_path)
             .await
@@ -205,14 +207,18 @@ impl Proc {
         // and files (neither creates directories).
         let inherit: Vec<RawFd> = inherit.iter().map(AsRawFd::as_raw_fd).collect();
         // SAFETY: the closure runs in the forked child before exec and only calls umask(2),
-        // fcntl(2) and what `write_own` calls (open, read, write, close, rename, getpid), all
-        // async-signal-safe, allocating nothing (its paths and `inherit` were made before the
-        // fork). Each of `inherit` is open in the parent for the whole spawn (the caller
-        // borrows it), hence in the child; clearing its close-on-exec flag in the child alone
-        // leaves the parent's descriptor and other children untouched.
+        // prctl(2), fcntl(2) and what `write_own` calls (open, read, write, close, rename,
+        // getpid), all async-signal-safe, allocating nothing (its paths and `inherit` were
+        // made before the fork). Each of `inherit` is open in the parent for the whole spawn
+        // (the caller borrows it), hence in the child; clearing its close-on-exec flag in the
+        // child alone leaves the parent's descriptor and other children untouched.
         unsafe {
             cmd.pre_exec(move || {
                 nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+                if !thp {
+                    // Only memory is at stake: a kernel without the flag runs QEMU as before.
+                    let _ = nix::sys::prctl::set_thp_disable(true);
+                }
                 for &fd in &inherit {
                     fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
                 }
@@ -633,6 +639,7 @@ mod tests {
             &dir.path().join("stderr"),
             target(dir.path()),
             &[passed.as_fd(), also.as_fd()],
+            true,
         )
         .await
         .expect("spawn sh");
@@ -646,6 +653,39 @@ mod tests {
         for fd in [p, a] {
             let flags = fcntl(fd, FcntlArg::F_GETFD).expect("flags");
             assert!(FdFlag::from_bits_truncate(flags).contains(FdFlag::FD_CLOEXEC));
+        }
+    }
+
+    #[tokio::test]
+    async fn spawn_without_thp_disables_it_in_the_child() {
+        let status = |line: &str| line.starts_with("THP_enabled:");
+        let ours = std::fs::read_to_string("/proc/self/status").expect("status");
+        let Some(ours) = ours.lines().find(|l| status(l)) else {
+            return; // a kernel before 5.0 does not show the flag
+        };
+        for (thp, want) in [
+            (false, "THP_enabled:\t0".to_owned()),
+            (true, ours.to_owned()),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let script = format!("grep -qx '{want}' /proc/self/status");
+            let child = Proc::spawn_with_fds(
+                "sh",
+                Path::new("sh"),
+                &["-c".into(), script.into()],
+                &dir.path().join("stderr"),
+                target(dir.path()),
+                &[],
+                thp,
+            )
+            .await
+            .expect("spawn sh");
+            assert!(child.wait_exit(Duration::from_secs(10)).await, "sh exits");
+            let exit = child.exit().now().and_then(|e| e.status).expect("status");
+            assert!(
+                exit.success(),
+                "thp {thp}: the child's status lacks {want:?}"
+            );
         }
     }
 }

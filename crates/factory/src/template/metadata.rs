@@ -7,9 +7,10 @@
 //! machine from the same guest: every field of the hypervisor config except the template role
 //! (its files) and the image (templates have none). That includes boot vCPUs and
 //! memory, `max_vcpus`, memory slots and `max_memory_mib` (they shape the machine), machine
-//! type, disk slots (root ports on q35), kernel, initrd, kernel parameters, the agent
-//! channel, the QEMU binary and its version, and the identity of the kernel and initrd files (path, size and mtime: cheap, and
-//! enough to notice a rebuilt guest; not a content hash). The accelerator and CPU model are
+//! type and its `-machine` options (`sata=off`), disk slots (root ports on q35), kernel,
+//! initrd, kernel parameters, the agent channel, the QEMU binary and its version, and the
+//! identity of the kernel and initrd files (path, size and mtime: cheap, and enough to
+//! notice a rebuilt guest; not a content hash). The accelerator and CPU model are
 //! the *resolved* ones ([`HypervisorConfig::pinned`]): a template made under KVM with
 //! `-cpu host` cannot be loaded under TCG (version 1 recorded `auto`, so it could be).
 
@@ -133,6 +134,12 @@ pub struct CloneKey {
     /// templates had none) and a config with slots is refused by name.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub disk_slots: u32,
+    /// The `-machine` options it ran with
+    /// ([`HypervisorConfig::effective_machine_options`]): a clone with other devices cannot
+    /// load its state. Left out when empty, so metadata written before the field hashes as it
+    /// did (its templates had none) and a config with options is refused by name.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub machine_options: String,
 }
 
 /// Whether `n` is 0 (serde's `skip_serializing_if` of [`CloneKey::disk_slots`]).
@@ -172,6 +179,7 @@ impl CloneKey {
             agent_channel: cfg.agent_channel.clone(),
             tcg_tb_size_mib: cfg.tcg_tb_size_mib,
             disk_slots: cfg.disk_slots,
+            machine_options: cfg.effective_machine_options().to_owned(),
         })
     }
 
@@ -454,6 +462,41 @@ mod tests {
         assert_eq!(
             mismatch(TemplateMetadata::new(two).check(&k)),
             ["disk_slots", "2", "4"]
+        );
+    }
+
+    #[tokio::test]
+    async fn metadata_from_before_machine_options_mismatches_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key(dir.path()).await;
+        assert_eq!(k.machine_options, "sata=off", "q35's lean default");
+        // Written before the field: no `machine_options` in the key, hashed without it.
+        let old_key = CloneKey {
+            machine_options: String::new(),
+            ..k.clone()
+        };
+        let old = TemplateMetadata::new(old_key.clone());
+        let json = serde_json::to_value(&old).expect("json");
+        assert!(json["key"].get("machine_options").is_none(), "{json}");
+        old.write(dir.path()).await.expect("write");
+        let loaded = TemplateMetadata::load(dir.path())
+            .await
+            .expect("hash unchanged");
+        loaded
+            .check(&old_key)
+            .expect("a config without options fits");
+        assert_eq!(
+            mismatch(loaded.check(&k)),
+            ["machine_options", "nothing", "sata=off"]
+        );
+        let mut other = cfg(dir.path());
+        other.machine_options = Some("sata=off,smbus=off".into());
+        let other = CloneKey::gather(&other.pinned(Accel::Tcg), &FakeHost::default())
+            .await
+            .expect("key");
+        assert_eq!(
+            mismatch(TemplateMetadata::new(k).check(&other)),
+            ["machine_options", "sata=off", "sata=off,smbus=off"]
         );
     }
 

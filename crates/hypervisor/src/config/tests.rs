@@ -179,6 +179,26 @@ fn validation_table() {
             },
             |e| matches!(e, ConfigError::PinnedCidWithTemplate { cid: 9 }),
         ),
+        (
+            "machine option without a value",
+            |c| c.machine_options = Some("sata".into()),
+            |e| matches!(e, ConfigError::InvalidMachineOptions(o) if o == "sata"),
+        ),
+        (
+            "machine option smuggling an argument",
+            |c| c.machine_options = Some("sata=off -device x".into()),
+            |e| matches!(e, ConfigError::InvalidMachineOptions(_)),
+        ),
+        (
+            "machine option with an empty pair",
+            |c| c.machine_options = Some("sata=off,,hpet=off".into()),
+            |e| matches!(e, ConfigError::InvalidMachineOptions(_)),
+        ),
+        (
+            "machine option replacing the memory backend",
+            |c| c.machine_options = Some("memory-backend=other".into()),
+            |e| matches!(e, ConfigError::InvalidMachineOptions(_)),
+        ),
     ];
     for (name, tweak, expect) in cases {
         let mut cfg = base.clone();
@@ -299,6 +319,37 @@ fn disk_slots_default_to_four_and_old_configs_to_none() {
     cfg.machine = MachineType::Microvm;
     assert_eq!(cfg.disk_root_ports(), 0);
     cfg.validate_shape().expect("microvm ignores disk slots");
+}
+
+#[test]
+fn machine_options_default_to_lean_and_old_configs_to_none() {
+    let mut cfg = HypervisorConfig::new("/k", None);
+    assert_eq!(cfg.machine_options, None);
+    assert_eq!(cfg.effective_machine_options(), "sata=off");
+    cfg.machine = MachineType::Pc;
+    assert_eq!(
+        cfg.effective_machine_options(),
+        "",
+        "pc has no AHCI to drop"
+    );
+    cfg.machine = MachineType::Q35;
+    cfg.machine_options = Some("smbus=off,hpet=off".into());
+    assert_eq!(cfg.effective_machine_options(), "smbus=off,hpet=off");
+    cfg.validate_shape().expect("valid options");
+    cfg.machine_options = Some(String::new());
+    assert_eq!(cfg.effective_machine_options(), "");
+    cfg.validate_shape().expect("no options");
+
+    let mut old = serde_json::to_value(HypervisorConfig::new("/k", None)).expect("serialize");
+    old.as_object_mut()
+        .expect("object")
+        .remove("machine_options");
+    let back: HypervisorConfig = serde_json::from_value(old).expect("deserialize");
+    assert_eq!(
+        back.effective_machine_options(),
+        "",
+        "what a VM booted before the field existed has"
+    );
 }
 
 #[test]

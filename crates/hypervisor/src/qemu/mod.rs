@@ -398,6 +398,8 @@ impl Inner {
             &self.paths.qemu_stderr,
             RecordTarget::new(dir, ProcessKind::Qemu)?,
             &inherit.into_iter().flatten().collect::<Vec<_>>(),
+            // See `HypervisorConfig::clone_thp`.
+            !self.config.clones_template() || self.config.clone_thp,
         )
         .await?;
         // QEMU holds the CID now; ours closes, so the CID ends with QEMU, wherever it is handed.
