@@ -38,10 +38,13 @@ enum Cmd {
         /// repeatable or comma-separated.
         #[arg(long = "package", value_name = "NAME", num_args = 1.., value_delimiter = ',')]
         packages: Vec<String>,
-        /// Configuration file with `[guest] packages = [...]` (default: vmfactory-guest.toml
-        /// at the workspace root, if it exists).
+        /// Configuration file with `[guest] kernel = "6.1" | "6.12"` and `packages = [...]`
+        /// (default: vmfactory-guest.toml at the workspace root, if it exists).
         #[arg(long, value_name = "PATH")]
         config: Option<std::path::PathBuf>,
+        /// The Debian cloud kernel series, over the config file's (default: 6.1).
+        #[arg(long, value_enum)]
+        kernel: Option<guest::GuestKernel>,
     },
     /// Install what the tests need: QEMU (apt) and vhost-device-vsock (crates.io).
     Tools,
@@ -126,8 +129,12 @@ fn main() -> Result<()> {
             guest::build(false)?;
             demo::run()
         }
-        Cmd::Guest { packages, config } => {
-            let spec = guest::ImageSpec::load(config.as_deref(), &packages)?;
+        Cmd::Guest {
+            packages,
+            config,
+            kernel,
+        } => {
+            let spec = guest::ImageSpec::load(config.as_deref(), &packages, kernel)?;
             guest::build_with(&spec, false).map(drop)
         }
         Cmd::Tools => prerequisites(),
