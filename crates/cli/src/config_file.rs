@@ -171,6 +171,8 @@ struct QemuSection {
     tcg_tb_size: Option<u32>,
     #[serde(default = "default_disk_slots")]
     disk_slots: u32,
+    #[serde(default = "yes")]
+    vmgenid: bool,
 }
 
 fn default_qemu() -> PathBuf {
@@ -178,6 +180,9 @@ fn default_qemu() -> PathBuf {
 }
 fn one() -> u32 {
     1
+}
+fn yes() -> bool {
+    true
 }
 fn default_memory() -> u64 {
     256
@@ -433,6 +438,7 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
     hv.memory_mib = q.default_memory;
     hv.memory_slots = q.memory_slots;
     hv.disk_slots = q.disk_slots;
+    hv.vmgenid = q.vmgenid;
     hv.max_memory_mib = q.default_maxmemory.unwrap_or(q.default_memory);
     hv.machine = q.machine_type;
     hv.accel = q.accel;
@@ -701,6 +707,17 @@ mod tests {
         let text = "[hypervisor.qemu]\nkernel = \"k\"\ndisk_slots = 16\n";
         let e = parse("f.toml", text, Path::new("/")).expect_err("over 15");
         assert!(e.to_string().contains("16 disk slots"), "{e}");
+    }
+
+    #[test]
+    fn vmgenid_is_on_unless_turned_off() {
+        let vmgenid = |extra: &str| {
+            let text = format!("[hypervisor.qemu]\nkernel = \"k\"\n{extra}");
+            parse("f.toml", &text, Path::new("/")).map(|s| s.vm.hypervisor.vmgenid)
+        };
+        assert!(vmgenid("").expect("ok"));
+        assert!(!vmgenid("vmgenid = false\n").expect("ok"));
+        assert!(vmgenid("vmgenid = \"auto\"\n").is_err(), "a bool");
     }
 
     #[test]

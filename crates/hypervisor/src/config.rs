@@ -261,12 +261,21 @@ pub struct HypervisorConfig {
     /// before the field existed reads as 0, which is what its VMs and templates booted with.
     #[serde(default)]
     pub disk_slots: u32,
+    /// A VM generation id device (`-device vmgenid,guid=auto`): every QEMU start, each clone
+    /// of a template included, gives the guest a new id, and a guest kernel with a VMGenID
+    /// driver (Debian's 6.12, not its 6.1) reseeds its CRNG when the id changes. It is in the
+    /// machine a template saves, so a template and its clones must agree on it. microvm
+    /// ignores it: QEMU builds the device's ACPI table only on q35 and pc.
+    /// [`HypervisorConfig::new`] turns it on; a config written before the field existed reads
+    /// as off, which is what its VMs and templates booted with.
+    #[serde(default)]
+    pub vmgenid: bool,
 }
 
 impl HypervisorConfig {
     /// A config with 1 vCPU, 256 MiB, q35, `auto` accelerator, virtio-serial agent channel,
-    /// no CPU or memory hotplug room, [`DEFAULT_DISK_SLOTS`] disk slots, and
-    /// `qemu-system-x86_64` from `PATH`.
+    /// no CPU or memory hotplug room, [`DEFAULT_DISK_SLOTS`] disk slots, a VM generation id
+    /// device, and `qemu-system-x86_64` from `PATH`.
     pub fn new(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
         Self {
             qemu_path: PathBuf::from("qemu-system-x86_64"),
@@ -286,7 +295,14 @@ impl HypervisorConfig {
             agent_channel: AgentChannel::VirtioSerial,
             tcg_tb_size_mib: None,
             disk_slots: DEFAULT_DISK_SLOTS,
+            vmgenid: true,
         }
+    }
+
+    /// Whether the command line has a VM generation id device: [`HypervisorConfig::vmgenid`]
+    /// on a machine with ACPI tables for it.
+    pub fn has_vmgenid(&self) -> bool {
+        self.vmgenid && !matches!(self.machine, MachineType::Microvm)
     }
 
     /// The `pcie-root-port`s the command line adds for disk hotplug: `disk_slots` on q35,

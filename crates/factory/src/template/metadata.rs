@@ -7,8 +7,8 @@
 //! machine from the same guest: every field of the hypervisor config except the template role
 //! (its files) and the image (templates have none). That includes boot vCPUs and
 //! memory, `max_vcpus`, memory slots and `max_memory_mib` (they shape the machine), machine
-//! type, disk slots (root ports on q35), kernel, initrd, kernel parameters, the agent
-//! channel, the QEMU binary and its version, and the identity of the kernel and initrd files (path, size and mtime: cheap, and
+//! type, disk slots (root ports on q35), the VM generation id device, kernel, initrd, kernel
+//! parameters, the agent channel, the QEMU binary and its version, and the identity of the kernel and initrd files (path, size and mtime: cheap, and
 //! enough to notice a rebuilt guest; not a content hash). The accelerator and CPU model are
 //! the *resolved* ones ([`HypervisorConfig::pinned`]): a template made under KVM with
 //! `-cpu host` cannot be loaded under TCG (version 1 recorded `auto`, so it could be).
@@ -112,11 +112,21 @@ pub struct CloneKey {
     /// templates had none) and a config with slots is refused by name.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub disk_slots: u32,
+    /// Whether the machine has a VM generation id device
+    /// ([`HypervisorConfig::has_vmgenid`]): its state is in the template's. Left out when
+    /// off, as `disk_slots` is when 0, so metadata written before the field hashes as it did.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub vmgenid: bool,
 }
 
 /// Whether `n` is 0 (serde's `skip_serializing_if` of [`CloneKey::disk_slots`]).
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// Whether `b` is false (serde's `skip_serializing_if` of [`CloneKey::vmgenid`]).
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl CloneKey {
@@ -151,6 +161,7 @@ impl CloneKey {
             agent_channel: cfg.agent_channel.clone(),
             tcg_tb_size_mib: cfg.tcg_tb_size_mib,
             disk_slots: cfg.disk_slots,
+            vmgenid: cfg.has_vmgenid(),
         })
     }
 
@@ -429,6 +440,27 @@ mod tests {
             mismatch(TemplateMetadata::new(two).check(&k)),
             ["disk_slots", "2", "4"]
         );
+    }
+
+    #[tokio::test]
+    async fn metadata_from_before_vmgenid_loads_and_mismatches_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = key(dir.path()).await;
+        assert!(k.vmgenid, "the default");
+        // Written before the device existed: no `vmgenid` in the key, hashed without it.
+        let old_key = CloneKey {
+            vmgenid: false,
+            ..k.clone()
+        };
+        let old = TemplateMetadata::new(old_key.clone());
+        let json = serde_json::to_value(&old).expect("json");
+        assert!(json["key"].get("vmgenid").is_none(), "{json}");
+        old.write(dir.path()).await.expect("write");
+        let loaded = TemplateMetadata::load(dir.path())
+            .await
+            .expect("hash unchanged");
+        loaded.check(&old_key).expect("a config without it still fits");
+        assert_eq!(mismatch(loaded.check(&k)), ["vmgenid", "nothing", "true"]);
     }
 
     #[tokio::test]
