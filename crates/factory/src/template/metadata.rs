@@ -215,6 +215,12 @@ pub struct TemplateMetadata {
     /// state file need only be non-empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_bytes: Option<u64>,
+    /// Whether the template VM's agent said its clones reseed their CRNG themselves
+    /// (VMGenID; `PrepareTemplate`), so that `get_vm` leaves out the host's reseed. A
+    /// property of the guest, not of the config, so not in the key; absent (false) in
+    /// metadata written before it was asked, whose clones are reseeded by the host.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub clones_reseed_themselves: bool,
 }
 
 impl TemplateMetadata {
@@ -230,6 +236,7 @@ impl TemplateMetadata {
                 .unwrap_or_default()
                 .as_secs(),
             state_bytes: None,
+            clones_reseed_themselves: false,
         }
     }
 
@@ -459,7 +466,9 @@ mod tests {
         let loaded = TemplateMetadata::load(dir.path())
             .await
             .expect("hash unchanged");
-        loaded.check(&old_key).expect("a config without it still fits");
+        loaded
+            .check(&old_key)
+            .expect("a config without it still fits");
         assert_eq!(mismatch(loaded.check(&k)), ["vmgenid", "nothing", "true"]);
     }
 
