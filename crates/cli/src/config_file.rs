@@ -171,7 +171,7 @@ struct QemuSection {
     tcg_tb_size: Option<u32>,
     #[serde(default = "default_disk_slots")]
     disk_slots: u32,
-    #[serde(default = "yes")]
+    #[serde(default)]
     vmgenid: bool,
 }
 
@@ -180,9 +180,6 @@ fn default_qemu() -> PathBuf {
 }
 fn one() -> u32 {
     1
-}
-fn yes() -> bool {
-    true
 }
 fn default_memory() -> u64 {
     256
@@ -710,13 +707,13 @@ mod tests {
     }
 
     #[test]
-    fn vmgenid_is_on_unless_turned_off() {
+    fn vmgenid_is_off_unless_turned_on() {
         let vmgenid = |extra: &str| {
             let text = format!("[hypervisor.qemu]\nkernel = \"k\"\n{extra}");
             parse("f.toml", &text, Path::new("/")).map(|s| s.vm.hypervisor.vmgenid)
         };
-        assert!(vmgenid("").expect("ok"));
-        assert!(!vmgenid("vmgenid = false\n").expect("ok"));
+        assert!(!vmgenid("").expect("ok"));
+        assert!(vmgenid("vmgenid = true\n").expect("ok"));
         assert!(vmgenid("vmgenid = \"auto\"\n").is_err(), "a bool");
     }
 

@@ -464,7 +464,8 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let mut c = base();
-        assert!(c.vmgenid, "on by default");
+        assert!(devices(&c).is_empty(), "off by default");
+        c.vmgenid = true;
         assert_eq!(devices(&c), ["vmgenid,guid=auto"]);
         // A clone gets its own `auto` id too: the device is in the template's machine.
         c.template = Some(TemplateRole::CloneFrom(TemplatePaths {
@@ -588,8 +589,7 @@ mod tests {
     fn vsock_channels() {
         let paths = RunPaths::new("/r");
         let mut c = base();
-        // Its only device is the vsock one.
-        (c.disk_slots, c.vmgenid) = (0, false);
+        c.disk_slots = 0; // its only device is the vsock one
         c.agent_channel = AgentChannel::Vsock { guest_cid: None };
         let held = VhostVsockFd { fd: 9, cid: 70001 };
         let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(held));

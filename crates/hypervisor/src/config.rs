@@ -265,16 +265,17 @@ pub struct HypervisorConfig {
     /// of a template included, gives the guest a new id, and a guest kernel with a VMGenID
     /// driver (Debian's 6.12, not its 6.1) reseeds its CRNG when the id changes. It is in the
     /// machine a template saves, so a template and its clones must agree on it. microvm
-    /// ignores it: QEMU builds the device's ACPI table only on q35 and pc.
-    /// [`HypervisorConfig::new`] turns it on; a config written before the field existed reads
-    /// as off, which is what its VMs and templates booted with.
+    /// ignores it: QEMU builds the device's ACPI table only on q35 and pc. Off by default:
+    /// under TCG the guest's handling of the new id costs each clone more CPU (9 ms on 6.1,
+    /// which has no driver; 13 ms on 6.12) than the host reseed it makes unnecessary (3 ms;
+    /// docs/benchmarks.md, "VMGenID and the 6.12 kernel").
     #[serde(default)]
     pub vmgenid: bool,
 }
 
 impl HypervisorConfig {
     /// A config with 1 vCPU, 256 MiB, q35, `auto` accelerator, virtio-serial agent channel,
-    /// no CPU or memory hotplug room, [`DEFAULT_DISK_SLOTS`] disk slots, a VM generation id
+    /// no CPU or memory hotplug room, [`DEFAULT_DISK_SLOTS`] disk slots, no VM generation id
     /// device, and `qemu-system-x86_64` from `PATH`.
     pub fn new(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
         Self {
@@ -295,7 +296,7 @@ impl HypervisorConfig {
             agent_channel: AgentChannel::VirtioSerial,
             tcg_tb_size_mib: None,
             disk_slots: DEFAULT_DISK_SLOTS,
-            vmgenid: true,
+            vmgenid: false,
         }
     }
 

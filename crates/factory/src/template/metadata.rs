@@ -452,13 +452,14 @@ mod tests {
     #[tokio::test]
     async fn metadata_from_before_vmgenid_loads_and_mismatches_by_name() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let k = key(dir.path()).await;
-        assert!(k.vmgenid, "the default");
-        // Written before the device existed: no `vmgenid` in the key, hashed without it.
-        let old_key = CloneKey {
-            vmgenid: false,
-            ..k.clone()
+        let old_key = key(dir.path()).await;
+        assert!(!old_key.vmgenid, "the default");
+        let k = CloneKey {
+            vmgenid: true,
+            ..old_key.clone()
         };
+        // Off (the default, or written before the device existed): no `vmgenid` in the key,
+        // hashed as before.
         let old = TemplateMetadata::new(old_key.clone());
         let json = serde_json::to_value(&old).expect("json");
         assert!(json["key"].get("vmgenid").is_none(), "{json}");

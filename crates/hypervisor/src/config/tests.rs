@@ -302,9 +302,11 @@ fn disk_slots_default_to_four_and_old_configs_to_none() {
 }
 
 #[test]
-fn vmgenid_on_by_default_and_off_in_old_configs() {
+fn vmgenid_off_by_default_and_in_old_configs() {
     let mut cfg = HypervisorConfig::new("/k", None);
-    assert!(cfg.vmgenid && cfg.has_vmgenid());
+    assert!(!cfg.vmgenid && !cfg.has_vmgenid());
+    cfg.vmgenid = true;
+    assert!(cfg.has_vmgenid());
     let mut old = serde_json::to_value(&cfg).expect("serialize");
     old.as_object_mut().expect("object").remove("vmgenid");
     let back: HypervisorConfig = serde_json::from_value(old).expect("deserialize");
