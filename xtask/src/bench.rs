@@ -156,7 +156,7 @@ async fn pss_of(root: &Path, n: usize, cfg: &HypervisorConfig, clone: bool) -> R
 }
 
 /// `Pss:` of `/proc/PID/smaps_rollup`, in KiB.
-fn pss_kib(pid: u32) -> Result<u64> {
+pub(crate) fn pss_kib(pid: u32) -> Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     text.lines()
         .find_map(|l| l.strip_prefix("Pss:"))

@@ -114,6 +114,20 @@ pub fn build_with(spec: &ImageSpec, quiet: bool) -> Result<GuestImage> {
     build_in(spec, &guest_dir(), quiet)
 }
 
+/// Builds (or reuses) the image of `vmfactory-guest.toml` with `kernel` instead of the
+/// configured series, in `target/guest-kernels/<series>` (for comparisons and the second
+/// VMGenID e2e pass), and returns it with its directory.
+pub fn build_kernel_image(kernel: GuestKernel, quiet: bool) -> Result<(GuestImage, PathBuf)> {
+    let spec = ImageSpec {
+        kernel,
+        ..ImageSpec::load(None, &[], None)?
+    };
+    let dir = workspace_root()
+        .join("target/guest-kernels")
+        .join(kernel.as_str());
+    Ok((build_in(&spec, &dir, quiet)?, dir))
+}
+
 /// Builds (or reuses) the guest image of `spec` in `dir` (the package cache stays shared in
 /// `target/guest/cache`).
 pub fn build_in(spec: &ImageSpec, dir: &Path, quiet: bool) -> Result<GuestImage> {
