@@ -8,6 +8,7 @@ fn main() {
             "protos/diag.proto",
             "protos/oci.proto",
             "protos/workload.proto",
+            "protos/template.proto",
         ],
         "protos",
     );

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_concurrent;
 mod bench_factory;
+mod bench_kernels;
 mod bench_memfloor;
 mod bench_run;
 mod demo;
@@ -41,17 +42,21 @@ enum Cmd {
         /// repeatable or comma-separated.
         #[arg(long = "package", value_name = "NAME", num_args = 1.., value_delimiter = ',')]
         packages: Vec<String>,
-        /// Configuration file with `[guest] packages = [...]` (default: vmfactory-guest.toml
-        /// at the workspace root, if it exists).
+        /// Configuration file with `[guest] kernel = "6.1" | "6.12"` and `packages = [...]`
+        /// (default: vmfactory-guest.toml at the workspace root, if it exists).
         #[arg(long, value_name = "PATH")]
         config: Option<std::path::PathBuf>,
+        /// The Debian cloud kernel series, over the config file's (default: 6.1).
+        #[arg(long, value_enum)]
+        kernel: Option<guest::GuestKernel>,
     },
     /// Install what the tests need: QEMU (apt) and vhost-device-vsock (crates.io).
     Tools,
     /// Fail on any lint problem: `cargo fmt --check`, clippy and rustdoc with `-D warnings`.
     Lint,
     /// Run the lints (as `lint`), then every test: unit, protocol and real-QEMU end-to-end,
-    /// then the e2e suite again on the nested KVM host (as `kvm-host`).
+    /// the VMGenID scenarios again on the 6.12 kernel's image, then the e2e suite again on
+    /// the nested KVM host (as `kvm-host`).
     Test {
         /// Leave out the nested KVM host (a quicker local run; CI never does).
         #[arg(long)]
@@ -60,7 +65,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Run only the real-QEMU end-to-end suite.
+    /// Run only the real-QEMU end-to-end suite (and its VMGenID scenarios again on the 6.12
+    /// kernel's image).
     E2e {
         /// Extra arguments for the test binary (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -101,6 +107,17 @@ enum Cmd {
         /// `/kvm-host/manifest.json`.
         manifest: std::path::PathBuf,
     },
+    /// Compare the guest kernels (Debian's cloud 6.1 and 6.12) and what VMGenID changes:
+    /// cold boot, template clone `get_vm`, image sizes, idle PSS; table +
+    /// target/bench/kernels.json.
+    BenchKernels {
+        /// Rounds, each timing one of every kind (medians are reported).
+        #[arg(long, default_value_t = 12)]
+        runs: usize,
+        /// Idle VMs of each kind to measure PSS with.
+        #[arg(long, default_value_t = 4)]
+        pss: usize,
+    },
     /// Measure clones against cold boots (time to ready, PSS), `vmfactory run`, exec and
     /// stdout throughput; table + target/bench/bench.json.
     Bench {
@@ -138,8 +155,12 @@ fn main() -> Result<()> {
             guest::build(false)?;
             demo::run()
         }
-        Cmd::Guest { packages, config } => {
-            let spec = guest::ImageSpec::load(config.as_deref(), &packages)?;
+        Cmd::Guest {
+            packages,
+            config,
+            kernel,
+        } => {
+            let spec = guest::ImageSpec::load(config.as_deref(), &packages, kernel)?;
             guest::build_with(&spec, false).map(drop)
         }
         Cmd::Tools => prerequisites(),
@@ -148,6 +169,7 @@ fn main() -> Result<()> {
             lint::run()?;
             prerequisites()?;
             cargo_test(&["--workspace"], &args)?;
+            vmgenid_e2e(&args)?;
             if no_kvm_host {
                 anyhow::ensure!(!is_ci(), "CI runs the nested KVM host; drop --no-kvm-host");
                 return Ok(());
@@ -156,7 +178,8 @@ fn main() -> Result<()> {
         }
         Cmd::E2e { args } => {
             prerequisites()?;
-            e2e_with_summary(&args)
+            e2e_with_summary(&args)?;
+            vmgenid_e2e(&args)
         }
         Cmd::KvmHost {
             mode,
@@ -178,6 +201,12 @@ fn main() -> Result<()> {
             timeout: std::time::Duration::from_secs(timeout_min * 60),
         }),
         Cmd::KvmHostInside { manifest } => kvm_host::inside::run(&manifest),
+        Cmd::BenchKernels { runs, pss } => {
+            tools::ensure_qemu()?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(bench_kernels::run(runs.max(1), pss.max(1)))?;
+            bench_kernels::report(&report).map(drop)
+        }
         Cmd::Bench {
             runs,
             pss,
@@ -242,6 +271,23 @@ fn test_command() -> Command {
 fn cargo_test(selection: &[&str], extra: &[String]) -> Result<()> {
     let mut cmd = test_command();
     cmd.args(selection);
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    run(&mut cmd)
+}
+
+/// The VMGenID scenarios (`e2e/tests/vmgenid.rs`) again on an image with the 6.12 kernel, when
+/// the default image has another: only a kernel with a VMGenID driver takes the path where
+/// clones reseed themselves and `get_vm` leaves out the host's reseed.
+fn vmgenid_e2e(extra: &[String]) -> Result<()> {
+    if guest::ImageSpec::load(None, &[], None)?.kernel == guest::GuestKernel::V6_12 {
+        return Ok(());
+    }
+    let (_, dir) = guest::build_kernel_image(guest::GuestKernel::V6_12, false)?;
+    let mut cmd = test_command();
+    cmd.env("VMFACTORY_GUEST_DIR", dir)
+        .args(["-p", "vmfactory-e2e", "--test", "vmgenid"]);
     if !extra.is_empty() {
         cmd.arg("--").args(extra);
     }

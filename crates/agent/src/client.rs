@@ -13,12 +13,12 @@ use tracing::{debug, instrument};
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::protocols::{
-    agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc, workload as wl,
-    workload_ttrpc,
+    agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc, template, template_ttrpc,
+    workload as wl, workload_ttrpc,
 };
 use crate::transport;
 use crate::types::{
-    self, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
+    self, ForkReseed, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
 };
 use crate::url::AgentUrl;
 use crate::workload::{CopyFileChunk, ExitStatus, FileChunk, ProcessSpec, Storage};
@@ -79,6 +79,10 @@ pub trait Agent: Send + Sync + fmt::Debug {
     async fn add_storage(&self, storage: &Storage) -> Result<()>;
     /// `RemoveStorage` (ours): unmount what is mounted at `mount_point`.
     async fn remove_storage(&self, mount_point: &str) -> Result<()>;
+    /// `PrepareTemplate` (ours), on a VM about to be saved as a template: whether its clones
+    /// will reseed their CRNG themselves. An agent without the call (Kata's, an older
+    /// vmfactory-agent) answers [`ForkReseed::Inactive`].
+    async fn prepare_template(&self) -> Result<ForkReseed>;
     /// Closes the connection; the next call dials again.
     async fn disconnect(&self) -> Result<()>;
     /// Shares `other`'s connection (the seed's `reuseAgent`): after this, calls on `self` go
@@ -96,6 +100,7 @@ struct Clients {
     agent: agent_ttrpc::AgentServiceClient,
     diag: diag_ttrpc::DiagnosticsClient,
     workload: workload_ttrpc::WorkloadClient,
+    template: template_ttrpc::TemplateClient,
 }
 
 impl Clients {
@@ -104,7 +109,8 @@ impl Clients {
             health: health_ttrpc::HealthClient::new(client.clone()),
             agent: agent_ttrpc::AgentServiceClient::new(client.clone()),
             diag: diag_ttrpc::DiagnosticsClient::new(client.clone()),
-            workload: workload_ttrpc::WorkloadClient::new(client),
+            workload: workload_ttrpc::WorkloadClient::new(client.clone()),
+            template: template_ttrpc::TemplateClient::new(client),
         }
     }
 }
@@ -456,6 +462,35 @@ impl Agent for KataAgent {
             )
             .await?;
         Ok(resp.into())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn prepare_template(&self) -> Result<ForkReseed> {
+        let req = template::PrepareTemplateRequest::new();
+        let res = self
+            .call("PrepareTemplate", |c, ctx| async move {
+                c.template.prepare_template(ctx, &req).await
+            })
+            .await;
+        match res {
+            Ok(resp) if resp.reseeds_on_fork => Ok(ForkReseed::Active),
+            Ok(resp) => Ok(ForkReseed::Inactive(resp.reason)),
+            // No such service: Go's ttrpc (Kata's agent) says UNIMPLEMENTED, Rust's (an older
+            // vmfactory-agent) INVALID_ARGUMENT; the request has no field to be invalid.
+            Err(Error::Rpc {
+                source: ttrpc::Error::RpcStatus(st),
+                ..
+            }) if matches!(
+                st.code(),
+                ttrpc::Code::UNIMPLEMENTED | ttrpc::Code::INVALID_ARGUMENT
+            ) =>
+            {
+                Ok(ForkReseed::Inactive(
+                    "the agent has no PrepareTemplate".into(),
+                ))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     #[instrument(skip_all, fields(url = %self.url, exec_id, args = ?spec.args))]

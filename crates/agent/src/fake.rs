@@ -9,7 +9,9 @@ use async_trait::async_trait;
 
 use crate::client::Agent;
 use crate::error::{Error, Result};
-use crate::types::{AgentDetails, GuestDetails, HealthStatus, Resources, Uptime, VersionInfo};
+use crate::types::{
+    AgentDetails, ForkReseed, GuestDetails, HealthStatus, Resources, Uptime, VersionInfo,
+};
 use crate::workload::{CopyFileChunk, ExitStatus, FileChunk, ProcessSpec, Storage};
 
 mod workload;
@@ -71,6 +73,8 @@ pub enum FakeCall {
     AddStorage(Storage),
     /// [`Agent::remove_storage`] with its mount point.
     RemoveStorage(String),
+    /// [`Agent::prepare_template`].
+    PrepareTemplate,
     /// [`Agent::disconnect`].
     Disconnect,
     /// [`Agent::reuse_agent`].
@@ -104,6 +108,7 @@ impl FakeCall {
             FakeCall::ReadFile(..) => "read_file",
             FakeCall::AddStorage(_) => "add_storage",
             FakeCall::RemoveStorage(_) => "remove_storage",
+            FakeCall::PrepareTemplate => "prepare_template",
             FakeCall::Disconnect => "disconnect",
             FakeCall::ReuseAgent => "reuse_agent",
         }
@@ -118,6 +123,8 @@ struct State {
     connected: bool,
     resources: Resources,
     clock_offset: Option<SystemTime>,
+    /// What `prepare_template` answers: whether the fake guest reseeds on a VM fork.
+    fork_reseed: bool,
     guest: FakeGuest,
 }
 
@@ -229,6 +236,12 @@ impl FakeAgent {
     /// Replaces the resources the fake guest reports.
     pub fn set_resources(&self, r: Resources) {
         self.lock().resources = r;
+    }
+
+    /// Whether the fake guest says its clones reseed themselves (`prepare_template`); off by
+    /// default, as a guest kernel without VMGenID.
+    pub fn set_fork_reseed(&self, active: bool) {
+        self.lock().fork_reseed = active;
     }
 
     /// Records `call`, then hangs if its method is to hang, fails if it is to fail.
@@ -441,6 +454,15 @@ impl Agent for FakeAgent {
             .record(FakeCall::RemoveStorage(mount_point.into()))
             .await?;
         st.guest.remove_storage(mount_point)
+    }
+
+    async fn prepare_template(&self) -> Result<ForkReseed> {
+        let st = self.record(FakeCall::PrepareTemplate).await?;
+        Ok(if st.fork_reseed {
+            ForkReseed::Active
+        } else {
+            ForkReseed::Inactive("fake guest without VMGenID".into())
+        })
     }
 
     async fn disconnect(&self) -> Result<()> {

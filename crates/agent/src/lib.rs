@@ -51,7 +51,8 @@ pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeAgent, FakeCall};
 pub use types::{
-    AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
+    AgentDetails, ForkReseed, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime,
+    VersionInfo,
 };
 pub use url::AgentUrl;
 pub use workload::{CopyFileChunk, ExitStatus, FileChunk, ProcessSpec, Storage};

@@ -93,6 +93,26 @@ pub struct Uptime {
     pub system: Duration,
 }
 
+/// Whether a template's clones reseed their CRNG themselves: the answer to `PrepareTemplate`
+/// (ours), asked of the template VM just before it is saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForkReseed {
+    /// The guest kernel reseeds on the new VM generation id each clone resumes with, and the
+    /// agent of each clone holds `SetGuestDateTime`, `ExecProcess` and `GetRandom` until it
+    /// has: the host may leave out `ReseedRandomDev` for clones.
+    Active,
+    /// It does not; the reason, as the guest (or the host, for an agent without the call)
+    /// gave it. Clones need `ReseedRandomDev`.
+    Inactive(String),
+}
+
+impl ForkReseed {
+    /// Whether clones reseed themselves.
+    pub fn is_active(&self) -> bool {
+        matches!(self, Self::Active)
+    }
+}
+
 /// Converts a time to (seconds, microseconds) since the epoch, as `SetGuestDateTime` wants.
 /// Times before the epoch are negative.
 pub fn to_sec_usec(t: SystemTime) -> (i64, i64) {

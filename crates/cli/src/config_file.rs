@@ -177,6 +177,8 @@ struct QemuSection {
     machine_accelerators: Option<String>,
     #[serde(default)]
     clone_thp: bool,
+    #[serde(default)]
+    vmgenid: bool,
 }
 
 fn default_qemu() -> PathBuf {
@@ -447,6 +449,7 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
     hv.memory_mib = q.default_memory;
     hv.memory_slots = q.memory_slots;
     hv.disk_slots = q.disk_slots;
+    hv.vmgenid = q.vmgenid;
     hv.max_memory_mib = q.default_maxmemory.unwrap_or(q.default_memory);
     hv.machine = q.machine_type;
     hv.accel = q.accel;
@@ -740,6 +743,17 @@ mod tests {
         let e = parse("f.toml", text, Path::new("/")).expect_err("not key=value");
         let msg = e.to_string();
         assert!(msg.contains("line 3") && msg.contains("nosata"), "{msg}");
+    }
+
+    #[test]
+    fn vmgenid_is_off_unless_turned_on() {
+        let vmgenid = |extra: &str| {
+            let text = format!("[hypervisor.qemu]\nkernel = \"k\"\n{extra}");
+            parse("f.toml", &text, Path::new("/")).map(|s| s.vm.hypervisor.vmgenid)
+        };
+        assert!(!vmgenid("").expect("ok"));
+        assert!(vmgenid("vmgenid = true\n").expect("ok"));
+        assert!(vmgenid("vmgenid = \"auto\"\n").is_err(), "a bool");
     }
 
     #[test]

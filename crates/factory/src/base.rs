@@ -73,6 +73,14 @@ pub trait FactoryBase: Send + Sync + fmt::Debug {
         false
     }
 
+    /// Whether the VMs this base makes reseed their guest CRNG themselves as they resume:
+    /// clones of a template whose guest kernel has a VMGenID driver and whose agent holds
+    /// each clone's clock call until that reseed happened (`PrepareTemplate`). `get_vm` and a
+    /// cache then leave out the host's reseed; the clock call still comes, and is the wait.
+    fn clones_reseed_themselves(&self) -> bool {
+        false
+    }
+
     /// The VMs this base holds ready (a cache's pool); empty for the others.
     async fn status(&self) -> Vec<VmInfo> {
         Vec::new()

@@ -125,7 +125,10 @@ async fn make_ready(base: &dyn FactoryBase, config: &VmConfig) -> Result<Vm> {
             vm.resume().await?;
             vm.wait_ready().await?;
         }
-        if !base.hands_out_fresh() {
+        if base.clones_reseed_themselves() {
+            // The clock call returns once the guest has reseeded itself.
+            vm.sync_time().await?;
+        } else if !base.hands_out_fresh() {
             tokio::try_join!(vm.reseed_rng(), vm.sync_time())?;
         }
         vm.verify_size().await?;

@@ -164,7 +164,11 @@ impl Factory {
         let vm = self.base().get_base_vm(base_cfg).await?;
         let span = info_span!("get_vm", vm = %vm.id());
         let fresh = self.base().hands_out_fresh();
-        match adapt(&vm, config, fresh).instrument(span).await {
+        let reseeds_itself = self.base().clones_reseed_themselves();
+        match adapt(&vm, config, fresh, reseeds_itself)
+            .instrument(span)
+            .await
+        {
             Ok(()) => Ok(vm),
             Err(e) => {
                 warn!(vm = %vm.id(), error = %e, "get_vm failed, stopping the VM");
@@ -177,9 +181,15 @@ impl Factory {
     }
 }
 
-/// Resume, reseed, set time (all three skipped for a `fresh` running VM), hot-add, online,
-/// check the size (except for a `fresh` VM that needed no hotplug: checked in its pool).
-async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> Result<(), GetVmError> {
+/// Resume, reseed, set time (all three skipped for a `fresh` running VM; the reseed also for a
+/// clone that `reseeds_itself`), hot-add, online, check the size (except for a `fresh` VM that
+/// needed no hotplug: checked in its pool).
+async fn adapt(
+    vm: &Vm,
+    config: &VmConfig,
+    fresh: bool,
+    reseeds_itself: bool,
+) -> Result<(), GetVmError> {
     let id = vm.id().to_owned();
     let step = |step| {
         let id = id.clone();
@@ -202,7 +212,12 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> Result<(), GetVmError
     // comes from QMP alone).
     let size_now = !hotplug && !fresh;
     let agent_calls = async {
-        if paused || !fresh {
+        if (paused || !fresh) && reseeds_itself {
+            // The guest's own VM-fork reseed replaces the host's; its agent answers the clock
+            // call only once that happened, so nothing after `get_vm` sees the template's
+            // CRNG (docs/guest.md, "VMGenID").
+            vm.sync_time().await.map_err(step(GetVmStep::SyncTime))?;
+        } else if paused || !fresh {
             // Independent agent calls: one round trip's wait instead of two. The first failure
             // ends both (the other would dial a dead agent for its own full timeout).
             tokio::try_join!(
@@ -264,6 +279,7 @@ async fn adapt(vm: &Vm, config: &VmConfig, fresh: bool) -> Result<(), GetVmError
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::FactoryBase as _;
     use crate::factory::BaseKind;
     use crate::testing::FakeHost;
     use crate::FactoryConfig;
@@ -317,6 +333,102 @@ mod tests {
         let vm = f.get_vm(&small).await.expect("vm");
         assert_eq!(vm.status().await.expect("s").memory_mib, 256);
         assert_eq!(b.agent(vm.id()).count("online_cpu_mem"), 0);
+        vm.stop().await.expect("stop");
+        f.close().await.expect("close");
+        assert_eq!(b.live().await, 0);
+    }
+
+    #[tokio::test]
+    async fn clones_that_reseed_themselves_get_only_the_clock_call() {
+        for active in [true, false] {
+            let b = Arc::new(FakeBackends::new());
+            b.set_fork_reseed(active);
+            let f = template_factory(&b).await;
+            // The template VM was asked, after its warm-up and before the save.
+            let tpl = b.ids_where(|c| c.saves_template());
+            let names: Vec<&str> = b.agent(&tpl[0]).calls().iter().map(A::method).collect();
+            let at = |m: &str| names.iter().position(|n| *n == m).expect(m);
+            assert!(
+                at("reseed_random_dev") < at("prepare_template"),
+                "{names:?}"
+            );
+            assert!(at("prepare_template") < at("disconnect"), "{names:?}");
+            assert_eq!(f.base().clones_reseed_themselves(), active);
+            let meta = crate::TemplateMetadata::load(&b.template_path())
+                .await
+                .expect("metadata");
+            assert_eq!(meta.clones_reseed_themselves, active);
+
+            let mut req = b.config();
+            req.hypervisor.vcpus = 2;
+            let vm = f.get_vm(&req).await.expect("vm");
+            let agent = b.agent(vm.id());
+            assert_eq!(agent.count("reseed_random_dev"), usize::from(!active));
+            assert_eq!(agent.count("set_guest_date_time"), 1);
+            // The clock call (the guest's wait for its own reseed) still precedes the rest.
+            let methods: Vec<&str> = agent.calls().iter().map(A::method).collect();
+            let p = |m: &str| methods.iter().position(|x| *x == m).expect(m);
+            assert!(
+                p("set_guest_date_time") < p("online_cpu_mem"),
+                "{methods:?}"
+            );
+            vm.stop().await.expect("stop");
+
+            // A factory fetching the template reads the answer from its metadata.
+            let fetched = crate::TemplateFactory::fetch_with(
+                &b.config(),
+                b.template_path(),
+                b.clone(),
+                Arc::new(FakeHost::default()),
+            )
+            .await
+            .expect("fetch");
+            assert_eq!(fetched.clones_reseed_themselves(), active);
+            fetched.close().await.expect("close");
+            f.close().await.expect("close");
+            assert_eq!(b.live().await, 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_clock_call_that_never_sees_the_reseed_fails_get_vm() {
+        // The guest's bound on its wait ran out (no VM-fork reseed logged): the clock call
+        // fails, and the clone is stopped rather than handed out.
+        let b = Arc::new(FakeBackends::new());
+        b.set_fork_reseed(true);
+        let f = template_factory(&b).await;
+        b.fail_agent_methods(["set_guest_date_time"]);
+        let err = f.get_vm(&b.config()).await.expect_err("fails");
+        assert!(
+            matches!(
+                err,
+                GetVmError::Step {
+                    step: GetVmStep::SyncTime,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(b.live().await, 0);
+        assert_eq!(b.vm_dir_count(), 0);
+        f.close().await.expect("close");
+    }
+
+    #[tokio::test]
+    async fn a_cache_over_such_a_template_fills_its_pool_without_the_reseed() {
+        let b = Arc::new(FakeBackends::new());
+        b.set_fork_reseed(true);
+        let mut c = FactoryConfig::new(b.config());
+        c.template = true;
+        c.cache = 1;
+        c.template_path = b.template_path();
+        let f = Factory::new_with(&c, b.clone(), Arc::new(FakeHost::default()))
+            .await
+            .expect("factory");
+        let vm = f.get_vm(&b.config()).await.expect("vm");
+        let agent = b.agent(vm.id());
+        assert_eq!(agent.count("reseed_random_dev"), 0);
+        assert_eq!(agent.count("set_guest_date_time"), 1, "set in the pool");
         vm.stop().await.expect("stop");
         f.close().await.expect("close");
         assert_eq!(b.live().await, 0);

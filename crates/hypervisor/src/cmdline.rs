@@ -356,6 +356,11 @@ pub fn qemu_args(
     for port in disk_root_ports(cfg) {
         push(&["-device".as_ref(), port.as_ref()]);
     }
+    if cfg.has_vmgenid() {
+        // `auto`: a fresh random id per QEMU process, so each clone's differs from its
+        // template's and from every other clone's (QEMU notifies the guest after the load).
+        push(&["-device".as_ref(), "vmgenid,guid=auto".as_ref()]);
+    }
     if cfg.clones_template() {
         push(&["-S".as_ref(), "-incoming".as_ref(), "defer".as_ref()]);
     }
@@ -457,6 +462,36 @@ mod tests {
                 path: "/run/vm1/agent.sock".into()
             })
         );
+    }
+
+    #[test]
+    fn vmgenid_device_on_q35_and_pc_only() {
+        let paths = RunPaths::new("/r");
+        let devices = |c: &HypervisorConfig| {
+            values(&qemu_args("x", c, &paths, Accel::Tcg, None), "-device")
+                .into_iter()
+                .filter(|d| d.to_string_lossy().starts_with("vmgenid"))
+                .map(|d| d.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        let mut c = base();
+        assert!(devices(&c).is_empty(), "off by default");
+        c.vmgenid = true;
+        assert_eq!(devices(&c), ["vmgenid,guid=auto"]);
+        // A clone gets its own `auto` id too: the device is in the template's machine.
+        c.template = Some(TemplateRole::CloneFrom(TemplatePaths {
+            memory: "/t/memory".into(),
+            state: "/t/state".into(),
+        }));
+        assert_eq!(devices(&c), ["vmgenid,guid=auto"]);
+        c.template = None;
+        c.machine = MachineType::Pc;
+        assert_eq!(devices(&c).len(), 1);
+        c.machine = MachineType::Microvm;
+        assert!(devices(&c).is_empty(), "no ACPI table for it on microvm");
+        c.machine = MachineType::Q35;
+        c.vmgenid = false;
+        assert!(devices(&c).is_empty());
     }
 
     #[test]

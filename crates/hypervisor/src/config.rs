@@ -285,6 +285,16 @@ pub struct HypervisorConfig {
     /// left to the host's setting (their guest RAM gains from huge pages under KVM).
     #[serde(default)]
     pub clone_thp: bool,
+    /// A VM generation id device (`-device vmgenid,guid=auto`): every QEMU start, each clone
+    /// of a template included, gives the guest a new id, and a guest kernel with a VMGenID
+    /// driver (Debian's 6.12, not its 6.1) reseeds its CRNG when the id changes. It is in the
+    /// machine a template saves, so a template and its clones must agree on it. microvm
+    /// ignores it: QEMU builds the device's ACPI table only on q35 and pc. Off by default:
+    /// under TCG the guest's handling of the new id costs each clone more CPU (9 ms on 6.1,
+    /// which has no driver; 13 ms on 6.12) than the host reseed it makes unnecessary (3 ms;
+    /// docs/benchmarks.md, "VMGenID and the 6.12 kernel").
+    #[serde(default)]
+    pub vmgenid: bool,
 }
 
 /// The serde default of [`HypervisorConfig::machine_options`]: none.
@@ -294,8 +304,8 @@ fn no_machine_options() -> Option<String> {
 
 impl HypervisorConfig {
     /// A config with 1 vCPU, 256 MiB, q35, `auto` accelerator, virtio-serial agent channel,
-    /// no CPU or memory hotplug room, [`DEFAULT_DISK_SLOTS`] disk slots, and
-    /// `qemu-system-x86_64` from `PATH`.
+    /// no CPU or memory hotplug room, [`DEFAULT_DISK_SLOTS`] disk slots, no VM generation id
+    /// device, and `qemu-system-x86_64` from `PATH`.
     pub fn new(kernel: impl Into<PathBuf>, initrd: Option<PathBuf>) -> Self {
         Self {
             qemu_path: PathBuf::from("qemu-system-x86_64"),
@@ -317,6 +327,7 @@ impl HypervisorConfig {
             disk_slots: DEFAULT_DISK_SLOTS,
             machine_options: None,
             clone_thp: false,
+            vmgenid: false,
         }
     }
 
@@ -326,6 +337,12 @@ impl HypervisorConfig {
         self.machine_options
             .as_deref()
             .unwrap_or(self.machine.lean_options())
+    }
+
+    /// Whether the command line has a VM generation id device: [`HypervisorConfig::vmgenid`]
+    /// on a machine with ACPI tables for it.
+    pub fn has_vmgenid(&self) -> bool {
+        self.vmgenid && !matches!(self.machine, MachineType::Microvm)
     }
 
     /// The `pcie-root-port`s the command line adds for disk hotplug: `disk_slots` on q35,

@@ -33,6 +33,7 @@ struct Faults {
     hv_exit_after: Option<FakeStep>,
     proxy_start: bool,
     relisten: bool,
+    fork_reseed: bool,
     abort_at: Option<NewStep>,
     boot_delay: Duration,
 }
@@ -94,6 +95,7 @@ impl FakeBackends {
                 hv_exit_after: None,
                 proxy_start: false,
                 relisten: true,
+                fork_reseed: false,
                 abort_at: None,
                 boot_delay: Duration::ZERO,
             }),
@@ -200,6 +202,12 @@ impl FakeBackends {
     /// factory awaits; on by default.
     pub fn set_relisten(&self, relisten: bool) {
         self.faults().relisten = relisten;
+    }
+
+    /// Whether each later agent says its clones reseed themselves (`prepare_template`,
+    /// `FakeAgent::set_fork_reseed`), as a guest with VMGenID; off by default.
+    pub fn set_fork_reseed(&self, active: bool) {
+        self.faults().fork_reseed = active;
     }
 
     /// Makes [`Backends::before`] fail at `step` with `Error::Aborted` (`None`: never).
@@ -443,12 +451,13 @@ impl Backends for FakeBackends {
     }
 
     fn agent(&self, id: &str, url: &AgentUrl, _config: &VmAgentConfig) -> Result<Arc<dyn Agent>> {
-        let (fail_create, methods, hang) = {
+        let (fail_create, methods, hang, fork_reseed) = {
             let faults = self.faults();
             (
                 faults.agent_create,
                 faults.agent_methods.clone(),
                 faults.agent_hang.clone(),
+                faults.fork_reseed,
             )
         };
         if fail_create {
@@ -462,6 +471,7 @@ impl Backends for FakeBackends {
             Some((_, agent)) => agent.clone(),
             None => {
                 let agent = Arc::new(FakeAgent::new());
+                agent.set_fork_reseed(fork_reseed);
                 for method in methods {
                     agent.fail(method);
                 }

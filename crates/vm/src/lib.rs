@@ -143,7 +143,8 @@ pub use workload::{Process, ProcessOutput};
 
 // The leaf types this crate's public API exposes.
 pub use vmfactory_agent::{
-    Agent, AgentConfig, AgentUrl, Error as AgentError, ExitStatus, KataAgent, ProcessSpec,
+    Agent, AgentConfig, AgentUrl, Error as AgentError, ExitStatus, ForkReseed, KataAgent,
+    ProcessSpec,
 };
 pub use vmfactory_hypervisor::{
     Accel, AgentChannel, AgentEndpoint, AttachedDisk, ConfigError as HypervisorConfigError,

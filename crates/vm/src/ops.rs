@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tracing::{info, instrument};
+use vmfactory_agent::ForkReseed;
 use vmfactory_hypervisor::VmStatus;
 
 use crate::error::{Error, Result};
@@ -159,6 +160,17 @@ impl Vm {
         drop(self.owned().await?);
         let data = host_entropy(Path::new(ENTROPY_SOURCE)).await?;
         self.agent_call("reseed_random_dev", self.agent.reseed_random_dev(&data))
+            .await
+    }
+
+    /// Asks the guest agent to get ready for this VM to be saved as a template: whether its
+    /// clones will reseed their CRNG themselves (VMGenID), so that they need no
+    /// [`Vm::reseed_rng`]. Where they will, the agent of each clone holds its clock call
+    /// ([`Vm::sync_time`]) until its kernel has reseeded.
+    #[instrument(skip(self), fields(vm = %self.id))]
+    pub async fn prepare_template(&self) -> Result<ForkReseed> {
+        drop(self.owned().await?);
+        self.agent_call("prepare_template", self.agent.prepare_template())
             .await
     }
 

@@ -237,6 +237,22 @@ mod tests {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
+        // Until `tail` has the log open, removing the run dir makes it exit ("no files
+        // remaining"): on a loaded machine the reap below once came first.
+        let opened = |pid: u32| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == log))
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !opened(tail.id()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tail never opened the log"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         ProcessRecord::save(ProcessKind::Qemu, qemu.id(), &dir)
             .await
             .unwrap();

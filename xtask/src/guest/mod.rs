@@ -1,19 +1,21 @@
 //! `cargo xtask guest`: the guest image (kernel + initramfs) every real-QEMU test and bench boots.
 //!
-//! Inputs: Debian's `linux-image-cloud-amd64` (resolved to its versioned package, fetched with
-//! `apt-get download`, unpacked with `dpkg-deb -x`: no maintainer scripts run), the statically
-//! linked guest agent, `busybox-static` and the extra packages of [`ImageSpec`] with their
-//! dependency closure (fetched and unpacked the same way). Output in `target/guest/`:
+//! Inputs: a Debian cloud kernel ([`GuestKernel`]: 6.1 or 6.12, see `kernel.rs`), the
+//! statically linked guest agent, `busybox-static` and the extra packages of [`ImageSpec`] with
+//! their dependency closure (fetched with `apt-get download`, unpacked with `dpkg-deb -x`: no
+//! maintainer scripts run). Output in `target/guest/`:
 //! - `vmlinuz`: the kernel;
 //! - `initramfs.cpio`: a reproducible, usr-merged newc archive (`/init` = agent, busybox and its
-//!   applet links, the packages, the virtio/vsock/virtio-blk modules, `/lib/modules/load-order`,
-//!   `/dev/console`, `/etc/passwd`), all mtimes 0, owners root;
-//! - `manifest.json`: what went in, with hashes and package versions. A rebuild happens only
-//!   when an input changes.
+//!   applet links, the packages, those of the virtio/vsock/virtio-blk modules the kernel does
+//!   not have built in, `/lib/modules/load-order`, `/dev/console`, `/etc/passwd`), all mtimes
+//!   0, owners root;
+//! - `manifest.json`: what went in (the kernel series too), with hashes and package versions.
+//!   A rebuild happens only when an input changes.
 
 mod config;
 mod cpio;
 mod debs;
+mod kernel;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -27,12 +29,13 @@ use sha2::{Digest, Sha256};
 
 pub use self::config::ImageSpec;
 use self::cpio::{Node, Tree};
+use self::kernel::{read_module, ModuleSource};
+pub use self::kernel::{GuestKernel, KernelTree};
 use crate::util::{run, workspace_root};
 
-/// The meta package whose dependency names the kernel we use.
-const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
-
-/// Modules the guest needs, in load order (no modules.dep ships in the .deb).
+/// Modules the guest needs, in load order (no modules.dep ships in the .deb). Those a kernel
+/// has built in (6.12 builds in virtio, virtio_pci and virtio_console) are left out of its
+/// image.
 pub const MODULES: &[&str] = &[
     "virtio_ring",
     "virtio",
@@ -58,6 +61,8 @@ const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
 pub struct Manifest {
     /// Layout version of the image.
     pub format: u32,
+    /// The kernel series asked for.
+    pub kernel: GuestKernel,
     /// Versioned Debian package the kernel came from.
     pub kernel_package: String,
     /// Kernel release (`uname -r` inside the guest).
@@ -68,8 +73,11 @@ pub struct Manifest {
     pub agent_sha256: String,
     /// SHA-256 of `initramfs.cpio`.
     pub initramfs_sha256: String,
-    /// Modules in load order.
+    /// Modules in the image, in load order.
     pub modules: Vec<String>,
+    /// Modules of [`MODULES`] the kernel has built in (not in the image).
+    #[serde(default)]
+    pub builtin_modules: Vec<String>,
     /// Packages asked for (`--package`, the config file), busybox-static aside.
     pub requested_packages: Vec<String>,
     /// Every unpacked Debian package (the requested ones, their closure, busybox-static) and
@@ -91,66 +99,42 @@ pub fn guest_dir() -> PathBuf {
     workspace_root().join("target/guest")
 }
 
-/// The unpacked kernel package: `boot/vmlinuz-<release>` and `lib/modules/<release>/`.
-pub struct KernelTree {
-    /// Where `dpkg-deb -x` put the package.
-    pub unpacked: PathBuf,
-    /// Kernel release (`uname -r`).
-    pub release: String,
-}
-
-impl KernelTree {
-    /// Path of module `name` (e.g. `kernel/arch/x86/kvm/kvm.ko` → give `arch/x86/kvm/kvm`).
-    pub fn module(&self, rel: &str) -> PathBuf {
-        self.unpacked
-            .join(format!("lib/modules/{}/kernel", self.release))
-            .join(format!("{rel}.ko"))
-    }
-}
-
-/// Fetches (once) and unpacks (once) the kernel package under `target/guest/cache`.
-pub fn kernel_tree() -> Result<KernelTree> {
-    let cache = guest_dir().join("cache");
-    fs::create_dir_all(&cache).with_context(|| format!("Cannot create {}", cache.display()))?;
-    let deb = kernel_deb(&cache)?;
-    let package = deb
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.split('_').next())
-        .context("Kernel package file name is not name_version_arch.deb")?
-        .to_string();
-    let unpacked = cache.join(format!("{package}.unpacked"));
-    if !unpacked.join("boot").is_dir() {
-        let tmp = cache.join(format!("{package}.unpacking"));
-        let _ = fs::remove_dir_all(&tmp);
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
-        fs::rename(&tmp, &unpacked)?;
-    }
-    let release = package
-        .strip_prefix("linux-image-")
-        .context("Kernel package is not linux-image-*")?
-        .to_string();
-    let vmlinuz = unpacked.join(format!("boot/vmlinuz-{release}"));
-    ensure!(
-        vmlinuz.is_file(),
-        "Kernel {} missing from the package",
-        vmlinuz.display()
-    );
-    Ok(KernelTree { unpacked, release })
+/// Fetches (once) and unpacks (once) `kernel`'s package under `target/guest/cache`.
+pub fn kernel_tree(kernel: GuestKernel) -> Result<KernelTree> {
+    kernel::kernel_tree_in(&guest_dir().join("cache"), kernel)
 }
 
 /// Builds (or reuses) the guest image with the packages of `vmfactory-guest.toml`, if any.
 pub fn build(quiet: bool) -> Result<GuestImage> {
-    build_with(&ImageSpec::load(None, &[])?, quiet)
+    build_with(&ImageSpec::load(None, &[], None)?, quiet)
 }
 
-/// Builds (or reuses) the guest image with the packages of `spec`.
+/// Builds (or reuses) the guest image of `spec` in `target/guest`.
 pub fn build_with(spec: &ImageSpec, quiet: bool) -> Result<GuestImage> {
-    let dir = guest_dir();
+    build_in(spec, &guest_dir(), quiet)
+}
 
-    let KernelTree { unpacked, release } = kernel_tree()?;
-    let package = format!("linux-image-{release}");
-    let vmlinuz_src = unpacked.join(format!("boot/vmlinuz-{release}"));
+/// Builds (or reuses) the image of `vmfactory-guest.toml` with `kernel` instead of the
+/// configured series, in `target/guest-kernels/<series>` (for comparisons and the second
+/// VMGenID e2e pass), and returns it with its directory.
+pub fn build_kernel_image(kernel: GuestKernel, quiet: bool) -> Result<(GuestImage, PathBuf)> {
+    let spec = ImageSpec {
+        kernel,
+        ..ImageSpec::load(None, &[], None)?
+    };
+    let dir = workspace_root()
+        .join("target/guest-kernels")
+        .join(kernel.as_str());
+    Ok((build_in(&spec, &dir, quiet)?, dir))
+}
+
+/// Builds (or reuses) the guest image of `spec` in `dir` (the package cache stays shared in
+/// `target/guest/cache`).
+pub fn build_in(spec: &ImageSpec, dir: &Path, quiet: bool) -> Result<GuestImage> {
+    fs::create_dir_all(dir).with_context(|| format!("Cannot create {}", dir.display()))?;
+    let tree = kernel_tree(spec.kernel)?;
+    let package = format!("linux-image-{}", tree.release);
+    let vmlinuz_src = tree.vmlinuz();
 
     let agent = build_agent(quiet)?;
     let agent_bytes =
@@ -162,20 +146,18 @@ pub fn build_with(spec: &ImageSpec, quiet: bool) -> Result<GuestImage> {
     );
 
     let mut modules = Vec::new();
+    let mut builtin_modules = Vec::new();
     for name in MODULES {
-        let path = unpacked
-            .join(format!("lib/modules/{release}"))
-            .join(module_subdir(name));
-        let path = path.join(format!("{name}.ko"));
-        let bytes = fs::read(&path)
-            .with_context(|| format!("Module {name} missing: {}", path.display()))?;
-        modules.push((name.to_string(), bytes));
+        match tree.module_source(name)? {
+            ModuleSource::BuiltIn => builtin_modules.push(name.to_string()),
+            ModuleSource::File(path) => modules.push((name.to_string(), read_module(&path)?)),
+        }
     }
 
     let mut roots = vec![BUSYBOX_PACKAGE.to_string()];
     roots.extend(spec.packages.iter().cloned());
     let closure = debs::closure(&roots)?;
-    let unpacked = debs::fetch(&dir.join("cache"), &closure)?;
+    let unpacked = debs::fetch(&guest_dir().join("cache"), &closure)?;
     let trees: Vec<(String, PathBuf)> = closure
         .iter()
         .map(|p| p.name.clone())
@@ -186,12 +168,14 @@ pub fn build_with(spec: &ImageSpec, quiet: bool) -> Result<GuestImage> {
     let cpio = initramfs(&agent_bytes, &modules, &trees)?.write()?;
     let manifest = Manifest {
         format: IMAGE_FORMAT,
+        kernel: spec.kernel,
         kernel_package: package,
-        kernel_release: release,
+        kernel_release: tree.release.clone(),
         kernel_sha256: sha256(&kernel_bytes),
         agent_sha256: sha256(&agent_bytes),
         initramfs_sha256: sha256(&cpio),
-        modules: MODULES.iter().map(|m| m.to_string()).collect(),
+        modules: modules.iter().map(|(m, _)| m.clone()).collect(),
+        builtin_modules,
         requested_packages: spec.packages.clone(),
         packages: closure
             .iter()
@@ -218,76 +202,15 @@ pub fn build_with(spec: &ImageSpec, quiet: bool) -> Result<GuestImage> {
     write_atomic(&manifest_path, &serde_json::to_vec_pretty(&manifest)?)?;
     if !quiet {
         eprintln!(
-            "guest image built: {} ({} KiB initramfs, {} Debian packages, kernel {})",
+            "guest image built: {} ({} KiB initramfs, {} Debian packages, kernel {} ({}))",
             dir.display(),
             cpio.len() / 1024,
             manifest.packages.len(),
-            manifest.kernel_release
+            manifest.kernel_release,
+            manifest.kernel
         );
     }
     Ok(image)
-}
-
-/// Where each module lives under `lib/modules/<release>/`.
-fn module_subdir(name: &str) -> &'static str {
-    match name {
-        "virtio_console" => "kernel/drivers/char",
-        "virtio_blk" => "kernel/drivers/block",
-        n if n.starts_with("virtio") => "kernel/drivers/virtio",
-        _ => "kernel/net/vmw_vsock",
-    }
-}
-
-/// Returns the kernel .deb, downloading it once. `VMFACTORY_KERNEL_DEB` overrides.
-fn kernel_deb(cache: &Path) -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("VMFACTORY_KERNEL_DEB") {
-        return Ok(PathBuf::from(path));
-    }
-    let package = match resolve_kernel_package() {
-        Ok(p) => p,
-        Err(_) => {
-            // A fresh machine has no package lists yet.
-            run(Command::new("apt-get").arg("update").arg("-qq"))?;
-            resolve_kernel_package()?
-        }
-    };
-    if let Some(found) = find_deb(cache, &package)? {
-        return Ok(found);
-    }
-    run(Command::new("apt-get")
-        .args(["download", "-qq", "-o", "APT::Sandbox::User=root"])
-        .arg(&package)
-        .current_dir(cache))?;
-    find_deb(cache, &package)?.with_context(|| format!("apt-get download {package} left no .deb"))
-}
-
-fn find_deb(cache: &Path, package: &str) -> Result<Option<PathBuf>> {
-    let prefix = format!("{package}_");
-    for entry in fs::read_dir(cache)? {
-        let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default();
-        if name.starts_with(&prefix) && name.ends_with(".deb") {
-            return Ok(Some(path));
-        }
-    }
-    Ok(None)
-}
-
-/// `linux-image-cloud-amd64` → `linux-image-6.1.0-NN-cloud-amd64`.
-fn resolve_kernel_package() -> Result<String> {
-    let out = Command::new("apt-cache")
-        .args(["depends", KERNEL_META_PACKAGE])
-        .output()
-        .context("Cannot run apt-cache (is this Debian?)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|d| d.starts_with("linux-image-") && d.ends_with("-cloud-amd64"))
-        .map(str::to_string)
-        .with_context(|| format!("apt-cache knows no dependency of {KERNEL_META_PACKAGE}"))
 }
 
 /// Builds the statically linked guest agent and returns its path.
@@ -470,13 +393,5 @@ mod tests {
         let host = fs::read(std::env::current_exe().unwrap()).unwrap();
         // Test binaries are dynamically linked.
         assert!(!is_static_elf(&host));
-    }
-
-    #[test]
-    fn module_paths() {
-        assert_eq!(module_subdir("virtio_console"), "kernel/drivers/char");
-        assert_eq!(module_subdir("virtio_pci"), "kernel/drivers/virtio");
-        assert_eq!(module_subdir("virtio_blk"), "kernel/drivers/block");
-        assert_eq!(module_subdir("vsock"), "kernel/net/vmw_vsock");
     }
 }

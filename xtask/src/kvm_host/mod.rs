@@ -193,7 +193,8 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     let dir = root.join("target/kvm-host");
     std::fs::create_dir_all(&dir)?;
     let guest = guest::build(true)?;
-    let kernel = guest::kernel_tree()?;
+    // L1 stays on the 6.1 kernel its KVM setup was measured with (uncompressed modules).
+    let kernel = guest::kernel_tree(guest::GuestKernel::V6_1)?;
     let backend = tools::ensure_vhost_device_vsock()?;
     let pkgs = packages::ensure(&dir)?;
     eprintln!("kvm-host: outer QEMU and VMM in L1: {}", pkgs.qemu_version);

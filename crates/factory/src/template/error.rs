@@ -12,6 +12,8 @@ pub enum TemplateStep {
     WarmUpReseed,
     /// Setting the template VM's clock before it is saved.
     WarmUpTimeSync,
+    /// Asking the template VM's agent whether clones reseed themselves (`PrepareTemplate`).
+    Prepare,
     /// Closing the host's agent connection so the guest re-listens.
     Disconnect,
     /// Waiting for the guest agent to re-listen (its console line).
@@ -32,6 +34,7 @@ impl fmt::Display for TemplateStep {
             Self::Boot => "boot",
             Self::WarmUpReseed => "warm-up reseed",
             Self::WarmUpTimeSync => "warm-up time sync",
+            Self::Prepare => "preparation",
             Self::Disconnect => "disconnect",
             Self::Relisten => "re-listen wait",
             Self::Pause => "pause",

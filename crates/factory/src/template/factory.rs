@@ -76,6 +76,9 @@ pub struct TemplateFactory {
     host: Arc<dyn TemplateHost>,
     owned: bool,
     closed: AtomicBool,
+    /// What the template's metadata says of its clones' CRNG (see
+    /// [`FactoryBase::clones_reseed_themselves`]); set when it is made or checked.
+    reseed_themselves: AtomicBool,
     /// The template's lock, held shared while the factory is open.
     pub(super) lock: tokio::sync::Mutex<Option<OpLock>>,
     /// The data files as the save left them (from the metadata), checked before each clone.
@@ -272,6 +275,7 @@ impl TemplateFactory {
             host,
             owned,
             closed: AtomicBool::new(false),
+            reseed_themselves: AtomicBool::new(false),
             lock: tokio::sync::Mutex::new(None),
             saved: std::sync::Mutex::new(None),
             prestarted: Prestarter::default(),
@@ -424,6 +428,8 @@ impl TemplateFactory {
         let meta = TemplateMetadata::load(&self.path).await?;
         let key = CloneKey::gather(&self.run.hypervisor, self.host.as_ref()).await?;
         meta.check(&key)?;
+        self.reseed_themselves
+            .store(meta.clones_reseed_themselves, Ordering::SeqCst);
         check_size(&self.path.join(MEMORY_FILE), Some(meta.memory_mib << 20)).await?;
         check_size(&self.path.join(STATE_FILE), meta.state_bytes).await?;
         if let Some(saved) = &meta.files {
@@ -458,7 +464,7 @@ impl TemplateFactory {
             .await?;
         // The key before the boot: it stats the guest files and asks QEMU its version.
         let key = CloneKey::gather(&self.run.hypervisor, self.host.as_ref()).await?;
-        save_template_vm(tpl, self.backends.as_ref()).await?;
+        let fork = save_template_vm(tpl, self.backends.as_ref()).await?;
         check_size(&self.path.join(MEMORY_FILE), Some(key.memory_mib << 20)).await?;
         let state_bytes = check_size(&self.path.join(STATE_FILE), None).await?;
         let mut meta = TemplateMetadata::new(key);
@@ -467,7 +473,10 @@ impl TemplateFactory {
             memory: FileIdentity::of(&self.path.join(MEMORY_FILE)).await?,
             state: FileIdentity::of(&self.path.join(STATE_FILE)).await?,
         });
+        meta.clones_reseed_themselves = fork.is_active();
         meta.write(&self.path).await?;
+        self.reseed_themselves
+            .store(meta.clones_reseed_themselves, Ordering::SeqCst);
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = meta.files;
         Ok(())
     }
@@ -537,6 +546,11 @@ impl FactoryBase for TemplateFactory {
         Vm::new_with(clone, self.backends.as_ref())
             .await
             .map_err(|e| TemplateError::vm(TemplateStep::Clone, e).into())
+    }
+
+    /// As the template's metadata says: its VM's agent was armed before the save.
+    fn clones_reseed_themselves(&self) -> bool {
+        self.reseed_themselves.load(Ordering::SeqCst)
     }
 
     /// Marks the factory closed and releases the template; if it owns the template, removes

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use vmfactory_vm::{AgentChannel, Backends, Vm, VmConfig};
+use tracing::info;
+use vmfactory_vm::{AgentChannel, Backends, ForkReseed, Vm, VmConfig};
 
 use super::error::{TemplateError, TemplateStep};
 
@@ -17,9 +18,13 @@ pub(super) struct Made {
     pub(super) files: bool,
 }
 
-/// Boots the template VM, warms it up, waits for its agent to re-listen after a disconnect
-/// (virtio-serial), pauses, saves, and stops it (also on failure).
-pub(super) async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) -> Result<()> {
+/// Boots the template VM, warms it up, asks its agent whether clones will reseed themselves
+/// (and so arms it), waits for the agent to re-listen after a disconnect (virtio-serial),
+/// pauses, saves, and stops it (also on failure). Returns the agent's answer.
+pub(super) async fn save_template_vm(
+    tpl: &VmConfig,
+    backends: &dyn Backends,
+) -> Result<ForkReseed> {
     let vm = Vm::new_with(tpl.clone(), backends)
         .await
         .map_err(|e| TemplateError::vm(TemplateStep::Boot, e))?;
@@ -46,6 +51,17 @@ pub(super) async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) ->
         let (seeded, timed) = tokio::join!(vm.reseed_rng(), vm.sync_time());
         seeded.map_err(|e| TemplateError::vm(TemplateStep::WarmUpReseed, e))?;
         timed.map_err(|e| TemplateError::vm(TemplateStep::WarmUpTimeSync, e))?;
+        // After the warm-up: a guest reseeds on a VM fork only once its CRNG is ready.
+        let fork = vm
+            .prepare_template()
+            .await
+            .map_err(|e| TemplateError::vm(TemplateStep::Prepare, e))?;
+        match &fork {
+            ForkReseed::Active => info!("clones will reseed their CRNG themselves (VMGenID)"),
+            ForkReseed::Inactive(why) => {
+                info!(reason = %why, "clones need the host's RNG reseed");
+            }
+        }
         vm.disconnect()
             .await
             .map_err(|e| TemplateError::vm(TemplateStep::Disconnect, e))?;
@@ -66,14 +82,16 @@ pub(super) async fn save_template_vm(tpl: &VmConfig, backends: &dyn Backends) ->
             .map_err(|e| TemplateError::vm(TemplateStep::Pause, e))?;
         vm.save()
             .await
-            .map_err(|e| TemplateError::vm(TemplateStep::Save, e))
+            .map_err(|e| TemplateError::vm(TemplateStep::Save, e))?;
+        Ok(fork)
     }
     .await;
     let stopped = vm
         .stop()
         .await
         .map_err(|e| TemplateError::vm(TemplateStep::Stop, e));
-    saved.and(stopped)
+    let fork = saved?;
+    stopped.map(|()| fork)
 }
 
 /// Creates `path` (and its parents) with mode 0700; true if `path` itself was created.
@@ -95,5 +113,39 @@ pub(super) async fn create_dir(path: &Path) -> Result<bool> {
             Ok(false)
         }
         Err(e) => Err(TemplateError::io("create", path, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use vmfactory_vm::FakeBackends;
+
+    use super::super::factory::TemplateFactory;
+    use super::*;
+    use crate::testing::FakeHost;
+
+    #[tokio::test]
+    async fn a_failed_preparation_fails_the_template_and_cleans_up() {
+        let b = Arc::new(FakeBackends::new());
+        b.fail_agent_methods(["prepare_template"]);
+        let host = Arc::new(FakeHost::default());
+        let err = TemplateFactory::new_with(&b.config(), b.template_path(), b.clone(), host)
+            .await
+            .expect_err("fails");
+        assert!(
+            matches!(
+                err,
+                TemplateError::Vm {
+                    step: TemplateStep::Prepare,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(!b.template_path().exists());
+        assert_eq!(b.live().await, 0);
+        assert_eq!(b.vm_dir_count(), 0);
     }
 }

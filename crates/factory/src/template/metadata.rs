@@ -7,10 +7,10 @@
 //! machine from the same guest: every field of the hypervisor config except the template role
 //! (its files) and the image (templates have none). That includes boot vCPUs and
 //! memory, `max_vcpus`, memory slots and `max_memory_mib` (they shape the machine), machine
-//! type and its `-machine` options (`sata=off`), disk slots (root ports on q35), kernel,
-//! initrd, kernel parameters, the agent channel, the QEMU binary and its version, and the
-//! identity of the kernel and initrd files (path, size and mtime: cheap, and enough to
-//! notice a rebuilt guest; not a content hash). The accelerator and CPU model are
+//! type and its `-machine` options (`sata=off`), disk slots (root ports on q35), the VM
+//! generation id device, kernel, initrd, kernel parameters, the agent channel, the QEMU binary
+//! and its version, and the identity of the kernel and initrd files (path, size and mtime:
+//! cheap, and enough to notice a rebuilt guest; not a content hash). The accelerator and CPU model are
 //! the *resolved* ones ([`HypervisorConfig::pinned`]): a template made under KVM with
 //! `-cpu host` cannot be loaded under TCG (version 1 recorded `auto`, so it could be).
 
@@ -140,11 +140,21 @@ pub struct CloneKey {
     /// did (its templates had none) and a config with options is refused by name.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub machine_options: String,
+    /// Whether the machine has a VM generation id device
+    /// ([`HypervisorConfig::has_vmgenid`]): its state is in the template's. Left out when
+    /// off, as `disk_slots` is when 0, so metadata written before the field hashes as it did.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub vmgenid: bool,
 }
 
 /// Whether `n` is 0 (serde's `skip_serializing_if` of [`CloneKey::disk_slots`]).
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// Whether `b` is false (serde's `skip_serializing_if` of [`CloneKey::vmgenid`]).
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl CloneKey {
@@ -180,6 +190,7 @@ impl CloneKey {
             tcg_tb_size_mib: cfg.tcg_tb_size_mib,
             disk_slots: cfg.disk_slots,
             machine_options: cfg.effective_machine_options().to_owned(),
+            vmgenid: cfg.has_vmgenid(),
         })
     }
 
@@ -237,6 +248,12 @@ pub struct TemplateMetadata {
     /// written before it was recorded: then only their sizes are checked, when opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<SavedFiles>,
+    /// Whether the template VM's agent said its clones reseed their CRNG themselves
+    /// (VMGenID; `PrepareTemplate`), so that `get_vm` leaves out the host's reseed. A
+    /// property of the guest, not of the config, so not in the key; absent (false) in
+    /// metadata written before it was asked, whose clones are reseeded by the host.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub clones_reseed_themselves: bool,
 }
 
 impl TemplateMetadata {
@@ -253,6 +270,7 @@ impl TemplateMetadata {
                 .as_secs(),
             state_bytes: None,
             files: None,
+            clones_reseed_themselves: false,
         }
     }
 
@@ -498,6 +516,30 @@ mod tests {
             mismatch(TemplateMetadata::new(k).check(&other)),
             ["machine_options", "sata=off", "sata=off,smbus=off"]
         );
+    }
+
+    #[tokio::test]
+    async fn metadata_from_before_vmgenid_loads_and_mismatches_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old_key = key(dir.path()).await;
+        assert!(!old_key.vmgenid, "the default");
+        let k = CloneKey {
+            vmgenid: true,
+            ..old_key.clone()
+        };
+        // Off (the default, or written before the device existed): no `vmgenid` in the key,
+        // hashed as before.
+        let old = TemplateMetadata::new(old_key.clone());
+        let json = serde_json::to_value(&old).expect("json");
+        assert!(json["key"].get("vmgenid").is_none(), "{json}");
+        old.write(dir.path()).await.expect("write");
+        let loaded = TemplateMetadata::load(dir.path())
+            .await
+            .expect("hash unchanged");
+        loaded
+            .check(&old_key)
+            .expect("a config without it still fits");
+        assert_eq!(mismatch(loaded.check(&k)), ["vmgenid", "nothing", "true"]);
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 mod accept;
 mod config;
 mod files;
+pub mod fork;
 pub mod process;
 pub mod reaper;
 mod serial;
@@ -25,7 +26,9 @@ use tracing::{info, warn};
 use ttrpc::asynchronous::transport::Listener;
 use ttrpc::r#async::{Server, Service};
 use vmfactory_agent::channel::listening_line;
-use vmfactory_agent::protocols::{agent_ttrpc, diag_ttrpc, health_ttrpc, workload_ttrpc};
+use vmfactory_agent::protocols::{
+    agent_ttrpc, diag_ttrpc, health_ttrpc, template_ttrpc, workload_ttrpc,
+};
 
 use crate::console::console_line;
 use crate::error::{Error, Result};
@@ -35,12 +38,13 @@ pub use serial::{serial_listener, FdStream, PortOpener, SerialConn};
 pub use service::GuestAgent;
 pub use sysfs::GuestPaths;
 
-/// The ttRPC service map of all four services, ready for [`Server::register_service`].
+/// The ttRPC service map of all five services, ready for [`Server::register_service`].
 pub fn services(agent: Arc<GuestAgent>) -> HashMap<String, Service> {
     let mut map = health_ttrpc::create_health(agent.clone());
     map.extend(agent_ttrpc::create_agent_service(agent.clone()));
     map.extend(diag_ttrpc::create_diagnostics(agent.clone()));
-    map.extend(workload_ttrpc::create_workload(agent));
+    map.extend(workload_ttrpc::create_workload(agent.clone()));
+    map.extend(template_ttrpc::create_template(agent));
     map
 }
 

@@ -1,4 +1,4 @@
-//! The three ttRPC services of the guest agent, on one [`GuestAgent`].
+//! The ttRPC services of the guest agent, on one [`GuestAgent`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -13,15 +13,16 @@ use ttrpc::r#async::TtrpcContext;
 use ttrpc::{get_status, Code};
 
 use vmfactory_agent::protocols::{
-    agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc, workload as wl,
-    workload_ttrpc,
+    agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc, template, template_ttrpc,
+    workload as wl, workload_ttrpc,
 };
 use vmfactory_agent::types::{
-    self, AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Uptime,
+    self, AgentDetails, ForkReseed, GuestDetails, HealthStatus, OnlineCpuMem, Uptime,
 };
 use vmfactory_agent::{CopyFileChunk, ProcessSpec};
 
 use super::config::GuestConfig;
+use super::fork::ForkBarrier;
 use super::process::Processes;
 use super::storage::{Storages, DEVICE_TIMEOUT};
 use super::{files, sysfs};
@@ -40,8 +41,9 @@ nix::ioctl_write_ptr_bad!(
 );
 nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
 
-/// The guest agent: implements `grpc.Health`, `grpc.AgentService` and
-/// `vmfactory.diag.Diagnostics` over the guest described by a [`GuestConfig`].
+/// The guest agent: implements `grpc.Health`, `grpc.AgentService` and our
+/// `vmfactory.diag.Diagnostics`, `vmfactory.workload.Workload` and
+/// `vmfactory.template.Template` over the guest described by a [`GuestConfig`].
 #[derive(Debug)]
 pub struct GuestAgent {
     cfg: GuestConfig,
@@ -51,18 +53,28 @@ pub struct GuestAgent {
     random_dev: OnceLock<File>,
     procs: Arc<Processes>,
     storages: Arc<Storages>,
+    /// Holds a template clone's clock call, processes and random reads until its kernel
+    /// reseeded itself (see `fork.rs`).
+    fork: Arc<ForkBarrier>,
 }
 
 impl GuestAgent {
     /// An agent over `cfg`; its uptime starts now.
     pub fn new(cfg: GuestConfig) -> Self {
+        let fork = Arc::new(ForkBarrier::new(&cfg.paths));
         GuestAgent {
             cfg,
             started: Instant::now(),
             random_dev: OnceLock::new(),
             procs: Arc::default(),
             storages: Arc::default(),
+            fork,
         }
+    }
+
+    /// The VM-fork barrier.
+    pub fn fork_barrier(&self) -> &ForkBarrier {
+        &self.fork
     }
 
     /// `ReadStdout` or `ReadStderr`.
@@ -267,6 +279,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
                 random_dev: OnceLock::new(),
                 procs: self.procs.clone(),
                 storages: self.storages.clone(),
+                fork: self.fork.clone(),
             };
             tokio::spawn(async move {
                 if let Err(e) = agent.online_cpu_mem(req).await {
@@ -286,6 +299,8 @@ impl agent_ttrpc::AgentService for GuestAgent {
         self.reseed(req.data)
             .await
             .map_err(|e| status("ReseedRandomDev", e))?;
+        // Host entropy makes a clone's CRNG its own as well as a VM-fork reseed does.
+        self.fork.release();
         Ok(Empty::new())
     }
 
@@ -304,6 +319,11 @@ impl agent_ttrpc::AgentService for GuestAgent {
             .ok_or_else(|| {
                 ttrpc::Error::RpcStatus(get_status(Code::INVALID_ARGUMENT, "time out of range"))
             })?;
+        // `get_vm`'s last guest call: once it is answered, a clone's CRNG is its own.
+        self.fork
+            .wait()
+            .await
+            .map_err(|e| status("SetGuestDateTime", e))?;
         self.cfg
             .clock
             .set(t)
@@ -329,6 +349,10 @@ impl agent_ttrpc::AgentService for GuestAgent {
         req: pb::ExecProcessRequest,
     ) -> ttrpc::Result<Empty> {
         own_root(&req.container_id)?;
+        self.fork
+            .wait()
+            .await
+            .map_err(|e| status("ExecProcess", e))?;
         let spec = ProcessSpec::from(req.process.into_option().unwrap_or_default());
         self.procs
             .exec(&req.exec_id, spec, &self.cfg.paths.root)
@@ -497,12 +521,34 @@ fn own_root(container_id: &str) -> ttrpc::Result<()> {
 }
 
 #[async_trait]
+impl template_ttrpc::Template for GuestAgent {
+    async fn prepare_template(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: template::PrepareTemplateRequest,
+    ) -> ttrpc::Result<template::PrepareTemplateResponse> {
+        let answer = self.fork.arm(&self.cfg.paths);
+        info!(?answer, "prepared for a template save");
+        let (reseeds_on_fork, reason) = match answer {
+            ForkReseed::Active => (true, String::new()),
+            ForkReseed::Inactive(reason) => (false, reason),
+        };
+        Ok(template::PrepareTemplateResponse {
+            reseeds_on_fork,
+            reason,
+            ..Default::default()
+        })
+    }
+}
+
+#[async_trait]
 impl diag_ttrpc::Diagnostics for GuestAgent {
     async fn get_random(
         &self,
         _ctx: &TtrpcContext,
         req: diag::RandomRequest,
     ) -> ttrpc::Result<diag::RandomResponse> {
+        self.fork.wait().await.map_err(|e| status("GetRandom", e))?;
         let data = self
             .random(req.len)
             .await

@@ -353,6 +353,24 @@ fn machine_options_default_to_lean_and_old_configs_to_none() {
 }
 
 #[test]
+fn vmgenid_off_by_default_and_in_old_configs() {
+    let mut cfg = HypervisorConfig::new("/k", None);
+    assert!(!cfg.vmgenid && !cfg.has_vmgenid());
+    cfg.vmgenid = true;
+    assert!(cfg.has_vmgenid());
+    let mut old = serde_json::to_value(&cfg).expect("serialize");
+    old.as_object_mut().expect("object").remove("vmgenid");
+    let back: HypervisorConfig = serde_json::from_value(old).expect("deserialize");
+    assert!(
+        !back.vmgenid,
+        "what a VM booted before the device existed has"
+    );
+    cfg.machine = MachineType::Microvm;
+    assert!(!cfg.has_vmgenid(), "no ACPI table for it on microvm");
+    cfg.validate_shape().expect("microvm ignores it");
+}
+
+#[test]
 fn vsock_channel_serde_allocates_unless_pinned() {
     let allocate = AgentChannel::Vsock { guest_cid: None };
     let json = serde_json::to_string(&allocate).expect("serialize");
