@@ -141,6 +141,8 @@ pub async fn run(env: &GuestEnv, root: &Path, runs: usize) -> Result<FactoryRepo
                 "bench: {CONCURRENT} concurrent get_vm, template then direct, round {}/{BURST_ROUNDS} ...",
                 i + 1
             );
+            // As for one `get_vm`: the template factory's pre-started QEMU is waiting.
+            until_prestarted(&template).await?;
             tpl.push(get_vm_burst(&template, &template_cfg.vm).await?);
             cold.push(get_vm_burst(&direct, &direct_cfg.vm).await?);
         }

@@ -727,22 +727,19 @@ mod tests {
 
     #[test]
     fn machine_accelerators_and_clone_thp_are_read_and_checked() {
-        let text = "[hypervisor.qemu]\nkernel = \"k\"\n";
-        let s = parse("f.toml", text, Path::new("/")).expect("ok");
-        let hv = &s.vm.hypervisor;
-        assert_eq!(
-            (hv.effective_machine_options(), hv.clone_thp),
-            ("sata=off", false)
+        let hv = |extra: &str| {
+            let text = format!("[hypervisor.qemu]\nkernel = \"k\"\n{extra}");
+            let hv = parse("f.toml", &text, Path::new("/")).map(|s| s.vm.hypervisor);
+            hv.map(|h| (h.effective_machine_options().to_owned(), h.clone_thp))
+        };
+        assert_eq!(hv("").expect("ok"), ("sata=off".into(), false));
+        let off = hv("machine_accelerators = \"\"\nclone_thp = true\n").expect("ok");
+        assert_eq!(off, (String::new(), true));
+        let e = hv("machine_accelerators = \"nosata\"\n").expect_err("not key=value");
+        assert!(
+            e.to_string().contains("line 3") && e.to_string().contains("nosata"),
+            "{e}"
         );
-        let text =
-            "[hypervisor.qemu]\nkernel = \"k\"\nmachine_accelerators = \"\"\nclone_thp = true\n";
-        let s = parse("f.toml", text, Path::new("/")).expect("ok");
-        let hv = &s.vm.hypervisor;
-        assert_eq!((hv.effective_machine_options(), hv.clone_thp), ("", true));
-        let text = "[hypervisor.qemu]\nkernel = \"k\"\nmachine_accelerators = \"nosata\"\n";
-        let e = parse("f.toml", text, Path::new("/")).expect_err("not key=value");
-        let msg = e.to_string();
-        assert!(msg.contains("line 3") && msg.contains("nosata"), "{msg}");
     }
 
     #[test]
