@@ -43,7 +43,7 @@ use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{Backends, QemuBackends, Vm, VmConfig};
 
 use super::error::{TemplateError, TemplateStep};
-use super::files::{check_saved, check_size};
+use super::files::{check_saved_files, check_size};
 use super::host::{MountOutcome, SystemHost, TemplateHost};
 use super::make::{create_dir, save_template_vm, Made};
 use super::metadata::{
@@ -433,16 +433,10 @@ impl TemplateFactory {
         check_size(&self.path.join(MEMORY_FILE), Some(meta.memory_mib << 20)).await?;
         check_size(&self.path.join(STATE_FILE), meta.state_bytes).await?;
         if let Some(saved) = &meta.files {
-            self.check_saved(saved).await?;
+            check_saved_files(&self.path, saved).await?;
         }
         *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = meta.files;
         Ok(())
-    }
-
-    /// Checks that the memory and state files are still as saved.
-    async fn check_saved(&self, saved: &SavedFiles) -> Result<()> {
-        check_saved(&self.path.join(MEMORY_FILE), &saved.memory).await?;
-        check_saved(&self.path.join(STATE_FILE), &saved.state).await
     }
 
     /// The creation steps; `made` records what to undo.
@@ -524,7 +518,7 @@ impl FactoryBase for TemplateFactory {
             return Err(BaseError::Closed { what: "template" });
         }
         if let Some(saved) = self.saved_files() {
-            if let Err(e) = self.check_saved(&saved).await {
+            if let Err(e) = check_saved_files(&self.path, &saved).await {
                 // Waiting clones map what was saved: not what is there now.
                 self.prestarted.flush().await;
                 return Err(e.into());

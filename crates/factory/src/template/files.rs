@@ -7,7 +7,7 @@ use std::path::Path;
 use vmfactory_persist::Error as PersistError;
 
 use super::error::TemplateError;
-use super::metadata::FileIdentity;
+use super::metadata::{FileIdentity, SavedFiles, MEMORY_FILE, STATE_FILE};
 
 /// The metadata of `path`, a regular file (not a symlink).
 async fn stat_regular(path: &Path) -> Result<std::fs::Metadata, TemplateError> {
@@ -27,7 +27,7 @@ async fn stat_regular(path: &Path) -> Result<std::fs::Metadata, TemplateError> {
 /// modification time. Two `stat`s' worth per clone, and it refuses a memory file written after
 /// the save before a clone maps it (what a clone of one does depends on what was written:
 /// QEMU may exit, or the guest hang with QEMU's monitor).
-pub(super) async fn check_saved(path: &Path, saved: &FileIdentity) -> Result<(), TemplateError> {
+async fn check_saved(path: &Path, saved: &FileIdentity) -> Result<(), TemplateError> {
     let meta = stat_regular(path).await?;
     let found = FileIdentity::from_metadata(path, &meta)?;
     if found.size != saved.size {
@@ -45,6 +45,12 @@ pub(super) async fn check_saved(path: &Path, saved: &FileIdentity) -> Result<(),
         });
     }
     Ok(())
+}
+
+/// Checks that the template in `dir` still has its memory and state files as `saved`.
+pub(super) async fn check_saved_files(dir: &Path, saved: &SavedFiles) -> Result<(), TemplateError> {
+    check_saved(&dir.join(MEMORY_FILE), &saved.memory).await?;
+    check_saved(&dir.join(STATE_FILE), &saved.state).await
 }
 
 /// Checks that `path` is a regular file (not a symlink) with `expected` bytes (or, with `None`,

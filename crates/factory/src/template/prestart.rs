@@ -19,8 +19,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, info, warn};
 use vmfactory_vm::{Backends, PreparedVm, Vm, VmConfig};
 
-use super::files::check_saved;
-use super::metadata::{SavedFiles, MEMORY_FILE, STATE_FILE};
+use super::files::check_saved_files;
+use super::metadata::SavedFiles;
 
 /// First pause after a failed pre-start; doubled up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(500);
@@ -57,11 +57,7 @@ impl Shared {
         let Some(saved) = &self.saved else {
             return true;
         };
-        let checked = async {
-            check_saved(&self.template.join(MEMORY_FILE), &saved.memory).await?;
-            check_saved(&self.template.join(STATE_FILE), &saved.state).await
-        };
-        match checked.await {
+        match check_saved_files(&self.template, saved).await {
             Ok(()) => true,
             Err(e) => {
                 warn!(error = %e, "not pre-starting clones of a changed template");
