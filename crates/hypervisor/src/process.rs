@@ -621,9 +621,26 @@ mod tests {
         assert!(attached.wait_exit(Duration::from_secs(5)).await);
     }
 
+    /// Runs `sh -c script` through `spawn_with_fds` and returns how it exited.
+    async fn run_sh(script: &str, fds: &[BorrowedFd<'_>], thp: bool) -> ExitStatus {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child = Proc::spawn_with_fds(
+            "sh",
+            Path::new("sh"),
+            &["-c".into(), script.into()],
+            &dir.path().join("stderr"),
+            target(dir.path()),
+            fds,
+            thp,
+        )
+        .await
+        .expect("spawn sh");
+        assert!(child.wait_exit(Duration::from_secs(10)).await, "sh exits");
+        child.exit().now().and_then(|e| e.status).expect("status")
+    }
+
     #[tokio::test]
     async fn spawn_with_fds_passes_those_descriptors_only() {
-        let dir = tempfile::tempdir().expect("tempdir");
         let passed = std::fs::File::open("/dev/null").expect("open");
         let also = std::fs::File::open("/dev/null").expect("open");
         let kept = std::fs::File::open("/dev/null").expect("open");
@@ -632,19 +649,7 @@ mod tests {
         let script = format!(
             "test -e /proc/self/fd/{p} && test -e /proc/self/fd/{a} && ! test -e /proc/self/fd/{k}"
         );
-        let child = Proc::spawn_with_fds(
-            "sh",
-            Path::new("sh"),
-            &["-c".into(), script.into()],
-            &dir.path().join("stderr"),
-            target(dir.path()),
-            &[passed.as_fd(), also.as_fd()],
-            true,
-        )
-        .await
-        .expect("spawn sh");
-        assert!(child.wait_exit(Duration::from_secs(10)).await, "sh exits");
-        let status = child.exit().now().and_then(|e| e.status).expect("status");
+        let status = run_sh(&script, &[passed.as_fd(), also.as_fd()], true).await;
         assert!(
             status.success(),
             "descriptors seen by the child: {status:?}"
@@ -667,21 +672,7 @@ mod tests {
             (false, "THP_enabled:\t0".to_owned()),
             (true, ours.to_owned()),
         ] {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let script = format!("grep -qx '{want}' /proc/self/status");
-            let child = Proc::spawn_with_fds(
-                "sh",
-                Path::new("sh"),
-                &["-c".into(), script.into()],
-                &dir.path().join("stderr"),
-                target(dir.path()),
-                &[],
-                thp,
-            )
-            .await
-            .expect("spawn sh");
-            assert!(child.wait_exit(Duration::from_secs(10)).await, "sh exits");
-            let exit = child.exit().now().and_then(|e| e.status).expect("status");
+            let exit = run_sh(&format!("grep -qx '{want}' /proc/self/status"), &[], thp).await;
             assert!(
                 exit.success(),
                 "thp {thp}: the child's status lacks {want:?}"
