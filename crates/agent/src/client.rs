@@ -4,7 +4,7 @@ use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use tokio::sync::Mutex;
@@ -44,6 +44,9 @@ pub trait Agent: Send + Sync + fmt::Debug {
     async fn reseed_random_dev(&self, data: &[u8]) -> Result<()>;
     /// `SetGuestDateTime`: set the guest wall clock (microsecond resolution).
     async fn set_guest_date_time(&self, t: SystemTime) -> Result<()>;
+    /// `SetGuestDateTime` with the host's time read just before the request is sent (after
+    /// any dial). Answers the call's round trip: the guest clock lags by at most that.
+    async fn sync_guest_clock(&self) -> Result<Duration>;
     /// `GetGuestDetails` (memory block size and agent details).
     async fn get_guest_details(&self) -> Result<GuestDetails>;
     /// Diagnostics: `len` bytes of guest randomness.
@@ -390,6 +393,18 @@ impl Agent for KataAgent {
         })
         .await
         .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn sync_guest_clock(&self) -> Result<Duration> {
+        self.call("SetGuestDateTime", |c, ctx| async move {
+            let sent = Instant::now();
+            let (sec, usec) = types::to_sec_usec(SystemTime::now());
+            let req = convert::set_time_request(sec, usec);
+            c.agent.set_guest_date_time(ctx, &req).await?;
+            Ok(sent.elapsed())
+        })
+        .await
     }
 
     #[instrument(skip(self), fields(url = %self.url))]

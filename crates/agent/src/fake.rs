@@ -1,7 +1,7 @@
 //! [`FakeAgent`]: an in-memory [`Agent`] for other crates' unit tests (feature `test-utils`).
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -37,7 +37,7 @@ pub enum FakeCall {
     },
     /// [`Agent::reseed_random_dev`] with its data.
     ReseedRandomDev(Vec<u8>),
-    /// [`Agent::set_guest_date_time`] with its time.
+    /// [`Agent::set_guest_date_time`] or [`Agent::sync_guest_clock`] with the time sent.
     SetGuestDateTime(SystemTime),
     /// [`Agent::get_guest_details`].
     GetGuestDetails,
@@ -123,6 +123,8 @@ struct State {
     connected: bool,
     resources: Resources,
     clock_offset: Option<SystemTime>,
+    /// Round trips the next `sync_guest_clock` calls report, in order; then zero.
+    clock_round_trips: VecDeque<Duration>,
     /// What `prepare_template` answers: whether the fake guest reseeds on a VM fork.
     fork_reseed: bool,
     guest: FakeGuest,
@@ -244,6 +246,11 @@ impl FakeAgent {
         self.lock().fork_reseed = active;
     }
 
+    /// Makes the next `sync_guest_clock` calls report these round trips, as a slow guest.
+    pub fn set_clock_round_trips(&self, trips: impl IntoIterator<Item = Duration>) {
+        self.lock().clock_round_trips = trips.into_iter().collect();
+    }
+
     /// Records `call`, then hangs if its method is to hang, fails if it is to fail.
     async fn record(&self, call: FakeCall) -> Result<MutexGuard<'_, State>> {
         let method = call.method();
@@ -325,6 +332,13 @@ impl Agent for FakeAgent {
         let mut st = self.record(FakeCall::SetGuestDateTime(t)).await?;
         st.clock_offset = Some(t);
         Ok(())
+    }
+
+    async fn sync_guest_clock(&self) -> Result<Duration> {
+        let t = SystemTime::now();
+        let mut st = self.record(FakeCall::SetGuestDateTime(t)).await?;
+        st.clock_offset = Some(t);
+        Ok(st.clock_round_trips.pop_front().unwrap_or_default())
     }
 
     async fn get_guest_details(&self) -> Result<GuestDetails> {

@@ -59,6 +59,39 @@ async fn a_clone_answers_the_clock_call_only_after_the_fork_reseed() {
     assert_eq!(a.guest_time().await.expect("time"), t);
 }
 
+/// A held clock call sets a time stale by the hold; the round trip it reports says so, which
+/// is how `Vm::sync_time` knows to set the clock again.
+#[tokio::test]
+async fn a_held_clock_sync_reports_its_round_trip() {
+    let guest = FakeGuest::new();
+    with_vmgenid(&guest);
+    let (_server, path) = guest.serve_unix().await;
+    let a = agent(url("unix", &path), T);
+    assert_eq!(
+        a.prepare_template().await.expect("prepare"),
+        ForkReseed::Active
+    );
+    let mut kmsg = std::fs::OpenOptions::new()
+        .write(true)
+        .open(guest.paths.dev.join("kmsg"))
+        .expect("kmsg writer");
+    let before = SystemTime::now();
+    let sync = tokio::spawn({
+        let a = agent(url("unix", &path), T);
+        async move { a.sync_guest_clock().await }
+    });
+    let hold = Duration::from_millis(300);
+    tokio::time::sleep(hold).await;
+    writeln!(kmsg, "5,900,7412320,-;random: {FORK_RESEED_LOG}").expect("log");
+    let round_trip = sync.await.expect("join").expect("clock set");
+    assert!(round_trip >= hold, "round trip {round_trip:?}");
+    let set = a.guest_time().await.expect("time");
+    assert!(set >= before && set <= before + round_trip, "{set:?}");
+    // Unheld now: the next call is quick.
+    let again = a.sync_guest_clock().await.expect("again");
+    assert!(again < hold, "round trip {again:?}");
+}
+
 #[tokio::test]
 async fn without_a_vmgenid_driver_clones_need_the_hosts_reseed() {
     let guest = FakeGuest::new();

@@ -133,7 +133,7 @@ pub use envelope::{MAX_WIRE_SIZE, WIRE_VERSION};
 pub use error::{AgentTimeout, ConfigError, Error, Result, WireError};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::FakeBackends;
-pub use ops::{VmInfo, ENTROPY_SOURCE, RESEED_BYTES};
+pub use ops::{VmInfo, CLOCK_SYNC_ATTEMPTS, CLOCK_SYNC_TOLERANCE, ENTROPY_SOURCE, RESEED_BYTES};
 pub use orphans::{Orphan, RecordedProcess};
 pub use prepared::PreparedVm;
 pub use sandbox::{SandboxLinks, SHARED_DIR};

@@ -3,11 +3,11 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
-use tracing::{info, instrument};
+use tracing::{debug, info, instrument, warn};
 use vmfactory_agent::ForkReseed;
 use vmfactory_hypervisor::VmStatus;
 
@@ -16,6 +16,13 @@ use crate::vm::Vm;
 
 /// Bytes of host entropy [`Vm::reseed_rng`] feeds the guest (as the seed).
 pub const RESEED_BYTES: usize = 512;
+
+/// A clock call slower than this is made again by [`Vm::sync_time`]: the guest clock may lag
+/// by up to the round trip.
+pub const CLOCK_SYNC_TOLERANCE: Duration = Duration::from_millis(50);
+
+/// How many clock calls [`Vm::sync_time`] makes at most.
+pub const CLOCK_SYNC_ATTEMPTS: u32 = 3;
 
 /// Where [`Vm::reseed_rng`] reads host entropy.
 pub const ENTROPY_SOURCE: &str = "/dev/urandom";
@@ -175,14 +182,29 @@ impl Vm {
     }
 
     /// Sets the guest clock to the host's (the guest's stood still while it was paused).
+    ///
+    /// The guest lags by up to the call's round trip. A clone's first call can be slow (its
+    /// pages fault in from the template; a VMGenID guest holds it until its reseed), so a
+    /// call slower than [`CLOCK_SYNC_TOLERANCE`] is made again, up to
+    /// [`CLOCK_SYNC_ATTEMPTS`] times in all.
     #[instrument(skip(self), fields(vm = %self.id))]
     pub async fn sync_time(&self) -> Result<()> {
         drop(self.owned().await?);
-        self.agent_call(
-            "set_guest_date_time",
-            self.agent.set_guest_date_time(SystemTime::now()),
-        )
-        .await
+        let mut round_trip = Duration::ZERO;
+        for attempt in 1..=CLOCK_SYNC_ATTEMPTS {
+            round_trip = self
+                .agent_call("set_guest_date_time", self.agent.sync_guest_clock())
+                .await?;
+            if round_trip <= CLOCK_SYNC_TOLERANCE {
+                return Ok(());
+            }
+            debug!(?round_trip, attempt, "slow clock call");
+        }
+        warn!(
+            ?round_trip,
+            "guest clock set by {CLOCK_SYNC_ATTEMPTS} slow calls; it may lag by the last"
+        );
+        Ok(())
     }
 
     /// The recorded size, `(vCPUs, MiB)`: boot size plus what was hot-added. Asks nothing of
@@ -273,8 +295,30 @@ impl Vm {
 mod tests {
     use super::*;
     use crate::fake::FakeBackends;
+    use std::time::SystemTime;
     use vmfactory_agent::{Agent, FakeCall as AgentCall};
     use vmfactory_hypervisor::{FakeCall, FakeStep};
+
+    #[tokio::test]
+    async fn a_slow_clock_call_is_made_again() {
+        let h = FakeBackends::new();
+        let vm = Vm::new_with(h.config(), &h).await.expect("new VM");
+        let sets = |h: &FakeBackends| h.last_agent().count("set_guest_date_time");
+        let slow = CLOCK_SYNC_TOLERANCE * 4;
+        // The first call was slow (a clone's first); the second, quick, sets the clock.
+        h.last_agent().set_clock_round_trips([slow]);
+        vm.sync_time().await.expect("sync");
+        assert_eq!(sets(&h), 2);
+        // A guest that stays slow gets the bounded number of calls, and no error.
+        h.last_agent()
+            .set_clock_round_trips([slow; CLOCK_SYNC_ATTEMPTS as usize]);
+        vm.sync_time().await.expect("sync on a slow guest");
+        assert_eq!(sets(&h), 2 + CLOCK_SYNC_ATTEMPTS as usize);
+        // A quick guest gets one call.
+        vm.sync_time().await.expect("sync");
+        assert_eq!(sets(&h), 3 + CLOCK_SYNC_ATTEMPTS as usize);
+        vm.stop().await.expect("stop");
+    }
 
     #[tokio::test]
     async fn verify_size_asks_the_hypervisor() {

@@ -161,26 +161,50 @@ pub struct Shard {
     pub args: Vec<String>,
 }
 
-/// The work, one L1 each: a CI scenario (every binary, filtered by its name), or else a test
-/// binary with `args`. One scenario per L1 keeps what a hung L1 costs to one scenario.
-fn shards(tests: &[(String, PathBuf)], args: &[String], all: bool) -> Vec<Shard> {
+/// The work, one L1 each: a CI scenario (the binaries that hold it, filtered by its name), or
+/// else a test binary that `args` select tests of. One scenario per L1 keeps what a hung L1
+/// costs to one scenario.
+fn shards(tests: &[(String, PathBuf)], args: &[String], all: bool) -> Result<Vec<Shard>> {
     if args.is_empty() && !all {
         CI_SCENARIOS
             .iter()
-            .map(|name| Shard {
-                tests: tests.to_vec(),
-                args: vec![(*name).to_string()],
+            .map(|name| {
+                let args = vec![(*name).to_string()];
+                let tests = holding(tests, &args)?;
+                ensure!(!tests.is_empty(), "no e2e test is named {name}");
+                Ok(Shard { tests, args })
             })
             .collect()
     } else {
-        tests
-            .iter()
+        Ok(holding(tests, args)?
+            .into_iter()
             .map(|t| Shard {
-                tests: vec![t.clone()],
+                tests: vec![t],
                 args: args.to_vec(),
             })
-            .collect()
+            .collect())
     }
+}
+
+/// The test binaries that `args` select at least one test of (as `--list` says): an L1 boot
+/// costs seconds under TCG, so none is spent on a binary that would run nothing.
+fn holding(tests: &[(String, PathBuf)], args: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    let mut kept = Vec::new();
+    for (name, path) in tests {
+        let out = Command::new(path)
+            .args(["--list", "--format", "terse"])
+            .args(args)
+            .output()
+            .with_context(|| format!("Cannot list the tests of {}", path.display()))?;
+        ensure!(out.status.success(), "{} --list failed", path.display());
+        if String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.ends_with(": test"))
+        {
+            kept.push((name.clone(), path.clone()));
+        }
+    }
+    Ok(kept)
 }
 
 /// Tries per shard: a hung L1 (the emulated SVM's fault, not a test's) is run again, loudly.
@@ -244,7 +268,7 @@ pub fn run_nested(opts: &Options) -> Result<()> {
         shards: if opts.mode == Mode::Bench {
             vec![Shard::default()]
         } else {
-            shards(&tests, &opts.args, opts.all)
+            shards(&tests, &opts.args, opts.all)?
         },
         env: vec![
             ("CI".into(), "true".into()),
