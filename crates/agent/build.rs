@@ -4,6 +4,7 @@ fn main() {
     vmfactory_protogen::generate(
         &[
             "protos/health.proto",
+            "protos/types.proto",
             "protos/agent.proto",
             "protos/diag.proto",
             "protos/oci.proto",

@@ -12,6 +12,7 @@ use tracing::{debug, instrument};
 
 use crate::convert;
 use crate::error::{Error, Result};
+use crate::net::{Interface, Route};
 use crate::protocols::{
     agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc, template, template_ttrpc,
     workload as wl, workload_ttrpc,
@@ -82,6 +83,16 @@ pub trait Agent: Send + Sync + fmt::Debug {
     async fn add_storage(&self, storage: &Storage) -> Result<()>;
     /// `RemoveStorage` (ours): unmount what is mounted at `mount_point`.
     async fn remove_storage(&self, mount_point: &str) -> Result<()>;
+    /// `UpdateInterface`: configure the link whose MAC is `iface.hw_addr` (MTU, name, all its
+    /// addresses) and bring it up; answers the link as the guest then reports it.
+    async fn update_interface(&self, iface: &Interface) -> Result<Interface>;
+    /// `UpdateRoutes`: replace the routes of the links `routes` name with `routes`; answers
+    /// the guest's routes after.
+    async fn update_routes(&self, routes: &[Route]) -> Result<Vec<Route>>;
+    /// `ListInterfaces`: the guest's links with their addresses.
+    async fn list_interfaces(&self) -> Result<Vec<Interface>>;
+    /// `ListRoutes`: the routes of the guest's main table.
+    async fn list_routes(&self) -> Result<Vec<Route>>;
     /// `PrepareTemplate` (ours), on a VM about to be saved as a template: whether its clones
     /// will reseed their CRNG themselves. An agent without the call (Kata's, an older
     /// vmfactory-agent) answers [`ForkReseed::Inactive`].
@@ -307,6 +318,13 @@ impl KataAgent {
             })
             .await?;
         Ok(resp.data)
+    }
+}
+
+fn invalid(method: &'static str, reason: &str) -> Error {
+    Error::InvalidResponse {
+        method,
+        reason: reason.to_owned(),
     }
 }
 
@@ -665,6 +683,56 @@ impl Agent for KataAgent {
         })
         .await
         .map(|_| ())
+    }
+
+    #[instrument(skip_all, fields(url = %self.url, hw_addr = %iface.hw_addr, name = %iface.name))]
+    async fn update_interface(&self, iface: &Interface) -> Result<Interface> {
+        let req = pb::UpdateInterfaceRequest {
+            interface: protobuf::MessageField::some(iface.into()),
+            ..Default::default()
+        };
+        let resp = self
+            .call("UpdateInterface", |c, ctx| async move {
+                c.agent.update_interface(ctx, &req).await
+            })
+            .await?;
+        Interface::try_from(resp).map_err(|reason| invalid("UpdateInterface", reason))
+    }
+
+    #[instrument(skip_all, fields(url = %self.url, routes = routes.len()))]
+    async fn update_routes(&self, routes: &[Route]) -> Result<Vec<Route>> {
+        let req = pb::UpdateRoutesRequest {
+            routes: protobuf::MessageField::some(routes.into()),
+            ..Default::default()
+        };
+        let resp = self
+            .call("UpdateRoutes", |c, ctx| async move {
+                c.agent.update_routes(ctx, &req).await
+            })
+            .await?;
+        Vec::try_from(resp).map_err(|reason| invalid("UpdateRoutes", reason))
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn list_interfaces(&self) -> Result<Vec<Interface>> {
+        let req = pb::ListInterfacesRequest::new();
+        let resp = self
+            .call("ListInterfaces", |c, ctx| async move {
+                c.agent.list_interfaces(ctx, &req).await
+            })
+            .await?;
+        Vec::try_from(resp).map_err(|reason| invalid("ListInterfaces", reason))
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn list_routes(&self) -> Result<Vec<Route>> {
+        let req = pb::ListRoutesRequest::new();
+        let resp = self
+            .call("ListRoutes", |c, ctx| async move {
+                c.agent.list_routes(ctx, &req).await
+            })
+            .await?;
+        Vec::try_from(resp).map_err(|reason| invalid("ListRoutes", reason))
     }
 
     async fn disconnect(&self) -> Result<()> {

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use protobuf::{EnumOrUnknown, MessageField};
 
-use crate::protocols::{agent as pb, diag, health, oci, workload as wl};
+use crate::net::{Interface, IpAddress, IpFamily, Route};
+use crate::protocols::{agent as pb, diag, health, oci, types as tpb, workload as wl};
 use crate::types::{
     AgentDetails, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime, VersionInfo,
 };
@@ -327,6 +328,144 @@ impl From<pb::Storage> for Storage {
     }
 }
 
+impl From<IpFamily> for EnumOrUnknown<tpb::IPFamily> {
+    fn from(f: IpFamily) -> Self {
+        EnumOrUnknown::new(match f {
+            IpFamily::V4 => tpb::IPFamily::v4,
+            IpFamily::V6 => tpb::IPFamily::v6,
+        })
+    }
+}
+
+fn family_from_wire(f: EnumOrUnknown<tpb::IPFamily>) -> Result<IpFamily, &'static str> {
+    match f.enum_value() {
+        Ok(tpb::IPFamily::v4) => Ok(IpFamily::V4),
+        Ok(tpb::IPFamily::v6) => Ok(IpFamily::V6),
+        Err(_) => Err("unknown IP family"),
+    }
+}
+
+impl From<&IpAddress> for tpb::IPAddress {
+    fn from(a: &IpAddress) -> Self {
+        tpb::IPAddress {
+            family: a.family.into(),
+            address: a.address.clone(),
+            mask: a.mask.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl TryFrom<tpb::IPAddress> for IpAddress {
+    type Error = &'static str;
+
+    fn try_from(a: tpb::IPAddress) -> Result<Self, Self::Error> {
+        Ok(IpAddress {
+            family: family_from_wire(a.family)?,
+            address: a.address,
+            mask: a.mask,
+        })
+    }
+}
+
+impl From<&Interface> for tpb::Interface {
+    fn from(i: &Interface) -> Self {
+        tpb::Interface {
+            device: i.device.clone(),
+            name: i.name.clone(),
+            IPAddresses: i.ip_addresses.iter().map(Into::into).collect(),
+            mtu: i.mtu,
+            hwAddr: i.hw_addr.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl TryFrom<tpb::Interface> for Interface {
+    type Error = &'static str;
+
+    fn try_from(i: tpb::Interface) -> Result<Self, Self::Error> {
+        Ok(Interface {
+            device: i.device,
+            name: i.name,
+            ip_addresses: i
+                .IPAddresses
+                .into_iter()
+                .map(IpAddress::try_from)
+                .collect::<Result<_, _>>()?,
+            mtu: i.mtu,
+            hw_addr: i.hwAddr,
+        })
+    }
+}
+
+impl From<&Route> for tpb::Route {
+    fn from(r: &Route) -> Self {
+        tpb::Route {
+            dest: r.dest.clone(),
+            gateway: r.gateway.clone(),
+            device: r.device.clone(),
+            source: r.source.clone(),
+            scope: r.scope,
+            family: r.family.into(),
+            ..Default::default()
+        }
+    }
+}
+
+impl TryFrom<tpb::Route> for Route {
+    type Error = &'static str;
+
+    fn try_from(r: tpb::Route) -> Result<Self, Self::Error> {
+        Ok(Route {
+            dest: r.dest,
+            gateway: r.gateway,
+            device: r.device,
+            source: r.source,
+            scope: r.scope,
+            family: family_from_wire(r.family)?,
+        })
+    }
+}
+
+impl From<&[Route]> for pb::Routes {
+    fn from(routes: &[Route]) -> Self {
+        pb::Routes {
+            Routes: routes.iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+impl TryFrom<pb::Routes> for Vec<Route> {
+    type Error = &'static str;
+
+    fn try_from(routes: pb::Routes) -> Result<Self, Self::Error> {
+        routes.Routes.into_iter().map(Route::try_from).collect()
+    }
+}
+
+impl From<&[Interface]> for pb::Interfaces {
+    fn from(ifaces: &[Interface]) -> Self {
+        pb::Interfaces {
+            Interfaces: ifaces.iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+impl TryFrom<pb::Interfaces> for Vec<Interface> {
+    type Error = &'static str;
+
+    fn try_from(ifaces: pb::Interfaces) -> Result<Self, Self::Error> {
+        ifaces
+            .Interfaces
+            .into_iter()
+            .map(Interface::try_from)
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,5 +576,84 @@ mod tests {
             mount_point: "/mnt/d".into(),
         };
         assert_eq!(Storage::from(pb::Storage::from(&st)), st);
+    }
+
+    #[test]
+    fn network_types_round_trip() {
+        let iface = Interface {
+            device: "eth0".into(),
+            name: "eth0".into(),
+            ip_addresses: vec![
+                IpAddress::new("172.16.0.2".parse().expect("ip"), 30),
+                IpAddress::new("fd00::2".parse().expect("ip"), 64),
+            ],
+            mtu: 1400,
+            hw_addr: "02:00:00:00:00:01".into(),
+        };
+        let wire = tpb::Interface::from(&iface);
+        assert_eq!(
+            wire.IPAddresses[1].family.enum_value(),
+            Ok(tpb::IPFamily::v6)
+        );
+        assert_eq!(Interface::try_from(wire).expect("back"), iface);
+        let routes = vec![
+            Route {
+                gateway: "172.16.0.1".into(),
+                device: "eth0".into(),
+                ..Default::default()
+            },
+            Route {
+                dest: "fd00::/64".into(),
+                device: "eth0".into(),
+                scope: crate::net::SCOPE_LINK,
+                family: IpFamily::V6,
+                ..Default::default()
+            },
+        ];
+        let wire = pb::Routes::from(routes.as_slice());
+        assert_eq!(Vec::<Route>::try_from(wire).expect("back"), routes);
+        let ifaces = pb::Interfaces::from(std::slice::from_ref(&iface));
+        assert_eq!(
+            Vec::<Interface>::try_from(ifaces).expect("back"),
+            vec![iface]
+        );
+        let mut unknown = tpb::Route::from(&routes[0]);
+        unknown.family = EnumOrUnknown::from_i32(7);
+        assert!(Route::try_from(unknown).is_err());
+    }
+
+    /// Kata's tags: `Interface.hwAddr` is 5, `IPAddress.mask` 3, `Route.family` 6, and
+    /// `UpdateInterfaceRequest.interface` 1.
+    #[test]
+    fn network_wire_tags_match_kata() {
+        let iface = Interface {
+            mtu: 1,
+            hw_addr: "m".into(),
+            ..Default::default()
+        };
+        let bytes = tpb::Interface::from(&iface)
+            .write_to_bytes()
+            .expect("encode");
+        assert_eq!(bytes, vec![0x20, 0x01, 0x2a, 0x01, b'm']);
+        let a = IpAddress {
+            family: IpFamily::V6,
+            address: String::new(),
+            mask: "8".into(),
+        };
+        let bytes = tpb::IPAddress::from(&a).write_to_bytes().expect("encode");
+        assert_eq!(bytes, vec![0x08, 0x01, 0x1a, 0x01, b'8']);
+        let r = Route {
+            scope: 253,
+            family: IpFamily::V6,
+            ..Default::default()
+        };
+        let bytes = tpb::Route::from(&r).write_to_bytes().expect("encode");
+        assert_eq!(bytes, vec![0x28, 0xfd, 0x01, 0x30, 0x01]);
+        let req = pb::UpdateInterfaceRequest {
+            interface: MessageField::some(tpb::Interface::from(&iface)),
+            ..Default::default()
+        };
+        let bytes = req.write_to_bytes().expect("encode");
+        assert_eq!(&bytes[..2], &[0x0a, 0x05]);
     }
 }

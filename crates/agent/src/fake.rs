@@ -9,12 +9,15 @@ use async_trait::async_trait;
 
 use crate::client::Agent;
 use crate::error::{Error, Result};
+use crate::net::{Interface, Route};
 use crate::types::{
     AgentDetails, ForkReseed, GuestDetails, HealthStatus, Resources, Uptime, VersionInfo,
 };
 use crate::workload::{CopyFileChunk, ExitStatus, FileChunk, ProcessSpec, Storage};
 
+mod net;
 mod workload;
+use net::FakeNetwork;
 use workload::FakeGuest;
 
 /// One call recorded by a [`FakeAgent`].
@@ -73,6 +76,14 @@ pub enum FakeCall {
     AddStorage(Storage),
     /// [`Agent::remove_storage`] with its mount point.
     RemoveStorage(String),
+    /// [`Agent::update_interface`] with the interface asked for.
+    UpdateInterface(Interface),
+    /// [`Agent::update_routes`] with the routes asked for.
+    UpdateRoutes(Vec<Route>),
+    /// [`Agent::list_interfaces`].
+    ListInterfaces,
+    /// [`Agent::list_routes`].
+    ListRoutes,
     /// [`Agent::prepare_template`].
     PrepareTemplate,
     /// [`Agent::disconnect`].
@@ -108,6 +119,10 @@ impl FakeCall {
             FakeCall::ReadFile(..) => "read_file",
             FakeCall::AddStorage(_) => "add_storage",
             FakeCall::RemoveStorage(_) => "remove_storage",
+            FakeCall::UpdateInterface(_) => "update_interface",
+            FakeCall::UpdateRoutes(_) => "update_routes",
+            FakeCall::ListInterfaces => "list_interfaces",
+            FakeCall::ListRoutes => "list_routes",
             FakeCall::PrepareTemplate => "prepare_template",
             FakeCall::Disconnect => "disconnect",
             FakeCall::ReuseAgent => "reuse_agent",
@@ -128,6 +143,7 @@ struct State {
     /// What `prepare_template` answers: whether the fake guest reseeds on a VM fork.
     fork_reseed: bool,
     guest: FakeGuest,
+    net: FakeNetwork,
 }
 
 /// An [`Agent`] that records its calls, answers plausibly, and fails the methods it is told to
@@ -174,6 +190,12 @@ impl FakeAgent {
     /// The storages mounted in the fake guest, by mount point.
     pub fn storages(&self) -> HashMap<String, Storage> {
         self.lock().guest.storages.clone()
+    }
+
+    /// Gives the fake guest a NIC named `name` with `mac` (MTU 1500, no address), as the
+    /// host's hot-plug of a virtio-net device would. Besides it the guest has only `lo`.
+    pub fn add_link(&self, name: &str, mac: [u8; 6]) {
+        self.lock().net.add_link(name, mac);
     }
 
     /// Exec ids of fake processes not yet waited for.
@@ -470,6 +492,28 @@ impl Agent for FakeAgent {
         st.guest.remove_storage(mount_point)
     }
 
+    async fn update_interface(&self, iface: &Interface) -> Result<Interface> {
+        let mut st = self
+            .record(FakeCall::UpdateInterface(iface.clone()))
+            .await?;
+        st.net.update_interface(iface)
+    }
+
+    async fn update_routes(&self, routes: &[Route]) -> Result<Vec<Route>> {
+        let mut st = self.record(FakeCall::UpdateRoutes(routes.to_vec())).await?;
+        st.net.update_routes(routes)
+    }
+
+    async fn list_interfaces(&self) -> Result<Vec<Interface>> {
+        let st = self.record(FakeCall::ListInterfaces).await?;
+        Ok(st.net.interfaces())
+    }
+
+    async fn list_routes(&self) -> Result<Vec<Route>> {
+        let st = self.record(FakeCall::ListRoutes).await?;
+        Ok(st.net.routes())
+    }
+
     async fn prepare_template(&self) -> Result<ForkReseed> {
         let st = self.record(FakeCall::PrepareTemplate).await?;
         Ok(if st.fork_reseed {
@@ -602,5 +646,108 @@ mod tests {
         assert!(a.add_storage(&s).await.is_err(), "mounted twice");
         a.remove_storage("/mnt").await.expect("remove");
         assert!(a.storages().is_empty());
+    }
+
+    #[tokio::test]
+    async fn fake_network_keeps_what_was_set() {
+        use crate::net::{IpAddress, IpFamily};
+        let a = FakeAgent::new();
+        a.add_link("ens3", [2, 0, 0, 0, 0, 1]);
+        let want = Interface {
+            name: "eth0".into(),
+            hw_addr: "02:00:00:00:00:01".into(),
+            mtu: 1400,
+            ip_addresses: vec![IpAddress::new([172, 16, 0, 2].into(), 30)],
+            ..Default::default()
+        };
+        let got = a.update_interface(&want).await.expect("update");
+        assert_eq!((got.device.as_str(), got.mtu), ("eth0", 1400));
+        assert_eq!(got.ip_addresses, want.ip_addresses);
+        let ifaces = a.list_interfaces().await.expect("list");
+        assert_eq!(ifaces.len(), 2, "lo and eth0");
+        assert_eq!(ifaces[1], got);
+        let default = Route {
+            gateway: "172.16.0.1".into(),
+            device: "eth0".into(),
+            ..Default::default()
+        };
+        let routes = a
+            .update_routes(std::slice::from_ref(&default))
+            .await
+            .expect("routes");
+        assert_eq!(routes, vec![default.clone()]);
+        // Replacing eth0's routes drops the old ones.
+        let v6 = Route {
+            dest: "fd00::/64".into(),
+            device: "eth0".into(),
+            scope: crate::net::SCOPE_LINK,
+            family: IpFamily::V6,
+            ..Default::default()
+        };
+        a.update_routes(std::slice::from_ref(&v6))
+            .await
+            .expect("routes");
+        assert_eq!(a.list_routes().await.expect("list"), vec![v6.clone()]);
+        assert_eq!(
+            a.calls(),
+            [
+                FakeCall::UpdateInterface(want.clone()),
+                FakeCall::ListInterfaces,
+                FakeCall::UpdateRoutes(vec![default.clone()]),
+                FakeCall::UpdateRoutes(vec![v6.clone()]),
+                FakeCall::ListRoutes,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn fake_network_refuses_as_the_guest_does() {
+        let a = FakeAgent::new();
+        a.add_link("eth0", [2, 0, 0, 0, 0, 1]);
+        let code = |e: Error| match e {
+            Error::Rpc {
+                source: ttrpc::Error::RpcStatus(st),
+                ..
+            } => st.code(),
+            other => panic!("not a status: {other}"),
+        };
+        let wrong_mac = Interface {
+            hw_addr: "02:00:00:00:00:09".into(),
+            ..Default::default()
+        };
+        let err = a.update_interface(&wrong_mac).await.expect_err("no link");
+        assert_eq!(code(err), ttrpc::Code::NOT_FOUND);
+        let bad_addr = Interface {
+            hw_addr: "02:00:00:00:00:01".into(),
+            ip_addresses: vec![crate::net::IpAddress {
+                address: "300.1.1.1".into(),
+                mask: "24".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let err = a
+            .update_interface(&bad_addr)
+            .await
+            .expect_err("bad address");
+        assert_eq!(code(err), ttrpc::Code::INVALID_ARGUMENT);
+        let no_dev = Route {
+            device: "eth9".into(),
+            ..Default::default()
+        };
+        let err = a.update_routes(&[no_dev]).await.expect_err("no link");
+        assert_eq!(code(err), ttrpc::Code::NOT_FOUND);
+        assert_eq!(
+            a.list_interfaces().await.expect("list")[1].mtu,
+            1500,
+            "unchanged"
+        );
+        a.fail("list_routes");
+        assert!(matches!(
+            a.list_routes().await,
+            Err(Error::Injected {
+                method: "list_routes"
+            })
+        ));
     }
 }

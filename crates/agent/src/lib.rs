@@ -6,6 +6,7 @@
 //!   with its own request/response [`types`] converted to and from the wire in one place;
 //! - the host client: the object-safe [`Agent`] trait and [`KataAgent`], and `FakeAgent` for
 //!   other crates' tests (feature `test-utils`);
+//! - guest networking ([`net`]): the interfaces and routes the host sets through the agent;
 //! - the transports ([`AgentUrl`]: virtio-serial, vsock, hybrid vsock, unix) and the session
 //!   [`handshake`] of a virtio-serial port, both sides of it;
 //! - what host and guest agree on about the agent's endpoints and console lines ([`channel`]).
@@ -39,6 +40,7 @@ pub mod error;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
 pub mod handshake;
+pub mod net;
 pub mod protocols;
 pub mod transport;
 pub mod types;
@@ -50,6 +52,7 @@ pub use client::{Agent, AgentConfig, KataAgent};
 pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeAgent, FakeCall};
+pub use net::{Interface, IpAddress, IpFamily, NetConfigError, Route};
 pub use types::{
     AgentDetails, ForkReseed, GuestDetails, HealthStatus, OnlineCpuMem, Resources, Uptime,
     VersionInfo,

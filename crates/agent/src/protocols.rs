@@ -2,6 +2,6 @@
 //! `health_ttrpc` (`grpc.Health`), `agent`, `agent_ttrpc` (`grpc.AgentService`), `diag`,
 //! `diag_ttrpc` (`vmfactory.diag.Diagnostics`), `oci` (the process spec), `workload`,
 //! `workload_ttrpc` (`vmfactory.workload.Workload`), `template`, `template_ttrpc`
-//! (`vmfactory.template.Template`).
+//! (`vmfactory.template.Template`), `types` (Kata's networking types: `Interface`, `Route`).
 
 include!(concat!(env!("OUT_DIR"), "/protos/mod.rs"));

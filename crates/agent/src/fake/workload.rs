@@ -32,7 +32,7 @@ pub(super) struct FakeGuest {
     pub(super) storages: HashMap<String, Storage>,
 }
 
-fn status(method: &'static str, code: Code, msg: String) -> Error {
+pub(super) fn status(method: &'static str, code: Code, msg: String) -> Error {
     Error::Rpc {
         method,
         source: ttrpc::Error::RpcStatus(get_status(code, msg)),
