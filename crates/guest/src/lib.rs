@@ -5,10 +5,10 @@
 //! - the PID 1 duties ([`init`]): mount the pseudo file systems, load the kernel modules, keep
 //!   the console on stdio;
 //! - the ttRPC server ([`server`]) of `grpc.Health`, `grpc.AgentService` (with the processes,
-//!   files and storages it starts and mounts), `vmfactory.diag.Diagnostics` and
-//!   `vmfactory.workload.Workload`, on the virtio-serial port `agent.channel.0`, on vsock port
-//!   1024, or on any listener (tests use unix sockets, socketpairs and ptys), and the reaper
-//!   of every child of the guest;
+//!   files and storages it starts and mounts, and the links and routes it configures),
+//!   `vmfactory.diag.Diagnostics` and `vmfactory.workload.Workload`, on the virtio-serial port
+//!   `agent.channel.0`, on vsock port 1024, or on any listener (tests use unix sockets,
+//!   socketpairs and ptys), and the reaper of every child of the guest;
 //! - the guest's console lines ([`console`]) and the `vmfactory-agent` binary that ties it all
 //!   together.
 //!

@@ -1,4 +1,5 @@
-//! What the guest server serves on and over: [`GuestConfig`] and the injectable [`GuestClock`].
+//! What the guest server serves on and over: [`GuestConfig`] and the injectable [`GuestClock`]
+//! (the network's counterpart, [`GuestNetwork`], is in `net.rs`).
 
 use std::fmt;
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use nix::sys::time::TimeSpec;
 use nix::time::{clock_settime, ClockId};
 use vmfactory_agent::channel::{AGENT_PORT_NAME, AGENT_VSOCK_PORT};
 
+use super::net::{GuestNetwork, Netlink};
 use super::sysfs::GuestPaths;
 use crate::error::{Error, Result};
 
@@ -44,6 +46,8 @@ pub struct GuestConfig {
     pub paths: GuestPaths,
     /// The wall clock `SetGuestDateTime` sets and `GetTime` reads.
     pub clock: Arc<dyn GuestClock>,
+    /// The links and routes the networking calls configure.
+    pub net: Arc<dyn GuestNetwork>,
     /// Name of the virtio-serial port to serve on.
     pub port_name: String,
     /// vsock port to serve on when the guest has vsock (`None`: do not).
@@ -61,6 +65,7 @@ impl Default for GuestConfig {
         GuestConfig {
             paths: GuestPaths::default(),
             clock: Arc::new(SystemClock),
+            net: Arc::new(Netlink),
             port_name: AGENT_PORT_NAME.to_owned(),
             vsock_port: Some(AGENT_VSOCK_PORT),
             online_timeout: Duration::from_secs(5),

@@ -2,13 +2,16 @@
 //! `vmfactory.diag.Diagnostics`, served on the virtio-serial port `agent.channel.0`, on vsock
 //! port 1024, or on any [`Listener`] (tests use unix sockets, socketpairs and ptys).
 //!
-//! The services only touch the guest through [`GuestPaths`] and [`GuestClock`], so tests run them
-//! in-process against a fake sysfs tree and a fake clock.
+//! The services only touch the guest through [`GuestPaths`], [`GuestClock`] and
+//! [`GuestNetwork`], so tests run them in-process against a fake sysfs tree, a fake clock and
+//! a fake (or namespaced) network.
 
 mod accept;
 mod config;
 mod files;
 pub mod fork;
+pub mod net;
+mod netlink;
 pub mod process;
 pub mod reaper;
 mod serial;
@@ -34,6 +37,7 @@ use crate::console::console_line;
 use crate::error::{Error, Result};
 
 pub use config::{GuestClock, GuestConfig, SystemClock};
+pub use net::{GuestNetwork, NetError, Netlink};
 pub use serial::{serial_listener, FdStream, PortOpener, SerialConn};
 pub use service::GuestAgent;
 pub use sysfs::GuestPaths;

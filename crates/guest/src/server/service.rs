@@ -14,15 +14,16 @@ use ttrpc::{get_status, Code};
 
 use vmfactory_agent::protocols::{
     agent as pb, agent_ttrpc, diag, diag_ttrpc, health, health_ttrpc, template, template_ttrpc,
-    workload as wl, workload_ttrpc,
+    types as tpb, workload as wl, workload_ttrpc,
 };
 use vmfactory_agent::types::{
     self, AgentDetails, ForkReseed, GuestDetails, HealthStatus, OnlineCpuMem, Uptime,
 };
-use vmfactory_agent::{CopyFileChunk, ProcessSpec};
+use vmfactory_agent::{CopyFileChunk, Interface, ProcessSpec, Route};
 
 use super::config::GuestConfig;
 use super::fork::ForkBarrier;
+use super::net::NetError;
 use super::process::Processes;
 use super::storage::{Storages, DEVICE_TIMEOUT};
 use super::{files, sysfs};
@@ -228,6 +229,16 @@ fn status(method: &str, e: Error) -> ttrpc::Error {
         None => e.to_string(),
     };
     ttrpc::Error::RpcStatus(get_status(code, msg))
+}
+
+/// Maps a networking error to a ttRPC status: one line, the cause appended.
+fn net_status(method: &str, e: NetError) -> ttrpc::Error {
+    warn!(method, error = %e, "request failed");
+    let msg = match std::error::Error::source(&e) {
+        Some(s) if !matches!(e, NetError::Invalid(_)) => format!("{e}: {s}"),
+        _ => e.to_string(),
+    };
+    ttrpc::Error::RpcStatus(get_status(e.code(), msg))
 }
 
 #[async_trait]
@@ -446,6 +457,78 @@ impl agent_ttrpc::AgentService for GuestAgent {
             .resize(&req.exec_id, req.row, req.column)
             .map_err(|e| status("TtyWinResize", e))?;
         Ok(Empty::new())
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn update_interface(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateInterfaceRequest,
+    ) -> ttrpc::Result<tpb::Interface> {
+        const M: &str = "UpdateInterface";
+        let iface = Interface::try_from(req.interface.into_option().unwrap_or_default())
+            .map_err(|e| invalid(e.to_owned()))?;
+        let cfg = iface
+            .validate()
+            .map_err(|e| net_status(M, NetError::from(e)))?;
+        let got = self
+            .cfg
+            .net
+            .update_interface(&cfg)
+            .await
+            .map_err(|e| net_status(M, e))?;
+        Ok((&got).into())
+    }
+
+    #[instrument(level = "debug", skip_all)]
+    async fn update_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::UpdateRoutesRequest,
+    ) -> ttrpc::Result<pb::Routes> {
+        const M: &str = "UpdateRoutes";
+        let routes = Vec::<Route>::try_from(req.routes.into_option().unwrap_or_default())
+            .map_err(|e| invalid(e.to_owned()))?;
+        let cfgs = routes
+            .iter()
+            .map(Route::validate)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| net_status(M, NetError::from(e)))?;
+        let got = self
+            .cfg
+            .net
+            .update_routes(&cfgs)
+            .await
+            .map_err(|e| net_status(M, e))?;
+        Ok(got.as_slice().into())
+    }
+
+    async fn list_interfaces(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: pb::ListInterfacesRequest,
+    ) -> ttrpc::Result<pb::Interfaces> {
+        let got = self
+            .cfg
+            .net
+            .list_interfaces()
+            .await
+            .map_err(|e| net_status("ListInterfaces", e))?;
+        Ok(got.as_slice().into())
+    }
+
+    async fn list_routes(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: pb::ListRoutesRequest,
+    ) -> ttrpc::Result<pb::Routes> {
+        let got = self
+            .cfg
+            .net
+            .list_routes()
+            .await
+            .map_err(|e| net_status("ListRoutes", e))?;
+        Ok(got.as_slice().into())
     }
 
     #[instrument(level = "debug", skip_all, fields(path = %req.path, offset = req.offset))]
