@@ -6,9 +6,9 @@
 //! maintainer scripts run). Output in `target/guest/`:
 //! - `vmlinuz`: the kernel;
 //! - `initramfs.cpio`: a reproducible, usr-merged newc archive (`/init` = agent, busybox and its
-//!   applet links, the packages, those of the virtio/vsock/virtio-blk modules the kernel does
-//!   not have built in, `/lib/modules/load-order`, `/dev/console`, `/etc/passwd`), all mtimes
-//!   0, owners root;
+//!   applet links, the packages, those of the virtio/vsock/virtio-blk/virtio-net modules the
+//!   kernel does not have built in, `/lib/modules/load-order`, `/dev/console`, `/etc/passwd`),
+//!   all mtimes 0, owners root;
 //! - `manifest.json`: what went in (the kernel series too), with hashes and package versions.
 //!   A rebuild happens only when an input changes.
 
@@ -45,13 +45,18 @@ pub const MODULES: &[&str] = &[
     "virtio_blk",
     "virtio_mmio",
     "virtio_console",
+    // virtio-net and what it links against (net_failover needs failover).
+    "failover",
+    "net_failover",
+    "virtio_net",
     "vsock",
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
 ];
 
-/// Bumped whenever the layout of the initramfs changes, so old images are rebuilt.
-const IMAGE_FORMAT: u32 = 2;
+/// Bumped whenever the layout of the initramfs changes, so old images are rebuilt (3: the
+/// virtio-net modules).
+const IMAGE_FORMAT: u32 = 3;
 
 /// Target triple of the static guest agent.
 const GUEST_TARGET: &str = "x86_64-unknown-linux-gnu";
@@ -385,6 +390,21 @@ mod tests {
                 .write()
                 .unwrap()
         );
+    }
+
+    /// No modules.dep ships: the list itself must put a module after those it links against.
+    #[test]
+    fn modules_load_after_their_dependencies() {
+        let at = |m: &str| MODULES.iter().position(|x| *x == m).unwrap();
+        for (before, after) in [
+            ("failover", "net_failover"),
+            ("net_failover", "virtio_net"),
+            ("virtio_ring", "virtio_net"),
+            ("virtio", "virtio_net"),
+            ("virtio_pci", "virtio_net"),
+        ] {
+            assert!(at(before) < at(after), "{before} must load before {after}");
+        }
     }
 
     #[test]
