@@ -260,3 +260,31 @@ pub async fn clock_skew(vm: &vmfactory_vm::Vm) -> Result<Duration> {
         .or_else(|_| guest.duration_since(after))
         .unwrap_or_default())
 }
+
+/// `sh -c script`.
+pub fn sh(script: &str) -> vmfactory_vm::ProcessSpec {
+    vmfactory_vm::ProcessSpec::new(["sh", "-c", script])
+}
+
+/// Runs `spec` in `vm` with no stdin: (status, stdout, stderr).
+pub async fn run_in(
+    vm: &vmfactory_vm::Vm,
+    spec: vmfactory_vm::ProcessSpec,
+) -> (vmfactory_vm::ExitStatus, String, String) {
+    use tokio::io::AsyncReadExt;
+    let mut p = vm.exec(spec).await.expect("exec");
+    drop(p.stdin());
+    let (mut o, mut e) = (p.stdout().expect("stdout"), p.stderr().expect("stderr"));
+    let (mut out, mut err) = (String::new(), String::new());
+    let (ro, re) = tokio::join!(o.read_to_string(&mut out), e.read_to_string(&mut err));
+    ro.expect("stdout");
+    re.expect("stderr");
+    (p.wait().await.expect("wait"), out, err)
+}
+
+/// Runs `script` in `vm`, expecting exit 0; its stdout.
+pub async fn ok_in(vm: &vmfactory_vm::Vm, script: &str) -> String {
+    let (st, out, err) = run_in(vm, sh(script)).await;
+    assert_eq!(st, vmfactory_vm::ExitStatus::Code(0), "{script}: {err}");
+    out
+}

@@ -164,3 +164,74 @@ async fn a_held_vm_serves_exec_and_an_outside_client() {
     ok(&run(&s.bin, &s.cfg, &["destroy"]), "destroy");
     s.root.assert_no_leaks();
 }
+
+/// `run --net`: the guest fetches from a server on the host at 10.0.2.2; `run -p`: the host
+/// reaches a server in the guest through the published port, which is gone after the run.
+#[test]
+fn run_net_fetches_from_the_host_and_publish_serves_it() {
+    use std::io::{Read, Write};
+    let Some(s) = Setup::new(0) else { return };
+    let (bin, cfg) = (&s.bin, &s.cfg);
+    let server = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let port = server.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for mut c in server.incoming().flatten() {
+            let mut req = [0u8; 1024];
+            let _ = c.read(&mut req);
+            let _ = c.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 11\r\n\r\nfrom host\r\n");
+        }
+    });
+    let o = run(
+        bin,
+        cfg,
+        &[
+            "run",
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            &format!("wget -q -O - http://10.0.2.2:{port}/"),
+        ],
+    );
+    assert_eq!(ok(&o, "run --net"), "from host\r\n");
+
+    // A free port, then published.
+    let published = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("probe")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mapping = format!("127.0.0.1:{published}:80");
+    let mut child = Command::new(bin)
+        .args(["--config"])
+        .arg(cfg)
+        .args(["run", "-p", &mapping, "--", "sh", "-c"])
+        .arg("mkdir /w && echo in guest > /w/index.html && httpd -p 80 -h /w && echo ready && sleep 120")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run -p");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("ready"));
+    let mut body = String::new();
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", published)).expect("published port");
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("request");
+    c.read_to_string(&mut body).expect("response");
+    assert!(body.ends_with("in guest\n"), "{body}");
+    // A second run cannot take the same port: one line, exit 2, no VM.
+    let taken = run(bin, cfg, &["run", "-p", &mapping, "--", "true"]);
+    assert_eq!(code(&taken), Some(2), "{taken:?}");
+    assert!(String::from_utf8_lossy(&taken.stderr).contains(&format!("--publish {mapping}")));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let st = child.wait().expect("wait");
+    assert!(!st.success(), "{st:?}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", published)).is_err(),
+        "still published"
+    );
+    s.root.assert_no_leaks();
+}

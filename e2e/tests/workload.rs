@@ -14,27 +14,7 @@ use vmfactory_e2e::{guest_env, scaled, vm, RunRoot};
 use vmfactory_factory::Factory;
 use vmfactory_vm::{DiskConfig, DiskFormat, DiskMount, ExitStatus, ProcessSpec, Vm};
 
-fn sh(script: &str) -> ProcessSpec {
-    ProcessSpec::new(["sh", "-c", script])
-}
-
-/// Runs `spec` with no stdin: (status, stdout, stderr).
-async fn run(vm: &Vm, spec: ProcessSpec) -> (ExitStatus, String, String) {
-    let mut p = vm.exec(spec).await.expect("exec");
-    drop(p.stdin());
-    let (mut o, mut e) = (p.stdout().expect("stdout"), p.stderr().expect("stderr"));
-    let (mut out, mut err) = (String::new(), String::new());
-    let (ro, re) = tokio::join!(o.read_to_string(&mut out), e.read_to_string(&mut err));
-    ro.expect("stdout");
-    re.expect("stderr");
-    (p.wait().await.expect("wait"), out, err)
-}
-
-async fn ok(vm: &Vm, script: &str) -> String {
-    let (st, out, err) = run(vm, sh(script)).await;
-    assert_eq!(st, ExitStatus::Code(0), "{script}: {err}");
-    out
-}
+use vm::{ok_in as ok, run_in as run, sh};
 
 /// VmRSS of the guest agent (PID 1), in KiB.
 async fn agent_rss_kib(vm: &Vm) -> u64 {

@@ -5,6 +5,7 @@ mod bench_concurrent;
 mod bench_factory;
 mod bench_kernels;
 mod bench_memfloor;
+mod bench_net;
 mod bench_run;
 mod demo;
 mod guest;
@@ -17,7 +18,7 @@ mod util;
 
 use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 use crate::util::{is_ci, run, workspace_root};
@@ -136,6 +137,10 @@ enum Cmd {
         /// CPU went; target/bench/concurrency.json).
         #[arg(long, conflicts_with = "memfloor")]
         concurrency: bool,
+        /// Instead of the bench: only the network rows (what a network adds to `get_vm`,
+        /// its setup, host<->clone throughput; target/bench/net.json).
+        #[arg(long, conflicts_with_all = ["memfloor", "concurrency"])]
+        net: bool,
     },
 }
 
@@ -230,6 +235,26 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             let report = rt.block_on(bench_concurrent::run(runs.max(1)))?;
             bench_concurrent::report(&report).map(drop)
+        }
+        Cmd::Bench {
+            runs, net: true, ..
+        } => {
+            tools::ensure_qemu()?;
+            let env = {
+                guest::build(true)?;
+                vmfactory_e2e::guest_env().context("Prerequisites missing")?
+            };
+            let root = tempfile::Builder::new()
+                .prefix("vmf-bench-net-")
+                .tempdir_in("/dev/shm")?;
+            let rt = tokio::runtime::Runtime::new()?;
+            let report = rt.block_on(bench_net::run(&env, root.path(), runs.max(1)))?;
+            bench_net::report(&report);
+            let out = workspace_root().join("target/bench/net.json");
+            std::fs::create_dir_all(out.parent().context("bench dir")?)?;
+            std::fs::write(&out, serde_json::to_vec_pretty(&report)?)?;
+            println!("JSON: {}", out.display());
+            Ok(())
         }
         Cmd::Bench { runs, pss, .. } => {
             tools::ensure_qemu()?;

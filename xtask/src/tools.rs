@@ -11,12 +11,14 @@ use crate::util::{on_path, run, workspace_root};
 /// Version of `vhost-device-vsock` the e2e tests were proven with.
 const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
 
-/// Installs `qemu-system-x86` (QEMU) and `qemu-utils` (`qemu-img`, which the disk hotplug
-/// e2e makes its qcow2 image with) with apt when they are missing.
+/// Installs `qemu-system-x86` (QEMU), `qemu-utils` (`qemu-img`, which the disk hotplug
+/// e2e makes its qcow2 image with) and `nftables` (`nft`, which VM networks need) with apt
+/// when they are missing.
 pub fn ensure_qemu() -> Result<()> {
     let missing: Vec<&str> = [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("qemu-img", "qemu-utils"),
+        ("nft", "nftables"),
     ]
     .into_iter()
     .filter(|(bin, _)| !on_path(bin))

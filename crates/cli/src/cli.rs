@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::commands::run::{parse_copy, parse_disk, parse_env, parse_user, CopyArg, DiskArg};
+use crate::commands::run::{
+    parse_copy, parse_disk, parse_env, parse_publish, parse_user, CopyArg, DiskArg,
+};
+use vmfactory_net::proxy::PortSpec;
 
 /// Boot, template and clone QEMU micro-VMs, and hand them out sized to each request.
 #[derive(Debug, Parser)]
@@ -133,6 +136,14 @@ pub struct RunArgs {
     /// repeatable. One read-only image can serve many VMs at once.
     #[arg(long = "disk", value_name = "PATH[:ro]:MOUNTPOINT", value_parser = parse_disk)]
     pub disk: Vec<DiskArg>,
+    /// Give the VM a network (`[network]`'s subnet and egress), even where `[network]
+    /// enable` is off.
+    #[arg(long)]
+    pub net: bool,
+    /// Forward a host TCP port to a guest port (`[HOST_IP:]HOST_PORT:GUEST_PORT`, as `docker
+    /// run -p`); implies `--net`; repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST_PORT:GUEST_PORT", value_parser = parse_publish)]
+    pub publish: Vec<PortSpec>,
     /// Options of the process.
     #[command(flatten)]
     pub process: ProcessArgs,

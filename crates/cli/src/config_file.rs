@@ -13,6 +13,7 @@ use vmfactory_factory::{
     DEFAULT_TEMPLATE_PATH,
 };
 use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
+use vmfactory_net::NetworkConfig;
 use vmfactory_proxy::ProxyKind;
 use vmfactory_vm::{AgentTimeout, VmAgentConfig, VmConfig};
 
@@ -117,6 +118,39 @@ struct FileConfig {
     factory: FactorySection,
     #[serde(default)]
     runtime: RuntimeSection,
+    #[serde(default)]
+    network: NetworkSection,
+}
+
+/// `[network]`: off by default (a VM without a NIC is the tighter sandbox, and networking
+/// needs root, `nft` and changes to the host's firewall and forwarding).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkSection {
+    #[serde(default)]
+    enable: bool,
+    #[serde(default = "default_subnet")]
+    subnet: vmfactory_net::ipnet::Ipv4Net,
+    #[serde(default = "yes")]
+    egress: bool,
+}
+
+fn default_subnet() -> vmfactory_net::ipnet::Ipv4Net {
+    vmfactory_net::DEFAULT_SUBNET
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            enable: false,
+            subnet: default_subnet(),
+            egress: true,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +211,9 @@ struct QemuSection {
     machine_accelerators: Option<String>,
     #[serde(default)]
     clone_thp: bool,
+    /// Kata's name: the NIC's packets stay in QEMU even where `/dev/vhost-net` exists.
+    #[serde(default)]
+    disable_vhost_net: bool,
     #[serde(default)]
     vmgenid: bool,
 }
@@ -325,6 +362,8 @@ pub struct Settings {
     pub endpoint: PathBuf,
     /// `[factory] prestart`: pre-started clones the VM-cache server's template keeps.
     pub prestart: u32,
+    /// `[network]`'s subnet and egress, also when `enable` is off (`run --net` uses them).
+    pub network: NetworkConfig,
     /// The source text, to find the line of a key in later errors.
     source: String,
 }
@@ -475,6 +514,16 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
     };
     vm.proxy = file.proxy.kind;
     vm.run_root = file.runtime.run_root;
+    let network = NetworkConfig {
+        subnet: file.network.subnet,
+        egress: file.network.egress,
+    };
+    if file.network.enable {
+        vm = vm.with_network(network.clone());
+        if let Some(nic) = &mut vm.hypervisor.nic {
+            nic.vhost = q.disable_vhost_net.then_some(false);
+        }
+    }
     Settings {
         origin: origin.to_owned(),
         vm,
@@ -483,6 +532,7 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
         cache_number: file.factory.vm_cache_number,
         endpoint: file.factory.vm_cache_endpoint,
         prestart: file.factory.prestart,
+        network,
         source: text.to_owned(),
     }
 }
@@ -592,6 +642,7 @@ fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, Str
             };
             ("agent", key, format!("{key} must not be 0"))
         }
+        F::Vm(Vm::Network(e)) => ("network", "subnet", e.to_string()),
         F::Vm(Vm::RelativeRunRoot { path }) => (
             "runtime",
             "run_root",

@@ -240,6 +240,7 @@ pub fn qemu_args(
     paths: &RunPaths,
     accel: Accel,
     vsock: Option<VhostVsockFd>,
+    nic: Option<NicFds>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::with_capacity(48);
     let mut push = |items: &[&OsStr]| a.extend(items.iter().map(|s| s.to_os_string()));
@@ -361,10 +362,41 @@ pub fn qemu_args(
         // template's and from every other clone's (QEMU notifies the guest after the load).
         push(&["-device".as_ref(), "vmgenid,guid=auto".as_ref()]);
     }
+    if let (Some(nic), Some(fds)) = (&cfg.nic, nic) {
+        let mut netdev = format!("tap,id=net0,fd={}", fds.tap);
+        if let Some(vhost) = fds.vhost {
+            netdev.push_str(&format!(",vhost=on,vhostfd={vhost}"));
+        }
+        // No option ROM: the guest boots its kernel directly, never from the network, and
+        // QEMU would read and map the ROM file at every start.
+        let mut dev = format!(
+            "{},netdev=net0,mac={}",
+            virtio(cfg.machine, "virtio-net"),
+            nic.mac
+        );
+        if cfg.machine != MachineType::Microvm {
+            dev.push_str(",romfile=");
+        }
+        push(&[
+            "-netdev".as_ref(),
+            netdev.as_ref(),
+            "-device".as_ref(),
+            dev.as_ref(),
+        ]);
+    }
     if cfg.clones_template() {
         push(&["-S".as_ref(), "-incoming".as_ref(), "defer".as_ref()]);
     }
     a
+}
+
+/// The descriptors of a NIC that QEMU inherits: the tap, and vhost-net's when used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NicFds {
+    /// The tap (`-netdev tap,fd=`).
+    pub tap: std::os::fd::RawFd,
+    /// `/dev/vhost-net` (`vhostfd=`), if used.
+    pub vhost: Option<std::os::fd::RawFd>,
 }
 
 /// The `-device` values of the disk hotplug root ports (q35 only, see
@@ -411,6 +443,43 @@ mod tests {
     }
 
     #[test]
+    fn a_nic_is_a_virtio_net_device_on_the_inherited_tap() {
+        let paths = RunPaths::new("/r");
+        let mut c = base();
+        c.nic = Some(crate::NicConfig {
+            mac: "02:76:6d:66:00:0f".into(),
+            vhost: None,
+        });
+        let tap = NicFds {
+            tap: 7,
+            vhost: None,
+        };
+        let s = args_string(&qemu_args("x", &c, &paths, Accel::Tcg, None, Some(tap)));
+        assert!(s.contains("-netdev tap,id=net0,fd=7 "), "{s}");
+        assert!(s.contains("-device virtio-net-pci,netdev=net0,mac=02:76:6d:66:00:0f,romfile="));
+        let vhost = NicFds {
+            tap: 7,
+            vhost: Some(8),
+        };
+        let s = args_string(&qemu_args("x", &c, &paths, Accel::Kvm, None, Some(vhost)));
+        assert!(
+            s.contains("-netdev tap,id=net0,fd=7,vhost=on,vhostfd=8"),
+            "{s}"
+        );
+        // No descriptors, no NIC (a config without one has none either).
+        let s = args_string(&qemu_args("x", &c, &paths, Accel::Tcg, None, None));
+        assert!(!s.contains("netdev"), "{s}");
+        c.nic = Some(crate::NicConfig {
+            mac: "03:00:00:00:00:01".into(),
+            vhost: None,
+        });
+        assert!(matches!(
+            c.validate_shape(),
+            Err(crate::ConfigError::BadMac { .. })
+        ));
+    }
+
+    #[test]
     fn escape_doubles_commas() {
         assert_eq!(
             escape_opt(OsStr::new("/a,b,,c")),
@@ -433,7 +502,7 @@ mod tests {
     #[test]
     fn direct_vm_line() {
         let paths = RunPaths::new("/run/vm1");
-        let args = qemu_args("vm1", &base(), &paths, Accel::Tcg, None);
+        let args = qemu_args("vm1", &base(), &paths, Accel::Tcg, None, None);
         let s = args_string(&args);
         assert!(s.starts_with(
             "-name vm1 -M q35,memory-backend=mem0,sata=off -accel tcg -m 256M -smp 1 "
@@ -468,11 +537,14 @@ mod tests {
     fn vmgenid_device_on_q35_and_pc_only() {
         let paths = RunPaths::new("/r");
         let devices = |c: &HypervisorConfig| {
-            values(&qemu_args("x", c, &paths, Accel::Tcg, None), "-device")
-                .into_iter()
-                .filter(|d| d.to_string_lossy().starts_with("vmgenid"))
-                .map(|d| d.to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
+            values(
+                &qemu_args("x", c, &paths, Accel::Tcg, None, None),
+                "-device",
+            )
+            .into_iter()
+            .filter(|d| d.to_string_lossy().starts_with("vmgenid"))
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
         };
         let mut c = base();
         assert!(devices(&c).is_empty(), "off by default");
@@ -503,7 +575,7 @@ mod tests {
         c.machine = MachineType::Pc;
         c.tcg_tb_size_mib = Some(64);
         let paths = RunPaths::new("/r");
-        let args = qemu_args("x", &c, &paths, Accel::Tcg, None);
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, None, None);
         assert_eq!(
             values(&args, "-m"),
             [OsStr::new("256M,slots=4,maxmem=2048M")]
@@ -511,7 +583,7 @@ mod tests {
         assert_eq!(values(&args, "-smp"), [OsStr::new("1,maxcpus=4")]);
         assert_eq!(values(&args, "-M"), [OsStr::new("pc,memory-backend=mem0")]);
         assert_eq!(values(&args, "-accel"), [OsStr::new("tcg,tb-size=64")]);
-        let args = qemu_args("x", &c, &paths, Accel::Kvm, None);
+        let args = qemu_args("x", &c, &paths, Accel::Kvm, None, None);
         assert_eq!(values(&args, "-accel"), [OsStr::new("kvm")]);
     }
 
@@ -520,20 +592,23 @@ mod tests {
         let paths = RunPaths::new("/r");
         let mut c = base();
         // TCG keeps QEMU's default model: no -cpu at all.
-        assert!(values(&qemu_args("x", &c, &paths, Accel::Tcg, None), "-cpu").is_empty());
-        let kvm = qemu_args("x", &c, &paths, Accel::Kvm, None);
+        assert!(values(&qemu_args("x", &c, &paths, Accel::Tcg, None, None), "-cpu").is_empty());
+        let kvm = qemu_args("x", &c, &paths, Accel::Kvm, None, None);
         assert_eq!(values(&kvm, "-cpu"), [OsStr::new("host")]);
         assert!(args_string(&kvm)
             .starts_with("-name x -M q35,memory-backend=mem0,sata=off -accel kvm -cpu host -m "));
         c.cpu_model = Some("Skylake-Client,-hle".into());
         for accel in [Accel::Tcg, Accel::Kvm] {
-            let args = qemu_args("x", &c, &paths, accel, None);
+            let args = qemu_args("x", &c, &paths, accel, None, None);
             assert_eq!(values(&args, "-cpu"), [OsStr::new("Skylake-Client,-hle")]);
         }
         // A pinned clone config carries its template's model whatever it is given.
         let clone = base().pinned(Accel::Kvm);
         assert_eq!(
-            values(&qemu_args("x", &clone, &paths, clone.accel, None), "-cpu"),
+            values(
+                &qemu_args("x", &clone, &paths, clone.accel, None, None),
+                "-cpu"
+            ),
             [OsStr::new("host")]
         );
     }
@@ -547,7 +622,7 @@ mod tests {
         };
         c.template = Some(TemplateRole::SaveTo(files.clone()));
         let paths = RunPaths::new("/run/a,b");
-        let args = qemu_args("tpl", &c, &paths, Accel::Tcg, None);
+        let args = qemu_args("tpl", &c, &paths, Accel::Tcg, None, None);
         assert_eq!(
             values(&args, "-object"),
             [OsStr::new(
@@ -564,7 +639,7 @@ mod tests {
         assert!(!args_string(&args).contains("-incoming"));
 
         c.template = Some(TemplateRole::CloneFrom(files));
-        let args = qemu_args("clone", &c, &paths, Accel::Tcg, None);
+        let args = qemu_args("clone", &c, &paths, Accel::Tcg, None, None);
         assert_eq!(
             values(&args, "-object"),
             [OsStr::new(
@@ -585,7 +660,7 @@ mod tests {
         let mut c = base();
         c.kernel = "/k,1/vmlinux".into();
         c.image = Some("/d,1/disk.img".into());
-        let args = qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg, None);
+        let args = qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg, None, None);
         assert_eq!(values(&args, "-kernel"), [OsStr::new("/k,1/vmlinux")]);
         assert_eq!(
             values(&args, "-drive"),
@@ -603,7 +678,7 @@ mod tests {
         c.disk_slots = 0; // its only device is the vsock one
         c.agent_channel = AgentChannel::Vsock { guest_cid: None };
         let held = VhostVsockFd { fd: 9, cid: 70001 };
-        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(held));
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(held), None);
         assert_eq!(
             values(&args, "-device"),
             [OsStr::new("vhost-vsock-pci,vhostfd=9,guest-cid=70001")]
@@ -623,12 +698,12 @@ mod tests {
             memory: "/t/memory".into(),
             state: "/t/state".into(),
         }));
-        let args = qemu_args("x", &clone, &paths, Accel::Kvm, Some(held));
+        let args = qemu_args("x", &clone, &paths, Accel::Kvm, Some(held), None);
         let s = args_string(&args);
         assert!(s.contains("-device vhost-vsock-pci,vhostfd=9,guest-cid=70001"));
         assert!(s.ends_with("-S -incoming defer"));
         c.machine = MachineType::Microvm;
-        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(held));
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(held), None);
         assert_eq!(
             values(&args, "-device"),
             [OsStr::new("vhost-vsock-device,vhostfd=9,guest-cid=70001")]
@@ -637,9 +712,9 @@ mod tests {
         c.machine = MachineType::Q35;
         c.agent_channel = AgentChannel::Vsock { guest_cid: Some(5) };
         let pinned = VhostVsockFd { fd: 9, cid: 5 };
-        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(pinned));
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, Some(pinned), None);
         assert!(args_string(&args).contains("-device vhost-vsock-pci,vhostfd=9,guest-cid=5"));
-        let args = qemu_args("x", &c, &paths, Accel::Tcg, None);
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, None, None);
         assert!(args_string(&args).contains("-device vhost-vsock-pci,guest-cid=5"));
         assert_eq!(
             agent_endpoint(&c.agent_channel, &paths, None),
@@ -650,7 +725,7 @@ mod tests {
             backend: "/bin/vhost-device-vsock".into(),
             guest_cid: 3,
         };
-        let args = qemu_args("x", &c, &paths, Accel::Tcg, None);
+        let args = qemu_args("x", &c, &paths, Accel::Tcg, None, None);
         let s = args_string(&args);
         assert!(s.contains("-object memory-backend-memfd,id=mem0,size=256M,share=on"));
         assert!(s.contains(
@@ -680,7 +755,7 @@ mod tests {
             OsStr::new("pcie-root-port,id=rp1,bus=pcie.0,chassis=2,addr=0x11"),
         ];
         let devices = |c: &HypervisorConfig| {
-            let args = qemu_args("x", c, &paths, Accel::Tcg, None);
+            let args = qemu_args("x", c, &paths, Accel::Tcg, None, None);
             values(&args, "-device")
                 .into_iter()
                 .map(OsStr::to_os_string)
@@ -693,9 +768,9 @@ mod tests {
             state: "/t/state".into(),
         };
         c.template = Some(TemplateRole::SaveTo(files.clone()));
-        let template = qemu_args("x", &c, &paths, Accel::Tcg, None);
+        let template = qemu_args("x", &c, &paths, Accel::Tcg, None, None);
         c.template = Some(TemplateRole::CloneFrom(files));
-        let clone = qemu_args("x", &c, &paths, Accel::Tcg, None);
+        let clone = qemu_args("x", &c, &paths, Accel::Tcg, None, None);
         assert_eq!(devices(&c), ports);
         assert_eq!(values(&template, "-device"), values(&clone, "-device"));
         assert!(args_string(&clone).ends_with("-S -incoming defer"));
@@ -707,7 +782,7 @@ mod tests {
             assert!(devices(&c).is_empty(), "{machine}");
         }
         // The default: four ports, the last at 0x13.
-        let args = qemu_args("x", &base(), &paths, Accel::Tcg, None);
+        let args = qemu_args("x", &base(), &paths, Accel::Tcg, None, None);
         assert!(args_string(&args)
             .contains("-device pcie-root-port,id=rp3,bus=pcie.0,chassis=4,addr=0x13"));
     }
@@ -716,7 +791,7 @@ mod tests {
     fn machine_options_follow_the_config_and_match_for_clones() {
         let paths = RunPaths::new("/r");
         let machine = |c: &HypervisorConfig| {
-            let args = qemu_args("x", c, &paths, Accel::Tcg, None);
+            let args = qemu_args("x", c, &paths, Accel::Tcg, None, None);
             values(&args, "-M")[0].to_string_lossy().into_owned()
         };
         let mut c = base();
@@ -742,7 +817,14 @@ mod tests {
     fn microvm_uses_mmio_devices() {
         let mut c = base();
         c.machine = MachineType::Microvm;
-        let s = args_string(&qemu_args("x", &c, &RunPaths::new("/r"), Accel::Tcg, None));
+        let s = args_string(&qemu_args(
+            "x",
+            &c,
+            &RunPaths::new("/r"),
+            Accel::Tcg,
+            None,
+            None,
+        ));
         assert!(s.contains("-M microvm,memory-backend=mem0"));
         assert!(s.contains("-device virtio-serial-device,id=serial0"));
     }

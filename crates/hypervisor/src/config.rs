@@ -295,6 +295,54 @@ pub struct HypervisorConfig {
     /// docs/benchmarks.md, "VMGenID and the 6.12 kernel").
     #[serde(default)]
     pub vmgenid: bool,
+    /// A virtio-net NIC on tap [`NIC_TAP`] of the network namespace pinned at
+    /// [`NIC_NETNS`] in the run directory (made by `vmfactory-net` before the start). It is
+    /// in the machine a template saves, so a template and its clones must agree on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<NicConfig>,
+}
+
+/// The pin of a VM's network namespace in its run directory.
+pub const NIC_NETNS: &str = "netns";
+
+/// The tap a VM's NIC uses, in its network namespace.
+pub const NIC_TAP: &str = "tap0";
+
+/// A VM's NIC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    /// The guest's MAC (`aa:bb:cc:dd:ee:ff`): the same in every VM, each in a namespace of
+    /// its own.
+    pub mac: String,
+    /// vhost-net (the kernel moves the packets): `None` uses it where `/dev/vhost-net`
+    /// exists; `Some(true)` requires it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhost: Option<bool>,
+}
+
+/// Where vhost-net is.
+pub const VHOST_NET: &str = "/dev/vhost-net";
+
+impl NicConfig {
+    /// Checks the MAC: six hex pairs, unicast.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = || ConfigError::BadMac {
+            mac: self.mac.clone(),
+        };
+        let bytes: Vec<&str> = self.mac.split(':').collect();
+        if bytes.len() != 6 || bytes.iter().any(|b| b.len() != 2) {
+            return Err(bad());
+        }
+        let first = u8::from_str_radix(bytes[0], 16).map_err(|_| bad())?;
+        for b in &bytes[1..] {
+            u8::from_str_radix(b, 16).map_err(|_| bad())?;
+        }
+        if first & 1 == 1 {
+            return Err(bad());
+        }
+        Ok(())
+    }
 }
 
 /// The serde default of [`HypervisorConfig::machine_options`]: none.
@@ -328,6 +376,7 @@ impl HypervisorConfig {
             machine_options: None,
             clone_thp: false,
             vmgenid: false,
+            nic: None,
         }
     }
 
@@ -456,6 +505,9 @@ impl HypervisorConfig {
                 max_memory_mib: self.max_memory_mib,
                 limit: MAX_MEMORY_MIB,
             });
+        }
+        if let Some(nic) = &self.nic {
+            nic.validate()?;
         }
         if self.disk_slots > MAX_DISK_SLOTS {
             return Err(ConfigError::TooManyDiskSlots {

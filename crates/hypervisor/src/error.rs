@@ -113,6 +113,18 @@ pub enum ConfigError {
     /// A template role is set but no initrd is.
     #[error("Only initrd guests can be templated (no initrd is configured)")]
     TemplateWithoutInitrd,
+    /// The NIC's MAC is not six hex pairs of a unicast address.
+    #[error("Bad NIC MAC {mac:?}: want six hex pairs of a unicast address (aa:bb:cc:dd:ee:ff)")]
+    BadMac {
+        /// As configured.
+        mac: String,
+    },
+    /// vhost-net is required but the host has none.
+    #[error("vhost-net is required (nic.vhost = true) but {path} does not exist")]
+    NoVhostNet {
+        /// Where it was looked for.
+        path: &'static str,
+    },
     /// Hybrid vsock uses a non-migratable vhost-user device, so it cannot be templated.
     #[error("Hybrid vsock cannot be used with templates")]
     HybridVsockWithTemplate,

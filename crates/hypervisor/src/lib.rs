@@ -78,8 +78,8 @@ pub use accel::{resolve_accel, resolve_accel_with_cache, KVM_DEFAULT_CPU_MODEL, 
 pub use cmdline::RunPaths;
 pub use config::VmSize;
 pub use config::{
-    Accel, AgentChannel, HypervisorConfig, MachineType, TemplatePaths, TemplateRole,
-    AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS, MAX_MEMORY_MIB,
+    Accel, AgentChannel, HypervisorConfig, MachineType, NicConfig, TemplatePaths, TemplateRole,
+    AGENT_VSOCK_PORT, DEFAULT_KERNEL_PARAMS, MAX_MEMORY_MIB, NIC_NETNS, NIC_TAP, VHOST_NET,
 };
 pub use disk::{AttachedDisk, DiskConfig, DiskError, DiskFormat};
 pub use endpoint::AgentEndpoint;

@@ -27,6 +27,9 @@ pub enum NewStep {
     /// Taking the VM's storage lock (also `from_wire`); `new` then moves the directory into
     /// place, so it is never seen unlocked.
     Lock,
+    /// Making the VM's network, when its config has one: a namespace pinned in the VM's
+    /// directory, with the tap QEMU will use.
+    CreateNetwork,
     /// Creating the hypervisor handle (`from_wire`: attaching to the running VM).
     CreateHypervisor,
     /// Pre-starting the hypervisor ([`Vm::prepare_with`](crate::Vm::prepare_with) only).
@@ -41,6 +44,9 @@ pub enum NewStep {
     /// Waiting for the agent's `Check` (skipped for a paused clone; also `from_wire` when the
     /// VM runs).
     CheckAgent,
+    /// Addressing the guest's NIC through the agent, when the VM has a network (a template's
+    /// clones have the template's address already).
+    ConfigureNetwork,
     /// Saving the VM's state in its storage directory (also `from_wire`).
     SaveState,
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmfactory_hypervisor::{AgentChannel, HypervisorConfig};
+use vmfactory_hypervisor::{AgentChannel, HypervisorConfig, NicConfig};
+use vmfactory_net::NetworkConfig;
 use vmfactory_persist::DEFAULT_ROOT;
 use vmfactory_proxy::ProxyKind;
 
@@ -91,6 +92,10 @@ pub struct VmConfig {
     /// The persist root: the VM's storage, sockets and logs live in `<run_root>/vm/<id>/`.
     #[serde(default = "default_root")]
     pub run_root: PathBuf,
+    /// The VM's network (see `vmfactory-net`): a namespace of its own, a unique address on the
+    /// host. Set with [`VmConfig::with_network`], which gives the hypervisor its NIC too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkConfig>,
 }
 
 fn default_root() -> PathBuf {
@@ -106,7 +111,19 @@ impl VmConfig {
             agent: VmAgentConfig::default(),
             proxy: ProxyKind::default(),
             run_root: default_root(),
+            network: None,
         }
+    }
+
+    /// This config with a network: `network` on the host and a virtio-net NIC in the VM
+    /// ([`vmfactory_net::GUEST_MAC`], vhost-net where the host has it).
+    pub fn with_network(mut self, network: NetworkConfig) -> Self {
+        self.hypervisor.nic = Some(NicConfig {
+            mac: vmfactory_net::mac_string(&vmfactory_net::GUEST_MAC),
+            vhost: None,
+        });
+        self.network = Some(network);
+        self
     }
 
     /// This config without the hypervisor's template role
@@ -132,6 +149,12 @@ impl VmConfig {
             if t.is_zero() {
                 return Err(ConfigError::ZeroTimeout { what });
             }
+        }
+        match (&self.network, &self.hypervisor.nic) {
+            (Some(net), Some(_)) => net.validate().map_err(ConfigError::Network)?,
+            (None, None) => {}
+            (Some(_), None) => return Err(ConfigError::NetworkWithoutNic),
+            (None, Some(_)) => return Err(ConfigError::NicWithoutNetwork),
         }
         if !self.run_root.is_absolute() {
             return Err(ConfigError::RelativeRunRoot {

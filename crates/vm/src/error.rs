@@ -41,6 +41,15 @@ pub enum ConfigError {
     /// The hypervisor part is invalid.
     #[error("Invalid hypervisor config")]
     Hypervisor(#[source] vmfactory_hypervisor::ConfigError),
+    /// The network part is invalid.
+    #[error("Invalid network config")]
+    Network(#[source] vmfactory_net::NetError),
+    /// A network is configured but the hypervisor has no NIC (use `VmConfig::with_network`).
+    #[error("A network needs a NIC in the VM (hypervisor.nic)")]
+    NetworkWithoutNic,
+    /// The hypervisor has a NIC but no network is configured for its tap.
+    #[error("A NIC needs a network (the config's network section)")]
+    NicWithoutNetwork,
     /// An agent timeout is zero.
     #[error("Agent {what} timeout must not be zero")]
     ZeroTimeout {
@@ -173,6 +182,17 @@ pub enum Error {
         /// The last failure, if the last attempt failed (rather than answered `NOT_SERVING`).
         #[source]
         last: Option<Box<vmfactory_agent::Error>>,
+    },
+    /// Making, addressing or removing the VM's network failed.
+    #[error("Network {op} of VM {id} failed")]
+    Network {
+        /// VM id.
+        id: String,
+        /// What was done.
+        op: &'static str,
+        /// The network error.
+        #[source]
+        source: vmfactory_net::NetError,
     },
     /// Starting the console proxy failed.
     #[error("Proxy of VM {id} failed to start")]

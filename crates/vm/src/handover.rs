@@ -93,6 +93,7 @@ impl Vm {
             mounts: state.mounts.clone(),
             links: Vec::new(),
         };
+        p.network = state.network.clone();
         let vm = Self::assemble(p, state.config, dir, url, inner)?;
         vm.save_state(&*vm.inner.lock().await).await?;
         Ok(vm)

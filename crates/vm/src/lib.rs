@@ -114,6 +114,7 @@ mod exit_tests;
 mod fake;
 mod handover;
 mod links;
+mod network;
 mod ops;
 mod orphans;
 mod prepared;
@@ -133,6 +134,7 @@ pub use envelope::{MAX_WIRE_SIZE, WIRE_VERSION};
 pub use error::{AgentTimeout, ConfigError, Error, Result, WireError};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::FakeBackends;
+pub use network::GUEST_NIC;
 pub use ops::{VmInfo, CLOCK_SYNC_ATTEMPTS, CLOCK_SYNC_TOLERANCE, ENTROPY_SOURCE, RESEED_BYTES};
 pub use orphans::{Orphan, RecordedProcess};
 pub use prepared::PreparedVm;

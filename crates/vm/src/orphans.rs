@@ -140,6 +140,14 @@ impl Vm {
                 warn!(vm = %id, error = %e, "cannot end an orphaned VM, left alone");
                 continue;
             }
+            // The recorded network goes at once (its host link too); a pin without a record
+            // (a crash mid-setup) is unpinned, and its link ends with the namespace.
+            if let Ok(state) = store.load_state::<crate::VmState>(&id).await {
+                if let Some(net) = &state.network {
+                    crate::network::remove(&id, net).await;
+                }
+            }
+            crate::network::unpin(&dir).await;
             store
                 .destroy_vm_dir(&id)
                 .await

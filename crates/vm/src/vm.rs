@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 use vmfactory_agent::{Agent, AgentUrl, HealthStatus};
 use vmfactory_hypervisor::Hypervisor;
+use vmfactory_net::VmNetwork;
 use vmfactory_persist::{StagedVmDir, Store, VmLock};
 use vmfactory_proxy::Proxy;
 
@@ -21,6 +22,7 @@ use crate::endpoint::running_agent_url;
 use crate::error::{Error, Result};
 use crate::exit::{unless_exited, watched};
 use crate::links::remove_links;
+use crate::network;
 use crate::wire::VmState;
 
 /// Pause between two `Check`s that failed at once (no agent connection yet, say).
@@ -71,6 +73,7 @@ pub struct Vm {
     /// Where `agent` dials (a vsock CID is the VM's for its QEMU's life, so this holds).
     pub(crate) agent_url: AgentUrl,
     pub(crate) proxy: Arc<dyn Proxy>,
+    pub(crate) network: Option<VmNetwork>,
     pub(crate) inner: Mutex<Inner>,
 }
 
@@ -86,6 +89,8 @@ pub(crate) struct Partial {
     pub(crate) hypervisor: Option<Arc<dyn Hypervisor>>,
     pub(crate) proxy: Option<Arc<dyn Proxy>>,
     pub(crate) agent: Option<Arc<dyn Agent>>,
+    /// The VM's network, once made (or, re-attaching, as saved).
+    pub(crate) network: Option<VmNetwork>,
     /// Re-attaching: release the VM (detach) instead of stopping it.
     pub(crate) attached: bool,
 }
@@ -101,6 +106,7 @@ impl Partial {
             hypervisor: None,
             proxy: None,
             agent: None,
+            network: None,
             attached,
         }
     }
@@ -145,6 +151,12 @@ impl Partial {
             };
             if let Err(e) = res {
                 warn!(error = %e, "hypervisor cleanup during undo failed");
+            }
+        }
+        // After the hypervisor: its QEMU holds the tap. A re-attach leaves the VM's running.
+        if let Some(net) = &self.network {
+            if !self.attached {
+                network::remove(&self.id, net).await;
             }
         }
         if let Some(staged) = self.staged {
@@ -237,6 +249,9 @@ impl Vm {
         p.created_dir = true;
         p.lock = Some(lock);
 
+        step(NewStep::CreateNetwork).await?;
+        p.network = network::create(&id, config, &dir).await?;
+
         step(NewStep::CreateHypervisor).await?;
         let hv = backends.hypervisor(&id, &config.hypervisor, &dir)?;
         p.hypervisor = Some(hv.clone());
@@ -278,6 +293,17 @@ impl Vm {
             debug!("paused clone: agent check skipped");
         } else {
             wait_ready(&id, agent.as_ref(), hv.as_ref(), config.agent.ready_timeout).await?;
+        }
+
+        step(NewStep::ConfigureNetwork).await?;
+        if config.network.is_some() && !config.hypervisor.clones_template() {
+            unless_exited(
+                &id,
+                hv.as_ref(),
+                "network setup",
+                network::configure_guest(&id, agent.as_ref()),
+            )
+            .await??;
         }
 
         step(NewStep::SaveState).await?;
@@ -324,6 +350,7 @@ impl Vm {
             hypervisor,
             agent,
             proxy,
+            network: p.network.take(),
             inner: Mutex::new(inner),
         })
     }
@@ -388,6 +415,7 @@ impl Vm {
             memory_mib: inner.memory_mib,
             cpu_delta: inner.cpu_delta,
             mounts: inner.mounts.clone(),
+            network: self.network.clone(),
         }
     }
 
@@ -443,6 +471,9 @@ impl Vm {
                 .stop()
                 .await
                 .map_err(|e| Error::hv(&self.id, "stop", e))?;
+            if let Some(net) = &self.network {
+                network::remove(&self.id, net).await;
+            }
             let links = std::mem::take(&mut inner.links);
             remove_links(&links, &self.dir).await;
             let destroyed = destroy_dir(&self.store, &self.id).await;
@@ -488,6 +519,9 @@ async fn stage_dir(store: &Store, id: &str) -> Result<StagedVmDir> {
 /// Destroys the VM's storage directory, then `<root>/vm` if that is now empty (so a run root
 /// holds nothing once its VMs are gone; the store recreates it on demand).
 async fn destroy_dir(store: &Store, id: &str) -> Result<()> {
+    if let Ok(dir) = store.vm_dir(id) {
+        network::unpin(&dir).await;
+    }
     store
         .destroy_vm_dir(id)
         .await
@@ -573,15 +607,17 @@ mod tests {
     use vmfactory_agent::FakeCall as AgentCall;
     use vmfactory_hypervisor::{FakeCall, FakeStep, TemplatePaths, TemplateRole, VmStatus};
 
-    const ALL_STEPS: [NewStep; 9] = [
+    const ALL_STEPS: [NewStep; 11] = [
         NewStep::Validate,
         NewStep::CreateDir,
         NewStep::Lock,
+        NewStep::CreateNetwork,
         NewStep::CreateHypervisor,
         NewStep::StartHypervisor,
         NewStep::StartProxy,
         NewStep::CreateAgent,
         NewStep::CheckAgent,
+        NewStep::ConfigureNetwork,
         NewStep::SaveState,
     ];
 

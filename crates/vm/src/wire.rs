@@ -32,6 +32,9 @@ pub struct VmState {
     /// `hypervisor`). Absent in states written before disks existed.
     #[serde(default)]
     pub mounts: std::collections::BTreeMap<String, String>,
+    /// The VM's network (its namespace pin and addresses), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<vmfactory_net::VmNetwork>,
 }
 
 impl VmState {
@@ -112,6 +115,7 @@ mod tests {
             memory_mib: 256,
             cpu_delta: 0,
             mounts: Default::default(),
+            network: None,
         }
     }
 

@@ -31,6 +31,7 @@ fn valid_wire(root: &std::path::Path) -> Vec<u8> {
         memory_mib: 256,
         cpu_delta: 0,
         mounts: Default::default(),
+        network: None,
     }
     .to_wire()
     .expect("encode")

@@ -16,7 +16,8 @@ use anyhow::{bail, Context, Result};
 use crate::guest::KernelTree;
 
 /// L1 kernel modules in load order (the cloud kernel ships no modules.dep): KVM for AMD SVM
-/// (what TCG's `-cpu max` emulates) and vhost-vsock for plain vsock.
+/// (what TCG's `-cpu max` emulates), vhost-vsock for plain vsock, and what VM networks use:
+/// tap and vhost-net, veth, and nftables with conntrack, NAT and `fib`.
 const L1_MODULES: &[&str] = &[
     "virt/lib/irqbypass",
     "arch/x86/kvm/kvm",
@@ -26,6 +27,25 @@ const L1_MODULES: &[&str] = &[
     "net/vmw_vsock/vsock",
     "net/vmw_vsock/vmw_vsock_virtio_transport_common",
     "drivers/vhost/vhost_vsock",
+    "drivers/net/tun",
+    "drivers/net/tap",
+    "drivers/vhost/vhost_net",
+    "drivers/net/veth",
+    "lib/libcrc32c",
+    "net/netfilter/nfnetlink",
+    "net/netfilter/nf_tables",
+    "net/ipv4/netfilter/nf_defrag_ipv4",
+    "net/ipv6/netfilter/nf_defrag_ipv6",
+    "net/netfilter/nf_conntrack",
+    "net/netfilter/nf_nat",
+    "net/netfilter/nft_chain_nat",
+    "net/netfilter/nft_ct",
+    "net/netfilter/nft_nat",
+    "net/netfilter/nft_masq",
+    "net/netfilter/nft_fib",
+    "net/ipv4/netfilter/nft_fib_ipv4",
+    "net/ipv6/netfilter/nft_fib_ipv6",
+    "net/netfilter/nft_fib_inet",
 ];
 
 /// L1's `/init`: mounts, modules, then the runner; its exit code on the console, then off.

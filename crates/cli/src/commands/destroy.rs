@@ -86,6 +86,16 @@ pub async fn run(s: &Settings) -> CmdResult {
             done.push(format!("stopped {} orphaned VM(s)", reaped.len()));
         }
     }
+    // The host's VM network table, once no VM's link is left on the host (VMs of other run
+    // roots keep it).
+    match vmfactory_net::remove_host_rules_if_unused().await {
+        Ok(true) => done.push(format!(
+            "removed the host's VM network rules (nft table inet {})",
+            vmfactory_net::HOST_TABLE
+        )),
+        Ok(false) => {}
+        Err(e) => tracing::debug!(error = %e, "no VM network rules to remove"),
+    }
     // The server removes a template it made when it stops; what is left is removed here.
     if exists(&s.template_path).await {
         let had_template = exists(&s.template_path.join(METADATA_FILE)).await;

@@ -38,6 +38,39 @@ pub struct GotVm {
     pub source: &'static str,
     /// Whether it keeps running after this command (`--hold` until a signal).
     pub held: bool,
+    /// How to reach it, when it has a network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<GotNetwork>,
+}
+
+/// `get`'s view of a VM's network.
+#[derive(Debug, Serialize)]
+pub struct GotNetwork {
+    /// What the host connects to.
+    pub address: std::net::Ipv4Addr,
+    /// The guest's own address (the same in every VM).
+    pub guest_address: std::net::Ipv4Addr,
+    /// The host's address on the VM's link (what the guest reaches the host at).
+    pub host_address: std::net::Ipv4Addr,
+    /// The host end of the VM's link.
+    pub host_link: String,
+    /// The VM's network namespace (`nsenter --net=PATH`).
+    pub netns: PathBuf,
+    /// Whether the guest may reach beyond the host.
+    pub egress: bool,
+}
+
+impl From<&vmfactory_net::VmNetwork> for GotNetwork {
+    fn from(n: &vmfactory_net::VmNetwork) -> Self {
+        Self {
+            address: n.address,
+            guest_address: n.guest_address,
+            host_address: n.host_address,
+            host_link: n.host_link.clone(),
+            netns: n.netns.clone(),
+            egress: n.egress,
+        }
+    }
 }
 
 pub async fn run(s: &Settings, vcpus: Option<u32>, memory: Option<u64>, hold: bool) -> CmdResult {
@@ -171,6 +204,7 @@ async fn show(vm: &Vm, source: &'static str, held: bool) -> anyhow::Result<()> {
         memory_mib: info.memory_mib,
         source,
         held,
+        network: vm.network().map(GotNetwork::from),
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())

@@ -26,6 +26,8 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
                 memory: args.memory,
                 copies: args.copy,
                 disks: args.disk,
+                net: args.net || !args.publish.is_empty(),
+                publish: args.publish,
                 spec,
                 stdio,
             };

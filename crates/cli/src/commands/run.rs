@@ -1,6 +1,7 @@
 //! `vmfactory run`: a command in a fresh VM, as `docker run` runs one in a fresh container;
 //! `vmfactory exec`: a command in a VM held by `vmfactory get --hold`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,6 +10,7 @@ use anyhow::{anyhow, Context};
 use tracing::{debug, warn};
 use vmfactory_factory::{Factory, FactoryConfig};
 use vmfactory_hypervisor::VmSize;
+use vmfactory_net::proxy::{BoundPort, PortSpec};
 use vmfactory_persist::{LockMode, Store};
 use vmfactory_vm::{
     DiskConfig, DiskFormat, DiskMount, KataAgent, Process, ProcessSpec, Vm, VmState,
@@ -91,6 +93,12 @@ async fn disk_format(path: &std::path::Path) -> std::io::Result<DiskFormat> {
     })
 }
 
+/// Parses `-p [IP:]HOST_PORT:GUEST_PORT`.
+pub fn parse_publish(s: &str) -> Result<PortSpec, String> {
+    s.parse()
+        .map_err(|e: vmfactory_net::NetError| e.to_string())
+}
+
 /// Parses `-u UID[:GID]` (the group defaults to the user id, as for numeric users in Docker).
 pub fn parse_user(s: &str) -> Result<(u32, u32), String> {
     let num = |v: &str| {
@@ -125,6 +133,10 @@ pub struct RunRequest {
     pub copies: Vec<CopyArg>,
     /// Disks to attach and mount first.
     pub disks: Vec<DiskArg>,
+    /// Whether the VM gets a network even if the config gives none.
+    pub net: bool,
+    /// Host ports to forward to the guest.
+    pub publish: Vec<PortSpec>,
     /// The process.
     pub spec: ProcessSpec,
     /// Its stdio.
@@ -206,6 +218,22 @@ pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
         config.read_only = d.read_only;
         disks.push((config, DiskMount::ext4(&d.mount_point)));
     }
+    // Bound before any VM starts: a taken port fails here and leaves nothing.
+    let mut ports = Vec::new();
+    for p in &req.publish {
+        let bound = BoundPort::bind(p.host)
+            .await
+            .map_err(|e| Failure::usage(anyhow!("--publish {p}: {e}")))?;
+        ports.push((bound, p.guest_port));
+    }
+    let mut with_net;
+    let s = if req.net && s.vm.network.is_none() {
+        with_net = s.clone();
+        with_net.vm = with_net.vm.with_network(s.network.clone());
+        &with_net
+    } else {
+        s
+    };
     s.check_files().await?;
     let mut signals = Signals::install()?;
     let t = step_took("prepare", t);
@@ -224,6 +252,14 @@ pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
     let t = step_took("close", t);
     let res = match got.context("Cannot get a VM") {
         Ok(vm) => {
+            // Forwarding ends when `_published` drops, before the VM stops.
+            let _published: Vec<_> = match vm.network() {
+                Some(net) => ports
+                    .into_iter()
+                    .map(|(bound, guest)| bound.forward(SocketAddr::new(net.address.into(), guest)))
+                    .collect(),
+                None => Vec::new(),
+            };
             let ran = run_in(&vm, req, &disks, &mut signals).await;
             let t = step_took("exec", t);
             let stopped = vm

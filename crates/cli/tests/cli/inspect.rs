@@ -85,6 +85,7 @@ impl Stored {
                 memory_mib: 256,
                 cpu_delta: 0,
                 mounts: Default::default(),
+                network: None,
             };
             let store = Store::new(dir.join("run"));
             store.create_vm_dir(VM_ID).await.expect("VM dir");

@@ -145,6 +145,11 @@ pub struct CloneKey {
     /// off, as `disk_slots` is when 0, so metadata written before the field hashes as it did.
     #[serde(default, skip_serializing_if = "is_false")]
     pub vmgenid: bool,
+    /// The MAC of the machine's NIC, if it has one ([`HypervisorConfig::nic`]): the device
+    /// and its state are in the template's (vhost-net or not is the host's business). Left
+    /// out when there is none, so metadata written before the field hashes as it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nic: Option<String>,
 }
 
 /// Whether `n` is 0 (serde's `skip_serializing_if` of [`CloneKey::disk_slots`]).
@@ -191,6 +196,7 @@ impl CloneKey {
             disk_slots: cfg.disk_slots,
             machine_options: cfg.effective_machine_options().to_owned(),
             vmgenid: cfg.has_vmgenid(),
+            nic: cfg.nic.as_ref().map(|n| n.mac.clone()),
         })
     }
 

@@ -21,7 +21,7 @@ pub use version::{qemu_version, QEMU_VERSION_TIMEOUT};
 #[cfg(test)]
 mod vsock_tests;
 
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -34,9 +34,11 @@ use tokio::sync::{watch, MappedMutexGuard, Mutex, MutexGuard};
 use tracing::{debug, info, instrument, warn};
 
 use crate::accel::resolve_accel;
-use crate::cmdline::{agent_endpoint, qemu_args, vsock_backend_args, RunPaths};
+use crate::cmdline::{agent_endpoint, qemu_args, vsock_backend_args, NicFds, RunPaths};
 use crate::config::VmSize;
-use crate::config::{Accel, AgentChannel, HypervisorConfig, TemplateRole};
+use crate::config::{
+    Accel, AgentChannel, HypervisorConfig, NicConfig, TemplateRole, NIC_NETNS, NIC_TAP, VHOST_NET,
+};
 use crate::disk::{AttachedDisk, DiskConfig, DETACH_TIMEOUT, FIRST_DISK_NUMBER};
 use crate::endpoint::AgentEndpoint;
 use crate::error::QmpError;
@@ -380,7 +382,15 @@ impl Inner {
         }
 
         let vhost = vsock.as_ref().map(CidReservation::for_qemu);
-        let args = qemu_args(&self.id, &self.config, &self.paths, accel, vhost);
+        let nic = match &self.config.nic {
+            Some(nic) => Some(open_nic(nic, dir).await?),
+            None => None,
+        };
+        let nic_fds = nic.as_ref().map(|(tap, vhost)| NicFds {
+            tap: tap.as_raw_fd(),
+            vhost: vhost.as_ref().map(AsRawFd::as_raw_fd),
+        });
+        let args = qemu_args(&self.id, &self.config, &self.paths, accel, vhost, nic_fds);
         // A clone's device state, opened here so that a missing file fails before QEMU runs.
         let state = match &self.config.template {
             Some(TemplateRole::CloneFrom(paths)) => Some(ops::open_state(&paths.state).await?),
@@ -389,6 +399,9 @@ impl Inner {
         let inherit = [
             state.as_ref().map(AsFd::as_fd),
             vsock.as_ref().map(AsFd::as_fd),
+            nic.as_ref().map(|(tap, _)| tap.as_fd()),
+            nic.as_ref()
+                .and_then(|(_, vhost)| vhost.as_ref().map(AsFd::as_fd)),
         ];
         debug!(vm = %self.id, args = ?args, "spawning qemu");
         let proc = Proc::spawn_with_fds(
@@ -784,3 +797,30 @@ impl Hypervisor for Qemu {
 
 #[cfg(test)]
 mod tests;
+
+/// Opens the NIC's tap in the VM's network namespace (pinned in its run directory by
+/// `vmfactory-net`) and, where used, vhost-net: descriptors for QEMU to inherit.
+async fn open_nic(nic: &NicConfig, dir: &Path) -> Result<(OwnedFd, Option<OwnedFd>)> {
+    let netns = dir.join(NIC_NETNS);
+    let tap = vmfactory_net::tap::open_in(&netns, NIC_TAP)
+        .await
+        .map_err(|e| Error::io("Opening the tap in", &netns, std::io::Error::other(e)))?;
+    let vhost_path = Path::new(VHOST_NET);
+    let vhost = match nic.vhost {
+        Some(false) => None,
+        want => match tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(vhost_path)
+            .await
+        {
+            Ok(f) => Some(OwnedFd::from(f.into_std().await)),
+            Err(e) if want == Some(true) => return Err(Error::io("Opening", vhost_path, e)),
+            Err(e) => {
+                debug!(error = %e, "no vhost-net: QEMU moves the NIC's packets itself");
+                None
+            }
+        },
+    };
+    Ok((tap, vhost))
+}
