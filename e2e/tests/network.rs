@@ -1,8 +1,8 @@
 //! Networking on real QEMU: 8 template clones at once, each with its own address on the
 //! host, each fetching bytes from a server on the host (the guest's gateway, 10.0.2.2, stands
 //! for the host) and answering the host on its own address; clone-to-clone traffic and the
-//! host's other addresses refused; QEMU killed and a failure at every step of a networked
-//! VM's creation leave no namespace, link or process. Needs root and `nft`.
+//! host's other addresses refused; QEMU killed, an orphan reaped and a failure at every step
+//! of a networked VM's creation leave no namespace, link or process. Needs root and `nft`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -241,6 +241,15 @@ async fn killed_qemu_and_failed_steps_leave_no_network() {
         before,
         "link left after a kill"
     );
+
+    // An orphan (its owner gone without stopping it): reaping removes its network too.
+    let v = Vm::new(cfg.clone()).await.expect("networked VM");
+    let net = v.network().expect("network").clone();
+    drop(v);
+    let reaped = Vm::reap_orphans(root.path()).await.expect("reap");
+    assert_eq!(reaped.len(), 1, "{reaped:?}");
+    assert!(!net.netns.exists(), "orphan's pin left");
+    assert_eq!(links_become(&before).await, before, "orphan's link left");
 
     for step in [
         NewStep::CreateNetwork,

@@ -1,7 +1,8 @@
-//! The network rows of `cargo xtask bench` (`--net` alone): what a network adds to `get_vm`
-//! from a template factory, side by side with the same factory without one (interleaved
-//! rounds), with and without pre-started clones; a network's setup alone; and host↔clone TCP
-//! throughput both ways. Writes `target/bench/net.json` when run alone.
+//! The network rows of `cargo xtask bench --net`: what a network adds to `get_vm` from a
+//! template factory, side by side with the same factory without one (interleaved rounds, each
+//! call after a 300 ms pause so that the previous VM's teardown is not counted), with and
+//! without pre-started clones; a network's setup and removal alone; and host↔clone TCP
+//! throughput both ways. Writes `target/bench/net.json`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,9 @@ use vmfactory_net::{NetworkConfig, VmNetwork, GUEST_GATEWAY};
 
 use crate::bench_factory::factory_config;
 use crate::stat::Stat;
+
+/// Pause before each timed `get_vm`.
+const SETTLE: Duration = Duration::from_millis(300);
 
 /// Bytes moved each way for the throughput rows.
 const THROUGHPUT_MIB: usize = 64;
@@ -35,6 +39,11 @@ pub struct NetReport {
     pub get_vm_no_prestart_net_ms: Stat,
     /// Median difference without pre-started clones (the setup is then in `get_vm`).
     pub net_added_no_prestart_ms: f64,
+    /// A pre-started clone's state load alone (`get_base_vm`: no resume, no agent call),
+    /// without a NIC…
+    pub clone_load_ms: Stat,
+    /// …and with one: where the network's share of `get_vm` goes.
+    pub clone_load_net_ms: Stat,
     /// `VmNetwork::create` alone (namespace, tap, veth, addresses, NAT rules).
     pub net_setup_ms: Stat,
     /// `VmNetwork::remove` alone.
@@ -61,8 +70,28 @@ async fn time_get_vm(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // Steady state: the previous VM's teardown (the kernel ends a namespace in the background)
+    // and a refill's start are not this call's cost.
+    tokio::time::sleep(SETTLE).await;
     let t0 = Instant::now();
     let vm = f.get_vm(cfg).await?;
+    let t = t0.elapsed();
+    vm.stop().await?;
+    Ok(t)
+}
+
+/// Times taking a pre-started clone with its state loaded (paused; no agent call).
+async fn time_load(f: &Factory, cfg: &vmfactory_vm::VmConfig) -> Result<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while f.prestarted().pids.is_empty() {
+        if Instant::now() > deadline {
+            bail!("No pre-started clone in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(SETTLE).await;
+    let t0 = Instant::now();
+    let vm = f.base().get_base_vm(cfg).await?;
     let t = t0.elapsed();
     vm.stop().await?;
     Ok(t)
@@ -113,12 +142,16 @@ pub async fn run(env: &GuestEnv, root: &std::path::Path, runs: usize) -> Result<
         factories.push(Factory::new(c).await.context("factory")?);
     }
     let mut samples: [Vec<Duration>; 4] = Default::default();
+    let mut loads: [Vec<Duration>; 2] = Default::default();
     let (mut setup, mut remove) = (Vec::new(), Vec::new());
     let timed = async {
         for i in 0..runs {
             eprintln!("bench: network get_vm round {}/{runs} ...", i + 1);
             for (k, (f, c)) in factories.iter().zip(&cfgs).enumerate() {
                 samples[k].push(time_get_vm(f, &c.vm, c.prestart > 0).await?);
+            }
+            for (k, (f, c)) in factories.iter().zip(&cfgs).take(2).enumerate() {
+                loads[k].push(time_load(f, &c.vm).await?);
             }
             let pin = root.join(format!("pin{i}"));
             let t0 = Instant::now();
@@ -140,6 +173,7 @@ pub async fn run(env: &GuestEnv, root: &std::path::Path, runs: usize) -> Result<
     }
     let (host_to_clone_mib_s, clone_to_host_mib_s, vhost_net) = timed?;
     let [plain, net, plain_np, net_np] = samples.map(|s| Stat::of(&s));
+    let [clone_load_ms, clone_load_net_ms] = loads.map(|s| Stat::of(&s));
     Ok(NetReport {
         net_added_ms: net.median - plain.median,
         net_added_no_prestart_ms: net_np.median - plain_np.median,
@@ -147,6 +181,8 @@ pub async fn run(env: &GuestEnv, root: &std::path::Path, runs: usize) -> Result<
         get_vm_template_net_ms: net,
         get_vm_no_prestart_ms: plain_np,
         get_vm_no_prestart_net_ms: net_np,
+        clone_load_ms,
+        clone_load_net_ms,
         net_setup_ms: Stat::of(&setup),
         net_remove_ms: Stat::of(&remove),
         host_to_clone_mib_s,
@@ -223,6 +259,8 @@ pub fn report(r: &NetReport) {
         "{:<40} {:>9.1} ms",
         "network adds, no pre-start", r.net_added_no_prestart_ms
     );
+    row("clone state load", &r.clone_load_ms);
+    row("clone state load, NIC", &r.clone_load_net_ms);
     row("network setup alone", &r.net_setup_ms);
     row("network removal alone", &r.net_remove_ms);
     println!(

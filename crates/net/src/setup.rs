@@ -263,6 +263,16 @@ async fn create_here(cfg: &NetworkConfig, path: &Path, fail: Option<NetStep>) ->
     let host = connect(path)?;
     injected(fail, NetStep::Namespace)?;
     netns::unshare_to(path)?;
+    // IPv4 only inside (the NAT is IPv4): the namespace then sends the guest no neighbour
+    // discovery or multicast reports, which would queue on the tap while a pre-started clone
+    // waits.
+    if let Err(e) = ["all", "default"]
+        .iter()
+        .try_for_each(|c| write_sysctl(&format!("/proc/sys/net/ipv6/conf/{c}/disable_ipv6")))
+    {
+        let _ = netns::remove(path);
+        return Err(e);
+    }
     let mut link = None;
     let made = setup_inside(cfg, path, &host, &mut link, fail).await;
     match made {

@@ -228,8 +228,18 @@ pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {
     }
     let mut with_net;
     let s = if req.net && s.vm.network.is_none() {
+        // The template and the VM-cache server's VMs were made without a NIC: a clone of them
+        // cannot have one.
+        if s.template || s.cache_number > 0 {
+            eprintln!(
+                "vmfactory: note: --net boots this VM from scratch: the template has no NIC \
+                 (set [network] enable = true and run `vmfactory init` again)"
+            );
+        }
         with_net = s.clone();
         with_net.vm = with_net.vm.with_network(s.network.clone());
+        with_net.template = false;
+        with_net.cache_number = 0;
         &with_net
     } else {
         s
