@@ -9,6 +9,7 @@
 //! VM's port on the host. See docs/networking.md.
 
 mod error;
+mod names;
 pub mod netns;
 pub mod proxy;
 mod rules;
@@ -17,8 +18,10 @@ pub mod tap;
 
 pub use error::{NetError, Result};
 pub use ipnet;
+pub use names::{
+    DEFAULT_SUBNET, GUEST_ADDRESS, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, NS_UPLINK, TAP, TAP_MAC,
+};
 pub use rules::{HOST_TABLE, NFT};
 pub use setup::{
     host_links, mac_string, remove_host_rules_if_unused, NetStep, NetworkConfig, VmNetwork,
-    DEFAULT_SUBNET, GUEST_ADDRESS, GUEST_GATEWAY, GUEST_MAC, GUEST_PREFIX, NS_UPLINK, TAP, TAP_MAC,
 };

@@ -9,15 +9,13 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
 use crate::error::{NetError, Result};
+use crate::names::{GUEST_GATEWAY, HOST_LINK_PREFIX, NS_UPLINK, TAP};
 
 /// The `nft` binary (looked up in `PATH`).
 pub const NFT: &str = "nft";
 
 /// The host table's name (family `inet`).
 pub const HOST_TABLE: &str = "vmfactory";
-
-/// Host links of VMs are named `vmf-N`; the rules match them with this wildcard.
-pub(crate) const HOST_LINK_PREFIX: &str = "vmf-";
 
 /// The host's rules, the same for every VM: a VM's packets reach the host only at its own
 /// link's address, never another VM, and leave the host masqueraded. Replacing the table is
@@ -65,17 +63,17 @@ add rule ip vmfactory prerouting iifname \"{uplink}\" ip daddr {addr} dnat to {g
 add rule ip vmfactory prerouting iifname \"{tap}\" ip daddr {gateway} dnat to {host}
 add rule ip vmfactory postrouting oifname \"{uplink}\" snat to {addr}
 ",
-        uplink = crate::setup::NS_UPLINK,
-        tap = crate::setup::TAP,
+        uplink = NS_UPLINK,
+        tap = TAP,
         addr = r.address,
         guest = r.guest,
-        gateway = crate::setup::GUEST_GATEWAY,
+        gateway = GUEST_GATEWAY,
         host = r.host_address,
     );
     if !r.egress {
         s.push_str(&format!(
             "add rule ip vmfactory forward iifname \"{tap}\" ip daddr != {host} ct state new drop\n",
-            tap = crate::setup::TAP,
+            tap = TAP,
             host = r.host_address,
         ));
     }

@@ -15,29 +15,12 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, instrument};
 
 use crate::error::{NetError, Result};
-use crate::rules::{self, NsRules, HOST_LINK_PREFIX};
-use crate::{netns, tap};
-
-/// The tap QEMU uses, inside the VM's namespace.
-pub const TAP: &str = "tap0";
-/// The namespace's end of the veth pair.
-pub const NS_UPLINK: &str = "veth0";
-/// The guest's address, the same in every VM (each has a namespace of its own).
-pub const GUEST_ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
-/// The guest's prefix length.
-pub const GUEST_PREFIX: u8 = 24;
-/// The guest's gateway: the tap's address in the namespace.
-pub const GUEST_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
-/// The guest NIC's MAC, the same in every VM (locally administered).
-pub const GUEST_MAC: [u8; 6] = [0x02, 0x76, 0x6d, 0x66, 0x00, 0x0f];
-/// The tap's MAC, the same in every namespace, so that a clone's neighbour cache (the
-/// template's) stays right.
-pub const TAP_MAC: [u8; 6] = [0x02, 0x76, 0x6d, 0x66, 0x00, 0x02];
-/// The default [`NetworkConfig::subnet`].
-pub const DEFAULT_SUBNET: Ipv4Net = match Ipv4Net::new(Ipv4Addr::new(10, 201, 0, 0), 16) {
-    Ok(n) => n,
-    Err(_) => panic!("a /16 is valid"),
+use crate::names::{
+    DEFAULT_SUBNET, GUEST_ADDRESS, GUEST_GATEWAY, GUEST_PREFIX, HOST_LINK_PREFIX, NS_UPLINK, TAP,
+    TAP_MAC,
 };
+use crate::rules::{self, NsRules};
+use crate::{netns, tap};
 
 /// Formats a MAC as QEMU and Kata write it.
 pub fn mac_string(mac: &[u8; 6]) -> String {

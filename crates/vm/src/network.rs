@@ -13,7 +13,6 @@ use vmfactory_net::{mac_string, VmNetwork, GUEST_ADDRESS, GUEST_GATEWAY, GUEST_M
 
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
-use crate::vm::Vm;
 
 /// The guest's NIC, as the agent names it.
 pub const GUEST_NIC: &str = "eth0";
@@ -84,13 +83,5 @@ pub(crate) async fn unpin(dir: &Path) {
     match VmNetwork::remove_pin(&pin).await {
         Ok(()) => debug!(pin = %pin.display(), "network namespace unpinned"),
         Err(e) => warn!(pin = %pin.display(), error = %e, "cannot unpin a network namespace"),
-    }
-}
-
-impl Vm {
-    /// The VM's network: its namespace and the address the host reaches it at. `None` for a
-    /// VM without one.
-    pub fn network(&self) -> Option<&VmNetwork> {
-        self.network.as_ref()
     }
 }

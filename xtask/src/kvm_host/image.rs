@@ -49,6 +49,8 @@ const L1_MODULES: &[&str] = &[
 ];
 
 /// L1's `/init`: mounts, modules, then the runner; its exit code on the console, then off.
+/// `/tmp` stays on the (writable) initramfs: the image holds the runner and the test binaries
+/// at their host paths, which a checkout under `/tmp` puts there, so a tmpfs would hide them.
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /root /usr/bin /usr/sbin /sbin
 /bin/busybox --install -s /bin
@@ -57,7 +59,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/shm /dev/pts
 mount -t tmpfs -o mode=1777 shm /dev/shm
-mount -t tmpfs -o mode=1777 tmp /tmp
+chmod 1777 /tmp
 mount -t tmpfs run /run
 for m in $(cat /kvm-host/modules); do
   insmod "/kvm-host/$m.ko" || echo "@kvm insmod $m failed"

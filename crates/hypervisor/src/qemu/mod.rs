@@ -14,6 +14,7 @@
 mod disks;
 #[cfg(test)]
 mod fake_qmp;
+mod nic;
 mod ops;
 mod version;
 
@@ -21,7 +22,7 @@ pub use version::{qemu_version, QEMU_VERSION_TIMEOUT};
 #[cfg(test)]
 mod vsock_tests;
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -36,9 +37,7 @@ use tracing::{debug, info, instrument, warn};
 use crate::accel::resolve_accel;
 use crate::cmdline::{agent_endpoint, qemu_args, vsock_backend_args, NicFds, RunPaths};
 use crate::config::VmSize;
-use crate::config::{
-    Accel, AgentChannel, HypervisorConfig, NicConfig, TemplateRole, NIC_NETNS, NIC_TAP, VHOST_NET,
-};
+use crate::config::{Accel, AgentChannel, HypervisorConfig, TemplateRole};
 use crate::disk::{AttachedDisk, DiskConfig, DETACH_TIMEOUT, FIRST_DISK_NUMBER};
 use crate::endpoint::AgentEndpoint;
 use crate::error::QmpError;
@@ -383,7 +382,7 @@ impl Inner {
 
         let vhost = vsock.as_ref().map(CidReservation::for_qemu);
         let nic = match &self.config.nic {
-            Some(nic) => Some(open_nic(nic, dir).await?),
+            Some(nic) => Some(nic::open_nic(nic, dir).await?),
             None => None,
         };
         let nic_fds = nic.as_ref().map(|(tap, vhost)| NicFds {
@@ -797,30 +796,3 @@ impl Hypervisor for Qemu {
 
 #[cfg(test)]
 mod tests;
-
-/// Opens the NIC's tap in the VM's network namespace (pinned in its run directory by
-/// `vmfactory-net`) and, where used, vhost-net: descriptors for QEMU to inherit.
-async fn open_nic(nic: &NicConfig, dir: &Path) -> Result<(OwnedFd, Option<OwnedFd>)> {
-    let netns = dir.join(NIC_NETNS);
-    let tap = vmfactory_net::tap::open_in(&netns, NIC_TAP)
-        .await
-        .map_err(|e| Error::io("Opening the tap in", &netns, std::io::Error::other(e)))?;
-    let vhost_path = Path::new(VHOST_NET);
-    let vhost = match nic.vhost {
-        Some(false) => None,
-        want => match tokio::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(vhost_path)
-            .await
-        {
-            Ok(f) => Some(OwnedFd::from(f.into_std().await)),
-            Err(e) if want == Some(true) => return Err(Error::io("Opening", vhost_path, e)),
-            Err(e) => {
-                debug!(error = %e, "no vhost-net: QEMU moves the NIC's packets itself");
-                None
-            }
-        },
-    };
-    Ok((tap, vhost))
-}
