@@ -6,7 +6,6 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
@@ -95,8 +94,6 @@ impl NetworkConfig {
 /// A step of [`VmNetwork::create`], where a test may make it fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetStep {
-    /// The host's table and forwarding.
-    HostRules,
     /// The namespace and its pin.
     Namespace,
     /// The tap.
@@ -107,6 +104,8 @@ pub enum NetStep {
     Addresses,
     /// The namespace's NAT rules.
     Rules,
+    /// The host's table and forwarding (last: see [`VmNetwork::create`]).
+    HostRules,
 }
 
 /// A VM's network as made: where it lives and how the host reaches it.
@@ -126,9 +125,6 @@ pub struct VmNetwork {
     /// Whether the guest may reach beyond the host.
     pub egress: bool,
 }
-
-/// Whether this process has installed the host table (once is enough: it is the same for all).
-static HOST_RULES: AtomicBool = AtomicBool::new(false);
 
 impl VmNetwork {
     /// Makes a VM's network with its namespace pinned at `netns` (which must not exist). On
@@ -150,15 +146,37 @@ impl VmNetwork {
 
     async fn create_with(cfg: &NetworkConfig, netns: &Path, fail: Option<NetStep>) -> Result<Self> {
         cfg.validate()?;
-        let (cfg, path) = (cfg.clone(), netns.to_owned());
-        netns::on_own_thread(move || {
+        let (inner, path) = (cfg.clone(), netns.to_owned());
+        let net = netns::on_own_thread(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| NetError::io("Starting a runtime for", &path, e))?;
-            rt.block_on(create_here(&cfg, &path, fail))
+            rt.block_on(create_here(&inner, &path, fail))
         })
-        .await
+        .await?;
+        // The host's table goes in at every creation, and only once the VM's link exists: a
+        // `destroy` elsewhere deletes the table only while no `vmf-*` link is left, so it can
+        // never leave this VM without its isolation. Before QEMU starts, so before any guest
+        // packet. Replacing the table is one atomic transaction.
+        let egress = cfg.egress;
+        let host = netns::on_own_thread(move || {
+            injected(fail, NetStep::HostRules)?;
+            rules::apply("host", &rules::host_rules())?;
+            if egress {
+                write_sysctl("/proc/sys/net/ipv4/ip_forward")?;
+            }
+            Ok(())
+        })
+        .await;
+        match host {
+            Ok(()) => Ok(net),
+            Err(e) => {
+                debug!(error = %e, "host rules failed; removing the network");
+                let _ = net.remove().await;
+                Err(e)
+            }
+        }
     }
 
     /// Removes the network: the host link at once, then the namespace's pin (the namespace,
@@ -182,9 +200,7 @@ pub async fn remove_host_rules_if_unused() -> Result<bool> {
     if !host_links().await?.is_empty() {
         return Ok(false);
     }
-    let deleted = netns::on_own_thread(rules::delete_host_table).await?;
-    HOST_RULES.store(false, Ordering::SeqCst);
-    Ok(deleted)
+    netns::on_own_thread(rules::delete_host_table).await
 }
 
 /// The VM links on the host (`vmf-N`).
@@ -234,14 +250,6 @@ fn connect(what: &Path) -> Result<Handle> {
 
 /// Runs on its own thread (it moves into the new namespace), inside a current-thread runtime.
 async fn create_here(cfg: &NetworkConfig, path: &Path, fail: Option<NetStep>) -> Result<VmNetwork> {
-    injected(fail, NetStep::HostRules)?;
-    if !HOST_RULES.load(Ordering::SeqCst) {
-        rules::apply("host", &rules::host_rules())?;
-        HOST_RULES.store(true, Ordering::SeqCst);
-    }
-    if cfg.egress {
-        write_sysctl("/proc/sys/net/ipv4/ip_forward")?;
-    }
     // Made before the move: netlink sockets stay in the namespace they were opened in.
     let host = connect(path)?;
     injected(fail, NetStep::Namespace)?;

@@ -41,6 +41,15 @@ async fn a_network_is_made_and_removed_whole() {
     assert!(cfg.subnet.contains(&a.address) && cfg.subnet.contains(&b.host_address));
     let now = links().await;
     assert!(now.contains(&a.host_link) && now.contains(&b.host_link));
+    // The host's table is in place, and stays while VMs have links.
+    let table = Command::new("nft")
+        .args(["list", "table", "inet", vmfactory_net::HOST_TABLE])
+        .output()
+        .expect("nft");
+    assert!(table.status.success(), "no host table");
+    assert!(!vmfactory_net::remove_host_rules_if_unused()
+        .await
+        .expect("remove if unused"));
     // Inside: the tap with the guest's gateway, the uplink with the VM's address, a default
     // route; the same guest-side addresses in both.
     for net in [&a, &b] {
@@ -75,12 +84,12 @@ async fn a_failure_at_any_step_leaves_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cfg = NetworkConfig::default();
     for step in [
-        NetStep::HostRules,
         NetStep::Namespace,
         NetStep::Tap,
         NetStep::Link,
         NetStep::Addresses,
         NetStep::Rules,
+        NetStep::HostRules,
     ] {
         let path = dir.path().join(format!("{step:?}"));
         let err = VmNetwork::create_failing_at(&cfg, &path, step)
