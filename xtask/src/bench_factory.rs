@@ -61,7 +61,7 @@ pub fn factory_config(env: &GuestEnv, root: &Path, template: bool, cache: u32) -
 }
 
 /// Waits (at most 60 s) until `factory` has a pre-started clone waiting.
-async fn until_prestarted(factory: &Factory) -> Result<Vec<u32>> {
+pub async fn until_prestarted(factory: &Factory) -> Result<Vec<u32>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let p = factory.prestarted();

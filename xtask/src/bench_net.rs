@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +15,7 @@ use vmfactory_e2e::{vm, GuestEnv};
 use vmfactory_factory::Factory;
 use vmfactory_net::{NetworkConfig, VmNetwork, GUEST_GATEWAY};
 
-use crate::bench_factory::factory_config;
+use crate::bench_factory::{factory_config, until_prestarted};
 use crate::stat::Stat;
 
 /// Pause before each timed `get_vm`.
@@ -56,42 +56,26 @@ pub struct NetReport {
     pub vhost_net: bool,
 }
 
-async fn time_get_vm(
+/// Times one `get_vm` (`load`: only taking a pre-started clone with its state loaded, paused,
+/// no agent call) after waiting for a pre-started clone when the factory keeps them.
+async fn timed(
     f: &Factory,
     cfg: &vmfactory_vm::VmConfig,
     prestart: bool,
+    load: bool,
 ) -> Result<Duration> {
     if prestart {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while f.prestarted().pids.is_empty() {
-            if Instant::now() > deadline {
-                bail!("No pre-started clone in 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_prestarted(f).await?;
     }
     // Steady state: the previous VM's teardown (the kernel ends a namespace in the background)
     // and a refill's start are not this call's cost.
     tokio::time::sleep(SETTLE).await;
     let t0 = Instant::now();
-    let vm = f.get_vm(cfg).await?;
-    let t = t0.elapsed();
-    vm.stop().await?;
-    Ok(t)
-}
-
-/// Times taking a pre-started clone with its state loaded (paused; no agent call).
-async fn time_load(f: &Factory, cfg: &vmfactory_vm::VmConfig) -> Result<Duration> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while f.prestarted().pids.is_empty() {
-        if Instant::now() > deadline {
-            bail!("No pre-started clone in 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(SETTLE).await;
-    let t0 = Instant::now();
-    let vm = f.base().get_base_vm(cfg).await?;
+    let vm = if load {
+        f.base().get_base_vm(cfg).await?
+    } else {
+        f.get_vm(cfg).await?
+    };
     let t = t0.elapsed();
     vm.stop().await?;
     Ok(t)
@@ -148,10 +132,10 @@ pub async fn run(env: &GuestEnv, root: &std::path::Path, runs: usize) -> Result<
         for i in 0..runs {
             eprintln!("bench: network get_vm round {}/{runs} ...", i + 1);
             for (k, (f, c)) in factories.iter().zip(&cfgs).enumerate() {
-                samples[k].push(time_get_vm(f, &c.vm, c.prestart > 0).await?);
+                samples[k].push(timed(f, &c.vm, c.prestart > 0, false).await?);
             }
             for (k, (f, c)) in factories.iter().zip(&cfgs).take(2).enumerate() {
-                loads[k].push(time_load(f, &c.vm).await?);
+                loads[k].push(timed(f, &c.vm, true, true).await?);
             }
             let pin = root.join(format!("pin{i}"));
             let t0 = Instant::now();

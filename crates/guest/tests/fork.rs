@@ -6,12 +6,13 @@
 mod common;
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use common::{agent, url, FakeGuest};
-use vmfactory_agent::{Agent, ForkReseed};
+use vmfactory_agent::{Agent, ForkReseed, KataAgent};
 use vmfactory_guest::server::fork::FORK_RESEED_LOG;
-use vmfactory_guest::server::services;
+use vmfactory_guest::server::{services, AgentServer};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -25,21 +26,28 @@ fn with_vmgenid(guest: &FakeGuest) {
         .expect("fifo");
 }
 
-#[tokio::test]
-async fn a_clone_answers_the_clock_call_only_after_the_fork_reseed() {
-    let guest = FakeGuest::new();
-    with_vmgenid(&guest);
-    let (_server, path) = guest.serve_unix().await;
+/// A guest with a bound VMGenID driver, served on a unix socket and armed by `PrepareTemplate`:
+/// its server, socket path, a client, and the writer of its kernel log (opened after the agent
+/// opened it, as a FIFO must be).
+async fn armed(guest: &FakeGuest) -> (AgentServer, PathBuf, KataAgent, std::fs::File) {
+    with_vmgenid(guest);
+    let (server, path) = guest.serve_unix().await;
     let a = agent(url("unix", &path), T);
     assert_eq!(
         a.prepare_template().await.expect("prepare"),
         ForkReseed::Active
     );
-    // The kernel's log, as the agent watches it (opened after the agent did, as a FIFO must).
-    let mut kmsg = std::fs::OpenOptions::new()
+    let kmsg = std::fs::OpenOptions::new()
         .write(true)
         .open(guest.paths.dev.join("kmsg"))
         .expect("kmsg writer");
+    (server, path, a, kmsg)
+}
+
+#[tokio::test]
+async fn a_clone_answers_the_clock_call_only_after_the_fork_reseed() {
+    let guest = FakeGuest::new();
+    let (_server, path, a, mut kmsg) = armed(&guest).await;
     let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let clock = tokio::spawn({
         let a = agent(url("unix", &path), T);
@@ -64,17 +72,7 @@ async fn a_clone_answers_the_clock_call_only_after_the_fork_reseed() {
 #[tokio::test]
 async fn a_held_clock_sync_reports_its_round_trip() {
     let guest = FakeGuest::new();
-    with_vmgenid(&guest);
-    let (_server, path) = guest.serve_unix().await;
-    let a = agent(url("unix", &path), T);
-    assert_eq!(
-        a.prepare_template().await.expect("prepare"),
-        ForkReseed::Active
-    );
-    let mut kmsg = std::fs::OpenOptions::new()
-        .write(true)
-        .open(guest.paths.dev.join("kmsg"))
-        .expect("kmsg writer");
+    let (_server, path, a, mut kmsg) = armed(&guest).await;
     let before = SystemTime::now();
     let sync = tokio::spawn({
         let a = agent(url("unix", &path), T);
