@@ -213,12 +213,7 @@ pub fn report(r: &Report) -> Result<std::path::PathBuf> {
         "{:<40} {:>12} {:>10} {:>10}",
         "metric", "median", "min", "max"
     );
-    let row = |name: &str, s: &Stat| {
-        println!(
-            "{:<40} {:>9.1} ms {:>7.1} ms {:>7.1} ms",
-            name, s.median, s.min, s.max
-        );
-    };
+    let row = crate::stat::print_row;
     row(
         &format!("cold boot to agent Check (n={})", r.cold_boot_ms.runs),
         &r.cold_boot_ms,

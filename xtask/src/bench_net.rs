@@ -218,12 +218,7 @@ async fn throughput(clone: &vmfactory_vm::Vm) -> Result<(f64, f64, bool)> {
 
 /// Prints the rows.
 pub fn report(r: &NetReport) {
-    let row = |name: &str, s: &Stat| {
-        println!(
-            "{:<40} {:>9.1} ms {:>7.1} ms {:>7.1} ms",
-            name, s.median, s.min, s.max
-        );
-    };
+    let row = crate::stat::print_row;
     let n = r.get_vm_template_ms.runs;
     row(&format!("get_vm, template (n={n})"), &r.get_vm_template_ms);
     row(

@@ -480,12 +480,7 @@ pub async fn run(env: &GuestEnv, root: &Path, runs: usize) -> Result<RunReport> 
 
 /// Prints the workload rows of the bench table.
 pub fn report(r: &RunReport) {
-    let row = |name: &str, s: &Stat| {
-        println!(
-            "{:<40} {:>9.1} ms {:>7.1} ms {:>7.1} ms",
-            name, s.median, s.min, s.max
-        );
-    };
+    let row = crate::stat::print_row;
     let n = r.run_direct_ms.runs;
     println!(
         "vmfactory run -- true, start to exit ({} CLI):",

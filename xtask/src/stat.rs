@@ -45,3 +45,11 @@ impl Stat {
         }
     }
 }
+
+/// Prints one table row: `name`, then the median, min and max of `s` in ms.
+pub fn print_row(name: &str, s: &Stat) {
+    println!(
+        "{:<40} {:>9.1} ms {:>7.1} ms {:>7.1} ms",
+        name, s.median, s.min, s.max
+    );
+}
