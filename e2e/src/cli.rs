@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::{guest_env, scaled, GuestEnv, RunRoot};
@@ -84,6 +84,18 @@ pub fn run(bin: &Path, cfg: &Path, args: &[&str]) -> Output {
         .expect("run vmfactory")
 }
 
+/// The stdout of a `status`: exit 0 (healthy) or 1 (degraded: a template or server that is
+/// configured is not there yet, or no more), else its stderr is shown.
+pub fn status_out(o: &Output, what: &str) -> String {
+    assert!(
+        matches!(o.status.code(), Some(0 | 1)),
+        "{what}: {:?} {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// The stdout of `o`, which must have exited 0 (else its stderr is shown).
 pub fn ok(o: &Output, what: &str) -> String {
     assert_eq!(
@@ -127,5 +139,53 @@ impl Setup {
             scratch,
             cfg,
         })
+    }
+}
+
+/// A `get --hold` child: started, its VM printed; SIGTERM ends it (and its VM).
+#[derive(Debug)]
+pub struct Held(pub Child);
+
+impl Held {
+    /// Starts `get --hold` and reads the VM it prints.
+    pub fn start(bin: &Path, cfg: &Path) -> (Self, serde_json::Value) {
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(cfg)
+            .args(["get", "--hold"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn get --hold");
+        let stdout = child.stdout.take().expect("stdout");
+        let held = Self(child);
+        // Pretty JSON, then it holds: read until the closing brace.
+        let mut text = String::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let line = line.expect("read get --hold");
+            text.push_str(&line);
+            if line == "}" {
+                break;
+            }
+        }
+        let vm = serde_json::from_str(&text).expect("get --hold JSON");
+        (held, vm)
+    }
+
+    /// SIGTERM, then its exit, which must be a success.
+    pub fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let exit = self.0.wait().expect("get --hold exits");
+        assert!(exit.success(), "get --hold exited {exit}");
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }

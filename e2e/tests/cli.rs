@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vmfactory_e2e::cli::{ok, run, Setup};
+use vmfactory_e2e::cli::{ok, run, status_out, Held, Setup};
 use vmfactory_e2e::scaled;
 
 /// Bound on `init` having made the template and filled the pool (TCG: ~3 s + ~0.5 s).
@@ -76,7 +76,7 @@ fn init_status_get_destroy_leaves_nothing() {
         }
         let o = run(&bin, &cfg, &["status", "--json"]);
         let v: serde_json::Value =
-            serde_json::from_str(&ok(&o, "status --json")).expect("status JSON");
+            serde_json::from_str(&status_out(&o, "status --json")).expect("status JSON");
         let vms = v["cache_server"]["vms"].as_array().map_or(0, Vec::len);
         if v["template"]["present"] == true && v["cache_server"]["running"] == true && vms == 2 {
             break v;
@@ -90,6 +90,7 @@ fn init_status_get_destroy_leaves_nothing() {
     };
     eprintln!("init → template + 2 cached VMs in {:?}", t0.elapsed());
     assert_eq!(status["factory"], "on");
+    assert_eq!(status["health"], "ok", "{status}");
     let meta = &status["template"]["metadata"];
     assert_eq!(meta["memory_mib"], 256, "{status}");
     assert!(meta["config_hash"].as_str().is_some_and(|h| !h.is_empty()));
@@ -101,8 +102,10 @@ fn init_status_get_destroy_leaves_nothing() {
         let pid = vm["pid"].as_u64().expect("cached VM pid");
         assert!(alive(pid), "cached VM {pid} runs");
     }
+    // Healthy: exit 0.
     let table = ok(&run(&bin, &cfg, &["status"]), "status");
     assert!(table.starts_with("factory:       on"), "{table}");
+    assert!(table.contains("health:        ok"), "{table}");
 
     // get: a VM from the server, grown to 2 vCPUs / 512 MiB, stopped when `get` exits.
     let t = Instant::now();
@@ -144,11 +147,12 @@ fn init_status_get_destroy_leaves_nothing() {
     );
     let again = ok(&run(&bin, &cfg, &["destroy"]), "second destroy");
     assert_eq!(again.trim(), "nothing to destroy");
-    let status = ok(
-        &run(&bin, &cfg, &["status", "--json"]),
-        "status after destroy",
-    );
+    // Configured but gone: degraded, exit 1.
+    let o = run(&bin, &cfg, &["status", "--json"]);
+    assert_eq!(o.status.code(), Some(1), "status after destroy");
+    let status = status_out(&o, "status after destroy");
     assert!(status.contains("\"factory\": \"off\""), "{status}");
+    assert!(status.contains("\"health\": \"degraded\""), "{status}");
     root.assert_no_leaks();
 }
 
@@ -180,7 +184,7 @@ fn killed_server_leaves_nothing_after_destroy() {
     loop {
         let o = run(&bin, &cfg, &["status", "--json"]);
         let v: serde_json::Value =
-            serde_json::from_str(&ok(&o, "status --json")).expect("status JSON");
+            serde_json::from_str(&status_out(&o, "status --json")).expect("status JSON");
         if v["cache_server"]["vms"].as_array().map_or(0, Vec::len) == 2 {
             break;
         }
@@ -405,51 +409,6 @@ fn concurrent_inits_gets_and_destroy_leave_a_template_or_none() {
     root.assert_no_leaks();
 }
 
-/// A `get --hold` child: started, its VM printed; SIGTERM ends it (and its VM).
-struct Held(Child);
-
-impl Held {
-    fn start(bin: &Path, cfg: &Path) -> (Self, serde_json::Value) {
-        let mut child = Command::new(bin)
-            .arg("--config")
-            .arg(cfg)
-            .args(["get", "--hold"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn get --hold");
-        let stdout = child.stdout.take().expect("stdout");
-        let held = Self(child);
-        // Pretty JSON, then it holds: read until the closing brace.
-        let mut text = String::new();
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-            let line = line.expect("read get --hold");
-            text.push_str(&line);
-            if line == "}" {
-                break;
-            }
-        }
-        let vm = serde_json::from_str(&text).expect("get --hold JSON");
-        (held, vm)
-    }
-
-    fn stop(mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("pid"));
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let exit = self.0.wait().expect("get --hold exits");
-        assert!(exit.success(), "get --hold exited {exit}");
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// `destroy` while a clone of the template runs: refused with one line naming what runs,
 /// before anything is removed (the template stays whole and usable); once the clone is gone,
 /// `destroy` removes everything.
@@ -520,7 +479,7 @@ fn server_sigterm_with_a_handed_out_vm_succeeds() {
     let mut server = Server(child);
     let t0 = Instant::now();
     loop {
-        let v: serde_json::Value = serde_json::from_str(&ok(
+        let v: serde_json::Value = serde_json::from_str(&status_out(
             &run(&bin, &cfg, &["status", "--json"]),
             "status --json",
         ))
@@ -567,7 +526,7 @@ fn server_sigterm_with_a_handed_out_vm_succeeds() {
 /// `status --json`, parsed.
 fn status_json(bin: &Path, cfg: &Path) -> serde_json::Value {
     let o = run(bin, cfg, &["status", "--json"]);
-    serde_json::from_str(&ok(&o, "status --json")).expect("status JSON")
+    serde_json::from_str(&status_out(&o, "status --json")).expect("status JSON")
 }
 
 /// Polls `status --json` until `ready` holds, failing after [`READY_TIMEOUT`] or if `init`
@@ -716,7 +675,10 @@ fn killed_init_leaves_what_status_shows_and_init_recovers() {
     assert!(status["leftovers"]["remedy"]
         .as_str()
         .is_some_and(|r| r.ends_with("destroy")));
-    let table = ok(&run(&bin, &cfg, &["status"]), "status");
+    // The server is gone: degraded.
+    let o = run(&bin, &cfg, &["status"]);
+    assert_eq!(o.status.code(), Some(1));
+    let table = status_out(&o, "status");
     assert!(
         table.contains("orphaned VMs:  3 with no live owner"),
         "{table}"

@@ -218,7 +218,15 @@ impl Cli {
 
     /// How many VMs the cache server holds ready, or `None` while it does not answer.
     async fn cached_vms(&self) -> Result<Option<usize>> {
-        let v: serde_json::Value = serde_json::from_str(&self.ok(&["status", "--json"]).await?)?;
+        // Exit 1 is `status` calling the factory degraded: the server is not up yet.
+        let out = self.command(&["status", "--json"]).output().await?;
+        ensure!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "vmfactory status failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         let server = &v["cache_server"];
         Ok((server["running"] == true).then(|| server["vms"].as_array().map_or(0, Vec::len)))
     }

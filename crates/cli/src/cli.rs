@@ -11,21 +11,38 @@ use vmfactory_net::proxy::PortSpec;
 
 /// Boot, template and clone QEMU micro-VMs, and hand them out sized to each request.
 #[derive(Debug, Parser)]
-#[command(name = "vmfactory", version)]
+#[command(
+    name = "vmfactory",
+    version = crate::version::PACKAGE,
+    disable_version_flag = true,
+    arg_required_else_help = true
+)]
 pub struct Cli {
     /// The configuration file [default: /etc/vmfactory/config.toml if it exists, else the
     /// embedded default (`vmfactory config default`)].
-    #[arg(long, global = true, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH", env = "VMFACTORY_CONFIG")]
     pub config: Option<PathBuf>,
     /// On failure, print the whole error chain, one cause per line.
     #[arg(long, short, global = true)]
     pub verbose: bool,
-    /// Log format on stderr (filter with RUST_LOG; default `warn`).
+    /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// What to log on stderr: a level (`error`, `warn`, `info`, `debug`, `trace`) or a
+    /// `RUST_LOG`-style filter such as `vmfactory_vm=debug` [default: `$RUST_LOG`, else
+    /// `warn`].
+    #[arg(long, global = true, value_name = "LEVEL|FILTER")]
+    pub log_level: Option<String>,
+    /// When to colour logs: `auto` colours only on a terminal, and never with `NO_COLOR` set.
+    #[arg(long, global = true, value_enum, default_value_t = ColorWhen::Auto)]
+    pub color: ColorWhen,
+    /// Print the version, the commit it was built from, and the QEMU and guest image the
+    /// configuration points at.
+    #[arg(long, short = 'V')]
+    pub version: bool,
     /// What to do.
     #[command(subcommand)]
-    pub cmd: Command,
+    pub cmd: Option<Command>,
 }
 
 /// Log formats.
@@ -35,6 +52,17 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// When to colour output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorWhen {
+    /// On a terminal, unless `NO_COLOR` is set.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
 }
 
 /// The subcommands.
@@ -86,6 +114,31 @@ pub enum Command {
         /// What to do with it.
         #[command(subcommand)]
         cmd: ConfigCommand,
+    },
+    /// List the VMs under `[runtime] run_root`: id, source, size, QEMU pid, age and owner.
+    #[command(visible_alias = "ps")]
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a VM: ask the command that holds it (`get --hold`, `run`) to stop it, or end it
+    /// when no process owns it any more. VMs of the VM-cache server are stopped with it
+    /// (`vmfactory destroy`).
+    Stop {
+        /// The VM id (`vmfactory list`).
+        id: String,
+    },
+    /// Print a shell completion script for `vmfactory` on stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print a manual page (roff) on stdout: `vmfactory man | man -l -`.
+    Man {
+        /// The subcommand whose page to print (`vmfactory-SUBCOMMAND`) [default: the page of
+        /// `vmfactory`].
+        subcommand: Option<String>,
     },
     /// Check and print what vmfactory stores, as JSON: the template metadata, a VM's saved
     /// state, a VM wire form. Read-only: takes no lock and changes nothing.
@@ -184,5 +237,29 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// The shipped unit: `Type=notify` (what `init` speaks) and every vmfactory command it
+    /// runs parses with this command line.
+    #[test]
+    fn systemd_unit_runs_commands_that_exist() {
+        let unit = include_str!("../../../contrib/systemd/vmfactory.service");
+        assert!(unit.lines().any(|l| l == "Type=notify"), "{unit}");
+        let mut commands = 0;
+        for line in unit.lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            if !key.starts_with("Exec") {
+                continue;
+            }
+            // `-` before the path: a failure does not fail the unit.
+            let words: Vec<&str> = value.trim_start_matches('-').split_whitespace().collect();
+            assert_eq!(words.first(), Some(&"/usr/local/bin/vmfactory"), "{line}");
+            let cli = Cli::try_parse_from(&words).unwrap_or_else(|e| panic!("{line}: {e}"));
+            assert!(cli.cmd.is_some(), "{line}");
+            commands += 1;
+        }
+        assert_eq!(commands, 3, "ExecStartPre, ExecStart, ExecStopPost");
     }
 }

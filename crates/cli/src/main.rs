@@ -18,22 +18,26 @@ mod failure;
 mod lock;
 mod probe;
 mod progress;
+mod version;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, LogFormat};
+use crate::cli::{Cli, ColorWhen, LogFormat};
 use crate::failure::{EXIT_FAILURE, EXIT_USAGE};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(e) => return clap_failure(&e),
     };
-    init_logging(cli.log_format);
     let verbose = cli.verbose;
+    if let Err(e) = init_logging(&cli) {
+        return report(&e, EXIT_USAGE, verbose);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -77,12 +81,81 @@ fn clap_failure(e: &clap::Error) -> ExitCode {
     if verbose {
         let _ = e.print();
     } else {
-        let text = e.render().to_string();
-        let first = text.lines().next().unwrap_or("bad usage");
-        let first = first.strip_prefix("error: ").unwrap_or(first);
-        eprintln!("vmfactory: {first} (see --help)");
+        eprintln!(
+            "vmfactory: {} (see --help)",
+            one_line(&e.render().to_string())
+        );
     }
     ExitCode::from(EXIT_USAGE)
+}
+
+/// Clap's error text up to its usage line, as one line: the message, then its tips ("a
+/// similar subcommand exists") and the names of missing arguments, joined by `; `.
+fn one_line(text: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    // Inside a list introduced by a line ending in ':' (the missing arguments, one per line).
+    let mut listing = false;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() {
+            listing = false;
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        match parts.last_mut() {
+            Some(last) if listing => {
+                let sep = if last.ends_with(':') { " " } else { ", " };
+                last.push_str(sep);
+                last.push_str(line);
+            }
+            _ => {
+                listing = line.ends_with(':');
+                parts.push(line.to_owned());
+            }
+        }
+    }
+    if parts.is_empty() {
+        return "bad usage".to_owned();
+    }
+    parts.join("; ")
+}
+
+/// Parses the command line, colouring clap's own output as `--color` asks.
+fn parse() -> Result<Cli, clap::Error> {
+    let color = match color_arg() {
+        Some(ColorWhen::Always) => clap::ColorChoice::Always,
+        Some(ColorWhen::Never) => clap::ColorChoice::Never,
+        _ => clap::ColorChoice::Auto,
+    };
+    let mut matches = Cli::command().color(color).try_get_matches()?;
+    Cli::from_arg_matches_mut(&mut matches)
+}
+
+/// `--color` as given, read before clap parses (clap's own help and errors use it).
+fn color_arg() -> Option<ColorWhen> {
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut value = None;
+    for (i, a) in args.iter().enumerate() {
+        if a == "--" {
+            break;
+        }
+        if let Some(v) = a.strip_prefix("--color=") {
+            value = Some(v.to_owned());
+        } else if a == "--color" {
+            value = args.get(i + 1).cloned();
+        }
+    }
+    match value.as_deref() {
+        Some("always") => Some(ColorWhen::Always),
+        Some("never") => Some(ColorWhen::Never),
+        Some("auto") => Some(ColorWhen::Auto),
+        _ => None,
+    }
 }
 
 fn report(error: &anyhow::Error, code: u8, verbose: bool) -> ExitCode {
@@ -98,14 +171,67 @@ fn report(error: &anyhow::Error, code: u8, verbose: bool) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+/// Whether logs on stderr get ANSI colour.
+fn colour(when: ColorWhen) -> bool {
+    match when {
+        ColorWhen::Always => true,
+        ColorWhen::Never => false,
+        ColorWhen::Auto => {
+            std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
+                && std::io::stderr().is_terminal()
+        }
+    }
+}
+
+/// Logs to stderr: `--log-level`, else `RUST_LOG`, else `warn`. A bad `--log-level` is a
+/// usage error; a bad `RUST_LOG` falls back to `warn`, as before.
+fn init_logging(cli: &Cli) -> anyhow::Result<()> {
+    let filter = match &cli.log_level {
+        Some(level) => EnvFilter::try_new(level)
+            .map_err(|e| anyhow::anyhow!("Bad --log-level {level:?}: {e}"))?,
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(cli.color))
         .with_writer(std::io::stderr);
     // A second subscriber cannot be installed; there is none before this.
-    let _ = match format {
+    let _ = match cli.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    fn error_of(args: &[&str]) -> String {
+        let e = Cli::try_parse_from(args).expect_err("bad usage");
+        one_line(&e.render().to_string())
+    }
+
+    #[test]
+    fn one_line_keeps_suggestions() {
+        let line = error_of(&["vmfactory", "stauts"]);
+        assert!(line.contains("unrecognized subcommand 'stauts'"), "{line}");
+        assert!(
+            line.contains("a similar subcommand exists: 'status'"),
+            "{line}"
+        );
+        let line = error_of(&["vmfactory", "status", "--jsn"]);
+        assert!(line.contains("'--json'"), "{line}");
+    }
+
+    #[test]
+    fn one_line_names_missing_arguments() {
+        let line = error_of(&["vmfactory", "stop"]);
+        assert!(line.contains("not provided: <ID>"), "{line}");
+        let line = error_of(&["vmfactory", "inspect", "vm"]);
+        assert!(line.contains("<ID>"), "{line}");
+        assert!(!line.contains("Usage"), "{line}");
+    }
 }

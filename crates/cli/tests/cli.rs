@@ -16,6 +16,9 @@ mod hostile;
 // Orphaned VMs: `status` and `destroy`, in a file of its own for size.
 #[path = "cli/leftovers.rs"]
 mod leftovers;
+// Suggestions, VMFACTORY_CONFIG, --log-level, colour, --version, completions, man, list, stop.
+#[path = "cli/conventions.rs"]
+mod conventions;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
 
@@ -192,27 +195,45 @@ fn embedded_default_uses_the_guest_dir_from_the_environment() {
 }
 
 #[test]
-fn status_on_a_fresh_root_says_off() {
+fn status_on_a_fresh_root_says_off_and_degraded() {
     let s = Scratch::new();
     let cfg = s.write(&s.config(true, 2));
+    // A template and a VM-cache server are configured and neither is there: a health probe
+    // must fail (exit 1), with both reasons.
     let o = s.run(&cfg, &["status"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.starts_with("factory:       off"), "{out}");
+    assert!(out.contains("health:        degraded"), "{out}");
     assert!(
         out.contains("absent") && out.contains("not running"),
         "{out}"
     );
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("no template at") && err.contains("cache.sock: not running"),
+        "{err}"
+    );
 
     let o = s.run(&cfg, &["status", "--json"]);
-    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
     assert_eq!(v["factory"], "off");
+    assert_eq!(v["health"], "degraded");
+    assert_eq!(v["problems"].as_array().map(Vec::len), Some(2), "{v}");
     assert_eq!(v["template"]["present"], false);
     assert_eq!(v["template"]["enabled"], true);
     assert_eq!(v["cache_server"]["running"], false);
     assert_eq!(v["cache_server"]["vm_cache_number"], 2);
     assert!(!s.path().join("run").exists(), "status creates nothing");
+
+    // A direct factory needs nothing running: healthy.
+    let cfg = s.write(&s.config(false, 0));
+    let o = s.run(&cfg, &["status", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    assert_eq!(v["health"], "ok");
 }
 
 #[test]

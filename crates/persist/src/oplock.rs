@@ -278,7 +278,7 @@ fn try_lock_once(
 }
 
 /// The processes `/proc/locks` shows holding a `flock` on the file `(dev, ino)`.
-fn holders(dev: u64, ino: u64) -> Vec<Holder> {
+pub(crate) fn holders(dev: u64, ino: u64) -> Vec<Holder> {
     let Ok(text) = std::fs::read_to_string("/proc/locks") else {
         return Vec::new();
     };

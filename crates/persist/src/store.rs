@@ -2,7 +2,7 @@
 
 use std::fs::{self, DirBuilder, Permissions};
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -263,6 +263,20 @@ impl Store {
     pub async fn is_locked(&self, id: &str) -> Result<bool> {
         let path = self.lock_path(id)?;
         blocking(move || is_locked_blocking(&path)).await
+    }
+
+    /// The processes holding VM `id`'s lock (its owner; read from `/proc/locks`, the lock is not
+    /// taken): empty when no process owns it. [`Error::NotFound`] if the VM has no lock file.
+    pub async fn lock_holders(&self, id: &str) -> Result<Vec<crate::Holder>> {
+        let path = self.lock_path(id)?;
+        blocking(move || {
+            let meta = std::fs::metadata(&path).map_err(|e| match e.kind() {
+                ErrorKind::NotFound => Error::NotFound { path: path.clone() },
+                _ => Error::io("stat", &path, e),
+            })?;
+            Ok(crate::oplock::holders(meta.dev(), meta.ino()))
+        })
+        .await
     }
 
     /// The ids of all VMs with a directory under the root, sorted. Entries that are not

@@ -119,42 +119,9 @@ impl Vm {
             .map_err(|e| Error::storage("", "list", e))?;
         let mut reaped = Vec::new();
         for id in ids {
-            // Only directories a VM owner ever locked are VMs: Kata's default layout keeps the
-            // template (a tmpfs mount) at `<run_root>/vm/template`, among the VMs.
-            let lock_path = store
-                .lock_path(&id)
-                .map_err(|e| Error::storage(&id, "lock", e))?;
-            if !tokio::fs::try_exists(&lock_path).await.unwrap_or(false) {
-                continue;
+            if reap(&store, &id).await? {
+                reaped.push(id);
             }
-            let lock = match store.lock(&id).await {
-                Ok(lock) => lock,
-                // Owned by a live handle, or gone in the meantime.
-                Err(PersistError::Locked { .. } | PersistError::VmNotFound { .. }) => continue,
-                Err(e) => return Err(Error::storage(&id, "lock", e)),
-            };
-            let dir = store
-                .vm_dir(&id)
-                .map_err(|e| Error::storage(&id, "dir", e))?;
-            if let Err(e) = end_recorded(&id, &dir).await {
-                warn!(vm = %id, error = %e, "cannot end an orphaned VM, left alone");
-                continue;
-            }
-            // The recorded network goes at once (its host link too); a pin without a record
-            // (a crash mid-setup) is unpinned, and its link ends with the namespace.
-            if let Ok(state) = store.load_state::<crate::VmState>(&id).await {
-                if let Some(net) = &state.network {
-                    crate::network::remove(&id, net).await;
-                }
-            }
-            crate::network::unpin(&dir).await;
-            store
-                .destroy_vm_dir(&id)
-                .await
-                .map_err(|e| Error::storage(&id, "destroy", e))?;
-            drop(lock);
-            info!(vm = %id, "orphaned VM removed");
-            reaped.push(id);
         }
         if !reaped.is_empty() || !abandoned.is_empty() {
             // Like `Vm::stop`: the `vm/` directory goes once it is empty (fails harmlessly if not).
@@ -162,6 +129,58 @@ impl Vm {
         }
         Ok(reaped)
     }
+}
+
+impl Vm {
+    /// Ends VM `id` under `run_root` if no process owns it, as [`Vm::reap_orphans`] would, and
+    /// removes its storage: `Ok(true)` if it did, `Ok(false)` if a live process owns it (or it
+    /// is not a VM, or it is gone). Backs `vmfactory stop` of an orphan.
+    pub async fn reap_orphan(run_root: &Path, id: &str) -> Result<bool> {
+        let store = Store::new(run_root);
+        let reaped = reap(&store, id).await?;
+        if reaped {
+            let _ = tokio::fs::remove_dir(run_root.join("vm")).await;
+        }
+        Ok(reaped)
+    }
+}
+
+/// Ends and removes VM `id` if it is an orphan (see [`Vm::reap_orphans`]); whether it did.
+async fn reap(store: &Store, id: &str) -> Result<bool> {
+    // Only directories a VM owner ever locked are VMs: Kata's default layout keeps the
+    // template (a tmpfs mount) at `<run_root>/vm/template`, among the VMs.
+    let lock_path = store
+        .lock_path(id)
+        .map_err(|e| Error::storage(id, "lock", e))?;
+    if !tokio::fs::try_exists(&lock_path).await.unwrap_or(false) {
+        return Ok(false);
+    }
+    let lock = match store.lock(id).await {
+        Ok(lock) => lock,
+        // Owned by a live handle, or gone in the meantime.
+        Err(PersistError::Locked { .. } | PersistError::VmNotFound { .. }) => return Ok(false),
+        Err(e) => return Err(Error::storage(id, "lock", e)),
+    };
+    let dir = store.vm_dir(id).map_err(|e| Error::storage(id, "dir", e))?;
+    if let Err(e) = end_recorded(id, &dir).await {
+        warn!(vm = %id, error = %e, "cannot end an orphaned VM, left alone");
+        return Ok(false);
+    }
+    // The recorded network goes at once (its host link too); a pin without a record (a crash
+    // mid-setup) is unpinned, and its link ends with the namespace.
+    if let Ok(state) = store.load_state::<crate::VmState>(id).await {
+        if let Some(net) = &state.network {
+            crate::network::remove(id, net).await;
+        }
+    }
+    crate::network::unpin(&dir).await;
+    store
+        .destroy_vm_dir(id)
+        .await
+        .map_err(|e| Error::storage(id, "destroy", e))?;
+    drop(lock);
+    info!(vm = %id, "orphaned VM removed");
+    Ok(true)
 }
 
 /// Ends the processes VM `id` recorded in `dir` that still run.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
+use sd_notify::NotifyState;
 use tracing::warn;
 use vmfactory_factory::{
     CacheClient, CacheFactory, CacheServer, DirectFactory, FactoryBase, SystemHost,
@@ -56,6 +57,7 @@ async fn make_and_serve(s: &Settings) -> CmdResult {
         .await;
 
     let template = if s.template {
+        notify(&[NotifyState::Status("creating the template")]);
         let step = Step::start(format!(
             "Creating the template at {}",
             s.template_path.display()
@@ -138,16 +140,39 @@ async fn make_and_serve(s: &Settings) -> CmdResult {
         s.endpoint.display(),
         took.as_secs_f64()
     );
-    run.await
-        .context("The VM-cache server stopped with an error")
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!(
+            "serving {} with {want} VMs ready",
+            s.endpoint.display()
+        )),
+    ]);
+    let res = run.await;
+    notify(&[NotifyState::Stopping]);
+    res.context("The VM-cache server stopped with an error")
         .map_err(Failure::from)
+}
+
+/// Tells systemd (a `Type=notify` unit) how `init` is doing; a no-op outside systemd
+/// (`NOTIFY_SOCKET` unset). One datagram on a local socket: it does not block.
+fn notify(state: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!(error = %e, "cannot notify systemd");
+    }
 }
 
 /// Shows the pool filling up; returns once it holds `want` VMs.
 async fn fill(base: &Arc<dyn FactoryBase>, want: usize, step: &Step) {
+    let mut told = usize::MAX;
     loop {
         let have = base.status().await.len();
         step.set(format!("Filling the VM cache: {have}/{want} VMs ready"));
+        if have != told {
+            notify(&[NotifyState::Status(&format!(
+                "filling the VM cache: {have}/{want} VMs ready"
+            ))]);
+            told = have;
+        }
         if have >= want {
             return;
         }

@@ -6,9 +6,16 @@ mod get;
 mod init;
 mod inspect;
 mod leftovers;
+mod list;
 pub mod run;
 mod status;
+mod stop;
 
+use std::io::Write as _;
+use std::path::Path;
+
+use anyhow::Context as _;
+use clap::CommandFactory as _;
 use vmfactory_vm::ProcessSpec;
 
 use crate::cli::{Cli, Command, ConfigCommand, InspectCommand, ProcessArgs};
@@ -18,7 +25,16 @@ use crate::failure::{CmdResult, Failure};
 /// Runs the command `cli` asks for; the exit code on success (0, or the code of the command
 /// `run` or `exec` ran).
 pub async fn run(cli: Cli) -> Result<u8, Failure> {
-    match cli.cmd {
+    if cli.version {
+        print!("{}", crate::version::text(cli.config.as_deref()).await);
+        return Ok(0);
+    }
+    let Some(cmd) = cli.cmd else {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "A subcommand is required (see --help)"
+        )));
+    };
+    match cmd {
         Command::Run(args) => {
             let (spec, stdio) = process(args.process);
             let req = run::RunRequest {
@@ -41,15 +57,7 @@ pub async fn run(cli: Cli) -> Result<u8, Failure> {
             let settings = load(cli.config.as_deref()).await?;
             run::exec(&settings, &id, spec, stdio).await
         }
-        cmd => run::code_of(
-            run_other(Cli {
-                cmd,
-                config: cli.config,
-                verbose: cli.verbose,
-                log_format: cli.log_format,
-            })
-            .await,
-        ),
+        cmd => run::code_of(run_other(cmd, cli.config.as_deref()).await),
     }
 }
 
@@ -79,24 +87,34 @@ async fn load(path: Option<&std::path::Path>) -> Result<config_file::Settings, F
 }
 
 /// The commands without an exit code of their own.
-async fn run_other(cli: Cli) -> CmdResult {
-    if let Command::Config {
-        cmd: ConfigCommand::Default,
-    } = cli.cmd
-    {
-        print!("{DEFAULT_TOML}");
-        return Ok(());
+async fn run_other(cmd: Command, config: Option<&Path>) -> CmdResult {
+    // What needs no configuration file (a wire form carries its own config).
+    match &cmd {
+        Command::Config {
+            cmd: ConfigCommand::Default,
+        } => {
+            print!("{DEFAULT_TOML}");
+            return Ok(());
+        }
+        Command::Inspect {
+            what: InspectCommand::Wire { file },
+        } => return inspect::wire(file).await,
+        Command::Completions { shell } => {
+            let mut out = std::io::stdout();
+            clap_complete::generate(*shell, &mut Cli::command(), "vmfactory", &mut out);
+            return Ok(());
+        }
+        Command::Man { subcommand } => return man(subcommand.as_deref()),
+        _ => {}
     }
-    // A wire form carries its own config: checking one needs no configuration file.
-    if let Command::Inspect {
-        what: InspectCommand::Wire { file },
-    } = &cli.cmd
-    {
-        return inspect::wire(file).await;
-    }
-    let settings = load(cli.config.as_deref()).await?;
-    match cli.cmd {
-        Command::Run(_) | Command::Exec { .. } => Ok(()),
+    let settings = load(config).await?;
+    match cmd {
+        Command::Run(_)
+        | Command::Exec { .. }
+        | Command::Completions { .. }
+        | Command::Man { .. } => Ok(()),
+        Command::List { json } => list::run(&settings, json).await,
+        Command::Stop { id } => stop::run(&settings, &id).await,
         Command::Init => init::run(&settings).await,
         Command::Status { json } => status::run(&settings, json).await,
         Command::Destroy => destroy::run(&settings).await,
@@ -121,4 +139,37 @@ async fn run_other(cli: Cli) -> CmdResult {
             cmd: ConfigCommand::Default,
         } => Ok(()),
     }
+}
+
+/// `vmfactory man [SUBCOMMAND]`: the manual page of `vmfactory`, or of `vmfactory-SUBCOMMAND`.
+fn man(sub: Option<&str>) -> CmdResult {
+    let mut top = Cli::command();
+    // Built, the subcommands carry the global options (`--config`, `--verbose`, ...) too.
+    top.build();
+    let page = match sub {
+        None => top,
+        Some(name) => {
+            let found = top
+                .get_subcommands()
+                .find(|s| s.get_name() == name || s.get_all_aliases().any(|a| a == name))
+                .cloned();
+            let Some(cmd) = found else {
+                return Err(Failure::usage(anyhow::anyhow!(
+                    "No subcommand {name:?} (see `vmfactory --help`)"
+                )));
+            };
+            let full = format!("vmfactory-{}", cmd.get_name());
+            cmd.name(full.clone())
+                .bin_name(full.replace('-', " "))
+                .version(crate::version::PACKAGE)
+        }
+    };
+    let mut out = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut out)
+        .context("Cannot render the manual page")?;
+    std::io::stdout()
+        .write_all(&out)
+        .context("Cannot write the manual page")?;
+    Ok(())
 }

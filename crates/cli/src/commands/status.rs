@@ -1,14 +1,18 @@
 //! `vmfactory status`: the template, the VM-cache server and its VMs, and what killed
-//! commands left (orphaned VMs, a stale template tmpfs). Template metadata that is corrupt,
-//! truncated, of another version, oversized, a symlink or not a regular file is reported and
-//! exits 2.
+//! commands left (orphaned VMs, a stale template tmpfs), with a verdict fit for a health
+//! probe: exit 0 when the factory serves as configured, 1 when it is degraded (a template
+//! configured but absent, or one `get_vm` would refuse for this config; a VM-cache server
+//! configured but not answering). Template metadata that is corrupt, truncated, of another
+//! version, oversized, a symlink or not a regular file is reported and exits 2.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use serde::Serialize;
-use vmfactory_factory::{error_chain, CacheClient, TemplateError, TemplateMetadata};
+use vmfactory_factory::{
+    error_chain, CacheClient, TemplateError, TemplateFactory, TemplateMetadata,
+};
 use vmfactory_vm::VmInfo;
 
 use super::inspect::is_bad_metadata;
@@ -24,6 +28,10 @@ pub struct StatusReport {
     pub config: String,
     /// `on` when a template is present or a VM-cache server answers.
     pub factory: &'static str,
+    /// `ok`, or `degraded` when what is configured is not what serves (see `problems`).
+    pub health: &'static str,
+    /// Why it is degraded, one line each.
+    pub problems: Vec<String>,
     /// The template.
     pub template: TemplateReport,
     /// The VM-cache server.
@@ -45,6 +53,9 @@ pub struct TemplateReport {
     pub metadata: Option<TemplateMetadata>,
     /// Why the metadata does not load (corrupt, another version, ...).
     pub error: Option<String>,
+    /// Why `get_vm` would refuse the template for this configuration (another kernel,
+    /// QEMU, size, or its files changed since it was saved); `None` when it would serve.
+    pub stale: Option<String>,
     /// The load error when it says the metadata file itself is bad: `status` then exits 2.
     #[serde(skip)]
     pub bad_metadata: Option<TemplateError>,
@@ -77,27 +88,65 @@ pub async fn run(s: &Settings, json: bool) -> CmdResult {
     }
     // Bad stored input is a usage error, as for `inspect template`; the report above still
     // shows everything else.
-    match report.template.bad_metadata {
-        Some(e) => Err(Failure::usage(e)),
-        None => Ok(()),
+    if let Some(e) = report.template.bad_metadata {
+        return Err(Failure::usage(e));
+    }
+    if report.problems.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow::anyhow!("Degraded: {}", report.problems.join("; ")).into())
     }
 }
 
 async fn gather(s: &Settings) -> StatusReport {
-    let template = template_report(s.template, &s.template_path).await;
+    let template = template_report(s, s.template, &s.template_path).await;
     let cache_server = server_report(s.cache_number, &s.endpoint).await;
     let leftovers = leftovers::find(s, cache_server.running).await;
     let on = template.present || cache_server.running;
+    let problems = problems(&template, &cache_server);
     StatusReport {
         config: s.origin.clone(),
         factory: if on { "on" } else { "off" },
+        health: if problems.is_empty() {
+            "ok"
+        } else {
+            "degraded"
+        },
+        problems,
         template,
         cache_server,
         leftovers,
     }
 }
 
-async fn template_report(enabled: bool, path: &Path) -> TemplateReport {
+/// What keeps the factory from serving as configured. Leftovers are shown but not counted:
+/// a VM being handed over looks unowned for an instant, and a probe must not flap on it.
+fn problems(t: &TemplateReport, c: &ServerReport) -> Vec<String> {
+    let mut out = Vec::new();
+    if t.enabled {
+        match (&t.metadata, &t.error, &t.stale) {
+            (_, Some(e), _) => out.push(format!("template unusable: {e}")),
+            (Some(_), None, Some(why)) => out.push(format!(
+                "template stale for this config ({why}); `vmfactory destroy` then `vmfactory init` remakes it"
+            )),
+            (None, None, _) => out.push(format!(
+                "no template at {} (`vmfactory init` makes it); VMs boot cold",
+                t.path.display()
+            )),
+            (Some(_), None, None) => {}
+        }
+    }
+    if c.vm_cache_number > 0 && !c.running {
+        let why = c.error.as_deref().unwrap_or("not running");
+        out.push(format!(
+            "VM-cache server at {}: {why}",
+            c.endpoint.display()
+        ));
+    }
+    out
+}
+
+async fn template_report(s: &Settings, enabled: bool, path: &Path) -> TemplateReport {
     let (present, metadata, error, bad_metadata) = match TemplateMetadata::load(path).await {
         Ok(m) => (true, Some(m), None, None),
         Err(TemplateError::Missing { .. }) => (false, None, None, None),
@@ -106,12 +155,21 @@ async fn template_report(enabled: bool, path: &Path) -> TemplateReport {
             (true, None, error, is_bad_metadata(&e).then_some(e))
         }
     };
+    // The same check `get_vm` makes, only when there is a loadable template to check.
+    let stale = match &metadata {
+        Some(_) => TemplateFactory::verify(&s.vm, path)
+            .await
+            .err()
+            .map(|e| error_chain(&e)),
+        None => None,
+    };
     TemplateReport {
         enabled,
         path: path.to_owned(),
         present,
         metadata,
         error,
+        stale,
         bad_metadata,
     }
 }
@@ -147,6 +205,10 @@ fn table(r: &StatusReport) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
     let _ = writeln!(out, "factory:       {} (config: {})", r.factory, r.config);
+    let _ = writeln!(out, "health:        {}", r.health);
+    for p in &r.problems {
+        let _ = writeln!(out, "  - {p}");
+    }
     let t = &r.template;
     let state = match (&t.metadata, &t.error) {
         (Some(m), _) => format!(
@@ -166,6 +228,10 @@ fn table(r: &StatusReport) -> String {
         ),
         (None, Some(e)) => format!("unusable: {e}"),
         (None, None) => "absent".to_owned(),
+    };
+    let state = match &t.stale {
+        Some(why) => format!("{state}; STALE: {why}"),
+        None => state,
     };
     let enabled = if t.enabled {
         ""
@@ -214,7 +280,11 @@ fn age(secs: u64) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(secs);
-    let d = now.saturating_sub(secs);
+    span(now.saturating_sub(secs))
+}
+
+/// `1h 2m`, `3m 4s` or `5s`: a duration of `d` seconds.
+pub fn span(d: u64) -> String {
     match (d / 3600, (d % 3600) / 60, d % 60) {
         (0, 0, s) => format!("{s}s"),
         (0, m, s) => format!("{m}m {s}s"),

@@ -192,8 +192,22 @@ fn inspect_prints_valid_stored_inputs_and_changes_nothing() {
         st.metadata.config_hash.as_str()
     );
     assert_eq!(v["metadata_file"], st.metadata_file().display().to_string());
+    // The stored template was made for another size than this config asks for: `status`
+    // makes the check `get_vm` makes, calls it stale and exits 1 (degraded), changing nothing.
     let o = st.run(&["status"]);
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("health:        degraded"), "{table}");
+    assert!(
+        table.contains("STALE: Template does not match the config in max_memory_mib"),
+        "{table}"
+    );
+    assert!(
+        stderr(&o).starts_with("vmfactory: Degraded: template stale"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 
     // The VM's owner holds its lock: `inspect vm` neither takes nor waits for it.
     let owner = block_on(st.store().lock(VM_ID)).expect("lock");

@@ -324,6 +324,22 @@ impl TemplateFactory {
         Ok(this)
     }
 
+    /// Whether the template at `path` would serve `config` now: the check every
+    /// [`TemplateFactory::fetch`] and clone makes (metadata, the config, QEMU's version, the
+    /// files' sizes and stamps), read-only and without taking the template's lock, so a look
+    /// never waits for a maker or gets in a user's way. For `vmfactory status`.
+    pub async fn verify(config: &VmConfig, path: &Path) -> Result<()> {
+        let (this, _) = Self::open(
+            config,
+            path.to_owned(),
+            Arc::new(QemuBackends),
+            Arc::new(SystemHost),
+            false,
+        )
+        .await?;
+        this.check().await
+    }
+
     /// Removes the template at `path` that vmfactory made: its files, the tmpfs it mounted
     /// (every mount stacked there), the directory it created and the lock file. Waits for a
     /// template being made or removed by another process; refuses, before touching anything,
