@@ -56,6 +56,7 @@ pub const CI_SCENARIOS: &[&str] = &[
     "a_held_vm_serves_exec_and_an_outside_client",
     "prestarted_clones_are_handed_out_once_replaced_and_dropped",
     "eight_clones_each_reach_the_host_and_only_the_host",
+    "init_notifies_systemd_status_probes_list_and_stop",
 ];
 
 /// L1's CPU: TCG's `max` (AMD SVM with nested paging) without `fsgsbase`. With it, an L2
