@@ -1,6 +1,7 @@
 //! The subcommands.
 
 mod attach;
+mod config;
 mod destroy;
 mod get;
 mod init;
@@ -75,6 +76,9 @@ async fn load(path: Option<&std::path::Path>) -> Result<config_file::Settings, F
     let source = config_file::choose(path).await;
     let settings = config_file::load(&source).await?;
     tracing::debug!(config = %settings.origin, "configuration loaded");
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
+    }
     Ok(settings)
 }
 
@@ -86,6 +90,13 @@ async fn run_other(cli: Cli) -> CmdResult {
     {
         print!("{DEFAULT_TOML}");
         return Ok(());
+    }
+    // Prints the warnings itself, and every problem on its own line.
+    if let Command::Config {
+        cmd: ConfigCommand::Check,
+    } = cli.cmd
+    {
+        return config::check(cli.config.as_deref()).await;
     }
     // A wire form carries its own config: checking one needs no configuration file.
     if let Command::Inspect {
@@ -105,20 +116,11 @@ async fn run_other(cli: Cli) -> CmdResult {
             memory,
             hold,
         } => get::run(&settings, vcpus, memory, hold).await,
-        Command::Config {
-            cmd: ConfigCommand::Check,
-        } => {
-            settings.check_files().await?;
-            println!("{}: OK", settings.origin);
-            Ok(())
-        }
         Command::Inspect { what } => match what {
             InspectCommand::Template => inspect::template(&settings).await,
             InspectCommand::Vm { id } => inspect::vm(&settings, &id).await,
             InspectCommand::Wire { file } => inspect::wire(&file).await,
         },
-        Command::Config {
-            cmd: ConfigCommand::Default,
-        } => Ok(()),
+        Command::Config { .. } => Ok(()),
     }
 }
