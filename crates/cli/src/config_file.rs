@@ -399,8 +399,9 @@ pub struct Settings {
     /// Kata keys the file sets that nothing reads, one `FILE line N: ...` each: printed by
     /// `config check`, logged once at warn by the other commands.
     pub warnings: Vec<String>,
-    /// The source text, to find the line of a key in later errors.
-    source: String,
+    /// The line of each key the file sets, by our section and key name (Kata's
+    /// `[agent.kata] dial_timeout` under `agent`, `dial_timeout_ms`), for later errors.
+    lines: KeyLines,
 }
 
 /// What "the host's maximum" is, for Kata's 0 and negative sizes.
@@ -433,6 +434,9 @@ impl fmt::Display for Settings {
         f.write_str(&self.origin)
     }
 }
+
+/// Where each key is set: (our section, key) -> 1-based line.
+type KeyLines = std::collections::BTreeMap<(&'static str, &'static str), usize>;
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -507,7 +511,7 @@ pub fn parse_on(
     let mut settings = None;
     if !walked.bad_values {
         match FileConfig::deserialize(toml::Value::Table(walked.table)) {
-            Ok(file) => match resolve(origin, text, file, base, host) {
+            Ok(file) => match resolve(origin, walked.lines, file, base, host) {
                 Ok(s) => match s.check() {
                     Ok(()) => settings = Some(s),
                     Err(ConfigFileError::Invalid { line, message, .. }) => {
@@ -550,25 +554,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The 1-based line where `key` is set in `[section]` of `text`, if it is.
-fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            current = name.trim().to_owned();
-            continue;
-        }
-        let Some((k, _)) = line.split_once('=') else {
-            continue;
-        };
-        if current == section && k.trim().trim_matches('"') == key {
-            return Some(i + 1);
-        }
-    }
-    None
-}
-
 /// `path` against `base` when relative and meant as a file path (a bare name such as
 /// `qemu-system-x86_64` is left for a `PATH` lookup when `bare_is_command`).
 fn against(base: &Path, path: PathBuf, bare_is_command: bool) -> PathBuf {
@@ -607,14 +592,14 @@ fn sizes(q: &QemuSection, host: &Host) -> Result<(u32, u32, u64), Problem> {
 
 fn resolve(
     origin: &str,
-    text: &str,
+    lines: KeyLines,
     file: FileConfig,
     base: &Path,
     host: &Host,
 ) -> Result<Settings, Problem> {
     let q = file.hypervisor.qemu;
     let (vcpus, max_vcpus, max_memory) = sizes(&q, host).map_err(|p| Problem {
-        line: key_line(text, QEMU, "default_maxmemory"),
+        line: lines.get(&(QEMU, "default_maxmemory")).copied(),
         ..p
     })?;
     let mut hv = HypervisorConfig::new(
@@ -675,7 +660,7 @@ fn resolve(
         prestart: file.factory.prestart,
         network,
         warnings: Vec::new(),
-        source: text.to_owned(),
+        lines,
     })
 }
 
@@ -683,10 +668,15 @@ use rules::{config_key, QEMU};
 
 impl Settings {
     /// An [`ConfigFileError::Invalid`] about `[section] key`.
-    fn invalid(&self, section: &str, key: &str, message: String) -> ConfigFileError {
+    fn invalid(
+        &self,
+        section: &'static str,
+        key: &'static str,
+        message: String,
+    ) -> ConfigFileError {
         ConfigFileError::Invalid {
             origin: self.origin.clone(),
-            line: key_line(&self.source, section, key),
+            line: self.lines.get(&(section, key)).copied(),
             message,
         }
     }

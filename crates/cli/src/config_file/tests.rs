@@ -93,6 +93,24 @@ fn semantic_errors_find_their_line() {
 }
 
 #[test]
+fn errors_find_dotted_and_inline_keys() {
+    let text = "hypervisor.qemu = { kernel = \"k\" }\n\n[agent]\nready_timeout_ms = 0\n";
+    let e = parse("f.toml", text, Path::new("/")).expect_err("zero");
+    assert_eq!(
+        e.to_string(),
+        "f.toml line 4: ready_timeout_ms must not be 0"
+    );
+    let text =
+        "[hypervisor]\nqemu.kernel = \"k\"\nqemu.default_vcpus = 2\nqemu.default_maxvcpus = 1\n";
+    let e = parse("f.toml", text, Path::new("/")).expect_err("over max");
+    assert!(
+        e.to_string()
+            .starts_with("f.toml line 4: default_vcpus (2)"),
+        "{e}"
+    );
+}
+
+#[test]
 fn vsock_allocates_unless_guest_cid_pins_one() {
     let base = "[hypervisor.qemu]\nkernel = \"k\"\ninitrd = \"i\"\n";
     let channel = |extra: &str| {
@@ -136,13 +154,6 @@ fn relative_paths_resolve_against_the_base() {
     assert_eq!(s.vm.hypervisor.qemu_path, Path::new("/etc/x/bin/qemu"));
     assert!(!s.template, "Kata's default: no template");
     assert_eq!(s.vm.hypervisor.max_memory_mib, 256);
-}
-
-#[test]
-fn key_line_respects_sections() {
-    let text = "[a]\nx = 1\n[b]\n x = 2\n";
-    assert_eq!(key_line(text, "b", "x"), Some(4));
-    assert_eq!(key_line(text, "c", "x"), None);
 }
 
 /// A Kata 2.x `configuration.toml` excerpt: two typos, a wrong type and a key of another

@@ -24,6 +24,8 @@ pub(super) struct Walked {
     pub bad_values: bool,
     /// Kata keys read by nothing here.
     pub warnings: Vec<Problem>,
+    /// Where each key of `table` was set.
+    pub lines: super::KeyLines,
 }
 
 /// Walks `text`; `Err` is a syntax error (nothing else can be said then).
@@ -203,6 +205,7 @@ impl Walker<'_> {
             return;
         }
         self.set.insert((into, key), (line, section.name));
+        self.out.lines.insert((into, key), line);
         let mut table = &mut self.out.table;
         for part in into.split('.') {
             let entry = table
