@@ -378,3 +378,25 @@ fn unknown_sections_are_named_with_a_hint() {
     let e = parse_on("f.toml", "kernel = \"k\"\n", Path::new("/"), &host()).expect_err("top");
     assert!(e.to_string().contains("outside any section"), "{e}");
 }
+
+#[test]
+fn every_kata_key_is_in_the_docs_table() {
+    let docs = include_str!("../../../../docs/configuration.md");
+    let mut n = 0;
+    for section in keys::SECTIONS {
+        for (key, kind) in section.keys.iter().flat_map(|k| k.iter()) {
+            if matches!(
+                kind,
+                keys::Kind::Use(_) | keys::Kind::Ignored(_) | keys::Kind::Scaled { .. }
+            ) {
+                n += 1;
+                let row = format!("| `[{}] {key}` |", section.name);
+                assert!(
+                    docs.contains(&row),
+                    "{row} missing from docs/configuration.md"
+                );
+            }
+        }
+    }
+    assert!(n >= 100, "{n} Kata keys");
+}
