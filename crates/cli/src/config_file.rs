@@ -418,7 +418,8 @@ pub struct Host {
 pub const KATA_MAX_VCPUS: u32 = 240;
 
 impl Host {
-    /// This host (two system calls, no file read).
+    /// This host: the CPUs from the affinity mask and cgroup quota, the RAM from
+    /// `sysinfo(2)`.
     pub fn current() -> Self {
         let cpus = std::thread::available_parallelism()
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
@@ -460,8 +461,20 @@ pub async fn choose(explicit: Option<&Path>) -> Source {
 
 /// Reads, parses and checks (without touching guest files) the configuration from `source`.
 pub async fn load(source: &Source) -> Result<Settings, ConfigFileError> {
+    // `available_parallelism` reads cgroup files: off the async threads.
+    let host = tokio::task::spawn_blocking(Host::current)
+        .await
+        .unwrap_or(Host {
+            cpus: 1,
+            memory_mib: None,
+        });
     match source {
-        Source::Embedded => parse("embedded default", DEFAULT_TOML, &default_guest_dir()),
+        Source::Embedded => parse_on(
+            "embedded default",
+            DEFAULT_TOML,
+            &default_guest_dir(),
+            &host,
+        ),
         Source::File(path) => {
             let bytes = vmfactory_persist::read_limited(path, MAX_CONFIG_SIZE)
                 .await
@@ -478,20 +491,15 @@ pub async fn load(source: &Source) -> Result<Settings, ConfigFileError> {
                 _ => PathBuf::from("."),
             };
             let base = std::path::absolute(&base).unwrap_or(base);
-            parse(&path.display().to_string(), &text, &base)
+            parse_on(&path.display().to_string(), &text, &base, &host)
         }
     }
 }
 
 /// Parses `text` (from `origin`), resolves relative guest paths against `base` and checks the
-/// values (no file access) on this [`Host`].
-pub fn parse(origin: &str, text: &str, base: &Path) -> Result<Settings, ConfigFileError> {
-    parse_on(origin, text, base, &Host::current())
-}
-
-/// [`parse`] with `host` for Kata's "0 is the host's maximum". Every unknown key and value of
-/// the wrong type is reported at once; the rules of the values are checked when the values
-/// could all be read.
+/// values (no file access), with `host` for Kata's "0 is the host's maximum". Every unknown
+/// key and value of the wrong type is reported at once; the rules of the values are checked
+/// when the values could all be read.
 pub fn parse_on(
     origin: &str,
     text: &str,

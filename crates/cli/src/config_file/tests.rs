@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// [`parse_on`] this host.
+fn parse(origin: &str, text: &str, base: &Path) -> Result<Settings, ConfigFileError> {
+    parse_on(origin, text, base, &Host::current())
+}
+
 #[test]
 fn embedded_default_parses_and_validates() {
     let s = parse("embedded default", DEFAULT_TOML, Path::new("/guest")).expect("default");
