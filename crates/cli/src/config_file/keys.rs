@@ -74,6 +74,9 @@ pub(super) fn is_prefix(name: &str) -> bool {
     })
 }
 
+/// The keys a file must set: (section, key).
+pub(super) const REQUIRED: &[(&str, &str)] = &[("hypervisor.qemu", "kernel")];
+
 pub(super) const SECTIONS: &[Section] = &[
     Section {
         name: "hypervisor.qemu",

@@ -381,7 +381,23 @@ fn unknown_sections_are_named_with_a_hint() {
     );
     assert!(bad("[proxy.kata]\nbogus = 1\n").contains("unknown key `bogus` in [proxy.kata]"));
     let e = parse_on("f.toml", "kernel = \"k\"\n", Path::new("/"), &host()).expect_err("top");
-    assert!(e.to_string().contains("outside any section"), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "2 problems in f.toml\nf.toml line 1: `kernel` is outside any section: put it under its \
+         [section]\nf.toml: `kernel` in [hypervisor.qemu] is required"
+    );
+    // A kernel of the wrong type is that, not also missing.
+    let e = parse_on(
+        "f.toml",
+        "[hypervisor.qemu]\nkernel = 1\n",
+        Path::new("/"),
+        &host(),
+    );
+    let e = e.expect_err("bad kernel").to_string();
+    assert!(
+        e.starts_with("f.toml line 2: `kernel` in [hypervisor.qemu]: invalid type"),
+        "{e}"
+    );
 }
 
 #[test]

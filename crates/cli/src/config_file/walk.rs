@@ -3,7 +3,7 @@
 //! with its line; what is left is the table our section structs deserialize from, Kata's
 //! names and units turned into ours.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize as _;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
@@ -19,8 +19,8 @@ pub(super) struct Walked {
     pub table: toml::Table,
     /// Unknown sections and keys, values of the wrong type, keys set twice.
     pub errors: Vec<Problem>,
-    /// Whether some of `errors` is a value of the wrong type (so `table` lacks a key the file
-    /// sets, and checks of the values would mislead).
+    /// Whether some of `errors` is a value of the wrong type or a required key missing (so
+    /// `table` lacks a key, and checks of the values would mislead).
     pub bad_values: bool,
     /// Kata keys read by nothing here.
     pub warnings: Vec<Problem>,
@@ -35,10 +35,20 @@ pub(super) fn walk(text: &str) -> Result<Walked, toml::de::Error> {
         text,
         out: Walked::default(),
         set: BTreeMap::new(),
+        seen: BTreeSet::new(),
     };
     w.tree("", 1, root.get_ref());
     w.out.errors.sort_by_key(|p| p.line);
     w.out.warnings.sort_by_key(|p| p.line);
+    for (section, key) in keys::REQUIRED {
+        if !w.seen.contains(&(*section, *key)) {
+            w.out.bad_values = true;
+            w.out.errors.push(Problem {
+                line: None,
+                message: format!("`{key}` in [{section}] is required"),
+            });
+        }
+    }
     Ok(w.out)
 }
 
@@ -47,6 +57,8 @@ struct Walker<'t> {
     out: Walked,
     /// Where each (our section, key) was set, to refuse a second setting.
     set: BTreeMap<(&'static str, &'static str), (usize, &'static str)>,
+    /// The (our section, key) the file has, of a good value or not.
+    seen: BTreeSet<(&'static str, &'static str)>,
 }
 
 impl Walker<'_> {
@@ -119,6 +131,9 @@ impl Walker<'_> {
                 continue;
             };
             let name = section.name;
+            if let Some(into) = section.into {
+                self.seen.insert((into, listed));
+            }
             match kind {
                 Kind::Read(check) => {
                     if let Some(v) = self.value(name, k, line, value, Some(check)) {
