@@ -529,13 +529,15 @@ pub fn parse_on(
                 },
                 Err(p) => problems.push(p),
             },
-            // A required key missing (the walk checked the rest).
+            // A key in keys.rs that its section's struct lacks (a bug), as serde says it.
             Err(e) => problems.push(Problem {
                 line: None,
                 message: e.message().trim().replace('\n', " "),
             }),
         }
     }
+    // By line; those without one (a missing key, a rule of several keys) last.
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
     let origin = origin.to_owned();
     match (settings, problems.len()) {
         (Some(mut s), 0) => {

@@ -421,3 +421,16 @@ fn every_kata_key_is_in_the_docs_table() {
     }
     assert!(n >= 100, "{n} Kata keys");
 }
+
+#[test]
+fn a_broken_rule_is_reported_beside_unknown_keys() {
+    let text = "[hypervisor.qemu]\nkernel = \"k\"\ndefault_vcpus = 4\ndefault_maxvcpus = 2\n\
+                [factory]\nvm_cache_numbr = 1\n";
+    let e = parse_on("f.toml", text, Path::new("/"), &host()).expect_err("two problems");
+    assert_eq!(
+        e.to_string(),
+        "2 problems in f.toml\n\
+         f.toml line 4: default_vcpus (4) exceeds default_maxvcpus (2)\n\
+         f.toml line 6: unknown key `vm_cache_numbr` in [factory] (did you mean `vm_cache_number`?)"
+    );
+}
