@@ -9,13 +9,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use vmfactory_factory::cache_service::check_endpoint;
 use vmfactory_factory::{
-    error_chain, CacheServiceError, FactoryConfig, FactoryConfigError, DEFAULT_PRESTART,
-    DEFAULT_TEMPLATE_PATH,
+    error_chain, CacheServiceError, FactoryConfig, DEFAULT_PRESTART, DEFAULT_TEMPLATE_PATH,
 };
 use vmfactory_hypervisor::{Accel, AgentChannel, HypervisorConfig, MachineType};
 use vmfactory_net::NetworkConfig;
 use vmfactory_proxy::ProxyKind;
-use vmfactory_vm::{AgentTimeout, VmAgentConfig, VmConfig};
+use vmfactory_vm::{VmAgentConfig, VmConfig};
 
 /// The embedded default configuration.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
@@ -88,7 +87,7 @@ pub enum ConfigFileError {
         /// The parser's message.
         message: String,
     },
-    /// Parsed, but the values do not make a usable factory.
+    /// Parsed, but the values do not make a usable factory; or the one problem of the file.
     #[error("{origin}{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
     Invalid {
         /// The file, or `embedded default`.
@@ -98,6 +97,41 @@ pub enum ConfigFileError {
         /// What is wrong, naming the key.
         message: String,
     },
+    /// More than one problem, all found in one pass (unknown keys, values of the wrong type,
+    /// and the first rule a value breaks). Its text is one line per problem.
+    #[error("{} problems in {origin}{}", problems.len(), lines(origin, problems))]
+    Problems {
+        /// The file, or `embedded default`.
+        origin: String,
+        /// Every problem, by line.
+        problems: Vec<Problem>,
+    },
+}
+
+/// One thing wrong (or, as a warning, ignored) in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The 1-based line of the key, when it is in the file.
+    pub line: Option<usize>,
+    /// What, naming the section and key.
+    pub message: String,
+}
+
+impl Problem {
+    /// `ORIGIN line N: MESSAGE`.
+    pub fn at(&self, origin: &str) -> String {
+        match self.line {
+            Some(l) => format!("{origin} line {l}: {}", self.message),
+            None => format!("{origin}: {}", self.message),
+        }
+    }
+}
+
+fn lines(origin: &str, problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("\n{}", p.at(origin)))
+        .collect()
 }
 
 fn at(line: usize, column: usize) -> String {
@@ -179,8 +213,9 @@ struct QemuSection {
     image: Option<PathBuf>,
     #[serde(default)]
     kernel_params: String,
-    #[serde(default = "one")]
-    default_vcpus: u32,
+    /// Kata's: 0 is the default (1), negative the host's CPUs.
+    #[serde(default)]
+    default_vcpus: i32,
     #[serde(default)]
     default_maxvcpus: Option<u32>,
     #[serde(default = "default_memory")]
@@ -220,9 +255,6 @@ struct QemuSection {
 
 fn default_qemu() -> PathBuf {
     PathBuf::from("qemu-system-x86_64")
-}
-fn one() -> u32 {
-    1
 }
 fn default_memory() -> u64 {
     256
@@ -364,8 +396,38 @@ pub struct Settings {
     pub prestart: u32,
     /// `[network]`'s subnet and egress, also when `enable` is off (`run --net` uses them).
     pub network: NetworkConfig,
-    /// The source text, to find the line of a key in later errors.
-    source: String,
+    /// Kata keys the file sets that nothing reads, one `FILE line N: ...` each: printed by
+    /// `config check`, logged once at warn by the other commands.
+    pub warnings: Vec<String>,
+    /// The line of each key the file sets, by our section and key name (Kata's
+    /// `[agent.kata] dial_timeout` under `agent`, `dial_timeout_ms`), for later errors.
+    lines: KeyLines,
+}
+
+/// What "the host's maximum" is, for Kata's 0 and negative sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    /// CPUs this process may run on (what Kata's Go runtime counts as the host's).
+    pub cpus: u32,
+    /// The host's RAM in MiB; `None` when it cannot be read.
+    pub memory_mib: Option<u64>,
+}
+
+/// Kata's cap on `default_maxvcpus` on x86_64 (its QEMU driver's `MaxVCPUs`): what 0 means
+/// on a host with more CPUs.
+pub const KATA_MAX_VCPUS: u32 = 240;
+
+impl Host {
+    /// This host: the CPUs from the affinity mask and cgroup quota, the RAM from
+    /// `sysinfo(2)`.
+    pub fn current() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+        let memory_mib = nix::sys::sysinfo::sysinfo()
+            .ok()
+            .map(|i| i.ram_total() >> 20);
+        Self { cpus, memory_mib }
+    }
 }
 
 impl fmt::Display for Settings {
@@ -373,6 +435,9 @@ impl fmt::Display for Settings {
         f.write_str(&self.origin)
     }
 }
+
+/// Where each key is set: (our section, key) -> 1-based line.
+type KeyLines = std::collections::BTreeMap<(&'static str, &'static str), usize>;
 
 /// Where the configuration comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -396,8 +461,20 @@ pub async fn choose(explicit: Option<&Path>) -> Source {
 
 /// Reads, parses and checks (without touching guest files) the configuration from `source`.
 pub async fn load(source: &Source) -> Result<Settings, ConfigFileError> {
+    // `available_parallelism` reads cgroup files: off the async threads.
+    let host = tokio::task::spawn_blocking(Host::current)
+        .await
+        .unwrap_or(Host {
+            cpus: 1,
+            memory_mib: None,
+        });
     match source {
-        Source::Embedded => parse("embedded default", DEFAULT_TOML, &default_guest_dir()),
+        Source::Embedded => parse_on(
+            "embedded default",
+            DEFAULT_TOML,
+            &default_guest_dir(),
+            &host,
+        ),
         Source::File(path) => {
             let bytes = vmfactory_persist::read_limited(path, MAX_CONFIG_SIZE)
                 .await
@@ -414,15 +491,22 @@ pub async fn load(source: &Source) -> Result<Settings, ConfigFileError> {
                 _ => PathBuf::from("."),
             };
             let base = std::path::absolute(&base).unwrap_or(base);
-            parse(&path.display().to_string(), &text, &base)
+            parse_on(&path.display().to_string(), &text, &base, &host)
         }
     }
 }
 
 /// Parses `text` (from `origin`), resolves relative guest paths against `base` and checks the
-/// values (no file access).
-pub fn parse(origin: &str, text: &str, base: &Path) -> Result<Settings, ConfigFileError> {
-    let file: FileConfig = toml::from_str(text).map_err(|e| {
+/// values (no file access), with `host` for Kata's "0 is the host's maximum". Every unknown
+/// key and value of the wrong type is reported at once; the rules of the values are checked
+/// when the values could all be read.
+pub fn parse_on(
+    origin: &str,
+    text: &str,
+    base: &Path,
+    host: &Host,
+) -> Result<Settings, ConfigFileError> {
+    let walked = walk::walk(text).map_err(|e| {
         let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
         ConfigFileError::Parse {
             origin: origin.to_owned(),
@@ -431,9 +515,45 @@ pub fn parse(origin: &str, text: &str, base: &Path) -> Result<Settings, ConfigFi
             message: e.message().trim().replace('\n', " "),
         }
     })?;
-    let settings = resolve(origin, text, file, base);
-    settings.check()?;
-    Ok(settings)
+    let mut problems = walked.errors;
+    let mut settings = None;
+    if !walked.bad_values {
+        match FileConfig::deserialize(toml::Value::Table(walked.table)) {
+            Ok(file) => match resolve(origin, walked.lines, file, base, host) {
+                Ok(s) => match s.check() {
+                    Ok(()) => settings = Some(s),
+                    Err(ConfigFileError::Invalid { line, message, .. }) => {
+                        problems.push(Problem { line, message })
+                    }
+                    Err(e) => return Err(e),
+                },
+                Err(p) => problems.push(p),
+            },
+            // A key in keys.rs that its section's struct lacks (a bug), as serde says it.
+            Err(e) => problems.push(Problem {
+                line: None,
+                message: e.message().trim().replace('\n', " "),
+            }),
+        }
+    }
+    // By line; those without one (a missing key, a rule of several keys) last.
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    let origin = origin.to_owned();
+    match (settings, problems.len()) {
+        (Some(mut s), 0) => {
+            s.warnings = walked.warnings.iter().map(|w| w.at(&origin)).collect();
+            Ok(s)
+        }
+        (_, 1) => {
+            let Problem { line, message } = problems.remove(0);
+            Err(ConfigFileError::Invalid {
+                origin,
+                line,
+                message,
+            })
+        }
+        _ => Err(ConfigFileError::Problems { origin, problems }),
+    }
 }
 
 /// The 1-based line and column of byte `offset` in `text`.
@@ -442,25 +562,6 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
-}
-
-/// The 1-based line where `key` is set in `[section]` of `text`, if it is.
-fn key_line(text: &str, section: &str, key: &str) -> Option<usize> {
-    let mut current = String::new();
-    for (i, raw) in text.lines().enumerate() {
-        let line = raw.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
-            current = name.trim().to_owned();
-            continue;
-        }
-        let Some((k, _)) = line.split_once('=') else {
-            continue;
-        };
-        if current == section && k.trim().trim_matches('"') == key {
-            return Some(i + 1);
-        }
-    }
-    None
 }
 
 /// `path` against `base` when relative and meant as a file path (a bare name such as
@@ -474,8 +575,43 @@ fn against(base: &Path, path: PathBuf, bare_is_command: bool) -> PathBuf {
     }
 }
 
-fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings {
+/// Kata's sizes: `default_vcpus` 0 is 1 and negative the host's CPUs; `default_maxvcpus` 0
+/// the host's CPUs up to [`KATA_MAX_VCPUS`]; `default_maxmemory` 0 the host's RAM.
+fn sizes(q: &QemuSection, host: &Host) -> Result<(u32, u32, u64), Problem> {
+    let vcpus = match q.default_vcpus {
+        n if n < 0 => host.cpus,
+        0 => 1,
+        n => n.unsigned_abs(),
+    };
+    let max_vcpus = match q.default_maxvcpus {
+        None => vcpus,
+        Some(0) => host.cpus.min(KATA_MAX_VCPUS),
+        Some(n) => n,
+    };
+    let max_memory = match q.default_maxmemory {
+        None => q.default_memory,
+        Some(0) => host.memory_mib.ok_or_else(|| Problem {
+            line: None,
+            message: "default_maxmemory = 0 means the host's memory, which cannot be read here"
+                .into(),
+        })?,
+        Some(n) => n,
+    };
+    Ok((vcpus, max_vcpus, max_memory))
+}
+
+fn resolve(
+    origin: &str,
+    lines: KeyLines,
+    file: FileConfig,
+    base: &Path,
+    host: &Host,
+) -> Result<Settings, Problem> {
     let q = file.hypervisor.qemu;
+    let (vcpus, max_vcpus, max_memory) = sizes(&q, host).map_err(|p| Problem {
+        line: lines.get(&(QEMU, "default_maxmemory")).copied(),
+        ..p
+    })?;
     let mut hv = HypervisorConfig::new(
         against(base, q.kernel, false),
         q.initrd.map(|p| against(base, p, false)),
@@ -483,13 +619,13 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
     hv.qemu_path = against(base, q.path, true);
     hv.image = q.image.map(|p| against(base, p, false));
     hv.kernel_params = q.kernel_params;
-    hv.vcpus = q.default_vcpus;
-    hv.max_vcpus = q.default_maxvcpus.unwrap_or(q.default_vcpus);
+    hv.vcpus = vcpus;
+    hv.max_vcpus = max_vcpus;
     hv.memory_mib = q.default_memory;
     hv.memory_slots = q.memory_slots;
     hv.disk_slots = q.disk_slots;
     hv.vmgenid = q.vmgenid;
-    hv.max_memory_mib = q.default_maxmemory.unwrap_or(q.default_memory);
+    hv.max_memory_mib = max_memory;
     hv.machine = q.machine_type;
     hv.accel = q.accel;
     hv.cpu_model = q.cpu_model;
@@ -524,7 +660,7 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
             nic.vhost = q.disable_vhost_net.then_some(false);
         }
     }
-    Settings {
+    Ok(Settings {
         origin: origin.to_owned(),
         vm,
         template: file.factory.enable_template,
@@ -533,131 +669,24 @@ fn resolve(origin: &str, text: &str, file: FileConfig, base: &Path) -> Settings 
         endpoint: file.factory.vm_cache_endpoint,
         prestart: file.factory.prestart,
         network,
-        source: text.to_owned(),
-    }
-}
-
-const QEMU: &str = "hypervisor.qemu";
-
-/// The section, key and message, in the file's own names, of a rule the library refused.
-/// `None` for a rule that no single key breaks (e.g. a run root too long for its sockets).
-fn config_key(e: &FactoryConfigError) -> Option<(&'static str, &'static str, String)> {
-    use vmfactory_hypervisor::ConfigError as Hv;
-    use vmfactory_vm::ConfigError as Vm;
-    use FactoryConfigError as F;
-    Some(match e {
-        F::RelativeTemplatePath { path } => (
-            "factory",
-            "template_path",
-            format!("template_path must be an absolute path, not {}", path.display()),
-        ),
-        F::UnsafeTemplatePath { .. } => ("factory", "template_path", e.to_string()),
-        F::NotTemplatable(Hv::TemplateWithImage) => (
-            QEMU,
-            "image",
-            "enable_template needs an initrd guest: a disk image cannot be shared by clones".into(),
-        ),
-        F::NotTemplatable(Hv::TemplateWithoutInitrd) => (
-            "factory",
-            "enable_template",
-            "enable_template needs [hypervisor.qemu] initrd".into(),
-        ),
-        F::NotTemplatable(Hv::HybridVsockWithTemplate) => (
-            QEMU,
-            "agent_channel",
-            "enable_template cannot use agent_channel = \"hybrid-vsock\" (it blocks migration)"
-                .into(),
-        ),
-        F::NotTemplatable(Hv::PinnedCidWithTemplate { cid }) => (
-            QEMU,
-            "guest_cid",
-            format!(
-                "enable_template with agent_channel = \"vsock\" cannot pin guest_cid = {cid}: \
-                 leave it unset and each clone gets its own"
-            ),
-        ),
-        F::Vm(Vm::Hypervisor(hv)) => match hv {
-            Hv::ZeroVcpus => (
-                QEMU,
-                "default_vcpus",
-                "default_vcpus must be at least 1".into(),
-            ),
-            Hv::TooManyVcpus { vcpus, max_vcpus } => (
-                QEMU,
-                "default_maxvcpus",
-                format!("default_vcpus ({vcpus}) exceeds default_maxvcpus ({max_vcpus})"),
-            ),
-            Hv::ZeroMemory => (
-                QEMU,
-                "default_memory",
-                "default_memory must be at least 1 MiB".into(),
-            ),
-            Hv::TooMuchMemory {
-                memory_mib,
-                max_memory_mib,
-            } => (
-                QEMU,
-                "default_maxmemory",
-                format!(
-                    "default_memory ({memory_mib} MiB) exceeds default_maxmemory ({max_memory_mib} MiB)"
-                ),
-            ),
-            Hv::MemoryOverLimit { limit, .. } => (
-                QEMU,
-                "default_maxmemory",
-                format!("default_maxmemory exceeds {limit} MiB"),
-            ),
-            Hv::SlotsWithoutMaxMemory => (
-                QEMU,
-                "memory_slots",
-                "memory_slots needs default_maxmemory above default_memory".into(),
-            ),
-            Hv::InvalidCpuModel(_) => (QEMU, "cpu_model", hv.to_string()),
-            Hv::InvalidMachineOptions(_) => (QEMU, "machine_accelerators", hv.to_string()),
-            Hv::HostCpuWithoutKvm => (
-                QEMU,
-                "cpu_model",
-                "cpu_model = \"host\" needs KVM: set accel = \"auto\" or \"kvm\", or another model"
-                    .into(),
-            ),
-            Hv::ReservedCid { cid } => (
-                QEMU,
-                "guest_cid",
-                format!("guest_cid = {cid} is reserved: use 3 to 4294967294"),
-            ),
-            Hv::HotplugUnsupported { machine } => (
-                QEMU,
-                "machine_type",
-                format!(
-                    "machine_type = \"{machine}\" does not support hotplug: set default_maxvcpus = default_vcpus and memory_slots = 0"
-                ),
-            ),
-            _ => return None,
-        },
-        F::Vm(Vm::ZeroTimeout { what }) => {
-            let key = match what {
-                AgentTimeout::Dial => "dial_timeout_ms",
-                AgentTimeout::Call => "call_timeout_ms",
-                AgentTimeout::Ready => "ready_timeout_ms",
-            };
-            ("agent", key, format!("{key} must not be 0"))
-        }
-        F::Vm(Vm::Network(e)) => ("network", "subnet", e.to_string()),
-        F::Vm(Vm::RelativeRunRoot { path }) => (
-            "runtime",
-            "run_root",
-            format!("run_root must be an absolute path, not {}", path.display()),
-        ),
-        _ => return None,
+        warnings: Vec::new(),
+        lines,
     })
 }
 
+use rules::{config_key, QEMU};
+
 impl Settings {
     /// An [`ConfigFileError::Invalid`] about `[section] key`.
-    fn invalid(&self, section: &str, key: &str, message: String) -> ConfigFileError {
+    fn invalid(
+        &self,
+        section: &'static str,
+        key: &'static str,
+        message: String,
+    ) -> ConfigFileError {
         ConfigFileError::Invalid {
             origin: self.origin.clone(),
-            line: key_line(&self.source, section, key),
+            line: self.lines.get(&(section, key)).copied(),
             message,
         }
     }
@@ -735,6 +764,11 @@ impl Settings {
         }
     }
 }
+
+mod keys;
+mod qemu;
+mod rules;
+mod walk;
 
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,8 @@ pub struct Failure {
     pub code: u8,
     /// What failed, with its causes.
     pub error: anyhow::Error,
+    /// Print the error's lines as they are (a list of problems), not joined into one.
+    pub multiline: bool,
 }
 
 impl Failure {
@@ -23,6 +25,15 @@ impl Failure {
         Self {
             code: EXIT_USAGE,
             error: error.into(),
+            multiline: false,
+        }
+    }
+
+    /// This failure, printed one line per line of its text.
+    pub fn multiline(self) -> Self {
+        Self {
+            multiline: true,
+            ..self
         }
     }
 }
@@ -32,6 +43,7 @@ impl From<anyhow::Error> for Failure {
         Self {
             code: EXIT_FAILURE,
             error,
+            multiline: false,
         }
     }
 }

@@ -54,7 +54,7 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(code),
-        Err(f) => report(&f.error, f.code, verbose),
+        Err(f) => report(&f.error, f.code, verbose || f.multiline),
     }
 }
 

@@ -13,6 +13,9 @@ mod inspect;
 // FIFOs, devices, symlinks and oversized files where vmfactory reads: refused at once.
 #[path = "cli/hostile.rs"]
 mod hostile;
+// A Kata user's file: all problems at once, warnings, the QEMU check.
+#[path = "cli/kata.rs"]
+mod kata;
 // Orphaned VMs: `status` and `destroy`, in a file of its own for size.
 #[path = "cli/leftovers.rs"]
 mod leftovers;
@@ -35,7 +38,13 @@ impl Scratch {
             .expect("tempdir");
         std::fs::write(dir.path().join("vmlinuz"), b"kernel").expect("kernel");
         std::fs::write(dir.path().join("initramfs.cpio"), b"initrd").expect("initrd");
+        fake_qemu(dir.path(), "qemu-system-x86_64", FAKE_QEMU_VERSION);
         Self { dir }
+    }
+
+    /// `PATH` with this directory first: the configs' bare `qemu-system-x86_64` is the fake.
+    fn path_env(&self) -> std::ffi::OsString {
+        with_path(self.path())
     }
 
     fn path(&self) -> &Path {
@@ -86,6 +95,7 @@ run_root = "{root}/run"
             .arg(config)
             .args(args)
             .env_remove("RUST_LOG")
+            .env("PATH", self.path_env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -100,6 +110,33 @@ run_root = "{root}/run"
             output
         })
     }
+}
+
+/// What the fake QEMU's `--version` prints first.
+const FAKE_QEMU_VERSION: &str = "QEMU emulator version 7.2.0 (fake)";
+
+/// A script at `dir/name` that prints `banner` for `--version` and exits 0 for anything else
+/// (so an accelerator probe boot with it fails at once): `config check` runs the QEMU binary,
+/// and these tests start no real QEMU.
+fn fake_qemu(dir: &Path, name: &str, banner: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        format!("#!/bin/sh\necho '{banner}'\necho 'Copyright'\n"),
+    )
+    .expect("qemu");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    p
+}
+
+/// `PATH` with `dir` first.
+fn with_path(dir: &Path) -> std::ffi::OsString {
+    let mut dirs = vec![dir.to_owned()];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(dirs).expect("PATH")
 }
 
 fn stdout(o: &Output) -> String {
@@ -181,6 +218,7 @@ fn embedded_default_uses_the_guest_dir_from_the_environment() {
     let o = Command::new(BIN)
         .args(["config", "check"])
         .env("VMFACTORY_GUEST_DIR", s.path())
+        .env("PATH", s.path_env())
         .output()
         .expect("run");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -189,6 +227,7 @@ fn embedded_default_uses_the_guest_dir_from_the_environment() {
     let o = Command::new(BIN)
         .args(["config", "check"])
         .env("VMFACTORY_GUEST_DIR", empty.path())
+        .env("PATH", s.path_env())
         .output()
         .expect("run");
     assert_one_line_error(&o, 2, &["embedded default", "Kernel", "cargo xtask guest"]);
@@ -443,7 +482,35 @@ fn bad_configs_fail_with_2_and_one_line() {
         (
             "unknown section",
             Box::new(|t: &str| format!("{t}\n[shim]\npath = \"/x\"\n")),
-            vec!["line 20", "shim"],
+            vec!["line 20", "unknown section [shim]"],
+        ),
+        (
+            "missing QEMU",
+            Box::new(|t: &str| {
+                t.replace(
+                    "accel = \"tcg\"",
+                    "accel = \"tcg\"\npath = \"/nonexistent/qemu\"",
+                )
+            }),
+            vec![
+                "line 10",
+                "QEMU /nonexistent/qemu cannot be run",
+                "No such file",
+            ],
+        ),
+        (
+            "QEMU not executable",
+            Box::new(|t: &str| {
+                t.replace("accel = \"tcg\"", "accel = \"tcg\"\npath = \"./vmlinuz\"")
+            }),
+            vec!["line 10", "/./vmlinuz cannot be run", "Permission denied"],
+        ),
+        (
+            "not QEMU",
+            Box::new(|t: &str| {
+                t.replace("accel = \"tcg\"", "accel = \"tcg\"\npath = \"/bin/true\"")
+            }),
+            vec!["line 10", "/bin/true is not QEMU"],
         ),
         (
             "wrong type",
@@ -456,9 +523,9 @@ fn bad_configs_fail_with_2_and_one_line() {
             vec!["line 6"],
         ),
         (
-            "zero vcpus",
-            Box::new(|t: &str| t.replace("default_vcpus = 1", "default_vcpus = 0")),
-            vec!["line 4", "default_vcpus must be at least 1"],
+            "zero memory",
+            Box::new(|t: &str| t.replace("default_memory = 256", "default_memory = 0")),
+            vec!["line 6", "default_memory must be at least 1 MiB"],
         ),
         (
             "vcpus > max",
@@ -581,9 +648,12 @@ fn bad_configs_fail_with_2_and_one_line() {
             vec![],
         ),
         (
-            "zero max vcpus",
-            Box::new(|t: &str| t.replace("default_maxvcpus = 4", "default_maxvcpus = 0")),
-            vec![],
+            "max vcpus below vcpus",
+            Box::new(|t: &str| {
+                t.replace("default_maxvcpus = 4", "default_maxvcpus = 0")
+                    .replace("default_vcpus = 1", "default_vcpus = 9999")
+            }),
+            vec!["line 5", "default_vcpus (9999) exceeds default_maxvcpus ("],
         ),
         (
             "negative memory slots",

@@ -74,7 +74,10 @@ pub mod state;
 pub mod vsock;
 pub mod wait;
 
-pub use accel::{resolve_accel, resolve_accel_with_cache, KVM_DEFAULT_CPU_MODEL, PROBE_TIMEOUT};
+pub use accel::{
+    explain_accel, resolve_accel, resolve_accel_with_cache, AccelChoice, AccelReason,
+    KVM_DEFAULT_CPU_MODEL, PROBE_TIMEOUT,
+};
 pub use cmdline::RunPaths;
 pub use config::VmSize;
 pub use config::{

@@ -1,6 +1,7 @@
 //! The subcommands.
 
 mod attach;
+mod config;
 mod destroy;
 mod get;
 mod init;
@@ -83,6 +84,9 @@ async fn load(path: Option<&std::path::Path>) -> Result<config_file::Settings, F
     let source = config_file::choose(path).await;
     let settings = config_file::load(&source).await?;
     tracing::debug!(config = %settings.origin, "configuration loaded");
+    for w in &settings.warnings {
+        tracing::warn!("{w}");
+    }
     Ok(settings)
 }
 
@@ -107,6 +111,13 @@ async fn run_other(cmd: Command, config: Option<&Path>) -> CmdResult {
         Command::Man { subcommand } => return man(subcommand.as_deref()),
         _ => {}
     }
+    // Prints the warnings itself, and every problem on its own line.
+    if let Command::Config {
+        cmd: ConfigCommand::Check,
+    } = cmd
+    {
+        return config::check(config).await;
+    }
     let settings = load(config).await?;
     match cmd {
         Command::Run(_)
@@ -123,21 +134,12 @@ async fn run_other(cmd: Command, config: Option<&Path>) -> CmdResult {
             memory,
             hold,
         } => get::run(&settings, vcpus, memory, hold).await,
-        Command::Config {
-            cmd: ConfigCommand::Check,
-        } => {
-            settings.check_files().await?;
-            println!("{}: OK", settings.origin);
-            Ok(())
-        }
         Command::Inspect { what } => match what {
             InspectCommand::Template => inspect::template(&settings).await,
             InspectCommand::Vm { id } => inspect::vm(&settings, &id).await,
             InspectCommand::Wire { file } => inspect::wire(&file).await,
         },
-        Command::Config {
-            cmd: ConfigCommand::Default,
-        } => Ok(()),
+        Command::Config { .. } => Ok(()),
     }
 }
 

@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// [`parse_on`] this host.
+fn parse(origin: &str, text: &str, base: &Path) -> Result<Settings, ConfigFileError> {
+    parse_on(origin, text, base, &Host::current())
+}
+
 #[test]
 fn embedded_default_parses_and_validates() {
     let s = parse("embedded default", DEFAULT_TOML, Path::new("/guest")).expect("default");
@@ -84,11 +89,29 @@ fn unknown_key_names_key_and_line() {
 
 #[test]
 fn semantic_errors_find_their_line() {
-    let text = "[hypervisor.qemu]\nkernel = \"k\"\ndefault_vcpus = 0\n";
-    let e = parse("f.toml", text, Path::new("/")).expect_err("zero vcpus");
+    let text = "[hypervisor.qemu]\nkernel = \"k\"\ndefault_vcpus = 3\ndefault_maxvcpus = 2\n";
+    let e = parse("f.toml", text, Path::new("/")).expect_err("vcpus over max");
     assert_eq!(
         e.to_string(),
-        "f.toml line 3: default_vcpus must be at least 1"
+        "f.toml line 4: default_vcpus (3) exceeds default_maxvcpus (2)"
+    );
+}
+
+#[test]
+fn errors_find_dotted_and_inline_keys() {
+    let text = "hypervisor.qemu = { kernel = \"k\" }\n\n[agent]\nready_timeout_ms = 0\n";
+    let e = parse("f.toml", text, Path::new("/")).expect_err("zero");
+    assert_eq!(
+        e.to_string(),
+        "f.toml line 4: ready_timeout_ms must not be 0"
+    );
+    let text =
+        "[hypervisor]\nqemu.kernel = \"k\"\nqemu.default_vcpus = 2\nqemu.default_maxvcpus = 1\n";
+    let e = parse("f.toml", text, Path::new("/")).expect_err("over max");
+    assert!(
+        e.to_string()
+            .starts_with("f.toml line 4: default_vcpus (2)"),
+        "{e}"
     );
 }
 
@@ -138,9 +161,276 @@ fn relative_paths_resolve_against_the_base() {
     assert_eq!(s.vm.hypervisor.max_memory_mib, 256);
 }
 
+/// A Kata 2.x `configuration.toml` excerpt: two typos, a wrong type and a key of another
+/// section (errors), and Kata keys we do not read (warnings), all found in one pass.
+const KATA_EXCERPT: &str = r#"[hypervisor.qemu]
+path = "/usr/bin/qemu-system-x86_64"
+kernel = "/usr/share/kata-containers/vmlinux.container"
+initrd = "/usr/share/kata-containers/kata-containers-initrd.img"
+machine_type = "q35"
+kernal_params = ""
+firmware = ""
+default_vcpus = 1
+default_maxvcpus = 0
+default_bridges = 1
+default_memory = "2048"
+use_vsock = true
+enable_debug = false
+
+[factory]
+enable_template = true
+vm_cache_numbr = 0
+
+[agent.kata]
+kernel_modules = []
+dial_timeout = 45
+
+[netmon]
+path = "/usr/libexec/kata-containers/kata-netmon"
+
+[runtime]
+internetworking_model = "tcfilter"
+run_roots = "/run/vc"
+"#;
+
+fn host() -> Host {
+    Host {
+        cpus: 6,
+        memory_mib: Some(8192),
+    }
+}
+
 #[test]
-fn key_line_respects_sections() {
-    let text = "[a]\nx = 1\n[b]\n x = 2\n";
-    assert_eq!(key_line(text, "b", "x"), Some(4));
-    assert_eq!(key_line(text, "c", "x"), None);
+fn a_kata_file_gets_every_problem_in_one_pass() {
+    let e = parse_on("kata.toml", KATA_EXCERPT, Path::new("/"), &host()).expect_err("bad");
+    let ConfigFileError::Problems { origin, problems } = &e else {
+        panic!("not a list: {e}");
+    };
+    assert_eq!(origin, "kata.toml");
+    let lines: Vec<Option<usize>> = problems.iter().map(|p| p.line).collect();
+    assert_eq!(lines, [Some(6), Some(11), Some(17), Some(28)], "{e}");
+    let text = e.to_string();
+    let mut shown = text.lines();
+    assert_eq!(shown.next(), Some("4 problems in kata.toml"));
+    assert_eq!(
+        shown.next(),
+        Some("kata.toml line 6: unknown key `kernal_params` in [hypervisor.qemu] (did you mean `kernel_params`?)")
+    );
+    assert!(
+        shown.next().is_some_and(|l| l.starts_with(
+            "kata.toml line 11: `default_memory` in [hypervisor.qemu]: invalid type: string \"2048\""
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "line 17: unknown key `vm_cache_numbr` in [factory] (did you mean `vm_cache_number`?)"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("line 28: unknown key `run_roots` in [runtime] (did you mean `run_root`?)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn kata_keys_we_do_not_read_are_warnings_with_their_line() {
+    let text = KATA_EXCERPT
+        .replace("kernal_params", "kernel_params")
+        .replace("\"2048\"", "2048")
+        .replace("vm_cache_numbr", "vm_cache_number")
+        .replace("run_roots = \"/run/vc\"", "run_root = \"/run/vc\"");
+    let s = parse_on("kata.toml", &text, Path::new("/"), &host()).expect("warnings only");
+    let w = &s.warnings;
+    assert_eq!(w.len(), 7, "{w:#?}");
+    let at = |line: usize| {
+        w.iter()
+            .find(|l| l.starts_with(&format!("kata.toml line {line}: ")))
+            .unwrap_or_else(|| panic!("no warning at line {line}: {w:#?}"))
+    };
+    assert!(at(7).contains("Kata's `firmware` in [hypervisor.qemu] is ignored: no equivalent: "));
+    assert!(at(10).contains("`default_bridges`"));
+    assert!(at(12).ends_with(
+        "`use_vsock` in [hypervisor.qemu] is not supported, ignored: use agent_channel = \"vsock\""
+    ));
+    assert!(at(13).contains("`enable_debug`") && at(13).contains("RUST_LOG=debug"));
+    assert!(at(20).contains("`kernel_modules` in [agent.kata]"));
+    assert!(at(24).contains("`path` in [netmon]"));
+    assert!(
+        at(27).contains("`internetworking_model` in [runtime]") && at(27).contains("[network]")
+    );
+    // What it does read, in Kata's units and meanings.
+    assert_eq!(s.vm.agent.dial_timeout, Duration::from_secs(45));
+    assert_eq!((s.vm.hypervisor.vcpus, s.vm.hypervisor.max_vcpus), (1, 6));
+    assert_eq!(s.vm.hypervisor.memory_mib, 2048);
+    assert!(s.template);
+}
+
+#[test]
+fn agent_kata_is_our_agent_section_under_kata_names_and_units() {
+    let agent = |extra: &str| {
+        let text = format!("[hypervisor.qemu]\nkernel = \"k\"\n{extra}");
+        parse_on("f.toml", &text, Path::new("/"), &host()).map(|s| s.vm.agent)
+    };
+    let a = agent("[agent.kata]\ndial_timeout = 30\ncall_timeout_ms = 1500\n").expect("ok");
+    assert_eq!(a.dial_timeout, Duration::from_secs(30));
+    assert_eq!(a.call_timeout, Duration::from_millis(1500));
+    assert_eq!(a.ready_timeout, vmfactory_vm::DEFAULT_READY_TIMEOUT);
+    // `[agent]` and `[agent.kata]` together, each key set once, in either order.
+    let a =
+        agent("[agent.kata]\ndial_timeout = 2\n[agent]\nready_timeout_ms = 5000\n").expect("ok");
+    assert_eq!(
+        (a.dial_timeout, a.ready_timeout),
+        (Duration::from_secs(2), Duration::from_secs(5))
+    );
+    let e = agent("[agent]\ndial_timeout_ms = 100\n[agent.kata]\ndial_timeout = 1\n")
+        .expect_err("twice")
+        .to_string();
+    assert_eq!(
+        e,
+        "f.toml line 6: `dial_timeout_ms` is set twice: in [agent] line 4 and in [agent.kata]"
+    );
+    let e = agent("[agent.kata]\ndial_timeout = 0.5\n").expect_err("seconds are whole");
+    assert!(
+        e.to_string()
+            .starts_with("f.toml line 4: `dial_timeout` in [agent.kata]"),
+        "{e}"
+    );
+    let e = agent("[agent.kata]\ndial_timeout = 0\n").expect_err("zero");
+    assert!(
+        e.to_string().contains("dial_timeout_ms must not be 0"),
+        "{e}"
+    );
+    // Kata's seconds only in Kata's section: our [agent] has milliseconds.
+    let e = agent("[agent]\ndial_timeout = 3\n").expect_err("not ours");
+    assert!(
+        e.to_string().contains("(did you mean `dial_timeout_ms`?)"),
+        "{e}"
+    );
+}
+
+#[test]
+fn zero_and_negative_sizes_mean_the_hosts_as_in_kata() {
+    let hv = |extra: &str, host: &Host| {
+        let text = format!("[hypervisor.qemu]\nkernel = \"k\"\n{extra}");
+        parse_on("f.toml", &text, Path::new("/"), host).map(|s| {
+            let h = s.vm.hypervisor;
+            (h.vcpus, h.max_vcpus, h.memory_mib, h.max_memory_mib)
+        })
+    };
+    let h = host();
+    assert_eq!(
+        hv("", &h).expect("ok"),
+        (1, 1, 256, 256),
+        "unset: no hotplug room"
+    );
+    assert_eq!(hv("default_vcpus = 0\n", &h).expect("ok"), (1, 1, 256, 256));
+    assert_eq!(
+        hv("default_vcpus = -1\n", &h).expect("ok"),
+        (6, 6, 256, 256)
+    );
+    let zero = "default_vcpus = 2\ndefault_maxvcpus = 0\ndefault_maxmemory = 0\nmemory_slots = 1\n";
+    assert_eq!(hv(zero, &h).expect("ok"), (2, 6, 256, 8192));
+    let big = Host {
+        cpus: 448,
+        memory_mib: Some(1 << 20),
+    };
+    assert_eq!(
+        hv(zero, &big).expect("ok"),
+        (2, KATA_MAX_VCPUS, 256, 1 << 20)
+    );
+    let blind = Host {
+        memory_mib: None,
+        ..h
+    };
+    let e = hv(zero, &blind).expect_err("no host memory");
+    assert!(
+        e.to_string()
+            .starts_with("f.toml line 5: default_maxmemory = 0"),
+        "{e}"
+    );
+    // Explicit values are kept as written.
+    assert_eq!(
+        hv("default_vcpus = 8\ndefault_maxvcpus = 16\n", &h)
+            .expect("ok")
+            .1,
+        16
+    );
+}
+
+#[test]
+fn unknown_sections_are_named_with_a_hint() {
+    let bad = |extra: &str| {
+        let text = format!("[hypervisor.qemu]\nkernel = \"k\"\n{extra}");
+        parse_on("f.toml", &text, Path::new("/"), &host())
+            .expect_err("bad")
+            .to_string()
+    };
+    assert_eq!(
+        bad("[hypervisor.firecracker]\npath = \"fc\"\n"),
+        "f.toml line 3: unknown section [hypervisor.firecracker]: vmfactory runs QEMU only, configured in [hypervisor.qemu]"
+    );
+    assert_eq!(
+        bad("[factroy]\nprestart = 1\n"),
+        "f.toml line 3: unknown section [factroy] (did you mean [factory]?)"
+    );
+    assert_eq!(
+        bad("[shim]\npath = \"x\"\nx = 1\n"),
+        "f.toml line 3: unknown section [shim]"
+    );
+    assert!(bad("[proxy.kata]\nbogus = 1\n").contains("unknown key `bogus` in [proxy.kata]"));
+    let e = parse_on("f.toml", "kernel = \"k\"\n", Path::new("/"), &host()).expect_err("top");
+    assert_eq!(
+        e.to_string(),
+        "2 problems in f.toml\nf.toml line 1: `kernel` is outside any section: put it under its \
+         [section]\nf.toml: `kernel` in [hypervisor.qemu] is required"
+    );
+    // A kernel of the wrong type is that, not also missing.
+    let e = parse_on(
+        "f.toml",
+        "[hypervisor.qemu]\nkernel = 1\n",
+        Path::new("/"),
+        &host(),
+    );
+    let e = e.expect_err("bad kernel").to_string();
+    assert!(
+        e.starts_with("f.toml line 2: `kernel` in [hypervisor.qemu]: invalid type"),
+        "{e}"
+    );
+}
+
+#[test]
+fn every_kata_key_is_in_the_docs_table() {
+    let docs = include_str!("../../../../docs/configuration.md");
+    let mut n = 0;
+    for section in keys::SECTIONS {
+        for (key, kind) in section.keys.iter().flat_map(|k| k.iter()) {
+            if matches!(
+                kind,
+                keys::Kind::Use(_) | keys::Kind::Ignored(_) | keys::Kind::Scaled { .. }
+            ) {
+                n += 1;
+                let row = format!("| `[{}] {key}` |", section.name);
+                assert!(
+                    docs.contains(&row),
+                    "{row} missing from docs/configuration.md"
+                );
+            }
+        }
+    }
+    assert!(n >= 100, "{n} Kata keys");
+}
+
+#[test]
+fn a_broken_rule_is_reported_beside_unknown_keys() {
+    let text = "[hypervisor.qemu]\nkernel = \"k\"\ndefault_vcpus = 4\ndefault_maxvcpus = 2\n\
+                [factory]\nvm_cache_numbr = 1\n";
+    let e = parse_on("f.toml", text, Path::new("/"), &host()).expect_err("two problems");
+    assert_eq!(
+        e.to_string(),
+        "2 problems in f.toml\n\
+         f.toml line 4: default_vcpus (4) exceeds default_maxvcpus (2)\n\
+         f.toml line 6: unknown key `vm_cache_numbr` in [factory] (did you mean `vm_cache_number`?)"
+    );
 }

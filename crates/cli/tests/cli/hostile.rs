@@ -21,6 +21,11 @@ fn run_bounded(config: &Path, args: &[&str]) -> Output {
         .arg(config)
         .args(args)
         .env_remove("RUST_LOG")
+        // The scratch configs' fake QEMU sits beside them.
+        .env(
+            "PATH",
+            super::with_path(config.parent().unwrap_or(Path::new("/"))),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

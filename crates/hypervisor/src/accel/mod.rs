@@ -119,14 +119,84 @@ enum ProbeBoot {
     TimedOut,
 }
 
+/// Why [`explain_accel`] (and so `auto`) chose what it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelReason {
+    /// `accel` is set to `kvm` or `tcg`: nothing to resolve.
+    Configured,
+    /// `/dev/kvm` cannot be opened read-write.
+    NoKvmDevice,
+    /// `/proc/cpuinfo` shows no `vmx` or `svm` (PVM, or nested without VT).
+    NoHardwareVt,
+    /// A probe boot's verdict kept in the cache file (same QEMU, kernel, `/dev/kvm`, boot).
+    Cached,
+    /// The probe boot under KVM reached the kernel's panic.
+    ProbeBooted,
+    /// The probe boot under KVM failed.
+    ProbeFailed,
+    /// The probe boot under KVM ran past [`PROBE_TIMEOUT`].
+    ProbeTimedOut,
+}
+
+impl std::fmt::Display for AccelReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Configured => "set in the configuration",
+            Self::NoKvmDevice => "/dev/kvm cannot be opened read-write",
+            Self::NoHardwareVt => "no vmx/svm in /proc/cpuinfo (PVM, or nested without VT)",
+            Self::Cached => "the probe boot's verdict kept in the cache file",
+            Self::ProbeBooted => "a probe boot under kvm reached the kernel's panic",
+            Self::ProbeFailed => "a probe boot under kvm failed",
+            Self::ProbeTimedOut => "a probe boot under kvm timed out",
+        })
+    }
+}
+
+/// An accelerator (`kvm` or `tcg`) and why it was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccelChoice {
+    /// `kvm` or `tcg`.
+    pub accel: Accel,
+    /// Why.
+    pub reason: AccelReason,
+}
+
+/// What `cfg` would run with on this host, and why, by the steps of
+/// [`resolve_accel_with_cache`], reading the cache file `cache` but never writing it and
+/// without the per-process answer: for a check that must leave nothing behind. A probe boot
+/// it needs runs (and is waited for) here.
+pub async fn explain_accel(cfg: &HypervisorConfig, cache: Option<&Path>) -> AccelChoice {
+    match cfg.accel {
+        Accel::Kvm | Accel::Tcg => AccelChoice {
+            accel: cfg.accel,
+            reason: AccelReason::Configured,
+        },
+        Accel::Auto => decide(cfg, cache, &HostProbe::default(), false).await,
+    }
+}
+
 async fn resolve_auto(cfg: &HypervisorConfig, cache: Option<&Path>, probe: &impl Probe) -> Accel {
+    decide(cfg, cache, probe, true).await.accel
+}
+
+/// Resolves `auto`; `store`: keep a probe boot's verdict in `cache`.
+async fn decide(
+    cfg: &HypervisorConfig,
+    cache: Option<&Path>,
+    probe: &impl Probe,
+    store: bool,
+) -> AccelChoice {
+    let tcg = |reason| AccelChoice {
+        accel: Accel::Tcg,
+        reason,
+    };
     if !probe.kvm_usable().await {
         info!("auto accelerator is tcg: /dev/kvm cannot be opened read-write");
-        return Accel::Tcg;
+        return tcg(AccelReason::NoKvmDevice);
     }
     if !probe.hardware_vt().await {
         info!("auto accelerator is tcg: no vmx/svm in /proc/cpuinfo (PVM, or nested without VT)");
-        return Accel::Tcg;
+        return tcg(AccelReason::NoHardwareVt);
     }
     let cached = match cache {
         Some(path) => match probe.key(cfg).await {
@@ -148,31 +218,37 @@ async fn resolve_auto(cfg: &HypervisorConfig, cache: Option<&Path>, probe: &impl
     if let Some((cache, key)) = &cached {
         if let Some(accel) = cache.load(key).await {
             info!(%accel, cache = %cache.path().display(), "auto accelerator from the probe cache (same QEMU, kernel, /dev/kvm and boot)");
-            return accel;
+            return AccelChoice {
+                accel,
+                reason: AccelReason::Cached,
+            };
         }
     }
     let t0 = Instant::now();
     let outcome = probe.boot(cfg).await;
-    let accel = match outcome {
+    let choice = match outcome {
         ProbeBoot::Kvm => {
             info!(elapsed = ?t0.elapsed(), "auto accelerator is kvm: the probe boot under kvm reached the kernel's panic");
-            Accel::Kvm
+            AccelChoice {
+                accel: Accel::Kvm,
+                reason: AccelReason::ProbeBooted,
+            }
         }
         ProbeBoot::Failed => {
             warn!(elapsed = ?t0.elapsed(), "auto accelerator is tcg: the probe boot under kvm failed");
-            Accel::Tcg
+            tcg(AccelReason::ProbeFailed)
         }
         ProbeBoot::TimedOut => {
             warn!(timeout = ?PROBE_TIMEOUT, "auto accelerator is tcg for this process: the probe boot under kvm timed out (not kept: the next process probes again)");
-            Accel::Tcg
+            tcg(AccelReason::ProbeTimedOut)
         }
     };
     if let Some((cache, key)) = &cached {
-        if outcome != ProbeBoot::TimedOut {
-            cache.store(key, accel).await;
+        if store && outcome != ProbeBoot::TimedOut {
+            cache.store(key, choice.accel).await;
         }
     }
-    accel
+    choice
 }
 
 /// The real host's files.
@@ -467,5 +543,38 @@ mod tests {
             assert_eq!(host.probed.load(Ordering::SeqCst), 0);
             assert!(!file.exists());
         }
+    }
+
+    #[tokio::test]
+    async fn a_check_reads_the_cache_but_never_writes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("accel.json");
+        let cfg = HypervisorConfig::new("/g/vmlinuz", None);
+        let host = FakeProbe::kvm_host(ProbeBoot::Kvm);
+        let choice = decide(&cfg, Some(&file), &host, false).await;
+        assert_eq!(choice.reason, AccelReason::ProbeBooted);
+        assert!(!file.exists(), "a check leaves no file");
+        assert_eq!(resolve_auto(&cfg, Some(&file), &host).await, Accel::Kvm);
+        let choice = decide(&cfg, Some(&file), &host, false).await;
+        assert_eq!(
+            (choice.accel, choice.reason),
+            (Accel::Kvm, AccelReason::Cached)
+        );
+        assert_eq!(host.probed.load(Ordering::SeqCst), 2);
+        let no_vt = FakeProbe {
+            vt: false,
+            ..FakeProbe::kvm_host(ProbeBoot::Kvm)
+        };
+        let choice = decide(&cfg, Some(&file), &no_vt, false).await;
+        assert_eq!(
+            (choice.accel, choice.reason),
+            (Accel::Tcg, AccelReason::NoHardwareVt)
+        );
+        let mut tcg = cfg.clone();
+        tcg.accel = Accel::Tcg;
+        assert_eq!(
+            explain_accel(&tcg, None).await.reason,
+            AccelReason::Configured
+        );
     }
 }
