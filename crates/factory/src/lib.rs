@@ -25,6 +25,7 @@ mod config;
 mod direct;
 mod factory;
 mod get_vm;
+pub mod metrics;
 mod report;
 mod setup;
 mod template;
@@ -41,6 +42,7 @@ pub use config::{
 pub use direct::DirectFactory;
 pub use factory::{BaseKind, Factory};
 pub use get_vm::{config_difference, GetVmError, GetVmStep};
+pub use metrics::{GetVmSource, Metrics, MetricsAddress, MetricsServer};
 pub use report::error_chain;
 pub use setup::NewFactoryError;
 pub use template::{
