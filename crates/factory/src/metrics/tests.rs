@@ -332,6 +332,8 @@ async fn the_endpoint_serves_on_a_unix_socket_0600_and_removes_it() {
 
     let text = scrape(&address, "GET /metrics").await;
     assert_eq!(count(body(&text), "cache"), Some(1.0));
+    let head = scrape(&address, "HEAD /metrics").await;
+    assert_eq!(body(&head), "", "HEAD has no body");
     assert!(scrape(&address, "GET /").await.starts_with("HTTP/1.0 404"));
     let post = scrape(&address, "POST /metrics").await;
     assert!(post.starts_with("HTTP/1.0 405"), "{post}");
