@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use vmfactory_factory::cache_service::check_endpoint;
+use vmfactory_factory::metrics::{MetricsAddress, MetricsAddressError};
 use vmfactory_factory::{
     error_chain, CacheServiceError, FactoryConfig, DEFAULT_PRESTART, DEFAULT_TEMPLATE_PATH,
 };
@@ -332,6 +333,8 @@ struct FactorySection {
     vm_cache_endpoint: PathBuf,
     #[serde(default = "default_prestart")]
     prestart: u32,
+    #[serde(default)]
+    metrics_address: Option<String>,
 }
 
 fn default_template_path() -> PathBuf {
@@ -352,6 +355,7 @@ impl Default for FactorySection {
             vm_cache_number: 0,
             vm_cache_endpoint: default_endpoint(),
             prestart: DEFAULT_PRESTART,
+            metrics_address: None,
         }
     }
 }
@@ -402,6 +406,8 @@ pub struct Settings {
     /// The line of each key the file sets, by our section and key name (Kata's
     /// `[agent.kata] dial_timeout` under `agent`, `dial_timeout_ms`), for later errors.
     lines: KeyLines,
+    /// `[factory] metrics_address` as written (see [`Settings::metrics_address`]).
+    metrics_address: Option<String>,
 }
 
 /// What "the host's maximum" is, for Kata's 0 and negative sizes.
@@ -668,6 +674,7 @@ fn resolve(
         cache_number: file.factory.vm_cache_number,
         endpoint: file.factory.vm_cache_endpoint,
         prestart: file.factory.prestart,
+        metrics_address: file.factory.metrics_address,
         network,
         warnings: Vec::new(),
         lines,
@@ -691,6 +698,24 @@ impl Settings {
         }
     }
 
+    /// `[factory] metrics_address`: where the VM-cache server serves its metrics, if anywhere.
+    pub fn metrics_address(&self) -> Result<Option<MetricsAddress>, ConfigFileError> {
+        let Some(raw) = &self.metrics_address else {
+            return Ok(None);
+        };
+        raw.parse().map(Some).map_err(|e| {
+            let message = match e {
+                MetricsAddressError::TooLong { max, .. } => {
+                    format!("metrics_address: the socket path is longer than {max} bytes")
+                }
+                _ => format!(
+                    "metrics_address must be IP:PORT (e.g. 127.0.0.1:9464) or unix:/ABSOLUTE/PATH, not {raw:?}"
+                ),
+            };
+            self.invalid("factory", "metrics_address", message)
+        })
+    }
+
     /// The factory config `init` uses: template and cache as configured, no endpoint.
     pub fn factory_config(&self) -> FactoryConfig {
         let mut c = FactoryConfig::new(self.vm.clone());
@@ -705,6 +730,7 @@ impl Settings {
     /// fault: the VM-cache endpoint with [`check_endpoint`], the rest with
     /// [`FactoryConfig::validate`].
     pub fn check(&self) -> Result<(), ConfigFileError> {
+        self.metrics_address()?;
         if let Err(e) = check_endpoint(&self.endpoint) {
             let message = match &e {
                 CacheServiceError::RelativeEndpoint { path } => format!(

@@ -23,6 +23,9 @@ mod leftovers;
 #[path = "cli/conventions.rs"]
 mod conventions;
 
+#[path = "cli/metrics.rs"]
+mod metrics;
+
 const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
 
 /// A scratch directory with placeholder guest files and a config pointing everything there.
@@ -544,6 +547,20 @@ fn bad_configs_fail_with_2_and_one_line() {
             "slots without room",
             Box::new(|t: &str| t.replace("default_maxmemory = 1024", "default_maxmemory = 256")),
             vec!["line 7", "memory_slots"],
+        ),
+        (
+            "bad metrics address",
+            Box::new(|t: &str| {
+                t.replace(
+                    "vm_cache_number = 0",
+                    "vm_cache_number = 0\nmetrics_address = \"localhost:9464\"",
+                )
+            }),
+            vec![
+                "line 15",
+                "metrics_address must be IP:PORT",
+                "\"localhost:9464\"",
+            ],
         ),
         (
             "missing kernel file",

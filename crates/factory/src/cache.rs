@@ -21,7 +21,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::{watch, Mutex, Semaphore};
@@ -31,6 +31,7 @@ use vmfactory_hypervisor::VmStatus;
 use vmfactory_vm::{Vm, VmConfig, VmInfo};
 
 use crate::base::{BaseError, FactoryBase};
+use crate::metrics::{GetVmSource, Metrics};
 
 type Result<T> = std::result::Result<T, BaseError>;
 
@@ -46,6 +47,27 @@ struct Shared {
     /// Free slots: a worker takes one before it makes a VM; taking a VM frees one.
     slots: Semaphore,
     closed: watch::Sender<bool>,
+    /// Where hand-outs, the pool size and refill failures are recorded, if anywhere.
+    metrics: Option<Arc<Metrics>>,
+    /// The `source` of a VM handed out on a miss: the base's kind.
+    miss_source: GetVmSource,
+}
+
+impl Shared {
+    /// Runs `f` on the metrics, if recorded.
+    fn record(&self, f: impl FnOnce(&Metrics)) {
+        if let Some(m) = &self.metrics {
+            f(m);
+        }
+    }
+
+    /// [`make_ready`], counted as a VM being made while it runs.
+    async fn make_counted(&self, config: &VmConfig) -> Result<Vm> {
+        self.record(|m| m.making(1));
+        let res = make_ready(self.base.as_ref(), config).await;
+        self.record(|m| m.making(-1));
+        res
+    }
 }
 
 /// A pool of `n` ready VMs kept full by `n` workers.
@@ -68,6 +90,27 @@ impl CacheFactory {
     /// Starts `n` workers filling a pool of `n` VMs from `base`. Must be called within a tokio
     /// runtime. `n` = 0 gives a pool that is always empty (every call goes to the base).
     pub fn new(n: u32, base: Arc<dyn FactoryBase>) -> Self {
+        Self::start(n, base, None, GetVmSource::Direct)
+    }
+
+    /// Like [`CacheFactory::new`], recording in `metrics`: each VM handed out (`cache` from
+    /// the pool, `miss` on a miss: the base's kind, `template` or `direct`), the pool's size
+    /// and target, and the workers' failures.
+    pub fn with_metrics(
+        n: u32,
+        base: Arc<dyn FactoryBase>,
+        miss: GetVmSource,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::start(n, base, Some(metrics), miss)
+    }
+
+    fn start(
+        n: u32,
+        base: Arc<dyn FactoryBase>,
+        metrics: Option<Arc<Metrics>>,
+        miss_source: GetVmSource,
+    ) -> Self {
         let size = usize::try_from(n)
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
@@ -76,6 +119,12 @@ impl CacheFactory {
             pool: Mutex::new(VecDeque::with_capacity(size)),
             slots: Semaphore::new(size),
             closed: watch::channel(false).0,
+            metrics,
+            miss_source,
+        });
+        shared.record(|m| {
+            m.set_pool_target(size);
+            m.set_pool_size(0);
         });
         let workers = (0..size)
             .map(|i| {
@@ -158,7 +207,7 @@ async fn worker(shared: Arc<Shared>) {
             },
         };
         let config = shared.base.config().clone();
-        match make_ready(shared.base.as_ref(), &config).await {
+        match shared.make_counted(&config).await {
             Ok(vm) => {
                 backoff = FIRST_BACKOFF;
                 let mut pool = shared.pool.lock().await;
@@ -172,11 +221,13 @@ async fn worker(shared: Arc<Shared>) {
                 }
                 debug!(vm = %vm.id(), "VM cached");
                 pool.push_back(vm);
+                shared.record(|m| m.set_pool_size(pool.len()));
                 // The slot stays taken until the VM is taken.
                 permit.forget();
             }
             Err(e) => {
                 drop(permit);
+                shared.record(Metrics::refill_failed);
                 warn!(error = %e, ?backoff, "the cache's base failed to make a VM");
                 tokio::select! {
                     _ = closed.wait_for(|c| *c) => return,
@@ -199,14 +250,26 @@ impl FactoryBase for CacheFactory {
         if self.is_closed() {
             return Err(BaseError::Closed { what: "cache" });
         }
-        let taken = self.shared.pool.lock().await.pop_front();
+        let started = Instant::now();
+        let taken = {
+            let mut pool = self.shared.pool.lock().await;
+            let vm = pool.pop_front();
+            self.shared.record(|m| m.set_pool_size(pool.len()));
+            vm
+        };
         if let Some(vm) = taken {
             self.shared.slots.add_permits(1);
             debug!(vm = %vm.id(), "cache hit");
+            self.shared
+                .record(|m| m.record_get_vm(GetVmSource::Cache, started.elapsed()));
             return Ok(vm);
         }
         debug!("cache miss, asking the base");
-        make_ready(self.shared.base.as_ref(), config).await
+        let vm = self.shared.make_counted(config).await?;
+        let source = self.shared.miss_source;
+        self.shared
+            .record(|m| m.record_get_vm(source, started.elapsed()));
+        Ok(vm)
     }
 
     /// Pooled VMs were reseeded and had their clock set when they entered the pool, and have
@@ -244,7 +307,11 @@ impl FactoryBase for CacheFactory {
                 warn!(error = %e, "a cache worker panicked");
             }
         }
-        let vms: Vec<Vm> = self.shared.pool.lock().await.drain(..).collect();
+        let vms: Vec<Vm> = {
+            let mut pool = self.shared.pool.lock().await;
+            self.shared.record(|m| m.set_pool_size(0));
+            pool.drain(..).collect()
+        };
         let mut first_err = None;
         for vm in vms {
             if let Err(e) = vm.stop().await {

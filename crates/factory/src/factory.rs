@@ -8,6 +8,7 @@ use std::sync::Arc;
 use vmfactory_vm::{Backends, VmConfig, VmInfo};
 
 use crate::base::{BaseError, FactoryBase};
+use crate::metrics::{GetVmSource, Metrics};
 
 /// The kind of base a [`Factory`] ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,7 @@ pub struct Factory {
     kind: BaseKind,
     pub(crate) cached: bool,
     backends: Arc<dyn Backends>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl fmt::Debug for Factory {
@@ -54,6 +56,32 @@ impl Factory {
             kind,
             cached: false,
             backends,
+            metrics: None,
+        }
+    }
+
+    /// Records in `metrics` each VM [`Factory::get_vm`] hands out that no cache counts: the
+    /// direct VMs booted for requests that differ from the base config (`fallback`) and, for
+    /// an uncached direct or template base, its VMs. (A cache counts its own with
+    /// [`crate::CacheFactory::with_metrics`]; a VM-cache server counts those of its clients.)
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Records a VM handed out from `source` after `took`, if metrics are kept.
+    pub(crate) fn record_get_vm(&self, source: GetVmSource, took: std::time::Duration) {
+        if let Some(m) = &self.metrics {
+            m.record_get_vm(source, took);
+        }
+    }
+
+    /// The `source` of this factory's base VMs when no cache counts them itself.
+    pub(crate) fn uncounted_source(&self) -> Option<GetVmSource> {
+        match (self.cached, self.kind) {
+            (true, _) | (false, BaseKind::CacheClient) => None,
+            (false, BaseKind::Direct) => Some(GetVmSource::Direct),
+            (false, BaseKind::Template | BaseKind::FetchedTemplate) => Some(GetVmSource::Template),
         }
     }
 

@@ -7,6 +7,7 @@
 //! the recorded size is checked against what the hypervisor reports (`Hypervisor::size`).
 
 use std::fmt;
+use std::time::Instant;
 
 use serde_json::Value;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -15,6 +16,7 @@ use vmfactory_vm::{ConfigError, Vm, VmConfig};
 
 use crate::base::BaseError;
 use crate::factory::Factory;
+use crate::metrics::GetVmSource;
 use crate::template::first_difference;
 
 /// A step of [`Factory::get_vm`] after the base VM was taken.
@@ -140,14 +142,17 @@ impl Factory {
     /// onlines them, and checks the recorded size against the hypervisor's. Any failure stops
     /// the VM and returns the error.
     pub async fn get_vm(&self, config: &VmConfig) -> Result<Vm, GetVmError> {
+        let started = Instant::now();
         let base_cfg = self.config();
         if let Some((field, base, requested)) = config_difference(base_cfg, config) {
             // Booted as asked: its size is a boot size.
             config.validate_async().await?;
             info!(%field, %base, %requested, "request differs from the factory's base config, booting a direct VM");
-            return Vm::new_with(config.clone(), self.backends())
+            let vm = Vm::new_with(config.clone(), self.backends())
                 .await
-                .map_err(|e| GetVmError::Direct(Box::new(e)));
+                .map_err(|e| GetVmError::Direct(Box::new(e)))?;
+            self.record_get_vm(GetVmSource::Fallback, started.elapsed());
+            return Ok(vm);
         }
         // Only the size differs: it is a size to grow a base VM to, not a boot size (a request
         // for the maximum memory is no boot config when memory slots need room above it).
@@ -169,7 +174,12 @@ impl Factory {
             .instrument(span)
             .await
         {
-            Ok(()) => Ok(vm),
+            Ok(()) => {
+                if let Some(source) = self.uncounted_source() {
+                    self.record_get_vm(source, started.elapsed());
+                }
+                Ok(vm)
+            }
             Err(e) => {
                 warn!(vm = %vm.id(), error = %e, "get_vm failed, stopping the VM");
                 if let Err(stop) = vm.stop().await {

@@ -7,12 +7,15 @@
 //! - [`FactoryConfig`], the configuration a [`FactoryBase`] is built from;
 //! - the VM-cache server and its client ([`cache_service`]), on top of the core: they use
 //!   [`FactoryBase`] and the core never names them; [`Factory::new`] (in `setup.rs`) is the
-//!   one place that chooses between a local base and a VM-cache client.
+//!   one place that chooses between a local base and a VM-cache client;
+//! - the factory's Prometheus metrics ([`metrics`]): a registry the cache and [`Factory`]
+//!   record in, and the HTTP endpoint (`GET /metrics`) a long-running process serves it on.
 //!
 //! Errors are per operation, beside it: [`FactoryConfigError`] (`FactoryConfig::validate`),
 //! [`NewFactoryError`] ([`Factory::new`]), [`BaseError`] (a [`FactoryBase`]'s `get_base_vm`
 //! and `close`), [`GetVmError`] ([`Factory::get_vm`]), [`TemplateError`] (making, fetching
-//! and removing templates) and [`CacheServiceError`] (the VM-cache server and client).
+//! and removing templates), [`CacheServiceError`] (the VM-cache server and client) and
+//! [`metrics::MetricsError`] (the metrics endpoint).
 //!
 //! It does not own the VM itself (`vmfactory-vm`), QEMU (`vmfactory-hypervisor`) or the agent
 //! protocol (`vmfactory-agent`).
@@ -25,6 +28,7 @@ mod config;
 mod direct;
 mod factory;
 mod get_vm;
+pub mod metrics;
 mod report;
 mod setup;
 mod template;
@@ -41,6 +45,7 @@ pub use config::{
 pub use direct::DirectFactory;
 pub use factory::{BaseKind, Factory};
 pub use get_vm::{config_difference, GetVmError, GetVmStep};
+pub use metrics::{GetVmSource, Metrics, MetricsAddress, MetricsServer};
 pub use report::error_chain;
 pub use setup::NewFactoryError;
 pub use template::{

@@ -8,8 +8,8 @@ use anyhow::{anyhow, Context};
 use sd_notify::NotifyState;
 use tracing::warn;
 use vmfactory_factory::{
-    CacheClient, CacheFactory, CacheServer, DirectFactory, FactoryBase, SystemHost,
-    TemplateFactory, TemplateHost as _,
+    CacheClient, CacheFactory, CacheServer, DirectFactory, FactoryBase, GetVmSource, Metrics,
+    MetricsServer, SystemHost, TemplateFactory, TemplateHost as _,
 };
 use vmfactory_persist::LockMode;
 
@@ -37,8 +37,11 @@ pub async fn run(s: &Settings) -> CmdResult {
     res
 }
 
-/// Makes the template and/or runs the VM-cache server until it stops.
+/// Makes the template and/or runs the VM-cache server until it stops, with its metrics
+/// endpoint (if configured) up from before the template is made, so that a taken address
+/// fails at once, to after the server stopped.
 async fn make_and_serve(s: &Settings) -> CmdResult {
+    let address = s.metrics_address()?;
     if s.cache_number > 0 {
         if let Ok(client) = CacheClient::connect(&s.endpoint).await {
             let pid = client.server_status().await.map(|st| st.pid).unwrap_or(0);
@@ -49,6 +52,31 @@ async fn make_and_serve(s: &Settings) -> CmdResult {
             .into());
         }
     }
+    let address = match address {
+        Some(a) if s.cache_number == 0 => {
+            warn!(address = %a, "metrics_address is set, but init without a VM cache exits at once: no metrics endpoint");
+            None
+        }
+        other => other,
+    };
+    let Some(address) = address else {
+        return make_and_serve_with(s, None).await;
+    };
+    let metrics = Arc::new(Metrics::new());
+    let mut endpoint = MetricsServer::start(&address, metrics.clone())
+        .await
+        .with_context(|| format!("Cannot serve metrics on {address}"))?;
+    println!("metrics: {} (GET /metrics)", endpoint.address());
+    let res = make_and_serve_with(s, Some(metrics)).await;
+    let stopped = endpoint.shutdown().await;
+    res?;
+    stopped
+        .with_context(|| format!("Cannot stop serving metrics on {address}"))
+        .map_err(Failure::from)
+}
+
+/// [`make_and_serve`] after the metrics endpoint started, recording in `metrics`.
+async fn make_and_serve_with(s: &Settings, metrics: Option<Arc<Metrics>>) -> CmdResult {
     super::leftovers::recover(s).await?;
     // `auto` resolved once per host, kept in the run root: every VM this process boots takes
     // that answer (a template pins it; a direct VM's QEMU asks the process).
@@ -93,15 +121,27 @@ async fn make_and_serve(s: &Settings) -> CmdResult {
         return Ok(());
     }
 
-    let inner: Arc<dyn FactoryBase> = match template {
+    let (inner, miss): (Arc<dyn FactoryBase>, _) = match template {
         Some(t) => {
             // The server lives on: its refills get QEMUs started ahead.
             t.prestart(s.prestart as usize).await;
-            Arc::new(t)
+            if let (Some(m), Ok(meta)) = (&metrics, t.metadata().await) {
+                m.set_template_created(meta.created_at_secs);
+            }
+            (Arc::new(t), GetVmSource::Template)
         }
-        None => Arc::new(DirectFactory::new(s.vm.clone())),
+        None => (
+            Arc::new(DirectFactory::new(s.vm.clone())),
+            GetVmSource::Direct,
+        ),
     };
-    let base: Arc<dyn FactoryBase> = Arc::new(CacheFactory::new(s.cache_number, inner));
+    let base: Arc<dyn FactoryBase> = match metrics {
+        Some(m) => {
+            m.watch_base(&inner);
+            Arc::new(CacheFactory::with_metrics(s.cache_number, inner, miss, m))
+        }
+        None => Arc::new(CacheFactory::new(s.cache_number, inner)),
+    };
     let step = Step::start(format!(
         "Starting the VM-cache server on {}",
         s.endpoint.display()

@@ -388,6 +388,7 @@ const FACTORY: &[(&str, Kind)] = &[
     ("vm_cache_number", Kind::Read(ty::<u32>)),
     ("vm_cache_endpoint", Kind::Read(ty::<PathBuf>)),
     ("prestart", Kind::Read(ty::<u32>)),
+    ("metrics_address", Kind::Read(ty::<String>)),
 ];
 
 const NO_CONTAINERS: &str = "vmfactory runs no containers";

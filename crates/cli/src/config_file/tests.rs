@@ -434,3 +434,42 @@ fn a_broken_rule_is_reported_beside_unknown_keys() {
          f.toml line 6: unknown key `vm_cache_numbr` in [factory] (did you mean `vm_cache_number`?)"
     );
 }
+
+#[test]
+fn metrics_address_is_off_by_default_and_checked_with_its_line() {
+    let base = "[hypervisor.qemu]\nkernel = \"k\"\n[factory]\n";
+    let off = parse("f.toml", base, Path::new("/")).expect("no metrics");
+    assert_eq!(off.metrics_address().expect("ok"), None);
+    for (value, want) in [
+        (
+            "127.0.0.1:9464",
+            MetricsAddress::Tcp(([127, 0, 0, 1], 9464).into()),
+        ),
+        (
+            "unix:/run/vc/metrics.sock",
+            MetricsAddress::Unix("/run/vc/metrics.sock".into()),
+        ),
+    ] {
+        let text = format!("{base}metrics_address = \"{value}\"\n");
+        let s = parse("f.toml", &text, Path::new("/")).expect("valid");
+        assert_eq!(s.metrics_address().expect("ok"), Some(want));
+    }
+    for value in ["localhost:9464", "unix:metrics.sock", ""] {
+        let text = format!("{base}metrics_address = \"{value}\"\n");
+        let e = parse("f.toml", &text, Path::new("/")).expect_err(value);
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "f.toml line 4: metrics_address must be IP:PORT (e.g. 127.0.0.1:9464) or \
+                 unix:/ABSOLUTE/PATH, not {value:?}"
+            )
+        );
+    }
+    let long = format!("{base}metrics_address = \"unix:/{}\"\n", "x".repeat(200));
+    let e = parse("f.toml", &long, Path::new("/")).expect_err("too long");
+    assert!(
+        e.to_string()
+            .starts_with("f.toml line 4: metrics_address: the socket path is longer than"),
+        "{e}"
+    );
+}

@@ -31,7 +31,7 @@ mod convert;
 mod error;
 pub mod protocols;
 mod server;
-mod socket;
+pub(crate) mod socket;
 
 pub use client::{CacheClient, CacheStatus, CALL_TIMEOUT, GET_BASE_VM_TIMEOUT};
 pub use error::{CacheServiceError, Result};
