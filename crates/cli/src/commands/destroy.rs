@@ -6,7 +6,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use vmfactory_factory::{CacheClient, SystemHost, TemplateFactory, METADATA_FILE};
+use vmfactory_factory::{CacheClient, MetricsAddress, SystemHost, TemplateFactory, METADATA_FILE};
 use vmfactory_persist::LockMode;
 
 use crate::config_file::Settings;
@@ -66,6 +66,21 @@ pub async fn run(s: &Settings) -> CmdResult {
                 })?;
                 done.push(format!("removed the stale socket {}", s.endpoint.display()));
             }
+        }
+    }
+    // A killed `init` leaves its metrics socket: removed once nobody answers on it.
+    if let Ok(Some(MetricsAddress::Unix(path))) = s.metrics_address() {
+        let is_socket = tokio::fs::symlink_metadata(&path)
+            .await
+            .is_ok_and(|m| m.file_type().is_socket());
+        if is_socket && tokio::net::UnixStream::connect(&path).await.is_err() {
+            tokio::fs::remove_file(&path).await.with_context(|| {
+                format!("Cannot remove the stale metrics socket {}", path.display())
+            })?;
+            done.push(format!(
+                "removed the stale metrics socket {}",
+                path.display()
+            ));
         }
     }
     // Nothing below runs under another command: the run root is ours alone from here.

@@ -54,3 +54,31 @@ fn init_refuses_a_live_metrics_socket_and_leaves_it() {
     );
     nothing_made(&s);
 }
+
+#[test]
+fn destroy_removes_a_stale_metrics_socket_and_nothing_else() {
+    let s = Scratch::new();
+    let path = s.path().join("metrics.sock");
+    let cfg = with_metrics(&s, &format!("unix:{}", path.display()));
+    // What a killed `init` leaves: the socket file, nobody listening.
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+    let o = s.run(&cfg, &["destroy"]);
+    assert_eq!(o.status.code(), Some(0), "{}", super::stderr(&o));
+    assert!(
+        super::stdout(&o).contains("removed the stale metrics socket"),
+        "{}",
+        super::stdout(&o)
+    );
+    assert!(!path.exists());
+    // A live listener, or a file that is not a socket, is left alone.
+    let live = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let o = s.run(&cfg, &["destroy"]);
+    assert_eq!(o.status.code(), Some(0), "{}", super::stderr(&o));
+    assert!(path.exists(), "a live endpoint stays");
+    drop(live);
+    std::fs::remove_file(&path).expect("rm");
+    std::fs::write(&path, b"not a socket").expect("file");
+    let o = s.run(&cfg, &["destroy"]);
+    assert_eq!(o.status.code(), Some(0), "{}", super::stderr(&o));
+    assert!(path.exists(), "a regular file stays");
+}
