@@ -57,6 +57,8 @@ pub const CI_SCENARIOS: &[&str] = &[
     "prestarted_clones_are_handed_out_once_replaced_and_dropped",
     "eight_clones_each_reach_the_host_and_only_the_host",
     "init_notifies_systemd_status_probes_list_and_stop",
+    "init_serves_metrics_that_count_a_get_and_destroy_removes_the_socket",
+    "config_check_runs_the_real_qemu_and_leaves_nothing",
 ];
 
 /// L1's CPU: TCG's `max` (AMD SVM with nested paging) without `fsgsbase`. With it, an L2
