@@ -179,6 +179,7 @@ fn run_in(root: &Path) -> Result<()> {
         order.len(),
         order.join(", ")
     );
+    forget_previous_run(root, &order)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     // `--allow-dirty`: this checks the working tree, committed or not (publish from a clean
@@ -194,6 +195,89 @@ fn run_in(root: &Path) -> Result<()> {
         order.len(),
         start.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Makes cargo build this run's `.crate` files, not the previous run's. A crate verified
+/// against the other crates of the run takes them from a local registry, which cargo unpacks
+/// under `$CARGO_HOME/registry/src/-<hash>/` once and never again for the same version, and
+/// whose builds it keeps as fresh whatever their source (a registry crate's fingerprint is its
+/// version). Without this, `vmfactory-vm` was verified against the last run's agent and failed.
+/// The build units and unpacked sources to drop are the ones this target dir's dep-info files
+/// name under such a registry, so another checkout's are left alone.
+fn forget_previous_run(root: &Path, crates: &[String]) -> Result<()> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("Neither CARGO_HOME nor HOME is set")?;
+    // Local registries have no host, so their directory names start with `-`.
+    let local_src = format!("{}/-", cargo_home.join("registry/src").display());
+    let target = root.join("target/debug");
+    let mut dep_infos = Vec::new();
+    for dir in [target.join("deps"), target.join("build")] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dep_infos.extend(std::fs::read_dir(&path)?.flatten().map(|e| e.path()));
+            } else {
+                dep_infos.push(path);
+            }
+        }
+    }
+    let mut unpacked = BTreeSet::new();
+    let mut units = BTreeSet::new();
+    for d in dep_infos
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "d"))
+    {
+        let Ok(text) = std::fs::read_to_string(d) else {
+            continue;
+        };
+        let mut ours = false;
+        for (at, _) in text.match_indices(&local_src) {
+            let rest = &text[at + local_src.len()..];
+            // `<hash>/<crate>-<version>/...`
+            let mut parts = rest.splitn(3, '/');
+            let (Some(hash), Some(dir)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if crates.iter().any(|c| {
+                dir.strip_prefix(c.as_str())
+                    .is_some_and(|v| v.starts_with('-'))
+            }) {
+                unpacked.insert(
+                    cargo_home
+                        .join("registry/src")
+                        .join(format!("-{hash}"))
+                        .join(dir),
+                );
+                ours = true;
+            }
+        }
+        if let (true, Some(unit)) = (ours, d.file_stem().and_then(|s| s.to_str())) {
+            if let Some((_, hash)) = unit.rsplit_once('-') {
+                units.insert(hash.to_owned());
+            }
+        }
+    }
+    for dir in &unpacked {
+        std::fs::remove_dir_all(dir).with_context(|| format!("Cannot remove {}", dir.display()))?;
+    }
+    if let Ok(entries) = std::fs::read_dir(target.join(".fingerprint")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let hash = name
+                .to_str()
+                .and_then(|n| n.rsplit_once('-'))
+                .map(|(_, h)| h);
+            if hash.is_some_and(|h| units.contains(h)) {
+                std::fs::remove_dir_all(entry.path())?;
+            }
+        }
+    }
     Ok(())
 }
 
