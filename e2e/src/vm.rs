@@ -119,10 +119,7 @@ impl TestVm {
         };
         let agent = KataAgent::with_config(
             vmfactory_vm::agent_url(&endpoint),
-            AgentConfig {
-                call_timeout: crate::scaled(CALL_TIMEOUT),
-                dial_timeout: crate::scaled(CALL_TIMEOUT),
-            },
+            AgentConfig::new(crate::scaled(CALL_TIMEOUT), crate::scaled(CALL_TIMEOUT)),
         );
         Ok(Self { vm, agent })
     }

@@ -199,10 +199,7 @@ async fn one_read_only_image_is_shared_by_three_vms() {
         assert_eq!(d.pci_path, "10/00");
     }
     // A writer is refused while they hold it: QEMU's image locking is on.
-    let writer = DiskConfig {
-        read_only: false,
-        ..shared.clone()
-    };
+    let writer = shared.clone().with_read_only(false);
     let err = vms[0].vm.attach_disk(&writer).await.unwrap_err();
     assert!(matches!(err, Error::Qmp { .. }), "{err:?}");
     assert_eq!(

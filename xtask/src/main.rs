@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask <guest|tools|lint|test|e2e|kvm-host|bench|demo>`.
+//! Project automation: `cargo xtask <guest|tools|lint|package|test|e2e|kvm-host|bench|demo>`.
 
 mod bench;
 mod bench_concurrent;
@@ -11,6 +11,7 @@ mod demo;
 mod guest;
 mod kvm_host;
 mod lint;
+mod package;
 mod smaps;
 mod stat;
 mod tools;
@@ -55,9 +56,12 @@ enum Cmd {
     Tools,
     /// Fail on any lint problem: `cargo fmt --check`, clippy and rustdoc with `-D warnings`.
     Lint,
-    /// Run the lints (as `lint`), then every test: unit, protocol and real-QEMU end-to-end,
-    /// the VMGenID scenarios again on the 6.12 kernel's image, then the e2e suite again on
-    /// the nested KVM host (as `kvm-host`).
+    /// `cargo package` every publishable crate in dependency order, each verified by building
+    /// it from its `.crate` file; fails on any error.
+    Package,
+    /// Run the lints (as `lint`) and the packaging check (as `package`), then every test:
+    /// unit, protocol and real-QEMU end-to-end, the VMGenID scenarios again on the 6.12
+    /// kernel's image, then the e2e suite again on the nested KVM host (as `kvm-host`).
     Test {
         /// Leave out the nested KVM host (a quicker local run; CI never does).
         #[arg(long)]
@@ -170,8 +174,10 @@ fn main() -> Result<()> {
         }
         Cmd::Tools => prerequisites(),
         Cmd::Lint => lint::run(),
+        Cmd::Package => package::run(),
         Cmd::Test { no_kvm_host, args } => {
             lint::run()?;
+            package::run()?;
             prerequisites()?;
             cargo_test(&["--workspace"], &args)?;
             vmgenid_e2e(&args)?;

@@ -138,11 +138,22 @@ enum Conn {
 
 /// Timeouts of a [`KataAgent`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AgentConfig {
     /// Bound on each RPC.
     pub call_timeout: Duration,
     /// How long dialing retries before giving up.
     pub dial_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// Timeouts of `call_timeout` per RPC and `dial_timeout` for dialing.
+    pub fn new(call_timeout: Duration, dial_timeout: Duration) -> Self {
+        Self {
+            call_timeout,
+            dial_timeout,
+        }
+    }
 }
 
 impl Default for AgentConfig {

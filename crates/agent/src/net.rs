@@ -154,6 +154,7 @@ pub struct Interface {
 
 /// An [`Interface`] request, checked: see [`Interface::validate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InterfaceConfig {
     /// The MAC of the link to configure.
     pub mac: [u8; 6],
@@ -213,6 +214,7 @@ pub struct Route {
 
 /// A [`Route`], checked: see [`Route::validate`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct RouteConfig {
     /// The destination network; prefix 0 for the default route.
     pub dest: Cidr,

@@ -649,17 +649,14 @@ fn resolve(
         },
     };
     let mut vm = VmConfig::new(hv);
-    vm.agent = VmAgentConfig {
-        call_timeout: Duration::from_millis(file.agent.call_timeout_ms),
-        dial_timeout: Duration::from_millis(file.agent.dial_timeout_ms),
-        ready_timeout: Duration::from_millis(file.agent.ready_timeout_ms),
-    };
+    vm.agent = VmAgentConfig::new(
+        Duration::from_millis(file.agent.call_timeout_ms),
+        Duration::from_millis(file.agent.dial_timeout_ms),
+        Duration::from_millis(file.agent.ready_timeout_ms),
+    );
     vm.proxy = file.proxy.kind;
     vm.run_root = file.runtime.run_root;
-    let network = NetworkConfig {
-        subnet: file.network.subnet,
-        egress: file.network.egress,
-    };
+    let network = NetworkConfig::new(file.network.subnet).with_egress(file.network.egress);
     if file.network.enable {
         vm = vm.with_network(network.clone());
         if let Some(nic) = &mut vm.hypervisor.nic {

@@ -104,6 +104,7 @@ fn check_template_path(path: &Path, run_root: &Path) -> Result<(), TemplatePathP
 /// How a factory is built.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct FactoryConfig {
     /// Make base VMs as clones of a template (Kata `enable_template`).
     #[serde(default)]

@@ -21,6 +21,11 @@
 //! protocol (`vmfactory-agent`).
 #![deny(missing_docs)]
 
+// The README crates.io shows: its examples compiled (and run where they need no VM) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 mod base;
 mod cache;
 pub mod cache_service;

@@ -89,10 +89,8 @@ impl GuestNetwork for RecordingNetwork {
 async fn the_service_checks_requests_before_the_network_sees_them() {
     let guest = FakeGuest::new();
     let net = Arc::new(RecordingNetwork::default());
-    let cfg = vmfactory_guest::GuestConfig {
-        net: net.clone(),
-        ..guest.config()
-    };
+    let mut cfg = guest.config();
+    cfg.net = net.clone();
     let path = guest.sock("agent.sock");
     let _server = AgentServer::bind_unix(Arc::new(GuestAgent::new(cfg)), &path)
         .await

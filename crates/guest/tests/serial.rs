@@ -30,10 +30,7 @@ use vmfactory_guest::server::{serial_listener, AgentServer, FdStream, PortOpener
 const T: Duration = Duration::from_secs(5);
 
 fn cfg() -> AgentConfig {
-    AgentConfig {
-        call_timeout: T,
-        dial_timeout: T,
-    }
+    AgentConfig::new(T, T)
 }
 
 async fn serve(guest: &FakeGuest, opener: PortOpener) -> AgentServer {

@@ -221,6 +221,7 @@ pub const MAX_MEMORY_MIB: u64 = 16 << 20;
 /// Build one with [`HypervisorConfig::new`] and adjust the public fields; call
 /// [`HypervisorConfig::validate`] (the backend also validates on start).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HypervisorConfig {
     /// The QEMU binary (a bare name is looked up in `PATH`).
     pub qemu_path: PathBuf,
@@ -311,6 +312,7 @@ pub const NIC_TAP: &str = "tap0";
 /// A VM's NIC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct NicConfig {
     /// The guest's MAC (`aa:bb:cc:dd:ee:ff`): the same in every VM, each in a namespace of
     /// its own.
@@ -325,6 +327,14 @@ pub struct NicConfig {
 pub const VHOST_NET: &str = "/dev/vhost-net";
 
 impl NicConfig {
+    /// A NIC with the guest MAC `mac`, on vhost-net where the host has it.
+    pub fn new(mac: impl Into<String>) -> Self {
+        Self {
+            mac: mac.into(),
+            vhost: None,
+        }
+    }
+
     /// Checks the MAC: six hex pairs, unicast.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = || ConfigError::BadMac {

@@ -45,6 +45,7 @@ impl DiskFormat {
 /// A disk to hot-plug as a virtio-blk device.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct DiskConfig {
     /// The image file (or block device); an absolute, UTF-8 path (QEMU takes it as a string).
     pub path: PathBuf,
@@ -64,6 +65,12 @@ impl DiskConfig {
             format,
             read_only: false,
         }
+    }
+
+    /// This disk opened read-only (`read_only`) or read-write.
+    pub fn with_read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
     }
 
     /// The path as QEMU is given it, or why it cannot be given (no file system access).

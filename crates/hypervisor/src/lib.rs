@@ -51,6 +51,11 @@
 
 #![deny(missing_docs)]
 
+// The README crates.io shows: its examples compiled (and run where they need no VM) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 

@@ -8,6 +8,11 @@
 //! other and from the host's other addresses, and NATs their egress. [`proxy`] publishes a
 //! VM's port on the host. See docs/networking.md.
 
+// The README crates.io shows: its examples compiled (and run where they need no VM) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 mod error;
 mod names;
 pub mod netns;

@@ -32,6 +32,7 @@ pub fn mac_string(mac: &[u8; 6]) -> String {
 /// How VMs are networked (`[network]` of the config file).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct NetworkConfig {
     /// The host-side addresses: each VM gets a /30 of it (the host's end and the VM's).
     #[serde(default = "default_subnet")]
@@ -61,6 +62,20 @@ impl Default for NetworkConfig {
 }
 
 impl NetworkConfig {
+    /// VMs on `subnet`, with egress (as [`NetworkConfig::default`]).
+    pub fn new(subnet: Ipv4Net) -> Self {
+        Self {
+            subnet,
+            egress: true,
+        }
+    }
+
+    /// This config with `egress` set.
+    pub fn with_egress(mut self, egress: bool) -> Self {
+        self.egress = egress;
+        self
+    }
+
     /// Checks that the subnet holds at least one VM and is its network address.
     pub fn validate(&self) -> Result<()> {
         if self.subnet.prefix_len() > 30 {

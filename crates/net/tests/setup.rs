@@ -112,10 +112,7 @@ async fn a_failure_at_any_step_leaves_nothing() {
 
 #[test]
 fn bad_subnets_are_refused_with_a_hint() {
-    let mut cfg = NetworkConfig {
-        subnet: "10.201.0.0/31".parse().expect("net"),
-        ..NetworkConfig::default()
-    };
+    let mut cfg = NetworkConfig::new("10.201.0.0/31".parse().expect("net"));
     assert!(cfg
         .validate()
         .expect_err("/31")

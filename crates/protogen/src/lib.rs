@@ -10,6 +10,11 @@
 //! Used only from build scripts, so it may panic: a build script reports failure that way.
 #![deny(missing_docs)]
 
+// The README crates.io shows: its examples compiled (and run where they need no VM) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::{env, fs};

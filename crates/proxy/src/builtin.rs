@@ -27,6 +27,7 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(5);
 
 /// Tuning of a [`BuiltinProxy`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct BuiltinProxyConfig {
     /// How long [`Proxy::start`] retries while the console socket is missing or refuses.
     pub connect_timeout: Duration,

@@ -27,6 +27,11 @@
 //! console output anywhere but the `tracing` subscriber the process installed.
 #![deny(missing_docs)]
 
+// The README crates.io shows: its examples compiled (and run where they need no VM) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 use std::fmt::Debug;
 use std::path::Path;
 use std::sync::Arc;

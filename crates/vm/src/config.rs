@@ -32,6 +32,7 @@ const ID_LEN: usize = 36;
 /// How the host talks to a VM's agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct VmAgentConfig {
     /// Bound on each RPC, in milliseconds on the wire.
     #[serde(with = "millis", default = "default_call")]
@@ -68,18 +69,26 @@ impl Default for VmAgentConfig {
 }
 
 impl VmAgentConfig {
+    /// Bounds of `call_timeout` per RPC, `dial_timeout` on dialing and `ready_timeout` on the
+    /// agent's first `SERVING` answer.
+    pub fn new(call_timeout: Duration, dial_timeout: Duration, ready_timeout: Duration) -> Self {
+        Self {
+            call_timeout,
+            dial_timeout,
+            ready_timeout,
+        }
+    }
+
     /// The agent crate's view of these timeouts.
     pub fn client_config(&self) -> vmfactory_agent::AgentConfig {
-        vmfactory_agent::AgentConfig {
-            call_timeout: self.call_timeout,
-            dial_timeout: self.dial_timeout,
-        }
+        vmfactory_agent::AgentConfig::new(self.call_timeout, self.dial_timeout)
     }
 }
 
 /// Everything a new VM needs (the seed's `VMConfig`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct VmConfig {
     /// The hypervisor (QEMU) configuration.
     pub hypervisor: HypervisorConfig,
@@ -118,10 +127,9 @@ impl VmConfig {
     /// This config with a network: `network` on the host and a virtio-net NIC in the VM
     /// ([`vmfactory_net::GUEST_MAC`], vhost-net where the host has it).
     pub fn with_network(mut self, network: NetworkConfig) -> Self {
-        self.hypervisor.nic = Some(NicConfig {
-            mac: vmfactory_net::mac_string(&vmfactory_net::GUEST_MAC),
-            vhost: None,
-        });
+        self.hypervisor.nic = Some(NicConfig::new(vmfactory_net::mac_string(
+            &vmfactory_net::GUEST_MAC,
+        )));
         self.network = Some(network);
         self
     }

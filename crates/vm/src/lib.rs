@@ -101,6 +101,11 @@
 //! ```
 #![deny(missing_docs)]
 
+// The README crates.io shows: its examples compiled (and run where they need no VM) as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 mod backends;
 mod config;
 mod disks;

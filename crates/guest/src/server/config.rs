@@ -41,6 +41,7 @@ impl GuestClock for SystemClock {
 
 /// Configuration of the guest server.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct GuestConfig {
     /// Roots of sysfs, procfs and devtmpfs.
     pub paths: GuestPaths,

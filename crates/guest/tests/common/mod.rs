@@ -62,14 +62,13 @@ impl FakeGuest {
     }
 
     pub fn config(&self) -> GuestConfig {
-        GuestConfig {
-            paths: self.paths.clone(),
-            clock: self.clock.clone(),
-            vsock_port: None,
-            online_timeout: Duration::from_millis(300),
-            init_daemon: false,
-            ..GuestConfig::default()
-        }
+        let mut cfg = GuestConfig::default();
+        cfg.paths = self.paths.clone();
+        cfg.clock = self.clock.clone();
+        cfg.vsock_port = None;
+        cfg.online_timeout = Duration::from_millis(300);
+        cfg.init_daemon = false;
+        cfg
     }
 
     pub fn agent(&self) -> Arc<GuestAgent> {
@@ -104,11 +103,5 @@ pub fn url(scheme: &str, path: &Path) -> AgentUrl {
 }
 
 pub fn agent(url: AgentUrl, timeout: Duration) -> KataAgent {
-    KataAgent::with_config(
-        url,
-        AgentConfig {
-            call_timeout: timeout,
-            dial_timeout: timeout,
-        },
-    )
+    KataAgent::with_config(url, AgentConfig::new(timeout, timeout))
 }
