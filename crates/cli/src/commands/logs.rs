@@ -49,7 +49,7 @@ pub async fn run(s: &Settings, id: &str, follow: bool) -> CmdResult {
                 if !exists(&log).await {
                     return Err(anyhow!(
                         "VM {id} has no console log yet ({} is missing; with `[proxy] \
-                         type = \"none\"` there is none)",
+                         kind = \"none\"` there is none)",
                         log.display()
                     )
                     .into());
