@@ -229,10 +229,14 @@ impl ConsoleReader {
         mut stop: watch::Receiver<bool>,
     ) {
         loop {
+            let mut splitter = LineSplitter::new(self.config.max_line_len);
             tokio::select! {
                 biased;
-                () = stopped(&mut stop) => return,
-                result = self.pump(&mut stream, &mut log) => match result {
+                () = stopped(&mut stop) => {
+                    self.drain(&mut stream, &mut splitter, &mut log).await;
+                    return;
+                }
+                result = self.pump(&mut stream, &mut splitter, &mut log) => match result {
                     Ok(()) => debug!("console closed, reconnecting"),
                     Err(err) => warn!(error = %err, "console read failed, reconnecting"),
                 },
@@ -247,8 +251,12 @@ impl ConsoleReader {
     }
 
     /// Emits every line of `stream` until EOF, writing each chunk's lines to `log`.
-    async fn pump(&self, stream: &mut UnixStream, log: &mut Option<ConsoleLog>) -> io::Result<()> {
-        let mut splitter = LineSplitter::new(self.config.max_line_len);
+    async fn pump(
+        &self,
+        stream: &mut UnixStream,
+        splitter: &mut LineSplitter,
+        log: &mut Option<ConsoleLog>,
+    ) -> io::Result<()> {
         let mut buf = vec![0u8; 4096];
         loop {
             let n = stream.read(&mut buf).await?;
@@ -257,15 +265,42 @@ impl ConsoleReader {
             } else {
                 splitter.push(&buf[..n])
             };
-            let lines: Vec<String> = raw.iter().filter_map(|l| self.emit(l)).collect();
-            if let Some(file) = log {
-                if let Err(err) = file.write_lines(&lines).await {
-                    warn!(error = %err, "writing the console log failed; no longer logging to it");
-                    *log = None;
-                }
-            }
+            self.record(&raw, log).await;
             if n == 0 {
                 return Ok(());
+            }
+        }
+    }
+
+    /// On stop: emits what the console has already sent without waiting for more (a VM that
+    /// failed to come up is stopped right after its last lines, the ones a post-mortem
+    /// needs), and the unterminated rest.
+    async fn drain(
+        &self,
+        stream: &mut UnixStream,
+        splitter: &mut LineSplitter,
+        log: &mut Option<ConsoleLog>,
+    ) {
+        let mut buf = vec![0u8; 4096];
+        let mut raw = Vec::new();
+        // Bounded: the console socket's buffer, not a guest that keeps printing.
+        for _ in 0..64 {
+            match stream.try_read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend(splitter.push(&buf[..n])),
+            }
+        }
+        raw.extend(splitter.finish());
+        self.record(&raw, log).await;
+    }
+
+    /// Emits the raw lines and appends the non-empty ones to `log`.
+    async fn record(&self, raw: &[Vec<u8>], log: &mut Option<ConsoleLog>) {
+        let lines: Vec<String> = raw.iter().filter_map(|l| self.emit(l)).collect();
+        if let Some(file) = log {
+            if let Err(err) = file.write_lines(&lines).await {
+                warn!(error = %err, "writing the console log failed; no longer logging to it");
+                *log = None;
             }
         }
     }
@@ -577,6 +612,26 @@ mod tests {
             rx.recv().await,
             Err(broadcast::error::RecvError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn stop_keeps_the_unterminated_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let log = dir.path().join("console.log");
+        let listener = UnixListener::bind(&path).unwrap();
+        let proxy = BuiltinProxy::new(quick());
+        let mut rx = proxy.subscribe().unwrap();
+        proxy.start("vm1", &path, Some(&log)).await.unwrap();
+        let (mut conn, _) = listener.accept().await.unwrap();
+        conn.write_all(b"panic\n---[ end trace").await.unwrap();
+        assert_eq!(next_line(&mut rx).await, "panic");
+        proxy.stop().await;
+        assert_eq!(proxy.console_tail(), ["panic", "---[ end trace"]);
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "panic\n---[ end trace\n"
+        );
     }
 
     #[tokio::test]
