@@ -130,9 +130,10 @@ pub(crate) async fn keep_logs(store: &Store, id: &str) -> Option<PathBuf> {
     };
     let mut present = Vec::new();
     for name in KEPT_FILES {
-        if tokio::fs::try_exists(vm_dir.join(name))
+        // An empty file (QEMU's stderr when it never ran) tells nothing.
+        if tokio::fs::metadata(vm_dir.join(name))
             .await
-            .unwrap_or(false)
+            .is_ok_and(|m| m.len() > 0)
         {
             present.push(name);
         }
@@ -243,9 +244,10 @@ mod tests {
         assert_eq!(listed.len(), KEEP_FAILED);
         assert_eq!(listed[0], ids[ids.len() - 1]);
         assert!(!listed.contains(&ids[0]));
-        // A VM without logs keeps nothing.
+        // A VM without logs (or with empty ones) keeps nothing.
         let bare = store.vm_dir("bare").expect("dir");
         std::fs::create_dir_all(&bare).expect("mkdir");
+        std::fs::write(bare.join("qemu.stderr"), "").expect("empty stderr");
         assert_eq!(keep_logs(&store, "bare").await, None);
         assert_eq!(
             remove_failed(dir.path()).await.expect("remove"),
