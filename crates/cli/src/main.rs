@@ -187,10 +187,15 @@ fn colour(when: ColorWhen) -> bool {
 /// With `--verbose`, the last console lines of a VM that failed to come up (the one-line
 /// message shows only the last few).
 fn print_console_tail(error: &anyhow::Error) {
-    let postmortem = error
-        .chain()
-        .filter_map(|e| e.downcast_ref::<vmfactory_vm::Error>())
-        .find_map(vmfactory_vm::Error::postmortem);
+    use vmfactory_factory::{BaseError, GetVmError, TemplateError};
+    // The factory's errors show a VM error transparently: look at each layer's own type.
+    let postmortem = error.chain().find_map(|e| {
+        e.downcast_ref::<vmfactory_vm::Error>()
+            .and_then(vmfactory_vm::Error::postmortem)
+            .or_else(|| e.downcast_ref::<GetVmError>()?.postmortem())
+            .or_else(|| e.downcast_ref::<BaseError>()?.postmortem())
+            .or_else(|| e.downcast_ref::<TemplateError>()?.postmortem())
+    });
     if let Some(pm) = postmortem.filter(|pm| !pm.console_tail.is_empty()) {
         eprintln!("  console (last {} lines):", pm.console_tail.len());
         for line in &pm.console_tail {
