@@ -29,6 +29,10 @@ const KEPT_FILES: [&str; 4] = [
 /// How many of the last console lines the one-line error message shows.
 const SHORT_TAIL: usize = 3;
 
+/// Longest console line, in characters, the one-line message quotes whole (a console line
+/// can be 4 KiB; `-v` and the log have it all).
+const SHORT_LINE: usize = 160;
+
 /// What is known of a VM that failed to come up.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Postmortem {
@@ -51,7 +55,10 @@ impl Postmortem {
         let skip = self.console_tail.len().saturating_sub(SHORT_TAIL);
         let short: Vec<String> = self.console_tail[skip..]
             .iter()
-            .map(|l| format!("{l:?}"))
+            .map(|l| match l.char_indices().nth(SHORT_LINE) {
+                Some((cut, _)) => format!("{:?}", format!("{}…", &l[..cut])),
+                None => format!("{l:?}"),
+            })
             .collect();
         if !short.is_empty() {
             parts.push(format!("console: {}", short.join(" | ")));
@@ -200,6 +207,14 @@ mod tests {
             " (console: \"line 3\" | \"line 4\" | \"line 5\"; log kept at /r/failed/x/console.log)"
         );
         assert_eq!(Postmortem::default().summary(), "");
+        let long = Postmortem {
+            console_tail: vec!["é".repeat(SHORT_LINE + 10)],
+            console_log: None,
+        };
+        assert_eq!(
+            long.summary(),
+            format!(" (console: \"{}…\")", "é".repeat(SHORT_LINE))
+        );
         assert!(Postmortem::default().is_empty());
         let e = attach(
             "x",
