@@ -40,12 +40,15 @@ pub struct Postmortem {
     pub console_tail: Vec<String>,
     /// The console log, moved to `<run_root>/failed/<id>/console.log`, if there was one.
     pub console_log: Option<PathBuf>,
+    /// `<run_root>/failed/<id>`, if any log was kept (a clone whose state failed to load has
+    /// QEMU's stderr but no console log yet).
+    pub kept_in: Option<PathBuf>,
 }
 
 impl Postmortem {
     /// Whether there is anything to show.
     pub fn is_empty(&self) -> bool {
-        self.console_tail.is_empty() && self.console_log.is_none()
+        self.console_tail.is_empty() && self.kept_in.is_none()
     }
 
     /// The last few console lines and where the log is, for a one-line message: `` (console:
@@ -63,8 +66,10 @@ impl Postmortem {
         if !short.is_empty() {
             parts.push(format!("console: {}", short.join(" | ")));
         }
-        if let Some(log) = &self.console_log {
-            parts.push(format!("log kept at {}", log.display()));
+        match (&self.console_log, &self.kept_in) {
+            (Some(log), _) => parts.push(format!("log kept at {}", log.display())),
+            (None, Some(dir)) => parts.push(format!("logs kept in {}", dir.display())),
+            (None, None) => {}
         }
         if parts.is_empty() {
             String::new()
@@ -129,11 +134,12 @@ pub async fn remove_failed(run_root: &Path) -> std::io::Result<usize> {
 }
 
 /// Moves the logs of VM `id` (stopped, about to be removed) to `<run_root>/failed/<id>/` and
-/// prunes the older ones; returns where the console log went, if it existed. Best effort: a
-/// failure is logged, and the error the caller reports is what matters.
-pub(crate) async fn keep_logs(store: &Store, id: &str) -> Option<PathBuf> {
+/// prunes the older ones; returns where the console log went (if it existed) and the
+/// directory (if anything was kept). Best effort: a failure is logged, and the error the
+/// caller reports is what matters.
+pub(crate) async fn keep_logs(store: &Store, id: &str) -> (Option<PathBuf>, Option<PathBuf>) {
     let Ok(vm_dir) = store.vm_dir(id) else {
-        return None;
+        return (None, None);
     };
     let mut present = Vec::new();
     for name in KEPT_FILES {
@@ -146,12 +152,12 @@ pub(crate) async fn keep_logs(store: &Store, id: &str) -> Option<PathBuf> {
         }
     }
     if present.is_empty() {
-        return None;
+        return (None, None);
     }
     let failed = failed_root(store.root()).join(id);
     if let Err(e) = tokio::fs::create_dir_all(&failed).await {
         warn!(error = %e, dir = %failed.display(), "cannot keep the failed VM's logs");
-        return None;
+        return (None, None);
     }
     let mut console_log = None;
     for name in present {
@@ -163,7 +169,7 @@ pub(crate) async fn keep_logs(store: &Store, id: &str) -> Option<PathBuf> {
         }
     }
     prune(store.root()).await;
-    console_log
+    (console_log, Some(failed))
 }
 
 /// Removes all but the newest [`KEEP_FAILED`] failed VMs' logs.
@@ -201,6 +207,7 @@ mod tests {
         let pm = Postmortem {
             console_tail: (1..=5).map(|i| format!("line {i}")).collect(),
             console_log: Some("/r/failed/x/console.log".into()),
+            kept_in: Some("/r/failed/x".into()),
         };
         assert_eq!(
             pm.summary(),
@@ -210,7 +217,15 @@ mod tests {
         let long = Postmortem {
             console_tail: vec!["é".repeat(SHORT_LINE + 10)],
             console_log: None,
+            kept_in: None,
         };
+        let stderr_only = Postmortem {
+            console_tail: Vec::new(),
+            console_log: None,
+            kept_in: Some("/r/failed/x".into()),
+        };
+        assert!(!stderr_only.is_empty());
+        assert_eq!(stderr_only.summary(), " (logs kept in /r/failed/x)");
         assert_eq!(
             long.summary(),
             format!(" (console: \"{}…\")", "é".repeat(SHORT_LINE))
@@ -239,8 +254,12 @@ mod tests {
             std::fs::create_dir_all(&vm_dir).expect("mkdir");
             std::fs::write(vm_dir.join("console.log"), format!("{id}\n")).expect("log");
             std::fs::write(vm_dir.join("state.json"), "{}").expect("state");
-            let kept = keep_logs(&store, &id).await.expect("kept");
-            assert_eq!(kept, failed_root(dir.path()).join(&id).join("console.log"));
+            let (kept, kept_in) = keep_logs(&store, &id).await;
+            assert_eq!(kept_in, Some(failed_root(dir.path()).join(&id)));
+            assert_eq!(
+                kept,
+                Some(failed_root(dir.path()).join(&id).join("console.log"))
+            );
             assert!(!vm_dir.join("console.log").exists(), "moved, not copied");
             // Distinct modification times, so "newest" is well defined.
             let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i as u64);
@@ -263,7 +282,7 @@ mod tests {
         let bare = store.vm_dir("bare").expect("dir");
         std::fs::create_dir_all(&bare).expect("mkdir");
         std::fs::write(bare.join("qemu.stderr"), "").expect("empty stderr");
-        assert_eq!(keep_logs(&store, "bare").await, None);
+        assert_eq!(keep_logs(&store, "bare").await, (None, None));
         assert_eq!(
             remove_failed(dir.path()).await.expect("remove"),
             KEEP_FAILED

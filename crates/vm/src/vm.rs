@@ -154,9 +154,9 @@ impl Partial {
             }
             None => Vec::new(),
         };
-        let console_log = postmortem::keep_logs(&self.store, &self.id).await;
-        if let Some(log) = &console_log {
-            warn!(log = %log.display(), "console log of the failed VM kept");
+        let (console_log, kept_in) = postmortem::keep_logs(&self.store, &self.id).await;
+        if let Some(dir) = &kept_in {
+            warn!(dir = %dir.display(), "logs of the failed VM kept");
         }
         postmortem::attach(
             &self.id,
@@ -164,6 +164,7 @@ impl Partial {
             Postmortem {
                 console_tail,
                 console_log,
+                kept_in,
             },
         )
     }
