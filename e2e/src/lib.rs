@@ -191,12 +191,20 @@ impl RunRoot {
         self.dir.path()
     }
 
-    /// Everything a test leaked under this root: processes, mounts, sockets and entries.
+    /// Everything a test leaked under this root: processes, mounts, sockets and entries. The
+    /// console logs of VMs that failed to come up (`<root>/failed`) are kept there on purpose
+    /// until `destroy`, so they are not leaks (`e2e/tests/cli_logs.rs` checks that `destroy`
+    /// removes them).
     pub fn leaks(&self) -> Vec<String> {
         let root = self.path().to_string_lossy().into_owned();
         let mut leaks = processes_mentioning(&root);
         leaks.extend(mounts_under(&root));
-        leaks.extend(entries_under(self.path()));
+        let failed = vmfactory_vm::failed_root(self.path());
+        leaks.extend(
+            entries_under(self.path())
+                .into_iter()
+                .filter(|e| !Path::new(e.trim_start_matches("entry ")).starts_with(&failed)),
+        );
         leaks
     }
 

@@ -1,5 +1,5 @@
 //! Booting real VMs: configs, boot-to-ready, templates and clones, driven only through the
-//! public APIs of `vmfactory-hypervisor` and `vmfactory-agent`. Shared by the e2e tests and by
+//! public APIs of `vmfactory-hypervisor`, `vmfactory-agent` and `vmfactory-proxy`. Shared by the e2e tests and by
 //! `cargo xtask bench`, so every operation returns an error instead of panicking.
 
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use vmfactory_agent::{Agent, AgentConfig, HealthStatus, KataAgent};
 use vmfactory_hypervisor::{
     Accel, AgentChannel, Hypervisor, HypervisorConfig, Qemu, TemplatePaths, TemplateRole,
 };
+use vmfactory_proxy::{BuiltinProxy, Proxy as _};
 
 use crate::GuestEnv;
 
@@ -97,13 +98,16 @@ pub fn hybrid_vsock_config(mut cfg: HypervisorConfig, backend: PathBuf) -> Hyper
     cfg
 }
 
-/// A started VM and a client of its agent.
+/// A started VM, a client of its agent, and the console proxy writing its console log (as a
+/// `vmfactory_vm::Vm`'s does; QEMU itself writes none).
 #[derive(Debug)]
 pub struct TestVm {
     /// The VM.
     pub vm: Arc<Qemu>,
     /// Its agent.
     pub agent: KataAgent,
+    /// Its console proxy (its task ends when this is dropped).
+    pub proxy: BuiltinProxy,
 }
 
 impl TestVm {
@@ -117,11 +121,19 @@ impl TestVm {
             let _ = vm.stop().await;
             bail!("VM {id} runs without an agent endpoint");
         };
+        let proxy = BuiltinProxy::default();
+        if let Err(e) = proxy
+            .start(id, &vm.console_address(), Some(&vm.console_log_path()))
+            .await
+        {
+            let _ = vm.stop().await;
+            return Err(e).with_context(|| format!("Cannot start the console proxy of VM {id}"));
+        }
         let agent = KataAgent::with_config(
             vmfactory_vm::agent_url(&endpoint),
             AgentConfig::new(crate::scaled(CALL_TIMEOUT), crate::scaled(CALL_TIMEOUT)),
         );
-        Ok(Self { vm, agent })
+        Ok(Self { vm, agent, proxy })
     }
 
     /// Boots `cfg` and waits until the agent answers `Check`; returns the VM and the time.

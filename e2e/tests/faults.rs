@@ -301,7 +301,7 @@ async fn qemu_killed_during_boot() {
     let err = kill_at(NewStep::StartProxy, None).await;
     assert!(
         matches!(
-            err,
+            err.failure(),
             VmError::Proxy { .. } | VmError::HypervisorExited { .. }
         ),
         "{err:?}"
@@ -311,7 +311,7 @@ async fn qemu_killed_during_boot() {
     for step in [NewStep::CreateAgent, NewStep::CheckAgent] {
         let err = kill_at(step, None).await;
         assert!(
-            matches!(err, VmError::HypervisorExited { .. }),
+            matches!(err.failure(), VmError::HypervisorExited { .. }),
             "{step:?}: {err:?}"
         );
     }
@@ -324,7 +324,10 @@ async fn qemu_killed_during_the_agent_wait() {
     }
     // The guest is still booting (a TCG boot takes ~2 s) when QEMU dies.
     let err = kill_at(NewStep::CheckAgent, Some(Duration::from_millis(300))).await;
-    assert!(matches!(err, VmError::HypervisorExited { .. }), "{err:?}");
+    assert!(
+        matches!(err.failure(), VmError::HypervisorExited { .. }),
+        "{err:?}"
+    );
 }
 
 /// A template made with `faulty` at a path under `root`: must fail typed and leave nothing.

@@ -124,10 +124,11 @@ async fn failed_new_leaves_nothing() {
     // QEMU starts, but the guest cannot answer within 1 ms: `new` must kill it and clean up.
     let mut cfg = hotplug_config(&env, &root);
     cfg.agent.ready_timeout = Duration::from_millis(1);
-    assert!(matches!(
-        Vm::new(cfg).await,
-        Err(Error::AgentNotReady { .. })
-    ));
+    let err = Vm::new(cfg).await.expect_err("not ready in 1 ms");
+    assert!(
+        matches!(err.failure(), Error::AgentNotReady { .. }),
+        "{err:?}"
+    );
     root.assert_no_leaks();
 
     // QEMU itself fails to start (a missing binary).

@@ -109,6 +109,16 @@ pub enum Command {
         #[command(flatten)]
         process: ProcessArgs,
     },
+    /// Print the guest console log of a VM: one held by `get --hold` (or served by the
+    /// VM-cache server), or one that failed to come up (kept under `<run_root>/failed/<ID>`
+    /// until `destroy`).
+    Logs {
+        /// The VM id (`get` prints it; a failed VM's error names it).
+        id: String,
+        /// Keep printing new lines until the VM stops (or Ctrl-C).
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// The configuration.
     Config {
         /// What to do with it.

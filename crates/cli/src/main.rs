@@ -8,7 +8,7 @@
 //!
 //! Exit codes: 0 success, 1 a runtime failure, 2 bad usage or a bad configuration. A failure
 //! is reported as one line, `vmfactory: <message and its causes>`; `--verbose` prints the
-//! causes one per line instead. Logs go to stderr through `tracing` (`RUST_LOG`, default
+//! causes one per line instead, and the last console lines of a VM that failed to come up. Logs go to stderr through `tracing` (`RUST_LOG`, default
 //! `warn`; `--log-format json`).
 
 mod cli;
@@ -164,6 +164,7 @@ fn report(error: &anyhow::Error, code: u8, verbose: bool) -> ExitCode {
         for cause in error.chain().skip(1) {
             eprintln!("  caused by: {cause}");
         }
+        print_console_tail(error);
     } else {
         let line: Vec<String> = error.chain().map(ToString::to_string).collect();
         eprintln!("vmfactory: {}", line.join(": ").replace('\n', " "));
@@ -179,6 +180,26 @@ fn colour(when: ColorWhen) -> bool {
         ColorWhen::Auto => {
             std::env::var_os("NO_COLOR").map_or(true, |v| v.is_empty())
                 && std::io::stderr().is_terminal()
+        }
+    }
+}
+
+/// With `--verbose`, the last console lines of a VM that failed to come up (the one-line
+/// message shows only the last few).
+fn print_console_tail(error: &anyhow::Error) {
+    use vmfactory_factory::{BaseError, GetVmError, TemplateError};
+    // The factory's errors show a VM error transparently: look at each layer's own type.
+    let postmortem = error.chain().find_map(|e| {
+        e.downcast_ref::<vmfactory_vm::Error>()
+            .and_then(vmfactory_vm::Error::postmortem)
+            .or_else(|| e.downcast_ref::<GetVmError>()?.postmortem())
+            .or_else(|| e.downcast_ref::<BaseError>()?.postmortem())
+            .or_else(|| e.downcast_ref::<TemplateError>()?.postmortem())
+    });
+    if let Some(pm) = postmortem.filter(|pm| !pm.console_tail.is_empty()) {
+        eprintln!("  console (last {} lines):", pm.console_tail.len());
+        for line in &pm.console_tail {
+            eprintln!("    | {line}");
         }
     }
 }

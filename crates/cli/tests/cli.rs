@@ -22,6 +22,9 @@ mod leftovers;
 // Suggestions, VMFACTORY_CONFIG, --log-level, colour, --version, completions, man, list, stop.
 #[path = "cli/conventions.rs"]
 mod conventions;
+// `logs`, and `destroy` of the logs of VMs that failed to come up.
+#[path = "cli/logs.rs"]
+mod logs;
 
 #[path = "cli/metrics.rs"]
 mod metrics;

@@ -40,6 +40,16 @@ impl BaseError {
             Self::Closed { .. } | Self::Other(_) => None,
         }
     }
+
+    /// The post-mortem (last console lines, kept log) if the VM being made failed to come
+    /// up: see [`vmfactory_vm::Error::postmortem`].
+    pub fn postmortem(&self) -> Option<&vmfactory_vm::Postmortem> {
+        match self {
+            Self::Vm(e) => e.postmortem(),
+            Self::Template(e) => e.postmortem(),
+            Self::Closed { .. } | Self::Other(_) => None,
+        }
+    }
 }
 
 /// Pre-started clones waiting for their state load.

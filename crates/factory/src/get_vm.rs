@@ -103,6 +103,16 @@ impl GetVmError {
             Self::Request(_) | Self::ShortHotplug { .. } => None,
         }
     }
+
+    /// The post-mortem (last console lines, kept log) if the VM failed to come up: see
+    /// [`vmfactory_vm::Error::postmortem`].
+    pub fn postmortem(&self) -> Option<&vmfactory_vm::Postmortem> {
+        match self {
+            Self::Direct(e) | Self::Step { source: e, .. } => e.postmortem(),
+            Self::Base(e) => e.postmortem(),
+            Self::Request(_) | Self::ShortHotplug { .. } => None,
+        }
+    }
 }
 
 /// The first field in which `request` differs from `base` in something a base VM cannot be

@@ -23,7 +23,7 @@ pub struct RunPaths {
     pub qmp: PathBuf,
     /// Serial console socket (`console.sock`).
     pub console: PathBuf,
-    /// Serial console log (`console.log`).
+    /// Serial console log (`console.log`), written by the console proxy, not QEMU.
     pub console_log: PathBuf,
     /// Virtio-serial agent socket (`agent.sock`).
     pub agent: PathBuf,
@@ -308,8 +308,9 @@ pub fn qemu_args(
     let console = opt(&[
         "socket,id=console0,path=".as_ref(),
         &e(&paths.console),
-        ",server=on,wait=off,logfile=".as_ref(),
-        &e(&paths.console_log),
+        // No `logfile=`: the console proxy writes `console.log`, bounded, as one writer
+        // (QEMU's log would grow without limit on the run root's tmpfs).
+        ",server=on,wait=off".as_ref(),
     ]);
     push(&[
         "-chardev".as_ref(),

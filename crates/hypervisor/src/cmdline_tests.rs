@@ -98,8 +98,8 @@ fn direct_vm_line() {
     );
     assert!(s.contains("-qmp unix:/run/vm1/qmp.sock,server=on,wait=off"));
     assert!(s.contains(
-        "-chardev socket,id=console0,path=/run/vm1/console.sock,server=on,wait=off,\
-         logfile=/run/vm1/console.log -serial chardev:console0"
+        "-chardev socket,id=console0,path=/run/vm1/console.sock,server=on,wait=off \
+         -serial chardev:console0"
     ));
     assert!(s.contains(
         "-device virtio-serial-pci,id=serial0 -chardev socket,id=agent0,\

@@ -190,7 +190,7 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
     /// The serial console's unix socket.
     fn console_address(&self) -> PathBuf;
 
-    /// The file the serial console is logged to.
+    /// The file the serial console is logged to (by the VM's console proxy).
     fn console_log_path(&self) -> PathBuf;
 
     /// Where the agent listens, derived from the config's agent channel, the run directory

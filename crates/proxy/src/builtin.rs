@@ -1,8 +1,9 @@
-//! The builtin proxy: reads a VM's console socket and turns its lines into `tracing` events.
+//! The builtin proxy: reads a VM's console socket and turns its lines into `tracing` events,
+//! lines of a bounded log file and a tail kept in memory.
 
 use std::io::{self, ErrorKind};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,10 +18,18 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::console::{clean_line, LineSplitter};
 use crate::error::{Error, Result};
 use crate::kind::ProxyKind;
+use crate::log::{ConsoleLog, Tail};
 use crate::Proxy;
 
 /// `tracing` target of the events carrying guest console lines.
 pub const CONSOLE_TARGET: &str = "vmfactory::console";
+
+/// Default [`BuiltinProxyConfig::log_max_bytes`]: 1 MiB, about 10,000 lines of a kernel's
+/// boot output, so a guest flooding its console keeps at most 2 MiB of a tmpfs run root.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 1 << 20;
+
+/// Default [`BuiltinProxyConfig::tail_lines`].
+pub const DEFAULT_TAIL_LINES: usize = 20;
 
 /// First pause between connection attempts; doubled up to [`BuiltinProxyConfig::max_backoff`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(5);
@@ -37,6 +46,11 @@ pub struct BuiltinProxyConfig {
     pub line_capacity: usize,
     /// Longest line, in bytes; longer ones are cut into several lines.
     pub max_line_len: usize,
+    /// Largest console log chunk, in bytes: past it the log moves to `<log>.1` (replacing the
+    /// older chunk) and a new one begins, so a VM keeps at most twice this on disk.
+    pub log_max_bytes: u64,
+    /// How many of the last console lines [`Proxy::console_tail`] returns.
+    pub tail_lines: usize,
 }
 
 impl Default for BuiltinProxyConfig {
@@ -46,6 +60,8 @@ impl Default for BuiltinProxyConfig {
             max_backoff: Duration::from_millis(200),
             line_capacity: 1024,
             max_line_len: 4096,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            tail_lines: DEFAULT_TAIL_LINES,
         }
     }
 }
@@ -53,8 +69,11 @@ impl Default for BuiltinProxyConfig {
 /// Reads a VM's console socket in a background task and logs each guest console line.
 ///
 /// Each non-empty line (with `\r`, ANSI escapes and other control characters removed) becomes
-/// an `info` event with target [`CONSOLE_TARGET`] and the fields `vm_id` and `line`, and is sent
-/// to every [`subscribe`](Proxy::subscribe)r. When the console connection ends (the VM stopped,
+/// a `debug` event with target [`CONSOLE_TARGET`] and the fields `vm_id` and `line` (so
+/// `RUST_LOG=info` does not show the guest), is sent to every [`subscribe`](Proxy::subscribe)r,
+/// is kept among the last [`BuiltinProxyConfig::tail_lines`] ([`Proxy::console_tail`]) and,
+/// when `start` was given a log path, is appended to that file (bounded by
+/// [`BuiltinProxyConfig::log_max_bytes`]; a write error is logged once and ends only the log). When the console connection ends (the VM stopped,
 /// or it was saved and a clone now serves a new console at the same path), the proxy reconnects
 /// until it is stopped. Calling [`start`](Proxy::start) again points it at a new VM or console
 /// path; subscriptions survive that. [`stop`](Proxy::stop), or dropping the proxy, ends the task
@@ -63,6 +82,7 @@ impl Default for BuiltinProxyConfig {
 pub struct BuiltinProxy {
     config: BuiltinProxyConfig,
     lines: Mutex<Option<broadcast::Sender<String>>>,
+    tail: Arc<Tail>,
     task: tokio::sync::Mutex<Option<ConsoleTask>>,
 }
 
@@ -96,6 +116,7 @@ impl BuiltinProxy {
     /// A stopped proxy.
     pub fn new(config: BuiltinProxyConfig) -> Self {
         Self {
+            tail: Arc::new(Tail::new(config.tail_lines)),
             config,
             lines: Mutex::new(None),
             task: tokio::sync::Mutex::new(None),
@@ -122,11 +143,24 @@ impl BuiltinProxy {
 
 #[async_trait]
 impl Proxy for BuiltinProxy {
-    async fn start(&self, vm_id: &str, console_address: &Path) -> Result<()> {
+    async fn start(&self, vm_id: &str, console_address: &Path, log: Option<&Path>) -> Result<()> {
         let mut task = self.task.lock().await;
         if let Some(old) = task.take() {
             old.shutdown().await;
         }
+        // A retargeted proxy serves another VM (a clone): its tail starts empty.
+        self.tail.clear();
+        let log = match log {
+            Some(path) => Some(
+                ConsoleLog::open(path, self.config.log_max_bytes)
+                    .await
+                    .map_err(|source| Error::Log {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         let stream = connect_until(console_address, &self.config).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let span = info_span!("console_proxy", vm_id = %vm_id);
@@ -134,11 +168,12 @@ impl Proxy for BuiltinProxy {
             vm_id: vm_id.to_owned(),
             path: console_address.to_owned(),
             lines: self.sender(),
+            tail: self.tail.clone(),
             config: self.config.clone(),
         };
         let handle = tokio::spawn(
             reader
-                .run(stream, stop_rx)
+                .run(stream, log, stop_rx)
                 .instrument(span)
                 .with_current_subscriber(),
         );
@@ -169,6 +204,10 @@ impl Proxy for BuiltinProxy {
     fn subscribe(&self) -> Option<broadcast::Receiver<String>> {
         Some(self.sender().subscribe())
     }
+
+    fn console_tail(&self) -> Vec<String> {
+        self.tail.lines()
+    }
 }
 
 /// What the background task needs.
@@ -176,18 +215,28 @@ struct ConsoleReader {
     vm_id: String,
     path: PathBuf,
     lines: broadcast::Sender<String>,
+    tail: Arc<Tail>,
     config: BuiltinProxyConfig,
 }
 
 impl ConsoleReader {
     /// Reads `stream`, then reconnects and reads again, until `stop` says so (or its sender
     /// is dropped).
-    async fn run(self, mut stream: UnixStream, mut stop: watch::Receiver<bool>) {
+    async fn run(
+        self,
+        mut stream: UnixStream,
+        mut log: Option<ConsoleLog>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         loop {
+            let mut splitter = LineSplitter::new(self.config.max_line_len);
             tokio::select! {
                 biased;
-                () = stopped(&mut stop) => return,
-                result = self.pump(&mut stream) => match result {
+                () = stopped(&mut stop) => {
+                    self.drain(&mut stream, &mut splitter, &mut log).await;
+                    return;
+                }
+                result = self.pump(&mut stream, &mut splitter, &mut log) => match result {
                     Ok(()) => debug!("console closed, reconnecting"),
                     Err(err) => warn!(error = %err, "console read failed, reconnecting"),
                 },
@@ -201,33 +250,73 @@ impl ConsoleReader {
         }
     }
 
-    /// Emits every line of `stream` until EOF.
-    async fn pump(&self, stream: &mut UnixStream) -> io::Result<()> {
-        let mut splitter = LineSplitter::new(self.config.max_line_len);
+    /// Emits every line of `stream` until EOF, writing each chunk's lines to `log`.
+    async fn pump(
+        &self,
+        stream: &mut UnixStream,
+        splitter: &mut LineSplitter,
+        log: &mut Option<ConsoleLog>,
+    ) -> io::Result<()> {
         let mut buf = vec![0u8; 4096];
         loop {
             let n = stream.read(&mut buf).await?;
+            let raw = if n == 0 {
+                splitter.finish().into_iter().collect()
+            } else {
+                splitter.push(&buf[..n])
+            };
+            self.record(&raw, log).await;
             if n == 0 {
-                if let Some(rest) = splitter.finish() {
-                    self.emit(&rest);
-                }
                 return Ok(());
-            }
-            for line in splitter.push(&buf[..n]) {
-                self.emit(&line);
             }
         }
     }
 
-    /// Logs one console line and hands it to the subscribers.
-    fn emit(&self, raw: &[u8]) {
+    /// On stop: emits what the console has already sent without waiting for more (a VM that
+    /// failed to come up is stopped right after its last lines, the ones a post-mortem
+    /// needs), and the unterminated rest.
+    async fn drain(
+        &self,
+        stream: &mut UnixStream,
+        splitter: &mut LineSplitter,
+        log: &mut Option<ConsoleLog>,
+    ) {
+        let mut buf = vec![0u8; 4096];
+        let mut raw = Vec::new();
+        // Bounded: the console socket's buffer, not a guest that keeps printing.
+        for _ in 0..64 {
+            match stream.try_read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend(splitter.push(&buf[..n])),
+            }
+        }
+        raw.extend(splitter.finish());
+        self.record(&raw, log).await;
+    }
+
+    /// Emits the raw lines and appends the non-empty ones to `log`.
+    async fn record(&self, raw: &[Vec<u8>], log: &mut Option<ConsoleLog>) {
+        let lines: Vec<String> = raw.iter().filter_map(|l| self.emit(l)).collect();
+        if let Some(file) = log {
+            if let Err(err) = file.write_lines(&lines).await {
+                warn!(error = %err, "writing the console log failed; no longer logging to it");
+                *log = None;
+            }
+        }
+    }
+
+    /// Logs one console line, keeps it in the tail and hands it to the subscribers; returns
+    /// it unless it is empty once cleaned.
+    fn emit(&self, raw: &[u8]) -> Option<String> {
         let line = clean_line(raw);
         if line.is_empty() {
-            return;
+            return None;
         }
-        info!(target: CONSOLE_TARGET, vm_id = %self.vm_id, line = %line, "guest console");
+        debug!(target: CONSOLE_TARGET, vm_id = %self.vm_id, line = %line, "guest console");
+        self.tail.push(&line);
         // No subscribers is fine.
-        let _ = self.lines.send(line);
+        let _ = self.lines.send(line.clone());
+        Some(line)
     }
 
     /// Connects to the console path, retrying with backoff for as long as it takes.
@@ -357,7 +446,7 @@ mod tests {
 
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
-        proxy.start("vm1", &path).await.unwrap();
+        proxy.start("vm1", &path, None).await.unwrap();
         assert!(proxy.is_running().await);
         assert_eq!(next_line(&mut rx).await, "first");
         assert_eq!(next_line(&mut rx).await, "second");
@@ -378,7 +467,7 @@ mod tests {
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
         let (started, ()) = tokio::join!(
-            proxy.start("vm1", &path),
+            proxy.start("vm1", &path, None),
             serve_once(&listener, b"template 1\ntemplate 2\nunterminated")
         );
         started.unwrap();
@@ -422,13 +511,17 @@ mod tests {
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
 
-        let (started, ()) = tokio::join!(proxy.start("tpl", &a), serve_once(&la, b"from a\n"));
+        let (started, ()) =
+            tokio::join!(proxy.start("tpl", &a, None), serve_once(&la, b"from a\n"));
         started.unwrap();
         assert_eq!(next_line(&mut rx).await, "from a");
-        let (started, ()) = tokio::join!(proxy.start("clone", &b), serve_once(&lb, b"from b\n"));
+        let (started, ()) =
+            tokio::join!(proxy.start("clone", &b, None), serve_once(&lb, b"from b\n"));
         started.unwrap();
         // The same subscription carries on.
         assert_eq!(next_line(&mut rx).await, "from b");
+        // The tail is the new VM's only.
+        assert_eq!(proxy.console_tail(), ["from b"]);
         proxy.stop().await;
     }
 
@@ -444,7 +537,7 @@ mod tests {
         });
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
-        proxy.start("vm1", &path).await.unwrap();
+        proxy.start("vm1", &path, None).await.unwrap();
         assert_eq!(next_line(&mut rx).await, "late");
         server.await.unwrap();
         proxy.stop().await;
@@ -458,7 +551,7 @@ mod tests {
             ..quick()
         });
         let missing = dir.path().join("missing.sock");
-        match proxy.start("vm1", &missing).await {
+        match proxy.start("vm1", &missing, None).await {
             Err(Error::ConnectTimeout { path, last, .. }) => {
                 assert_eq!(path, missing);
                 assert_eq!(last.kind(), ErrorKind::NotFound);
@@ -470,7 +563,7 @@ mod tests {
         // A path too long for a unix socket cannot become valid by waiting.
         let long = dir.path().join("x".repeat(200));
         assert!(matches!(
-            proxy.start("vm1", &long).await,
+            proxy.start("vm1", &long, None).await,
             Err(Error::Connect { .. })
         ));
     }
@@ -484,7 +577,7 @@ mod tests {
         proxy.stop().await; // Never started.
 
         let mut rx = proxy.subscribe().unwrap();
-        proxy.start("vm1", &path).await.unwrap();
+        proxy.start("vm1", &path, None).await.unwrap();
         let (_conn, _) = listener.accept().await.unwrap();
         proxy.stop().await;
         assert!(!proxy.is_running().await);
@@ -505,8 +598,10 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
-        let (started, ()) =
-            tokio::join!(proxy.start("vm1", &path), serve_once(&listener, b"bye\n"));
+        let (started, ()) = tokio::join!(
+            proxy.start("vm1", &path, None),
+            serve_once(&listener, b"bye\n")
+        );
         started.unwrap();
         assert_eq!(next_line(&mut rx).await, "bye");
         drop(listener);
@@ -520,13 +615,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stop_keeps_the_unterminated_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("console.sock");
+        let log = dir.path().join("console.log");
+        let listener = UnixListener::bind(&path).unwrap();
+        let proxy = BuiltinProxy::new(quick());
+        let mut rx = proxy.subscribe().unwrap();
+        proxy.start("vm1", &path, Some(&log)).await.unwrap();
+        let (mut conn, _) = listener.accept().await.unwrap();
+        conn.write_all(b"panic\n---[ end trace").await.unwrap();
+        assert_eq!(next_line(&mut rx).await, "panic");
+        proxy.stop().await;
+        assert_eq!(proxy.console_tail(), ["panic", "---[ end trace"]);
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "panic\n---[ end trace\n"
+        );
+    }
+
+    #[tokio::test]
     async fn dropping_the_proxy_ends_the_task() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("console.sock");
         let listener = UnixListener::bind(&path).unwrap();
         let proxy = BuiltinProxy::new(quick());
         let mut rx = proxy.subscribe().unwrap();
-        proxy.start("vm1", &path).await.unwrap();
+        proxy.start("vm1", &path, None).await.unwrap();
         let (_conn, _) = listener.accept().await.unwrap();
         drop(proxy);
         let closed = tokio::time::timeout(WAIT, rx.recv()).await.unwrap();
@@ -541,7 +656,7 @@ mod tests {
         let proxy: Arc<dyn Proxy> = Arc::new(BuiltinProxy::new(quick()));
         let mut rx = proxy.subscribe().unwrap();
         let (started, ()) = tokio::join!(
-            proxy.start("vm1", &path),
+            proxy.start("vm1", &path, None),
             serve_once(
                 &listener,
                 b"[    0.5] Run /init\r\nvmfactory-agent: listening on agent.channel.0\r\n"

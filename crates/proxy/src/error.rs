@@ -41,6 +41,16 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// The console log file could not be opened.
+    #[error("Failed to open console log {path}")]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
     /// No console line matched before the timeout.
     #[error("No matching console line within {timeout:?}")]
     WaitTimeout {

@@ -1,8 +1,11 @@
 //! [`FakeProxy`]: an in-memory [`Proxy`] for other crates' unit tests (feature `test-utils`).
-//! It reads no socket: the test shows console lines ([`FakeProxy::push_line`], or lines every
-//! new subscriber gets at once, such as the agent's `listening` line), and the proxy records
-//! its starts and stops and fails `start` on demand.
+//! It reads no socket: the test shows console lines ([`FakeProxy::push_line`], lines every
+//! new subscriber gets at once, such as the agent's `listening` line, or lines shown on each
+//! start), and the proxy records its starts and stops and fails `start` on demand. Shown
+//! lines go to the tail and, when `start` was given a log path, to that file, as the builtin
+//! proxy's do.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -11,6 +14,7 @@ use tokio::sync::broadcast;
 
 use crate::error::{Error, Result};
 use crate::kind::ProxyKind;
+use crate::log::Tail;
 use crate::Proxy;
 
 /// Lines buffered per subscriber.
@@ -25,6 +29,8 @@ pub enum FakeProxyCall {
         vm_id: String,
         /// The console address.
         console: PathBuf,
+        /// The console log path.
+        log: Option<PathBuf>,
     },
     /// [`Proxy::stop`].
     Stop,
@@ -36,6 +42,8 @@ struct State {
     running: bool,
     fail_start: bool,
     greeting: Vec<String>,
+    boot_lines: Vec<String>,
+    log: Option<PathBuf>,
     lines: Option<broadcast::Sender<String>>,
 }
 
@@ -46,6 +54,7 @@ struct State {
 pub struct FakeProxy {
     kind: ProxyKind,
     state: Mutex<State>,
+    tail: Tail,
 }
 
 impl Default for FakeProxy {
@@ -60,6 +69,7 @@ impl FakeProxy {
         Self {
             kind,
             state: Mutex::default(),
+            tail: Tail::new(crate::DEFAULT_TAIL_LINES),
         }
     }
 
@@ -78,13 +88,38 @@ impl FakeProxy {
         self.lock().greeting = lines.into_iter().map(Into::into).collect();
     }
 
-    /// Shows `line` on the console: every current subscriber receives it. Returns how many
-    /// did.
+    /// Lines the console shows on every later successful [`start`](Proxy::start), as a
+    /// guest's boot would (replaces the earlier ones).
+    pub fn show_on_start<S: Into<String>>(&self, lines: impl IntoIterator<Item = S>) {
+        self.lock().boot_lines = lines.into_iter().map(Into::into).collect();
+    }
+
+    /// Shows `line` on the console: every current subscriber receives it, the tail keeps it
+    /// and the log (if any) gets it. Returns how many subscribers received it.
     pub fn push_line(&self, line: impl Into<String>) -> usize {
         let g = self.lock();
+        self.show(&g, line.into())
+    }
+
+    fn show(&self, g: &State, line: String) -> usize {
+        if self.kind == ProxyKind::None {
+            return 0;
+        }
+        self.tail.push(&line);
+        if let Some(path) = &g.log {
+            // Test-only and small: a plain blocking append.
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| writeln!(f, "{line}"));
+            if let Err(e) = appended {
+                tracing::warn!(error = %e, path = %path.display(), "fake console log write failed");
+            }
+        }
         g.lines
             .as_ref()
-            .and_then(|tx| tx.send(line.into()).ok())
+            .and_then(|tx| tx.send(line).ok())
             .unwrap_or(0)
     }
 
@@ -110,16 +145,22 @@ impl FakeProxy {
 
 #[async_trait]
 impl Proxy for FakeProxy {
-    async fn start(&self, vm_id: &str, console_address: &Path) -> Result<()> {
+    async fn start(&self, vm_id: &str, console_address: &Path, log: Option<&Path>) -> Result<()> {
         let mut g = self.lock();
         g.calls.push(FakeProxyCall::Start {
             vm_id: vm_id.to_owned(),
             console: console_address.to_owned(),
+            log: log.map(Path::to_owned),
         });
         if g.fail_start {
             return Err(Error::Injected { method: "start" });
         }
         g.running = true;
+        g.log = log.map(Path::to_owned);
+        self.tail.clear();
+        for line in g.boot_lines.clone() {
+            self.show(&g, line);
+        }
         Ok(())
     }
 
@@ -127,12 +168,17 @@ impl Proxy for FakeProxy {
         let mut g = self.lock();
         g.calls.push(FakeProxyCall::Stop);
         g.running = false;
+        g.log = None;
         // As the builtin proxy does: every subscription ends.
         g.lines = None;
     }
 
     fn kind(&self) -> ProxyKind {
         self.kind
+    }
+
+    fn console_tail(&self) -> Vec<String> {
+        self.tail.lines()
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<String>> {
@@ -167,12 +213,15 @@ mod tests {
         assert!(proxy.subscribe().is_none(), "a `none` proxy has no console");
         proxy.fail_start(true);
         assert!(matches!(
-            proxy.start("vm1", Path::new("/c")).await,
+            proxy.start("vm1", Path::new("/c"), None).await,
             Err(Error::Injected { method: "start" })
         ));
         assert!(!proxy.is_running());
         proxy.fail_start(false);
-        proxy.start("vm1", Path::new("/c")).await.expect("start");
+        proxy
+            .start("vm1", Path::new("/c"), None)
+            .await
+            .expect("start");
         assert!(proxy.is_running());
         proxy.stop().await;
         assert!(!proxy.is_running());
@@ -180,11 +229,35 @@ mod tests {
         let start = FakeProxyCall::Start {
             vm_id: "vm1".into(),
             console: "/c".into(),
+            log: None,
         };
         assert_eq!(
             proxy.calls(),
             [start.clone(), start, FakeProxyCall::Stop],
             "failed starts are recorded too"
+        );
+    }
+
+    #[tokio::test]
+    async fn shown_lines_reach_the_tail_and_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("console.log");
+        let proxy = FakeProxy::default();
+        proxy.show_on_start(["boot 1", "boot 2"]);
+        proxy
+            .start("vm1", Path::new("/c"), Some(&log))
+            .await
+            .expect("start");
+        proxy.push_line("later");
+        proxy.stop().await;
+        proxy.push_line("after stop: tail only");
+        assert_eq!(
+            proxy.console_tail(),
+            ["boot 1", "boot 2", "later", "after stop: tail only"]
+        );
+        assert_eq!(
+            std::fs::read_to_string(&log).expect("log"),
+            "boot 1\nboot 2\nlater\n"
         );
     }
 

@@ -4,8 +4,10 @@
 //! console chardev (QEMU is the server side). Two kinds exist ([`ProxyKind`]):
 //!
 //! - [`BuiltinProxy`] (`builtin`) reads the console socket in a background task and emits each
-//!   guest console line as a `tracing` event (target [`CONSOLE_TARGET`], fields `vm_id` and
-//!   `line`); it reconnects when the console goes away and comes back (a template clone serves
+//!   guest console line as a `debug` `tracing` event (target [`CONSOLE_TARGET`], fields `vm_id`
+//!   and `line`), appends it to the VM's console log (a file bounded to two chunks, the older
+//!   one at [`rotated_path`]) and keeps the last lines in memory ([`Proxy::console_tail`], for
+//!   the report of a VM that fails to come up); it reconnects when the console goes away and comes back (a template clone serves
 //!   its console on a new socket). Callers can [`subscribe`](Proxy::subscribe) to the lines and
 //!   [`wait_for_line`] for one, e.g. the agent's `vmfactory-agent: listening on agent.channel.0`,
 //!   instead of sleeping.
@@ -23,8 +25,8 @@
 //! remaining job is the console.
 //!
 //! This crate does not choose or dial the agent channel (the `vm` and `agent` crates do), does
-//! not configure QEMU's console device (the `hypervisor` crate does), and does not store
-//! console output anywhere but the `tracing` subscriber the process installed.
+//! not configure QEMU's console device (the `hypervisor` crate does), and does not choose where
+//! the console log lives (the `vm` crate passes its path to [`Proxy::start`]).
 #![deny(missing_docs)]
 
 // The README crates.io shows: its examples compiled (and run where they need no VM) as doc tests.
@@ -48,21 +50,27 @@ mod error;
 #[cfg(any(test, feature = "test-utils"))]
 mod fake;
 mod kind;
+mod log;
 mod none;
 
-pub use builtin::{BuiltinProxy, BuiltinProxyConfig, CONSOLE_TARGET};
+pub use builtin::{
+    BuiltinProxy, BuiltinProxyConfig, CONSOLE_TARGET, DEFAULT_LOG_MAX_BYTES, DEFAULT_TAIL_LINES,
+};
 pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeProxy, FakeProxyCall};
 pub use kind::ProxyKind;
+pub use log::{rotated_path, ROTATED_SUFFIX};
 pub use none::NoProxy;
 
 /// A VM's console proxy. Object safe; handed out as `Arc<dyn Proxy>` by [`new_proxy`].
 #[async_trait]
 pub trait Proxy: Send + Sync + Debug {
     /// Starts proxying for VM `vm_id`, whose console is the unix socket `console_address`
-    /// (QEMU listens on it). Starting a started proxy retargets it.
-    async fn start(&self, vm_id: &str, console_address: &Path) -> Result<()>;
+    /// (QEMU listens on it), appending its lines to the file `log` if given (created if
+    /// missing, so a VM handed from one process to another keeps one log; only the process
+    /// running the proxy writes it). Starting a started proxy retargets it.
+    async fn start(&self, vm_id: &str, console_address: &Path, log: Option<&Path>) -> Result<()>;
 
     /// Stops proxying and waits until the proxy's task has ended. Idempotent.
     async fn stop(&self);
@@ -75,6 +83,13 @@ pub trait Proxy: Send + Sync + Debug {
     /// [`start`](Proxy::start)); the receiver reports `Closed` once the proxy is stopped.
     fn subscribe(&self) -> Option<broadcast::Receiver<String>> {
         None
+    }
+
+    /// The last console lines read since the last [`start`](Proxy::start), oldest first
+    /// (still there after [`stop`](Proxy::stop)); empty if this proxy does not read the
+    /// console.
+    fn console_tail(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 

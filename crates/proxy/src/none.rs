@@ -14,7 +14,12 @@ pub struct NoProxy;
 
 #[async_trait]
 impl Proxy for NoProxy {
-    async fn start(&self, _vm_id: &str, _console_address: &Path) -> Result<()> {
+    async fn start(
+        &self,
+        _vm_id: &str,
+        _console_address: &Path,
+        _log: Option<&Path>,
+    ) -> Result<()> {
         Ok(())
     }
 
@@ -33,11 +38,12 @@ mod tests {
     async fn starts_without_a_console() {
         let proxy = NoProxy;
         proxy
-            .start("vm1", Path::new("/does/not/exist"))
+            .start("vm1", Path::new("/does/not/exist"), None)
             .await
             .unwrap();
         assert_eq!(proxy.kind(), ProxyKind::None);
         assert!(proxy.subscribe().is_none());
+        assert!(proxy.console_tail().is_empty());
         proxy.stop().await;
         proxy.stop().await;
     }

@@ -1,4 +1,5 @@
-//! The builtin proxy logs each guest console line as a `tracing` event tagged with the VM id.
+//! The builtin proxy logs each guest console line as a `debug` `tracing` event tagged with the
+//! VM id, and to the VM's console log file.
 //!
 //! This is its own test binary, with a single test and a global subscriber: a thread-local
 //! subscriber (`set_default`) loses events when other tests register tracing callsites on
@@ -19,6 +20,7 @@ use vmfactory_proxy::{BuiltinProxy, BuiltinProxyConfig, Proxy, CONSOLE_TARGET};
 #[derive(Debug, Clone)]
 struct Captured {
     target: String,
+    level: tracing::Level,
     fields: HashMap<String, String>,
 }
 
@@ -46,6 +48,7 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
         let mut events = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         events.push(Captured {
             target: event.metadata().target().to_owned(),
+            level: *event.metadata().level(),
             fields,
         });
     }
@@ -69,7 +72,8 @@ async fn console_events_carry_the_vm_id() {
             .unwrap();
         conn.shutdown().await.unwrap();
     };
-    let (started, ()) = tokio::join!(proxy.start("vm-42", &path), serve);
+    let log = dir.path().join("console.log");
+    let (started, ()) = tokio::join!(proxy.start("vm-42", &path, Some(&log)), serve);
     started.unwrap();
     for expected in ["hello", "world"] {
         let line = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -79,6 +83,8 @@ async fn console_events_carry_the_vm_id() {
         assert_eq!(line, expected);
     }
     proxy.stop().await;
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "hello\nworld\n");
+    assert_eq!(proxy.console_tail(), ["hello", "world"]);
 
     let events = capture.0.lock().unwrap().clone();
     let console: Vec<_> = events
@@ -88,6 +94,8 @@ async fn console_events_carry_the_vm_id() {
     assert_eq!(console.len(), 2, "{events:?}");
     for (event, line) in console.iter().zip(["hello", "world"]) {
         assert_eq!(event.fields["vm_id"], "vm-42");
+        // Below `info`: a service at `RUST_LOG=info` does not log its guests' consoles.
+        assert_eq!(event.level, tracing::Level::DEBUG);
         assert_eq!(event.fields["line"], line);
     }
 }

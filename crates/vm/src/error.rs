@@ -289,6 +289,21 @@ pub enum Error {
         /// `stopped` or `detached`.
         state: &'static str,
     },
+    /// The VM failed to come up (`Vm::new`, `PreparedVm::start`: the agent never answered,
+    /// QEMU exited during boot, a clone's state did not load, ...) and there is something to
+    /// show of it: the one-line message adds the last console lines and where the console log
+    /// was kept ([`crate::Postmortem`]). The failure itself is the source; branch on it with
+    /// [`Error::failure`].
+    #[error("VM {id} failed to come up{}", postmortem.summary())]
+    NotUp {
+        /// VM id.
+        id: String,
+        /// The console tail and the kept log.
+        postmortem: Box<crate::Postmortem>,
+        /// What failed.
+        #[source]
+        source: Box<Error>,
+    },
     /// A [`crate::Backends::before`] hook aborted `Vm::new` or `Vm::from_wire`.
     #[error("Creating VM {id} aborted before {step:?}")]
     Aborted {
@@ -301,10 +316,29 @@ pub enum Error {
 
 impl Error {
     /// The hypervisor's `Exited` error if this is the VM's hypervisor process exiting
-    /// ([`Error::HypervisorExited`]), to branch on and to read its status and stderr from.
+    /// ([`Error::HypervisorExited`], also as the failure of [`Error::NotUp`]), to branch on and
+    /// to read its status and stderr from.
     pub fn hypervisor_exit(&self) -> Option<&vmfactory_hypervisor::Error> {
-        match self {
+        match self.failure() {
             Self::HypervisorExited { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// What failed: this error, or for [`Error::NotUp`] the failure it reports. Branch on
+    /// this.
+    pub fn failure(&self) -> &Error {
+        match self {
+            Self::NotUp { source, .. } => source.failure(),
+            other => other,
+        }
+    }
+
+    /// The post-mortem of a VM that failed to come up ([`Error::NotUp`]): its last console
+    /// lines and where its console log was kept.
+    pub fn postmortem(&self) -> Option<&crate::Postmortem> {
+        match self {
+            Self::NotUp { postmortem, .. } => Some(postmortem),
             _ => None,
         }
     }

@@ -32,6 +32,7 @@ struct Faults {
     agent_hang: Vec<&'static str>,
     hv_exit_after: Option<FakeStep>,
     proxy_start: bool,
+    console: Vec<String>,
     relisten: bool,
     fork_reseed: bool,
     abort_at: Option<NewStep>,
@@ -94,6 +95,7 @@ impl FakeBackends {
                 agent_hang: Vec::new(),
                 hv_exit_after: None,
                 proxy_start: false,
+                console: Vec::new(),
                 relisten: true,
                 fork_reseed: false,
                 abort_at: None,
@@ -195,6 +197,12 @@ impl FakeBackends {
     /// Makes each later proxy's `start` fail.
     pub fn fail_proxy_start(&self, fail: bool) {
         self.faults().proxy_start = fail;
+    }
+
+    /// Lines each later proxy's console shows when it starts, as a guest's boot would (to
+    /// its tail and the VM's console log).
+    pub fn set_console<S: Into<String>>(&self, lines: impl IntoIterator<Item = S>) {
+        self.faults().console = lines.into_iter().map(Into::into).collect();
     }
 
     /// Whether each later proxy's console shows the agent re-listening
@@ -488,11 +496,12 @@ impl Backends for FakeBackends {
 
     fn proxy(&self, kind: ProxyKind) -> Arc<dyn Proxy> {
         let proxy = Arc::new(FakeProxy::new(kind));
-        let (fail_start, relisten) = {
+        let (fail_start, relisten, console) = {
             let faults = self.faults();
-            (faults.proxy_start, faults.relisten)
+            (faults.proxy_start, faults.relisten, faults.console.clone())
         };
         proxy.fail_start(fail_start);
+        proxy.show_on_start(console);
         if relisten {
             proxy.greet_subscribers([listening_line(AGENT_PORT_NAME)]);
         }

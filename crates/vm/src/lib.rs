@@ -7,7 +7,8 @@
 //!   when one fails, so no process, socket, directory or proxy is left behind; pause, resume,
 //!   save (as a template), hotplug that keeps the recorded size true, onlining, RNG reseed,
 //!   guest time sync, sandbox links, status; [`Vm::stop`] stops the VM and destroys its
-//!   storage; [`Vm::orphans`] lists, and [`Vm::reap_orphans`] ends, the VMs whose owner died
+//!   storage; a VM that fails to come up reports its last console lines and keeps its console
+//!   log under `<run_root>/failed/<id>/` ([`Postmortem`], [`Error::NotUp`]); [`Vm::orphans`] lists, and [`Vm::reap_orphans`] ends, the VMs whose owner died
 //!   (exactly the processes they recorded);
 //! - the wire forms of a config ([`VmConfig::to_wire`]) and of a running VM ([`VmState`],
 //!   [`Vm::detach`] / [`Vm::from_wire`]) so another handle, in this or another process, can
@@ -122,6 +123,7 @@ mod links;
 mod network;
 mod ops;
 mod orphans;
+mod postmortem;
 mod prepared;
 mod sandbox;
 mod vm;
@@ -142,6 +144,9 @@ pub use fake::FakeBackends;
 pub use network::GUEST_NIC;
 pub use ops::{VmInfo, CLOCK_SYNC_ATTEMPTS, CLOCK_SYNC_TOLERANCE, ENTROPY_SOURCE, RESEED_BYTES};
 pub use orphans::{Orphan, RecordedProcess};
+pub use postmortem::{
+    failed_root, list_failed, remove_failed, FailedVm, Postmortem, FAILED_DIR, KEEP_FAILED,
+};
 pub use prepared::PreparedVm;
 pub use sandbox::{SandboxLinks, SHARED_DIR};
 pub use vm::Vm;
@@ -160,4 +165,4 @@ pub use vmfactory_hypervisor::{
     VmStatus, VsockError,
 };
 pub use vmfactory_persist::Error as PersistError;
-pub use vmfactory_proxy::{Error as ProxyError, Proxy, ProxyKind};
+pub use vmfactory_proxy::{rotated_path, Error as ProxyError, Proxy, ProxyKind};

@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 use crate::exit::{unless_exited, watched};
 use crate::links::remove_links;
 use crate::network;
+use crate::postmortem::{self, Postmortem};
 use crate::wire::VmState;
 
 /// Pause between two `Check`s that failed at once (no agent connection yet, say).
@@ -93,6 +94,9 @@ pub(crate) struct Partial {
     pub(crate) network: Option<VmNetwork>,
     /// Re-attaching: release the VM (detach) instead of stopping it.
     pub(crate) attached: bool,
+    /// The hypervisor's start was tried: a failure from here on is a VM that failed to come
+    /// up, whose console tail and logs are kept.
+    pub(crate) booted: bool,
 }
 
 impl Partial {
@@ -108,6 +112,7 @@ impl Partial {
             agent: None,
             network: None,
             attached,
+            booted: false,
         }
     }
 
@@ -128,10 +133,40 @@ impl Partial {
             }
             Err(e) => {
                 warn!(error = %e, "{failed}");
+                let e = self.keep_postmortem(e).await;
                 self.undo().await;
                 Err(e)
             }
         }
+    }
+
+    /// For a VM that failed to come up: stops the proxy (so every line read is in its tail
+    /// and log), moves the logs out of the run directory the undo removes, and attaches the
+    /// post-mortem to `error`. A re-attach keeps the VM and its directory: nothing to do.
+    async fn keep_postmortem(&self, error: Error) -> Error {
+        if !self.booted || self.attached {
+            return error;
+        }
+        let console_tail = match &self.proxy {
+            Some(proxy) => {
+                proxy.stop().await;
+                proxy.console_tail()
+            }
+            None => Vec::new(),
+        };
+        let (console_log, kept_in) = postmortem::keep_logs(&self.store, &self.id).await;
+        if let Some(dir) = &kept_in {
+            warn!(dir = %dir.display(), "logs of the failed VM kept");
+        }
+        postmortem::attach(
+            &self.id,
+            error,
+            Postmortem {
+                console_tail,
+                console_log,
+                kept_in,
+            },
+        )
     }
 
     pub(crate) async fn undo(self) {
@@ -275,6 +310,7 @@ impl Vm {
     ) -> Result<Self> {
         let id = p.id.clone();
         let step = |s| backends.before(&id, s);
+        p.booted = true;
         step(NewStep::StartHypervisor).await?;
         hv.start().await.map_err(|e| Error::hv(&id, "start", e))?;
 
@@ -545,7 +581,7 @@ pub(crate) async fn start_proxy(id: &str, hv: &dyn Hypervisor, proxy: &dyn Proxy
         id,
         hv,
         "proxy start",
-        proxy.start(id, &hv.console_address()),
+        proxy.start(id, &hv.console_address(), Some(&hv.console_log_path())),
     )
     .await?
     .map_err(|source| Error::Proxy {

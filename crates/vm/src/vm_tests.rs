@@ -176,6 +176,48 @@ async fn agent_never_ready() {
 }
 
 #[tokio::test]
+async fn a_vm_that_fails_to_come_up_reports_its_console_and_keeps_its_log() {
+    let h = FakeBackends::new();
+    h.fail_agent_methods(["check"]);
+    let boot: Vec<String> = (1..=25).map(|i| format!("boot line {i}")).collect();
+    h.set_console(boot.clone());
+    let err = Vm::new_with(h.config(), &h).await.expect_err("not ready");
+    let Error::NotUp { id, .. } = &err else {
+        panic!("expected NotUp, got {err:?}");
+    };
+    assert!(
+        matches!(err.failure(), Error::AgentNotReady { .. }),
+        "{err:?}"
+    );
+    let pm = err.postmortem().expect("a post-mortem");
+    assert_eq!(pm.console_tail, boot[5..], "the last 20 lines");
+    let kept = h.root().join("failed").join(id).join("console.log");
+    assert_eq!(pm.console_log.as_deref(), Some(kept.as_path()));
+    assert_eq!(
+        std::fs::read_to_string(&kept).expect("kept log"),
+        boot.join("\n") + "\n"
+    );
+    // One line: the failure, the last three console lines and where the log is.
+    let text = err.to_string();
+    assert!(!text.contains('\n'), "{text}");
+    assert!(
+        text.contains("\"boot line 23\" | \"boot line 24\" | \"boot line 25\"")
+            && !text.contains("boot line 22")
+            && text.contains(&kept.display().to_string()),
+        "{text}"
+    );
+    assert!(err.hypervisor_exit().is_none());
+    h.assert_nothing_left().await;
+
+    // With nothing to show (no console output, no log), the failure comes as it is.
+    let h = FakeBackends::new();
+    h.fail_agent_methods(["check"]);
+    let err = Vm::new_with(h.config(), &h).await.expect_err("not ready");
+    assert!(matches!(err, Error::AgentNotReady { .. }), "{err:?}");
+    assert!(!h.root().join("failed").exists());
+}
+
+#[tokio::test]
 async fn paused_clone_skips_the_agent_check() {
     let h = FakeBackends::new();
     std::fs::write(h.root().join("initrd"), b"i").expect("initrd");

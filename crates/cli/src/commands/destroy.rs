@@ -1,5 +1,5 @@
-//! `vmfactory destroy`: stop the VM-cache server, stop VMs no process owns any more, and
-//! remove the template (Kata's `kata-runtime factory destroy`). Idempotent: with nothing
+//! `vmfactory destroy`: stop the VM-cache server, stop VMs no process owns any more, remove
+//! the logs of VMs that failed to come up, and remove the template (Kata's `kata-runtime factory destroy`). Idempotent: with nothing
 //! there it succeeds.
 
 use std::os::unix::fs::FileTypeExt;
@@ -100,6 +100,21 @@ pub async fn run(s: &Settings) -> CmdResult {
         if !reaped.is_empty() {
             done.push(format!("stopped {} orphaned VM(s)", reaped.len()));
         }
+    }
+    // The logs of VMs that failed to come up.
+    let failed = vmfactory_vm::remove_failed(&s.vm.run_root)
+        .await
+        .with_context(|| {
+            format!(
+                "Cannot remove {}",
+                vmfactory_vm::failed_root(&s.vm.run_root).display()
+            )
+        })?;
+    if failed > 0 {
+        done.push(format!(
+            "removed the console logs of {failed} VM(s) that failed to come up ({})",
+            vmfactory_vm::failed_root(&s.vm.run_root).display()
+        ));
     }
     // The host's VM network table, once no VM's link is left on the host (VMs of other run
     // roots keep it).

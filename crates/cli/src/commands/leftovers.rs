@@ -58,6 +58,29 @@ impl std::fmt::Display for StaleReason {
     }
 }
 
+/// A VM that failed to come up, whose logs are kept under `<run_root>/failed/<id>/` until
+/// `vmfactory destroy` (the newest `vmfactory_vm::KEEP_FAILED` of them).
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedVmLogs {
+    /// The VM id.
+    pub id: String,
+    /// Its console log, `<run_root>/failed/<id>/console.log`.
+    pub console_log: PathBuf,
+}
+
+/// The VMs that failed to come up and whose logs are kept, newest first. For `logs` and for
+/// `status` to list.
+pub async fn failed_vms(s: &Settings) -> std::io::Result<Vec<FailedVmLogs>> {
+    Ok(vmfactory_vm::list_failed(&s.vm.run_root)
+        .await?
+        .into_iter()
+        .map(|f| FailedVmLogs {
+            console_log: f.dir.join("console.log"),
+            id: f.id,
+        })
+        .collect())
+}
+
 /// Looks for leftovers without changing anything. `server_running`: a VM-cache server answers
 /// on the configured endpoint.
 pub async fn find(s: &Settings, server_running: bool) -> LeftoversReport {

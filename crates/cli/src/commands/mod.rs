@@ -8,6 +8,7 @@ mod init;
 mod inspect;
 mod leftovers;
 mod list;
+mod logs;
 pub mod run;
 mod status;
 mod stop;
@@ -134,6 +135,7 @@ async fn run_other(cmd: Command, config: Option<&Path>) -> CmdResult {
             memory,
             hold,
         } => get::run(&settings, vcpus, memory, hold).await,
+        Command::Logs { id, follow } => logs::run(&settings, &id, follow).await,
         Command::Inspect { what } => match what {
             InspectCommand::Template => inspect::template(&settings).await,
             InspectCommand::Vm { id } => inspect::vm(&settings, &id).await,

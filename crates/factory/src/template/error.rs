@@ -254,6 +254,15 @@ impl TemplateError {
         }
     }
 
+    /// The post-mortem (last console lines, kept log) if a VM of the template flow failed to
+    /// come up: see [`vmfactory_vm::Error::postmortem`].
+    pub fn postmortem(&self) -> Option<&vmfactory_vm::Postmortem> {
+        match self {
+            Self::Vm { source, .. } => source.postmortem(),
+            _ => None,
+        }
+    }
+
     pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
         Self::Io {
             op,
