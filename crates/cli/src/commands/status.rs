@@ -16,7 +16,7 @@ use vmfactory_factory::{
 use vmfactory_vm::VmInfo;
 
 use super::inspect::is_bad_metadata;
-use super::leftovers::{self, LeftoversReport};
+use super::leftovers::{self, FailedVmLogs, LeftoversReport};
 use crate::config_file::Settings;
 use crate::failure::{CmdResult, Failure};
 use crate::probe::exists;
@@ -38,6 +38,8 @@ pub struct StatusReport {
     pub cache_server: ServerReport,
     /// What killed commands left.
     pub leftovers: LeftoversReport,
+    /// VMs that failed to come up, whose logs are kept until `vmfactory destroy`.
+    pub failed_vms: Vec<FailedVmLogs>,
 }
 
 /// The template part of [`StatusReport`].
@@ -104,6 +106,8 @@ async fn gather(s: &Settings) -> StatusReport {
     let leftovers = leftovers::find(s, cache_server.running).await;
     let on = template.present || cache_server.running;
     let problems = problems(&template, &cache_server);
+    // Unreadable: shown as none; `logs` and `destroy` say why if asked.
+    let failed_vms = leftovers::failed_vms(s).await.unwrap_or_default();
     StatusReport {
         config: s.origin.clone(),
         factory: if on { "on" } else { "off" },
@@ -116,6 +120,7 @@ async fn gather(s: &Settings) -> StatusReport {
         template,
         cache_server,
         leftovers,
+        failed_vms,
     }
 }
 
@@ -271,6 +276,16 @@ fn table(r: &StatusReport) -> String {
         }
     }
     out.push_str(&leftovers::table(&r.leftovers));
+    if !r.failed_vms.is_empty() {
+        let _ = writeln!(
+            out,
+            "failed VMs:    {} kept for a post-mortem (`vmfactory logs ID`; `destroy` removes them)",
+            r.failed_vms.len()
+        );
+        for f in &r.failed_vms {
+            let _ = writeln!(out, "  {:<36}  {}", f.id, f.console_log.display());
+        }
+    }
     out
 }
 

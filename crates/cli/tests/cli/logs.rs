@@ -29,6 +29,19 @@ fn logs_prints_running_and_failed_vms_and_refuses_unknown_ids() {
     let o = s.run(&cfg, &["logs", FAILED]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o), "Kernel panic\n");
+    // `status` lists it with its log (it does not make the factory degraded).
+    let o = s.run(&cfg, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status JSON");
+    assert_eq!(v["failed_vms"][0]["id"], FAILED, "{v}");
+    assert_eq!(
+        v["failed_vms"][0]["console_log"],
+        failed.join("console.log").display().to_string()
+    );
+    let table = stdout(&s.run(&cfg, &["status"]));
+    assert!(
+        table.contains("failed VMs:    1 kept for a post-mortem"),
+        "{table}"
+    );
     // `-f` on a failed VM: nothing to follow, it ends.
     let o = s.run(&cfg, &["logs", "-f", FAILED]);
     assert_eq!(stdout(&o), "Kernel panic\n");
