@@ -93,7 +93,9 @@ pub async fn gather(s: &Settings) -> anyhow::Result<Vec<Listed>> {
                 .to_owned();
                 if state.hypervisor.qemu_alive().await {
                     vm.pid = state.hypervisor.pid;
-                    vm.age_secs = state.hypervisor.pid_start_time.and_then(age_of);
+                    if let Some(start) = state.hypervisor.pid_start_time {
+                        vm.age_secs = age_of(start).await;
+                    }
                 }
             }
             // No state yet: a VM being made, or a QEMU pre-started for the next clone
@@ -110,7 +112,7 @@ pub async fn gather(s: &Settings) -> anyhow::Result<Vec<Listed>> {
                     for r in records.iter().filter(|r| r.kind == ProcessKind::Qemu) {
                         if r.alive().await {
                             vm.pid = Some(r.pid);
-                            vm.age_secs = age_of(r.start_time);
+                            vm.age_secs = age_of(r.start_time).await;
                         }
                     }
                 }
@@ -135,8 +137,8 @@ async fn server_pid(endpoint: &Path) -> Option<u32> {
 }
 
 /// Seconds since a process started at `start` (clock ticks after boot, `/proc/PID/stat`).
-fn age_of(start: u64) -> Option<u64> {
-    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+async fn age_of(start: u64) -> Option<u64> {
+    let uptime = tokio::fs::read_to_string("/proc/uptime").await.ok()?;
     let uptime: f64 = uptime.split_whitespace().next()?.parse().ok()?;
     let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()

@@ -74,14 +74,14 @@ pub async fn run(s: &Settings, id: &str) -> CmdResult {
                 println!("{id}: stopped (by its owner, pid {})", owner.pid);
                 return Ok(());
             }
-            if !alive(pid) {
+            if !alive(pid).await {
                 break;
             }
             tokio::time::sleep(POLL).await;
         }
         tracing::debug!(vm = %id, attempt, "owner still holds the VM after SIGTERM");
     }
-    if !alive(pid)
+    if !alive(pid).await
         && Vm::reap_orphan(root, id)
             .await
             .with_context(|| format!("Cannot end VM {id}"))?
@@ -135,11 +135,13 @@ async fn check_owner(s: &Settings, id: &str, owner: &Holder) -> CmdResult {
 }
 
 /// Whether `pid` still runs (a zombie counts as gone: its locks are released).
-fn alive(pid: Pid) -> bool {
+async fn alive(pid: Pid) -> bool {
     if kill(pid, None).is_err() {
         return false;
     }
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let stat = tokio::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .await
+        .unwrap_or_default();
     // The state follows the command name in parentheses; `Z` is a zombie.
     !stat
         .rsplit_once(") ")
