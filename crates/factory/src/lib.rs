@@ -39,6 +39,7 @@ mod setup;
 mod template;
 #[cfg(test)]
 mod testing;
+mod unix_socket;
 
 pub use base::{BaseError, FactoryBase, Prestarted};
 pub use cache::CacheFactory;
@@ -59,3 +60,4 @@ pub use template::{
     ACCEL_CACHE_FILE, MARKER_FILE, MAX_METADATA_SIZE, MEMORY_FILE, METADATA_FILE, STATE_FILE,
     TEMPLATE_METADATA_VERSION,
 };
+pub use unix_socket::{probe_socket, SocketPath};

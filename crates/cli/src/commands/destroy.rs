@@ -1,12 +1,15 @@
 //! `vmfactory destroy`: stop the VM-cache server, stop VMs no process owns any more, remove
-//! the logs of VMs that failed to come up, and remove the template (Kata's `kata-runtime factory destroy`). Idempotent: with nothing
-//! there it succeeds.
+//! the logs of VMs that failed to come up, a killed `init`'s metrics socket, and the template
+//! (Kata's `kata-runtime factory destroy`). Idempotent: with nothing there it succeeds.
 
 use std::os::unix::fs::FileTypeExt;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
-use vmfactory_factory::{CacheClient, MetricsAddress, SystemHost, TemplateFactory, METADATA_FILE};
+use vmfactory_factory::{
+    probe_socket, CacheClient, MetricsAddress, SocketPath, SystemHost, TemplateFactory,
+    METADATA_FILE,
+};
 use vmfactory_persist::LockMode;
 
 use crate::config_file::Settings;
@@ -70,10 +73,7 @@ pub async fn run(s: &Settings) -> CmdResult {
     }
     // A killed `init` leaves its metrics socket: removed once nobody answers on it.
     if let Ok(Some(MetricsAddress::Unix(path))) = s.metrics_address() {
-        let is_socket = tokio::fs::symlink_metadata(&path)
-            .await
-            .is_ok_and(|m| m.file_type().is_socket());
-        if is_socket && tokio::net::UnixStream::connect(&path).await.is_err() {
+        if probe_socket(&path).await.ok() == Some(SocketPath::Stale) {
             tokio::fs::remove_file(&path).await.with_context(|| {
                 format!("Cannot remove the stale metrics socket {}", path.display())
             })?;

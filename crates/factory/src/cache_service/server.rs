@@ -64,7 +64,7 @@ impl CacheServer {
             stop: stop.clone(),
         });
         let mut server = Server::new()
-            .add_listener(Listener::new(socket::incoming(listener)))
+            .add_listener(Listener::new(crate::unix_socket::incoming(listener)))
             .register_service(cache_ttrpc::create_cache_service(service));
         if let Err(source) = server.start().await {
             if let Err(e) = socket::remove(socket).await {

@@ -1,27 +1,15 @@
-//! The server's unix socket: refuse a live one, replace a stale one, bind it 0600, and accept
-//! only peers of our own user (or root).
-//!
-//! Permissions: the socket is `chmod`ed to 0600 right after `bind`, before the listener is
-//! handed to the ttRPC server, so nothing is accepted before the mode is set. Changing the umask
-//! around `bind` would close the window between the two calls, but the umask is process-wide and
-//! would race with every other thread creating files (VM directories, logs). Instead the
-//! listener checks each peer's credentials (`SO_PEERCRED`) and drops connections from other
-//! users, which also covers a peer that connected inside that window.
+//! The VM-cache server's unix socket: an absolute path that fits a socket address; a live
+//! one refused, a stale one replaced, bound 0600 (see `crate::unix_socket`).
 
-use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
 
-use futures::stream::Stream;
-use tokio::net::{UnixListener, UnixStream};
-use tracing::{debug, info, warn};
+use tokio::net::UnixListener;
+use tracing::info;
 
 use vmfactory_vm::MAX_SOCKET_PATH;
 
 use super::error::{CacheServiceError, Result};
-
-/// The socket's mode.
-pub(crate) const SOCKET_MODE: u32 = 0o600;
+use crate::unix_socket::{self, bind_private, probe_socket, SocketPath};
 
 /// Checks that `path` can be a VM-cache socket: absolute, and short enough for a unix socket
 /// address. The server and the client both check it first.
@@ -45,98 +33,46 @@ pub fn check_endpoint(path: &Path) -> Result<()> {
 /// Makes `path` free for a new server: fails if a server answers there or if something other
 /// than a socket is in the way; removes a stale socket (nobody listening).
 pub(crate) async fn clear_stale(path: &Path) -> Result<()> {
-    let meta = match tokio::fs::symlink_metadata(path).await {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(CacheServiceError::Socket {
-                op: "stat",
-                path: path.to_owned(),
-                source,
-            })
-        }
+    let err = |(op, source)| CacheServiceError::Socket {
+        op,
+        path: path.to_owned(),
+        source,
     };
-    if !meta.file_type().is_socket() {
-        return Err(CacheServiceError::NotASocket {
-            path: path.to_owned(),
-        });
-    }
-    match UnixStream::connect(path).await {
-        Ok(_) => Err(CacheServiceError::SocketInUse {
+    match probe_socket(path).await.map_err(err)? {
+        SocketPath::Free => Ok(()),
+        SocketPath::Live => Err(CacheServiceError::SocketInUse {
             path: path.to_owned(),
         }),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+        SocketPath::NotASocket => Err(CacheServiceError::NotASocket {
+            path: path.to_owned(),
+        }),
+        SocketPath::Stale => {
             info!(path = %path.display(), "removing stale VM-cache socket");
             remove(path).await
         }
-        Err(source) => Err(CacheServiceError::Socket {
-            op: "probe",
-            path: path.to_owned(),
-            source,
-        }),
     }
 }
 
 /// Removes the socket file; a missing file is fine.
 pub(crate) async fn remove(path: &Path) -> Result<()> {
-    match tokio::fs::remove_file(path).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(CacheServiceError::Socket {
+    unix_socket::remove(path)
+        .await
+        .map_err(|source| CacheServiceError::Socket {
             op: "remove",
             path: path.to_owned(),
             source,
-        }),
-    }
+        })
 }
 
-/// Binds `path` and sets its mode to [`SOCKET_MODE`] before anything is accepted.
+/// Binds `path`, mode 0600 before anything is accepted.
 pub(crate) async fn bind(path: &Path) -> Result<UnixListener> {
-    let listener = UnixListener::bind(path).map_err(|source| CacheServiceError::Socket {
-        op: "bind",
-        path: path.to_owned(),
-        source,
-    })?;
-    let perms = std::fs::Permissions::from_mode(SOCKET_MODE);
-    if let Err(source) = tokio::fs::set_permissions(path, perms).await {
-        drop(listener);
-        if let Err(e) = remove(path).await {
-            warn!(error = %e, "removing the socket after chmod failed");
-        }
-        return Err(CacheServiceError::Socket {
-            op: "chmod",
+    bind_private(path)
+        .await
+        .map_err(|(op, source)| CacheServiceError::Socket {
+            op,
             path: path.to_owned(),
             source,
-        });
-    }
-    Ok(listener)
-}
-
-/// True when `peer` may use the server: the same effective user as this process, or root.
-fn allowed(peer: &UnixStream) -> bool {
-    let me = nix::unistd::geteuid().as_raw();
-    match peer.peer_cred() {
-        Ok(cred) => cred.uid() == me || cred.uid() == 0,
-        Err(e) => {
-            warn!(error = %e, "cannot read peer credentials; dropping connection");
-            false
-        }
-    }
-}
-
-/// The accepted connections of `listener`, without peers of other users.
-pub(crate) fn incoming(listener: UnixListener) -> impl Stream<Item = io::Result<UnixStream>> {
-    futures::stream::unfold(listener, |l| async move {
-        loop {
-            match l.accept().await {
-                Ok((s, _)) if allowed(&s) => return Some((Ok(s), l)),
-                Ok((s, _)) => {
-                    debug!(peer = ?s.peer_cred().ok(), "refused a peer of another user");
-                }
-                Err(e) => return Some((Err(e), l)),
-            }
-        }
-    })
+        })
 }
 
 #[cfg(test)]
@@ -164,8 +100,10 @@ mod tests {
         clear_stale(&path).await.expect("nothing there");
 
         let listener = bind(&path).await.expect("bind");
-        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
-        assert_eq!(mode & 0o777, SOCKET_MODE);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).expect("stat").permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
         assert!(matches!(
             clear_stale(&path).await,
             Err(CacheServiceError::SocketInUse { .. })

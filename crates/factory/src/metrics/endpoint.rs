@@ -8,7 +8,6 @@ use std::convert::Infallible;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -21,14 +20,14 @@ use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use vmfactory_vm::MAX_SOCKET_PATH;
 
 use super::Metrics;
-use crate::cache_service::socket;
+use crate::unix_socket::{self, bind_private, probe_socket, SocketPath};
 
 /// The content type of the Prometheus text exposition format.
 const CONTENT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -177,7 +176,7 @@ impl MetricsServer {
             }
             MetricsAddress::Unix(path) => {
                 let listener = bind_unix(address, path).await?;
-                let accepted = socket::incoming(listener);
+                let accepted = unix_socket::incoming(listener);
                 let task = tokio::spawn(serve(accepted, metrics, stopped, Some(path.clone())));
                 (address.clone(), task)
             }
@@ -213,48 +212,27 @@ impl Drop for MetricsServer {
 
 /// Makes the unix socket: refuses a live one, replaces a stale one, binds and sets 0600.
 async fn bind_unix(address: &MetricsAddress, path: &Path) -> Result<UnixListener, MetricsError> {
-    let io_err = |op, source| MetricsError::Io {
+    let io_err = |(op, source)| MetricsError::Io {
         op,
         address: address.clone(),
         source,
     };
-    match tokio::fs::symlink_metadata(path).await {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(MetricsError::NotASocket(path.to_owned()))
+    match probe_socket(path).await.map_err(io_err)? {
+        SocketPath::Free => {}
+        SocketPath::NotASocket => return Err(MetricsError::NotASocket(path.to_owned())),
+        SocketPath::Live => {
+            return Err(MetricsError::InUse {
+                address: address.clone(),
+            })
         }
-        Ok(_) => match UnixStream::connect(path).await {
-            Ok(_) => {
-                return Err(MetricsError::InUse {
-                    address: address.clone(),
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                info!(path = %path.display(), "removing stale metrics socket");
-                remove(path).await.map_err(|e| io_err("remove", e))?;
-            }
-            Err(e) => return Err(io_err("probe", e)),
-        },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err("stat", e)),
-    }
-    let listener = UnixListener::bind(path).map_err(|e| io_err("bind", e))?;
-    let perms = std::fs::Permissions::from_mode(socket::SOCKET_MODE);
-    if let Err(e) = tokio::fs::set_permissions(path, perms).await {
-        drop(listener);
-        if let Err(e) = remove(path).await {
-            warn!(error = %e, "removing the metrics socket after chmod failed");
+        SocketPath::Stale => {
+            info!(path = %path.display(), "removing stale metrics socket");
+            unix_socket::remove(path)
+                .await
+                .map_err(|e| io_err(("remove", e)))?;
         }
-        return Err(io_err("chmod", e));
     }
-    Ok(listener)
-}
-
-/// Removes a socket file; a missing one is fine.
-async fn remove(path: &Path) -> io::Result<()> {
-    match tokio::fs::remove_file(path).await {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    bind_private(path).await.map_err(io_err)
 }
 
 /// Accepts connections until `stopped`, each served on a task of its own; then removes the
@@ -303,11 +281,13 @@ where
     }
     info!("metrics endpoint stopped");
     match unix {
-        Some(path) => remove(&path).await.map_err(|source| MetricsError::Io {
-            op: "remove",
-            address: MetricsAddress::Unix(path.clone()),
-            source,
-        }),
+        Some(path) => unix_socket::remove(&path)
+            .await
+            .map_err(|source| MetricsError::Io {
+                op: "remove",
+                address: MetricsAddress::Unix(path.clone()),
+                source,
+            }),
         None => Ok(()),
     }
 }
