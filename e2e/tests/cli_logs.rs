@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use vmfactory_e2e::cli::{ok, run, Setup};
+use vmfactory_e2e::cli::{ok, run, Held, Setup};
 use vmfactory_e2e::scaled;
 
 /// A `Setup` booting each VM directly (no template, no server), with `extra` kernel params.
@@ -99,23 +99,7 @@ fn a_vm_that_cannot_boot_reports_its_console_and_keeps_its_log() {
 fn logs_prints_a_held_vms_console_and_follows_it_until_it_stops() {
     let Some(s) = direct_boot(None) else { return };
     let (bin, cfg) = (&s.bin, &s.cfg);
-    let mut holder = Command::new(bin)
-        .arg("--config")
-        .arg(cfg)
-        .args(["get", "--hold"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn get --hold");
-    let mut json = String::new();
-    let mut out = BufReader::new(holder.stdout.take().expect("stdout"));
-    while !json.ends_with("}\n") {
-        assert!(
-            out.read_line(&mut json).expect("read") > 0,
-            "get ended: {json}"
-        );
-    }
-    let got: serde_json::Value = serde_json::from_str(&json).expect("get JSON");
+    let (holder, got) = Held::start(bin, cfg);
     let id = got["id"].as_str().expect("id").to_owned();
 
     // Its boot: the agent announcing itself on the console.
@@ -169,9 +153,7 @@ fn logs_prints_a_held_vms_console_and_follows_it_until_it_stops() {
     );
 
     // The VM stops: `logs -f` ends by itself, successfully.
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(holder.id()).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-    assert!(holder.wait().expect("holder").success());
+    holder.stop();
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = done_tx.send(follower.wait());

@@ -4,21 +4,12 @@
 //! what the configuration would run, completions and manual pages, and `list` / `stop` on VMs
 //! made by the test (a stand-in `sleep` as their QEMU).
 
-use std::path::Path;
 use std::process::{Command, Output};
 
-use vmfactory_hypervisor::{ProcessKind, ProcessRecord};
 use vmfactory_persist::Store;
 
+use super::leftovers::{block_on, orphan};
 use super::{assert_one_line_error, stderr, stdout, Scratch, BIN};
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
-}
 
 fn bin(args: &[&str]) -> Output {
     Command::new(BIN)
@@ -223,20 +214,6 @@ fn completions_and_man_pages_render() {
     );
 }
 
-/// A VM directory with a stored state (`list` reads it) and, when given, a recorded "QEMU".
-fn stored_vm(root: &Path, id: &str, qemu: Option<u32>) {
-    block_on(async {
-        let store = Store::new(root);
-        let dir = store.create_vm_dir(id).await.expect("VM dir");
-        drop(store.lock(id).await.expect("lock"));
-        if let Some(pid) = qemu {
-            ProcessRecord::save(ProcessKind::Qemu, pid, &dir)
-                .await
-                .expect("record");
-        }
-    });
-}
-
 struct Sleep(std::process::Child);
 
 impl Drop for Sleep {
@@ -260,8 +237,10 @@ fn list_and_stop_an_orphan_refuse_a_foreign_owner() {
     const ORPHAN: &str = "3f9e5c74-6d20-4c79-8a90-7abc5e4f3a03";
     const OWNED: &str = "4a0f6d85-7e31-4d8a-9ba1-8bcd6f5a4b04";
     let mut qemu = Sleep(Command::new("sleep").arg("300").spawn().expect("sleep"));
-    stored_vm(&root, ORPHAN, Some(qemu.0.id()));
-    stored_vm(&root, OWNED, None);
+    block_on(async {
+        orphan(&root, ORPHAN, Some(qemu.0.id())).await;
+        orphan(&root, OWNED, None).await;
+    });
     // This test process owns OWNED: not a vmfactory command, so `stop` must not signal it.
     let store = Store::new(&root);
     let lock = block_on(store.lock(OWNED)).expect("lock");

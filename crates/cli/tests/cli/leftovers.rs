@@ -14,7 +14,7 @@ use super::{stdout, Scratch};
 const RECORDED: &str = "1d7c3a52-4b0f-4a57-8f7e-5f9a3c2d1e01";
 const NEVER_RAN: &str = "2e8d4b63-5c1f-4b68-9f8f-6fab4d3e2f02";
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub(super) fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -24,7 +24,7 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// An unowned VM directory under `root` (locked once, as every VM's, then released), with
 /// `qemu` recorded as its QEMU when given, as QEMU records itself.
-async fn orphan(root: &Path, id: &str, qemu: Option<u32>) {
+pub(super) async fn orphan(root: &Path, id: &str, qemu: Option<u32>) {
     let store = Store::new(root);
     let dir = store.create_vm_dir(id).await.expect("VM dir");
     drop(store.lock(id).await.expect("lock"));
