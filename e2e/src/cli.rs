@@ -189,3 +189,16 @@ impl Drop for Held {
         }
     }
 }
+
+/// A background `vmfactory init` (or any child), killed if the test ends before it exits.
+#[derive(Debug)]
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

@@ -11,25 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vmfactory_e2e::cli::{ok, run, status_out, Held, Setup};
+use vmfactory_e2e::cli::{ok, run, status_out, Held, Server, Setup};
 use vmfactory_e2e::scaled;
 
 /// Bound on `init` having made the template and filled the pool (TCG: ~3 s + ~0.5 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Bound on the server exiting after `destroy`.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Kills the `init` process if the test ends before it exits.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 fn alive(pid: u64) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {

@@ -8,28 +8,16 @@ use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmfactory_e2e::cli::{ok, run, Setup};
+use vmfactory_e2e::cli::{ok, run, Server, Setup};
 use vmfactory_e2e::scaled;
 
 /// Bound on `init` having made the template and filled the pool (TCG: ~3 s + ~0.5 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Bound on the server exiting after `destroy`.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Kills the `init` process if the test ends before it exits.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
 
 /// `GET /metrics` over the unix socket: the body of a 200 response, or `None` while nothing
 /// listens yet.

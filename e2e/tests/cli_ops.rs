@@ -7,29 +7,17 @@
 use std::fs;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmfactory_e2e::cli::{ok, run, status_out, Held, Setup};
+use vmfactory_e2e::cli::{ok, run, status_out, Held, Server, Setup};
 use vmfactory_e2e::scaled;
 
 /// Bound on `init` having made the template and filled the pool (TCG: a few seconds).
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// Kills `init` if the test ends before it exits.
-struct Init(Child);
-
-impl Drop for Init {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// Reads notifications until one contains `want`; all that came, in order.
-fn wait_for(sock: &UnixDatagram, want: &str, init: &mut Init) -> Vec<String> {
+fn wait_for(sock: &UnixDatagram, want: &str, init: &mut Server) -> Vec<String> {
     let t0 = Instant::now();
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];
@@ -77,7 +65,7 @@ fn init_notifies_systemd_status_probes_list_and_stop() {
     let sock = UnixDatagram::bind(&notify_path).expect("bind NOTIFY_SOCKET");
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let mut init = Init(
+    let mut init = Server(
         Command::new(&bin)
             .arg("--config")
             .arg(&cfg)
