@@ -407,12 +407,8 @@ mod tests {
         use std::collections::{BTreeMap, BTreeSet};
         let root = crate::util::workspace_root();
         let doc = std::fs::read_to_string(root.join("docs/architecture.md")).expect("doc");
-        let block = doc
-            .split_once("## The crate graph (checked)")
-            .and_then(|(_, rest)| rest.split_once("```text\n"))
-            .and_then(|(_, rest)| rest.split_once("```"))
-            .expect("docs/architecture.md has no crate-graph block")
-            .0;
+        let block = crate::util::text_block(&doc, "## The crate graph (checked)")
+            .expect("docs/architecture.md has no crate-graph block");
         let documented: BTreeMap<String, BTreeSet<String>> = block
             .lines()
             .map(|line| {

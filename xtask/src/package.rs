@@ -602,12 +602,8 @@ categories = ["virtualization"]
     fn readme_lists_the_publish_order() {
         let root = workspace_root();
         let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
-        let documented = readme
-            .split_once("## Publishing")
-            .and_then(|(_, rest)| rest.split_once("```text\n"))
-            .and_then(|(_, rest)| rest.split_once("```"))
-            .expect("README.md has no publishing order block")
-            .0;
+        let documented = util::text_block(&readme, "## Publishing")
+            .expect("README.md has no publishing order block");
         let documented: Vec<&str> = documented.split_whitespace().collect();
         let order =
             publish_order(&members(&workspace_root()).expect("cargo metadata")).expect("order");

@@ -5,6 +5,16 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+/// The first ```` ```text ```` block after `heading` in a Markdown document (the checked
+/// lists in README.md and docs/architecture.md).
+#[cfg(test)]
+pub fn text_block<'a>(doc: &'a str, heading: &str) -> Option<&'a str> {
+    doc.split_once(heading)
+        .and_then(|(_, rest)| rest.split_once("```text\n"))
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .map(|(block, _)| block)
+}
+
 /// The workspace root (parent of `xtask/`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
