@@ -20,7 +20,7 @@ use vmfactory_net::proxy::PortSpec;
 pub struct Cli {
     /// The configuration file [default: /etc/vmfactory/config.toml if it exists, else the
     /// embedded default (`vmfactory config default`)].
-    #[arg(long, global = true, value_name = "PATH", env = "VMFACTORY_CONFIG")]
+    #[arg(long, global = true, value_name = "PATH", env = crate::config_file::CONFIG_ENV)]
     pub config: Option<PathBuf>,
     /// On failure, print the whole error chain, one cause per line.
     #[arg(long, short, global = true)]

@@ -1,10 +1,10 @@
 //! `vmfactory`: the command-line face of the factory (the successor of `kata-runtime factory`).
 //!
-//! This crate owns the command line (`cli`), the configuration file and its checks
-//! (`config_file`, with the embedded `config/default.toml`), the subcommands (`commands`),
+//! This crate owns the command line (`cli`), the subcommands (`commands`),
 //! exit codes (`failure`) and progress output. It does not own how VMs are made, cloned,
 //! pooled or served: that is `vmfactory-factory` and the crates under it, used through their
-//! public APIs only.
+//! public APIs only; the configuration file and its checks are `vmfactory-config`, which the
+//! containerd shim reads too (imported here as `config_file`).
 //!
 //! Exit codes: 0 success, 1 a runtime failure, 2 bad usage or a bad configuration. A failure
 //! is reported as one line, `vmfactory: <message and its causes>`; `--verbose` prints the
@@ -13,7 +13,7 @@
 
 mod cli;
 mod commands;
-mod config_file;
+use vmfactory_config as config_file;
 mod failure;
 mod lock;
 mod probe;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use tracing::{debug, warn};
-use vmfactory_factory::{Factory, FactoryConfig};
+use vmfactory_factory::Factory;
 use vmfactory_hypervisor::VmSize;
 use vmfactory_net::proxy::{BoundPort, PortSpec};
 use vmfactory_persist::{LockMode, Store};
@@ -17,7 +17,7 @@ use vmfactory_vm::{
 };
 
 use super::attach::{attach, terminal_spec, Ended, Signals, Stdio};
-use crate::config_file::Settings;
+use crate::config_file::{FactoryChoice, Settings};
 use crate::failure::{CmdResult, Failure};
 use crate::lock::RootLock;
 
@@ -146,35 +146,20 @@ pub struct RunRequest {
 /// Where `run` takes its VM from: the VM-cache server if one answers, else the template, else a
 /// direct boot (with a note when the configuration asks for a faster one that is not there).
 async fn factory_for_run(s: &Settings) -> anyhow::Result<Factory> {
-    if s.cache_number > 0 {
-        let mut config = FactoryConfig::new(s.vm.clone());
-        config.template_path = s.template_path.clone();
-        config.cache_endpoint = Some(s.endpoint.clone());
-        match Factory::new(&config).await {
-            Ok(f) => return Ok(f),
-            Err(e) => tracing::debug!(error = %e, "no VM-cache server"),
-        }
-    }
-    if s.template {
-        let mut config = FactoryConfig::new(s.vm.clone());
-        config.template_path = s.template_path.clone();
-        config.template = true;
-        config.fetch_only = true;
-        // One VM and the process exits: a QEMU started ahead would only be stopped again.
-        config.prestart = 0;
-        match Factory::new(&config).await {
-            Ok(f) => return Ok(f),
-            Err(e) => tracing::debug!(error = %e, "no template"),
-        }
-    }
-    if s.template || s.cache_number > 0 {
+    let (factory, choice) = s
+        .factory_for_use()
+        .await
+        .context("Cannot build the factory")?;
+    if choice
+        == (FactoryChoice::Direct {
+            faster_configured: true,
+        })
+    {
         eprintln!(
             "vmfactory: note: booting a VM from scratch; `vmfactory init` makes the next ones fast"
         );
     }
-    Factory::new(&FactoryConfig::new(s.vm.clone()))
-        .await
-        .context("Cannot build the factory")
+    Ok(factory)
 }
 
 /// The log target of [`step_took`]: `RUST_LOG=vmfactory::timing=debug` shows where a command's

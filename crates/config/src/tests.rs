@@ -402,7 +402,7 @@ fn unknown_sections_are_named_with_a_hint() {
 
 #[test]
 fn every_kata_key_is_in_the_docs_table() {
-    let docs = include_str!("../../../../docs/configuration.md");
+    let docs = include_str!("../../../docs/configuration.md");
     let mut n = 0;
     for section in keys::SECTIONS {
         for (key, kind) in section.keys.iter().flat_map(|k| k.iter()) {

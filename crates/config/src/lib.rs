@@ -2,6 +2,11 @@
 //! else [`SYSTEM_CONFIG`], else the embedded default), relative-path resolution, and checks
 //! whose errors name the key and, where it can be found, the line.
 
+// The README crates.io shows, compiled as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -19,6 +24,9 @@ use vmfactory_vm::{VmAgentConfig, VmConfig};
 
 /// The embedded default configuration.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+/// The environment variable naming the configuration file (the CLI's `--config` wins over it).
+pub const CONFIG_ENV: &str = "VMFACTORY_CONFIG";
 
 /// The system-wide configuration, used when `--config` is not given and the file exists.
 pub const SYSTEM_CONFIG: &str = "/etc/vmfactory/config.toml";
@@ -791,7 +799,10 @@ impl Settings {
 mod keys;
 mod qemu;
 mod rules;
+mod select;
 mod walk;
+
+pub use select::FactoryChoice;
 
 #[cfg(test)]
 mod tests;
