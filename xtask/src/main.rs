@@ -1,4 +1,5 @@
-//! Project automation: `cargo xtask <guest|tools|lint|package|test|e2e|kvm-host|bench|demo>`.
+//! Project automation:
+//! `cargo xtask <guest|tools|oci-image|lint|package|test|e2e|kvm-host|bench|demo>`.
 
 mod bench;
 mod bench_concurrent;
@@ -52,8 +53,12 @@ enum Cmd {
         #[arg(long, value_enum)]
         kernel: Option<guest::GuestKernel>,
     },
-    /// Install what the tests need: QEMU (apt) and vhost-device-vsock (crates.io).
+    /// Install what the tests need: QEMU, containerd, runc, erofs-utils, busybox-static
+    /// (apt), vhost-device-vsock (crates.io), the guest image and the busybox OCI image.
     Tools,
+    /// Build the busybox OCI image tarball (from Debian's busybox-static) that the container
+    /// tests and bench import with `ctr image import`, into target/oci/busybox.tar.
+    OciImage,
     /// Fail on any lint problem: `cargo fmt --check`, clippy and rustdoc with `-D warnings`.
     Lint,
     /// `cargo package` every publishable crate in dependency order, each verified by building
@@ -173,6 +178,11 @@ fn main() -> Result<()> {
             guest::build_with(&spec, false).map(drop)
         }
         Cmd::Tools => prerequisites(),
+        Cmd::OciImage => {
+            let out = vmfactory_e2e::oci::ensure_image(&vmfactory_e2e::oci::cache_dir(), false)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Cmd::Lint => lint::run(),
         Cmd::Package => package::run(),
         Cmd::Test { no_kvm_host, args } => {
@@ -274,11 +284,14 @@ fn main() -> Result<()> {
     }
 }
 
-/// QEMU, the guest image and the vhost-user vsock backend: everything real VMs need.
+/// QEMU, the guest image and the vhost-user vsock backend: everything real VMs need; and
+/// containerd, runc, erofs-utils and the busybox OCI image for the container tests.
 fn prerequisites() -> Result<()> {
     tools::ensure_qemu()?;
     guest::build(false)?;
     tools::ensure_vhost_device_vsock()?;
+    tools::ensure_containers()?;
+    vmfactory_e2e::oci::ensure_image(&vmfactory_e2e::oci::cache_dir(), false)?;
     Ok(())
 }
 
@@ -292,6 +305,10 @@ fn test_command() -> Command {
         .arg("test")
         .env("VMFACTORY_GUEST_DIR", guest::guest_dir())
         .env("VMFACTORY_VHOST_DEVICE_VSOCK", tools::vhost_device_vsock())
+        .env(
+            vmfactory_e2e::oci::IMAGE_ENV,
+            vmfactory_e2e::oci::cache_dir().join("busybox.tar"),
+        )
         .env("VMFACTORY_E2E_REQUIRE", "1");
     if is_ci() {
         cmd.env("CI", "true");
