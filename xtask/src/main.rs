@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_concurrent;
+mod bench_ctr;
 mod bench_factory;
 mod bench_kernels;
 mod bench_memfloor;
@@ -150,6 +151,11 @@ enum Cmd {
         /// its setup, host<->clone throughput; target/bench/net.json).
         #[arg(long, conflicts_with_all = ["memfloor", "concurrency"])]
         net: bool,
+        /// Instead of the bench: only the container rows (`ctr run --rm IMG ID true` with
+        /// runc, the vmfactory shim on a template and on a direct VM; the shim's steps;
+        /// target/bench/ctr.json). Fails without the shim.
+        #[arg(long, conflicts_with_all = ["memfloor", "concurrency", "net"])]
+        ctr: bool,
     },
 }
 
@@ -251,6 +257,19 @@ fn main() -> Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             let report = rt.block_on(bench_concurrent::run(runs.max(1)))?;
             bench_concurrent::report(&report).map(drop)
+        }
+        Cmd::Bench {
+            runs, ctr: true, ..
+        } => {
+            // The shim first: without it the bench fails before anything slow.
+            let shim = bench_ctr::shim_bin()?;
+            tools::ensure_qemu()?;
+            tools::ensure_containers()?;
+            guest::build(true)?;
+            vmfactory_e2e::oci::ensure_image(&vmfactory_e2e::oci::cache_dir(), true)?;
+            let env = vmfactory_e2e::guest_env().context("Prerequisites missing")?;
+            let report = bench_ctr::run(&env, shim, runs.max(1))?;
+            bench_ctr::report(&report).map(drop)
         }
         Cmd::Bench {
             runs, net: true, ..
