@@ -113,3 +113,56 @@ fn drop_cleans_up_a_running_container() {
     drop(ctrd);
     root.assert_no_leaks();
 }
+
+/// containerd runs `containerd-shim-vmfactory-v2` from the harness's shim directory, with the
+/// environment the harness gave containerd: a stand-in shim records how it was called and
+/// refuses, and `ctr run` fails with nothing left behind.
+#[test]
+fn the_shim_comes_from_the_shim_dir_with_the_given_environment() {
+    use std::os::unix::fs::PermissionsExt as _;
+    use vmfactory_e2e::containerd::{SHIM_BINARY, VMFACTORY_RUNTIME};
+
+    let root = RunRoot::new();
+    let bin = tempfile::tempdir().expect("shim dir");
+    let calls = bin.path().join("calls");
+    let shim = bin.path().join(SHIM_BINARY);
+    std::fs::write(
+        &shim,
+        format!(
+            "#!/bin/sh\necho \"$VMFACTORY_TEST_MARK $*\" >> {}\nexit 1\n",
+            calls.display()
+        ),
+    )
+    .expect("stand-in shim");
+    std::fs::set_permissions(&shim, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let cfg = ContainerdConfig::new(root.path().join("ctrd"))
+        .shim_dir(bin.path())
+        .env("VMFACTORY_TEST_MARK", "marked");
+    let Some(ctrd) = Containerd::start_or_skip(&cfg) else {
+        return;
+    };
+    let image = ctrd.import_busybox().expect("import");
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        VMFACTORY_RUNTIME,
+        &image,
+        "vmf-1",
+        "true",
+    ]);
+    assert!(!out.status.success(), "the stand-in shim refuses");
+    let calls = std::fs::read_to_string(&calls).expect("the shim was run");
+    let first = calls.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("marked "),
+        "environment passed on: {calls}"
+    );
+    assert!(
+        first.contains(" start"),
+        "containerd's `shim start`: {calls}"
+    );
+    assert!(first.contains("-id vmf-1"), "{calls}");
+    ctrd.stop().expect("clean stop");
+    root.assert_no_leaks();
+}
