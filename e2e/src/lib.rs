@@ -10,6 +10,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 pub mod cli;
+pub mod containerd;
+pub mod oci;
 pub mod vm;
 
 /// What a real VM needs on this host.
@@ -25,7 +27,7 @@ pub struct GuestEnv {
     pub vhost_device_vsock: Option<PathBuf>,
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -72,11 +74,11 @@ fn env_set(var: &str) -> bool {
 }
 
 /// Whether the real-QEMU tests must run: `CI=true` or [`REQUIRE_ENV`]`=1`.
-fn required() -> bool {
+pub(crate) fn required() -> bool {
     env_set("CI") || env_set(REQUIRE_ENV)
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|d| d.join(name))

@@ -110,7 +110,7 @@ pub struct RunReport {
 
 /// The `vmfactory` to time: `VMFACTORY_BIN` when set (the nested KVM host carries a release
 /// build and has no cargo), else the release build, built now.
-fn cli_bin() -> Result<PathBuf> {
+pub(crate) fn cli_bin() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("VMFACTORY_BIN") {
         let bin = PathBuf::from(bin);
         ensure!(bin.is_file(), "VMFACTORY_BIN {} is no file", bin.display());
@@ -131,7 +131,7 @@ fn cli_bin() -> Result<PathBuf> {
 }
 
 /// A configuration file for the CLI with everything under `root`.
-fn cli_config(env: &GuestEnv, root: &Path, template: bool, cache: usize) -> String {
+pub(crate) fn cli_config(env: &GuestEnv, root: &Path, template: bool, cache: usize) -> String {
     format!(
         r#"[hypervisor.qemu]
 path = "{qemu}"

@@ -1,7 +1,9 @@
-//! Project automation: `cargo xtask <guest|tools|lint|package|test|e2e|kvm-host|bench|demo>`.
+//! Project automation:
+//! `cargo xtask <guest|tools|oci-image|lint|package|test|e2e|kvm-host|bench|demo>`.
 
 mod bench;
 mod bench_concurrent;
+mod bench_ctr;
 mod bench_factory;
 mod bench_kernels;
 mod bench_memfloor;
@@ -52,8 +54,12 @@ enum Cmd {
         #[arg(long, value_enum)]
         kernel: Option<guest::GuestKernel>,
     },
-    /// Install what the tests need: QEMU (apt) and vhost-device-vsock (crates.io).
+    /// Install what the tests need: QEMU, containerd, runc, erofs-utils, busybox-static
+    /// (apt), vhost-device-vsock (crates.io), the guest image and the busybox OCI image.
     Tools,
+    /// Build the busybox OCI image tarball (from Debian's busybox-static) that the container
+    /// tests and bench import with `ctr image import`, into target/oci/busybox.tar.
+    OciImage,
     /// Fail on any lint problem: `cargo fmt --check`, clippy and rustdoc with `-D warnings`.
     Lint,
     /// `cargo package` every publishable crate in dependency order, each verified by building
@@ -145,6 +151,11 @@ enum Cmd {
         /// its setup, host<->clone throughput; target/bench/net.json).
         #[arg(long, conflicts_with_all = ["memfloor", "concurrency"])]
         net: bool,
+        /// Instead of the bench: only the container rows (`ctr run --rm IMG ID true` with
+        /// runc, the vmfactory shim on a template and on a direct VM; the shim's steps;
+        /// target/bench/ctr.json). Fails without the shim.
+        #[arg(long, conflicts_with_all = ["memfloor", "concurrency", "net"])]
+        ctr: bool,
     },
 }
 
@@ -173,6 +184,11 @@ fn main() -> Result<()> {
             guest::build_with(&spec, false).map(drop)
         }
         Cmd::Tools => prerequisites(),
+        Cmd::OciImage => {
+            let out = vmfactory_e2e::oci::ensure_image(&vmfactory_e2e::oci::cache_dir(), false)?;
+            println!("{}", out.display());
+            Ok(())
+        }
         Cmd::Lint => lint::run(),
         Cmd::Package => package::run(),
         Cmd::Test { no_kvm_host, args } => {
@@ -243,6 +259,19 @@ fn main() -> Result<()> {
             bench_concurrent::report(&report).map(drop)
         }
         Cmd::Bench {
+            runs, ctr: true, ..
+        } => {
+            // The shim first: without it the bench fails before anything slow.
+            let shim = bench_ctr::shim_bin()?;
+            tools::ensure_qemu()?;
+            tools::ensure_containers()?;
+            guest::build(true)?;
+            vmfactory_e2e::oci::ensure_image(&vmfactory_e2e::oci::cache_dir(), true)?;
+            let env = vmfactory_e2e::guest_env().context("Prerequisites missing")?;
+            let report = bench_ctr::run(&env, shim, runs.max(1))?;
+            bench_ctr::report(&report).map(drop)
+        }
+        Cmd::Bench {
             runs, net: true, ..
         } => {
             tools::ensure_qemu()?;
@@ -274,11 +303,14 @@ fn main() -> Result<()> {
     }
 }
 
-/// QEMU, the guest image and the vhost-user vsock backend: everything real VMs need.
+/// QEMU, the guest image and the vhost-user vsock backend: everything real VMs need; and
+/// containerd, runc, erofs-utils and the busybox OCI image for the container tests.
 fn prerequisites() -> Result<()> {
     tools::ensure_qemu()?;
     guest::build(false)?;
     tools::ensure_vhost_device_vsock()?;
+    tools::ensure_containers()?;
+    vmfactory_e2e::oci::ensure_image(&vmfactory_e2e::oci::cache_dir(), false)?;
     Ok(())
 }
 
@@ -292,6 +324,10 @@ fn test_command() -> Command {
         .arg("test")
         .env("VMFACTORY_GUEST_DIR", guest::guest_dir())
         .env("VMFACTORY_VHOST_DEVICE_VSOCK", tools::vhost_device_vsock())
+        .env(
+            vmfactory_e2e::oci::IMAGE_ENV,
+            vmfactory_e2e::oci::cache_dir().join("busybox.tar"),
+        )
         .env("VMFACTORY_E2E_REQUIRE", "1");
     if is_ci() {
         cmd.env("CI", "true");

@@ -1,5 +1,6 @@
-//! Host tools the tests need and the project installs itself: QEMU (Debian package) and
-//! rust-vmm's `vhost-device-vsock` (crates.io), the user-space backend for hybrid vsock.
+//! Host tools the tests need and the project installs itself: QEMU (Debian package),
+//! rust-vmm's `vhost-device-vsock` (crates.io), the user-space backend for hybrid vsock, and
+//! what the OCI container tests run (Debian's containerd, runc, erofs-utils, busybox-static).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -15,15 +16,38 @@ const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
 /// e2e makes its qcow2 image with) and `nftables` (`nft`, which VM networks need) with apt
 /// when they are missing.
 pub fn ensure_qemu() -> Result<()> {
-    let missing: Vec<&str> = [
+    apt_install_missing(&[
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("qemu-img", "qemu-utils"),
         ("nft", "nftables"),
-    ]
-    .into_iter()
-    .filter(|(bin, _)| !on_path(bin))
-    .map(|(_, package)| package)
-    .collect();
+    ])
+}
+
+/// Installs what the OCI container tests and bench need with apt when missing: `containerd`
+/// (Debian's 1.6, with `ctr`), `runc` (the baseline runtime, and the proof of the harness),
+/// `erofs-utils` (`mkfs.erofs`, which turns a snapshot into the image the VM mounts) and
+/// `busybox-static` (on the host for tools that copy it; the test image itself is built from
+/// the downloaded .deb, see `oci_image`).
+pub fn ensure_containers() -> Result<()> {
+    apt_install_missing(&CONTAINER_TOOLS)
+}
+
+/// `(binary, Debian package)` of [`ensure_containers`]; busybox-static's binary is
+/// `/bin/busybox`, which the dynamic `busybox` package also provides, hence the path.
+const CONTAINER_TOOLS: [(&str, &str); 4] = [
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("mkfs.erofs", "erofs-utils"),
+    ("busybox", "busybox-static"),
+];
+
+/// Installs the packages of the `(binary, package)` pairs whose binary is not on `PATH`.
+fn apt_install_missing(tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| !on_path(bin))
+        .map(|(_, package)| *package)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }

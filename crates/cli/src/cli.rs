@@ -150,6 +150,13 @@ pub enum Command {
         /// `vmfactory`].
         subcommand: Option<String>,
     },
+    /// Set up containerd to run OCI containers in vmfactory VMs: `vmfactory containerd
+    /// install` (docs/containers.md).
+    Containerd {
+        /// What to do.
+        #[command(subcommand)]
+        cmd: crate::commands::containerd::ContainerdCommand,
+    },
     /// Check and print what vmfactory stores, as JSON: the template metadata, a VM's saved
     /// state, a VM wire form. Read-only: takes no lock and changes nothing.
     Inspect {

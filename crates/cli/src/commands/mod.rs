@@ -2,6 +2,7 @@
 
 mod attach;
 mod config;
+pub mod containerd;
 mod destroy;
 mod get;
 mod init;
@@ -112,6 +113,11 @@ async fn run_other(cmd: Command, config: Option<&Path>) -> CmdResult {
         Command::Man { subcommand } => return man(subcommand.as_deref()),
         _ => {}
     }
+    // Needs no vmfactory configuration either; takes `cmd` by value.
+    let cmd = match cmd {
+        Command::Containerd { cmd } => return containerd::run(cmd).await,
+        cmd => cmd,
+    };
     // Prints the warnings itself, and every problem on its own line.
     if let Command::Config {
         cmd: ConfigCommand::Check,
@@ -124,7 +130,8 @@ async fn run_other(cmd: Command, config: Option<&Path>) -> CmdResult {
         Command::Run(_)
         | Command::Exec { .. }
         | Command::Completions { .. }
-        | Command::Man { .. } => Ok(()),
+        | Command::Man { .. }
+        | Command::Containerd { .. } => Ok(()),
         Command::List { json } => list::run(&settings, json).await,
         Command::Stop { id } => stop::run(&settings, &id).await,
         Command::Init => init::run(&settings).await,
