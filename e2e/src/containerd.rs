@@ -123,8 +123,14 @@ impl Containerd {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .spawn()
-            .context("Cannot start containerd")?;
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&cfg.dir);
+                return Err(anyhow::Error::new(e).context("Cannot start containerd"));
+            }
+        };
         let mut me = Self {
             child: Some(child),
             dir: cfg.dir.clone(),

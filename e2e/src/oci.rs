@@ -40,27 +40,6 @@ pub fn cache_dir() -> PathBuf {
     crate::workspace_root().join("target/oci")
 }
 
-/// The image tarball for the tests: [`IMAGE_ENV`] if set, else the one in [`cache_dir`]
-/// (built first when missing or stale). `None`, with a message, when it cannot be built
-/// here; under `CI=true` or `VMFACTORY_E2E_REQUIRE=1` that panics instead.
-pub fn image_or_skip() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os(IMAGE_ENV) {
-        return Some(PathBuf::from(path));
-    }
-    match ensure_image(&cache_dir(), true) {
-        Ok(path) => Some(path),
-        Err(e) => {
-            assert!(
-                !crate::required(),
-                "the container tests must run here, but the busybox OCI image cannot be \
-                 built: {e:#}"
-            );
-            eprintln!("SKIPPED: cannot build the busybox OCI image ({e:#})");
-            None
-        }
-    }
-}
-
 /// Builds `dir/busybox.tar` from the `busybox-static` .deb (downloaded into `dir` with
 /// `apt-get download` once) unless it is already built from that .deb; returns its path.
 pub fn ensure_image(dir: &Path, quiet: bool) -> Result<PathBuf> {

@@ -139,6 +139,7 @@ fn fresh_config_then_a_second_run_changes_nothing() {
         !s.path().join("etc/config.toml.vmfactory-backup").exists(),
         "no backup of a file that did not exist"
     );
+    assert!(!out.contains("previous config"), "{out}");
 
     let before = s.snapshot();
     let again = assert_ok(&s.install(&[]));
@@ -176,6 +177,21 @@ fn existing_config_is_kept_and_backed_up() {
     let before = s.snapshot();
     assert_ok(&s.install(&[]));
     assert_eq!(s.snapshot(), before);
+}
+
+#[test]
+fn a_symlinked_config_is_edited_where_it_points() {
+    let s = Setup::new();
+    let real = s.path().join("etc/real.toml");
+    fs::write(&real, DEBIAN).expect("config");
+    std::os::unix::fs::symlink(&real, s.config()).expect("symlink");
+    let out = assert_ok(&s.install(&[]));
+    assert!(fs::symlink_metadata(s.config()).expect("meta").is_symlink());
+    assert_eq!(
+        fs::read_to_string(&real).expect("real"),
+        format!("{DEBIAN}\n{ENTRY}")
+    );
+    assert!(out.contains("real.toml.vmfactory-backup"), "{out}");
 }
 
 #[test]

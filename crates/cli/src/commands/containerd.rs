@@ -90,6 +90,20 @@ struct Install {
 }
 
 fn install(req: &Install) -> CmdResult {
+    // A symlinked config is edited where it points, not replaced by a file.
+    let resolved;
+    let req = match fs::canonicalize(&req.config) {
+        Ok(real) if real != req.config => {
+            resolved = Install {
+                config: real,
+                bin_dir: req.bin_dir.clone(),
+                shim: req.shim.clone(),
+                dry_run: req.dry_run,
+            };
+            &resolved
+        }
+        _ => req,
+    };
     // Everything that can be refused is checked before anything is written.
     let source = match &req.shim {
         Some(path) => path.clone(),
@@ -198,7 +212,7 @@ fn report(req: &Install, target: &Path, shim_changed: bool, config_changed: bool
             "{verb} runtime {HANDLER} ({RUNTIME_TYPE}) in {}",
             req.config.display()
         );
-        if !req.dry_run && req.config.exists() {
+        if !req.dry_run && backup_path(&req.config).exists() {
             println!(
                 "The previous config is in {}",
                 backup_path(&req.config).display()
