@@ -12,6 +12,13 @@
 //! writes go to guest memory and are gone when the container is deleted; they are never
 //! reflected in containerd's snapshot.
 
+#![deny(missing_docs)]
+
+// The README crates.io shows: its example compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 pub mod events;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;

@@ -10,11 +10,12 @@
 //! snapshot.
 //!
 //! Several shims (one per `ctr run`) may ask for the same image at once. A build holds an
-//! exclusive `flock` on `<key>.lock` and writes `<key>.erofs.tmp-<pid>` before renaming it into
-//! place, so one build runs and the others find its result. A user of an image holds a shared
-//! lock on the same file ([`RootfsImage`]) until its container is deleted; pruning only removes
-//! an image whose exclusive lock it gets without waiting, so an image in use is never removed.
-//! A shim that dies releases its locks with its file descriptors.
+//! exclusive `flock` on `<key>.build` and writes `<key>.erofs.tmp-<pid>` before renaming it
+//! into place, so one build runs and the others find its result. A user of an image holds a
+//! shared lock on `<key>.lock` ([`RootfsImage`]) from before its lookup until its container is
+//! deleted; pruning only removes an image whose `<key>.lock` it gets exclusively without
+//! waiting, so an image in use (or being looked up or built) is never removed. A shim that
+//! dies releases its locks with its file descriptors.
 //!
 //! The bound: after each build, images beyond the newest [`RootfsConfig::max_images`] or past
 //! [`RootfsConfig::max_bytes`] in total (newest first, by mtime, which a hit refreshes) are
@@ -238,42 +239,36 @@ impl RootfsCache {
         })
         .await?;
 
-        let lock = blocking({
+        // The lease: held by every user of the image until its container is deleted, so a
+        // pruner (which needs it exclusively) never removes an image in use.
+        let lease = blocking({
             let p = lock_path.clone();
+            move || lock_file(&p, FlockArg::LockShared)
+        })
+        .await?;
+        if exists(&image)? {
+            touch(&image);
+            return Ok(RootfsImage {
+                path: image,
+                built: false,
+                _lease: lease,
+            });
+        }
+        // Builders take another lock, so waiting to build never waits for the image's users.
+        let build_lock = blocking({
+            let p = dir.join(format!("{key}.build"));
             move || lock_file(&p, FlockArg::LockExclusive)
         })
         .await?;
-        let built = match fs::metadata(&image) {
-            Ok(_) => {
-                touch(&image);
-                false
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+        // Another builder may have finished while we waited.
+        let built = match exists(&image)? {
+            true => false,
+            false => {
                 self.build(layers, &image).await?;
                 true
             }
-            Err(source) => {
-                return Err(RootfsError::Io {
-                    path: image,
-                    source,
-                })
-            }
         };
-        // Downgrade to shared: other users may now take it, pruning may not.
-        let lease = blocking(move || {
-            let file = lock
-                .unlock()
-                .map_err(|(_, e)| e)
-                .map_err(|e| RootfsError::Io {
-                    path: lock_path.clone(),
-                    source: e.into(),
-                })?;
-            Flock::lock(file, FlockArg::LockShared).map_err(|(_, e)| RootfsError::Io {
-                path: lock_path,
-                source: e.into(),
-            })
-        })
-        .await?;
+        drop(build_lock);
         if built {
             let cache = self.clone();
             blocking(move || {
@@ -403,7 +398,7 @@ impl RootfsCache {
                 Some((p, md.modified().ok()?, md.len()))
             })
             .collect();
-        images.sort_by(|a, b| b.1.cmp(&a.1));
+        images.sort_by_key(|i| std::cmp::Reverse(i.1));
         let mut total = 0u64;
         for (n, (path, _, len)) in images.into_iter().enumerate() {
             total = total.saturating_add(len);
@@ -415,6 +410,7 @@ impl RootfsCache {
                 Ok(_held) => {
                     // Removed under the lock: a later locker sees a new inode and retries.
                     let _ = fs::remove_file(&path);
+                    let _ = fs::remove_file(path.with_extension("build"));
                     let _ = fs::remove_file(&lock_path);
                     debug!(image = %path.display(), "pruned rootfs image");
                 }
@@ -446,6 +442,17 @@ fn lock_file(path: &Path, how: FlockArg) -> Result<Flock<File>, RootfsError> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_err(e)),
         }
+    }
+}
+
+fn exists(path: &Path) -> Result<bool, RootfsError> {
+    match fs::metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(RootfsError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 

@@ -7,14 +7,19 @@
 //! process's stream ends, and then the FIFO is closed, which containerd reads as EOF.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
 use crate::sandbox::{OutputStream, SandboxProcess, StdinStream};
+
+/// Bytes moved per read from the stdin FIFO.
+const COPY_BUFFER: usize = 64 << 10;
 
 /// The FIFO paths of one process (empty: not wired).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,20 +56,25 @@ pub struct Copies {
 
 /// The stdin copy; dropping it stops the copy and closes the process's stdin.
 #[derive(Debug, Default)]
-pub struct StdinCopy(Option<JoinHandle<()>>);
+pub struct StdinCopy {
+    close: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
 
 impl StdinCopy {
-    /// Stops copying stdin, which closes the process's stdin.
+    /// Copies what containerd has written so far, then closes the process's stdin.
     pub fn close(&mut self) {
-        if let Some(h) = self.0.take() {
-            h.abort();
+        if let Some(tx) = self.close.take() {
+            let _ = tx.send(());
         }
     }
 }
 
 impl Drop for StdinCopy {
     fn drop(&mut self) {
-        self.close();
+        if let Some(h) = self.task.take() {
+            h.abort();
+        }
     }
 }
 
@@ -113,9 +123,15 @@ pub fn wire(process: &mut dyn SandboxProcess, paths: &StdioPaths) -> Result<Copi
     };
 
     let stdin = match (stdin_fifo, process.take_stdin()) {
-        (Some(fifo), Some(to)) => Some(tokio::spawn(copy_in(fifo, to))),
+        (Some(fifo), Some(to)) => {
+            let (tx, rx) = oneshot::channel();
+            StdinCopy {
+                close: Some(tx),
+                task: Some(tokio::spawn(copy_in(fifo, to, rx))),
+            }
+        }
         // No stdin FIFO: the process's stdin is closed at once (the end is dropped here).
-        _ => None,
+        _ => StdinCopy::default(),
     };
     let mut outputs = Vec::new();
     for (fifo, from) in [
@@ -130,14 +146,41 @@ pub fn wire(process: &mut dyn SandboxProcess, paths: &StdioPaths) -> Result<Copi
         }
     }
     Ok(Copies {
-        stdin: StdinCopy(stdin),
+        stdin,
         outputs: OutputCopies(outputs),
     })
 }
 
-async fn copy_in(mut fifo: pipe::Receiver, mut to: StdinStream) {
-    if let Err(e) = tokio::io::copy(&mut fifo, &mut to).await {
-        debug!(error = %e, "stdin copy ended");
+/// Copies stdin until `close` (CloseIO): then what is already in the FIFO (containerd wrote it
+/// before asking) is copied too, and the process's stdin is closed.
+async fn copy_in(mut fifo: pipe::Receiver, mut to: StdinStream, mut close: oneshot::Receiver<()>) {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    loop {
+        tokio::select! {
+            biased;
+            n = fifo.read(&mut buf) => match n {
+                Ok(0) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "stdin copy ended");
+                    break;
+                }
+            },
+            _ = &mut close => {
+                // A plain non-blocking read: tokio's `try_read` answers WouldBlock until its
+                // reactor has seen the data arrive, which it may not have yet.
+                while let Ok(n) = nix::unistd::read(fifo.as_raw_fd(), &mut buf) {
+                    if n == 0 || to.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                break;
+            }
+        }
     }
     let _ = to.shutdown().await;
 }
