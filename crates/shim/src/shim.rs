@@ -76,6 +76,20 @@ fn annotations_in(bundle: &Path) -> HashMap<String, String> {
         .unwrap_or_default()
 }
 
+/// A dead shim's leftovers in `bundle`: the VM its record names is stopped and the rootfs
+/// unmounted. Failures are logged: `vmfactory destroy` still finds the VM under its run root.
+pub async fn clean_bundle(bundle: &Path, provider: &dyn SandboxProvider) {
+    let record = bundle.join(VM_RECORD_FILE);
+    if let Ok(text) = tokio::fs::read_to_string(&record).await {
+        match provider.stop_recorded(text.trim()).await {
+            Ok(()) => info!(vm = %text.trim(), "stopped the dead shim's VM"),
+            Err(e) => warn!(error = %crate::status::one_line(&e), "cannot stop the dead shim's VM"),
+        }
+        let _ = tokio::fs::remove_file(&record).await;
+    }
+    crate::mounts::unmount(&bundle.join("rootfs")).await;
+}
+
 #[async_trait]
 impl Shim for VmfactoryShim {
     type T = TaskService;

@@ -194,3 +194,36 @@ async fn copy_out(
     }
     let _ = fifo.flush().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeSandbox;
+    use crate::sandbox::{ContainerRequest, SandboxProvider};
+
+    #[tokio::test]
+    async fn a_missing_fifo_is_an_error_naming_it() {
+        let fake = FakeSandbox::new();
+        let vm = fake.new_vm("s").await.expect("vm");
+        let spec: oci_spec::runtime::Spec = serde_json::from_value(serde_json::json!({
+            "ociVersion": "1.0.2", "process": {"args": ["echo", "x"], "cwd": "/",
+            "user": {"uid": 0, "gid": 0}}}))
+        .expect("spec");
+        let mut p = vm
+            .create_container(&ContainerRequest {
+                id: "c".into(),
+                spec,
+                rootfs_image: "/img".into(),
+            })
+            .await
+            .expect("create");
+        let paths = StdioPaths {
+            stdout: "/nonexistent/fifo".into(),
+            ..Default::default()
+        };
+        let e = wire(p.as_mut(), &paths).expect_err("missing");
+        assert_eq!(e.path, Path::new("/nonexistent/fifo"));
+        // Nothing was taken: the streams are still there for a retry.
+        assert!(p.take_stdout().is_some());
+    }
+}

@@ -263,3 +263,68 @@ impl Task for TaskService {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_are_cgroups_v1_metrics() {
+        let m = metrics(&ContainerUsage {
+            cpu_usage_ns: 7,
+            memory_usage_bytes: 8,
+            memory_limit_bytes: 9,
+            pids: 2,
+        });
+        let bytes = m.write_to_bytes().expect("encode");
+        let back = Metrics::parse_from_bytes(&bytes).expect("decode");
+        assert_eq!(back.cpu.usage.total, 7);
+        assert_eq!(back.memory.usage.usage, 8);
+        assert_eq!(back.memory.usage.limit, 9);
+        assert_eq!(back.pids.current, 2);
+    }
+
+    #[test]
+    fn an_exec_spec_is_the_oci_process_json() {
+        let any = Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value:
+                br#"{"args":["sh","-c","id"],"cwd":"/tmp","user":{"uid":1,"gid":2},"env":["A=b"]}"#
+                    .to_vec(),
+            ..Default::default()
+        };
+        let p = exec_spec(Some(&any)).expect("spec");
+        assert_eq!(
+            p.args().as_deref(),
+            Some(&["sh".into(), "-c".into(), "id".into()][..])
+        );
+        assert_eq!((p.user().uid(), p.user().gid()), (1, 2));
+        assert_eq!(
+            exec_spec(None).expect_err("none").code,
+            Code::InvalidArgument
+        );
+        let bad = Any {
+            value: b"{nope".to_vec(),
+            ..Default::default()
+        };
+        let e = exec_spec(Some(&bad)).expect_err("bad");
+        assert_eq!(e.code, Code::InvalidArgument);
+        assert!(
+            e.message.starts_with("Bad exec process spec"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn task_errors_become_ttrpc_statuses_with_their_code() {
+        let e: containerd_shim::protos::ttrpc::Error = TaskError::no_container("c").into();
+        match e {
+            containerd_shim::protos::ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), containerd_shim::protos::ttrpc::Code::NOT_FOUND);
+                assert_eq!(s.message(), "container c not found");
+            }
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+}
