@@ -23,6 +23,7 @@ pub mod events;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
 pub mod mounts;
+pub mod node;
 pub mod rootfs;
 pub mod sandbox;
 pub mod service;

@@ -16,7 +16,7 @@ pub type StdinStream = Box<dyn AsyncWrite + Send + Unpin>;
 pub type OutputStream = Box<dyn AsyncRead + Send + Unpin>;
 
 /// Why a sandbox call failed. The service maps each variant to a ttRPC code.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SandboxError {
     /// No such container or process in the VM.
     #[error("Not found in the sandbox: {0}")]
@@ -134,21 +134,27 @@ pub trait SandboxProvider: Send + Sync + Debug {
     async fn stop_recorded(&self, record: &str) -> Result<(), SandboxError>;
 }
 
-/// The provider of a shim built without the `vm` feature: every VM is refused, typed.
-#[derive(Debug, Clone, Copy)]
-pub struct NoVms;
+/// A provider that refuses every VM with one error: a shim built without the `vm` feature
+/// ([`Refused::no_vm_feature`]) or whose node configuration does not load.
+#[derive(Debug, Clone)]
+pub struct Refused(pub SandboxError);
 
-#[async_trait]
-impl SandboxProvider for NoVms {
-    async fn new_vm(&self, _sandbox_id: &str) -> Result<Arc<dyn SandboxVm>, SandboxError> {
-        Err(SandboxError::Unsupported(
+impl Refused {
+    /// The refusal of a shim built without the `vm` feature.
+    pub fn no_vm_feature() -> Self {
+        Refused(SandboxError::Unsupported(
             "this shim was built without the `vm` feature".into(),
         ))
     }
+}
+
+#[async_trait]
+impl SandboxProvider for Refused {
+    async fn new_vm(&self, _sandbox_id: &str) -> Result<Arc<dyn SandboxVm>, SandboxError> {
+        Err(self.0.clone())
+    }
 
     async fn stop_recorded(&self, _record: &str) -> Result<(), SandboxError> {
-        Err(SandboxError::Unsupported(
-            "this shim was built without the `vm` feature".into(),
-        ))
+        Err(self.0.clone())
     }
 }

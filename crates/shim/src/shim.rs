@@ -147,10 +147,11 @@ impl Shim for VmfactoryShim {
 }
 
 impl ShimSetup {
-    /// A setup whose VMs are refused with [`crate::sandbox::SandboxError::Unsupported`].
+    /// A setup whose VMs are refused with [`crate::sandbox::SandboxError::Unsupported`], with
+    /// images under the default run root.
     pub fn unsupported() -> Self {
         ShimSetup {
-            provider: Arc::new(crate::sandbox::NoVms),
+            provider: Arc::new(crate::sandbox::Refused::no_vm_feature()),
             rootfs: RootfsConfig::new(Path::new(crate::DEFAULT_RUN_ROOT)),
         }
     }

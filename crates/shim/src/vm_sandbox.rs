@@ -11,27 +11,16 @@ use async_trait::async_trait;
 use tokio::sync::OnceCell;
 use tracing::info;
 use vmfactory_agent::{ExitStatus, ProcessSpec};
-use vmfactory_factory::{Factory, FactoryConfig};
+use vmfactory_config::Settings;
+use vmfactory_factory::Factory;
 use vmfactory_vm::containers::{ContainerConfig, ContainerError};
-use vmfactory_vm::{HypervisorConfig, Process, Vm, VmConfig};
+use vmfactory_vm::{Process, Vm};
 
 use crate::sandbox::{
     ContainerRequest, ContainerUsage, OutputStream, ProcessExit, SandboxError, SandboxProcess,
     SandboxProvider, SandboxVm, StdinStream,
 };
 use crate::status::one_line;
-
-/// `VMFACTORY_CACHE_SOCKET`: take VMs from this VM-cache server.
-pub const ENV_CACHE_SOCKET: &str = "VMFACTORY_CACHE_SOCKET";
-/// `VMFACTORY_TEMPLATE_PATH`: clone VMs from the template there (fetch-only).
-pub const ENV_TEMPLATE_PATH: &str = "VMFACTORY_TEMPLATE_PATH";
-/// `VMFACTORY_RUN_ROOT`: the factory's run root (default `/run/vc`).
-pub const ENV_RUN_ROOT: &str = "VMFACTORY_RUN_ROOT";
-/// `VMFACTORY_GUEST_DIR`: the guest's `vmlinuz` and `initramfs.cpio` (default
-/// `/usr/share/vmfactory/guest`), as the e2e harness lays them out.
-pub const ENV_GUEST_DIR: &str = "VMFACTORY_GUEST_DIR";
-/// The guest directory when `VMFACTORY_GUEST_DIR` is unset.
-pub const DEFAULT_GUEST_DIR: &str = "/usr/share/vmfactory/guest";
 
 fn vm_error(e: &ContainerError) -> SandboxError {
     SandboxError::Vm(one_line(e))
@@ -41,49 +30,26 @@ fn vm_error2(e: &vmfactory_vm::Error) -> SandboxError {
     SandboxError::Vm(one_line(e))
 }
 
-/// VMs from a factory built from a `FactoryConfig` at the first container.
+/// VMs from the node's factory: the VM-cache server if it answers, else the template, else
+/// direct boots (`Settings::factory_for_use`, chosen at the first container).
 #[derive(Debug)]
 pub struct FactoryProvider {
-    config: FactoryConfig,
+    settings: Settings,
     factory: OnceCell<Factory>,
 }
 
 impl FactoryProvider {
-    /// A provider over `config`.
-    pub fn new(config: FactoryConfig) -> Self {
+    /// A provider for the node configured by `settings`.
+    pub fn new(settings: Settings) -> Self {
         FactoryProvider {
-            config,
+            settings,
             factory: OnceCell::new(),
         }
     }
 
-    /// The factory config the environment names: a VM-cache client with
-    /// `VMFACTORY_CACHE_SOCKET`, else clones of the template at `VMFACTORY_TEMPLATE_PATH`,
-    /// else direct VMs; run root from `VMFACTORY_RUN_ROOT`. (The node's config file is read
-    /// by the CLI; the shim's use of it is wired by the lead.)
-    pub fn from_env() -> Self {
-        let guest = std::env::var_os(ENV_GUEST_DIR)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_GUEST_DIR));
-        let hv = HypervisorConfig::new(guest.join("vmlinuz"), Some(guest.join("initramfs.cpio")));
-        let mut vm = VmConfig::new(hv);
-        if let Some(root) = std::env::var_os(ENV_RUN_ROOT) {
-            vm.run_root = PathBuf::from(root);
-        }
-        let mut config = FactoryConfig::new(vm);
-        if let Some(sock) = std::env::var_os(ENV_CACHE_SOCKET) {
-            config.cache_endpoint = Some(PathBuf::from(sock));
-        } else if let Some(t) = std::env::var_os(ENV_TEMPLATE_PATH) {
-            config.template = true;
-            config.fetch_only = true;
-            config.template_path = PathBuf::from(t);
-        }
-        Self::new(config)
-    }
-
-    /// The run root of the VMs (rootfs images go in `<run_root>/rootfs`).
+    /// The run root of the VMs.
     pub fn run_root(&self) -> PathBuf {
-        self.config.vm.run_root.clone()
+        self.settings.vm.run_root.clone()
     }
 }
 
@@ -92,7 +58,11 @@ impl SandboxProvider for FactoryProvider {
     async fn new_vm(&self, sandbox_id: &str) -> Result<Arc<dyn SandboxVm>, SandboxError> {
         let factory = self
             .factory
-            .get_or_try_init(|| Factory::new(&self.config))
+            .get_or_try_init(|| async {
+                let (f, choice) = self.settings.factory_for_use().await?;
+                info!(?choice, "sandbox VMs come from this factory");
+                Ok::<_, vmfactory_factory::NewFactoryError>(f)
+            })
             .await
             .map_err(|e| SandboxError::Vm(one_line(&e)))?;
         // The base's own config: a VM-cache server's base is the server's.

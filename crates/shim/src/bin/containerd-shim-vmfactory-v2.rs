@@ -1,33 +1,38 @@
 //! `containerd-shim-vmfactory-v2`: containerd starts it as `io.containerd.vmfactory.v2`.
 
-use vmfactory_shim::{shim, ShimSetup, VmfactoryShim, RUNTIME_ID};
+use std::sync::Arc;
 
-/// The setup of this node: with the `vm` feature, VMs from the factory the environment names
-/// (`vmfactory_shim::vm_sandbox::FactoryProvider::from_env`); without it, none.
-fn setup() -> ShimSetup {
-    #[cfg(feature = "vm")]
-    {
-        let provider = vmfactory_shim::vm_sandbox::FactoryProvider::from_env();
-        let rootfs = vmfactory_shim::RootfsConfig::new(&provider.run_root());
-        ShimSetup {
-            provider: std::sync::Arc::new(provider),
-            rootfs,
+use vmfactory_shim::sandbox::{Refused, SandboxError, SandboxProvider};
+use vmfactory_shim::{node, shim, ShimSetup, VmfactoryShim, RUNTIME_ID};
+
+/// The node's setup: VMs from the factory its configuration names (feature `vm`), images under
+/// its run root. A configuration that does not load refuses every Create with its error.
+async fn setup() -> ShimSetup {
+    let settings = match node::load(node::config_from_env().as_deref()).await {
+        Ok(s) => s,
+        Err(e) => {
+            let mut s = ShimSetup::unsupported();
+            s.provider = Arc::new(Refused(SandboxError::Invalid(format!(
+                "Bad vmfactory configuration: {}",
+                vmfactory_shim::status::one_line(&e)
+            ))));
+            return s;
         }
-    }
+    };
+    let rootfs = node::rootfs_config(&settings);
+    #[cfg(feature = "vm")]
+    let provider: Arc<dyn SandboxProvider> =
+        Arc::new(vmfactory_shim::vm_sandbox::FactoryProvider::new(settings));
     #[cfg(not(feature = "vm"))]
-    {
-        use std::path::PathBuf;
-        let run_root = std::env::var_os("VMFACTORY_RUN_ROOT")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(vmfactory_shim::DEFAULT_RUN_ROOT));
-        let mut s = ShimSetup::unsupported();
-        s.rootfs = vmfactory_shim::RootfsConfig::new(&run_root);
-        s
-    }
+    let provider: Arc<dyn SandboxProvider> = {
+        drop(settings);
+        Arc::new(Refused::no_vm_feature())
+    };
+    ShimSetup { provider, rootfs }
 }
 
 #[tokio::main]
 async fn main() {
-    shim::set_setup(setup());
+    shim::set_setup(setup().await);
     containerd_shim::asynchronous::run::<VmfactoryShim>(RUNTIME_ID, None).await;
 }
