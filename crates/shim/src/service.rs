@@ -204,10 +204,16 @@ impl TaskService {
             .and_then(|a| a.get(SANDBOX_ID_ANNOTATION).cloned())
             .unwrap_or_else(|| p.id.clone());
 
+        // The VM first: a node that cannot give one (bad configuration, no `vm` feature)
+        // mounts and builds nothing.
+        let vm = self.vm_for(&sandbox_id).await?;
         let mounted = match p.rootfs.is_empty() {
             true => None,
             false => {
-                crate::mounts::mount_all(&p.rootfs, &rootfs_dir).await?;
+                if let Err(e) = crate::mounts::mount_all(&p.rootfs, &rootfs_dir).await {
+                    self.stop_vm_if_idle().await;
+                    return Err(e);
+                }
                 Some(rootfs_dir.clone())
             }
         };
@@ -223,14 +229,8 @@ impl TaskService {
             Ok(i) => i,
             Err(e) => {
                 undo_mount(&mounted).await;
+                self.stop_vm_if_idle().await;
                 return Err(TaskError::from_error(Code::Internal, &e));
-            }
-        };
-        let vm = match self.vm_for(&sandbox_id).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                undo_mount(&mounted).await;
-                return Err(e);
             }
         };
         if let Err(e) = tokio::fs::write(bundle.join(VM_RECORD_FILE), vm.record()).await {

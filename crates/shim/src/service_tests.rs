@@ -404,3 +404,28 @@ async fn a_second_container_shares_the_sandbox_vm() {
     e.svc.delete("b", "").await.expect("delete b");
     e.fake.with(|s| assert_eq!(s.stopped, ["a"]));
 }
+
+#[tokio::test]
+async fn a_node_without_vms_mounts_and_builds_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let run = tmp.path().join("run");
+    let svc = TaskService::new(
+        Arc::new(crate::sandbox::Refused::no_vm_feature()),
+        Arc::new(RecordingSink::default()),
+        RootfsCache::new(RootfsConfig::new(&run)),
+        Arc::new(ExitSignal::default()),
+    );
+    let mut p = bundle(tmp.path(), "c", &["true"], false);
+    let layer = tmp.path().join("snapshot");
+    fs::create_dir_all(&layer).expect("layer");
+    p.rootfs = vec![RootfsMount {
+        kind: "bind".into(),
+        source: layer.to_string_lossy().into_owned(),
+        options: vec!["rbind".into()],
+    }];
+    let e = svc.create(p.clone()).await.expect_err("refused");
+    assert_eq!(e.code, Code::Unimplemented);
+    assert!(e.message.contains("`vm` feature"), "{}", e.message);
+    assert!(!is_mounted(&PathBuf::from(&p.bundle).join("rootfs")));
+    assert!(!run.join("rootfs").exists(), "no image was built");
+}
