@@ -384,6 +384,24 @@ impl RootfsCache {
         })
     }
 
+    /// Removes every image not in use (for `vmfactory destroy`); returns how many are kept
+    /// because a container still uses them.
+    pub fn clear(&self) -> usize {
+        let all = RootfsCache::new(RootfsConfig {
+            max_images: 0,
+            max_bytes: 0,
+            ..self.config.clone()
+        });
+        all.prune();
+        fs::read_dir(&self.config.dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// Removes images past the bound, newest kept first, skipping any in use.
     pub fn prune(&self) {
         let Ok(entries) = fs::read_dir(&self.config.dir) else {

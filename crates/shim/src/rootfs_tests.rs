@@ -232,3 +232,22 @@ async fn the_cache_keeps_the_newest_images_and_any_in_use() {
         .count();
     assert_eq!(count, 3, "two newest plus the one in use");
 }
+
+#[tokio::test]
+async fn clear_removes_every_image_not_in_use() {
+    let t = tempfile::tempdir().expect("tmp");
+    let c = cache(&t.path().join("run"));
+    let a = layer(t.path(), "a", &[("a", "a")]);
+    let b = layer(t.path(), "b", &[("b", "b")]);
+    let held = c.image(&Layers::Dir(a)).await.expect("a");
+    drop(c.image(&Layers::Dir(b)).await.expect("b"));
+    assert_eq!(c.clear(), 1, "the image in use stays");
+    assert!(held.path.exists());
+    drop(held);
+    assert_eq!(c.clear(), 0);
+    let left: Vec<_> = fs::read_dir(c.dir())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
