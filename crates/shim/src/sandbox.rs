@@ -1,7 +1,8 @@
 //! What the task service needs from a sandbox VM, free of any backend's types.
 //!
 //! The real implementation (feature `vm`, module `vm_sandbox`) is a thin adapter over
-//! `vmfactory_vm::Vm`'s containers API; [`crate::fake::FakeSandbox`] stands in for unit tests.
+//! `vmfactory_vm::Vm`'s containers API; `FakeSandbox` (feature `test-utils`) stands in for
+//! unit tests.
 
 use std::fmt::Debug;
 use std::path::PathBuf;
