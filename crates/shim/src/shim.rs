@@ -111,19 +111,14 @@ impl Shim for VmfactoryShim {
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
-        // containerd runs `delete` in the bundle directory after the shim died.
-        let bundle = Path::new(".");
-        let record = bundle.join(VM_RECORD_FILE);
-        if let (Ok(text), Some(setup)) = (tokio::fs::read_to_string(&record).await, &self.setup) {
-            match setup.provider.stop_recorded(text.trim()).await {
-                Ok(()) => info!(vm = %text.trim(), "stopped the dead shim's VM"),
-                Err(e) => {
-                    warn!(error = %crate::status::one_line(&e), "cannot stop the dead shim's VM")
-                }
-            }
-            let _ = tokio::fs::remove_file(&record).await;
-        }
-        crate::mounts::unmount(&bundle.join("rootfs")).await;
+        // containerd runs `delete` in the bundle directory after the shim died. Absolute:
+        // unmounting matches mountinfo's absolute mount points.
+        let bundle = std::env::current_dir().map_err(|e| Error::IoError {
+            context: "cannot read the bundle directory".to_owned(),
+            err: e,
+        })?;
+        let setup = self.setup.clone().unwrap_or_else(ShimSetup::unsupported);
+        clean_bundle(&bundle, setup.provider.as_ref()).await;
         Ok(api::DeleteResponse {
             exit_status: KILLED_STATUS,
             exited_at: Some(crate::events::now()).into(),
