@@ -408,6 +408,30 @@ fn failed_status() -> std::process::ExitStatus {
     std::process::ExitStatus::from_raw(127 << 8)
 }
 
+/// The shim binary built from this tree now, so it is the current code (`VMFACTORY_SHIM_BIN`
+/// overrides): `<target>/debug/containerd-shim-vmfactory-v2`, beside the test binaries' dir.
+pub fn shim_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VMFACTORY_SHIM_BIN") {
+        return PathBuf::from(bin);
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "vmfactory-shim"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "building the shim failed");
+    // <target>/debug/deps/<test>-<hash> → <target>/debug/<shim>
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(SHIM_BINARY);
+    assert!(bin.is_file(), "{} missing", bin.display());
+    bin
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,28 +463,4 @@ mod tests {
         );
         assert!(!dir.path().join("c").exists(), "nothing created");
     }
-}
-
-/// The shim binary built from this tree now, so it is the current code (`VMFACTORY_SHIM_BIN`
-/// overrides): `<target>/debug/containerd-shim-vmfactory-v2`, beside the test binaries' dir.
-pub fn shim_bin() -> PathBuf {
-    if let Some(bin) = std::env::var_os("VMFACTORY_SHIM_BIN") {
-        return PathBuf::from(bin);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", "vmfactory-shim"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the shim failed");
-    // <target>/debug/deps/<test>-<hash> → <target>/debug/<shim>
-    let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(SHIM_BINARY);
-    assert!(bin.is_file(), "{} missing", bin.display());
-    bin
 }

@@ -15,7 +15,10 @@ fn guest_release() -> String {
     let dir = std::env::var_os("VMFACTORY_GUEST_DIR").expect("VMFACTORY_GUEST_DIR");
     let text = std::fs::read_to_string(Path::new(&dir).join("manifest.json")).expect("manifest");
     let m: serde_json::Value = serde_json::from_str(&text).expect("manifest JSON");
-    m["kernel_release"].as_str().expect("kernel_release").to_owned()
+    m["kernel_release"]
+        .as_str()
+        .expect("kernel_release")
+        .to_owned()
 }
 
 fn text(o: &Output) -> String {
@@ -57,7 +60,14 @@ impl Node {
 
     /// `ctr run --rm --runtime vmfactory IMAGE ID ARGS…`.
     fn run(&self, id: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut all = vec!["run", "--rm", "--runtime", VMFACTORY_RUNTIME, &self.image, id];
+        let mut all = vec![
+            "run",
+            "--rm",
+            "--runtime",
+            VMFACTORY_RUNTIME,
+            &self.image,
+            id,
+        ];
         all.extend_from_slice(args);
         self.ctrd().ctr_with_stdin(&all, stdin)
     }
@@ -78,7 +88,10 @@ impl Node {
             let listed = ok(&run(&self.setup.bin, &self.setup.cfg, &["list"]), "list");
             assert_eq!(listed.lines().count(), 1, "no VM is left: {listed}");
         }
-        ok(&run(&self.setup.bin, &self.setup.cfg, &["destroy"]), "destroy");
+        ok(
+            &run(&self.setup.bin, &self.setup.cfg, &["destroy"]),
+            "destroy",
+        );
         self.setup.root.assert_no_leaks();
     }
 }
@@ -88,31 +101,59 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
     let Some(node) = Node::new() else { return };
 
     // The guest's kernel, not the host's; stdout and stderr both reach ctr.
-    let out = node.run("hello", &["sh", "-c", "uname -r; echo hello; echo err >&2"], None);
-    assert_eq!(out.status.code(), Some(0), "{}\n{}", err(&out), node.ctrd().log());
+    let out = node.run(
+        "hello",
+        &["sh", "-c", "uname -r; echo hello; echo err >&2"],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        err(&out),
+        node.ctrd().log()
+    );
     let release = guest_release();
     assert_eq!(text(&out), format!("{release}\nhello\n"));
     assert!(err(&out).contains("err"), "{}", err(&out));
     let host = Command::new("uname").arg("-r").output().expect("uname");
-    assert_ne!(text(&host).trim(), release, "the guest kernel differs from the host's");
+    assert_ne!(
+        text(&host).trim(),
+        release,
+        "the guest kernel differs from the host's"
+    );
 
     // The exit code propagates; the image's config (PATH, cwd) and the spec's hostname hold.
     let out = node.run("code", &["sh", "-c", "exit 7"], None);
     assert_eq!(out.status.code(), Some(7), "{}", err(&out));
     let out = node.run(
         "env",
-        &["sh", "-c", "echo $PATH; pwd; hostname; cat /proc/1/cmdline | tr '\\0' ' '"],
+        &[
+            "sh",
+            "-c",
+            "echo $PATH; pwd; hostname; cat /proc/1/cmdline | tr '\\0' ' '",
+        ],
         None,
     );
     assert_eq!(out.status.code(), Some(0), "{}", err(&out));
     let lines: Vec<String> = text(&out).lines().map(str::to_owned).collect();
-    assert_eq!(lines[0], "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    assert_eq!(
+        lines[0],
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    );
     assert_eq!(lines[1], "/");
     assert_eq!(lines[2], "env", "ctr names the host after the container");
-    assert!(lines[3].starts_with("sh -c"), "PID 1 is the container's own: {lines:?}");
+    assert!(
+        lines[3].starts_with("sh -c"),
+        "PID 1 is the container's own: {lines:?}"
+    );
 
     // stdin reaches the container (ctr 1.6 forwards its stdin; the script reads one line).
-    let out = node.run("stdin", &["sh", "-c", "read l; echo got $l"], Some(b"a line\n"));
+    let out = node.run(
+        "stdin",
+        &["sh", "-c", "read l; echo got $l"],
+        Some(b"a line\n"),
+    );
     assert_eq!(out.status.code(), Some(0), "{}", err(&out));
     assert_eq!(text(&out), "got a line\n");
 
@@ -129,16 +170,41 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
         .output()
         .expect("script");
     let seen = text(&out);
-    assert!(seen.contains("/dev/pts/"), "a terminal in the container: {seen}");
+    assert!(
+        seen.contains("/dev/pts/"),
+        "a terminal in the container: {seen}"
+    );
     assert_eq!(out.status.code(), Some(3), "{seen}");
 
     // A detached container: exec into it, then kill and wait.
     let c = node.ctrd();
-    c.ctr_ok(&["run", "-d", "--runtime", VMFACTORY_RUNTIME, &node.image, "bg", "sleep", "600"])
-        .expect("run -d");
-    let out = c.ctr(&["task", "exec", "--exec-id", "e1", "bg", "sh", "-c", "cat /proc/1/cmdline; echo; echo in; exit 4"]);
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        VMFACTORY_RUNTIME,
+        &node.image,
+        "bg",
+        "sleep",
+        "600",
+    ])
+    .expect("run -d");
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "e1",
+        "bg",
+        "sh",
+        "-c",
+        "cat /proc/1/cmdline; echo; echo in; exit 4",
+    ]);
     assert_eq!(out.status.code(), Some(4), "{}", err(&out));
-    assert_eq!(text(&out), "sleep600\nin\n", "the exec shares the container's PID namespace");
+    assert_eq!(
+        text(&out),
+        "sleep600\nin\n",
+        "the exec shares the container's PID namespace"
+    );
     let ps = c.ctr_ok(&["task", "ps", "bg"]).expect("task ps");
     assert!(ps.lines().count() >= 2, "the container's pids: {ps}");
     let mut wait = c.ctr_command();
@@ -147,11 +213,17 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("ctr task wait");
-    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "bg"]).expect("task kill");
+    c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "bg"])
+        .expect("task kill");
     let waited = wait.wait_with_output().expect("wait output");
-    assert!(text(&waited).contains("137"), "exit status of SIGKILL: {}", text(&waited));
+    assert!(
+        text(&waited).contains("137"),
+        "exit status of SIGKILL: {}",
+        text(&waited)
+    );
     c.ctr_ok(&["task", "delete", "bg"]).expect("task delete");
-    c.ctr_ok(&["container", "delete", "bg"]).expect("container delete");
+    c.ctr_ok(&["container", "delete", "bg"])
+        .expect("container delete");
 
     // Eight at once, each in its own VM.
     let children: Vec<_> = (0..8)
@@ -179,8 +251,17 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
 fn a_killed_shim_leaves_nothing_destroy_cannot_clean() {
     let Some(node) = Node::new() else { return };
     let c = node.ctrd();
-    c.ctr_ok(&["run", "-d", "--runtime", VMFACTORY_RUNTIME, &node.image, "victim", "sleep", "600"])
-        .expect("run -d");
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        VMFACTORY_RUNTIME,
+        &node.image,
+        "victim",
+        "sleep",
+        "600",
+    ])
+    .expect("run -d");
     let root = node.setup.root.path().to_string_lossy().into_owned();
     let shims: Vec<i32> = processes_mentioning("containerd-shim-vmfactory-v2")
         .into_iter()
