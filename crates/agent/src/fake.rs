@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::client::Agent;
+use crate::container::{ContainerSpec, ContainerStats};
 use crate::error::{Error, Result};
 use crate::net::{Interface, Route};
 use crate::types::{
@@ -52,6 +53,16 @@ pub enum FakeCall {
     Resources,
     /// [`Agent::uptime`].
     Uptime,
+    /// [`Agent::create_container`] with the container id and its storages.
+    CreateContainer(String, Vec<Storage>),
+    /// [`Agent::start_container`].
+    StartContainer(String),
+    /// [`Agent::remove_container`].
+    RemoveContainer(String),
+    /// [`Agent::stats_container`].
+    StatsContainer(String),
+    /// [`Agent::container_pids`].
+    ContainerPids(String),
     /// [`Agent::exec_process`] with its exec id and arguments.
     ExecProcess(String, Vec<String>),
     /// [`Agent::wait_process`].
@@ -107,6 +118,11 @@ impl FakeCall {
             FakeCall::GuestTime => "guest_time",
             FakeCall::Resources => "resources",
             FakeCall::Uptime => "uptime",
+            FakeCall::CreateContainer(..) => "create_container",
+            FakeCall::StartContainer(_) => "start_container",
+            FakeCall::RemoveContainer(_) => "remove_container",
+            FakeCall::StatsContainer(_) => "stats_container",
+            FakeCall::ContainerPids(_) => "container_pids",
             FakeCall::ExecProcess(..) => "exec_process",
             FakeCall::WaitProcess(_) => "wait_process",
             FakeCall::SignalProcess(..) => "signal_process",
@@ -198,7 +214,12 @@ impl FakeAgent {
         self.lock().net.add_link(name, mac);
     }
 
-    /// Exec ids of fake processes not yet waited for.
+    /// Ids of the fake guest's containers.
+    pub fn containers(&self) -> Vec<String> {
+        self.lock().guest.container_ids()
+    }
+
+    /// Exec ids of fake processes not yet waited for (`container/exec` for a container's).
     pub fn processes(&self) -> Vec<String> {
         self.lock().guest.process_ids()
     }
@@ -404,64 +425,121 @@ impl Agent for FakeAgent {
         })
     }
 
+    async fn create_container(
+        &self,
+        container_id: &str,
+        storages: &[Storage],
+        spec: &ContainerSpec,
+    ) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::CreateContainer(
+                container_id.into(),
+                storages.to_vec(),
+            ))
+            .await?;
+        st.guest.create_container(container_id, storages, spec)?;
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn start_container(&self, container_id: &str) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::StartContainer(container_id.into()))
+            .await?;
+        st.guest.start_container(container_id)
+    }
+
+    async fn remove_container(&self, container_id: &str, _timeout: Duration) -> Result<()> {
+        let mut st = self
+            .record(FakeCall::RemoveContainer(container_id.into()))
+            .await?;
+        st.guest.remove_container(container_id)?;
+        drop(st);
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    async fn stats_container(&self, container_id: &str) -> Result<ContainerStats> {
+        let st = self
+            .record(FakeCall::StatsContainer(container_id.into()))
+            .await?;
+        st.guest.stats_container(container_id)
+    }
+
+    async fn container_pids(&self, container_id: &str) -> Result<Vec<u32>> {
+        let st = self
+            .record(FakeCall::ContainerPids(container_id.into()))
+            .await?;
+        st.guest.container_pids(container_id)
+    }
+
     async fn exec_process(&self, exec_id: &str, spec: &ProcessSpec) -> Result<()> {
         let mut st = self
             .record(FakeCall::ExecProcess(exec_id.into(), spec.args.clone()))
             .await?;
-        st.guest.exec(exec_id, spec)?;
+        st.guest.exec(&spec.container_id, exec_id, spec)?;
         drop(st);
         self.changed.notify_waiters();
         Ok(())
     }
 
-    async fn wait_process(&self, exec_id: &str) -> Result<ExitStatus> {
+    async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<ExitStatus> {
         drop(self.record(FakeCall::WaitProcess(exec_id.into())).await?);
-        self.until(|g| g.wait(exec_id)).await
+        self.until(|g| g.wait(container_id, exec_id)).await
     }
 
-    async fn signal_process(&self, exec_id: &str, signal: u32) -> Result<()> {
+    async fn signal_process(&self, container_id: &str, exec_id: &str, signal: u32) -> Result<()> {
         let mut st = self
             .record(FakeCall::SignalProcess(exec_id.into(), signal))
             .await?;
-        st.guest.signal(exec_id, signal)?;
+        st.guest.signal(container_id, exec_id, signal)?;
         drop(st);
         self.changed.notify_waiters();
         Ok(())
     }
 
-    async fn write_stdin(&self, exec_id: &str, data: &[u8]) -> Result<()> {
+    async fn write_stdin(&self, container_id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
         let mut st = self
             .record(FakeCall::WriteStdin(exec_id.into(), data.len()))
             .await?;
-        st.guest.write_stdin(exec_id, data)?;
+        st.guest.write_stdin(container_id, exec_id, data)?;
         drop(st);
         self.changed.notify_waiters();
         Ok(())
     }
 
-    async fn close_stdin(&self, exec_id: &str) -> Result<()> {
+    async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()> {
         let mut st = self.record(FakeCall::CloseStdin(exec_id.into())).await?;
-        st.guest.close_stdin(exec_id)?;
+        st.guest.close_stdin(container_id, exec_id)?;
         drop(st);
         self.changed.notify_waiters();
         Ok(())
     }
 
-    async fn read_stdout(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
+    async fn read_stdout(&self, container_id: &str, exec_id: &str, len: u32) -> Result<Vec<u8>> {
         drop(self.record(FakeCall::ReadStdout(exec_id.into())).await?);
-        self.until(|g| g.read(exec_id, false, len)).await
+        self.until(|g| g.read(container_id, exec_id, false, len))
+            .await
     }
 
-    async fn read_stderr(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
+    async fn read_stderr(&self, container_id: &str, exec_id: &str, len: u32) -> Result<Vec<u8>> {
         drop(self.record(FakeCall::ReadStderr(exec_id.into())).await?);
-        self.until(|g| g.read(exec_id, true, len)).await
+        self.until(|g| g.read(container_id, exec_id, true, len))
+            .await
     }
 
-    async fn tty_win_resize(&self, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+    async fn tty_win_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<()> {
         let mut st = self
             .record(FakeCall::TtyWinResize(exec_id.into(), rows, cols))
             .await?;
-        st.guest.resize(exec_id, rows, cols)
+        st.guest.resize(container_id, exec_id, rows, cols)
     }
 
     async fn copy_file(&self, chunk: &CopyFileChunk) -> Result<()> {
@@ -594,20 +672,20 @@ mod tests {
         a.exec_process("c", &ProcessSpec::new(["cat"]))
             .await
             .expect("exec");
-        a.write_stdin("c", b"hello").await.expect("write");
-        assert_eq!(a.read_stdout("c", 3).await.expect("read"), b"hel");
-        a.close_stdin("c").await.expect("close");
-        assert_eq!(a.read_stdout("c", 10).await.expect("read"), b"lo");
-        assert!(a.read_stdout("c", 10).await.expect("eof").is_empty());
+        a.write_stdin("", "c", b"hello").await.expect("write");
+        assert_eq!(a.read_stdout("", "c", 3).await.expect("read"), b"hel");
+        a.close_stdin("", "c").await.expect("close");
+        assert_eq!(a.read_stdout("", "c", 10).await.expect("read"), b"lo");
+        assert!(a.read_stdout("", "c", 10).await.expect("eof").is_empty());
         assert_eq!(
-            a.wait_process("c").await.expect("wait"),
+            a.wait_process("", "c").await.expect("wait"),
             ExitStatus::Code(0)
         );
         a.exec_process("s", &ProcessSpec::new(["sleep"]))
             .await
             .expect("exec");
-        let waiter = a.wait_process("s");
-        let (status, sent) = tokio::join!(waiter, a.signal_process("s", 9));
+        let waiter = a.wait_process("", "s");
+        let (status, sent) = tokio::join!(waiter, a.signal_process("", "s", 9));
         sent.expect("signal");
         assert_eq!(status.expect("wait"), ExitStatus::Signal(9));
         assert!(a.processes().is_empty());
@@ -615,9 +693,60 @@ mod tests {
             .await
             .expect("exec");
         assert_eq!(
-            a.read_stderr("n", 100).await.expect("stderr"),
+            a.read_stderr("", "n", 100).await.expect("stderr"),
             b"nope: not found\n"
         );
+    }
+
+    #[tokio::test]
+    async fn fake_containers_keep_their_processes_apart() {
+        let a = FakeAgent::new();
+        let root = Storage {
+            driver: Storage::BLK.into(),
+            source: "05/00".into(),
+            fstype: "erofs".into(),
+            options: vec!["ro".into()],
+            mount_point: "/run/c1".into(),
+        };
+        let spec = ContainerSpec {
+            process: ProcessSpec::new(["sleep"]),
+            ..Default::default()
+        };
+        let bad = ContainerSpec::default();
+        assert!(a
+            .create_container("c1", std::slice::from_ref(&root), &bad)
+            .await
+            .is_err());
+        assert!(
+            a.containers().is_empty() && a.storages().is_empty(),
+            "nothing left"
+        );
+        a.create_container("c1", std::slice::from_ref(&root), &spec)
+            .await
+            .expect("create");
+        assert!(a
+            .create_container("c1", std::slice::from_ref(&root), &spec)
+            .await
+            .is_err());
+        a.start_container("c1").await.expect("start");
+        let mut echo = ProcessSpec::new(["echo", "hi"]);
+        echo.container_id = "c1".into();
+        a.exec_process("e", &echo).await.expect("exec in");
+        assert_eq!(a.read_stdout("c1", "e", 10).await.expect("out"), b"hi\n");
+        assert!(
+            a.read_stdout("", "e", 10).await.is_err(),
+            "not in the VM root"
+        );
+        assert_eq!(a.container_pids("c1").await.expect("pids"), [1]);
+        a.signal_process("c1", "", 9).await.expect("kill all");
+        assert_eq!(
+            a.wait_process("c1", "c1").await.expect("wait"),
+            ExitStatus::Signal(9)
+        );
+        assert_eq!(a.stats_container("c1").await.expect("stats").pids, 0);
+        a.remove_container("c1", Duration::ZERO).await.expect("rm");
+        assert!(a.containers().is_empty() && a.storages().is_empty() && a.processes().is_empty());
+        assert!(a.remove_container("c1", Duration::ZERO).await.is_err());
     }
 
     #[tokio::test]
