@@ -7,11 +7,15 @@
 //! a fake (or namespaced) network.
 
 mod accept;
+mod cgroup;
 mod config;
+pub mod containers;
 mod files;
 pub mod fork;
 pub mod net;
 mod netlink;
+mod nsexec;
+mod ocispec;
 pub mod process;
 pub mod reaper;
 mod serial;
