@@ -109,6 +109,7 @@ struct ReadmeDoctests;
 
 mod backends;
 mod config;
+mod containers;
 mod disks;
 mod endpoint;
 mod envelope;
@@ -135,6 +136,9 @@ pub use config::{
     VmAgentConfig, VmConfig, DEFAULT_CALL_TIMEOUT, DEFAULT_DIAL_TIMEOUT, DEFAULT_READY_TIMEOUT,
     MAX_SOCKET_PATH,
 };
+pub use containers::{
+    container_spec, ContainerConfig, ContainerError, REMOVE_TIMEOUT, ROOTFS_FSTYPE,
+};
 pub use disks::DiskMount;
 pub use endpoint::agent_url;
 pub use envelope::{MAX_WIRE_SIZE, WIRE_VERSION};
@@ -155,8 +159,8 @@ pub use workload::{Process, ProcessOutput};
 
 // The leaf types this crate's public API exposes.
 pub use vmfactory_agent::{
-    Agent, AgentConfig, AgentUrl, Error as AgentError, ExitStatus, ForkReseed, KataAgent,
-    ProcessSpec,
+    Agent, AgentConfig, AgentUrl, ContainerStats, Error as AgentError, ExitStatus, ForkReseed,
+    KataAgent, ProcessSpec,
 };
 pub use vmfactory_hypervisor::{
     Accel, AgentChannel, AgentEndpoint, AttachedDisk, ConfigError as HypervisorConfigError,

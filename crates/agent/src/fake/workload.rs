@@ -115,7 +115,19 @@ impl FakeGuest {
         if !spec.root_path.is_empty() && !spec.root_path.starts_with('/') {
             return Err(invalid("Relative root path"));
         }
-        for s in storages {
+        // Where the guest puts storages without a mount point.
+        let storages: Vec<Storage> = storages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut s = s.clone();
+                if s.mount_point.is_empty() {
+                    s.mount_point = format!("/run/vmfactory/containers/{id}/storage-{i}");
+                }
+                s
+            })
+            .collect();
+        for s in &storages {
             if self.storages.contains_key(&s.mount_point) {
                 return Err(status(
                     "CreateContainer",
@@ -128,7 +140,7 @@ impl FakeGuest {
         init.container_id = id.to_owned();
         self.exec(id, id, &init)
             .map_err(|_| invalid("No program to run"))?;
-        for s in storages {
+        for s in &storages {
             self.storages.insert(s.mount_point.clone(), s.clone());
         }
         let mounts = storages.iter().map(|s| s.mount_point.clone()).collect();
