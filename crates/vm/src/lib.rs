@@ -158,6 +158,8 @@ pub use wire::VmState;
 pub use workload::{Process, ProcessOutput};
 
 // The leaf types this crate's public API exposes.
+/// The OCI spec crate [`ContainerConfig`] takes its `Spec` from, for callers without their own.
+pub use oci_spec;
 pub use vmfactory_agent::{
     Agent, AgentConfig, AgentUrl, ContainerStats, Error as AgentError, ExitStatus, ForkReseed,
     KataAgent, ProcessSpec,

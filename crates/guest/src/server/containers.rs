@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::pty::openpty;
-use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::sync::Mutex as AsyncMutex;
 use tracing::{info, warn};
@@ -43,7 +42,6 @@ struct Container {
     /// Storage mount points, as given to [`Storages`].
     storages: Vec<String>,
     cgroup: Cgroup,
-    init: Pid,
     /// The write end that lets the init exec; taken by `StartContainer`.
     start: Mutex<Option<(OwnedFd, OwnedFd)>>,
 }
@@ -357,9 +355,8 @@ impl Containers {
             })
             .await;
         let parked = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
-        made.init = parked.as_ref().map(|p| p.0);
         res?;
-        let (init, start, status) = parked.ok_or_else(|| {
+        let (_, start, status) = parked.ok_or_else(|| {
             Error::io(
                 "create",
                 "the container's init",
@@ -371,7 +368,6 @@ impl Containers {
             dir,
             storages: made.storages.clone(),
             cgroup,
-            init,
             start: Mutex::new(Some((start, status))),
         })
     }
@@ -452,13 +448,8 @@ impl Containers {
     /// `SignalProcess` with an empty exec id: every process of the container.
     pub(super) fn signal_all(&self, id: &str, signal: u32) -> Result<()> {
         let sig = parse_signal(signal)?;
-        let c = self.get(id)?;
-        c.cgroup.signal(sig)?;
-        // A parked init may have failed to join its group: signal it too.
-        match kill(c.init, sig) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-            Err(e) => Err(Error::sys("signal", c.init, e)),
-        }
+        // The init joins the group before anything else: the group is all of the container.
+        self.get(id)?.cgroup.signal(sig)
     }
 
     /// `StatsContainer`.
@@ -488,7 +479,6 @@ impl Containers {
             storages: c.storages.clone(),
             mounts: vec![c.dir.join("scratch"), c.dir.join("rootfs")],
             cgroup: Some(c.cgroup.clone()),
-            init: Some(c.init),
             keep: false,
         };
         let cg = c.cgroup.clone();
@@ -516,8 +506,8 @@ struct Made {
     storages: Vec<String>,
     /// scratch, then rootfs.
     mounts: Vec<PathBuf>,
+    /// Destroying it kills every process the container has (the init joins it first).
     cgroup: Option<Cgroup>,
-    init: Option<Pid>,
     /// Set once the container is complete: nothing to undo.
     keep: bool,
 }
@@ -526,9 +516,6 @@ impl Made {
     async fn undo(self, env: Env<'_>) {
         if self.keep {
             return;
-        }
-        if let Some(pid) = self.init {
-            let _ = kill(pid, Signal::SIGKILL);
         }
         let Made {
             dir,

@@ -112,6 +112,11 @@ pub(super) struct MountPlan {
     pub(super) remount: Option<c_ulong>,
     /// `MS_PRIVATE`, `MS_SLAVE`, … (with `MS_REC`), as a third call.
     pub(super) propagation: Option<c_ulong>,
+    /// Directories made first (ancestors, and the target unless it is a file): an earlier
+    /// mount (a tmpfs on `/dev`) may hide what the parent made in the image.
+    pub(super) mkdirs: Vec<CString>,
+    /// Create the target as an empty file first (a file bind mount, a device in `/dev`).
+    pub(super) create_file: bool,
 }
 
 /// The process a child execs, and what it becomes first.
@@ -136,10 +141,13 @@ pub(super) struct InitPlan {
     pub(super) rootfs: CString,
     pub(super) mounts: Vec<MountPlan>,
     pub(super) hostname: Option<CString>,
-    /// `/proc/sys/...` paths (after the root change) and values.
+    /// `<rootfs>/proc/sys/...` paths and values; like the masked and read-only paths, set
+    /// before the root changes, when the guest's `/dev/null` is still at hand.
     pub(super) sysctl: Vec<(CString, CString)>,
     pub(super) masked: Vec<CString>,
     pub(super) readonly: Vec<CString>,
+    /// (target, link path) of symlinks made after the mounts (`/dev/fd`, …).
+    pub(super) symlinks: Vec<(CString, CString)>,
     pub(super) root_readonly: bool,
     pub(super) exec: ExecPlan,
 }
@@ -270,6 +278,18 @@ fn arrange_fds(stdio: ChildStdio, status: RawFd, start: Option<RawFd>) -> ChildR
 /// `status` is fd 3 by now. Returns only on failure.
 fn become_process(plan: &ExecPlan, ptrs: &Ptrs) -> (Step, c_int, c_int) {
     let run = || -> ChildResult {
+        // The agent ignores SIGPIPE (Rust's runtime does) and an ignored signal stays ignored
+        // across exec: the container's processes get the defaults and an empty mask.
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                // SAFETY: resets one disposition; no handler pointer is involved.
+                unsafe { libc::signal(sig, libc::SIG_DFL) };
+            }
+        }
+        // SAFETY: a zeroed sigset is a valid empty set, read by the call.
+        let empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sets the mask from a live, empty set.
+        unsafe { libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
         for (i, (res, lim)) in plan.rlimits.iter().enumerate() {
             // SAFETY: the rlimit is a live value; the resource was checked by the parent.
             check(unsafe { libc::setrlimit(*res as _, lim) }, Step::Rlimit, i)?;
@@ -284,17 +304,19 @@ fn become_process(plan: &ExecPlan, ptrs: &Ptrs) -> (Step, c_int, c_int) {
                 1,
             )?;
         }
+        // Raw system calls: glibc's wrappers would signal every thread the parent had and
+        // wait for them (setxid broadcast), and this child has none of them: it would spin.
+        let sys = |r: libc::c_long| if r < 0 { -1 } else { 0 };
         // SAFETY: setgroups reads `groups.len()` gids from a live slice.
-        check(
-            // SAFETY: a system call on integers and live, NUL-terminated data.
-            unsafe { libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) },
-            Step::SetIds,
-            0,
-        )?;
-        // SAFETY: plain id system calls.
-        check(unsafe { libc::setgid(plan.gid) }, Step::SetIds, 1)?;
-        // SAFETY: a system call on integers and live, NUL-terminated data.
-        check(unsafe { libc::setuid(plan.uid) }, Step::SetIds, 2)?;
+        let r =
+            unsafe { libc::syscall(libc::SYS_setgroups, plan.groups.len(), plan.groups.as_ptr()) };
+        check(sys(r), Step::SetIds, 0)?;
+        // SAFETY: an integer argument only.
+        let r = unsafe { libc::syscall(libc::SYS_setgid, plan.gid) };
+        check(sys(r), Step::SetIds, 1)?;
+        // SAFETY: an integer argument only.
+        let r = unsafe { libc::syscall(libc::SYS_setuid, plan.uid) };
+        check(sys(r), Step::SetIds, 2)?;
         if plan.no_new_privs {
             // SAFETY: prctl with integer arguments only.
             let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
@@ -340,6 +362,21 @@ fn init_setup(plan: &InitPlan, cgroup_procs: RawFd) -> ChildResult {
     )?;
     for (i, m) in plan.mounts.iter().enumerate() {
         let t = m.target.as_ptr();
+        for d in &m.mkdirs {
+            // SAFETY: NUL-terminated path.
+            let r = unsafe { libc::mkdir(d.as_ptr(), 0o755) };
+            if r < 0 && errno() != libc::EEXIST {
+                return Err((Step::Mount, errno(), c_int::try_from(i).unwrap_or(-1)));
+            }
+        }
+        if m.create_file {
+            // SAFETY: NUL-terminated path; the fd is closed at once.
+            let fd =
+                unsafe { libc::open(t, libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC, 0o666) };
+            check(fd, Step::Mount, i)?;
+            // SAFETY: closes the fd just opened.
+            unsafe { libc::close(fd) };
+        }
         check(
             sys_mount(ptr(&m.source), t, ptr(&m.fstype), m.flags, ptr(&m.data)),
             Step::Mount,
@@ -357,7 +394,6 @@ fn init_setup(plan: &InitPlan, cgroup_procs: RawFd) -> ChildResult {
         let r = unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) };
         check(r, Step::SetHostname, 0)?;
     }
-    change_root(plan.rootfs.as_ptr())?;
     for (i, (path, value)) in plan.sysctl.iter().enumerate() {
         // SAFETY: NUL-terminated path; the write reads `value`'s bytes.
         let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
@@ -411,6 +447,14 @@ fn init_setup(plan: &InitPlan, cgroup_procs: RawFd) -> ChildResult {
             i,
         )?;
     }
+    for (i, (target, link)) in plan.symlinks.iter().enumerate() {
+        // SAFETY: NUL-terminated paths. An existing link (from the image) is kept.
+        let r = unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) };
+        if r < 0 && errno() != libc::EEXIST {
+            return Err((Step::Mount, errno(), c_int::try_from(i).unwrap_or(-1)));
+        }
+    }
+    change_root(plan.rootfs.as_ptr())?;
     if plan.root_readonly {
         let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
         check(

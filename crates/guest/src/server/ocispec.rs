@@ -12,6 +12,18 @@ use super::nsexec::{ExecPlan, InitPlan, MountPlan};
 use super::process::DEFAULT_PATH;
 use crate::error::{Error, Result};
 
+/// Devices a container's own `/dev` gets, bound from the guest's.
+const DEFAULT_DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// Links in a container's own `/dev`: (target, name).
+const DEFAULT_LINKS: [(&str, &str); 5] = [
+    ("/proc/self/fd", "fd"),
+    ("/proc/self/fd/0", "stdin"),
+    ("/proc/self/fd/1", "stdout"),
+    ("/proc/self/fd/2", "stderr"),
+    ("pts/ptmx", "ptmx"),
+];
+
 fn invalid(msg: impl Into<String>) -> Error {
     Error::Invalid(msg.into())
 }
@@ -69,6 +81,24 @@ pub(super) fn namespaces(spec: &ContainerSpec) -> Result<CloneFlags> {
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC)
+}
+
+/// `<root>/a`, `<root>/a/b`, … down to `dest` (or its parent, for a file).
+fn mkdirs(root: &str, dest: &str, file: bool) -> Result<Vec<CString>> {
+    let parts: Vec<&str> = dest.split('/').filter(|c| !c.is_empty()).collect();
+    let n = if file {
+        parts.len().saturating_sub(1)
+    } else {
+        parts.len()
+    };
+    (1..=n)
+        .map(|i| {
+            cstring(
+                &format!("{root}/{}", parts[..i].join("/")),
+                "mount destination",
+            )
+        })
+        .collect()
 }
 
 /// The resource number of an OCI rlimit name.
@@ -253,6 +283,8 @@ pub(super) fn init_plan(spec: &ContainerSpec, rootfs: &Path) -> Result<(InitPlan
         };
         let _ = clear;
         mounts.push(MountPlan {
+            mkdirs: mkdirs(root_str, &m.destination, is_file)?,
+            create_file: is_file,
             source: Some(cstring(
                 if m.source.is_empty() {
                     &m.kind
@@ -272,13 +304,43 @@ pub(super) fn init_plan(spec: &ContainerSpec, rootfs: &Path) -> Result<(InitPlan
         });
         file_targets.push(is_file);
     }
+    // A fresh /dev gets the usual devices (bound from the guest's) and links, as runc makes.
+    let mut symlinks = Vec::new();
+    if spec
+        .mounts
+        .iter()
+        .any(|m| m.destination.trim_end_matches('/') == "/dev")
+    {
+        for dev in DEFAULT_DEVICES {
+            mounts.push(MountPlan {
+                source: Some(cstring(&format!("/dev/{dev}"), "device")?),
+                target: cstring(&format!("{root_str}/dev/{dev}"), "device")?,
+                fstype: None,
+                flags: libc::MS_BIND,
+                data: None,
+                remount: None,
+                propagation: None,
+                mkdirs: mkdirs(root_str, "/dev/null", true)?,
+                create_file: true,
+            });
+        }
+        for (target, link) in DEFAULT_LINKS {
+            symlinks.push((
+                cstring(target, "link")?,
+                cstring(&format!("{root_str}/dev/{link}"), "link")?,
+            ));
+        }
+    }
     let mut sysctl = Vec::new();
     for (k, v) in &spec.sysctl {
         if k.is_empty() || k.contains('/') || k.split('.').any(|c| c.is_empty() || c == "..") {
             return Err(invalid(format!("sysctl {k:?}")));
         }
         sysctl.push((
-            cstring(&format!("/proc/sys/{}", k.replace('.', "/")), "sysctl")?,
+            cstring(
+                &format!("{root_str}/proc/sys/{}", k.replace('.', "/")),
+                "sysctl",
+            )?,
             cstring(v, "sysctl value")?,
         ));
     }
@@ -286,7 +348,7 @@ pub(super) fn init_plan(spec: &ContainerSpec, rootfs: &Path) -> Result<(InitPlan
         list.iter()
             .map(|p| {
                 check_abs(p, what)?;
-                cstring(p, what)
+                cstring(&format!("{root_str}{p}"), what)
             })
             .collect()
     };
@@ -308,6 +370,7 @@ pub(super) fn init_plan(spec: &ContainerSpec, rootfs: &Path) -> Result<(InitPlan
             sysctl,
             masked: paths(&spec.masked_paths, "masked path")?,
             readonly: paths(&spec.readonly_paths, "read-only path")?,
+            symlinks,
             root_readonly: spec.root_readonly,
             exec,
         },
@@ -364,7 +427,20 @@ mod tests {
     #[test]
     fn a_good_spec_becomes_a_plan() {
         let (plan, files) = init_plan(&good(), Path::new("/run/c/rootfs")).expect("plan");
-        assert_eq!(plan.mounts.len(), 3);
+        assert_eq!(
+            plan.mounts.len(),
+            3 + DEFAULT_DEVICES.len(),
+            "/dev gets devices"
+        );
+        assert!(plan.mounts[3].create_file);
+        let dirs: Vec<&str> = plan.mounts[2]
+            .mkdirs
+            .iter()
+            .map(|d| d.to_str().unwrap_or_default())
+            .collect();
+        assert_eq!(dirs, ["/run/c/rootfs/etc"], "a file's parent only");
+        assert!(plan.mounts[2].create_file);
+        assert_eq!(plan.symlinks.len(), DEFAULT_LINKS.len());
         assert_eq!(plan.mounts[0].target.to_str(), Ok("/run/c/rootfs/proc"));
         assert_eq!(plan.mounts[0].flags, libc::MS_NOSUID | libc::MS_NOEXEC);
         assert_eq!(
