@@ -164,16 +164,19 @@ async fn ok_inside(v: &Vm, id: &str, exec_id: &str, script: &str) -> String {
 /// Nothing of container `id` is left: no mount in the guest, no disk in QEMU, no directory.
 async fn assert_gone(v: &Vm, id: &str) {
     let mounts = ok(v, "cat /proc/mounts").await;
-    assert!(
-        !mounts.contains("/run/vmfactory/containers/"),
-        "mounts left: {mounts}"
-    );
+    let dir = format!("/run/vmfactory/containers/{id}/");
+    assert!(!mounts.contains(&dir), "mounts left: {mounts}");
     let dirs = ok(v, "ls /run/vmfactory/containers/ 2>/dev/null; true").await;
     assert!(
         !dirs.split_whitespace().any(|d| d == id),
         "dir left: {dirs}"
     );
-    assert!(v.hypervisor().disks().await.is_empty(), "a disk is left");
+    let others = v.containers().await.len();
+    assert_eq!(
+        v.hypervisor().disks().await.len(),
+        others,
+        "one disk per container left, none for {id}"
+    );
     assert!(!v.containers().await.contains(&id.to_owned()));
 }
 
@@ -283,13 +286,14 @@ async fn containers_in_a_clone() {
 
     // Two at once: separate PID and UTS namespaces, and a fresh tmpfs (c2's write is gone).
     let mut inits = Vec::new();
-    for (id, host) in [("a", "host-a"), ("b", "host-b")] {
+    // b's init traps SIGTERM: an init gets only the signals it handles (SIGKILL aside).
+    let b_script = "trap 'exit 7' TERM; while true; do sleep 1; done";
+    for (id, host, args) in [
+        ("a", "host-a", vec!["sleep", "1000"]),
+        ("b", "host-b", vec!["sh", "-c", b_script]),
+    ] {
         let p = v
-            .create_container(&ContainerConfig::new(
-                id,
-                spec(host, &["sleep", "1000"]),
-                &img,
-            ))
+            .create_container(&ContainerConfig::new(id, spec(host, &args), &img))
             .await
             .expect("create");
         v.start_container(id).await.expect("start");
@@ -310,7 +314,7 @@ async fn containers_in_a_clone() {
     v.signal_container("b", 15).await.expect("SIGTERM b");
     let waited = tokio::time::timeout(std::time::Duration::from_secs(20), inits[1].wait()).await;
     if waited.is_err() {
-        let dump = ok(&v, "ps -o pid,ppid,stat,args; cat /sys/fs/cgroup/vmfactory/b/cgroup.procs; for p in $(cat /sys/fs/cgroup/vmfactory/b/cgroup.procs); do grep -E 'Sig|State' /proc/$p/status; done").await;
+        let dump = ok(&v, "ps -o pid,ppid,stat,args; cat /sys/fs/cgroup/vmfactory/b/cgroup.procs; for p in $(cat /sys/fs/cgroup/vmfactory/b/cgroup.procs); do grep -E 'Sig|State|PPid' /proc/$p/status; tr '\\0' ' ' < /proc/$p/cmdline; echo; readlink /proc/$p/ns/pid; done; readlink /proc/1/ns/pid").await;
         panic!("b did not end on SIGTERM:\n{dump}");
     }
     assert_eq!(
