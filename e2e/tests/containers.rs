@@ -4,7 +4,8 @@
 //! root are the spec's, /proc is mounted, the exit code comes back; exec into a running one
 //! (same PID namespace), writes land in a tmpfs and vanish with the container, a terminal,
 //! signal_container, two containers isolated from each other, and a bad spec that leaves
-//! nothing. After each removal no mount is left in the guest and no disk in QEMU.
+//! nothing. After each removal no mount, directory or block device is left in the guest, and
+//! no disk in the hypervisor's list.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -177,6 +178,9 @@ async fn assert_gone(v: &Vm, id: &str) {
         others,
         "one disk per container left, none for {id}"
     );
+    // QEMU deleted the device (the unplug waits for it): the guest sees its block devices go.
+    let vd = ok(v, "ls /sys/block | grep -c '^vd' || true").await;
+    assert_eq!(vd.trim(), others.to_string(), "block devices in the guest");
     assert!(!v.containers().await.contains(&id.to_owned()));
 }
 
