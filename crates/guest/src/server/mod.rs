@@ -18,6 +18,7 @@ mod nsexec;
 mod ocispec;
 pub mod process;
 pub mod reaper;
+mod rpc_status;
 mod serial;
 mod service;
 pub mod storage;

@@ -26,6 +26,7 @@ use super::containers::{Containers, Env};
 use super::fork::ForkBarrier;
 use super::net::NetError;
 use super::process::Processes;
+use super::rpc_status::{invalid, net_status, status};
 use super::storage::{Storages, DEVICE_TIMEOUT};
 use super::{files, sysfs};
 use crate::error::{Error, Result};
@@ -222,40 +223,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::io("run", "blocking task", std::io::Error::other(e)))?
-}
-
-/// Maps a crate error to a ttRPC status.
-fn status(method: &str, e: Error) -> ttrpc::Error {
-    warn!(method, error = %e, "request failed");
-    let code = match &e {
-        Error::Unsupported(_) => Code::UNIMPLEMENTED,
-        Error::WaitTimeout { .. } => Code::DEADLINE_EXCEEDED,
-        Error::Invalid(_) => Code::INVALID_ARGUMENT,
-        Error::NoProcess(_) | Error::NoContainer(_) => Code::NOT_FOUND,
-        Error::ProcessExists(_) | Error::ContainerExists(_) => Code::ALREADY_EXISTS,
-        Error::TooManyProcesses(_) => Code::RESOURCE_EXHAUSTED,
-        Error::NotPossible { .. } => Code::FAILED_PRECONDITION,
-        Error::Refused { .. } => Code::PERMISSION_DENIED,
-        Error::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            Code::NOT_FOUND
-        }
-        _ => Code::INTERNAL,
-    };
-    let msg = match std::error::Error::source(&e) {
-        Some(s) => format!("{e}: {s}"),
-        None => e.to_string(),
-    };
-    ttrpc::Error::RpcStatus(get_status(code, msg))
-}
-
-/// Maps a networking error to a ttRPC status: one line, the cause appended.
-fn net_status(method: &str, e: NetError) -> ttrpc::Error {
-    warn!(method, error = %e, "request failed");
-    let msg = match std::error::Error::source(&e) {
-        Some(s) if !matches!(e, NetError::Invalid(_)) => format!("{e}: {s}"),
-        _ => e.to_string(),
-    };
-    ttrpc::Error::RpcStatus(get_status(e.code(), msg))
 }
 
 #[async_trait]
@@ -689,10 +656,6 @@ impl workload_ttrpc::Workload for GuestAgent {
             .map_err(|e| status("RemoveStorage", e))?;
         Ok(Empty::new())
     }
-}
-
-fn invalid(msg: String) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(get_status(Code::INVALID_ARGUMENT, msg))
 }
 
 #[async_trait]
