@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 use tracing::{debug, instrument};
 
+use crate::container::{ContainerSpec, ContainerStats};
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::net::{Interface, Route};
@@ -58,23 +59,49 @@ pub trait Agent: Send + Sync + fmt::Debug {
     async fn resources(&self) -> Result<Resources>;
     /// Diagnostics: agent and system uptime.
     async fn uptime(&self) -> Result<Uptime>;
-    /// `ExecProcess`: start `spec` as `exec_id` in the VM's own root.
+    /// `CreateContainer`: mount `storages` (the first is the root image), make the container
+    /// `container_id` from `spec` and its init process (exec id = `container_id`), stopped
+    /// before exec until [`Agent::start_container`]; its streams exist from now on.
+    async fn create_container(
+        &self,
+        container_id: &str,
+        storages: &[Storage],
+        spec: &ContainerSpec,
+    ) -> Result<()>;
+    /// `StartContainer`: let the init process exec.
+    async fn start_container(&self, container_id: &str) -> Result<()>;
+    /// `RemoveContainer`: kill every process of the container, wait up to `timeout` (zero: no
+    /// bound) for them to end, unmount its root and storages and forget it.
+    async fn remove_container(&self, container_id: &str, timeout: Duration) -> Result<()>;
+    /// `StatsContainer`: the container's cgroup figures.
+    async fn stats_container(&self, container_id: &str) -> Result<ContainerStats>;
+    /// `ListContainerPids` (ours): the guest pids of the container's processes.
+    async fn container_pids(&self, container_id: &str) -> Result<Vec<u32>>;
+    /// `ExecProcess`: start `spec` as `exec_id` in `spec.container_id` (empty: the VM's own
+    /// root).
     async fn exec_process(&self, exec_id: &str, spec: &ProcessSpec) -> Result<()>;
-    /// `WaitProcess`: wait, without a timeout, until `exec_id` ends.
-    async fn wait_process(&self, exec_id: &str) -> Result<ExitStatus>;
-    /// `SignalProcess`: send `signal` to `exec_id` (a no-op once it has ended).
-    async fn signal_process(&self, exec_id: &str, signal: u32) -> Result<()>;
+    /// `WaitProcess`: wait, without a timeout, until `exec_id` of `container_id` ends.
+    async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<ExitStatus>;
+    /// `SignalProcess`: send `signal` to `exec_id` (a no-op once it has ended); an empty
+    /// `exec_id` with a container signals every process of that container.
+    async fn signal_process(&self, container_id: &str, exec_id: &str, signal: u32) -> Result<()>;
     /// `WriteStdin`: write all of `data` to the process's stdin; answers once the pipe took it.
-    async fn write_stdin(&self, exec_id: &str, data: &[u8]) -> Result<()>;
+    async fn write_stdin(&self, container_id: &str, exec_id: &str, data: &[u8]) -> Result<()>;
     /// `CloseStdin`: the process reads EOF.
-    async fn close_stdin(&self, exec_id: &str) -> Result<()>;
+    async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()>;
     /// `ReadStdout`: up to `len` bytes, waiting without a timeout until there are some; empty
     /// at the end of the stream.
-    async fn read_stdout(&self, exec_id: &str, len: u32) -> Result<Vec<u8>>;
+    async fn read_stdout(&self, container_id: &str, exec_id: &str, len: u32) -> Result<Vec<u8>>;
     /// `ReadStderr`, as [`Agent::read_stdout`].
-    async fn read_stderr(&self, exec_id: &str, len: u32) -> Result<Vec<u8>>;
+    async fn read_stderr(&self, container_id: &str, exec_id: &str, len: u32) -> Result<Vec<u8>>;
     /// `TtyWinResize`: set the terminal size of a process started with a terminal.
-    async fn tty_win_resize(&self, exec_id: &str, rows: u32, cols: u32) -> Result<()>;
+    async fn tty_win_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<()>;
     /// `CopyFile`: write one chunk of a file into the guest.
     async fn copy_file(&self, chunk: &CopyFileChunk) -> Result<()>;
     /// `ReadFile` (ours): read up to `len` bytes at `offset` of a guest file.
@@ -312,8 +339,15 @@ impl KataAgent {
 
 impl KataAgent {
     /// `ReadStdout` or `ReadStderr`: no deadline, the next output may be far off.
-    async fn read_stream(&self, exec_id: &str, len: u32, stderr: bool) -> Result<Vec<u8>> {
+    async fn read_stream(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        len: u32,
+        stderr: bool,
+    ) -> Result<Vec<u8>> {
         let req = pb::ReadStreamRequest {
+            container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
             len: len.min(crate::workload::MAX_CHUNK),
             ..Default::default()
@@ -537,7 +571,81 @@ impl Agent for KataAgent {
         }
     }
 
-    #[instrument(skip_all, fields(url = %self.url, exec_id, args = ?spec.args))]
+    #[instrument(skip_all, fields(url = %self.url, container_id, storages = storages.len()))]
+    async fn create_container(
+        &self,
+        container_id: &str,
+        storages: &[Storage],
+        spec: &ContainerSpec,
+    ) -> Result<()> {
+        let req = convert::create_container_request(container_id, storages, spec);
+        self.call("CreateContainer", |c, ctx| async move {
+            c.agent.create_container(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn start_container(&self, container_id: &str) -> Result<()> {
+        let req = pb::StartContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        self.call("StartContainer", |c, ctx| async move {
+            c.agent.start_container(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn remove_container(&self, container_id: &str, timeout: Duration) -> Result<()> {
+        let secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX);
+        let req = pb::RemoveContainerRequest {
+            container_id: container_id.to_owned(),
+            // A bound under a second is a second: 0 would mean none.
+            timeout: if timeout.is_zero() { 0 } else { secs.max(1) },
+            ..Default::default()
+        };
+        // The guest's own bound plus the usual call time.
+        let bound = (!timeout.is_zero()).then(|| timeout + self.cfg.call_timeout);
+        self.call_bounded("RemoveContainer", bound, |c, ctx| async move {
+            c.agent.remove_container(ctx, &req).await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn stats_container(&self, container_id: &str) -> Result<ContainerStats> {
+        let req = pb::StatsContainerRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let resp = self
+            .call("StatsContainer", |c, ctx| async move {
+                c.agent.stats_container(ctx, &req).await
+            })
+            .await?;
+        Ok(resp.into())
+    }
+
+    #[instrument(skip(self), fields(url = %self.url))]
+    async fn container_pids(&self, container_id: &str) -> Result<Vec<u32>> {
+        let req = wl::ListContainerPidsRequest {
+            container_id: container_id.to_owned(),
+            ..Default::default()
+        };
+        let resp = self
+            .call("ListContainerPids", |c, ctx| async move {
+                c.workload.list_container_pids(ctx, &req).await
+            })
+            .await?;
+        Ok(resp.pids)
+    }
+
+    #[instrument(skip_all, fields(url = %self.url, container_id = %spec.container_id, exec_id, args = ?spec.args))]
     async fn exec_process(&self, exec_id: &str, spec: &ProcessSpec) -> Result<()> {
         let req = convert::exec_request(exec_id, spec);
         self.call("ExecProcess", |c, ctx| async move {
@@ -548,8 +656,9 @@ impl Agent for KataAgent {
     }
 
     #[instrument(skip(self), fields(url = %self.url))]
-    async fn wait_process(&self, exec_id: &str) -> Result<ExitStatus> {
+    async fn wait_process(&self, container_id: &str, exec_id: &str) -> Result<ExitStatus> {
         let req = pb::WaitProcessRequest {
+            container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
             ..Default::default()
         };
@@ -562,8 +671,9 @@ impl Agent for KataAgent {
     }
 
     #[instrument(skip(self), fields(url = %self.url))]
-    async fn signal_process(&self, exec_id: &str, signal: u32) -> Result<()> {
+    async fn signal_process(&self, container_id: &str, exec_id: &str, signal: u32) -> Result<()> {
         let req = pb::SignalProcessRequest {
+            container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
             signal,
             ..Default::default()
@@ -576,11 +686,12 @@ impl Agent for KataAgent {
     }
 
     #[instrument(level = "trace", skip(self, data), fields(url = %self.url, len = data.len()))]
-    async fn write_stdin(&self, exec_id: &str, data: &[u8]) -> Result<()> {
+    async fn write_stdin(&self, container_id: &str, exec_id: &str, data: &[u8]) -> Result<()> {
         // The agent answers once the pipe took the bytes: a process that does not read holds
         // the writer, which is the back-pressure wanted.
         for chunk in data.chunks(crate::workload::MAX_CHUNK as usize) {
             let req = pb::WriteStreamRequest {
+                container_id: container_id.to_owned(),
                 exec_id: exec_id.to_owned(),
                 data: chunk.to_vec(),
                 ..Default::default()
@@ -601,8 +712,9 @@ impl Agent for KataAgent {
     }
 
     #[instrument(skip(self), fields(url = %self.url))]
-    async fn close_stdin(&self, exec_id: &str) -> Result<()> {
+    async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<()> {
         let req = pb::CloseStdinRequest {
+            container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
             ..Default::default()
         };
@@ -614,18 +726,25 @@ impl Agent for KataAgent {
     }
 
     #[instrument(level = "trace", skip(self), fields(url = %self.url))]
-    async fn read_stdout(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
-        self.read_stream(exec_id, len, false).await
+    async fn read_stdout(&self, container_id: &str, exec_id: &str, len: u32) -> Result<Vec<u8>> {
+        self.read_stream(container_id, exec_id, len, false).await
     }
 
     #[instrument(level = "trace", skip(self), fields(url = %self.url))]
-    async fn read_stderr(&self, exec_id: &str, len: u32) -> Result<Vec<u8>> {
-        self.read_stream(exec_id, len, true).await
+    async fn read_stderr(&self, container_id: &str, exec_id: &str, len: u32) -> Result<Vec<u8>> {
+        self.read_stream(container_id, exec_id, len, true).await
     }
 
     #[instrument(skip(self), fields(url = %self.url))]
-    async fn tty_win_resize(&self, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+    async fn tty_win_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<()> {
         let req = pb::TtyWinResizeRequest {
+            container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
             row: rows,
             column: cols,

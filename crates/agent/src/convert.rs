@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use protobuf::{EnumOrUnknown, MessageField};
 
+use crate::container::{ContainerSpec, ContainerStats, Mount, Namespace, Rlimit};
 use crate::net::{Interface, IpAddress, IpFamily, Route};
 use crate::protocols::{agent as pb, diag, health, oci, types as tpb, workload as wl};
 use crate::types::{
@@ -219,6 +220,7 @@ impl From<oci::Process> for ProcessSpec {
     fn from(p: oci::Process) -> Self {
         let user = p.User.into_option().unwrap_or_default();
         ProcessSpec {
+            container_id: String::new(),
             args: p.Args,
             env: p.Env,
             cwd: p.Cwd,
@@ -231,12 +233,182 @@ impl From<oci::Process> for ProcessSpec {
     }
 }
 
-/// `ExecProcess` of `spec` as `exec_id` in the VM's own root (empty container id).
+/// `ExecProcess` of `spec` as `exec_id` in `spec.container_id` (empty: the VM's own root).
 pub(crate) fn exec_request(exec_id: &str, spec: &ProcessSpec) -> pb::ExecProcessRequest {
     pb::ExecProcessRequest {
+        container_id: spec.container_id.clone(),
         exec_id: exec_id.to_owned(),
         process: MessageField::some(spec.into()),
         ..Default::default()
+    }
+}
+
+impl From<&ContainerSpec> for oci::Spec {
+    fn from(c: &ContainerSpec) -> Self {
+        let mut process = oci::Process::from(&c.process);
+        process.Rlimits = c
+            .rlimits
+            .iter()
+            .map(|r| oci::POSIXRlimit {
+                Type: r.kind.clone(),
+                Hard: r.hard,
+                Soft: r.soft,
+                ..Default::default()
+            })
+            .collect();
+        process.NoNewPrivileges = c.no_new_privileges;
+        oci::Spec {
+            Version: c.version.clone(),
+            Process: MessageField::some(process),
+            Root: MessageField::some(oci::Root {
+                Path: c.root_path.clone(),
+                Readonly: c.root_readonly,
+                ..Default::default()
+            }),
+            Hostname: c.hostname.clone(),
+            Mounts: c
+                .mounts
+                .iter()
+                .map(|m| oci::Mount {
+                    destination: m.destination.clone(),
+                    source: m.source.clone(),
+                    type_: m.kind.clone(),
+                    options: m.options.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            Annotations: c.annotations.clone().into_iter().collect(),
+            Linux: MessageField::some(oci::Linux {
+                Sysctl: c.sysctl.clone().into_iter().collect(),
+                Namespaces: c
+                    .namespaces
+                    .iter()
+                    .map(|n| oci::LinuxNamespace {
+                        Type: n.kind.clone(),
+                        Path: n.path.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                MaskedPaths: c.masked_paths.clone(),
+                ReadonlyPaths: c.readonly_paths.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<oci::Spec> for ContainerSpec {
+    fn from(s: oci::Spec) -> Self {
+        let process = s.Process.into_option().unwrap_or_default();
+        let rlimits = process
+            .Rlimits
+            .iter()
+            .map(|r| Rlimit {
+                kind: r.Type.clone(),
+                hard: r.Hard,
+                soft: r.Soft,
+            })
+            .collect();
+        let no_new_privileges = process.NoNewPrivileges;
+        let root = s.Root.into_option().unwrap_or_default();
+        let linux = s.Linux.into_option().unwrap_or_default();
+        ContainerSpec {
+            version: s.Version,
+            process: process.into(),
+            rlimits,
+            no_new_privileges,
+            root_path: root.Path,
+            root_readonly: root.Readonly,
+            hostname: s.Hostname,
+            mounts: s
+                .Mounts
+                .into_iter()
+                .map(|m| Mount {
+                    destination: m.destination,
+                    source: m.source,
+                    kind: m.type_,
+                    options: m.options,
+                })
+                .collect(),
+            annotations: s.Annotations.into_iter().collect(),
+            namespaces: linux
+                .Namespaces
+                .into_iter()
+                .map(|n| Namespace {
+                    kind: n.Type,
+                    path: n.Path,
+                })
+                .collect(),
+            masked_paths: linux.MaskedPaths,
+            readonly_paths: linux.ReadonlyPaths,
+            sysctl: linux.Sysctl.into_iter().collect(),
+        }
+    }
+}
+
+/// `CreateContainer` of `spec` as `container_id` (its init's exec id too), over `storages`.
+pub(crate) fn create_container_request(
+    container_id: &str,
+    storages: &[Storage],
+    spec: &ContainerSpec,
+) -> pb::CreateContainerRequest {
+    pb::CreateContainerRequest {
+        container_id: container_id.to_owned(),
+        exec_id: container_id.to_owned(),
+        storages: storages.iter().map(Into::into).collect(),
+        OCI: MessageField::some(spec.into()),
+        ..Default::default()
+    }
+}
+
+impl From<&ContainerStats> for pb::StatsContainerResponse {
+    fn from(s: &ContainerStats) -> Self {
+        pb::StatsContainerResponse {
+            cgroup_stats: MessageField::some(pb::CgroupStats {
+                cpu_stats: MessageField::some(pb::CpuStats {
+                    cpu_usage: MessageField::some(pb::CpuUsage {
+                        total_usage: s.cpu_usage_ns,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                memory_stats: MessageField::some(pb::MemoryStats {
+                    usage: MessageField::some(pb::MemoryData {
+                        usage: s.memory_usage_bytes,
+                        limit: s.memory_limit_bytes,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                pids_stats: MessageField::some(pb::PidsStats {
+                    current: s.pids,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+impl From<pb::StatsContainerResponse> for ContainerStats {
+    fn from(r: pb::StatsContainerResponse) -> Self {
+        let cg = r.cgroup_stats.into_option().unwrap_or_default();
+        let cpu = cg.cpu_stats.into_option().unwrap_or_default();
+        let mem = cg
+            .memory_stats
+            .into_option()
+            .unwrap_or_default()
+            .usage
+            .into_option()
+            .unwrap_or_default();
+        ContainerStats {
+            cpu_usage_ns: cpu.cpu_usage.into_option().unwrap_or_default().total_usage,
+            memory_usage_bytes: mem.usage,
+            memory_limit_bytes: mem.limit,
+            pids: cg.pids_stats.into_option().unwrap_or_default().current,
+        }
     }
 }
 
@@ -536,8 +708,80 @@ mod tests {
     }
 
     #[test]
+    fn container_types_round_trip_with_katas_tags() {
+        let spec = ContainerSpec {
+            version: "1.0.2".into(),
+            process: ProcessSpec {
+                args: vec!["sh".into()],
+                env: vec!["FOO=bar".into()],
+                cwd: "/".into(),
+                terminal: true,
+                console_size: Some((24, 80)),
+                ..Default::default()
+            },
+            rlimits: vec![Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                hard: 1024,
+                soft: 512,
+            }],
+            no_new_privileges: true,
+            root_path: "/rootfs".into(),
+            root_readonly: false,
+            hostname: "box".into(),
+            mounts: vec![Mount {
+                destination: "/proc".into(),
+                source: "proc".into(),
+                kind: "proc".into(),
+                options: vec!["nosuid".into()],
+            }],
+            annotations: [("a".to_owned(), "b".to_owned())].into(),
+            namespaces: vec![Namespace {
+                kind: "pid".into(),
+                path: String::new(),
+            }],
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            sysctl: [("net.ipv4.ip_forward".to_owned(), "1".to_owned())].into(),
+        };
+        let storage = Storage {
+            driver: Storage::BLK.into(),
+            source: "05/00".into(),
+            fstype: "erofs".into(),
+            options: vec!["ro".into()],
+            mount_point: "/run/x".into(),
+        };
+        let req = create_container_request("c1", std::slice::from_ref(&storage), &spec);
+        assert_eq!(req.exec_id, "c1", "the init's exec id is the container's");
+        let back = ContainerSpec::from(req.OCI.clone().into_option().expect("spec"));
+        assert_eq!(back, spec);
+        // Kata's tags: container_id 1, exec_id 2, storages 5, OCI 6; Spec.Hostname 4.
+        let bytes = req.write_to_bytes().expect("encode");
+        assert_eq!(&bytes[..4], &[0x0a, 0x02, b'c', b'1']);
+        assert_eq!(&bytes[4..8], &[0x12, 0x02, b'c', b'1']);
+        assert_eq!(bytes[8], 0x2a, "storages = 5");
+        let oci_bytes = oci::Spec {
+            Hostname: "h".into(),
+            ..Default::default()
+        }
+        .write_to_bytes()
+        .expect("encode");
+        assert_eq!(oci_bytes, vec![0x22, 0x01, b'h']);
+        let stats = ContainerStats {
+            cpu_usage_ns: 5,
+            memory_usage_bytes: 6,
+            memory_limit_bytes: u64::MAX,
+            pids: 2,
+        };
+        assert_eq!(
+            ContainerStats::from(pb::StatsContainerResponse::from(&stats)),
+            stats
+        );
+    }
+
+    #[test]
     fn workload_types_round_trip() {
         let spec = ProcessSpec {
+            container_id: String::new(),
             args: vec!["sh".into(), "-c".into(), "id".into()],
             env: vec!["A=1".into()],
             cwd: "/tmp".into(),

@@ -40,6 +40,7 @@ struct ReadmeDoctests;
 
 pub mod channel;
 pub mod client;
+pub mod container;
 mod convert;
 pub mod error;
 #[cfg(any(test, feature = "test-utils"))]
@@ -54,6 +55,7 @@ pub mod workload;
 
 pub use channel::{AGENT_PORT_NAME, AGENT_VSOCK_PORT, READY_LINE};
 pub use client::{Agent, AgentConfig, KataAgent};
+pub use container::{ContainerSpec, ContainerStats, Mount, Namespace, Rlimit};
 pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-utils"))]
 pub use fake::{FakeAgent, FakeCall};

@@ -1,8 +1,9 @@
 //! Request types of the workload calls: processes (Kata's `ExecProcess` family), files
 //! (`CopyFile` in, our `ReadFile` out) and storages (a hot-plugged disk mounted by the agent).
 //!
-//! vmfactory runs no containers: every call names the VM's own root by an empty
-//! `container_id`, and processes are told apart by their `exec_id` alone.
+//! Every process call names a container by its `container_id`: empty for the VM's own root,
+//! else a container made by `CreateContainer`; within it, processes are told apart by
+//! their `exec_id`.
 
 /// The largest chunk one `ReadStdout`, `ReadStderr`, `ReadFile` or `CopyFile` carries. ttRPC
 /// frames are limited to 4 MiB; smaller chunks also bound the agent's memory per stream.
@@ -11,6 +12,8 @@ pub const MAX_CHUNK: u32 = 1 << 20;
 /// A process to start in the guest (Kata's `oci.Process`, the fields vmfactory uses).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProcessSpec {
+    /// The container the process runs in: empty for the VM's own root.
+    pub container_id: String,
     /// The program and its arguments; the program is looked up in the `PATH` of `env`.
     pub args: Vec<String>,
     /// `KEY=VALUE` pairs: the whole environment. The agent adds a default `PATH` when none is

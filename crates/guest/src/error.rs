@@ -62,6 +62,14 @@ pub enum Error {
     #[error("No process {0:?}")]
     NoProcess(String),
 
+    /// A request named a container the agent does not have.
+    #[error("No container {0:?}")]
+    NoContainer(String),
+
+    /// `CreateContainer` of an id already in use.
+    #[error("Container {0:?} already exists")]
+    ContainerExists(String),
+
     /// A process with this exec id is still known.
     #[error("Process {0:?} already exists")]
     ProcessExists(String),

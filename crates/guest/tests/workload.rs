@@ -26,9 +26,9 @@ async fn drain(a: &KataAgent, id: &str, stderr: bool) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
         let chunk = if stderr {
-            a.read_stderr(id, 65536).await
+            a.read_stderr("", id, 65536).await
         } else {
-            a.read_stdout(id, 65536).await
+            a.read_stdout("", id, 65536).await
         }
         .expect("read");
         if chunk.is_empty() {
@@ -41,8 +41,12 @@ async fn drain(a: &KataAgent, id: &str, stderr: bool) -> Vec<u8> {
 /// Runs `spec` to its end: (status, stdout, stderr).
 async fn run(a: &KataAgent, id: &str, spec: &ProcessSpec) -> (ExitStatus, String, String) {
     a.exec_process(id, spec).await.expect("exec");
-    a.close_stdin(id).await.expect("close stdin");
-    let (out, err, st) = tokio::join!(drain(a, id, false), drain(a, id, true), a.wait_process(id));
+    a.close_stdin("", id).await.expect("close stdin");
+    let (out, err, st) = tokio::join!(
+        drain(a, id, false),
+        drain(a, id, true),
+        a.wait_process("", id)
+    );
     (
         st.expect("wait"),
         String::from_utf8_lossy(&out).into_owned(),
@@ -92,13 +96,13 @@ async fn exit_codes_signals_env_cwd_and_output_after_exit() {
         .await
         .expect("exec");
     assert_eq!(
-        a.wait_process("late").await.expect("wait"),
+        a.wait_process("", "late").await.expect("wait"),
         ExitStatus::Code(0)
     );
     assert_eq!(drain(&a, "late", false).await.len(), 60_000);
     assert!(drain(&a, "late", true).await.is_empty());
     // Waited and drained: forgotten.
-    let e = a.read_stdout("late", 10).await.expect_err("forgotten");
+    let e = a.read_stdout("", "late", 10).await.expect_err("forgotten");
     assert_eq!(rpc_code(&e), Some(ttrpc::Code::NOT_FOUND), "{e}");
 }
 
@@ -109,12 +113,12 @@ async fn signal_stdin_and_errors() {
     a.exec_process("s", &ProcessSpec::new(["sleep", "30"]))
         .await
         .expect("exec");
-    a.signal_process("s", 15).await.expect("signal");
+    a.signal_process("", "s", 15).await.expect("signal");
     assert_eq!(
-        a.wait_process("s").await.expect("wait"),
+        a.wait_process("", "s").await.expect("wait"),
         ExitStatus::Signal(15)
     );
-    a.signal_process("s", 9)
+    a.signal_process("", "s", 9)
         .await
         .expect("signal after exit is a no-op");
 
@@ -133,18 +137,21 @@ async fn signal_stdin_and_errors() {
         .await
         .expect_err("same id");
     assert_eq!(rpc_code(&e), Some(ttrpc::Code::ALREADY_EXISTS), "{e}");
-    let e = a.tty_win_resize("dup", 10, 10).await.expect_err("no tty");
+    let e = a
+        .tty_win_resize("", "dup", 10, 10)
+        .await
+        .expect_err("no tty");
     assert_eq!(rpc_code(&e), Some(ttrpc::Code::FAILED_PRECONDITION), "{e}");
-    a.write_stdin("dup", b"hi\n").await.expect("write");
-    a.close_stdin("dup").await.expect("close");
-    let e = a.write_stdin("dup", b"more").await.expect_err("closed");
+    a.write_stdin("", "dup", b"hi\n").await.expect("write");
+    a.close_stdin("", "dup").await.expect("close");
+    let e = a.write_stdin("", "dup", b"more").await.expect_err("closed");
     assert_eq!(rpc_code(&e), Some(ttrpc::Code::FAILED_PRECONDITION), "{e}");
     assert_eq!(drain(&a, "dup", false).await, b"hi\n");
     assert_eq!(
-        a.wait_process("dup").await.expect("wait"),
+        a.wait_process("", "dup").await.expect("wait"),
         ExitStatus::Code(0)
     );
-    let e = a.wait_process("nope").await.expect_err("unknown");
+    let e = a.wait_process("", "nope").await.expect_err("unknown");
     assert_eq!(rpc_code(&e), Some(ttrpc::Code::NOT_FOUND), "{e}");
 }
 
@@ -177,15 +184,15 @@ async fn many_concurrent_processes_and_a_large_stream_through_cat() {
         let data = data.clone();
         tokio::spawn(async move {
             for c in data.chunks(256 << 10) {
-                a.write_stdin("cat", c).await.expect("write");
+                a.write_stdin("", "cat", c).await.expect("write");
             }
-            a.close_stdin("cat").await.expect("close");
+            a.close_stdin("", "cat").await.expect("close");
         })
     };
     let out = drain(&a, "cat", false).await;
     writer.await.expect("writer");
     assert_eq!(
-        a.wait_process("cat").await.expect("wait"),
+        a.wait_process("", "cat").await.expect("wait"),
         ExitStatus::Code(0)
     );
     assert!(out == data, "{} bytes back of {}", out.len(), data.len());
@@ -201,10 +208,10 @@ async fn terminal_takes_its_size_and_merges_output() {
     a.exec_process("t", &spec).await.expect("exec");
     let mut out = Vec::new();
     while !String::from_utf8_lossy(&out).contains("24 80") {
-        out.extend(a.read_stdout("t", 1024).await.expect("read"));
+        out.extend(a.read_stdout("", "t", 1024).await.expect("read"));
     }
-    a.tty_win_resize("t", 30, 100).await.expect("resize");
-    a.write_stdin("t", b"go\n").await.expect("write");
+    a.tty_win_resize("", "t", 30, 100).await.expect("resize");
+    a.write_stdin("", "t", b"go\n").await.expect("write");
     let rest = drain(&a, "t", false).await;
     out.extend(rest);
     let text = String::from_utf8_lossy(&out);
@@ -212,7 +219,7 @@ async fn terminal_takes_its_size_and_merges_output() {
     assert!(text.contains("err"), "stderr on the terminal: {text:?}");
     assert!(drain(&a, "t", true).await.is_empty());
     assert_eq!(
-        a.wait_process("t").await.expect("wait"),
+        a.wait_process("", "t").await.expect("wait"),
         ExitStatus::Code(0)
     );
 }

@@ -92,6 +92,7 @@ impl Vm {
             cpu_delta: state.cpu_delta,
             mounts: state.mounts.clone(),
             links: Vec::new(),
+            containers: std::collections::BTreeMap::new(),
         };
         p.network = state.network.clone();
         let vm = Self::assemble(p, state.config, dir, url, inner)?;

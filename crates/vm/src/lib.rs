@@ -109,6 +109,7 @@ struct ReadmeDoctests;
 
 mod backends;
 mod config;
+mod containers;
 mod disks;
 mod endpoint;
 mod envelope;
@@ -135,6 +136,9 @@ pub use config::{
     VmAgentConfig, VmConfig, DEFAULT_CALL_TIMEOUT, DEFAULT_DIAL_TIMEOUT, DEFAULT_READY_TIMEOUT,
     MAX_SOCKET_PATH,
 };
+pub use containers::{
+    container_spec, ContainerConfig, ContainerError, REMOVE_TIMEOUT, ROOTFS_FSTYPE,
+};
 pub use disks::DiskMount;
 pub use endpoint::agent_url;
 pub use envelope::{MAX_WIRE_SIZE, WIRE_VERSION};
@@ -154,9 +158,11 @@ pub use wire::VmState;
 pub use workload::{Process, ProcessOutput};
 
 // The leaf types this crate's public API exposes.
+/// The OCI spec crate [`ContainerConfig`] takes its `Spec` from, for callers without their own.
+pub use oci_spec;
 pub use vmfactory_agent::{
-    Agent, AgentConfig, AgentUrl, Error as AgentError, ExitStatus, ForkReseed, KataAgent,
-    ProcessSpec,
+    Agent, AgentConfig, AgentUrl, ContainerStats, Error as AgentError, ExitStatus, ForkReseed,
+    KataAgent, ProcessSpec,
 };
 pub use vmfactory_hypervisor::{
     Accel, AgentChannel, AgentEndpoint, AttachedDisk, ConfigError as HypervisorConfigError,

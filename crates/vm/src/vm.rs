@@ -54,6 +54,9 @@ pub(crate) struct Inner {
     pub(crate) mounts: BTreeMap<String, String>,
     /// Sandbox links created by [`Vm::assign_sandbox`], removed on stop.
     pub(crate) links: Vec<PathBuf>,
+    /// Containers by id, with their image's disk id (empty while being created). Not
+    /// persisted: a container lives as long as the handle that made it.
+    pub(crate) containers: BTreeMap<String, String>,
 }
 
 /// A VM: a hypervisor, a guest agent, a console proxy and its storage directory
@@ -350,6 +353,7 @@ impl Vm {
             cpu_delta: 0,
             mounts: BTreeMap::new(),
             links: Vec::new(),
+            containers: BTreeMap::new(),
         };
         let vm = Self::assemble(p, config, dir, url, inner)?;
         vm.save_state(&*vm.inner.lock().await).await?;
@@ -491,6 +495,21 @@ impl Vm {
         }
         let span = info_span!("vm", vm = %self.id);
         async {
+            // Containers first: their processes die and their overlays and images are
+            // unmounted before the VM goes. Best effort, bounded like the unmounts below.
+            for id in std::mem::take(&mut inner.containers).into_keys() {
+                let remove = self
+                    .agent
+                    .remove_container(&id, crate::containers::REMOVE_TIMEOUT);
+                let bound = crate::containers::REMOVE_TIMEOUT + self.config.agent.call_timeout;
+                match tokio::time::timeout(bound, remove).await {
+                    Ok(Ok(())) => debug!(container = %id, "container removed before stop"),
+                    Ok(Err(e)) => {
+                        warn!(container = %id, error = %e, "cannot remove a container before stop")
+                    }
+                    Err(_) => warn!(container = %id, "removing a container before stop timed out"),
+                }
+            }
             // Unmounting flushes what the guest wrote to its disks; QEMU's quit would not.
             // Best effort, bounded by the call timeout: a dead guest loses only its cache.
             for mount_point in inner.mounts.values() {

@@ -115,6 +115,8 @@ fn io_error(e: &Error) -> io::Error {
 #[derive(Debug, Clone)]
 struct Link {
     vm_id: String,
+    /// Empty for the VM's own root.
+    container_id: String,
     exec_id: String,
     agent: Arc<dyn Agent>,
     hv: Option<Arc<dyn Hypervisor>>,
@@ -144,9 +146,21 @@ impl Process {
         hv: Option<Arc<dyn Hypervisor>>,
         spec: ProcessSpec,
     ) -> Result<Process> {
+        Self::exec_as(vm_id, agent, hv, new_exec_id(), spec).await
+    }
+
+    /// `ExecProcess` of `spec` as `exec_id` in `spec.container_id`.
+    pub(crate) async fn exec_as(
+        vm_id: &str,
+        agent: Arc<dyn Agent>,
+        hv: Option<Arc<dyn Hypervisor>>,
+        exec_id: String,
+        spec: ProcessSpec,
+    ) -> Result<Process> {
         let link = Link {
             vm_id: vm_id.to_owned(),
-            exec_id: new_exec_id(),
+            container_id: spec.container_id.clone(),
+            exec_id,
             agent,
             hv,
         };
@@ -155,20 +169,46 @@ impl Process {
             link.agent.exec_process(&link.exec_id, &spec),
         )
         .await?;
+        Ok(Self::attach(link))
+    }
+
+    /// The handle of a process the agent already has (a container's init).
+    pub(crate) fn attached(
+        vm_id: &str,
+        agent: Arc<dyn Agent>,
+        hv: Option<Arc<dyn Hypervisor>>,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Process {
+        Self::attach(Link {
+            vm_id: vm_id.to_owned(),
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            agent,
+            hv,
+        })
+    }
+
+    fn attach(link: Link) -> Process {
         let stdout = pump_output(link.clone(), false);
         let stderr = pump_output(link.clone(), true);
         let stdin = pump_stdin(link.clone());
-        Ok(Process {
+        Process {
             link,
             stdin: Some(stdin),
             stdout: Some(stdout),
             stderr: Some(stderr),
-        })
+        }
     }
 
     /// The agent's id of this process.
     pub fn exec_id(&self) -> &str {
         &self.link.exec_id
+    }
+
+    /// The container the process runs in; empty for the VM's own root.
+    pub fn container_id(&self) -> &str {
+        &self.link.container_id
     }
 
     /// The stdin end (once): bytes written go to the process; dropping or shutting it down
@@ -190,16 +230,22 @@ impl Process {
     /// Waits until the process ends: its exit code, or the signal that killed it.
     pub async fn wait(&self) -> Result<ExitStatus> {
         let l = &self.link;
-        l.call("wait_process", l.agent.wait_process(&l.exec_id))
-            .await
+        l.call(
+            "wait_process",
+            l.agent.wait_process(&l.container_id, &l.exec_id),
+        )
+        .await
     }
 
     /// Sends `signal` (e.g. `libc::SIGINT`) to the process; no-op once it has ended.
     pub async fn signal(&self, signal: i32) -> Result<()> {
         let sig = u32::try_from(signal).unwrap_or(0);
         let l = &self.link;
-        l.call("signal_process", l.agent.signal_process(&l.exec_id, sig))
-            .await
+        l.call(
+            "signal_process",
+            l.agent.signal_process(&l.container_id, &l.exec_id, sig),
+        )
+        .await
     }
 
     /// Sets the terminal size of a process started with a terminal.
@@ -207,7 +253,8 @@ impl Process {
         let l = &self.link;
         l.call(
             "tty_win_resize",
-            l.agent.tty_win_resize(&l.exec_id, rows, cols),
+            l.agent
+                .tty_win_resize(&l.container_id, &l.exec_id, rows, cols),
         )
         .await
     }
@@ -224,9 +271,13 @@ fn pump_output(link: Link, stderr: bool) -> ProcessOutput {
             };
             let read = async {
                 if stderr {
-                    link.agent.read_stderr(&link.exec_id, CHUNK).await
+                    link.agent
+                        .read_stderr(&link.container_id, &link.exec_id, CHUNK)
+                        .await
                 } else {
-                    link.agent.read_stdout(&link.exec_id, CHUNK).await
+                    link.agent
+                        .read_stdout(&link.container_id, &link.exec_id, CHUNK)
+                        .await
                 }
             };
             match link.call(op, read).await {
@@ -256,9 +307,13 @@ fn pump_stdin(link: Link) -> DuplexStream {
             let n = ours.read(&mut buf).await.unwrap_or_default();
             let call = async {
                 if n == 0 {
-                    link.agent.close_stdin(&link.exec_id).await
+                    link.agent
+                        .close_stdin(&link.container_id, &link.exec_id)
+                        .await
                 } else {
-                    link.agent.write_stdin(&link.exec_id, &buf[..n]).await
+                    link.agent
+                        .write_stdin(&link.container_id, &link.exec_id, &buf[..n])
+                        .await
                 }
             };
             if let Err(e) = link.call("write_stdin", call).await {

@@ -4,11 +4,16 @@
 //! Programs: `echo ARGS` prints its arguments; `cat` copies stdin to stdout and exits at EOF;
 //! `true` and `false`; `exit N` ends with code N; `sleep` runs until signalled; anything else
 //! prints "not found" on stderr and exits 127. Errors are the statuses the real agent answers.
+//!
+//! Containers: `CreateContainer` records the container and its storages and starts its init
+//! process at once (the fake has nothing to hold back); a container's processes are kept as
+//! `container/exec`. `RemoveContainer` forgets them and unmounts the storages.
 
 use std::collections::{HashMap, VecDeque};
 
 use ttrpc::{get_status, Code};
 
+use crate::container::{ContainerSpec, ContainerStats};
 use crate::error::{Error, Result};
 use crate::workload::{CopyFileChunk, ExitStatus, FileChunk, ProcessSpec, Storage};
 
@@ -30,6 +35,17 @@ pub(super) struct FakeGuest {
     partial: HashMap<String, (u64, Vec<u8>, u32)>,
     files: HashMap<String, (Vec<u8>, u32)>,
     pub(super) storages: HashMap<String, Storage>,
+    /// Containers by id: their storages' mount points and whether they were started.
+    containers: HashMap<String, (Vec<String>, bool)>,
+}
+
+/// Where a process is kept: its exec id, or `container/exec` in a container.
+fn key(container_id: &str, exec_id: &str) -> String {
+    if container_id.is_empty() {
+        exec_id.to_owned()
+    } else {
+        format!("{container_id}/{exec_id}")
+    }
 }
 
 pub(super) fn status(method: &'static str, code: Code, msg: String) -> Error {
@@ -58,13 +74,147 @@ impl FakeGuest {
         ids
     }
 
-    fn proc(&mut self, method: &'static str, id: &str) -> Result<&mut Proc> {
+    pub(super) fn container_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.containers.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    fn proc(&mut self, method: &'static str, container_id: &str, id: &str) -> Result<&mut Proc> {
         self.procs
-            .get_mut(id)
+            .get_mut(&key(container_id, id))
             .ok_or_else(|| status(method, Code::NOT_FOUND, format!("No process {id:?}")))
     }
 
-    pub(super) fn exec(&mut self, id: &str, spec: &ProcessSpec) -> Result<()> {
+    fn container(&self, method: &'static str, id: &str) -> Result<&(Vec<String>, bool)> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| status(method, Code::NOT_FOUND, format!("No container {id:?}")))
+    }
+
+    pub(super) fn create_container(
+        &mut self,
+        id: &str,
+        storages: &[Storage],
+        spec: &ContainerSpec,
+    ) -> Result<()> {
+        let invalid = |m: &str| status("CreateContainer", Code::INVALID_ARGUMENT, m.to_owned());
+        if id.is_empty() || id.contains('/') {
+            return Err(invalid("Invalid container id"));
+        }
+        if self.containers.contains_key(id) {
+            return Err(status(
+                "CreateContainer",
+                Code::ALREADY_EXISTS,
+                format!("Container {id:?} exists"),
+            ));
+        }
+        if storages.is_empty() {
+            return Err(invalid("No root storage"));
+        }
+        if !spec.root_path.is_empty() && !spec.root_path.starts_with('/') {
+            return Err(invalid("Relative root path"));
+        }
+        // Where the guest puts storages without a mount point.
+        let storages: Vec<Storage> = storages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut s = s.clone();
+                if s.mount_point.is_empty() {
+                    s.mount_point = format!("/run/vmfactory/containers/{id}/storage-{i}");
+                }
+                s
+            })
+            .collect();
+        for s in &storages {
+            if self.storages.contains_key(&s.mount_point) {
+                return Err(status(
+                    "CreateContainer",
+                    Code::ALREADY_EXISTS,
+                    format!("{} is mounted", s.mount_point),
+                ));
+            }
+        }
+        let mut init = spec.process.clone();
+        init.container_id = id.to_owned();
+        self.exec(id, id, &init)
+            .map_err(|_| invalid("No program to run"))?;
+        for s in &storages {
+            self.storages.insert(s.mount_point.clone(), s.clone());
+        }
+        let mounts = storages.iter().map(|s| s.mount_point.clone()).collect();
+        self.containers.insert(id.to_owned(), (mounts, false));
+        Ok(())
+    }
+
+    pub(super) fn start_container(&mut self, id: &str) -> Result<()> {
+        if self.container("StartContainer", id)?.1 {
+            return Err(status(
+                "StartContainer",
+                Code::FAILED_PRECONDITION,
+                format!("Container {id:?} was started"),
+            ));
+        }
+        if let Some(c) = self.containers.get_mut(id) {
+            c.1 = true;
+        }
+        Ok(())
+    }
+
+    pub(super) fn remove_container(&mut self, id: &str) -> Result<()> {
+        let (mounts, _) = self.container("RemoveContainer", id)?.clone();
+        for m in mounts {
+            self.storages.remove(&m);
+        }
+        let prefix = format!("{id}/");
+        self.procs.retain(|k, _| !k.starts_with(&prefix));
+        self.containers.remove(id);
+        Ok(())
+    }
+
+    fn live(&self, id: &str) -> impl Iterator<Item = &Proc> {
+        let prefix = format!("{id}/");
+        self.procs
+            .iter()
+            .filter(move |(k, p)| k.starts_with(&prefix) && p.exit.is_none())
+            .map(|(_, p)| p)
+    }
+
+    pub(super) fn stats_container(&self, id: &str) -> Result<ContainerStats> {
+        self.container("StatsContainer", id)?;
+        let pids = self.live(id).count() as u64;
+        Ok(ContainerStats {
+            cpu_usage_ns: 1_000_000 * pids,
+            memory_usage_bytes: 1 << 20,
+            memory_limit_bytes: u64::MAX,
+            pids,
+        })
+    }
+
+    pub(super) fn container_pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.container("ListContainerPids", id)?;
+        Ok((1..=self.live(id).count() as u32).collect())
+    }
+
+    pub(super) fn exec(
+        &mut self,
+        container_id: &str,
+        exec_id: &str,
+        spec: &ProcessSpec,
+    ) -> Result<()> {
+        if !container_id.is_empty()
+            && !self.containers.contains_key(container_id)
+            && container_id != exec_id
+        {
+            return Err(status(
+                "ExecProcess",
+                Code::NOT_FOUND,
+                format!("No container {container_id:?}"),
+            ));
+        }
+        let id = key(container_id, exec_id);
+        let id = id.as_str();
         if self.procs.contains_key(id) {
             return Err(status(
                 "ExecProcess",
@@ -105,17 +255,36 @@ impl FakeGuest {
     }
 
     /// `Some` once the process has ended; the process is then forgotten.
-    pub(super) fn wait(&mut self, id: &str) -> Option<Result<ExitStatus>> {
-        let exit = match self.proc("WaitProcess", id) {
+    pub(super) fn wait(&mut self, container_id: &str, id: &str) -> Option<Result<ExitStatus>> {
+        let exit = match self.proc("WaitProcess", container_id, id) {
             Ok(p) => p.exit?,
             Err(e) => return Some(Err(e)),
         };
-        self.procs.remove(id);
+        // A container's init stays until the container is removed.
+        if container_id.is_empty() || container_id != id {
+            self.procs.remove(&key(container_id, id));
+        }
         Some(Ok(exit))
     }
 
-    pub(super) fn signal(&mut self, id: &str, signal: u32) -> Result<()> {
-        let p = self.proc("SignalProcess", id)?;
+    pub(super) fn signal(&mut self, container_id: &str, id: &str, signal: u32) -> Result<()> {
+        if !container_id.is_empty() && id.is_empty() {
+            self.container("SignalProcess", container_id)?;
+            let prefix = format!("{container_id}/");
+            for (_, p) in self
+                .procs
+                .iter_mut()
+                .filter(|(k, _)| k.starts_with(&prefix))
+            {
+                if p.exit.is_none() {
+                    p.exit = Some(ExitStatus::Signal(
+                        i32::try_from(signal).unwrap_or(i32::MAX),
+                    ));
+                }
+            }
+            return Ok(());
+        }
+        let p = self.proc("SignalProcess", container_id, id)?;
         if p.exit.is_none() {
             p.exit = Some(ExitStatus::Signal(
                 i32::try_from(signal).unwrap_or(i32::MAX),
@@ -124,8 +293,8 @@ impl FakeGuest {
         Ok(())
     }
 
-    pub(super) fn write_stdin(&mut self, id: &str, data: &[u8]) -> Result<()> {
-        let p = self.proc("WriteStdin", id)?;
+    pub(super) fn write_stdin(&mut self, container_id: &str, id: &str, data: &[u8]) -> Result<()> {
+        let p = self.proc("WriteStdin", container_id, id)?;
         if !p.stdin_open || p.exit.is_some() {
             return Err(status("WriteStdin", Code::INTERNAL, "Broken pipe".into()));
         }
@@ -135,8 +304,8 @@ impl FakeGuest {
         Ok(())
     }
 
-    pub(super) fn close_stdin(&mut self, id: &str) -> Result<()> {
-        let p = self.proc("CloseStdin", id)?;
+    pub(super) fn close_stdin(&mut self, container_id: &str, id: &str) -> Result<()> {
+        let p = self.proc("CloseStdin", container_id, id)?;
         p.stdin_open = false;
         if p.program == "cat" && p.exit.is_none() {
             p.exit = Some(ExitStatus::Code(0));
@@ -145,9 +314,15 @@ impl FakeGuest {
     }
 
     /// `Some` when there are bytes, or at the end of the stream (empty).
-    pub(super) fn read(&mut self, id: &str, stderr: bool, len: u32) -> Option<Result<Vec<u8>>> {
+    pub(super) fn read(
+        &mut self,
+        container_id: &str,
+        id: &str,
+        stderr: bool,
+        len: u32,
+    ) -> Option<Result<Vec<u8>>> {
         let method = if stderr { "ReadStderr" } else { "ReadStdout" };
-        let p = match self.proc(method, id) {
+        let p = match self.proc(method, container_id, id) {
             Ok(p) => p,
             Err(e) => return Some(Err(e)),
         };
@@ -158,8 +333,14 @@ impl FakeGuest {
         None
     }
 
-    pub(super) fn resize(&mut self, id: &str, rows: u32, cols: u32) -> Result<()> {
-        let p = self.proc("TtyWinResize", id)?;
+    pub(super) fn resize(
+        &mut self,
+        container_id: &str,
+        id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<()> {
+        let p = self.proc("TtyWinResize", container_id, id)?;
         match p.tty {
             Some(_) => {
                 p.tty = Some((rows, cols));

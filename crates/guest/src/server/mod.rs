@@ -7,13 +7,18 @@
 //! a fake (or namespaced) network.
 
 mod accept;
+mod cgroup;
 mod config;
+pub mod containers;
 mod files;
 pub mod fork;
 pub mod net;
 mod netlink;
+mod nsexec;
+mod ocispec;
 pub mod process;
 pub mod reaper;
+mod rpc_status;
 mod serial;
 mod service;
 pub mod storage;

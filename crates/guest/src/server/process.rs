@@ -60,55 +60,76 @@ struct Proc {
     waited: AtomicBool,
     stdout_ended: AtomicBool,
     stderr_ended: AtomicBool,
+    /// A container's init: kept until the container is removed, however it ended.
+    keep: bool,
 }
 
 impl Proc {
     fn finished(&self) -> bool {
-        self.waited.load(Ordering::Acquire)
+        !self.keep
+            && self.waited.load(Ordering::Acquire)
             && self.stdout_ended.load(Ordering::Acquire)
             && self.stderr_ended.load(Ordering::Acquire)
     }
 }
 
-/// The processes of one agent, by exec id.
+/// A process's key: its container (empty for the VM's own root) and its exec id.
+type Key = (String, String);
+
+fn key(container_id: &str, exec_id: &str) -> Key {
+    (container_id.to_owned(), exec_id.to_owned())
+}
+
+/// The processes of one agent, by container and exec id.
 #[derive(Debug, Default)]
 pub struct Processes {
-    procs: Mutex<HashMap<String, Arc<Proc>>>,
+    procs: Mutex<HashMap<Key, Arc<Proc>>>,
 }
 
 /// The fds a started process leaves to the agent.
-struct Started {
-    pid: Pid,
-    stdin: OwnedFd,
-    stdout: OwnedFd,
-    stderr: Option<OwnedFd>,
-    tty: Option<OwnedFd>,
+#[derive(Debug)]
+pub(super) struct Started {
+    pub(super) pid: Pid,
+    pub(super) stdin: OwnedFd,
+    pub(super) stdout: OwnedFd,
+    pub(super) stderr: Option<OwnedFd>,
+    pub(super) tty: Option<OwnedFd>,
 }
 
 impl Processes {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Proc>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Arc<Proc>>> {
         self.procs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn get(&self, exec_id: &str) -> Result<Arc<Proc>> {
+    fn get(&self, cid: &str, exec_id: &str) -> Result<Arc<Proc>> {
         self.lock()
-            .get(exec_id)
+            .get(&key(cid, exec_id))
             .cloned()
             .ok_or_else(|| Error::NoProcess(exec_id.to_owned()))
     }
 
     /// Forgets `exec_id` once it is waited for and drained.
-    fn forget_if_finished(&self, exec_id: &str, p: &Proc) {
+    fn forget_if_finished(&self, cid: &str, exec_id: &str, p: &Proc) {
         if p.finished() {
             let mut procs = self.lock();
-            if procs
-                .get(exec_id)
-                .is_some_and(|q| std::ptr::eq(q.as_ref(), p))
-            {
-                procs.remove(exec_id);
-                debug!(exec_id, "process forgotten");
+            let k = key(cid, exec_id);
+            if procs.get(&k).is_some_and(|q| std::ptr::eq(q.as_ref(), p)) {
+                procs.remove(&k);
+                debug!(container_id = cid, exec_id, "process forgotten");
             }
         }
+    }
+
+    /// Forgets every process of container `cid`.
+    pub(super) fn forget_container(&self, cid: &str) {
+        self.lock().retain(|(c, _), _| c != cid);
+    }
+
+    /// The pid of a process, while it runs.
+    pub(super) fn pid(&self, cid: &str, exec_id: &str) -> Result<Option<Pid>> {
+        let p = self.get(cid, exec_id)?;
+        let running = p.exit.borrow().is_none();
+        Ok(running.then_some(p.pid))
     }
 
     /// Number of processes kept.
@@ -121,22 +142,47 @@ impl Processes {
         self.len() == 0
     }
 
-    /// Starts `spec` as `exec_id` in `root`.
+    /// Starts `spec` as `exec_id` in `root` (the VM's own processes).
     pub async fn exec(
         &self,
         exec_id: &str,
         spec: ProcessSpec,
         root: &std::path::Path,
     ) -> Result<()> {
+        let root = root.to_owned();
+        let terminal = spec.terminal;
+        self.add(
+            "",
+            exec_id,
+            &spec.args.clone(),
+            terminal,
+            false,
+            move |tx| start(&spec, &root, tx),
+        )
+        .await
+    }
+
+    /// Checks that `exec_id` of `cid` is free and `args` name a program, runs `start` off the
+    /// async workers and keeps what it started under that key (`keep`: until the container
+    /// is removed).
+    pub(super) async fn add(
+        &self,
+        cid: &str,
+        exec_id: &str,
+        args: &[String],
+        terminal: bool,
+        keep: bool,
+        start: impl FnOnce(watch::Sender<Option<ExitStatus>>) -> Result<Started> + Send + 'static,
+    ) -> Result<()> {
         if exec_id.is_empty() {
             return Err(Error::Invalid("empty exec_id".into()));
         }
-        if spec.args.first().map_or(true, |a| a.is_empty()) {
+        if args.first().map_or(true, |a| a.is_empty()) {
             return Err(Error::Invalid("no program to run".into()));
         }
         {
             let procs = self.lock();
-            if procs.contains_key(exec_id) {
+            if procs.contains_key(&key(cid, exec_id)) {
                 return Err(Error::ProcessExists(exec_id.to_owned()));
             }
             if procs.len() >= MAX_PROCESSES {
@@ -144,10 +190,7 @@ impl Processes {
             }
         }
         let (tx, rx) = watch::channel(None);
-        let root = root.to_owned();
-        let terminal = spec.terminal;
-        let args = spec.args.clone();
-        let started = tokio::task::spawn_blocking(move || start(&spec, &root, tx))
+        let started = tokio::task::spawn_blocking(move || start(tx))
             .await
             .map_err(|e| Error::io("run", "spawn task", std::io::Error::other(e)))??;
         let stream = |fd: OwnedFd, what: &'static str| {
@@ -169,15 +212,17 @@ impl Processes {
             stdout_ended: AtomicBool::new(false),
             // A terminal's one output stream is read as stdout.
             stderr_ended: AtomicBool::new(terminal),
+            keep,
         });
         let mut procs = self.lock();
-        if procs.contains_key(exec_id) {
+        if procs.contains_key(&key(cid, exec_id)) {
             // Two ExecProcess of one id raced: this one lost and its process is killed.
             let _ = kill(started.pid, Signal::SIGKILL);
             return Err(Error::ProcessExists(exec_id.to_owned()));
         }
-        procs.insert(exec_id.to_owned(), proc);
+        procs.insert(key(cid, exec_id), proc);
         info!(
+            container_id = cid,
             exec_id,
             pid = started.pid.as_raw(),
             ?args,
@@ -188,8 +233,8 @@ impl Processes {
     }
 
     /// Waits until `exec_id` ends and returns how.
-    pub async fn wait(&self, exec_id: &str) -> Result<ExitStatus> {
-        let p = self.get(exec_id)?;
+    pub async fn wait(&self, cid: &str, exec_id: &str) -> Result<ExitStatus> {
+        let p = self.get(cid, exec_id)?;
         let mut rx = p.exit.clone();
         let status = rx
             .wait_for(Option::is_some)
@@ -198,17 +243,14 @@ impl Processes {
             .and_then(|s| *s)
             .ok_or_else(|| Error::io("wait for", exec_id, std::io::Error::other("reaper gone")))?;
         p.waited.store(true, Ordering::Release);
-        self.forget_if_finished(exec_id, &p);
+        self.forget_if_finished(cid, exec_id, &p);
         Ok(status)
     }
 
     /// Sends `signal` to `exec_id`; a process that already ended is left alone.
-    pub fn signal(&self, exec_id: &str, signal: u32) -> Result<()> {
-        let p = self.get(exec_id)?;
-        let sig = i32::try_from(signal)
-            .ok()
-            .and_then(|s| Signal::try_from(s).ok())
-            .ok_or_else(|| Error::Invalid(format!("unknown signal {signal}")))?;
+    pub fn signal(&self, cid: &str, exec_id: &str, signal: u32) -> Result<()> {
+        let p = self.get(cid, exec_id)?;
+        let sig = parse_signal(signal)?;
         if p.exit.borrow().is_some() {
             return Ok(());
         }
@@ -219,8 +261,8 @@ impl Processes {
     }
 
     /// Writes all of `data` to the process's stdin.
-    pub async fn write_stdin(&self, exec_id: &str, data: &[u8]) -> Result<usize> {
-        let p = self.get(exec_id)?;
+    pub async fn write_stdin(&self, cid: &str, exec_id: &str, data: &[u8]) -> Result<usize> {
+        let p = self.get(cid, exec_id)?;
         let mut stdin = p.stdin.lock().await;
         let pipe = stdin.as_mut().ok_or_else(|| Error::NotPossible {
             exec_id: exec_id.to_owned(),
@@ -233,8 +275,8 @@ impl Processes {
     }
 
     /// Closes the process's stdin (on a terminal: sends end-of-file, as a user's Ctrl-D).
-    pub async fn close_stdin(&self, exec_id: &str) -> Result<()> {
-        let p = self.get(exec_id)?;
+    pub async fn close_stdin(&self, cid: &str, exec_id: &str) -> Result<()> {
+        let p = self.get(cid, exec_id)?;
         let mut stdin = p.stdin.lock().await;
         if p.tty.is_some() {
             if let Some(t) = stdin.as_mut() {
@@ -248,8 +290,8 @@ impl Processes {
     }
 
     /// Reads up to `len` bytes of stdout (or stderr); empty at the end of the stream.
-    pub async fn read(&self, exec_id: &str, stderr: bool, len: u32) -> Result<Vec<u8>> {
-        let p = self.get(exec_id)?;
+    pub async fn read(&self, cid: &str, exec_id: &str, stderr: bool, len: u32) -> Result<Vec<u8>> {
+        let p = self.get(cid, exec_id)?;
         let (stream, ended) = if stderr {
             (&p.stderr, &p.stderr_ended)
         } else {
@@ -269,14 +311,14 @@ impl Processes {
             *out = Output::Ended;
             drop(out);
             ended.store(true, Ordering::Release);
-            self.forget_if_finished(exec_id, &p);
+            self.forget_if_finished(cid, exec_id, &p);
         }
         Ok(buf)
     }
 
     /// Sets the terminal size of a process started with a terminal.
-    pub fn resize(&self, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
-        let p = self.get(exec_id)?;
+    pub fn resize(&self, cid: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
+        let p = self.get(cid, exec_id)?;
         let tty = p.tty.as_ref().ok_or_else(|| Error::NotPossible {
             exec_id: exec_id.to_owned(),
             what: "no terminal",
@@ -290,7 +332,15 @@ impl Processes {
     }
 }
 
-fn winsize(rows: u32, cols: u32) -> Winsize {
+/// A signal number as the wire carries it.
+pub(super) fn parse_signal(signal: u32) -> Result<Signal> {
+    i32::try_from(signal)
+        .ok()
+        .and_then(|s| Signal::try_from(s).ok())
+        .ok_or_else(|| Error::Invalid(format!("unknown signal {signal}")))
+}
+
+pub(super) fn winsize(rows: u32, cols: u32) -> Winsize {
     Winsize {
         ws_row: u16::try_from(rows).unwrap_or(u16::MAX),
         ws_col: u16::try_from(cols).unwrap_or(u16::MAX),

@@ -79,6 +79,23 @@ impl Reaper {
         let mut inner = self.lock();
         let child = cmd.spawn()?;
         let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
+        self.watch_locked(&mut inner, pid, exit)?;
+        Ok(child)
+    }
+
+    /// Runs `f` with the reaper's lock held and a [`Watcher`] for the children it creates
+    /// itself (raw clones): a child that exits at once is registered before its status can be
+    /// handed out. Blocking; call it off the async workers.
+    pub fn with_watcher<T>(&self, f: impl FnOnce(&mut Watcher<'_>) -> T) -> T {
+        let mut inner = self.lock();
+        let mut w = Watcher {
+            reaper: self,
+            inner: &mut inner,
+        };
+        f(&mut w)
+    }
+
+    fn watch_locked(&self, inner: &mut Inner, pid: i32, exit: ExitSender) -> io::Result<()> {
         if self.reap_all {
             inner.watched.insert(pid, exit);
             inner.spawned += 1;
@@ -102,7 +119,7 @@ impl Reaper {
                     }
                 })?;
         }
-        Ok(child)
+        Ok(())
     }
 
     /// PID 1: wait for any child, forever.
@@ -137,6 +154,26 @@ impl Reaper {
                 }
             }
         }
+    }
+}
+
+/// Registers children with the [`Reaper`] while its lock is held ([`Reaper::with_watcher`]).
+pub struct Watcher<'a> {
+    reaper: &'a Reaper,
+    inner: &'a mut Inner,
+}
+
+impl std::fmt::Debug for Watcher<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher").finish_non_exhaustive()
+    }
+}
+
+impl Watcher<'_> {
+    /// Hands `pid`'s exit status to `exit` once it ends; `pid` must be a child of this
+    /// process.
+    pub fn watch(&mut self, pid: Pid, exit: ExitSender) -> io::Result<()> {
+        self.reaper.watch_locked(self.inner, pid.as_raw(), exit)
     }
 }
 

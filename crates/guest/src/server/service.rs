@@ -19,12 +19,14 @@ use vmfactory_agent::protocols::{
 use vmfactory_agent::types::{
     self, AgentDetails, ForkReseed, GuestDetails, HealthStatus, OnlineCpuMem, Uptime,
 };
-use vmfactory_agent::{CopyFileChunk, Interface, ProcessSpec, Route};
+use vmfactory_agent::{ContainerSpec, CopyFileChunk, Interface, ProcessSpec, Route};
 
 use super::config::GuestConfig;
+use super::containers::{Containers, Env};
 use super::fork::ForkBarrier;
 use super::net::NetError;
 use super::process::Processes;
+use super::rpc_status::{invalid, net_status, status};
 use super::storage::{Storages, DEVICE_TIMEOUT};
 use super::{files, sysfs};
 use crate::error::{Error, Result};
@@ -54,6 +56,7 @@ pub struct GuestAgent {
     random_dev: OnceLock<File>,
     procs: Arc<Processes>,
     storages: Arc<Storages>,
+    containers: Arc<Containers>,
     /// Holds a template clone's clock call, processes and random reads until its kernel
     /// reseeded itself (see `fork.rs`).
     fork: Arc<ForkBarrier>,
@@ -69,6 +72,7 @@ impl GuestAgent {
             random_dev: OnceLock::new(),
             procs: Arc::default(),
             storages: Arc::default(),
+            containers: Arc::default(),
             fork,
         }
     }
@@ -85,16 +89,30 @@ impl GuestAgent {
         req: pb::ReadStreamRequest,
         stderr: bool,
     ) -> ttrpc::Result<pb::ReadStreamResponse> {
-        own_root(&req.container_id)?;
         let data = self
             .procs
-            .read(&req.exec_id, stderr, req.len)
+            .read(&req.container_id, &req.exec_id, stderr, req.len)
             .await
             .map_err(|e| status(method, e))?;
         Ok(pb::ReadStreamResponse {
             data,
             ..Default::default()
         })
+    }
+
+    /// What the container calls work with.
+    fn env(&self) -> Env<'_> {
+        Env {
+            paths: &self.cfg.paths,
+            procs: &self.procs,
+            storages: &self.storages,
+            device_timeout: DEVICE_TIMEOUT,
+        }
+    }
+
+    /// The containers this agent made and still keeps.
+    pub fn containers(&self) -> &Containers {
+        &self.containers
     }
 
     /// The processes this agent started and still keeps.
@@ -207,40 +225,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| Error::io("run", "blocking task", std::io::Error::other(e)))?
 }
 
-/// Maps a crate error to a ttRPC status.
-fn status(method: &str, e: Error) -> ttrpc::Error {
-    warn!(method, error = %e, "request failed");
-    let code = match &e {
-        Error::Unsupported(_) => Code::UNIMPLEMENTED,
-        Error::WaitTimeout { .. } => Code::DEADLINE_EXCEEDED,
-        Error::Invalid(_) => Code::INVALID_ARGUMENT,
-        Error::NoProcess(_) => Code::NOT_FOUND,
-        Error::ProcessExists(_) => Code::ALREADY_EXISTS,
-        Error::TooManyProcesses(_) => Code::RESOURCE_EXHAUSTED,
-        Error::NotPossible { .. } => Code::FAILED_PRECONDITION,
-        Error::Refused { .. } => Code::PERMISSION_DENIED,
-        Error::Spawn { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            Code::NOT_FOUND
-        }
-        _ => Code::INTERNAL,
-    };
-    let msg = match std::error::Error::source(&e) {
-        Some(s) => format!("{e}: {s}"),
-        None => e.to_string(),
-    };
-    ttrpc::Error::RpcStatus(get_status(code, msg))
-}
-
-/// Maps a networking error to a ttRPC status: one line, the cause appended.
-fn net_status(method: &str, e: NetError) -> ttrpc::Error {
-    warn!(method, error = %e, "request failed");
-    let msg = match std::error::Error::source(&e) {
-        Some(s) if !matches!(e, NetError::Invalid(_)) => format!("{e}: {s}"),
-        _ => e.to_string(),
-    };
-    ttrpc::Error::RpcStatus(get_status(e.code(), msg))
-}
-
 #[async_trait]
 impl health_ttrpc::Health for GuestAgent {
     async fn check(
@@ -290,6 +274,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
                 random_dev: OnceLock::new(),
                 procs: self.procs.clone(),
                 storages: self.storages.clone(),
+                containers: self.containers.clone(),
                 fork: self.fork.clone(),
             };
             tokio::spawn(async move {
@@ -353,22 +338,93 @@ impl agent_ttrpc::AgentService for GuestAgent {
             .map_err(|e| status("GetGuestDetails", e))
     }
 
+    #[instrument(level = "debug", skip_all, fields(container_id = %req.container_id))]
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::CreateContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.fork
+            .wait()
+            .await
+            .map_err(|e| status("CreateContainer", e))?;
+        let spec = ContainerSpec::from(req.OCI.into_option().unwrap_or_default());
+        let storages = req.storages.into_iter().map(Into::into).collect();
+        self.containers
+            .create(self.env(), &req.container_id, &req.exec_id, storages, spec)
+            .await
+            .map_err(|e| status("CreateContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    #[instrument(level = "debug", skip_all, fields(container_id = %req.container_id))]
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StartContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        self.containers
+            .start(&req.container_id)
+            .await
+            .map_err(|e| status("StartContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    #[instrument(level = "debug", skip_all, fields(container_id = %req.container_id))]
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RemoveContainerRequest,
+    ) -> ttrpc::Result<Empty> {
+        let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout.into()));
+        self.containers
+            .remove(self.env(), &req.container_id, timeout)
+            .await
+            .map_err(|e| status("RemoveContainer", e))?;
+        Ok(Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StatsContainerRequest,
+    ) -> ttrpc::Result<pb::StatsContainerResponse> {
+        let st = self
+            .containers
+            .stats(&req.container_id)
+            .await
+            .map_err(|e| status("StatsContainer", e))?;
+        Ok((&st).into())
+    }
+
     #[instrument(level = "debug", skip_all, fields(exec_id = %req.exec_id))]
     async fn exec_process(
         &self,
         _ctx: &TtrpcContext,
         req: pb::ExecProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        own_root(&req.container_id)?;
         self.fork
             .wait()
             .await
             .map_err(|e| status("ExecProcess", e))?;
-        let spec = ProcessSpec::from(req.process.into_option().unwrap_or_default());
-        self.procs
-            .exec(&req.exec_id, spec, &self.cfg.paths.root)
-            .await
-            .map_err(|e| status("ExecProcess", e))?;
+        let mut spec = ProcessSpec::from(req.process.into_option().unwrap_or_default());
+        spec.container_id = req.container_id.clone();
+        let res = if req.container_id.is_empty() {
+            self.procs
+                .exec(&req.exec_id, spec, &self.cfg.paths.root)
+                .await
+        } else {
+            self.containers
+                .exec(
+                    &self.procs,
+                    &self.cfg.paths,
+                    &req.container_id,
+                    &req.exec_id,
+                    spec,
+                )
+                .await
+        };
+        res.map_err(|e| status("ExecProcess", e))?;
         Ok(Empty::new())
     }
 
@@ -377,10 +433,9 @@ impl agent_ttrpc::AgentService for GuestAgent {
         _ctx: &TtrpcContext,
         req: pb::WaitProcessRequest,
     ) -> ttrpc::Result<pb::WaitProcessResponse> {
-        own_root(&req.container_id)?;
         let st = self
             .procs
-            .wait(&req.exec_id)
+            .wait(&req.container_id, &req.exec_id)
             .await
             .map_err(|e| status("WaitProcess", e))?;
         Ok(pb::WaitProcessResponse {
@@ -394,10 +449,13 @@ impl agent_ttrpc::AgentService for GuestAgent {
         _ctx: &TtrpcContext,
         req: pb::SignalProcessRequest,
     ) -> ttrpc::Result<Empty> {
-        own_root(&req.container_id)?;
-        self.procs
-            .signal(&req.exec_id, req.signal)
-            .map_err(|e| status("SignalProcess", e))?;
+        let res = if !req.container_id.is_empty() && req.exec_id.is_empty() {
+            self.containers.signal_all(&req.container_id, req.signal)
+        } else {
+            self.procs
+                .signal(&req.container_id, &req.exec_id, req.signal)
+        };
+        res.map_err(|e| status("SignalProcess", e))?;
         Ok(Empty::new())
     }
 
@@ -406,10 +464,9 @@ impl agent_ttrpc::AgentService for GuestAgent {
         _ctx: &TtrpcContext,
         req: pb::WriteStreamRequest,
     ) -> ttrpc::Result<pb::WriteStreamResponse> {
-        own_root(&req.container_id)?;
         let n = self
             .procs
-            .write_stdin(&req.exec_id, &req.data)
+            .write_stdin(&req.container_id, &req.exec_id, &req.data)
             .await
             .map_err(|e| status("WriteStdin", e))?;
         Ok(pb::WriteStreamResponse {
@@ -439,9 +496,8 @@ impl agent_ttrpc::AgentService for GuestAgent {
         _ctx: &TtrpcContext,
         req: pb::CloseStdinRequest,
     ) -> ttrpc::Result<Empty> {
-        own_root(&req.container_id)?;
         self.procs
-            .close_stdin(&req.exec_id)
+            .close_stdin(&req.container_id, &req.exec_id)
             .await
             .map_err(|e| status("CloseStdin", e))?;
         Ok(Empty::new())
@@ -452,9 +508,8 @@ impl agent_ttrpc::AgentService for GuestAgent {
         _ctx: &TtrpcContext,
         req: pb::TtyWinResizeRequest,
     ) -> ttrpc::Result<Empty> {
-        own_root(&req.container_id)?;
         self.procs
-            .resize(&req.exec_id, req.row, req.column)
+            .resize(&req.container_id, &req.exec_id, req.row, req.column)
             .map_err(|e| status("TtyWinResize", e))?;
         Ok(Empty::new())
     }
@@ -574,6 +629,22 @@ impl workload_ttrpc::Workload for GuestAgent {
         Ok(Empty::new())
     }
 
+    async fn list_container_pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: wl::ListContainerPidsRequest,
+    ) -> ttrpc::Result<wl::ListContainerPidsResponse> {
+        let pids = self
+            .containers
+            .pids(&req.container_id)
+            .await
+            .map_err(|e| status("ListContainerPids", e))?;
+        Ok(wl::ListContainerPidsResponse {
+            pids,
+            ..Default::default()
+        })
+    }
+
     async fn remove_storage(
         &self,
         _ctx: &TtrpcContext,
@@ -584,22 +655,6 @@ impl workload_ttrpc::Workload for GuestAgent {
             .await
             .map_err(|e| status("RemoveStorage", e))?;
         Ok(Empty::new())
-    }
-}
-
-fn invalid(msg: String) -> ttrpc::Error {
-    ttrpc::Error::RpcStatus(get_status(Code::INVALID_ARGUMENT, msg))
-}
-
-/// vmfactory runs no containers: the only root is the VM's own, named by an empty id.
-fn own_root(container_id: &str) -> ttrpc::Result<()> {
-    if container_id.is_empty() {
-        Ok(())
-    } else {
-        Err(ttrpc::Error::RpcStatus(get_status(
-            Code::NOT_FOUND,
-            format!("No container {container_id:?}: this agent runs processes in the VM's own root (empty container_id)"),
-        )))
     }
 }
 
