@@ -3,7 +3,7 @@
 //! one run; medians, a table and `target/bench/ctr.json`.
 //!
 //! Two private containerd instances ([`vmfactory_e2e::containerd`]) run the shim built from
-//! this tree (release, feature `vm`), one with the environment that points it at a template
+//! this tree (release), one with the environment that points it at a template
 //! made by `vmfactory init`, one without (direct VMs); runc runs on the first. The image is
 //! the busybox OCI image ([`vmfactory_e2e::oci`]). The first vmfactory run of each kind builds
 //! the erofs rootfs image and is reported on its own. Where the vmfactory rows' time goes
@@ -76,7 +76,7 @@ pub fn shim_bin() -> Result<PathBuf> {
     let status = Command::new(cargo)
         .current_dir(workspace_root())
         .args(["build", "--quiet", "--release", "-p", "vmfactory-shim"])
-        .args(["--bin", SHIM_BINARY, "--features", "vm"])
+        .args(["--bin", SHIM_BINARY])
         .status()
         .context("Cannot run cargo build")?;
     ensure!(

@@ -6,7 +6,7 @@
 //! containers), containerd's stdio FIFOs ([`stdio`]), task events ([`events`]) and the rootfs
 //! as an erofs image ([`rootfs`]). It does not own the VM or what runs in it: that is
 //! `vmfactory-vm`'s containers API and the guest agent, reached through the narrow
-//! [`sandbox::SandboxVm`] trait (the real adapter is the `vm` feature's `vm_sandbox` module).
+//! [`sandbox::SandboxVm`] trait (the real adapter is the `vm_sandbox` module).
 //!
 //! The container's root in the guest is an overlay of the read-only erofs image and a tmpfs:
 //! writes go to guest memory and are gone when the container is deleted; they are never
@@ -31,7 +31,6 @@ pub mod shim;
 pub mod status;
 pub mod stdio;
 pub mod task;
-#[cfg(feature = "vm")]
 pub mod vm_sandbox;
 
 pub use rootfs::{RootfsCache, RootfsConfig, RootfsError};

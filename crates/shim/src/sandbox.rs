@@ -1,6 +1,6 @@
 //! What the task service needs from a sandbox VM, free of any backend's types.
 //!
-//! The real implementation (feature `vm`, module `vm_sandbox`) is a thin adapter over
+//! The real implementation (module `vm_sandbox`) is a thin adapter over
 //! `vmfactory_vm::Vm`'s containers API; `FakeSandbox` (feature `test-utils`) stands in for
 //! unit tests.
 
@@ -25,7 +25,7 @@ pub enum SandboxError {
     /// The request is malformed (bad spec, bad id).
     #[error("Invalid request: {0}")]
     Invalid(String),
-    /// This shim cannot do it (e.g. built without the `vm` feature).
+    /// This shim cannot do it (an operation the guest does not offer).
     #[error("Unsupported: {0}")]
     Unsupported(String),
     /// The VM or its agent failed; the text is the whole error chain on one line.
@@ -135,19 +135,10 @@ pub trait SandboxProvider: Send + Sync + Debug {
     async fn stop_recorded(&self, record: &str) -> Result<(), SandboxError>;
 }
 
-/// A provider that refuses every VM with one error: a shim built without the `vm` feature
-/// ([`Refused::no_vm_feature`]) or whose node configuration does not load.
+/// A provider that refuses every VM with one error: a shim whose node configuration does not
+/// load.
 #[derive(Debug, Clone)]
 pub struct Refused(pub SandboxError);
-
-impl Refused {
-    /// The refusal of a shim built without the `vm` feature.
-    pub fn no_vm_feature() -> Self {
-        Refused(SandboxError::Unsupported(
-            "this shim was built without the `vm` feature".into(),
-        ))
-    }
-}
 
 #[async_trait]
 impl SandboxProvider for Refused {

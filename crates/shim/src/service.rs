@@ -204,7 +204,7 @@ impl TaskService {
             .and_then(|a| a.get(SANDBOX_ID_ANNOTATION).cloned())
             .unwrap_or_else(|| p.id.clone());
 
-        // The VM first: a node that cannot give one (bad configuration, no `vm` feature)
+        // The VM first: a node that cannot give one (a bad configuration, no QEMU)
         // mounts and builds nothing.
         let vm = self.vm_for(&sandbox_id).await?;
         let mounted = match p.rootfs.is_empty() {

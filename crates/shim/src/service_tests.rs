@@ -410,7 +410,9 @@ async fn a_node_without_vms_mounts_and_builds_nothing() {
     let tmp = tempfile::tempdir().expect("tmp");
     let run = tmp.path().join("run");
     let svc = TaskService::new(
-        Arc::new(crate::sandbox::Refused::no_vm_feature()),
+        Arc::new(crate::sandbox::Refused(crate::SandboxError::Unsupported(
+            "no VMs here".into(),
+        ))),
         Arc::new(RecordingSink::default()),
         RootfsCache::new(RootfsConfig::new(&run)),
         Arc::new(ExitSignal::default()),
@@ -425,7 +427,7 @@ async fn a_node_without_vms_mounts_and_builds_nothing() {
     }];
     let e = svc.create(p.clone()).await.expect_err("refused");
     assert_eq!(e.code, Code::Unimplemented);
-    assert!(e.message.contains("`vm` feature"), "{}", e.message);
+    assert!(e.message.contains("no VMs here"), "{}", e.message);
     assert!(!is_mounted(&PathBuf::from(&p.bundle).join("rootfs")));
     assert!(!run.join("rootfs").exists(), "no image was built");
 }

@@ -117,7 +117,7 @@ impl Shim for VmfactoryShim {
             context: "cannot read the bundle directory".to_owned(),
             err: e,
         })?;
-        let setup = self.setup.clone().unwrap_or_else(ShimSetup::unsupported);
+        let setup = self.setup.clone().unwrap_or_else(ShimSetup::unset);
         clean_bundle(&bundle, setup.provider.as_ref()).await;
         Ok(api::DeleteResponse {
             exit_status: KILLED_STATUS,
@@ -131,7 +131,7 @@ impl Shim for VmfactoryShim {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        let setup = self.setup.clone().unwrap_or_else(ShimSetup::unsupported);
+        let setup = self.setup.clone().unwrap_or_else(ShimSetup::unset);
         TaskService::new(
             setup.provider,
             Arc::new(Publisher::new(publisher, self.namespace.clone())),
@@ -142,11 +142,18 @@ impl Shim for VmfactoryShim {
 }
 
 impl ShimSetup {
-    /// A setup whose VMs are refused with [`crate::sandbox::SandboxError::Unsupported`], with
-    /// images under the default run root.
-    pub fn unsupported() -> Self {
+    /// What a shim whose binary never called [`set_setup`] has: every VM refused.
+    fn unset() -> Self {
+        Self::refusing(crate::sandbox::SandboxError::Unsupported(
+            "the shim binary set up no node".into(),
+        ))
+    }
+
+    /// A setup whose every VM is refused with `error` (a node configuration that does not
+    /// load), with images under the default run root.
+    pub fn refusing(error: crate::sandbox::SandboxError) -> Self {
         ShimSetup {
-            provider: Arc::new(crate::sandbox::Refused::no_vm_feature()),
+            provider: Arc::new(crate::sandbox::Refused(error)),
             rootfs: RootfsConfig::new(Path::new(crate::DEFAULT_RUN_ROOT)),
         }
     }

@@ -1,9 +1,8 @@
 //! The real sandbox: `vmfactory_vm::Vm`'s containers API, VMs from the node's factory.
 //!
-//! Feature `vm`. Written to the containers contract of issue 19 (`Vm::create_container`,
+//! A thin adapter: each call is one call of `Vm`'s containers API (`create_container`,
 //! `start_container`, `exec_in`, `signal_container`, `container_pids`, `container_stats`,
-//! `remove_container`, `ContainerConfig::new`, `ProcessSpec::container_id`); checked with
-//! `cargo clippy --features vm` against those signatures before the API itself was merged.
+//! `remove_container`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +13,7 @@ use tracing::info;
 use vmfactory_agent::{ExitStatus, ProcessSpec};
 use vmfactory_config::Settings;
 use vmfactory_factory::Factory;
-use vmfactory_vm::containers::{ContainerConfig, ContainerError};
+use vmfactory_vm::{ContainerConfig, ContainerError};
 use vmfactory_vm::{Process, Vm};
 
 use crate::sandbox::{

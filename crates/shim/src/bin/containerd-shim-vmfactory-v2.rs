@@ -2,32 +2,24 @@
 
 use std::sync::Arc;
 
-use vmfactory_shim::sandbox::{Refused, SandboxError, SandboxProvider};
+use vmfactory_shim::sandbox::{SandboxError, SandboxProvider};
 use vmfactory_shim::{node, shim, ShimSetup, VmfactoryShim, RUNTIME_ID};
 
-/// The node's setup: VMs from the factory its configuration names (feature `vm`), images under
+/// The node's setup: VMs from the factory its configuration names, images under
 /// its run root. A configuration that does not load refuses every Create with its error.
 async fn setup() -> ShimSetup {
     let settings = match node::load(node::config_from_env().as_deref()).await {
         Ok(s) => s,
         Err(e) => {
-            let mut s = ShimSetup::unsupported();
-            s.provider = Arc::new(Refused(SandboxError::Invalid(format!(
+            return ShimSetup::refusing(SandboxError::Invalid(format!(
                 "Bad vmfactory configuration: {}",
                 vmfactory_shim::status::one_line(&e)
-            ))));
-            return s;
+            )));
         }
     };
     let rootfs = node::rootfs_config(&settings);
-    #[cfg(feature = "vm")]
     let provider: Arc<dyn SandboxProvider> =
         Arc::new(vmfactory_shim::vm_sandbox::FactoryProvider::new(settings));
-    #[cfg(not(feature = "vm"))]
-    let provider: Arc<dyn SandboxProvider> = {
-        drop(settings);
-        Arc::new(Refused::no_vm_feature())
-    };
     ShimSetup { provider, rootfs }
 }
 
