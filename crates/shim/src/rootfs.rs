@@ -384,8 +384,9 @@ impl RootfsCache {
         })
     }
 
-    /// Removes every image not in use (for `vmfactory destroy`); returns how many are kept
-    /// because a container still uses them.
+    /// Removes every image not in use, the lock and build files no image needs any more, and
+    /// the directory once empty (for `vmfactory destroy`); returns how many images are kept
+    /// because a container still uses them. Blocking: call it off the async threads.
     pub fn clear(&self) -> usize {
         let all = RootfsCache::new(RootfsConfig {
             max_images: 0,
@@ -393,13 +394,26 @@ impl RootfsCache {
             ..self.config.clone()
         });
         all.prune();
-        fs::read_dir(&self.config.dir)
-            .map(|d| {
-                d.filter_map(|e| e.ok())
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
-                    .count()
-            })
-            .unwrap_or(0)
+        let Ok(entries) = fs::read_dir(&self.config.dir) else {
+            return 0;
+        };
+        let mut kept = 0;
+        for path in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+            match path.extension().and_then(|x| x.to_str()) {
+                Some("erofs") => kept += 1,
+                // A key's lock or build file whose image is gone (pruned, or a build that died):
+                // removed under its own lock, so a shim looking the key up now is not cut off.
+                Some("lock" | "build") if !path.with_extension("erofs").exists() => {
+                    if let Ok(_held) = lock_file(&path, FlockArg::LockExclusiveNonblock) {
+                        let _ = fs::remove_file(&path);
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Only when empty: a live build's temporary file or a kept image stays.
+        let _ = fs::remove_dir(&self.config.dir);
+        kept
     }
 
     /// Removes images past the bound, newest kept first, skipping any in use.

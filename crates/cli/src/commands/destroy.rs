@@ -116,6 +116,21 @@ pub async fn run(s: &Settings) -> CmdResult {
             vmfactory_vm::failed_root(&s.vm.run_root).display()
         ));
     }
+    // The containerd shim's rootfs images (those no container uses).
+    let cache = vmfactory_shim::RootfsCache::new(vmfactory_shim::RootfsConfig::new(&s.vm.run_root));
+    let dir = cache.dir().to_path_buf();
+    if exists(&dir).await {
+        let kept = tokio::task::spawn_blocking(move || cache.clear())
+            .await
+            .map_err(|e| anyhow!("Cannot clear {}: {e}", dir.display()))?;
+        done.push(match kept {
+            0 => format!("removed the containers' rootfs images ({})", dir.display()),
+            n => format!(
+                "removed the unused rootfs images; {n} in use kept ({})",
+                dir.display()
+            ),
+        });
+    }
     // The host's VM network table, once no VM's link is left on the host (VMs of other run
     // roots keep it).
     match vmfactory_net::remove_host_rules_if_unused().await {

@@ -261,6 +261,21 @@ pub(super) fn init_plan(spec: &ContainerSpec, rootfs: &Path) -> Result<(InitPlan
     let mut file_targets = Vec::new();
     for m in &spec.mounts {
         check_abs(&m.destination, "mount destination")?;
+        // The terminals the agent opens for this container's processes are the guest's
+        // (`openpty` in the agent): a new devpts instance would not hold them, and `tty`,
+        // `ttyname` and job control would fail. So /dev/pts is the guest's, bound.
+        let guest_pts;
+        let m = if m.kind == "devpts" && m.destination.trim_end_matches('/') == "/dev/pts" {
+            guest_pts = vmfactory_agent::Mount {
+                destination: m.destination.clone(),
+                source: "/dev/pts".into(),
+                kind: "bind".into(),
+                options: vec!["rbind".into(), "nosuid".into(), "noexec".into()],
+            };
+            &guest_pts
+        } else {
+            m
+        };
         let (flags, clear, propagation, data) = mount_flags(&m.options);
         let bind = m.kind == "bind" || flags & libc::MS_BIND != 0;
         let target = format!("{root_str}{}", m.destination.trim_end_matches('/'));
