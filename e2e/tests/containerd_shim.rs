@@ -201,7 +201,7 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
     assert_eq!(out.status.code(), Some(4), "{}", err(&out));
     assert_eq!(
         text(&out),
-        "sleep\0600\0\nin\n",
+        "sleep\x00600\x00\nin\n",
         "the exec shares the container's PID namespace"
     );
     let ps = c.ctr_ok(&["task", "ps", "bg"]).expect("task ps");
