@@ -356,7 +356,9 @@ const KATA_AGENT: &[(&str, Kind)] = &[
     ),
     (
         "container_pipe_size",
-        Kind::Ignored("the guest agent runs no containers"),
+        Kind::Ignored(
+            "the guest agent reads a container's output only when asked (no pipe to size)",
+        ),
     ),
     ("cdh_api_timeout", Kind::Ignored("no confidential data hub")),
 ];
@@ -367,7 +369,8 @@ const KATA_PROXY: &[(&str, Kind)] = &[
     ("enable_debug", Kind::Ignored(NO_PROXY)),
 ];
 
-const NO_SHIM: &str = "no shim: vmfactory is not a container runtime";
+const NO_SHIM: &str =
+    "containerd finds containerd-shim-vmfactory-v2 on its PATH (`vmfactory containerd install`)";
 const KATA_SHIM: &[(&str, Kind)] = &[
     ("path", Kind::Ignored(NO_SHIM)),
     ("enable_debug", Kind::Ignored(NO_SHIM)),
@@ -391,7 +394,7 @@ const FACTORY: &[(&str, Kind)] = &[
     ("metrics_address", Kind::Read(ty::<String>)),
 ];
 
-const NO_CONTAINERS: &str = "vmfactory runs no containers";
+const NO_CONTAINERS: &str = "containers run with no seccomp, empty-dir or network plugin options";
 /// Kata's `[runtime]` keys (vmfactory's only one is `run_root`).
 const KATA_RUNTIME: &[(&str, Kind)] = &[
     ("enable_debug", Kind::Use("RUST_LOG=debug")),
