@@ -156,10 +156,12 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
     assert_eq!(out.status.code(), Some(0), "{}", err(&out));
     assert_eq!(text(&out), "got a line\n");
 
-    // A terminal (`-t` needs one on ctr's side too: `script` gives it a pty).
+    // A terminal (`-t` needs one on ctr's side too: `script` gives it a pty, sized here so
+    // that ctr's ResizePty carries a size the container must see).
     let ctr = node.ctrd().ctr_command();
     let line = format!(
-        "{} run --rm -t --runtime {VMFACTORY_RUNTIME} {} tty sh -c 'tty; exit 3'",
+        "stty rows 31 cols 101; {} run --rm -t --runtime {VMFACTORY_RUNTIME} {} tty \
+         sh -c 'tty; stty size; exit 3'",
         shell_words(&ctr),
         node.image
     );
@@ -173,6 +175,7 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
         seen.contains("/dev/pts/"),
         "a terminal in the container: {seen}"
     );
+    assert!(seen.contains("31 101"), "the terminal's size: {seen}");
     assert_eq!(out.status.code(), Some(3), "{seen}");
 
     // A detached container: exec into it, then kill and wait.
