@@ -46,6 +46,8 @@ const L1_MODULES: &[&str] = &[
     "net/ipv4/netfilter/nft_fib_ipv4",
     "net/ipv6/netfilter/nft_fib_ipv6",
     "net/netfilter/nft_fib_inet",
+    // containerd's overlayfs snapshotter (the container scenarios).
+    "fs/overlayfs/overlay",
 ];
 
 /// L1's `/init`: mounts, modules, then the runner; its exit code on the console, then off.
@@ -59,6 +61,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /dev/shm /dev/pts
 mount -t tmpfs -o mode=1777 shm /dev/shm
+mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 chmod 1777 /tmp
 mount -t tmpfs run /run
 for m in $(cat /kvm-host/modules); do

@@ -60,6 +60,7 @@ pub const CI_SCENARIOS: &[&str] = &[
     "init_serves_metrics_that_count_a_get_and_destroy_removes_the_socket",
     "config_check_runs_the_real_qemu_and_leaves_nothing",
     "a_vm_that_cannot_boot_reports_its_console_and_keeps_its_log",
+    "ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones",
 ];
 
 /// L1's CPU: TCG's `max` (AMD SVM with nested paging) without `fsgsbase`. With it, an L2
@@ -236,6 +237,9 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     };
     // The bench times the CLI as users run it: release.
     let cli = build_cli(opts.mode == Mode::Bench)?;
+    let shim = build_shim()?;
+    // The container scenarios' image, built here: L1 has no apt.
+    let oci_image = vmfactory_e2e::oci::ensure_image(&vmfactory_e2e::oci::cache_dir(), true)?;
     let runner = std::env::current_exe().context("Cannot find the xtask binary")?;
 
     let mut img = image::Image::default();
@@ -249,7 +253,19 @@ pub fn run_nested(opts: &Options) -> Result<()> {
         img.program(path)?;
     }
     img.program(&cli)?;
+    img.program(&shim)?;
     img.program(&runner)?;
+    // The container scenarios: containerd and ctr, mkfs.erofs for the rootfs images, and
+    // `script` for a terminal on ctr's side.
+    for tool in [
+        "/usr/bin/containerd",
+        "/usr/bin/ctr",
+        "/usr/bin/mkfs.erofs",
+        "/usr/bin/script",
+    ] {
+        img.program(Path::new(tool))?;
+    }
+    img.file(&oci_image, &oci_image, false);
     // The disk scenarios make and read ext4 images on the host (L1).
     img.program_at(
         Path::new("/usr/sbin/mkfs.ext4"),
@@ -290,6 +306,8 @@ pub fn run_nested(opts: &Options) -> Result<()> {
             ("VMFACTORY_GUEST_DIR".into(), path_str(&guest::guest_dir())?),
             ("VMFACTORY_VHOST_DEVICE_VSOCK".into(), path_str(&backend)?),
             ("VMFACTORY_BIN".into(), path_str(&cli)?),
+            ("VMFACTORY_SHIM_BIN".into(), path_str(&shim)?),
+            (vmfactory_e2e::oci::IMAGE_ENV.into(), path_str(&oci_image)?),
             (
                 vmfactory_e2e::CPU_MODEL_ENV.into(),
                 opts.l2_cpu.clone().unwrap_or_default(),
@@ -412,6 +430,17 @@ fn build_cli(release: bool) -> Result<PathBuf> {
         .join("target")
         .join(profile)
         .join("vmfactory"))
+}
+
+/// The containerd shim (debug: what the e2e tests on this machine run).
+fn build_shim() -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "-q", "-p", "vmfactory-shim"]))?;
+    Ok(workspace_root()
+        .join("target/debug")
+        .join(vmfactory_e2e::containerd::SHIM_BINARY))
 }
 
 /// Runs `shard` in an L1 of its own, again after a hang, up to [`ATTEMPTS`] times.
