@@ -9,11 +9,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::ExitSignal;
 use tokio::sync::{watch, Mutex};
-use tracing::{info, instrument, warn};
+use tracing::{debug, info, instrument, warn};
 
 use crate::events::{self, EventSink};
 use crate::rootfs::{Layers, RootfsCache, RootfsImage, RootfsMount};
@@ -180,6 +181,7 @@ impl TaskService {
     #[instrument(skip_all, fields(id = %p.id))]
     pub async fn create(&self, p: CreateParams) -> Result<u32, TaskError> {
         let _one = self.creating.lock().await;
+        let t = Instant::now();
         check_id(&p.id)?;
         if self.inner.lock().await.containers.contains_key(&p.id) {
             return Err(TaskError::new(
@@ -207,6 +209,7 @@ impl TaskService {
         // The VM first: a node that cannot give one (a bad configuration, no QEMU)
         // mounts and builds nothing.
         let vm = self.vm_for(&sandbox_id).await?;
+        let t = step_took("vm", t);
         let mounted = match p.rootfs.is_empty() {
             true => None,
             false => {
@@ -225,6 +228,7 @@ impl TaskService {
                 }
             }
         };
+        let t = step_took("rootfs mount", t);
         let image = match self.rootfs.image(&layers).await {
             Ok(i) => i,
             Err(e) => {
@@ -233,6 +237,7 @@ impl TaskService {
                 return Err(TaskError::from_error(Code::Internal, &e));
             }
         };
+        let t = step_took("rootfs image", t);
         if let Err(e) = tokio::fs::write(bundle.join(VM_RECORD_FILE), vm.record()).await {
             warn!(error = %e, "cannot record the VM in the bundle");
         }
@@ -249,6 +254,7 @@ impl TaskService {
                 return Err(TaskError::from_sandbox(&e));
             }
         };
+        step_took("container create", t);
         let copies = match stdio::wire(process.as_mut(), &p.stdio) {
             Ok(c) => c,
             Err(e) => {
@@ -325,9 +331,11 @@ impl TaskService {
                 )));
             }
             let vm = vm.ok_or_else(|| TaskError::no_container(id))?;
+            let t = Instant::now();
             vm.start_container(id)
                 .await
                 .map_err(|e| TaskError::from_sandbox(&e))?;
+            step_took("container start", t);
             let pid = c.init.pid;
             self.watch_exit(id, "", &mut c.init);
             drop(inner);
@@ -438,6 +446,18 @@ async fn load_spec(bundle: &Path) -> Result<oci_spec::runtime::Spec, TaskError> 
         .map_err(|e| {
             TaskError::from_error(Code::InvalidArgument, &e).context("Bad bundle config.json")
         })
+}
+
+/// The log target of the shim's step timings (the CLI's `vmfactory::timing`): `cargo xtask
+/// bench --ctr` names the parts of a `ctr run` from these.
+pub const TIMING_TARGET: &str = "vmfactory::timing";
+
+/// Logs (debug, [`TIMING_TARGET`]) that `step` took from `since`, and returns now.
+fn step_took(step: &'static str, since: Instant) -> Instant {
+    let now = Instant::now();
+    let ms = now.duration_since(since).as_secs_f64() * 1000.0;
+    debug!(target: TIMING_TARGET, step, ms, "step done");
+    now
 }
 
 #[path = "service_ops.rs"]

@@ -255,13 +255,14 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     img.program(&cli)?;
     img.program(&shim)?;
     img.program(&runner)?;
-    // The container scenarios: containerd and ctr, mkfs.erofs for the rootfs images, and
-    // `script` for a terminal on ctr's side.
+    // The container scenarios: containerd and ctr, mkfs.erofs for the rootfs images,
+    // `script` for a terminal on ctr's side, and runc (the harness's baseline runtime).
     for tool in [
         "/usr/bin/containerd",
         "/usr/bin/ctr",
         "/usr/bin/mkfs.erofs",
         "/usr/bin/script",
+        "/usr/sbin/runc",
     ] {
         img.program(Path::new(tool))?;
     }
@@ -282,6 +283,9 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     img.program(&backend)?;
     img.file(&guest.kernel, &guest.kernel, false);
     img.file(&guest.initrd, &guest.initrd, false);
+    // What the guest image is (its kernel's release: the container scenarios compare it).
+    let manifest_json = guest::guest_dir().join("manifest.json");
+    img.file(&manifest_json, &manifest_json, false);
     let hosts = if opts.mode == Mode::Bench {
         1
     } else {
