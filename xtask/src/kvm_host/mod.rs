@@ -439,9 +439,12 @@ fn build_cli(release: bool) -> Result<PathBuf> {
 /// The containerd shim (debug: what the e2e tests on this machine run).
 fn build_shim() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["build", "-q", "-p", "vmfactory-shim"]))?;
+    run(Command::new(cargo).current_dir(workspace_root()).args([
+        "build",
+        "-q",
+        "-p",
+        "vmfactory-shim",
+    ]))?;
     Ok(workspace_root()
         .join("target/debug")
         .join(vmfactory_e2e::containerd::SHIM_BINARY))
