@@ -219,6 +219,20 @@ impl GuestAgent {
 }
 
 /// Runs a synchronous sysfs/devfs operation off the async workers.
+/// How long CreateContainer waits for its disks: as long as its caller waits (less a margin,
+/// so the caller gets this agent's one-line answer rather than its own timeout), else
+/// [`DEVICE_TIMEOUT`]. A busy host (many VMs starting at once, a nested KVM host) can take
+/// more than 10 s to hot-plug a disk; the host's call timeout is what its user set for that.
+fn device_wait(timeout_nano: i64) -> std::time::Duration {
+    const MARGIN: std::time::Duration = std::time::Duration::from_millis(500);
+    match u64::try_from(timeout_nano) {
+        Ok(n) if n > 0 => std::time::Duration::from_nanos(n)
+            .saturating_sub(MARGIN)
+            .max(std::time::Duration::from_secs(1)),
+        _ => DEVICE_TIMEOUT,
+    }
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -341,7 +355,7 @@ impl agent_ttrpc::AgentService for GuestAgent {
     #[instrument(level = "debug", skip_all, fields(container_id = %req.container_id))]
     async fn create_container(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: pb::CreateContainerRequest,
     ) -> ttrpc::Result<Empty> {
         self.fork
@@ -350,8 +364,10 @@ impl agent_ttrpc::AgentService for GuestAgent {
             .map_err(|e| status("CreateContainer", e))?;
         let spec = ContainerSpec::from(req.OCI.into_option().unwrap_or_default());
         let storages = req.storages.into_iter().map(Into::into).collect();
+        let mut env = self.env();
+        env.device_timeout = device_wait(ctx.timeout_nano);
         self.containers
-            .create(self.env(), &req.container_id, &req.exec_id, storages, spec)
+            .create(env, &req.container_id, &req.exec_id, storages, spec)
             .await
             .map_err(|e| status("CreateContainer", e))?;
         Ok(Empty::new())
@@ -746,6 +762,18 @@ impl diag_ttrpc::Diagnostics for GuestAgent {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_device_wait_follows_the_callers_deadline() {
+        use std::time::Duration;
+        assert_eq!(super::device_wait(0), super::DEVICE_TIMEOUT);
+        assert_eq!(super::device_wait(-1), super::DEVICE_TIMEOUT);
+        assert_eq!(
+            super::device_wait(60_000_000_000),
+            Duration::from_millis(59_500)
+        );
+        assert_eq!(super::device_wait(1_000_000), Duration::from_secs(1));
+    }
+
     use super::*;
 
     fn agent_over(dev: &std::path::Path) -> GuestAgent {
