@@ -23,6 +23,9 @@ use crate::error::{Error, Result};
 /// How long a storage's device may take to appear.
 pub const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a wait for a device goes before the PCI bus is rescanned (and again after each).
+const RESCAN_AFTER: Duration = Duration::from_secs(2);
+
 /// What the agent has mounted, by mount point.
 #[derive(Debug, Default)]
 pub struct Storages {
@@ -134,6 +137,7 @@ impl Storages {
             )));
         }
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut next_rescan = tokio::time::Instant::now() + RESCAN_AFTER;
         let name = loop {
             let p = paths.clone();
             let sl = slots.clone();
@@ -153,6 +157,21 @@ impl Storages {
                     what: format!("a block device at PCI path {}", s.source),
                     timeout,
                 });
+            }
+            if tokio::time::Instant::now() >= next_rescan {
+                // A hot-plug whose presence event the guest missed (seen with many VMs
+                // hot-plugging at once on a busy host) is found by a rescan, as Kata's agent
+                // does before it waits.
+                let rescan = paths.sys.join("bus/pci/rescan");
+                let _ = tokio::task::spawn_blocking(move || {
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(&rescan)
+                        .and_then(|mut f| std::io::Write::write_all(&mut f, b"1"))
+                })
+                .await;
+                tracing::debug!(source = %s.source, "rescanned the PCI bus for a late device");
+                next_rescan = tokio::time::Instant::now() + RESCAN_AFTER;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
