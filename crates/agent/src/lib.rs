@@ -38,6 +38,7 @@
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+mod agent;
 pub mod channel;
 pub mod client;
 pub mod container;
@@ -53,8 +54,9 @@ pub mod types;
 pub mod url;
 pub mod workload;
 
+pub use agent::Agent;
 pub use channel::{AGENT_PORT_NAME, AGENT_VSOCK_PORT, READY_LINE};
-pub use client::{Agent, AgentConfig, KataAgent};
+pub use client::{AgentConfig, KataAgent};
 pub use container::{ContainerSpec, ContainerStats, Mount, Namespace, Rlimit};
 pub use error::{Error, Result};
 #[cfg(any(test, feature = "test-utils"))]
