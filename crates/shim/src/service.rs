@@ -123,6 +123,16 @@ struct Inner {
     containers: HashMap<String, Container>,
 }
 
+impl Inner {
+    /// The init (`exec_id` empty) or an exec of container `id`.
+    fn proc(&self, id: &str, exec_id: &str) -> Result<&Proc, TaskError> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| TaskError::no_container(id))?
+            .proc(id, exec_id)
+    }
+}
+
 /// The task service of one shim.
 #[derive(Clone)]
 pub struct TaskService {

@@ -121,11 +121,7 @@ impl TaskService {
     ) -> Result<(), TaskError> {
         let handle = {
             let inner = self.inner.lock().await;
-            let c = inner
-                .containers
-                .get(id)
-                .ok_or_else(|| TaskError::no_container(id))?;
-            c.proc(id, exec_id)?.handle.clone()
+            inner.proc(id, exec_id)?.handle.clone()
         };
         let handle = handle
             .ok_or_else(|| TaskError::precondition(format!("{id}/{exec_id} has not started")))?;
@@ -161,11 +157,7 @@ impl TaskService {
             .ok_or_else(|| TaskError::invalid(format!("invalid signal {signal}")))?;
         let (vm, handle, state) = {
             let inner = self.inner.lock().await;
-            let c = inner
-                .containers
-                .get(id)
-                .ok_or_else(|| TaskError::no_container(id))?;
-            let p = c.proc(id, exec_id)?;
+            let p = inner.proc(id, exec_id)?;
             (inner.vm.clone(), p.handle.clone(), p.state())
         };
         match state {
@@ -194,11 +186,7 @@ impl TaskService {
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exited, TaskError> {
         let mut rx = {
             let inner = self.inner.lock().await;
-            let c = inner
-                .containers
-                .get(id)
-                .ok_or_else(|| TaskError::no_container(id))?;
-            c.proc(id, exec_id)?.exit_rx.clone()
+            inner.proc(id, exec_id)?.exit_rx.clone()
         };
         let exited = rx
             .wait_for(Option::is_some)
