@@ -44,30 +44,30 @@ pub(super) enum Step {
 }
 
 impl Step {
+    /// Every step, in wire order (the discriminants run 1, 2, … in this order).
+    const ALL: [Step; 18] = [
+        Step::JoinCgroup,
+        Step::MakePrivate,
+        Step::Mount,
+        Step::SetHostname,
+        Step::ChangeRoot,
+        Step::Sysctl,
+        Step::MaskPath,
+        Step::ReadonlyPath,
+        Step::ReadonlyRoot,
+        Step::Rlimit,
+        Step::Session,
+        Step::Stdio,
+        Step::SetIds,
+        Step::NoNewPrivs,
+        Step::Cwd,
+        Step::Exec,
+        Step::JoinNamespace,
+        Step::Clone,
+    ];
+
     fn from_wire(n: u32) -> Option<Step> {
-        use Step::*;
-        [
-            JoinCgroup,
-            MakePrivate,
-            Mount,
-            SetHostname,
-            ChangeRoot,
-            Sysctl,
-            MaskPath,
-            ReadonlyPath,
-            ReadonlyRoot,
-            Rlimit,
-            Session,
-            Stdio,
-            SetIds,
-            NoNewPrivs,
-            Cwd,
-            Exec,
-            JoinNamespace,
-            Clone,
-        ]
-        .into_iter()
-        .find(|s| *s as u32 == n)
+        Self::ALL.into_iter().find(|s| *s as u32 == n)
     }
 
     fn what(self) -> &'static str {
@@ -742,5 +742,20 @@ pub(super) fn wait_exec(status: &OwnedFd) -> Result<()> {
             "a container process",
             std::io::Error::other("unexpected status record"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    #[test]
+    fn every_step_survives_the_wire() {
+        for (i, s) in Step::ALL.into_iter().enumerate() {
+            assert_eq!(s as u32, i as u32 + 1);
+            assert_eq!(Step::from_wire(s as u32), Some(s));
+        }
+        assert_eq!(Step::from_wire(0), None);
+        assert_eq!(Step::from_wire(Step::ALL.len() as u32 + 1), None);
     }
 }
