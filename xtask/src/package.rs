@@ -203,8 +203,9 @@ fn run_in(root: &Path) -> Result<()> {
 /// under `$CARGO_HOME/registry/src/-<hash>/` once and never again for the same version, and
 /// whose builds it keeps as fresh whatever their source (a registry crate's fingerprint is its
 /// version). Without this, `vmfactory-vm` was verified against the last run's agent and failed.
-/// The build units and unpacked sources to drop are the ones this target dir's dep-info files
-/// name under such a registry, so another checkout's are left alone.
+/// The unpacked sources go whoever unpacked them: a fresh checkout has no dep-info to name
+/// them, and CI's fresh checkout at a fixed path met the last CI run's (same path, same hash).
+/// The build units to drop are the ones this target dir's dep-info files name.
 fn forget_previous_run(root: &Path, crates: &[String]) -> Result<()> {
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
@@ -263,6 +264,7 @@ fn forget_previous_run(root: &Path, crates: &[String]) -> Result<()> {
             }
         }
     }
+    unpacked.extend(local_unpackings(&cargo_home.join("registry/src"), crates));
     for dir in &unpacked {
         std::fs::remove_dir_all(dir).with_context(|| format!("Cannot remove {}", dir.display()))?;
     }
@@ -279,6 +281,29 @@ fn forget_previous_run(root: &Path, crates: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `<crate>-<version>` directories of `crates` under every local registry in `registry_src`.
+fn local_unpackings(registry_src: &Path, crates: &[String]) -> Vec<PathBuf> {
+    let Ok(registries) = std::fs::read_dir(registry_src) else {
+        return Vec::new();
+    };
+    registries
+        .flatten()
+        .filter(|r| r.file_name().to_str().is_some_and(|n| n.starts_with('-')))
+        .filter_map(|r| std::fs::read_dir(r.path()).ok())
+        .flat_map(|dirs| dirs.flatten())
+        .filter(|d| {
+            d.file_name().to_str().is_some_and(|n| {
+                crates.iter().any(|c| {
+                    n.strip_prefix(c.as_str())
+                        .and_then(|v| v.strip_prefix('-'))
+                        .is_some_and(|v| v.starts_with(|ch: char| ch.is_ascii_digit()))
+                })
+            })
+        })
+        .map(|d| d.path())
+        .collect()
 }
 
 /// crates.io's category slugs (its `src/boot/categories.toml`, 2026): another slug is dropped
@@ -458,6 +483,33 @@ pub fn metadata_problems(p: &Package) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stale unpackings of our crates go from every local registry, whatever checkout made
+    /// them; crates.io's and other crates' stay.
+    #[test]
+    fn every_local_unpacking_of_our_crates_is_found() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path();
+        for d in [
+            "-aaa/vmfactory-agent-0.1.0",
+            "-bbb/vmfactory-0.1.0",
+            "-bbb/vmfactory-agentx-0.1.0",
+            "-bbb/serde-1.0.0",
+            "index.crates.io-1949cf8c6b5b557f/vmfactory-agent-0.1.0",
+        ] {
+            std::fs::create_dir_all(src.join(d)).expect("mkdir");
+        }
+        let crates = ["vmfactory".to_owned(), "vmfactory-agent".to_owned()];
+        let mut found = local_unpackings(src, &crates);
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                src.join("-aaa/vmfactory-agent-0.1.0"),
+                src.join("-bbb/vmfactory-0.1.0")
+            ]
+        );
+    }
 
     /// Every crate under `crates/` is publishable with complete metadata, so a new crate cannot
     /// forget any of it; the e2e harness and xtask are not published.
