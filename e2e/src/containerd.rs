@@ -204,6 +204,20 @@ impl Containerd {
         fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
 
+    /// The warning and error lines of containerd's log (its shims' too), for a failure's
+    /// message.
+    pub fn log_problems(&self) -> String {
+        self.log()
+            .lines()
+            .filter(|l| {
+                ["level=warn", "level=error", " WARN ", " ERROR "]
+                    .iter()
+                    .any(|k| l.contains(k))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     fn log_tail(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();

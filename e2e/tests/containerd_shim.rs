@@ -253,7 +253,13 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
         .collect();
     for (i, child) in children.into_iter().enumerate() {
         let out = child.wait_with_output().expect("ctr run output");
-        assert_eq!(out.status.code(), Some(0), "par{i}: {}", err(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "par{i}: {}\n{}",
+            err(&out),
+            c.log_problems()
+        );
         assert_eq!(text(&out), format!("par{i}\n"));
     }
     assert!(c.containers().expect("containers").is_empty());

@@ -2,7 +2,7 @@
 //! shim for each sandbox. Same order as Kata's runtime: the VM-cache server if one answers,
 //! else the template, else a direct boot.
 
-use vmfactory_factory::{Factory, FactoryConfig, NewFactoryError};
+use vmfactory_factory::{Factory, FactoryConfig, NewFactoryError, TemplateError};
 
 use crate::Settings;
 
@@ -42,7 +42,15 @@ impl Settings {
             config.prestart = 0;
             match Factory::new(&config).await {
                 Ok(f) => return Ok((f, FactoryChoice::Template)),
-                Err(e) => tracing::debug!(error = %e, "no template"),
+                // Not made yet is normal; a template there that cannot serve is not.
+                Err(NewFactoryError::Template(TemplateError::Missing { .. })) => {
+                    tracing::info!("no template yet: direct VMs")
+                }
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    source = ?std::error::Error::source(&e),
+                    "the template cannot serve: direct VMs"
+                ),
             }
         }
         let faster_configured = self.template || self.cache_number > 0;

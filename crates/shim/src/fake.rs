@@ -313,6 +313,11 @@ impl SandboxVm for FakeVm {
     }
 
     async fn stop(&self) -> Result<(), SandboxError> {
+        // A stopped VM takes its containers and their processes with it.
+        let ids: Vec<String> = self.lock().containers.keys().cloned().collect();
+        for id in ids {
+            self.remove_container(&id).await?;
+        }
         let mut s = self.lock();
         s.stopped.push(self.sandbox_id.clone());
         Ok(())

@@ -22,6 +22,7 @@ struct ReadmeDoctests;
 pub mod events;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
+pub mod logging;
 pub mod mounts;
 pub mod node;
 pub mod rootfs;

@@ -1,6 +1,7 @@
 //! The task service's calls after Create and Start: state, exec, signals, waits, delete.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tracing::{info, instrument, warn};
 
@@ -225,8 +226,11 @@ impl TaskService {
                 "container {id} is running"
             )));
         }
-        let vm = inner.vm.clone();
-        if let Some(vm) = &vm {
+        let t = Instant::now();
+        // The last container goes with the VM: removing it in the guest first (kill, unmount,
+        // unplug) only delays the stop.
+        let last = inner.containers.len() == 1;
+        if let (false, Some(vm)) = (last, &inner.vm) {
             vm.remove_container(id)
                 .await
                 .map_err(|e| TaskError::from_sandbox(&e))?;
@@ -235,12 +239,12 @@ impl TaskService {
             .containers
             .remove(id)
             .ok_or_else(|| TaskError::no_container(id))?;
-        let last = inner.containers.is_empty();
         let vm = match last {
             true => inner.vm.take(),
             false => None,
         };
         drop(inner);
+        let t = super::step_took("container remove", t);
         if let Some(dir) = &c.mounted {
             crate::mounts::unmount(dir).await;
         }
@@ -250,6 +254,7 @@ impl TaskService {
                 warn!(error = %one_line(&e), "cannot stop the sandbox VM");
             }
             info!("last container deleted: sandbox VM stopped");
+            super::step_took("vm stop", t);
         }
         let exited = c.init.exit_rx.borrow().clone();
         let pid = c.init.pid;

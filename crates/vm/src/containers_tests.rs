@@ -191,18 +191,33 @@ async fn a_failed_create_unplugs_the_image_and_records_nothing() {
     vm.stop().await.expect("stop");
 }
 
+/// With a disk mounted, stop removes the containers first (their mount namespaces would
+/// keep it mounted past its unmount); without, QEMU's exit takes them and nothing is asked.
 #[tokio::test]
-async fn stop_removes_the_containers_first() {
-    let h = FakeBackends::new();
-    let (vm, img) = vm_and_image(&h).await;
-    vm.create_container(&ContainerConfig::new("a", spec(&["sleep"]), &img))
-        .await
-        .expect("create a");
-    vm.create_container(&ContainerConfig::new("b", spec(&["sleep"]), &img))
-        .await
-        .expect("create b");
-    let agent = h.last_agent();
-    vm.stop().await.expect("stop");
-    assert_eq!(agent.count("remove_container"), 2);
-    assert!(agent.containers().is_empty());
+async fn stop_removes_the_containers_first_only_to_flush_disks() {
+    for with_disk in [false, true] {
+        let h = FakeBackends::new();
+        let (vm, img) = vm_and_image(&h).await;
+        for id in ["a", "b"] {
+            vm.create_container(&ContainerConfig::new(id, spec(&["sleep"]), &img))
+                .await
+                .expect("create");
+        }
+        if with_disk {
+            let disk =
+                vmfactory_hypervisor::DiskConfig::new(&img, vmfactory_hypervisor::DiskFormat::Raw);
+            vm.attach_disk(&disk, &crate::DiskMount::ext4("/data"))
+                .await
+                .expect("attach");
+        }
+        let agent = h.last_agent();
+        vm.stop().await.expect("stop");
+        let removed = if with_disk { 2 } else { 0 };
+        assert_eq!(
+            agent.count("remove_container"),
+            removed,
+            "disk: {with_disk}"
+        );
+        assert!(vm.containers().await.is_empty());
+    }
 }

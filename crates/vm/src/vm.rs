@@ -495,9 +495,13 @@ impl Vm {
         }
         let span = info_span!("vm", vm = %self.id);
         async {
-            // Containers first: their processes die and their overlays and images are
-            // unmounted before the VM goes. Best effort, bounded like the unmounts below.
-            for id in std::mem::take(&mut inner.containers).into_keys() {
+            // With disks to flush, containers first: a container's mount namespace would keep
+            // a disk mounted past its unmount below. Without, there is nothing to save (images
+            // are read-only, writable layers are guest memory) and QEMU's exit takes them all.
+            // Best effort, bounded like the unmounts below.
+            let containers = std::mem::take(&mut inner.containers);
+            let flush = !inner.mounts.is_empty();
+            for id in containers.into_keys().filter(|_| flush) {
                 let remove = self
                     .agent
                     .remove_container(&id, crate::containers::REMOVE_TIMEOUT);

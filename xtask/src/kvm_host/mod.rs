@@ -60,6 +60,7 @@ pub const CI_SCENARIOS: &[&str] = &[
     "init_serves_metrics_that_count_a_get_and_destroy_removes_the_socket",
     "config_check_runs_the_real_qemu_and_leaves_nothing",
     "a_vm_that_cannot_boot_reports_its_console_and_keeps_its_log",
+    "ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones",
 ];
 
 /// L1's CPU: TCG's `max` (AMD SVM with nested paging) without `fsgsbase`. With it, an L2

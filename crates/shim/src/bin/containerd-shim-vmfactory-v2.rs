@@ -25,6 +25,13 @@ async fn setup() -> ShimSetup {
 
 #[tokio::main]
 async fn main() {
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    // Before the setup, so a bad configuration is logged too.
+    vmfactory_shim::logging::init(&args);
     shim::set_setup(setup().await);
-    containerd_shim::asynchronous::run::<VmfactoryShim>(RUNTIME_ID, None).await;
+    let config = containerd_shim::Config {
+        no_setup_logger: true,
+        ..Default::default()
+    };
+    containerd_shim::asynchronous::run::<VmfactoryShim>(RUNTIME_ID, Some(config)).await;
 }
