@@ -72,6 +72,24 @@ impl Node {
         self.ctrd().ctr_with_stdin(&all, stdin)
     }
 
+    /// Every shim so far took its VM from the template: none fell back to a direct boot.
+    fn assert_template_clones(&self) {
+        let log = self.ctrd().log();
+        let from = |choice: &str| log.matches(&format!("choice={choice}")).count();
+        assert!(
+            from("Template") > 0 && from("Direct") == 0,
+            "shims on the template: {}, on direct VMs: {}\n{}",
+            from("Template"),
+            from("Direct"),
+            log.lines()
+                .filter(|l| ["accelerator", "factory", "template", "WARN", "ERROR"]
+                    .iter()
+                    .any(|k| l.contains(k)))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
     /// Stops containerd; with `clean`, checks no VM is left (no QEMU, `list` empty); then
     /// `destroy` removes the template and the rootfs cache and nothing at all is left.
     fn finish(mut self, clean: bool) {
@@ -115,6 +133,7 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
     );
     let release = guest_release();
     assert_eq!(text(&out), format!("{release}\nhello\n"));
+    node.assert_template_clones();
     assert!(err(&out).contains("err"), "{}", err(&out));
 
     // The exit code propagates; the image's config (PATH, cwd) holds; PID 1 is the container's.
@@ -263,6 +282,7 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
         assert_eq!(text(&out), format!("par{i}\n"));
     }
     assert!(c.containers().expect("containers").is_empty());
+    node.assert_template_clones();
     node.finish(true);
 }
 

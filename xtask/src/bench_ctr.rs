@@ -23,12 +23,10 @@ use vmfactory_e2e::containerd::{
     Containerd, ContainerdConfig, RUNC_RUNTIME, SHIM_BINARY, VMFACTORY_RUNTIME,
 };
 use vmfactory_e2e::GuestEnv;
+use vmfactory_vm::TIMING_TARGET;
 
 use crate::stat::{median, print_row, Stat};
 use crate::util::workspace_root;
-
-/// The shim's log target for step durations (as the CLI's `vmfactory::timing`).
-const TIMING_TARGET: &str = "vmfactory::timing";
 
 /// When set, the shim binary to time instead of building one.
 const SHIM_BIN_ENV: &str = "VMFACTORY_SHIM_BIN";

@@ -18,7 +18,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use vmfactory_e2e::{vm, GuestEnv};
 use vmfactory_factory::{Factory, FactoryConfig};
-use vmfactory_vm::{ProcessOutput, ProcessSpec, Vm};
+use vmfactory_vm::{ProcessOutput, ProcessSpec, Vm, TIMING_TARGET};
 
 use crate::stat::{median, Stat};
 use crate::util::workspace_root;
@@ -33,8 +33,6 @@ const STREAM_BYTES: u64 = 64 << 20;
 const STREAMS: usize = 3;
 /// Bound on the template, the cache server's pool, or one command.
 const WAIT: Duration = Duration::from_secs(120);
-/// The CLI's log target that [`CacheParts`] is read from (`vmfactory::commands::run`).
-const TIMING_TARGET: &str = "vmfactory::timing";
 
 /// What others reach, for scale (from the issue): not measured here.
 pub const ANCHORS: &str = "code-sandbox services start a sandbox in ~150 ms; \

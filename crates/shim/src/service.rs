@@ -14,7 +14,7 @@ use std::time::Instant;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::ExitSignal;
 use tokio::sync::{watch, Mutex};
-use tracing::{debug, info, instrument, warn};
+use tracing::{info, instrument, warn};
 
 use crate::events::{self, EventSink};
 use crate::rootfs::{Layers, RootfsCache, RootfsImage, RootfsMount};
@@ -458,17 +458,7 @@ async fn load_spec(bundle: &Path) -> Result<oci_spec::runtime::Spec, TaskError> 
         })
 }
 
-/// The log target of the shim's step timings (the CLI's `vmfactory::timing`): `cargo xtask
-/// bench --ctr` names the parts of a `ctr run` from these.
-pub const TIMING_TARGET: &str = "vmfactory::timing";
-
-/// Logs (debug, [`TIMING_TARGET`]) that `step` took from `since`, and returns now.
-fn step_took(step: &'static str, since: Instant) -> Instant {
-    let now = Instant::now();
-    let ms = now.duration_since(since).as_secs_f64() * 1000.0;
-    debug!(target: TIMING_TARGET, step, ms, "step done");
-    now
-}
+pub use vmfactory_vm::{step_took, TIMING_TARGET};
 
 #[path = "service_ops.rs"]
 mod ops;

@@ -321,10 +321,12 @@ impl Vm {
         c: &ContainerConfig,
         spec: &ContainerSpec,
     ) -> Result<(Process, String), ContainerError> {
+        let t = std::time::Instant::now();
         let disk = DiskConfig::new(&c.rootfs_image, DiskFormat::Raw).with_read_only(true);
         let attached = self.hypervisor.attach_disk(&disk).await.map_err(|e| {
             self.container_err(id, "attach_disk", Error::hv(&self.id, "attach_disk", e))
         })?;
+        let t = crate::step_took("image hotplug", t);
         let storage = Storage {
             driver: Storage::BLK.into(),
             source: attached.pci_path.clone(),
@@ -340,6 +342,7 @@ impl Vm {
                     .create_container(id, std::slice::from_ref(&storage), spec),
             )
             .await;
+        crate::step_took("guest create", t);
         if let Err(e) = created {
             if let Err(undo) = self.hypervisor.detach_disk(&attached.id).await {
                 warn!(disk = %attached.id, error = %undo, "cannot unplug a failed container's image");

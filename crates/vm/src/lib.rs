@@ -127,6 +127,7 @@ mod orphans;
 mod postmortem;
 mod prepared;
 mod sandbox;
+mod timing;
 mod vm;
 mod wire;
 mod workload;
@@ -153,6 +154,7 @@ pub use postmortem::{
 };
 pub use prepared::PreparedVm;
 pub use sandbox::{SandboxLinks, SHARED_DIR};
+pub use timing::{step_took, TIMING_TARGET};
 pub use vm::Vm;
 pub use wire::VmState;
 pub use workload::{Process, ProcessOutput};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
-use tracing::{debug, warn};
+use tracing::warn;
 use vmfactory_factory::Factory;
 use vmfactory_hypervisor::VmSize;
 use vmfactory_net::proxy::{BoundPort, PortSpec};
@@ -162,18 +162,7 @@ async fn factory_for_run(s: &Settings) -> anyhow::Result<Factory> {
     Ok(factory)
 }
 
-/// The log target of [`step_took`]: `RUST_LOG=vmfactory::timing=debug` shows where a command's
-/// time goes and nothing else.
-pub const TIMING_TARGET: &str = "vmfactory::timing";
-
-/// Logs (at debug, target [`TIMING_TARGET`]) that `step` took from `since` until now, and
-/// returns now: `cargo xtask bench` names the parts of a `run` from these.
-pub fn step_took(step: &'static str, since: Instant) -> Instant {
-    let now = Instant::now();
-    let ms = now.duration_since(since).as_secs_f64() * 1000.0;
-    debug!(target: TIMING_TARGET, step, ms, "step done");
-    now
-}
+pub use vmfactory_vm::step_took;
 
 /// `vmfactory run`. Returns the command's exit code.
 pub async fn run(s: &Settings, req: RunRequest) -> Result<u8, Failure> {

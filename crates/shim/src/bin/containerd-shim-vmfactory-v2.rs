@@ -31,6 +31,12 @@ async fn main() {
     shim::set_setup(setup().await);
     let config = containerd_shim::Config {
         no_setup_logger: true,
+        // Its reaper waits for any child (waitpid(-1)) and took the exits tokio waits for:
+        // mkfs.erofs and QEMU failed with ECHILD. Our children are all tokio's, the
+        // containers' processes are in the VM: no reaper, and no subreaper whose orphans
+        // nobody would reap.
+        no_reaper: true,
+        no_sub_reaper: true,
         ..Default::default()
     };
     containerd_shim::asynchronous::run::<VmfactoryShim>(RUNTIME_ID, Some(config)).await;
