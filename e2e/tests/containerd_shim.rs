@@ -239,21 +239,23 @@ fn ctr_runs_execs_kills_and_cleans_up_containers_in_template_clones() {
         metrics.contains("memory") || metrics.contains("pids"),
         "{metrics}"
     );
-    // ctr 1.6 has no `task wait`: kill, then the task is seen stopped (containerd's Wait).
+    // ctr 1.6 has no `task wait`; `task attach` waits (the shim's Wait), exits with the
+    // task's status (128 + 9 after a SIGKILL) and deletes the task.
+    let waiter = c
+        .ctr_command()
+        .args(["task", "attach", "bg"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr task attach");
+    std::thread::sleep(std::time::Duration::from_millis(500));
     c.ctr_ok(&["task", "kill", "-s", "SIGKILL", "bg"])
         .expect("task kill");
-    let stopped = (0..100).any(|_| {
-        let ls = c.ctr_ok(&["task", "ls"]).unwrap_or_default();
-        let done = ls
-            .lines()
-            .any(|l| l.starts_with("bg ") && l.contains("STOPPED"));
-        if !done {
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        done
-    });
-    assert!(stopped, "{}", c.ctr_ok(&["task", "ls"]).unwrap_or_default());
-    c.ctr_ok(&["task", "delete", "bg"]).expect("task delete");
+    let waited = waiter.wait_with_output().expect("attach output");
+    assert_eq!(waited.status.code(), Some(137), "{}", err(&waited));
+    let tasks = c.ctr_ok(&["task", "ls"]).expect("task ls");
+    assert_eq!(tasks.lines().count(), 1, "attach deleted the task: {tasks}");
     c.ctr_ok(&["container", "delete", "bg"])
         .expect("container delete");
 
