@@ -56,6 +56,7 @@ impl FactoryProvider {
 #[async_trait]
 impl SandboxProvider for FactoryProvider {
     async fn new_vm(&self, sandbox_id: &str) -> Result<Arc<dyn SandboxVm>, SandboxError> {
+        let t = std::time::Instant::now();
         let factory = self
             .factory
             .get_or_try_init(|| async {
@@ -65,11 +66,13 @@ impl SandboxProvider for FactoryProvider {
             })
             .await
             .map_err(|e| SandboxError::Vm(one_line(&e)))?;
+        let t = vmfactory_vm::step_took("factory", t);
         // The base's own config: a VM-cache server's base is the server's.
         let vm = factory
             .get_vm(factory.config())
             .await
             .map_err(|e| SandboxError::Vm(one_line(&e)))?;
+        vmfactory_vm::step_took("get_vm", t);
         info!(sandbox = sandbox_id, vm = vm.id(), "sandbox VM ready");
         Ok(Arc::new(VmSandbox {
             vm,
