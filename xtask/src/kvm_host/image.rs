@@ -62,6 +62,7 @@ mount -t devtmpfs dev /dev
 mkdir -p /dev/shm /dev/pts
 mount -t tmpfs -o mode=1777 shm /dev/shm
 mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 chmod 1777 /tmp
 mount -t tmpfs run /run
 for m in $(cat /kvm-host/modules); do

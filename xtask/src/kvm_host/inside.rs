@@ -63,8 +63,21 @@ pub fn run(manifest: &Path) -> Result<()> {
             );
             crate::bench::report(&report).map(drop)
         }
+        Mode::BenchCtr => {
+            for (k, v) in &m.env {
+                // Single-threaded here: the runtime above has no task running.
+                std::env::set_var(k, v);
+            }
+            let env = vmfactory_e2e::guest_env().context("No guest image in L1")?;
+            let shim = crate::bench_ctr::shim_bin()?;
+            let report = crate::bench_ctr::run(&env, shim, CTR_RUNS)?;
+            crate::bench_ctr::report(&report).map(drop)
+        }
     }
 }
+
+/// Timed rounds of the container bench in L1 (each a runc, a template and a direct run).
+const CTR_RUNS: usize = 5;
 
 fn describe_host() {
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();

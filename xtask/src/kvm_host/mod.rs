@@ -100,6 +100,16 @@ pub enum Mode {
     Test,
     /// `cargo xtask bench`.
     Bench,
+    /// `cargo xtask bench --ctr`: containerd's `ctr run` with runc, template clones and
+    /// direct VMs, under KVM.
+    BenchCtr,
+}
+
+impl Mode {
+    /// A bench: one L1, release binaries.
+    fn is_bench(self) -> bool {
+        matches!(self, Mode::Bench | Mode::BenchCtr)
+    }
 }
 
 /// How to run the nested host.
@@ -236,8 +246,11 @@ pub fn run_nested(opts: &Options) -> Result<()> {
         Vec::new()
     };
     // The bench times the CLI as users run it: release.
-    let cli = build_cli(opts.mode == Mode::Bench)?;
-    let shim = build_shim()?;
+    let cli = build_cli(opts.mode.is_bench())?;
+    let shim = match opts.mode {
+        Mode::BenchCtr => crate::bench_ctr::shim_bin()?,
+        _ => build_shim()?,
+    };
     // The container scenarios' image, built here: L1 has no apt.
     let oci_image = vmfactory_e2e::oci::ensure_image(&vmfactory_e2e::oci::cache_dir(), true)?;
     let runner = std::env::current_exe().context("Cannot find the xtask binary")?;
@@ -256,9 +269,11 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     img.program(&shim)?;
     img.program(&runner)?;
     // The container scenarios: containerd and ctr, mkfs.erofs for the rootfs images,
-    // `script` for a terminal on ctr's side, and runc (the harness's baseline runtime).
+    // `script` for a terminal on ctr's side, and runc with its shim (the harness's and the
+    // bench's baseline runtime).
     for tool in [
         "/usr/bin/containerd",
+        "/usr/bin/containerd-shim-runc-v2",
         "/usr/bin/ctr",
         "/usr/bin/mkfs.erofs",
         "/usr/bin/script",
@@ -286,14 +301,14 @@ pub fn run_nested(opts: &Options) -> Result<()> {
     // What the guest image is (its kernel's release: the container scenarios compare it).
     let manifest_json = guest::guest_dir().join("manifest.json");
     img.file(&manifest_json, &manifest_json, false);
-    let hosts = if opts.mode == Mode::Bench {
+    let hosts = if opts.mode.is_bench() {
         1
     } else {
         opts.hosts.max(1)
     };
     let manifest = Manifest {
         mode: opts.mode,
-        shards: if opts.mode == Mode::Bench {
+        shards: if opts.mode.is_bench() {
             vec![Shard::default()]
         } else {
             shards(&tests, &opts.args, opts.all)?
