@@ -230,16 +230,16 @@ impl ConsoleReader {
     ) {
         loop {
             let mut splitter = LineSplitter::new(self.config.max_line_len);
-            tokio::select! {
-                biased;
-                () = stopped(&mut stop) => {
+            match self
+                .pump(&mut stream, &mut splitter, &mut log, &mut stop)
+                .await
+            {
+                Ok(Pumped::Stopped) => {
                     self.drain(&mut stream, &mut splitter, &mut log).await;
                     return;
                 }
-                result = self.pump(&mut stream, &mut splitter, &mut log) => match result {
-                    Ok(()) => debug!("console closed, reconnecting"),
-                    Err(err) => warn!(error = %err, "console read failed, reconnecting"),
-                },
+                Ok(Pumped::Closed) => debug!("console closed, reconnecting"),
+                Err(err) => warn!(error = %err, "console read failed, reconnecting"),
             }
             stream = tokio::select! {
                 biased;
@@ -250,16 +250,24 @@ impl ConsoleReader {
         }
     }
 
-    /// Emits every line of `stream` until EOF, writing each chunk's lines to `log`.
+    /// Emits every line of `stream` until EOF or a stop, writing each chunk's lines to `log`.
+    /// The stop is seen only while waiting to read: a chunk's lines, once sent to the
+    /// subscribers, always reach the log too (a stop that cancelled the write lost them).
     async fn pump(
         &self,
         stream: &mut UnixStream,
         splitter: &mut LineSplitter,
         log: &mut Option<ConsoleLog>,
-    ) -> io::Result<()> {
+        stop: &mut watch::Receiver<bool>,
+    ) -> io::Result<Pumped> {
         let mut buf = vec![0u8; 4096];
         loop {
-            let n = stream.read(&mut buf).await?;
+            // Reading is cancel-safe: a stop here loses no bytes.
+            let n = tokio::select! {
+                biased;
+                () = stopped(stop) => return Ok(Pumped::Stopped),
+                read = stream.read(&mut buf) => read?,
+            };
             let raw = if n == 0 {
                 splitter.finish().into_iter().collect()
             } else {
@@ -267,7 +275,7 @@ impl ConsoleReader {
             };
             self.record(&raw, log).await;
             if n == 0 {
-                return Ok(());
+                return Ok(Pumped::Closed);
             }
         }
     }
@@ -340,6 +348,14 @@ impl ConsoleReader {
             backoff = (backoff * 2).min(self.config.max_backoff);
         }
     }
+}
+
+/// How [`ConsoleReader::pump`] ended without an error.
+enum Pumped {
+    /// The console reached EOF.
+    Closed,
+    /// A stop was requested.
+    Stopped,
 }
 
 /// Resolves once a stop has been requested (or the requester is gone).
